@@ -1,0 +1,284 @@
+"""GenerationRequest: what a user asked for, validated the same way for every front-end.
+
+Every front-end (Discord, Telegram, the CLI) builds its request through
+`GenerationRequest.build(...)` or `parse_options(...)`; both raise `InvalidRequest`, one
+error type whose message names the field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+MIN_DURATION = 5
+MAX_DURATION = 240
+DEFAULT_DURATION = 60
+MAX_SEED = 2_147_483_647
+
+# Text limits chosen to fit both platforms: a Telegram caption is 1024 characters and a
+# message 4096; a Discord modal paragraph holds 4000 and an embed description 4096.
+MAX_PROMPT_CHARS = 500
+MAX_TAGS_CHARS = 300
+MAX_LYRICS_CHARS = 3000
+
+INSTRUMENTAL_MARKERS = ("[inst]", "[instrumental]")
+
+
+class Mode(StrEnum):
+    """How the music is described: free text, or style tags plus lyrics."""
+
+    PROMPT = "prompt"
+    SONG = "song"
+
+
+class InvalidRequest(ValueError):
+    """A request a user can fix: names the field, the value and what is allowed."""
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        shown = _show(value)
+        super().__init__(f"{field}: {shown} is not valid; {allowed}.")
+
+
+def _show(value: object) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """An advanced option: its type, range and what it does (for help texts and parsers)."""
+
+    name: str
+    kind: type
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    default: object = None
+    help: str = ""
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        noun = "a whole number" if self.kind is int else "a number"
+        return f"{noun} from {_num(self.minimum)} to {_num(self.maximum)}"
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# The advanced options, with the ranges fal documents for ACE-Step; `default` is the
+# provider's default, used only for help texts (None in a request = provider default).
+ADVANCED_OPTIONS: dict[str, OptionSpec] = {
+    spec.name: spec
+    for spec in (
+        OptionSpec("steps", int, 3, 60, default=27, help="diffusion steps"),
+        OptionSpec("scheduler", str, choices=("euler", "heun"), default="euler",
+                   help="sampler"),
+        OptionSpec("guidance_type", str, choices=("cfg", "apg", "cfg_star"), default="apg",
+                   help="guidance method"),
+        OptionSpec("granularity_scale", float, -100, 100, default=10,
+                   help="higher = more detail, fewer artifacts"),
+        OptionSpec("guidance_interval", float, 0, 1, default=0.5,
+                   help="share of steps that use guidance"),
+        OptionSpec("guidance_interval_decay", float, 0, 1, default=0,
+                   help="how guidance fades over the interval"),
+        OptionSpec("guidance_scale", float, 0, 200, default=15, help="overall guidance"),
+        OptionSpec("minimum_guidance_scale", float, 0, 200, default=3,
+                   help="floor of the decaying guidance"),
+        OptionSpec("tag_guidance_scale", float, 0, 10, default=5,
+                   help="how closely the style tags are followed"),
+        OptionSpec("lyric_guidance_scale", float, 0, 10, default=1.5,
+                   help="how closely the lyrics are followed"),
+    )
+}
+
+# Basic options every front-end offers besides the text.
+BASIC_OPTIONS: dict[str, OptionSpec] = {
+    "duration": OptionSpec("duration", int, MIN_DURATION, MAX_DURATION,
+                           default=DEFAULT_DURATION, help="length in seconds"),
+    "seed": OptionSpec("seed", int, -1, MAX_SEED, default=-1,
+                       help="-1 for random; reuse one to repeat a song"),
+    "instrumental": OptionSpec("instrumental", bool, default=False, help="no vocals"),
+}
+
+ALL_OPTIONS: dict[str, OptionSpec] = {**BASIC_OPTIONS, **ADVANCED_OPTIONS}
+
+
+class GenerationRequest(BaseModel):
+    """One song request, shared by every front-end. Immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    mode: Mode
+    prompt: str = ""
+    tags: str = ""
+    lyrics: str = ""
+    instrumental: bool = False
+    duration: int = DEFAULT_DURATION
+    seed: int = -1
+    steps: int | None = None
+    scheduler: Literal["euler", "heun"] | None = None
+    guidance_type: Literal["cfg", "apg", "cfg_star"] | None = None
+    granularity_scale: float | None = None
+    guidance_interval: float | None = None
+    guidance_interval_decay: float | None = None
+    guidance_scale: float | None = None
+    minimum_guidance_scale: float | None = None
+    tag_guidance_scale: float | None = None
+    lyric_guidance_scale: float | None = None
+
+    @field_validator("prompt", "tags", "lyrics", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("\r\n", "\n").strip()
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerationRequest:
+        _check_text(self)
+        _check_range("duration", self.duration, MIN_DURATION, MAX_DURATION,
+                     "a whole number of seconds")
+        _check_range("seed", self.seed, -1, MAX_SEED, "a whole number (-1 = random)")
+        for name, spec in ADVANCED_OPTIONS.items():
+            value = getattr(self, name)
+            if value is None or spec.choices:
+                continue
+            if isinstance(value, float) and value != value:  # NaN
+                raise InvalidRequest(name, value, spec.allowed())
+            if not (spec.minimum is not None and spec.maximum is not None
+                    and spec.minimum <= value <= spec.maximum):
+                raise InvalidRequest(name, value, spec.allowed())
+        return self
+
+    @classmethod
+    def build(cls, **fields: Any) -> GenerationRequest:
+        """Validate fields into a request, raising InvalidRequest (never ValidationError)."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise _from_validation_error(exc, fields) from None
+
+    @property
+    def wants_vocals(self) -> bool:
+        """False when instrumental was chosen or the lyrics say there are no vocals."""
+        if self.instrumental:
+            return False
+        if self.mode is Mode.SONG:
+            return not is_instrumental_lyrics(self.lyrics)
+        return True
+
+    def advanced(self) -> dict[str, Any]:
+        """The advanced options the user set (provider defaults apply to the rest)."""
+        return {k: getattr(self, k) for k in ADVANCED_OPTIONS if getattr(self, k) is not None}
+
+    def title(self) -> str:
+        """A short human title: the prompt, or the tags."""
+        text = self.prompt if self.mode is Mode.PROMPT else self.tags
+        text = " ".join(text.split())
+        return text if len(text) <= 80 else text[:77].rstrip() + "..."
+
+    def with_seed(self, seed: int) -> GenerationRequest:
+        return self.model_copy(update={"seed": seed})
+
+
+def is_instrumental_lyrics(lyrics: str) -> bool:
+    text = lyrics.strip().lower()
+    return text == "" or text in INSTRUMENTAL_MARKERS
+
+
+def _check_text(req: GenerationRequest) -> None:
+    if req.mode is Mode.PROMPT:
+        if not req.prompt:
+            raise InvalidRequest("prompt", req.prompt,
+                                 "describe the song in 1 to "
+                                 f"{MAX_PROMPT_CHARS} characters")
+        if req.tags or req.lyrics:
+            field = "tags" if req.tags else "lyrics"
+            raise InvalidRequest(field, getattr(req, field),
+                                 "tags and lyrics belong to a composed song (song mode)")
+    else:
+        if not req.tags or not any(t.strip() for t in req.tags.split(",")):
+            raise InvalidRequest("tags", req.tags,
+                                 "give comma-separated style tags such as 'lofi, piano, rain'")
+        if req.prompt:
+            raise InvalidRequest("prompt", req.prompt,
+                                 "a composed song takes tags and lyrics, not a prompt")
+    for field, limit in (("prompt", MAX_PROMPT_CHARS), ("tags", MAX_TAGS_CHARS),
+                         ("lyrics", MAX_LYRICS_CHARS)):
+        value = getattr(req, field)
+        if len(value) > limit:
+            raise InvalidRequest(field, f"{len(value)} characters",
+                                 f"at most {limit} characters")
+        if "\x00" in value:
+            raise InvalidRequest(field, value, "plain text without control characters")
+
+
+def _check_range(field: str, value: int, low: int, high: int, what: str) -> None:
+    if not low <= value <= high:
+        raise InvalidRequest(field, value, f"{what} from {low} to {high}")
+
+
+def _from_validation_error(exc: ValidationError, fields: dict[str, Any]) -> InvalidRequest:
+    err = exc.errors()[0]
+    original = (err.get("ctx") or {}).get("error")
+    if isinstance(original, InvalidRequest):
+        return original
+    loc = err.get("loc") or ()
+    field = str(loc[0]) if loc else "request"
+    value = fields.get(field, err.get("input"))
+    if err.get("type") == "extra_forbidden":
+        return InvalidRequest(field, value, "known options are " + ", ".join(
+            ["mode", "prompt", "tags", "lyrics", *ALL_OPTIONS]))
+    if field == "mode":
+        return InvalidRequest(field, value, "one of prompt, song")
+    spec = ALL_OPTIONS.get(field)
+    if spec is not None:
+        if spec.kind is bool:
+            return InvalidRequest(field, value, "true or false")
+        return InvalidRequest(field, value, spec.allowed())
+    return InvalidRequest(field, value, "plain text")
+
+
+_TRUE = {"1", "true", "yes", "on", "y"}
+_FALSE = {"0", "false", "no", "off", "n"}
+
+
+def parse_option_value(name: str, raw: str) -> Any:
+    """Turn one `name=value` text into the option's type, or raise InvalidRequest."""
+    spec = ALL_OPTIONS.get(name)
+    if spec is None:
+        raise InvalidRequest(name, raw, "known options are " + ", ".join(ALL_OPTIONS))
+    text = raw.strip()
+    if spec.kind is bool:
+        if text.lower() in _TRUE or text == "":
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise InvalidRequest(name, raw, "true or false")
+    if spec.choices:
+        if text.lower() in spec.choices:
+            return text.lower()
+        raise InvalidRequest(name, raw, spec.allowed())
+    try:
+        number: float = int(text) if spec.kind is int else float(text)
+    except ValueError:
+        raise InvalidRequest(name, raw, spec.allowed()) from None
+    if spec.kind is float and not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+        raise InvalidRequest(name, raw, spec.allowed())  # rejects nan, inf
+    return number
+
+
+def parse_options(pairs: dict[str, str]) -> dict[str, Any]:
+    """Parse textual options (Telegram's `name=value`, the CLI) into request fields."""
+    return {name: parse_option_value(name, raw) for name, raw in pairs.items()}

@@ -1,0 +1,243 @@
+"""The provider contract: what the engine needs from any service that runs ACE-Step.
+
+A provider adapter turns a `GenerationRequest` into the service's wire protocol. It is
+small on purpose: `submit` returns a serialisable `Handle` (stored in the job row so a
+restart can resume), `poll` returns a normalised `Status`, `cancel` asks the service to
+stop, and `fetch_audio` downloads the finished file. Errors are mapped to the typed
+exceptions below in exactly one place per adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from bot.requests import GenerationRequest, Mode
+
+# A finished song is at most 240 s of 48 kHz stereo WAV (~46 MB); allow some slack.
+MAX_AUDIO_BYTES = 80 * 1024 * 1024
+DOWNLOAD_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider can do and what it costs."""
+
+    modes: frozenset[Mode]
+    max_duration: int = 240
+    min_duration: int = 5
+    # Names of GenerationRequest advanced options this provider passes to the model.
+    options: frozenset[str] = frozenset()
+    price_per_second: float = 0.0002  # USD per second of audio
+    concurrency: int = 2  # jobs this bot keeps in flight at the provider at once
+
+    def can_serve(self, request: GenerationRequest) -> bool:
+        return (request.mode in self.modes
+                and self.min_duration <= request.duration <= self.max_duration)
+
+    def ignored_options(self, request: GenerationRequest) -> list[str]:
+        """Advanced options the user set that this provider does not honour."""
+        return sorted(set(request.advanced()) - self.options)
+
+
+@dataclass(frozen=True)
+class Handle:
+    """Everything needed to poll, fetch or cancel a submitted job, even after a restart."""
+
+    provider: str
+    data: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps({"provider": self.provider, "data": self.data}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Handle:
+        raw = json.loads(text)
+        return cls(provider=str(raw["provider"]), data=dict(raw["data"]))
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished generation as the provider reports it."""
+
+    audio_url: str
+    seed: int | None = None
+    tags: str | None = None
+    lyrics: str | None = None
+    content_type: str | None = None
+    # Anything else worth keeping: inference time, NSFW flags, bpm, provider's ids.
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class Running:
+    progress: float | None = None  # 0..1 when the provider reports it
+    message: str | None = None  # latest provider log line or progress text
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    result: Result
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str  # safe to show a user
+    # True when the model refused the input (content policy, validation): never retried.
+    rejected: bool = False
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    pass
+
+
+Status = Queued | Running | Succeeded | Failed | Cancelled
+
+
+class ProviderError(Exception):
+    """Base of provider errors. `message` is safe to log; it never holds a key."""
+
+    def __init__(self, provider: str, message: str, *, status_code: int | None = None,
+                 retry_after: float | None = None) -> None:
+        self.provider = provider
+        self.message = message
+        self.status_code = status_code
+        self.retry_after = retry_after
+        code = f" (HTTP {status_code})" if status_code else ""
+        super().__init__(f"{provider}{code}: {message}")
+
+
+class Rejected(ProviderError):
+    """The provider refused this input (4xx validation, content policy). Tell the user;
+    never retry, never fail over."""
+
+
+class AuthError(ProviderError):
+    """Bad or missing key (401/403). The operator must fix it; fail over meanwhile."""
+
+
+class BillingError(AuthError):
+    """Balance exhausted or budget exceeded (402, fal's locked account)."""
+
+
+class Busy(ProviderError):
+    """Rate limited or queue full (429/503): try later or fail over."""
+
+
+class Unavailable(ProviderError):
+    """Unreachable, timed out or a server error: try later or fail over."""
+
+
+class TaskLost(ProviderError):
+    """The provider no longer knows the task (e.g. the local server restarted)."""
+
+
+class ProviderFailedDownload(ProviderError):
+    """The result file cannot be had (expired, gone, too large): the job failed."""
+
+
+class Provider(ABC):
+    """A service that runs ACE-Step. Subclasses set `name` and `capabilities`."""
+
+    name: str
+    capabilities: Capabilities
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    @abstractmethod
+    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+        """Start one generation with this concrete seed. Never retried blindly."""
+
+    @abstractmethod
+    async def poll(self, handle: Handle) -> Status:
+        """Ask once how the job is doing. Safe to retry."""
+
+    async def cancel(self, handle: Handle) -> bool:
+        """Ask the provider to stop. True if it accepted; False if it has no cancel or
+        it was too late."""
+        return False
+
+    async def fetch_audio(self, result: Result) -> bytes:
+        """Download the finished audio at once (result URLs expire)."""
+        return await download(self.client, self.name, result.audio_url)
+
+    def poll_interval(self) -> float:
+        """The shortest sensible pause between polls, in seconds."""
+        return 1.0
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def download(client: httpx.AsyncClient, provider: str, url: str,
+                   headers: dict[str, str] | None = None,
+                   max_bytes: int = MAX_AUDIO_BYTES) -> bytes:
+    """GET a result file with a size cap and a timeout, mapping failures to our errors."""
+    try:
+        async with client.stream("GET", url, headers=headers,
+                                 timeout=DOWNLOAD_TIMEOUT_S) as resp:
+            if resp.status_code in (403, 404, 410):
+                raise ProviderFailedDownload(provider, f"result file is gone ({resp.status_code})",
+                                             status_code=resp.status_code)
+            if resp.status_code >= 400:
+                raise Unavailable(provider, f"result download failed ({resp.status_code})",
+                                  status_code=resp.status_code)
+            declared = resp.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise ProviderFailedDownload(provider, f"result file too large ({declared} bytes)")
+            chunks: list[bytes] = []
+            total = 0
+            async for chunk in resp.aiter_bytes():
+                total += len(chunk)
+                if total > max_bytes:
+                    raise ProviderFailedDownload(provider, "result file too large")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.TimeoutException:
+        raise Unavailable(provider, "result download timed out") from None
+    except httpx.TransportError as exc:
+        raise Unavailable(provider, f"result download failed: {type(exc).__name__}") from None
+
+
+def http_error_text(resp: httpx.Response, limit: int = 300) -> str:
+    """The most useful human text from an error response, shortened."""
+    try:
+        body: Any = resp.json()
+    except ValueError:
+        body = resp.text
+    text = _find_message(body) if not isinstance(body, str) else body
+    text = " ".join((text or resp.reason_phrase or "error").split())
+    return text[:limit]
+
+
+def _find_message(body: Any) -> str:
+    if isinstance(body, dict):
+        for key in ("detail", "message", "error", "title", "msg"):
+            if key in body and body[key]:
+                return _find_message(body[key])
+        return json.dumps(body)[:300]
+    if isinstance(body, list) and body:
+        parts = [_find_message(item) for item in body[:3]]
+        return "; ".join(p for p in parts if p)
+    return str(body)
+
+
+def parse_retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
