@@ -1,0 +1,195 @@
+"""The bot's configuration: one Settings object read from the environment and `.env`.
+
+Names are a contract (DESIGN.md "Configuration names"): docs, deploy files and tests use
+them. Secrets are `SecretStr` so they never print by accident.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROVIDER_NAMES = ("fal", "wavespeed", "aigateway", "replicate", "acestep")
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Defaults run a local, SQLite-backed bot."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", case_sensitive=False)
+
+    # Discord
+    discord_token: SecretStr | None = None
+    discord_api_url: str = "https://discord.com/api/v10"
+    discord_gateway_url: str | None = None
+    discord_guild_ids: CommaList = Field(default_factory=list)
+
+    # Telegram
+    telegram_token: SecretStr | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+    telegram_webhook_url: str | None = None  # public HTTPS URL: webhook mode instead of polling
+    telegram_webhook_listen: str = "127.0.0.1:8443"
+
+    # Providers, in the order they are tried
+    providers: CommaList = Field(default_factory=lambda: ["fal"])
+    fal_key: SecretStr | None = None
+    fal_queue_url: str = "https://queue.fal.run"
+    fal_concurrency: int = Field(2, ge=1)
+    wavespeed_api_key: SecretStr | None = None
+    wavespeed_base_url: str = "https://api.wavespeed.ai"
+    wavespeed_song_model: str = "wavespeed-ai/ace-step"
+    wavespeed_concurrency: int = Field(2, ge=1)
+    aigateway_api_key: SecretStr | None = None
+    aigateway_base_url: str = "https://api.aigateway.sh"
+    aigateway_concurrency: int = Field(2, ge=1)
+    replicate_api_token: SecretStr | None = None
+    replicate_base_url: str = "https://api.replicate.com"
+    replicate_concurrency: int = Field(2, ge=1)
+    acestep_server_urls: CommaList = Field(default_factory=list)
+    acestep_api_key: SecretStr | None = None
+    acestep_price_per_second: float = Field(0.0, ge=0)  # your own GPU: electricity only
+    acestep_concurrency: int = Field(1, ge=1)  # per server
+
+    # Quotas (UTC day windows) and spend
+    quota_user_jobs_per_day: int = Field(20, ge=0)
+    quota_user_seconds_per_day: int = Field(1200, ge=0)
+    quota_user_concurrent_jobs: int = Field(2, ge=0)
+    quota_community_seconds_per_day: int = Field(7200, ge=0)
+    spend_cap_usd_per_day: float = Field(5.0, ge=0)
+    admin_ids: CommaList = Field(default_factory=list)
+
+    # Engine
+    job_timeout_seconds: int = Field(900, ge=30)
+    provider_cooldown_seconds: int = Field(600, ge=1)
+
+    # Storage and logs
+    data_dir: Path = Path("./data")
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @field_validator("discord_guild_ids", "providers", "acestep_server_urls", "admin_ids",
+                     mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        names = [v.lower() for v in value]
+        unknown = [n for n in names if n not in PROVIDER_NAMES]
+        if unknown:
+            raise ValueError(f"unknown provider(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(PROVIDER_NAMES)}")
+        return names
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value.lower() not in ("text", "json"):
+            raise ValueError("LOG_FORMAT must be text or json")
+        return value.lower()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "acestep-bot.sqlite3"
+
+    @property
+    def audio_dir(self) -> Path:
+        return self.data_dir / "audio"
+
+    def secret(self, name: str) -> str | None:
+        """The plain value of a secret setting, or None when unset or empty."""
+        value = getattr(self, name)
+        if value is None:
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        return text or None
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value, for redaction."""
+        names = [n for n, f in type(self).model_fields.items()
+                 if f.annotation in (SecretStr | None, SecretStr)]
+        return [s for s in (self.secret(n) for n in names) if s]
+
+
+# What each provider needs before it can serve.
+PROVIDER_REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "fal": ("fal_key",),
+    "wavespeed": ("wavespeed_api_key",),
+    "aigateway": ("aigateway_api_key",),
+    "replicate": ("replicate_api_token",),
+    "acestep": ("acestep_server_urls",),
+}
+
+
+def missing_for_provider(settings: Settings, name: str) -> list[str]:
+    """Environment names that must be set before provider `name` can be used."""
+    missing = []
+    for field in PROVIDER_REQUIREMENTS[name]:
+        value = getattr(settings, field)
+        if not value or (isinstance(value, SecretStr) and not value.get_secret_value()):
+            missing.append(field.upper())
+    return missing
+
+
+def usable_providers(settings: Settings) -> list[str]:
+    return [p for p in settings.providers if not missing_for_provider(settings, p)]
+
+
+def configured_frontends(settings: Settings) -> list[str]:
+    fronts = []
+    if settings.secret("discord_token"):
+        fronts.append("discord")
+    if settings.secret("telegram_token"):
+        fronts.append("telegram")
+    return fronts
+
+
+def mask(value: str) -> str:
+    """Show that a secret is set without showing any of it."""
+    return f"******** (set, {len(value)} characters)"
+
+
+def describe(settings: Settings) -> list[str]:
+    """The effective configuration, one `NAME=value` line each, secrets masked."""
+    lines = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            shown = mask(value.get_secret_value()) if value.get_secret_value() else "(empty)"
+        elif value is None:
+            shown = "(not set)"
+        elif isinstance(value, list):
+            shown = ",".join(value) if value else "(none)"
+        else:
+            shown = str(value)
+        lines.append(f"{name.upper()}={shown}")
+    return lines
+
+
+def problems(settings: Settings) -> list[str]:
+    """What is missing for each front-end and provider, in words an operator can act on."""
+    out = []
+    if not configured_frontends(settings):
+        out.append("No chat front-end: set DISCORD_TOKEN and/or TELEGRAM_TOKEN.")
+    for name in settings.providers:
+        missing = missing_for_provider(settings, name)
+        if missing:
+            out.append(f"Provider {name} is listed in PROVIDERS but needs {', '.join(missing)}.")
+    if not usable_providers(settings):
+        out.append("No usable provider: set PROVIDERS (e.g. fal) and its key (e.g. FAL_KEY), "
+                   "or ACESTEP_SERVER_URLS for your own GPU.")
+    return out
