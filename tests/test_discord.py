@@ -1,0 +1,681 @@
+"""The Discord front-end end to end: the real discord.py client against a fake Discord
+REST server, a real engine on a temp SQLite file, a provider that makes real audio.
+
+Interactions are fed to the client's connection state as the gateway would
+(`parse_interaction_create`); the test then waits for the tasks discord.py spawned
+(`CommandTree-invoker`, `discord-ui-*`) and for what the fake server received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import discord
+import httpx
+import pytest
+import yarl
+from bot.engine import Engine, EngineOptions
+
+from bot.frontends.discord_frontend import DiscordFrontend
+from bot.requests import ADVANCED_OPTIONS, BASIC_OPTIONS, GenerationRequest, Mode
+from providers.base import (
+    Capabilities,
+    Failed,
+    Handle,
+    Provider,
+    Result,
+    Running,
+    Status,
+    Succeeded,
+)
+from tests.conftest import make_settings
+from tests.fakes.audio import make_wav
+from tests.fakes.discord_api import (
+    BOT_PERMISSIONS,
+    EPHEMERAL,
+    MANAGE_GUILD,
+    MEMBER_PERMISSIONS,
+    FakeDiscord,
+    FakeMessage,
+)
+from tests.fakes.http import serve
+
+USER = "100000000000000001"
+OTHER_USER = "100000000000000002"
+GUILD = "200000000000000001"
+CHANNEL = "300000000000000001"
+OTHER_CHANNEL = "300000000000000002"
+
+
+class ToneProvider(Provider):
+    """A provider that 'generates' a real WAV tone; tests steer its outcome."""
+
+    name = "tone"
+    capabilities = Capabilities(modes=frozenset({Mode.PROMPT, Mode.SONG}),
+                                options=frozenset(ADVANCED_OPTIONS), concurrency=4)
+
+    def __init__(self) -> None:
+        super().__init__(httpx.AsyncClient())
+        self.submitted: list[tuple[GenerationRequest, int]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail_reason: str | None = None
+        self.progress_steps = 0  # Running updates reported before finishing
+        self._polls: dict[str, int] = {}
+
+    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+        self.submitted.append((request, seed))
+        return Handle(self.name, {"n": len(self.submitted), "seed": seed,
+                                  "duration": request.duration, "lyrics": request.lyrics})
+
+    async def poll(self, handle: Handle) -> Status:
+        key = str(handle.data["n"])
+        self._polls[key] = self._polls.get(key, 0) + 1
+        if self.fail_reason:
+            return Failed(self.fail_reason)
+        step = self._polls[key]
+        if not self.release.is_set() or step <= self.progress_steps:
+            total = max(self.progress_steps, 1) + 1
+            return Running(progress=min(step, total - 1) / total,
+                           message=f"step {step} of {total}")
+        return Succeeded(Result(audio_url=f"https://files.invalid/{key}.wav",
+                                seed=int(handle.data["seed"]),
+                                lyrics=handle.data.get("lyrics") or None,
+                                content_type="audio/wav",
+                                metadata={"duration": handle.data["duration"]}))
+
+    async def fetch_audio(self, result: Result) -> bytes:
+        return make_wav(float(result.metadata["duration"]))
+
+    def poll_interval(self) -> float:
+        return 0.01
+
+
+@dataclass
+class Bot:
+    """One running bot: fake Discord, engine, front-end, provider."""
+
+    fake: FakeDiscord
+    engine: Engine
+    frontend: DiscordFrontend
+    provider: ToneProvider
+
+    async def feed(self, payload: dict[str, Any]) -> None:
+        """Hand an INTERACTION_CREATE to discord.py and wait for the handlers it starts."""
+        before = asyncio.all_tasks()
+        self.frontend.client._connection.parse_interaction_create(payload)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        spawned = [t for t in asyncio.all_tasks() - before
+                   if t.get_name().startswith(("CommandTree-invoker", "discord-ui-"))]
+        await asyncio.wait_for(asyncio.gather(*spawned), timeout=10)
+
+    def messages_of(self, payload: dict[str, Any]) -> list[FakeMessage]:
+        return [m for m in self.fake.visible() if m.interaction_id == payload["id"]]
+
+    def original(self, payload: dict[str, Any]) -> FakeMessage:
+        inter = self.fake.interactions[payload["id"]]
+        assert inter.original_id is not None
+        return self.fake.messages[inter.original_id]
+
+    async def song_message(self, payload: dict[str, Any]) -> FakeMessage:
+        """Wait for the finished song posted for this interaction."""
+        found = await self.fake.wait_until(
+            lambda: [m for m in self.messages_of(payload) if m.attachments])
+        assert len(found) == 1
+        return found[0]
+
+    async def job_state(self, job_id: str, *states: str) -> None:
+        async def reached() -> bool:
+            job = await self.engine.get_job(job_id)
+            return job is not None and job.state in states
+        for _ in range(500):
+            if await reached():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"job {job_id} never reached {states}")
+
+
+OPTIONS = EngineOptions(poll_max_interval=0.05, poll_backoff=1.0, scheduler_idle=0.05,
+                        delivery_backoff=0.01, stop_grace=2.0, busy_cooldown=0.1,
+                        unavailable_cooldown=0.1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_discord_endpoints() -> Any:
+    base = discord.http.Route.BASE
+    gateway = discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    yield
+    discord.http.Route.BASE = base
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = gateway
+
+
+async def start_bot(tmp_path: Path, fake: FakeDiscord, base: str, *,
+                    provider: ToneProvider | None = None, edit_interval: float = 0.05,
+                    clock: Any = None, **settings: Any) -> Bot:
+    values: dict[str, Any] = {"discord_token": fake.token,
+                              "discord_api_url": f"{base}/api/v10",
+                              "quota_user_concurrent_jobs": 5}
+    values.update(settings)
+    config = make_settings(tmp_path, **values)
+    provider = provider or ToneProvider()
+    engine = await Engine.open(config, [provider], options=OPTIONS)
+    kwargs: dict[str, Any] = {"connect_gateway": False, "edit_interval": edit_interval}
+    if clock is not None:
+        kwargs["clock"] = clock
+    frontend = DiscordFrontend(config, engine, **kwargs)
+    await engine.start()
+    await frontend.start()
+    return Bot(fake, engine, frontend, provider)
+
+
+async def stop_bot(bot: Bot) -> None:
+    await bot.frontend.stop()
+    await bot.engine.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeDiscord, str]]:
+    server = FakeDiscord()
+    async with serve(server.app()) as base:
+        yield server, base
+
+
+@pytest.fixture
+async def bot(tmp_path: Path, fake: tuple[FakeDiscord, str]) -> AsyncIterator[Bot]:
+    server, base = fake
+    running = await start_bot(tmp_path, server, base)
+    yield running
+    await stop_bot(running)
+
+
+def decode_mp3(data: bytes) -> float:
+    """Decode every frame with PyAV; returns the duration in seconds."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        assert container.format.name == "mp3"
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return samples / stream.codec_context.sample_rate
+
+
+def job_id_in(text: str) -> str:
+    import re
+    match = re.search(r"job `([0-9a-f]{8})`", text)
+    assert match, text
+    return match.group(1)
+
+
+def ephemeral_texts(bot: Bot, payload: dict[str, Any]) -> list[str]:
+    """What only the user saw: ephemeral replies to this interaction."""
+    return [m.content for m in bot.messages_of(payload) if m.ephemeral]
+
+
+# ---- /song ------------------------------------------------------------------------------
+
+async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) -> None:
+    fake = bot.fake
+    payload = fake.slash("song", {"prompt": "lofi piano about rain", "duration": 6,
+                                  "seed": 42})
+    await bot.feed(payload)
+
+    # Acknowledged by a public deferral, then the status message names the job.
+    assert fake.callbacks[0]["type"] == 5
+    assert not (fake.callbacks[0].get("data") or {}).get("flags", 0) & EPHEMERAL
+    job_id = job_id_in(bot.original(payload).content)
+
+    song = await bot.song_message(payload)
+    assert not song.ephemeral
+    mp3 = next(a for a in song.attachments if a.filename.endswith(".mp3"))
+    assert mp3.filename == f"lofi-piano-about-rain-{job_id}.mp3"
+    assert len(mp3.data) <= payload["attachment_size_limit"]
+    assert decode_mp3(mp3.data) == pytest.approx(6, abs=0.2)
+    cover = next(a for a in song.attachments if a.filename == "cover.jpg")
+    assert cover.data[:3] == b"\xff\xd8\xff"  # a JPEG
+
+    embed = song.embeds[0]
+    assert embed["title"] == "lofi piano about rain"
+    assert "lofi piano about rain" in embed["description"]
+    fields = {f["name"]: f["value"] for f in embed["fields"]}
+    assert fields["Duration"] == "6 s"
+    assert fields["Seed"] == "`42`"
+    assert fields["Provider"] == "tone"
+    assert embed["thumbnail"]["url"] == "attachment://cover.jpg"
+    assert song.custom_ids == [f"acestep:new:{job_id}", f"acestep:same:{job_id}"]
+
+    # The provider got the user's seed; the status message ends on the link to the song.
+    assert bot.provider.submitted[0][1] == 42
+    status = await fake.wait_until(
+        lambda: (m := bot.original(payload)) and "Done" in m.content and m)
+    assert f"/channels/{GUILD}/{CHANNEL}/{song.id}" in status.content
+    assert status.custom_ids == []  # no cancel button on a finished job
+    job = await bot.engine.get_job(job_id)
+    assert job is not None and job.state == "delivered"
+
+
+async def test_song_fits_the_upload_limit_the_interaction_reports(bot: Bot) -> None:
+    limit = 300_000  # a 20 s song at the default bitrate would not fit
+    payload = bot.fake.slash("song", {"prompt": "long ambient drone", "duration": 20},
+                             attachment_size_limit=limit)
+    await bot.feed(payload)
+    song = await bot.song_message(payload)
+    mp3 = next(a for a in song.attachments if a.filename.endswith(".mp3"))
+    assert len(mp3.data) <= limit
+    assert decode_mp3(mp3.data) == pytest.approx(20, abs=0.3)
+
+
+async def test_song_in_a_dm_works_without_a_guild(bot: Bot) -> None:
+    payload = bot.fake.slash("song", {"prompt": "a lullaby", "duration": 5}, guild_id=None)
+    await bot.feed(payload)
+    song = await bot.song_message(payload)
+    assert song.attachments and song.channel_id == CHANNEL
+    job_id = job_id_in(bot.original(payload).content)
+    await bot.job_state(job_id, "delivered")
+    job = await bot.engine.get_job(job_id)
+    assert job is not None and job.requester.community_id is None
+    assert job.reply_target["result_url"].startswith("https://discord.com/channels/@me/")
+
+
+async def test_status_edits_are_throttled_and_end_in_the_final_state(
+        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
+    server, base = fake
+    provider = ToneProvider()
+    provider.progress_steps = 12  # 12 progress reports, about 10 ms apart
+    bot = await start_bot(tmp_path, server, base, provider=provider, edit_interval=0.15)
+    try:
+        payload = server.slash("song", {"prompt": "busy drums", "duration": 5})
+        await bot.feed(payload)
+        await bot.song_message(payload)
+        status = await server.wait_until(
+            lambda: (m := bot.original(payload)) and "Done" in m.content and m)
+        assert any("Generating" in text for text in status.history)
+        # The first edit shows the queue; all but the final one are spaced by the interval.
+        gaps = [b - a for a, b in zip(status.edits[:-2], status.edits[1:-1], strict=True)]
+        assert all(gap >= 0.12 for gap in gaps), gaps
+        assert len(status.edits) < provider.progress_steps + 3
+    finally:
+        await stop_bot(bot)
+
+
+async def test_out_of_range_option_is_answered_ephemerally_naming_the_field(bot: Bot) -> None:
+    # Discord enforces min/max, but a payload can carry anything: the engine's rules decide.
+    payload = bot.fake.slash("song", {"prompt": "x", "duration": 999})
+    await bot.feed(payload)
+    assert bot.fake.callbacks[-1]["type"] == 4
+    texts = ephemeral_texts(bot, payload)
+    assert texts == ["duration: 999 is not valid; a whole number of seconds from 5 to 240."]
+    assert bot.provider.submitted == []
+
+    payload = bot.fake.slash("song", {"prompt": "x", "guidance_scale": 500.0})
+    await bot.feed(payload)
+    assert ephemeral_texts(bot, payload) == [
+        "guidance_scale: 500.0 is not valid; a number from 0 to 200."]
+
+
+async def test_quota_refusal_is_ephemeral_with_what_remains_and_the_reset(
+        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
+    server, base = fake
+    bot = await start_bot(tmp_path, server, base, quota_user_jobs_per_day=1)
+    try:
+        first = server.slash("song", {"prompt": "one", "duration": 5})
+        await bot.feed(first)
+        await bot.song_message(first)
+        second = server.slash("song", {"prompt": "two", "duration": 5})
+        await bot.feed(second)
+        # The public "thinking" message is replaced by a message only the user sees.
+        visible = bot.messages_of(second)
+        assert len(visible) == 1 and visible[0].ephemeral
+        assert "You have used your 1 songs for today (0 left)" in visible[0].content
+        assert "It resets at 00:00 UTC" in visible[0].content
+        assert len(bot.provider.submitted) == 1
+    finally:
+        await stop_bot(bot)
+
+
+async def test_missing_attach_files_permission_is_explained(bot: Bot) -> None:
+    payload = bot.fake.slash("song", {"prompt": "x", "duration": 5},
+                             app_permissions=BOT_PERMISSIONS & ~(1 << 15))
+    await bot.feed(payload)
+    texts = ephemeral_texts(bot, payload)
+    assert len(texts) == 1 and "Attach Files" in texts[0]
+    assert bot.provider.submitted == []
+
+
+async def test_failed_provider_tells_the_user_ephemerally_and_refunds(bot: Bot) -> None:
+    from bot.models import Requester
+    bot.provider.fail_reason = "the model ran out of memory"
+    payload = bot.fake.slash("song", {"prompt": "doomed", "duration": 5})
+    await bot.feed(payload)
+    job_id = job_id_in(bot.original(payload).content)
+    texts = await bot.fake.wait_until(lambda: ephemeral_texts(bot, payload))
+    assert f"Your song `{job_id}`" in texts[0]
+    assert "the model ran out of memory" in texts[0]
+    assert "refunded" in texts[0]
+    status = await bot.fake.wait_until(
+        lambda: (m := bot.original(payload)) and "Failed" in m.content and m)
+    assert status.custom_ids == []
+    quota = await bot.engine.quota_status(Requester("discord", USER, GUILD))
+    used = {line.name: line.used for line in quota.lines}
+    assert used["user_jobs_per_day"] == 0
+    assert used["user_seconds_per_day"] == 0
+
+
+# ---- /compose ---------------------------------------------------------------------------
+
+async def test_compose_opens_a_modal_whose_submit_starts_a_song(bot: Bot) -> None:
+    fake = bot.fake
+    await bot.feed(fake.slash("compose", {"tags": "synthwave", "duration": 5, "seed": 7}))
+    assert fake.callbacks[-1]["type"] == 9
+    modal = fake.modals[-1]
+    inputs = {c["component"]["custom_id"]: c["component"] for c in modal["components"]}
+    assert inputs["tags"]["value"] == "synthwave"  # prefilled from the option
+    assert inputs["lyrics"]["style"] == 2  # paragraph: line breaks allowed
+
+    lyrics = "[verse]\nneon lights on the highway\n[chorus]\nwe ride"
+    submit = fake.modal_submit(modal["custom_id"], {"tags": "synthwave, 80s",
+                                                    "lyrics": lyrics})
+    await bot.feed(submit)
+    song = await bot.song_message(submit)
+    request, seed = bot.provider.submitted[0]
+    assert request.mode is Mode.SONG
+    assert request.tags == "synthwave, 80s" and request.lyrics == lyrics
+    assert seed == 7
+    assert song.embeds[0]["description"] == "synthwave, 80s"
+    job_id = job_id_in(bot.original(submit).content)
+    assert f"acestep:lyrics:{job_id}" in song.custom_ids
+
+    # The lyrics button shows the full text to whoever clicks, and only to them.
+    click = fake.button(f"acestep:lyrics:{job_id}", song, user_id=OTHER_USER)
+    await bot.feed(click)
+    answer = bot.messages_of(click)
+    assert len(answer) == 1 and answer[0].ephemeral
+    assert answer[0].embeds[0]["description"] == lyrics
+
+
+async def test_compose_modal_with_empty_tags_is_refused(bot: Bot) -> None:
+    fake = bot.fake
+    await bot.feed(fake.slash("compose", {"duration": 5}))
+    modal = fake.modals[-1]
+    submit = fake.modal_submit(modal["custom_id"], {"tags": " , ", "lyrics": ""})
+    await bot.feed(submit)
+    texts = ephemeral_texts(bot, submit)
+    assert len(texts) == 1 and texts[0].startswith("tags:")
+    assert bot.provider.submitted == []
+
+
+# ---- buttons ----------------------------------------------------------------------------
+
+async def test_new_take_and_same_seed_buttons_start_new_jobs(bot: Bot) -> None:
+    fake = bot.fake
+    first = fake.slash("song", {"prompt": "city pop", "duration": 5, "seed": 42})
+    await bot.feed(first)
+    song = await bot.song_message(first)
+    job_id = job_id_in(bot.original(first).content)
+
+    new_take = fake.button(f"acestep:new:{job_id}", song, user_id=OTHER_USER)
+    await bot.feed(new_take)
+    assert fake.callbacks[-1]["type"] == 5  # a new public status message
+    await bot.song_message(new_take)
+    request, seed = bot.provider.submitted[1]
+    assert request.prompt == "city pop" and request.duration == 5
+    assert seed != 42
+    new_job = await bot.engine.get_job(job_id_in(bot.original(new_take).content))
+    assert new_job is not None and new_job.id != job_id
+    assert new_job.requester.user_id == OTHER_USER  # the clicker's quota, not the author's
+
+    same = fake.button(f"acestep:same:{job_id}", song)
+    await bot.feed(same)
+    await bot.song_message(same)
+    assert bot.provider.submitted[2][1] == 42
+
+
+async def test_buttons_keep_working_after_a_restart(
+        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
+    server, base = fake
+    bot = await start_bot(tmp_path, server, base)
+    first = server.slash("song", {"prompt": "persistent", "duration": 5, "seed": 3})
+    await bot.feed(first)
+    song = await bot.song_message(first)
+    job_id = job_id_in(bot.original(first).content)
+    await stop_bot(bot)
+
+    bot = await start_bot(tmp_path, server, base)  # same database, fresh client
+    try:
+        click = server.button(f"acestep:same:{job_id}", song)
+        await bot.feed(click)
+        await bot.song_message(click)
+        assert bot.provider.submitted[0][1] == 3
+    finally:
+        await stop_bot(bot)
+
+
+async def test_cancel_button_and_command(bot: Bot) -> None:
+    fake = bot.fake
+    bot.provider.release.clear()  # the provider keeps "generating"
+    payload = fake.slash("song", {"prompt": "never ending", "duration": 5})
+    await bot.feed(payload)
+    job_id = job_id_in(bot.original(payload).content)
+    await bot.job_state(job_id, "running")
+    status = await fake.wait_until(
+        lambda: (m := bot.original(payload)) and "Generating" in m.content and m)
+    assert status.custom_ids == [f"acestep:cancel:{job_id}"]
+
+    # Someone else cannot cancel it.
+    other = fake.button(f"acestep:cancel:{job_id}", status, user_id=OTHER_USER)
+    await bot.feed(other)
+    assert ephemeral_texts(bot, other) == ["You can only cancel your own songs."]
+
+    click = fake.button(f"acestep:cancel:{job_id}", status)
+    await bot.feed(click)
+    assert ephemeral_texts(bot, click) == [f"Cancelled `{job_id}` (never ending)."]
+    await bot.job_state(job_id, "cancelled")
+    status = await fake.wait_until(
+        lambda: (m := bot.original(payload)) and "Cancelled" in m.content and m)
+    assert status.custom_ids == []
+
+    # /cancel without a job id takes the user's latest active job.
+    second = fake.slash("song", {"prompt": "second", "duration": 5})
+    await bot.feed(second)
+    second_id = job_id_in(bot.original(second).content)
+    command = fake.slash("cancel", {})
+    await bot.feed(command)
+    assert ephemeral_texts(bot, command) == [f"Cancelled `{second_id}` (second)."]
+    await bot.job_state(second_id, "cancelled")
+    assert not [m for m in fake.visible() if m.attachments]
+
+
+# ---- restarts, expiry, rate limits --------------------------------------------------------
+
+async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
+        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
+    server, base = fake
+    provider = ToneProvider()
+    provider.release.clear()
+    bot = await start_bot(tmp_path, server, base, provider=provider)
+    payload = server.slash("song", {"prompt": "slow burner", "duration": 5})
+    await bot.feed(payload)
+    job_id = job_id_in(bot.original(payload).content)
+    await bot.job_state(job_id, "running")
+    await bot.frontend.stop()
+    await bot.engine.stop()
+    await bot.engine.store.db.close()
+
+    # 20 minutes later: the interaction token is dead; the provider has finished.
+    server.expire_tokens()
+    later = __import__("time").time() + 20 * 60
+    bot = await start_bot(tmp_path, server, base, clock=lambda: later)
+    try:
+        posted = await server.wait_until(
+            lambda: [m for m in server.visible() if m.attachments])
+        await asyncio.sleep(0.3)  # nothing else arrives
+        posted = [m for m in server.visible() if m.attachments]
+        assert len(posted) == 1
+        song = posted[0]
+        assert song.origin == "channel" and song.channel_id == CHANNEL
+        assert song.content == f"<@{USER}> your song is ready."
+        assert decode_mp3(next(a.data for a in song.attachments
+                               if a.filename.endswith(".mp3"))) == pytest.approx(5, abs=0.2)
+        assert song.custom_ids[0] == f"acestep:new:{job_id}"
+        await bot.job_state(job_id, "delivered")
+        job = await bot.engine.get_job(job_id)
+        assert job is not None
+        assert job.reply_target["result_url"].endswith(f"/{CHANNEL}/{song.id}")
+    finally:
+        await stop_bot(bot)
+
+
+async def test_expired_token_falls_back_to_the_channel(bot: Bot) -> None:
+    fake = bot.fake
+    bot.provider.release.clear()
+    payload = fake.slash("song", {"prompt": "late", "duration": 5})
+    await bot.feed(payload)
+    job_id = job_id_in(bot.original(payload).content)
+    await bot.job_state(job_id, "running")
+    fake.expire_tokens()  # Discord says the token is dead although our clock disagrees
+    bot.provider.release.set()
+    await bot.job_state(job_id, "delivered")
+    posted = [m for m in fake.visible() if m.attachments]
+    assert len(posted) == 1 and posted[0].origin == "channel"
+    assert posted[0].content.startswith(f"<@{USER}>")
+
+
+async def test_rate_limited_followup_is_retried(bot: Bot) -> None:
+    fake = bot.fake
+    fake.rate_limit_next("POST", r"^/api/v10/webhooks/\d+/[^/]+$", retry_after=0.05)
+    payload = fake.slash("song", {"prompt": "patience", "duration": 5})
+    await bot.feed(payload)
+    await bot.song_message(payload)
+    assert len(fake.rate_limited) == 1
+    followups = [r for r in fake.requests if r == fake.rate_limited[0]]
+    assert len(followups) == 2  # the 429, then the retry that posted the song
+    assert len(fake.with_file()) == 1
+
+
+# ---- other commands -------------------------------------------------------------------
+
+async def test_queue_quota_history_and_help(bot: Bot) -> None:
+    fake = bot.fake
+    done = fake.slash("song", {"prompt": "finished tune", "duration": 5})
+    await bot.feed(done)
+    song = await bot.song_message(done)
+    done_id = job_id_in(bot.original(done).content)
+    await bot.job_state(done_id, "delivered")
+    bot.provider.release.clear()
+    waiting = fake.slash("song", {"prompt": "waiting tune", "duration": 5})
+    await bot.feed(waiting)
+    waiting_id = job_id_in(bot.original(waiting).content)
+    await bot.job_state(waiting_id, "running")
+
+    queue = fake.slash("queue")
+    await bot.feed(queue)
+    [text] = ephemeral_texts(bot, queue)
+    assert f"`{waiting_id}` waiting tune" in text and "running" in text
+    assert done_id not in text
+
+    quota = fake.slash("quota")
+    await bot.feed(quota)
+    [text] = ephemeral_texts(bot, quota)
+    assert "**Songs today**: 2 of 20 songs used, 18 left" in text
+    assert "Resets <t:" in text
+
+    history = fake.slash("history")
+    await bot.feed(history)
+    [text] = ephemeral_texts(bot, history)
+    assert f"`{done_id}` [finished tune](<https://discord.com/channels/{GUILD}/{CHANNEL}/" \
+           f"{song.id}>)" in text
+
+    help_ = fake.slash("help")
+    await bot.feed(help_)
+    [text] = ephemeral_texts(bot, help_)
+    assert "/song" in text and "/compose" in text
+
+
+async def test_limits_needs_manage_server_and_sets_quotas_and_channels(bot: Bot) -> None:
+    fake = bot.fake
+    denied = fake.slash("limits", {"setting": "seconds_per_day", "value": 60.0})
+    await bot.feed(denied)
+    assert "Manage Server" in ephemeral_texts(bot, denied)[0]
+    assert await bot.engine.get_limits("community", f"discord:{GUILD}") == {}
+
+    admin = MEMBER_PERMISSIONS | MANAGE_GUILD
+    change = fake.slash("limits", {"setting": "seconds_per_day", "value": 60.0,
+                                   "channels": f"<#{OTHER_CHANNEL}>"},
+                        member_permissions=admin)
+    await bot.feed(change)
+    [text] = ephemeral_texts(bot, change)
+    assert "seconds_per_day = 60" in text and f"<#{OTHER_CHANNEL}>" in text
+    assert await bot.engine.get_limits("community", f"discord:{GUILD}") == {
+        "seconds_per_day": 60.0}
+
+    elsewhere = fake.slash("song", {"prompt": "x", "duration": 5})
+    await bot.feed(elsewhere)
+    assert ephemeral_texts(bot, elsewhere) == [f"I make songs in <#{OTHER_CHANNEL}> here."]
+
+    allowed = fake.slash("song", {"prompt": "x", "duration": 5}, channel_id=OTHER_CHANNEL)
+    await bot.feed(allowed)
+    await bot.song_message(allowed)
+
+
+# ---- command sync -----------------------------------------------------------------------
+
+async def test_commands_sync_once_and_only_when_changed(
+        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
+    server, base = fake
+    bot = await start_bot(tmp_path, server, base)
+    await stop_bot(bot)
+    assert len(server.syncs) == 1
+    path, commands = server.syncs[0]
+    assert path == f"/api/v10/applications/{server.app_id}/commands"
+    by_name = {c["name"]: c for c in commands}
+    assert set(by_name) == {"song", "compose", "queue", "cancel", "quota", "history",
+                            "help", "limits"}
+    song = {o["name"]: o for o in by_name["song"]["options"]}
+    assert set(song) == {"prompt", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
+    assert song["prompt"]["required"] is True
+    assert (song["duration"]["min_value"], song["duration"]["max_value"]) == (5, 240)
+    assert [c["value"] for c in song["scheduler"]["choices"]] == ["euler", "heun"]
+    assert song["guidance_scale"]["type"] == 10
+    assert by_name["song"]["contexts"] == [0, 1, 2]
+    assert by_name["song"]["integration_types"] == [0, 1]
+    assert int(by_name["limits"]["default_member_permissions"]) == MANAGE_GUILD
+    compose = {o["name"] for o in by_name["compose"]["options"]}
+    assert compose == {"tags", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
+
+    # A restart with the same commands does not sync again.
+    bot = await start_bot(tmp_path, server, base)
+    await stop_bot(bot)
+    assert len(server.syncs) == 1
+
+    # DISCORD_GUILD_IDS: those guilds get the commands at once.
+    bot = await start_bot(tmp_path, server, base, discord_guild_ids=[GUILD])
+    await stop_bot(bot)
+    assert [p for p, _ in server.syncs[1:]] == [
+        f"/api/v10/applications/{server.app_id}/guilds/{GUILD}/commands"]
+
+
+async def test_rate_limited_sync_is_retried(tmp_path: Path,
+                                            fake: tuple[FakeDiscord, str]) -> None:
+    server, base = fake
+    server.rate_limit_next("PUT", r"/commands$", retry_after=0.05)
+    bot = await start_bot(tmp_path, server, base)
+    await stop_bot(bot)
+    assert len(server.rate_limited) == 1
+    assert len(server.syncs) == 1
+
+
+async def test_endpoints_come_from_settings(tmp_path: Path,
+                                           fake: tuple[FakeDiscord, str]) -> None:
+    server, base = fake
+    bot = await start_bot(tmp_path, server, base,
+                          discord_gateway_url="ws://127.0.0.1:9/gateway")
+    try:
+        assert discord.http.Route.BASE == f"{base}/api/v10"
+        assert discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY == yarl.URL(
+            "ws://127.0.0.1:9/gateway")
+        assert ("GET", "/api/v10/users/@me") in server.requests
+    finally:
+        await stop_bot(bot)
