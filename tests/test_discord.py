@@ -19,7 +19,6 @@ import av
 import discord
 import httpx
 import pytest
-import yarl
 from bot.engine import Engine, EngineOptions
 
 from bot.frontends.discord_frontend import DiscordFrontend
@@ -196,10 +195,10 @@ async def bot(tmp_path: Path, fake: tuple[FakeDiscord, str]) -> AsyncIterator[Bo
 
 def decode_mp3(data: bytes) -> float:
     """Decode every frame with PyAV; returns the duration in seconds."""
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
+    with av.open(io.BytesIO(data), mode="r") as container:
         assert container.format.name == "mp3"
-        samples = sum(frame.samples for frame in container.decode(stream))
+        stream = container.streams.audio[0]
+        samples = sum(int(frame.samples) for frame in container.decode(stream))
         return samples / stream.codec_context.sample_rate
 
 
@@ -667,15 +666,28 @@ async def test_rate_limited_sync_is_retried(tmp_path: Path,
     assert len(server.syncs) == 1
 
 
-async def test_endpoints_come_from_settings(tmp_path: Path,
-                                           fake: tuple[FakeDiscord, str]) -> None:
+async def test_gateway_and_rest_urls_come_from_settings(
+        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
+    # DISCORD_GATEWAY_URL must be applied explicitly: discord.py's plain Client never asks
+    # /gateway/bot. The interaction then arrives over that websocket, as in production.
     server, base = fake
-    bot = await start_bot(tmp_path, server, base,
-                          discord_gateway_url="ws://127.0.0.1:9/gateway")
+    gateway = base.replace("http://", "ws://") + "/gateway"
+    config = make_settings(tmp_path, discord_token=server.token,
+                           discord_api_url=f"{base}/api/v10", discord_gateway_url=gateway)
+    provider = ToneProvider()
+    engine = await Engine.open(config, [provider], options=OPTIONS)
+    frontend = DiscordFrontend(config, engine, edit_interval=0.05)
+    await engine.start()
+    await frontend.start()
+    bot = Bot(server, engine, frontend, provider)
     try:
-        assert discord.http.Route.BASE == f"{base}/api/v10"
-        assert discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY == yarl.URL(
-            "ws://127.0.0.1:9/gateway")
-        assert ("GET", "/api/v10/users/@me") in server.requests
+        await asyncio.wait_for(frontend.client.wait_until_ready(), timeout=10)
+        assert server.identifies[0]["token"] == server.token
+        assert server.gateway_queries[0]["v"] == "10"
+        assert "/gateway/bot" not in {path for _, path in server.requests}
+        payload = server.slash("song", {"prompt": "over the wire", "duration": 5})
+        await server.dispatch("INTERACTION_CREATE", payload)
+        song = await bot.song_message(payload)
+        assert song.attachments
     finally:
         await stop_bot(bot)

@@ -286,14 +286,14 @@ class DiscordFrontend:
     def _register_commands(self) -> None:
         tree = self.tree
 
-        song = app_commands.Command(
+        song: app_commands.Command[Any, ..., None] = app_commands.Command(
             name="song", description="Make a song from a description",
             callback=_options_callback(self._song, first=(
                 "prompt", app_commands.Range[str, 1, MAX_PROMPT_CHARS],
                 "what the song is like, e.g. lofi piano about rain")))
         tree.add_command(song)
 
-        compose = app_commands.Command(
+        compose: app_commands.Command[Any, ..., None] = app_commands.Command(
             name="compose", description="Write lyrics and style tags for a song (opens a form)",
             callback=_options_callback(self._compose, first=(
                 "tags", Optional[app_commands.Range[str, 1, MAX_TAGS_CHARS]],  # noqa: UP045
@@ -465,9 +465,12 @@ class DiscordFrontend:
             await send_ephemeral(interaction, refusal)
             return
         # Admission touches the database: acknowledge first, within Discord's 3 seconds.
-        await interaction.response.defer(thinking=True)
+        deferred = await interaction.response.defer(thinking=True)
         interaction.extras["public_defer"] = True
         reply_target = self._reply_target(interaction)
+        if deferred is not None and deferred.message_id is not None:
+            # The status message, editable through the channel once the token expires.
+            reply_target["status_message_id"] = str(deferred.message_id)
         admission = await self.engine.submit(request, requester, reply_target)
         interaction.extras["job_id"] = admission.job_id
         note = (messages.ignored_options(admission.provider or "the music service",
@@ -675,8 +678,8 @@ class DiscordFrontend:
             try:
                 if self._token_usable(target):
                     # The status message is the interaction's original response.
-                    await self._webhook(target).edit_message(
-                        "@original", content=text, view=view)  # type: ignore[arg-type]
+                    original: Any = "@original"  # the route accepts it in place of an id
+                    await self._webhook(target).edit_message(original, content=text, view=view)
                     return
                 if target.get("status_message_id") and target.get("channel_id"):
                     channel = self.client.get_partial_messageable(int(target["channel_id"]))
@@ -776,13 +779,13 @@ def _option_annotation(spec: OptionSpec) -> Any:
     if spec.kind is bool:
         return Optional[bool]  # noqa: UP045
     if spec.choices:
-        return Optional[Literal[spec.choices]]  # type: ignore[valid-type]  # noqa: UP045
+        return Optional[Literal[spec.choices]]  # noqa: UP045
     kind: Any = int if spec.kind is int else float
     return Optional[app_commands.Range[kind, spec.minimum, spec.maximum]]  # noqa: UP045
 
 
 def _options_callback(handler: Callable[..., Awaitable[None]],
-                      first: tuple[str, Any, str]) -> Callable[..., Awaitable[None]]:
+                      first: tuple[str, Any, str]) -> Any:
     """A command callback whose signature lists the shared request options.
 
     discord.py reads the options from the callback's signature; building it from

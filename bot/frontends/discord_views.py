@@ -175,7 +175,8 @@ class ComposeModal(discord.ui.Modal, title="Compose a song"):
         fields = {**self.fields, "tags": self.tags.value, "lyrics": self.lyrics.value or ""}
         await actions_of(interaction).submit_from_interaction(interaction, fields)
 
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+    async def on_error(  # type: ignore[override]
+            self, interaction: discord.Interaction, error: Exception, /) -> None:
         await report(interaction, error)
 
 

@@ -1,4 +1,4 @@
-"""A fake Discord REST API (aiohttp on 127.0.0.1) and interaction payload builders.
+"""A fake Discord API (aiohttp on 127.0.0.1): REST, a minimal gateway, payload builders.
 
 It speaks the parts of Discord's HTTP API the bot uses, with Discord's shapes: login
 (`/users/@me`, `/oauth2/applications/@me`), command sync (bulk overwrite), interaction
@@ -8,7 +8,8 @@ Discord's `{"message", "code"}` bodies: 401 50027 for a dead interaction token, 
 for a file over the interaction's `attachment_size_limit`, 400 40060 for a second
 response, and 429s (with `retry_after` and a `Via` header, as Discord sends them) on demand.
 The behaviour of a followup right after a deferral (it edits the loading message, keeping
-its visibility) follows Discord's documentation.
+its visibility) follows Discord's documentation. The gateway at `/gateway` says HELLO,
+answers IDENTIFY with READY and heartbeats with ACKs, and sends dispatches on demand.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from tests.fakes.http import json_response
 
@@ -142,6 +143,11 @@ class FakeDiscord:
         self.rate_limited: list[tuple[str, str]] = []  # requests answered 429
         self._rules: list[RateLimitRule] = []
         self._changed = asyncio.Event()
+        # Gateway: what clients sent when connecting, and the open socket.
+        self.gateway_queries: list[dict[str, str]] = []
+        self.identifies: list[dict[str, Any]] = []
+        self._socket: web.WebSocketResponse | None = None
+        self._sequence = 0
 
     # ---- test controls ----
 
@@ -255,7 +261,42 @@ class FakeDiscord:
                      self._delete_webhook_message)
         r.add_post("/api/v10/channels/{cid}/messages", self._channel_post)
         r.add_patch("/api/v10/channels/{cid}/messages/{mid}", self._channel_edit)
+        r.add_get("/gateway", self._gateway)
         return app
+
+    # ---- gateway (JSON text frames; a client's binary-only decompressor is not needed) ----
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.gateway_queries.append(dict(request.query))
+        self._socket = ws
+        await ws.send_json({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None,
+                            "t": None})
+        async for frame in ws:
+            message = json.loads(frame.data)
+            if message["op"] == 2:  # IDENTIFY
+                self.identifies.append(message["d"])
+                self._changed.set()
+                if message["d"].get("token") != self.token:
+                    await ws.close(code=4004, message=b"Authentication failed.")
+                    break
+                url = f"ws://{request.host}/gateway"
+                await self.dispatch("READY", {
+                    "v": 10, "user": self.bot, "guilds": [], "session_id": "fake-session",
+                    "resume_gateway_url": url, "private_channels": [],
+                    "application": {"id": self.app_id, "flags": 0}})
+            elif message["op"] == 1:  # HEARTBEAT
+                await ws.send_json({"op": 11, "d": None, "s": None, "t": None})
+        self._socket = None
+        return ws
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        """Send a DISPATCH event (e.g. INTERACTION_CREATE) to the connected client."""
+        if self._socket is None:
+            raise AssertionError("no client is connected to the fake gateway")
+        self._sequence += 1
+        await self._socket.send_json({"op": 0, "t": event, "s": self._sequence, "d": data})
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -271,8 +312,10 @@ class FakeDiscord:
                          "retry_after": rule.retry_after, "global": False}, status=429,
                         headers={"Via": "1.1 google", "Retry-After": str(rule.retry_after),
                                  "X-RateLimit-Scope": "user"})
+            # Interaction webhooks carry their token in the path; the gateway, in IDENTIFY.
             needs_bot_auth = not request.path.startswith(("/api/v10/webhooks/",
-                                                          "/api/v10/interactions/"))
+                                                          "/api/v10/interactions/",
+                                                          "/gateway"))
             if needs_bot_auth and request.headers.get("Authorization") != f"Bot {self.token}":
                 return _error(401, 0, "401: Unauthorized")
             return await handler(request)
@@ -457,12 +500,13 @@ async def _read_body(request: web.Request) -> tuple[dict[str, Any], list[Attachm
         files: list[Attachment] = []
         reader = await request.multipart()
         async for part in reader:
-            name = getattr(part, "name", None)
-            data = await part.read()  # type: ignore[union-attr]
-            if name == "payload_json":
+            if not isinstance(part, BodyPartReader):
+                continue  # discord.py never nests multiparts
+            data = await part.read()
+            if part.name == "payload_json":
                 body = json.loads(data)
-            elif name and name.startswith("files["):
-                files.append(Attachment(getattr(part, "filename", None) or name, bytes(data),
+            elif part.name and part.name.startswith("files["):
+                files.append(Attachment(part.filename or part.name, bytes(data),
                                         part.headers.get("Content-Type")))
         return body, files
     return await request.json(), []
