@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -505,7 +507,7 @@ async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
 
     # 20 minutes later: the interaction token is dead; the provider has finished.
     server.expire_tokens()
-    later = __import__("time").time() + 20 * 60
+    later = time.time() + 20 * 60
     bot = await start_bot(tmp_path, server, base, clock=lambda: later)
     try:
         posted = await server.wait_until(
@@ -523,6 +525,9 @@ async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
         job = await bot.engine.get_job(job_id)
         assert job is not None
         assert job.reply_target["result_url"].endswith(f"/{CHANNEL}/{song.id}")
+        # The status message is edited through the channel now that the token is dead.
+        status = server.messages[job.reply_target["status_message_id"]]
+        assert "Done" in status.content and status.custom_ids == []
     finally:
         await stop_bot(bot)
 
@@ -552,6 +557,32 @@ async def test_rate_limited_followup_is_retried(bot: Bot) -> None:
     followups = [r for r in fake.requests if r == fake.rate_limited[0]]
     assert len(followups) == 2  # the 429, then the retry that posted the song
     assert len(fake.with_file()) == 1
+
+
+async def test_unexpected_error_is_answered_briefly_and_logged_without_the_token(
+        bot: Bot, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.DEBUG)
+    first = bot.fake.slash("song", {"prompt": "fine", "duration": 5})
+    await bot.feed(first)
+    song = await bot.song_message(first)
+    job_id = job_id_in(bot.original(first).content)
+
+    async def broken(job_id: str) -> None:
+        raise RuntimeError("database on fire")
+    monkeypatch.setattr(bot.engine, "get_job", broken)
+    click = bot.fake.button(f"acestep:new:{job_id}", song)
+    await bot.feed(click)
+    assert ephemeral_texts(bot, click) == [
+        "Something went wrong; the operator has been told."]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(job_id in r.getMessage() and "RuntimeError" in r.getMessage()
+               for r in errors)
+    # discord.py logs webhook URLs at debug level; the interaction tokens are masked.
+    ours = "\n".join(r.getMessage() for r in caplog.records
+                     if r.name.startswith(("discord", "bot.")))
+    assert "/webhooks/" in ours
+    for payload in (first, click):
+        assert payload["token"] not in ours
 
 
 # ---- other commands -------------------------------------------------------------------

@@ -159,17 +159,19 @@ class StatusBoard:
                 await self._do_edit(job_id, slot, reply_target, text, False)
             self._slots.pop(job_id, None)
             return
-        if text == slot.last_text:
-            return
-        wait = slot.last_edit + self.interval - self._clock()
-        if wait <= 0 and slot.flush is None:
-            async with slot.lock:
+        # Decide under the lock, so two updates never both see "due" and edit back to back.
+        async with slot.lock:
+            if job_id in self._finished or text == slot.last_text:
+                return
+            wait = slot.last_edit + self.interval - self._clock()
+            if wait <= 0 and slot.flush is None:
                 await self._do_edit(job_id, slot, reply_target, text, cancellable)
-            return
-        slot.pending = (reply_target, text, cancellable)
-        if slot.flush is None:
-            slot.flush = asyncio.create_task(self._flush_later(job_id, slot, max(wait, 0.0)),
-                                             name=f"discord-status-{job_id}")
+                return
+            slot.pending = (reply_target, text, cancellable)
+            if slot.flush is None:
+                slot.flush = asyncio.create_task(
+                    self._flush_later(job_id, slot, max(wait, 0.0)),
+                    name=f"discord-status-{job_id}")
 
     async def _flush_later(self, job_id: str, slot: _StatusSlot, wait: float) -> None:
         await asyncio.sleep(wait)
@@ -224,6 +226,9 @@ class DiscordFrontend:
         if not token:
             raise RuntimeError("DISCORD_TOKEN is not set")
         apply_endpoints(self.settings)
+        for name in URL_LOGGERS:
+            if TOKEN_FILTER not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(TOKEN_FILTER)
         await self.client.login(token)
         self._logged_in.set()
         await self.sync_commands()
@@ -703,6 +708,24 @@ class DiscordFrontend:
 
 
 # ---- helpers ----
+
+class InteractionTokenFilter(logging.Filter):
+    """Masks interaction tokens in discord.py's request logs (they sit in webhook URLs)."""
+
+    _pattern = re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/?\s'\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        masked = self._pattern.sub(r"\1[token]", text)
+        if masked != text:
+            record.msg, record.args = masked, ()
+        return True
+
+
+TOKEN_FILTER = InteractionTokenFilter()
+# The discord.py loggers that print request URLs.
+URL_LOGGERS = ("discord.http", "discord.webhook.async_")
+
 
 def apply_endpoints(settings: Settings) -> None:
     """Point discord.py at DISCORD_API_URL and DISCORD_GATEWAY_URL (process-wide)."""

@@ -63,6 +63,7 @@ class NewTakeButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
+        interaction.extras["job_id"] = self.job_id  # for the error log line
         try:
             await actions_of(interaction).new_take(interaction, self.job_id, same_seed=False)
         except Exception as exc:
@@ -84,6 +85,7 @@ class SameSeedButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
+        interaction.extras["job_id"] = self.job_id  # for the error log line
         try:
             await actions_of(interaction).new_take(interaction, self.job_id, same_seed=True)
         except Exception as exc:
@@ -105,6 +107,7 @@ class LyricsButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
+        interaction.extras["job_id"] = self.job_id  # for the error log line
         try:
             await actions_of(interaction).show_lyrics(interaction, self.job_id)
         except Exception as exc:
@@ -126,6 +129,7 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
+        interaction.extras["job_id"] = self.job_id  # for the error log line
         try:
             await actions_of(interaction).cancel_from_button(interaction, self.job_id)
         except Exception as exc:
