@@ -224,7 +224,7 @@ def http_error_text(resp: httpx.Response, limit: int = 300) -> str:
 def _find_message(body: Any) -> str:
     if isinstance(body, dict):
         for key in ("detail", "message", "error", "title", "msg"):
-            if key in body and body[key]:
+            if body.get(key):
                 return _find_message(body[key])
         return json.dumps(body)[:300]
     if isinstance(body, list) and body:
