@@ -93,9 +93,14 @@ async def test_prompt_mode_runs_to_a_song(fake: FakeFal, provider: FalProvider) 
                          "duration": 5, "seed": 1234}
     assert sent.authorization == f"Key {KEY}"
 
+    # The handle keeps the URLs fal returned (the fake's, without the subpath).
+    request_id = handle.data["request_id"]
+    assert handle.data["status_url"] == (
+        f"{fake.base_url}/fal-ai/ace-step/requests/{request_id}/status")
+    assert handle.data["endpoint"] == "fal-ai/ace-step/prompt-to-audio"
+
     statuses = await poll_to_end(provider, handle)
     # Status and result live under the app id, without the endpoint subpath.
-    request_id = handle.data["request_id"]
     assert set(fake.status_paths) == {f"/fal-ai/ace-step/requests/{request_id}/status"}
     assert fake.result_paths == [f"/fal-ai/ace-step/requests/{request_id}"]
 
@@ -185,6 +190,18 @@ async def test_handle_without_urls_is_polled_without_the_subpath(
     final = (await poll_to_end(provider, bare))[-1]
     assert isinstance(final, Succeeded)
     assert all("prompt-to-audio" not in p for p in fake.status_paths)
+
+
+async def test_stored_urls_on_another_host_are_not_followed(
+        fake: FakeFal, provider: FalProvider) -> None:
+    # A tampered or stale job row must not make us send the key to a foreign host.
+    handle = await provider.submit(prompt_request(), seed=3)
+    request_id = handle.data["request_id"]
+    foreign = "http://127.0.0.1:9/fal-ai/ace-step/requests"  # another origin
+    tampered = Handle("fal", {**handle.data, "status_url": f"{foreign}/{request_id}/status",
+                              "response_url": f"{foreign}/{request_id}"})
+    final = (await poll_to_end(provider, tampered))[-1]
+    assert isinstance(final, Succeeded)
 
 
 async def test_cancel_before_completion_is_accepted(fake: FakeFal,
