@@ -647,10 +647,14 @@ class Engine:
             return None
         except (Busy, Unavailable) as exc:
             self._log_provider_error(job, provider, exc)
-            wait = exc.retry_after or (self.options.busy_cooldown if isinstance(exc, Busy)
+            busy = isinstance(exc, Busy)
+            wait = exc.retry_after or (self.options.busy_cooldown if busy
                                        else self.options.unavailable_cooldown)
             self.router.cool_down(provider, wait, "busy", exc.message)
-            await self._requeue(job, provider, exc, tried=False)
+            # A busy answer means "not accepted": the same provider may take it later. An
+            # unreachable or timed-out submit may exist (and be billed): never resend it
+            # there; only another provider may take the job.
+            await self._requeue(job, provider, exc, tried=not busy)
             return None
         except ProviderError as exc:
             self._log_provider_error(job, provider, exc)

@@ -300,7 +300,7 @@ class FalProvider(Provider):
             return Failed(_CONTENT_POLICY_MESSAGE, rejected=True)
         rejected = any(t in kind for t in _REJECTED_ERROR_TYPES)
         reason = " ".join(self._redact(error).split())[:300]
-        return Failed(f"fal could not make this song: {reason}", rejected=rejected)
+        return Failed(reason, rejected=rejected)
 
     async def _fetch_result(self, handle: Handle, urls: dict[str, str],
                             status_body: dict[str, Any]) -> Status:

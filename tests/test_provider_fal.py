@@ -371,7 +371,7 @@ async def test_completed_with_error_fails_the_job(fake: FakeFal, provider: FalPr
     fake.run_error = ("CUDA out of memory", "runner_server_error")
     handle = await provider.submit(prompt_request(), seed=1)
     final = (await poll_to_end(provider, handle))[-1]
-    assert final == Failed("fal could not make this song: CUDA out of memory", rejected=False)
+    assert final == Failed("CUDA out of memory", rejected=False)
     assert fake.result_paths == []  # the status said it all
 
 
