@@ -71,8 +71,14 @@ class Settings(BaseSettings):
     admin_ids: CommaList = Field(default_factory=list)
 
     # Engine
-    job_timeout_seconds: int = Field(default=900, ge=30)
+    job_timeout_seconds: int = Field(default=900, ge=1)
     provider_cooldown_seconds: int = Field(default=600, ge=1)
+
+    # Operations: health/metrics HTTP server (0 = off), audio retention, shutdown grace
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=0, ge=0, le=65535)
+    audio_retention_days: int = Field(default=30, ge=0)  # 0 keeps audio forever
+    shutdown_grace_seconds: int = Field(default=20, ge=0)
 
     # Storage and logs
     data_dir: Path = Path("./data")
