@@ -128,8 +128,7 @@ class AIGatewayProvider(Provider):
         client = httpx.AsyncClient(
             base_url=self.base_url, transport=transport,
             auth=_ApiKeyAuth(api_key, self.base_url),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            headers={"Accept": "application/json"})
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
         super().__init__(client)
         self._api_key = api_key
         self.model = model

@@ -185,11 +185,11 @@ async def test_unknown_audio_format_is_refused() -> None:
 async def test_not_modified_keeps_the_last_known_status(fake: FakeAIGateway,
                                                         make: Factory) -> None:
     fake.min_poll_interval = 60.0  # every poll after the first is "too soon"
-    fake.queued_polls = 0
+    fake.queued_polls = 1
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
-    assert await provider.poll(handle) == Running()
-    assert await provider.poll(handle) == Running()
+    assert await provider.poll(handle) == Queued(None)
+    assert await provider.poll(handle) == Queued(None)
     assert fake.polls == [200, 304]
 
 
@@ -244,7 +244,10 @@ async def test_cancel_a_running_job(fake: FakeAIGateway, make: Factory) -> None:
     assert await provider.poll(handle) == Queued(None)
     assert await provider.cancel(handle) is True
     assert fake.cancels == [handle.data["id"]]
+    fake.fail_next("poll", 304)  # polled too soon after the cancel: still cancelled
     assert await provider.poll(handle) == Cancelled()
+    assert await provider.poll(handle) == Cancelled()
+    assert fake.polls == [200, 304, 200]
 
 
 async def test_cancel_too_late_or_unknown_is_false(fake: FakeAIGateway,
