@@ -212,7 +212,12 @@ class AceStepProvider(Provider):
     # -- the contract -------------------------------------------------------------------
 
     def build_body(self, request: GenerationRequest, seed: int) -> dict[str, Any]:
-        """The `/release_task` JSON for one request (exactly what the server receives)."""
+        """The `/release_task` JSON for one request (exactly what the server receives).
+
+        Prompt mode uses `sample_query`: the server's language model writes the caption
+        and lyrics and, upstream, also picks the duration (it replaces `audio_duration`
+        with its own); `Result.metadata["duration"]` reports what was made.
+        """
         body: dict[str, Any] = dict(self._extra)
         if request.mode is Mode.SONG:
             body["prompt"] = request.tags
@@ -317,9 +322,13 @@ class AceStepProvider(Provider):
                 return exc
             log.info("acestep server %s answers again", server.host)
         try:
-            return await self._stats(server)
+            stats = await self._stats(server)
         except ProviderError as exc:
             return exc
+        if stats is None:  # no load figures: count only the tasks we gave it
+            return ServerStats(queue_size=len(server.tasks), queue_maxsize=None, queued=0,
+                               running=0, finished=0, total=0)
+        return stats
 
     async def _snapshot(self, server: _Server) -> dict[str, Any] | None:
         """The server's counters just after a submit, kept in the handle for loss checks."""
@@ -327,12 +336,14 @@ class AceStepProvider(Provider):
             stats = await self._stats(server)
         except ProviderError:
             return None
+        if stats is None:
+            return None
         return {"pending": stats.pending, "finished": stats.finished, "total": stats.total,
                 "started_at": stats.started_at, "at": self._clock()}
 
     # -- polling ------------------------------------------------------------------------
 
-    def _interpret(self, handle: Handle, server: _Server, stats: ServerStats,
+    def _interpret(self, handle: Handle, server: _Server, stats: ServerStats | None,
                    entry: dict[str, Any]) -> Status:
         task_id = str(handle.data["task_id"])
         status = _int(entry.get("status"), -1)
@@ -361,13 +372,14 @@ class AceStepProvider(Provider):
             raise TaskLost(self.name, f"{server.host} no longer has the task ({evidence})")
         if item is None or item.get("stage") in (None, "", "queued"):
             position = _int(handle.data.get("queue_position"), 1)
-            return Queued(position=max(1, min(position, stats.queued or 1)))
+            waiting = stats.queued if stats is not None and stats.queued else position
+            return Queued(position=max(1, min(position, waiting)))
         progress = _float(item.get("progress"))
         message = entry.get("progress_text") or item.get("stage")
         return Running(progress=None if progress is None else max(0.0, min(1.0, progress)),
                        message=" ".join(str(message).split())[:200] if message else None)
 
-    def _loss_evidence(self, handle: Handle, server: _Server, stats: ServerStats,
+    def _loss_evidence(self, handle: Handle, server: _Server, stats: ServerStats | None,
                        item: dict[str, Any] | None) -> str | None:
         """Why a task the server calls pending (status 0) cannot really be, or None.
 
@@ -381,10 +393,12 @@ class AceStepProvider(Provider):
           were ahead of it (the queue is first in, first out).
         """
         submitted_at = _float(handle.data.get("submitted_at")) or 0.0
-        if stats.pending == 0:
-            return "the server reports no queued or running job"
         if server.lost_before > submitted_at:
             return "the server went away after the task was submitted"
+        if stats is None:
+            return None
+        if stats.pending == 0:
+            return "the server reports no queued or running job"
         snap = handle.data.get("snapshot")
         if not isinstance(snap, dict):
             return None
@@ -439,8 +453,14 @@ class AceStepProvider(Provider):
             self._auth.origins.add((parsed.scheme, parsed.host, parsed.port))
         return server
 
-    async def _stats(self, server: _Server) -> ServerStats:
-        data = await self._call(server, "GET", "/v1/stats")
+    async def _stats(self, server: _Server) -> ServerStats | None:
+        """The server's counters, or None from a build without `/v1/stats`."""
+        try:
+            data = await self._call(server, "GET", "/v1/stats")
+        except Unavailable as exc:
+            if exc.status_code == 404:
+                return None
+            raise
         now = self._clock()
         stats = ServerStats.parse(data, now)
         last = server.last_stats

@@ -15,6 +15,7 @@ from providers.base import (
     Busy,
     Failed,
     Handle,
+    ProviderFailedDownload,
     Queued,
     Rejected,
     Running,
@@ -284,6 +285,43 @@ async def test_resumed_poll_from_a_stored_handle_on_a_new_adapter(
     assert fake.submit_count == 1
 
 
+async def test_an_expired_file_is_a_failed_download(fake: FakeAceStep,
+                                                    provider: AceStepProvider) -> None:
+    handle = await provider.submit(song(), seed=1)
+    done = (await run_to_end(provider, handle))[-1]
+    assert isinstance(done, Succeeded)
+    fake.files.clear()  # the operator cleaned the server's output folder
+    with pytest.raises(ProviderFailedDownload):
+        await provider.fetch_audio(done.result)
+
+
+async def test_a_handle_for_a_server_no_longer_configured_still_polls_with_the_key(
+        fake: FakeAceStep, provider: AceStepProvider) -> None:
+    handle = await provider.submit(song(), seed=1)
+    other = make(["http://127.0.0.1:9"])  # the operator moved to another GPU box
+    try:
+        done = (await run_to_end(other, Handle.from_json(handle.to_json())))[-1]
+        assert isinstance(done, Succeeded)
+        await other.fetch_audio(done.result)
+    finally:
+        await other.aclose()
+    assert {auth for _, _, auth in fake.requests} == {f"Bearer {KEY}"}
+    assert other.server_urls == ["http://127.0.0.1:9"]  # never dispatched to
+
+
+async def test_a_build_without_stats_still_works() -> None:
+    fake = FakeAceStep(KEY, has_stats=False)
+    async with fake.running():
+        adapter = make([fake.base_url])
+        try:
+            handle = await adapter.submit(song(), seed=3)
+            seen = await run_to_end(adapter, handle)
+        finally:
+            await adapter.aclose()
+    assert seen[0] == Queued(position=1)
+    assert isinstance(seen[-1], Succeeded)
+
+
 # -- several servers ----------------------------------------------------------------------
 
 
@@ -342,6 +380,21 @@ async def test_a_down_server_returns_once_health_answers(
         await adapter.aclose()
     assert handle.data["server"] == b.base_url
     assert [p for _, p, _ in b.requests][:2] == ["/health", "/v1/stats"]
+
+
+async def test_a_down_server_is_not_asked_again_too_soon(
+        trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep]) -> None:
+    a, b, c = trio
+    adapter = make([a.base_url, b.base_url, c.base_url], recheck_after=3600.0)
+    try:
+        await adapter.submit(song(), seed=1)
+        await b.start()
+        for n in range(3):
+            await adapter.submit(song(), seed=n)
+    finally:
+        await adapter.aclose()
+    assert b.requests == []
+    assert a.submit_count + c.submit_count == 4
 
 
 async def test_all_servers_down_is_unavailable(

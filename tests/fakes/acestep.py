@@ -66,7 +66,8 @@ class FakeAceStep:
 
     def __init__(self, api_key: str | None = None, *, polls_queued: int = 1,
                  polls_running: int = 2, queue_maxsize: int = 200, disk_cache: bool = True,
-                 report_uptime: bool = False, seed_override: int | None = None) -> None:
+                 report_uptime: bool = False, seed_override: int | None = None,
+                 has_stats: bool = True) -> None:
         self.api_key = api_key
         self.polls_queued = polls_queued
         self.polls_running = polls_running
@@ -74,6 +75,7 @@ class FakeAceStep:
         self.disk_cache = disk_cache
         self.report_uptime = report_uptime
         self.seed_override = seed_override  # report this seed, as builds that ignored it
+        self.has_stats = has_stats  # False: an older build without /v1/stats (404)
         self.task_timeout = 3600.0  # upstream TASK_TIMEOUT_SECONDS for stale cache entries
         self.fail_with: str | None = None
         self.release_errors: list[str] = []
@@ -210,6 +212,8 @@ class FakeAceStep:
         return self._envelope({"status": "ok", "service": "ACE-Step API", "version": "1.0"})
 
     async def _stats(self, request: web.Request) -> web.Response:
+        if not self.has_stats:
+            return json_response({"detail": "Not Found"}, status=404)
         return self._auth_error(request) or self._envelope(self.stats())
 
     async def _release(self, request: web.Request) -> web.Response:
