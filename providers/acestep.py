@@ -63,8 +63,7 @@ DEFAULT_MAX_DURATION = 240
 STORE_MEMORY_S = 24 * 3600
 _START_TOLERANCE_S = 5.0
 
-_CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac",
-                  "ogg": "audio/ogg"}
+_CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg"}
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
@@ -157,21 +156,26 @@ class AceStepProvider(Provider):
 
     name = "acestep"
 
-    def __init__(self, server_urls: list[str], api_key: str | None = None, *,
-                 price_per_second: float = 0.0,
-                 concurrency: int | None = None,
-                 prompt_mode: bool = True,
-                 max_duration: int = DEFAULT_MAX_DURATION,
-                 extra_fields: Mapping[str, Any] | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None,
-                 poll_interval: float = 2.0,
-                 poll_retries: int = 2,
-                 retry_backoff: float = 0.5,
-                 timeout: float = 30.0,
-                 health_timeout: float = 3.0,
-                 recheck_after: float = 10.0,
-                 sleep: Sleep = asyncio.sleep,
-                 clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        server_urls: list[str],
+        api_key: str | None = None,
+        *,
+        price_per_second: float = 0.0,
+        concurrency: int | None = None,
+        prompt_mode: bool = True,
+        max_duration: int = DEFAULT_MAX_DURATION,
+        extra_fields: Mapping[str, Any] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        poll_interval: float = 2.0,
+        poll_retries: int = 2,
+        retry_backoff: float = 0.5,
+        timeout: float = 30.0,
+        health_timeout: float = 3.0,
+        recheck_after: float = 10.0,
+        sleep: Sleep = asyncio.sleep,
+        clock: Clock = time.time,
+    ) -> None:
         """`concurrency` defaults to two tasks per server (one running, one waiting), so
         each GPU stays busy. `prompt_mode` needs the server's language model loaded.
         `extra_fields` go into every task, e.g. {"model": "acestep-v15-turbo"}."""
@@ -179,8 +183,12 @@ class AceStepProvider(Provider):
         if not urls:
             raise ValueError("AceStepProvider needs at least one server URL")
         self._auth = _BearerForOrigins(api_key)
-        client = httpx.AsyncClient(transport=transport, auth=self._auth, timeout=timeout,
-                                   headers={"User-Agent": "acestep-bot"})
+        client = httpx.AsyncClient(
+            transport=transport,
+            auth=self._auth,
+            timeout=timeout,
+            headers={"User-Agent": "acestep-bot"},
+        )
         super().__init__(client)
         self._servers: dict[str, _Server] = {}
         for url in urls:
@@ -228,13 +236,15 @@ class AceStepProvider(Provider):
             if request.instrumental and "instrumental" not in query.lower():
                 query = f"{query}, instrumental"
             body["sample_query"] = query
-        body.update({
-            "audio_duration": request.duration,
-            "batch_size": 1,
-            "use_random_seed": False,
-            "seed": seed,
-            "audio_format": "mp3",
-        })
+        body.update(
+            {
+                "audio_duration": request.duration,
+                "batch_size": 1,
+                "use_random_seed": False,
+                "seed": seed,
+                "audio_format": "mp3",
+            }
+        )
         if request.steps is not None:
             body["inference_steps"] = request.steps
         if request.guidance_scale is not None:
@@ -262,14 +272,17 @@ class AceStepProvider(Provider):
                 server.tasks.add(task_id)
                 snapshot = await self._snapshot(server)
                 log.info("acestep task %s queued on %s", task_id, server.host)
-                return Handle(self.name, {
-                    "server": server.url,
-                    "task_id": task_id,
-                    "submitted_at": submitted_at,
-                    "queue_position": _int(data.get("queue_position"), 1),
-                    "seed": seed,
-                    "snapshot": snapshot,
-                })
+                return Handle(
+                    self.name,
+                    {
+                        "server": server.url,
+                        "task_id": task_id,
+                        "submitted_at": submitted_at,
+                        "queue_position": _int(data.get("queue_position"), 1),
+                        "seed": seed,
+                        "snapshot": snapshot,
+                    },
+                )
             assert last_error is not None
             raise last_error
 
@@ -326,8 +339,14 @@ class AceStepProvider(Provider):
         except ProviderError as exc:
             return exc
         if stats is None:  # no load figures: count only the tasks we gave it
-            return ServerStats(queue_size=len(server.tasks), queue_maxsize=None, queued=0,
-                               running=0, finished=0, total=0)
+            return ServerStats(
+                queue_size=len(server.tasks),
+                queue_maxsize=None,
+                queued=0,
+                running=0,
+                finished=0,
+                total=0,
+            )
         return stats
 
     async def _snapshot(self, server: _Server) -> dict[str, Any] | None:
@@ -338,13 +357,19 @@ class AceStepProvider(Provider):
             return None
         if stats is None:
             return None
-        return {"pending": stats.pending, "finished": stats.finished, "total": stats.total,
-                "started_at": stats.started_at, "at": self._clock()}
+        return {
+            "pending": stats.pending,
+            "finished": stats.finished,
+            "total": stats.total,
+            "started_at": stats.started_at,
+            "at": self._clock(),
+        }
 
     # -- polling ------------------------------------------------------------------------
 
-    def _interpret(self, handle: Handle, server: _Server, stats: ServerStats | None,
-                   entry: dict[str, Any]) -> Status:
+    def _interpret(
+        self, handle: Handle, server: _Server, stats: ServerStats | None, entry: dict[str, Any]
+    ) -> Status:
         task_id = str(handle.data["task_id"])
         status = _int(entry.get("status"), -1)
         items = _result_items(entry.get("result"))
@@ -376,11 +401,18 @@ class AceStepProvider(Provider):
             return Queued(position=max(1, min(position, waiting)))
         progress = _float(item.get("progress"))
         message = entry.get("progress_text") or item.get("stage")
-        return Running(progress=None if progress is None else max(0.0, min(1.0, progress)),
-                       message=" ".join(str(message).split())[:200] if message else None)
+        return Running(
+            progress=None if progress is None else max(0.0, min(1.0, progress)),
+            message=" ".join(str(message).split())[:200] if message else None,
+        )
 
-    def _loss_evidence(self, handle: Handle, server: _Server, stats: ServerStats | None,
-                       item: dict[str, Any] | None) -> str | None:
+    def _loss_evidence(
+        self,
+        handle: Handle,
+        server: _Server,
+        stats: ServerStats | None,
+        item: dict[str, Any] | None,
+    ) -> str | None:
         """Why a task the server calls pending (status 0) cannot really be, or None.
 
         Each rule only fires when the server's own numbers rule the task out:
@@ -403,8 +435,11 @@ class AceStepProvider(Provider):
         if not isinstance(snap, dict):
             return None
         before = _float(snap.get("started_at"))
-        if (before is not None and stats.started_at is not None
-                and abs(stats.started_at - before) > _START_TOLERANCE_S):
+        if (
+            before is not None
+            and stats.started_at is not None
+            and abs(stats.started_at - before) > _START_TOLERANCE_S
+        ):
             return "the server restarted"
         pending_then = _int(snap.get("pending"))
         taken_at = _float(snap.get("at")) or submitted_at
@@ -417,12 +452,18 @@ class AceStepProvider(Provider):
 
     def _result(self, handle: Handle, server: _Server, item: dict[str, Any]) -> Result:
         location = str(item.get("file") or item.get("url"))
-        audio_url = location if location.startswith(("http://", "https://")) else (
-            server.url + ("" if location.startswith("/") else "/") + location)
+        audio_url = (
+            location
+            if location.startswith(("http://", "https://"))
+            else (server.url + ("" if location.startswith("/") else "/") + location)
+        )
         raw_metas = item.get("metas")
         metas: dict[str, Any] = raw_metas if isinstance(raw_metas, dict) else {}
-        metadata: dict[str, Any] = {"server": server.url, "task_id": handle.data["task_id"],
-                                    "seed_sent": handle.data.get("seed")}
+        metadata: dict[str, Any] = {
+            "server": server.url,
+            "task_id": handle.data["task_id"],
+            "seed_sent": handle.data.get("seed"),
+        }
         for key in ("bpm", "duration", "keyscale", "genres", "timesignature"):
             value = metas.get(key)
             if value not in (None, "", "N/A"):
@@ -466,26 +507,33 @@ class AceStepProvider(Provider):
         last = server.last_stats
         if last is not None and now - server.last_stats_at < STORE_MEMORY_S:
             restarted = stats.total < last.pending or (
-                stats.started_at is not None and last.started_at is not None
-                and abs(stats.started_at - last.started_at) > _START_TOLERANCE_S)
+                stats.started_at is not None
+                and last.started_at is not None
+                and abs(stats.started_at - last.started_at) > _START_TOLERANCE_S
+            )
             if restarted:
-                log.warning("acestep server %s restarted (its counters were reset)",
-                            server.host)
+                log.warning("acestep server %s restarted (its counters were reset)", server.host)
                 server.lost_before = max(server.lost_before, server.last_stats_at)
         server.last_stats, server.last_stats_at = stats, now
         return stats
 
     async def _query(self, server: _Server, task_id: str) -> dict[str, Any]:
-        data = await self._call(server, "POST", "/query_result",
-                                json={"task_id_list": [task_id]})
+        data = await self._call(server, "POST", "/query_result", json={"task_id_list": [task_id]})
         entries = data if isinstance(data, list) else []
         for entry in entries:
             if isinstance(entry, dict) and str(entry.get("task_id")) == task_id:
                 return entry
         raise Unavailable(self.name, f"{server.host} did not report the task")
 
-    async def _call(self, server: _Server, method: str, path: str, *,
-                    json: Any = None, limit_s: float | None = None) -> Any:
+    async def _call(
+        self,
+        server: _Server,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        limit_s: float | None = None,
+    ) -> Any:
         """One request; returns the envelope's `data` or raises a typed error."""
         extra: dict[str, Any] = {} if limit_s is None else {"timeout": limit_s}
         try:
@@ -504,16 +552,14 @@ class AceStepProvider(Provider):
             raise Unavailable(self.name, f"{server.host} timed out on {path}") from None
         except httpx.TransportError as exc:
             server.unreachable_since = server.unreachable_since or self._clock()
-            raise Unavailable(self.name, f"{server.host}: {type(exc).__name__} on {path}"
-                              ) from None
+            raise Unavailable(self.name, f"{server.host}: {type(exc).__name__} on {path}") from None
         server.unreachable_since = None
         if resp.status_code >= 400:
             raise map_error(resp, self.name, server.host)
         try:
             envelope = resp.json()
         except ValueError:
-            raise Unavailable(self.name, f"{server.host} answered {path} with non-JSON"
-                              ) from None
+            raise Unavailable(self.name, f"{server.host} answered {path} with non-JSON") from None
         if not isinstance(envelope, dict) or "data" not in envelope:
             raise Unavailable(self.name, f"{server.host} answered {path} without an envelope")
         code = envelope.get("code")
@@ -537,8 +583,13 @@ class AceStepProvider(Provider):
                 await self._sleep(delay)
 
 
-def map_error(resp: httpx.Response, provider: str = "acestep", host: str = "server", *,
-              envelope: dict[str, Any] | None = None) -> ProviderError:
+def map_error(
+    resp: httpx.Response,
+    provider: str = "acestep",
+    host: str = "server",
+    *,
+    envelope: dict[str, Any] | None = None,
+) -> ProviderError:
     """The one place an ACE-Step server's refusal becomes one of our typed errors."""
     if envelope is not None:
         code = _int(envelope.get("code"), 500)
@@ -548,11 +599,11 @@ def map_error(resp: httpx.Response, provider: str = "acestep", host: str = "serv
         text = http_error_text(resp)
     where = f"{host}: {text}"
     if code in (401, 403):
-        return AuthError(provider, f"the server refused the API key ({where})",
-                         status_code=code)
+        return AuthError(provider, f"the server refused the API key ({where})", status_code=code)
     if code in (429, 503):
-        return Busy(provider, f"busy ({where})", status_code=code,
-                    retry_after=parse_retry_after(resp))
+        return Busy(
+            provider, f"busy ({where})", status_code=code, retry_after=parse_retry_after(resp)
+        )
     if code in (400, 413, 415, 422):
         return Rejected(provider, text, status_code=code)
     return Unavailable(provider, where, status_code=code)

@@ -64,8 +64,12 @@ INPUT_NAMES: dict[str, str] = {
     "lyric_guidance_scale": "lyric_guidance_scale",
 }
 
-_CONTENT_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".flac": "audio/flac",
-                  ".ogg": "audio/ogg"}
+_CONTENT_TYPES = {
+    ".wav": "audio/wav",
+    ".mp3": "audio/mpeg",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+}
 _PERCENT = re.compile(r"(\d{1,3})%\|")
 _BILLING_WORDS = ("credit", "billing", "balance", "payment", "spend limit")
 
@@ -95,22 +99,30 @@ class ReplicateProvider(Provider):
 
     name = "replicate"
 
-    def __init__(self, api_token: str, base_url: str = "https://api.replicate.com", *,
-                 version: str = ACE_STEP_VERSION,
-                 concurrency: int = 2,
-                 price_per_second: float = 0.0002,
-                 transport: httpx.AsyncBaseTransport | None = None,
-                 poll_interval: float = 2.0,
-                 poll_retries: int = 2,
-                 retry_backoff: float = 0.5,
-                 max_retry_after: float = 30.0,
-                 timeout: float = 30.0,
-                 sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        api_token: str,
+        base_url: str = "https://api.replicate.com",
+        *,
+        version: str = ACE_STEP_VERSION,
+        concurrency: int = 2,
+        price_per_second: float = 0.0002,
+        transport: httpx.AsyncBaseTransport | None = None,
+        poll_interval: float = 2.0,
+        poll_retries: int = 2,
+        retry_backoff: float = 0.5,
+        max_retry_after: float = 30.0,
+        timeout: float = 30.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
         base = base_url.rstrip("/")
-        client = httpx.AsyncClient(base_url=base, transport=transport,
-                                   auth=_BearerForOrigin(api_token, _origin(base)),
-                                   timeout=timeout,
-                                   headers={"User-Agent": "acestep-bot"})
+        client = httpx.AsyncClient(
+            base_url=base,
+            transport=transport,
+            auth=_BearerForOrigin(api_token, _origin(base)),
+            timeout=timeout,
+            headers={"User-Agent": "acestep-bot"},
+        )
         super().__init__(client)
         self.base_url = base
         self.version = version
@@ -156,15 +168,18 @@ class ReplicateProvider(Provider):
         if not isinstance(prediction_id, str) or not prediction_id:
             raise Unavailable(self.name, "the prediction answer had no id")
         urls = prediction.get("urls") or {}
-        return Handle(self.name, {
-            "id": prediction_id,
-            "version": self.version,
-            "get_url": urls.get("get"),
-            "cancel_url": urls.get("cancel"),
-            "tags": request.tags,
-            "lyrics": model_input["lyrics"],
-            "seed": seed,
-        })
+        return Handle(
+            self.name,
+            {
+                "id": prediction_id,
+                "version": self.version,
+                "get_url": urls.get("get"),
+                "cancel_url": urls.get("cancel"),
+                "tags": request.tags,
+                "lyrics": model_input["lyrics"],
+                "seed": seed,
+            },
+        )
 
     async def poll(self, handle: Handle) -> Status:
         """Ask once how the prediction is doing (transient errors retried briefly)."""
@@ -197,8 +212,9 @@ class ReplicateProvider(Provider):
         except httpx.TimeoutException:
             raise Unavailable(self.name, f"{method} {_shown_path(path)} timed out") from None
         except httpx.TransportError as exc:
-            raise Unavailable(self.name, f"{method} {_shown_path(path)} failed: "
-                                         f"{type(exc).__name__}") from None
+            raise Unavailable(
+                self.name, f"{method} {_shown_path(path)} failed: {type(exc).__name__}"
+            ) from None
 
     async def _get_with_retries(self, path: str) -> dict[str, Any]:
         attempt = 0
@@ -264,8 +280,9 @@ class ReplicateProvider(Provider):
         )
 
 
-def map_error(resp: httpx.Response, provider: str = "replicate", *,
-              stage: str = "submit") -> ProviderError:
+def map_error(
+    resp: httpx.Response, provider: str = "replicate", *, stage: str = "submit"
+) -> ProviderError:
     """The one place a Replicate error answer becomes one of our typed errors."""
     code = resp.status_code
     text = _problem_text(resp)
@@ -278,20 +295,18 @@ def map_error(resp: httpx.Response, provider: str = "replicate", *,
         return AuthError(provider, f"forbidden: {text}", status_code=code)
     if code == 404:
         if stage == "poll":
-            return TaskLost(provider, "Replicate no longer knows this prediction",
-                            status_code=code)
+            return TaskLost(provider, "Replicate no longer knows this prediction", status_code=code)
         # A missing model version is the operator's to fix; another provider can serve.
         return Unavailable(provider, f"not found: {text}", status_code=code)
     if code == 429:
-        return Busy(provider, f"rate limited: {text}", status_code=code,
-                    retry_after=retry_after)
+        return Busy(provider, f"rate limited: {text}", status_code=code, retry_after=retry_after)
     if code == 503:
-        return Busy(provider, f"temporarily unavailable: {text}", status_code=code,
-                    retry_after=retry_after)
+        return Busy(
+            provider, f"temporarily unavailable: {text}", status_code=code, retry_after=retry_after
+        )
     if 400 <= code < 500:
         return Rejected(provider, text, status_code=code)
-    return Unavailable(provider, f"server error: {text}", status_code=code,
-                       retry_after=retry_after)
+    return Unavailable(provider, f"server error: {text}", status_code=code, retry_after=retry_after)
 
 
 def _problem_text(resp: httpx.Response) -> str:
@@ -303,8 +318,9 @@ def _problem_text(resp: httpx.Response) -> str:
     if isinstance(body, dict) and ("title" in body or "detail" in body):
         title = " ".join(str(body.get("title") or "").split())
         detail = " ".join(str(body.get("detail") or "").split())
-        text = f"{title}: {detail}" if title and detail and title not in detail else (
-            detail or title)
+        text = (
+            f"{title}: {detail}" if title and detail and title not in detail else (detail or title)
+        )
         return text[:300]
     return http_error_text(resp)
 
@@ -313,8 +329,9 @@ def _json_object(resp: httpx.Response, provider: str) -> dict[str, Any]:
     try:
         body = resp.json()
     except ValueError:
-        raise Unavailable(provider, "the answer was not JSON", status_code=resp.status_code
-                          ) from None
+        raise Unavailable(
+            provider, "the answer was not JSON", status_code=resp.status_code
+        ) from None
     if not isinstance(body, dict):
         raise Unavailable(provider, "the answer was not a JSON object")
     return body

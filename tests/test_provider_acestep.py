@@ -54,15 +54,18 @@ async def provider(fake: FakeAceStep) -> AsyncIterator[AceStepProvider]:
 
 
 def make(urls: list[str], key: str | None = KEY, **kwargs: object) -> AceStepProvider:
-    settings: dict[str, object] = {"sleep": Sleeps(), "poll_interval": 0.01,
-                                   "recheck_after": 0.0}
+    settings: dict[str, object] = {"sleep": Sleeps(), "poll_interval": 0.01, "recheck_after": 0.0}
     settings.update(kwargs)
     return AceStepProvider(urls, key, **settings)  # type: ignore[arg-type]
 
 
 def song(**fields: object) -> GenerationRequest:
-    values: dict[str, object] = {"mode": "song", "tags": "lofi, piano, rain",
-                                 "lyrics": "[verse]\nrain on the window", "duration": 12}
+    values: dict[str, object] = {
+        "mode": "song",
+        "tags": "lofi, piano, rain",
+        "lyrics": "[verse]\nrain on the window",
+        "duration": 12,
+    }
     values.update(fields)
     return GenerationRequest.build(**values)
 
@@ -83,13 +86,22 @@ def wav_seconds(data: bytes) -> float:
 
 
 async def test_song_mode_sends_tags_lyrics_and_a_fixed_seed(
-        fake: FakeAceStep, provider: AceStepProvider) -> None:
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
     handle = await provider.submit(song(steps=20, guidance_scale=7.5), seed=31337)
-    assert fake.submits == [{
-        "prompt": "lofi, piano, rain", "lyrics": "[verse]\nrain on the window",
-        "audio_duration": 12, "batch_size": 1, "use_random_seed": False, "seed": 31337,
-        "audio_format": "mp3", "inference_steps": 20, "guidance_scale": 7.5,
-    }]
+    assert fake.submits == [
+        {
+            "prompt": "lofi, piano, rain",
+            "lyrics": "[verse]\nrain on the window",
+            "audio_duration": 12,
+            "batch_size": 1,
+            "use_random_seed": False,
+            "seed": 31337,
+            "audio_format": "mp3",
+            "inference_steps": 20,
+            "guidance_scale": 7.5,
+        }
+    ]
     assert handle.data["server"] == fake.base_url
     assert handle.data["task_id"] == "00000001-0000-4000-8000-000000000001"
 
@@ -118,15 +130,23 @@ async def test_song_mode_sends_tags_lyrics_and_a_fixed_seed(
     assert {auth for _, _, auth in fake.requests} == {f"Bearer {KEY}"}
 
 
-async def test_prompt_mode_goes_through_sample_query(fake: FakeAceStep,
-                                                     provider: AceStepProvider) -> None:
-    request = GenerationRequest.build(mode="prompt", prompt="a calm song about rain",
-                                      duration=30, instrumental=True)
+async def test_prompt_mode_goes_through_sample_query(
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
+    request = GenerationRequest.build(
+        mode="prompt", prompt="a calm song about rain", duration=30, instrumental=True
+    )
     handle = await provider.submit(request, seed=5)
-    assert fake.submits == [{
-        "sample_query": "a calm song about rain, instrumental", "audio_duration": 30,
-        "batch_size": 1, "use_random_seed": False, "seed": 5, "audio_format": "mp3",
-    }]
+    assert fake.submits == [
+        {
+            "sample_query": "a calm song about rain, instrumental",
+            "audio_duration": 30,
+            "batch_size": 1,
+            "use_random_seed": False,
+            "seed": 5,
+            "audio_format": "mp3",
+        }
+    ]
     done = (await run_to_end(provider, handle))[-1]
     assert isinstance(done, Succeeded)
     # The server's language model wrote the caption and lyrics: report those.
@@ -135,7 +155,8 @@ async def test_prompt_mode_goes_through_sample_query(fake: FakeAceStep,
 
 
 async def test_instrumental_song_sends_the_instrumental_marker(
-        fake: FakeAceStep, provider: AceStepProvider) -> None:
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
     await provider.submit(song(lyrics="", instrumental=True), seed=1)
     assert fake.submits[0]["lyrics"] == "[Instrumental]"
 
@@ -146,8 +167,7 @@ def test_capabilities() -> None:
     assert caps.modes == frozenset({Mode.SONG, Mode.PROMPT})
     assert caps.price_per_second == 0.0
     assert caps.concurrency == 4
-    assert caps.ignored_options(song(steps=8, guidance_scale=5, scheduler="heun")) == [
-        "scheduler"]
+    assert caps.ignored_options(song(steps=8, guidance_scale=5, scheduler="heun")) == ["scheduler"]
     assert not caps.can_serve(song(duration=5))  # the server's minimum is 10 s
     assert caps.can_serve(song(duration=240))
     song_only = AceStepProvider(["http://gpu1:8001"], prompt_mode=False).capabilities
@@ -182,7 +202,8 @@ async def test_failure_reports_the_servers_error_text() -> None:
 
 
 async def test_failure_from_the_disk_cache_has_a_generic_reason(
-        fake: FakeAceStep, provider: AceStepProvider) -> None:
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
     fake.fail_with = "boom"
     handle = await provider.submit(song(), seed=1)
     done = (await run_to_end(provider, handle))[-1]
@@ -206,16 +227,19 @@ async def test_without_disk_cache_the_seed_is_unknown() -> None:
     assert {auth for _, _, auth in fake.requests} == {None}
 
 
-@pytest.mark.parametrize(("name", "error", "text"), [
-    ("queue_full", Busy, "queue is full"),
-    ("bad_request", Rejected, "JSON payload must be an object"),
-    ("unsupported", Rejected, "Unsupported Content-Type"),
-    ("server_error", Unavailable, "Internal Server Error"),
-    ("envelope_error", Unavailable, "Model not initialized"),
-])
-async def test_release_errors_map_to_typed_errors(fake: FakeAceStep,
-                                                  provider: AceStepProvider, name: str,
-                                                  error: type[Exception], text: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "error", "text"),
+    [
+        ("queue_full", Busy, "queue is full"),
+        ("bad_request", Rejected, "JSON payload must be an object"),
+        ("unsupported", Rejected, "Unsupported Content-Type"),
+        ("server_error", Unavailable, "Internal Server Error"),
+        ("envelope_error", Unavailable, "Model not initialized"),
+    ],
+)
+async def test_release_errors_map_to_typed_errors(
+    fake: FakeAceStep, provider: AceStepProvider, name: str, error: type[Exception], text: str
+) -> None:
     fake.release_errors.append(name)
     with pytest.raises(error) as caught:
         await provider.submit(song(), seed=1)
@@ -250,8 +274,7 @@ async def test_a_full_queue_is_busy_before_submitting() -> None:
     assert fake.submit_count == 0
 
 
-async def test_poll_retries_a_transient_error(fake: FakeAceStep,
-                                              provider: AceStepProvider) -> None:
+async def test_poll_retries_a_transient_error(fake: FakeAceStep, provider: AceStepProvider) -> None:
     handle = await provider.submit(song(), seed=1)
     fake.query_errors.append("server_error")
     assert await provider.poll(handle) == Queued(position=1)
@@ -266,7 +289,8 @@ async def test_cancel_is_not_offered(fake: FakeAceStep, provider: AceStepProvide
 
 
 async def test_resumed_poll_from_a_stored_handle_on_a_new_adapter(
-        fake: FakeAceStep, provider: AceStepProvider) -> None:
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
     handle = await provider.submit(song(duration=15), seed=8)
     assert isinstance(await provider.poll(handle), Queued)
     stored = handle.to_json()
@@ -285,8 +309,9 @@ async def test_resumed_poll_from_a_stored_handle_on_a_new_adapter(
     assert fake.submit_count == 1
 
 
-async def test_an_expired_file_is_a_failed_download(fake: FakeAceStep,
-                                                    provider: AceStepProvider) -> None:
+async def test_an_expired_file_is_a_failed_download(
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
     handle = await provider.submit(song(), seed=1)
     done = (await run_to_end(provider, handle))[-1]
     assert isinstance(done, Succeeded)
@@ -296,7 +321,8 @@ async def test_an_expired_file_is_a_failed_download(fake: FakeAceStep,
 
 
 async def test_a_handle_for_a_server_no_longer_configured_still_polls_with_the_key(
-        fake: FakeAceStep, provider: AceStepProvider) -> None:
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
     handle = await provider.submit(song(), seed=1)
     other = make(["http://127.0.0.1:9"])  # the operator moved to another GPU box
     try:
@@ -335,7 +361,8 @@ async def trio() -> AsyncIterator[tuple[FakeAceStep, FakeAceStep, FakeAceStep]]:
 
 
 async def test_least_loaded_server_wins_and_a_down_one_is_skipped(
-        trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep]) -> None:
+    trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep],
+) -> None:
     a, b, c = trio
     a.add_load(queued=2, running=1)
     c.add_load(running=1)
@@ -349,24 +376,28 @@ async def test_least_loaded_server_wins_and_a_down_one_is_skipped(
     # c starts lighter (load 1 vs 3), takes one (load 2) and another (load 3); at a tie
     # with a, the server holding fewer of our tasks wins.
     assert [h.data["server"] for h in (first, second, third)] == [
-        c.base_url, c.base_url, a.base_url]
+        c.base_url,
+        c.base_url,
+        a.base_url,
+    ]
     assert (a.submit_count, b.submit_count, c.submit_count) == (1, 0, 2)
 
 
 async def test_load_spreads_over_idle_servers(
-        trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep]) -> None:
+    trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep],
+) -> None:
     a, b, c = trio
     adapter = make([a.base_url, b.base_url, c.base_url])
     try:
         handles = [await adapter.submit(song(), seed=n) for n in range(4)]
     finally:
         await adapter.aclose()
-    assert [h.data["server"] for h in handles] == [a.base_url, c.base_url, a.base_url,
-                                                  c.base_url]
+    assert [h.data["server"] for h in handles] == [a.base_url, c.base_url, a.base_url, c.base_url]
 
 
 async def test_a_down_server_returns_once_health_answers(
-        trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep]) -> None:
+    trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep],
+) -> None:
     a, b, c = trio
     a.add_load(running=1)
     c.add_load(running=1)
@@ -383,7 +414,8 @@ async def test_a_down_server_returns_once_health_answers(
 
 
 async def test_a_down_server_is_not_asked_again_too_soon(
-        trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep]) -> None:
+    trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep],
+) -> None:
     a, b, c = trio
     adapter = make([a.base_url, b.base_url, c.base_url], recheck_after=3600.0)
     try:
@@ -398,7 +430,8 @@ async def test_a_down_server_is_not_asked_again_too_soon(
 
 
 async def test_all_servers_down_is_unavailable(
-        trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep]) -> None:
+    trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep],
+) -> None:
     a, b, c = trio
     await a.stop()
     await c.stop()
@@ -412,7 +445,8 @@ async def test_all_servers_down_is_unavailable(
 
 
 async def test_queue_full_on_one_server_falls_to_the_next(
-        trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep]) -> None:
+    trio: tuple[FakeAceStep, FakeAceStep, FakeAceStep],
+) -> None:
     a, b, c = trio
     a.release_errors.append("queue_full")
     c.add_load(running=1)
@@ -429,7 +463,8 @@ async def test_queue_full_on_one_server_falls_to_the_next(
 
 
 async def test_restart_seen_by_the_poller_is_task_lost_and_resubmission_delivers(
-        fake: FakeAceStep, provider: AceStepProvider) -> None:
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
     fake.add_load(running=1)  # keep the server from looking idle afterwards
     handle = await provider.submit(song(duration=11), seed=4)
     assert isinstance(await provider.poll(handle), Queued)
@@ -465,8 +500,7 @@ async def test_restart_found_on_resume_when_the_server_is_idle(fake: FakeAceStep
     assert "no queued or running job" in str(caught.value)
 
 
-async def test_restart_of_a_busy_server_found_when_later_jobs_finish(
-        fake: FakeAceStep) -> None:
+async def test_restart_of_a_busy_server_found_when_later_jobs_finish(fake: FakeAceStep) -> None:
     fake.add_load(running=1)
     adapter = make([fake.base_url])
     handle = await adapter.submit(song(), seed=4)
@@ -527,8 +561,7 @@ async def test_restart_detected_by_a_changed_start_time() -> None:
     assert "restarted" in str(caught.value)
 
 
-async def test_a_queued_task_on_a_busy_server_is_not_declared_lost(
-        fake: FakeAceStep) -> None:
+async def test_a_queued_task_on_a_busy_server_is_not_declared_lost(fake: FakeAceStep) -> None:
     """No false alarm: other jobs come and go while ours waits its turn."""
     fake.polls_queued = 4
     fake.add_load(running=1)

@@ -59,8 +59,12 @@ async def provider(fake: FakeReplicate, sleeps: Sleeps) -> AsyncIterator[Replica
 
 
 def song(**fields: object) -> GenerationRequest:
-    values: dict[str, object] = {"mode": "song", "tags": "lofi, piano, rain",
-                                 "lyrics": "[verse]\nrain on the window", "duration": 12}
+    values: dict[str, object] = {
+        "mode": "song",
+        "tags": "lofi, piano, rain",
+        "lyrics": "[verse]\nrain on the window",
+        "duration": 12,
+    }
     values.update(fields)
     return GenerationRequest.build(**values)
 
@@ -81,18 +85,33 @@ def wav_seconds(data: bytes) -> float:
 
 
 async def test_song_happy_path_sends_exact_body_and_delivers_wav(
-        fake: FakeReplicate, provider: ReplicateProvider) -> None:
-    request = song(steps=40, minimum_guidance_scale=2.5, scheduler="heun",
-                   guidance_scale=12, tag_guidance_scale=4.0)
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
+    request = song(
+        steps=40,
+        minimum_guidance_scale=2.5,
+        scheduler="heun",
+        guidance_scale=12,
+        tag_guidance_scale=4.0,
+    )
     handle = await provider.submit(request, seed=4242)
 
-    assert fake.submits == [{
-        "version": ACE_STEP_VERSION,
-        "input": {"tags": "lofi, piano, rain", "lyrics": "[verse]\nrain on the window",
-                  "duration": 12, "seed": 4242, "number_of_steps": 40,
-                  "min_guidance_scale": 2.5, "scheduler": "heun", "guidance_scale": 12.0,
-                  "tag_guidance_scale": 4.0},
-    }]
+    assert fake.submits == [
+        {
+            "version": ACE_STEP_VERSION,
+            "input": {
+                "tags": "lofi, piano, rain",
+                "lyrics": "[verse]\nrain on the window",
+                "duration": 12,
+                "seed": 4242,
+                "number_of_steps": 40,
+                "min_guidance_scale": 2.5,
+                "scheduler": "heun",
+                "guidance_scale": 12.0,
+                "tag_guidance_scale": 4.0,
+            },
+        }
+    ]
     seen = await run_to_end(provider, handle)
     assert isinstance(seen[0], Queued)
     running = [s for s in seen if isinstance(s, Running)]
@@ -115,12 +134,17 @@ async def test_song_happy_path_sends_exact_body_and_delivers_wav(
 
 
 async def test_instrumental_song_sends_the_instrumental_marker(
-        fake: FakeReplicate, provider: ReplicateProvider) -> None:
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
     await provider.submit(song(lyrics="", instrumental=True), seed=1)
     await provider.submit(song(lyrics="words", instrumental=True), seed=2)
     assert [s["input"]["lyrics"] for s in fake.submits] == ["[instrumental]", "[instrumental]"]
-    assert fake.submits[0]["input"] == {"tags": "lofi, piano, rain", "lyrics": "[instrumental]",
-                                        "duration": 12, "seed": 1}
+    assert fake.submits[0]["input"] == {
+        "tags": "lofi, piano, rain",
+        "lyrics": "[instrumental]",
+        "duration": 12,
+        "seed": 1,
+    }
 
 
 def test_capabilities_song_only_with_every_advanced_option() -> None:
@@ -128,36 +152,47 @@ def test_capabilities_song_only_with_every_advanced_option() -> None:
     assert caps.modes == frozenset({Mode.SONG})
     assert not caps.can_serve(GenerationRequest.build(mode="prompt", prompt="lofi rain"))
     assert caps.can_serve(song(duration=240))
-    assert caps.ignored_options(song(steps=10, lyric_guidance_scale=2,
-                                     guidance_interval_decay=0.5)) == []
+    assert (
+        caps.ignored_options(song(steps=10, lyric_guidance_scale=2, guidance_interval_decay=0.5))
+        == []
+    )
     assert caps.price_per_second == 0.0002
 
 
 async def test_the_token_goes_to_the_api_but_not_to_the_file_host(
-        fake: FakeReplicate, provider: ReplicateProvider) -> None:
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
     handle = await provider.submit(song(), seed=3)
     done = (await run_to_end(provider, handle))[-1]
     assert isinstance(done, Succeeded)
     # Serve the file from another origin (localhost vs 127.0.0.1): no token may go there.
     other = done.result.audio_url.replace("127.0.0.1", "localhost")
     from dataclasses import replace
+
     await provider.fetch_audio(replace(done.result, audio_url=other))
     assert fake.file_requests[-1]["authorization"] is None
 
 
-@pytest.mark.parametrize(("problem", "error", "text"), [
-    ("unauthenticated", AuthError, "valid authentication token"),
-    ("billing", BillingError, "insufficient credit"),
-    ("forbidden", AuthError, "permission"),
-    ("invalid", Rejected, "input.tags"),
-    ("throttled", Busy, "throttled"),
-    ("unavailable", Busy, "temporarily unavailable"),
-    ("server", Unavailable, "Internal Server Error"),
-    ("not_found", Unavailable, "could not be found"),
-])
+@pytest.mark.parametrize(
+    ("problem", "error", "text"),
+    [
+        ("unauthenticated", AuthError, "valid authentication token"),
+        ("billing", BillingError, "insufficient credit"),
+        ("forbidden", AuthError, "permission"),
+        ("invalid", Rejected, "input.tags"),
+        ("throttled", Busy, "throttled"),
+        ("unavailable", Busy, "temporarily unavailable"),
+        ("server", Unavailable, "Internal Server Error"),
+        ("not_found", Unavailable, "could not be found"),
+    ],
+)
 async def test_submit_errors_map_to_typed_errors_and_are_not_retried(
-        fake: FakeReplicate, provider: ReplicateProvider, problem: str,
-        error: type[Exception], text: str) -> None:
+    fake: FakeReplicate,
+    provider: ReplicateProvider,
+    problem: str,
+    error: type[Exception],
+    text: str,
+) -> None:
     fake.submit_errors.append(problem)
     with pytest.raises(error) as caught:
         await provider.submit(song(), seed=5)
@@ -167,8 +202,7 @@ async def test_submit_errors_map_to_typed_errors_and_are_not_retried(
     assert fake.submit_count == 1
 
 
-async def test_429_carries_retry_after(fake: FakeReplicate,
-                                       provider: ReplicateProvider) -> None:
+async def test_429_carries_retry_after(fake: FakeReplicate, provider: ReplicateProvider) -> None:
     fake.submit_errors.append("throttled")
     with pytest.raises(Busy) as caught:
         await provider.submit(song(), seed=5)
@@ -198,7 +232,8 @@ async def test_version_is_configurable_and_a_bad_one_is_refused(fake: FakeReplic
 
 
 async def test_poll_retries_transient_errors_honouring_retry_after(
-        fake: FakeReplicate, provider: ReplicateProvider, sleeps: Sleeps) -> None:
+    fake: FakeReplicate, provider: ReplicateProvider, sleeps: Sleeps
+) -> None:
     handle = await provider.submit(song(), seed=6)
     fake.poll_errors.extend(["throttled", "server"])
     status = await provider.poll(handle)
@@ -208,8 +243,9 @@ async def test_poll_retries_transient_errors_honouring_retry_after(
     assert len(sleeps.delays) == 2
 
 
-async def test_poll_gives_up_after_a_few_tries(fake: FakeReplicate,
-                                               provider: ReplicateProvider) -> None:
+async def test_poll_gives_up_after_a_few_tries(
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
     handle = await provider.submit(song(), seed=6)
     fake.poll_errors.extend(["server"] * 5)
     with pytest.raises(Unavailable):
@@ -217,8 +253,9 @@ async def test_poll_gives_up_after_a_few_tries(fake: FakeReplicate,
     assert fake.polls == 3
 
 
-async def test_poll_auth_error_is_not_retried(fake: FakeReplicate,
-                                              provider: ReplicateProvider) -> None:
+async def test_poll_auth_error_is_not_retried(
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
     handle = await provider.submit(song(), seed=6)
     fake.poll_errors.append("unauthenticated")
     with pytest.raises(AuthError):
@@ -226,22 +263,25 @@ async def test_poll_auth_error_is_not_retried(fake: FakeReplicate,
     assert fake.polls == 1
 
 
-async def test_unknown_prediction_is_task_lost(fake: FakeReplicate,
-                                               provider: ReplicateProvider) -> None:
+async def test_unknown_prediction_is_task_lost(
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
     with pytest.raises(TaskLost):
         await provider.poll(Handle("replicate", {"id": "nosuchprediction"}))
 
 
-async def test_model_failure_is_failed_with_its_error(fake: FakeReplicate,
-                                                      provider: ReplicateProvider) -> None:
+async def test_model_failure_is_failed_with_its_error(
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
     fake.fail_with = "CUDA out of memory.\nTried to allocate 2.00 GiB"
     handle = await provider.submit(song(), seed=7)
     done = (await run_to_end(provider, handle))[-1]
     assert done == Failed("CUDA out of memory. Tried to allocate 2.00 GiB", rejected=False)
 
 
-async def test_cancel_stops_a_running_prediction(fake: FakeReplicate,
-                                                 provider: ReplicateProvider) -> None:
+async def test_cancel_stops_a_running_prediction(
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
     handle = await provider.submit(song(), seed=8)
     assert isinstance(await provider.poll(handle), Queued)
     assert await provider.cancel(handle) is True
@@ -249,8 +289,9 @@ async def test_cancel_stops_a_running_prediction(fake: FakeReplicate,
     assert isinstance(await provider.poll(handle), Cancelled)
 
 
-async def test_cancel_too_late_or_unknown_is_false(fake: FakeReplicate,
-                                                   provider: ReplicateProvider) -> None:
+async def test_cancel_too_late_or_unknown_is_false(
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
     handle = await provider.submit(song(), seed=9)
     await run_to_end(provider, handle)
     assert await provider.cancel(handle) is False
@@ -258,7 +299,8 @@ async def test_cancel_too_late_or_unknown_is_false(fake: FakeReplicate,
 
 
 async def test_resumed_poll_from_a_stored_handle_on_a_new_adapter(
-        fake: FakeReplicate, provider: ReplicateProvider, sleeps: Sleeps) -> None:
+    fake: FakeReplicate, provider: ReplicateProvider, sleeps: Sleeps
+) -> None:
     handle = await provider.submit(song(duration=7), seed=10)
     assert isinstance(await provider.poll(handle), Queued)
     stored = handle.to_json()

@@ -40,9 +40,14 @@ AUDIO_DIR = "/srv/acestep/.cache/acestep/tmp/api_audio"
 ERRORS: dict[str, tuple[int, dict[str, Any] | None]] = {
     "queue_full": (429, {"detail": "Server busy: queue is full"}),
     "bad_request": (400, {"detail": "JSON payload must be an object"}),
-    "unsupported": (415, {"detail": "Unsupported Content-Type: text/plain; use "
-                                    "application/json, application/x-www-form-urlencoded, "
-                                    "or multipart/form-data"}),
+    "unsupported": (
+        415,
+        {
+            "detail": "Unsupported Content-Type: text/plain; use "
+            "application/json, application/x-www-form-urlencoded, "
+            "or multipart/form-data"
+        },
+    ),
     "server_error": (500, None),  # "Internal Server Error" text
     "envelope_error": (200, None),  # HTTP 200 with code 500 and `error` in the envelope
 }
@@ -64,10 +69,18 @@ class FakeTask:
 class FakeAceStep:
     """One fake GPU server; start/stop/restart keep its port so handles stay valid."""
 
-    def __init__(self, api_key: str | None = None, *, polls_queued: int = 1,
-                 polls_running: int = 2, queue_maxsize: int = 200, disk_cache: bool = True,
-                 report_uptime: bool = False, seed_override: int | None = None,
-                 has_stats: bool = True) -> None:
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        polls_queued: int = 1,
+        polls_running: int = 2,
+        queue_maxsize: int = 200,
+        disk_cache: bool = True,
+        report_uptime: bool = False,
+        seed_override: int | None = None,
+        has_stats: bool = True,
+    ) -> None:
         self.api_key = api_key
         self.polls_queued = polls_queued
         self.polls_running = polls_running
@@ -162,18 +175,20 @@ class FakeAceStep:
 
     def finish_load(self, count: int | None = None) -> None:
         """Finish `count` (default all) of the other client's jobs, oldest first."""
-        foreign = [t for t in self.jobs.values()
-                   if t.foreign and t.status in ("queued", "running")]
+        foreign = [t for t in self.jobs.values() if t.foreign and t.status in ("queued", "running")]
         for task in foreign[:count]:
             task.status = "succeeded"
 
     def stats(self) -> dict[str, Any]:
-        counts = {"total": len(self.jobs), "queued": 0, "running": 0, "succeeded": 0,
-                  "failed": 0}
+        counts = {"total": len(self.jobs), "queued": 0, "running": 0, "succeeded": 0, "failed": 0}
         for task in self.jobs.values():
             counts[task.status] += 1
-        data: dict[str, Any] = {"jobs": counts, "queue_size": counts["queued"],
-                                "queue_maxsize": self.queue_maxsize, "avg_job_seconds": 8.5}
+        data: dict[str, Any] = {
+            "jobs": counts,
+            "queue_size": counts["queued"],
+            "queue_maxsize": self.queue_maxsize,
+            "avg_job_seconds": 8.5,
+        }
         if self.report_uptime:
             data["uptime_seconds"] = time.time() - self.started_at
         return data
@@ -181,8 +196,15 @@ class FakeAceStep:
     # -- protocol -----------------------------------------------------------------------
 
     def _envelope(self, data: Any, code: int = 200, error: str | None = None) -> web.Response:
-        return json_response({"data": data, "code": code, "error": error,
-                              "timestamp": int(time.time() * 1000), "extra": None})
+        return json_response(
+            {
+                "data": data,
+                "code": code,
+                "error": error,
+                "timestamp": int(time.time() * 1000),
+                "extra": None,
+            }
+        )
 
     def _refusal(self, name: str) -> web.Response:
         status, body = ERRORS[name]
@@ -193,22 +215,19 @@ class FakeAceStep:
         return json_response(body, status=status)
 
     def _auth_error(self, request: web.Request) -> web.Response | None:
-        self.requests.append((request.method, request.path,
-                              request.headers.get("Authorization")))
+        self.requests.append((request.method, request.path, request.headers.get("Authorization")))
         if self.api_key is None:
             return None
         header = request.headers.get("Authorization")
         if not header:
-            return json_response({"detail": "Missing ai_token or Authorization header"},
-                                 status=401)
+            return json_response({"detail": "Missing ai_token or Authorization header"}, status=401)
         token = header[7:] if header.startswith("Bearer ") else header
         if token != self.api_key:
             return json_response({"detail": "Invalid API key"}, status=401)
         return None
 
     async def _health(self, request: web.Request) -> web.Response:
-        self.requests.append((request.method, request.path,
-                              request.headers.get("Authorization")))
+        self.requests.append((request.method, request.path, request.headers.get("Authorization")))
         return self._envelope({"status": "ok", "service": "ACE-Step API", "version": "1.0"})
 
     async def _stats(self, request: web.Request) -> web.Response:
@@ -231,8 +250,9 @@ class FakeAceStep:
         task = FakeTask(next(self._ids), body, time.time())
         self.jobs[task.task_id] = task
         self.submits.append(body)
-        return self._envelope({"task_id": task.task_id, "status": "queued",
-                               "queue_position": queued + 1})
+        return self._envelope(
+            {"task_id": task.task_id, "status": "queued", "queue_position": queued + 1}
+        )
 
     async def _query(self, request: web.Request) -> web.Response:
         denied = self._auth_error(request)
@@ -255,22 +275,49 @@ class FakeAceStep:
             status = cached[0]["status"]
             if status == 0 and time.time() - cached[0]["create_time"] > self.task_timeout:
                 status = 2
-            return {"task_id": task_id, "result": json.dumps(cached), "status": status,
-                    "progress_text": self.last_log}
+            return {
+                "task_id": task_id,
+                "result": json.dumps(cached),
+                "status": status,
+                "progress_text": self.last_log,
+            }
         if task is None:
             return {"task_id": task_id, "result": "[]", "status": 0}
         code = {"queued": 0, "running": 0, "succeeded": 1, "failed": 2}[task.status]
         item = self._item(task, code)
         if task.status != "succeeded":  # the store path has no seed or models
-            item = {k: item[k] for k in ("file", "wave", "status", "create_time", "env",
-                                         "prompt", "lyrics", "metas")}
-            item.update({"file": "", "prompt": "", "lyrics": "", "metas": {},
-                         "progress": task.progress, "stage": task.status,
-                         "error": task.error})
+            item = {
+                k: item[k]
+                for k in (
+                    "file",
+                    "wave",
+                    "status",
+                    "create_time",
+                    "env",
+                    "prompt",
+                    "lyrics",
+                    "metas",
+                )
+            }
+            item.update(
+                {
+                    "file": "",
+                    "prompt": "",
+                    "lyrics": "",
+                    "metas": {},
+                    "progress": task.progress,
+                    "stage": task.status,
+                    "error": task.error,
+                }
+            )
         else:
             item.pop("seed_value")
-        return {"task_id": task_id, "result": json.dumps([item]), "status": code,
-                "progress_text": self.last_log if code == 0 else ""}
+        return {
+            "task_id": task_id,
+            "result": json.dumps([item]),
+            "status": code,
+            "progress_text": self.last_log if code == 0 else "",
+        }
 
     def _advance(self, task: FakeTask) -> None:
         if task.status in ("succeeded", "failed"):
@@ -287,8 +334,10 @@ class FakeAceStep:
             return
         if self.fail_with is not None:
             task.status = "failed"
-            task.error = ("Traceback (most recent call last):\n  File \"api_server.py\", "
-                          f"line 1771, in _run_one_job\nRuntimeError: {self.fail_with}\n")
+            task.error = (
+                'Traceback (most recent call last):\n  File "api_server.py", '
+                f"line 1771, in _run_one_job\nRuntimeError: {self.fail_with}\n"
+            )
             self._write_cache(task, 2, stage="failed")
             return
         task.status, task.progress = "succeeded", 1.0
@@ -308,23 +357,44 @@ class FakeAceStep:
         path = f"{AUDIO_DIR}/{task.task_id}.wav"
         return {
             "file": f"/v1/audio?path={quote(path, safe='')}" if code == 1 else "",
-            "wave": "", "status": code, "create_time": int(task.created_at),
-            "env": "development", "prompt": caption, "lyrics": lyrics,
-            "metas": {"bpm": 92, "duration": self._duration(task), "genres": "",
-                      "keyscale": "A minor", "timesignature": "4",
-                      "prompt": body.get("prompt", ""), "lyrics": body.get("lyrics", "")},
-            "generation_info": "**Steps:** 8", "seed_value": str(seed),
-            "lm_model": "acestep-5Hz-lm-0.6B", "dit_model": "acestep-v15-turbo",
-            "progress": task.progress, "stage": task.status,
+            "wave": "",
+            "status": code,
+            "create_time": int(task.created_at),
+            "env": "development",
+            "prompt": caption,
+            "lyrics": lyrics,
+            "metas": {
+                "bpm": 92,
+                "duration": self._duration(task),
+                "genres": "",
+                "keyscale": "A minor",
+                "timesignature": "4",
+                "prompt": body.get("prompt", ""),
+                "lyrics": body.get("lyrics", ""),
+            },
+            "generation_info": "**Steps:** 8",
+            "seed_value": str(seed),
+            "lm_model": "acestep-5Hz-lm-0.6B",
+            "dit_model": "acestep-v15-turbo",
+            "progress": task.progress,
+            "stage": task.status,
         }
 
     def _write_cache(self, task: FakeTask, code: int, stage: str) -> None:
         if code == 1:
             self.cache[task.task_id] = [self._item(task, 1)]
             return
-        self.cache[task.task_id] = [{
-            "file": "", "wave": "", "status": code, "create_time": int(task.created_at),
-            "env": "development", "progress": task.progress, "stage": stage}]
+        self.cache[task.task_id] = [
+            {
+                "file": "",
+                "wave": "",
+                "status": code,
+                "create_time": int(task.created_at),
+                "env": "development",
+                "progress": task.progress,
+                "stage": stage,
+            }
+        ]
 
     async def _audio(self, request: web.Request) -> web.Response:
         denied = self._auth_error(request)
@@ -332,11 +402,18 @@ class FakeAceStep:
             return denied
         path = request.query.get("path")
         if path is None:
-            return json_response({"detail": [{"type": "missing", "loc": ["query", "path"],
-                                              "msg": "Field required"}]}, status=422)
+            return json_response(
+                {
+                    "detail": [
+                        {"type": "missing", "loc": ["query", "path"], "msg": "Field required"}
+                    ]
+                },
+                status=422,
+            )
         if not path.startswith(AUDIO_DIR + "/"):
             return json_response(
-                {"detail": "Access denied: path outside allowed directory"}, status=403)
+                {"detail": "Access denied: path outside allowed directory"}, status=403
+            )
         if path not in self.files:
             return json_response({"detail": "Audio file not found"}, status=404)
         return web.Response(body=make_wav(self.files[path]), content_type="audio/wav")

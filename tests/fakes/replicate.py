@@ -30,36 +30,81 @@ PINNED_VERSION = "280fc4f9ee507577f880a167f639c02622421d8fecf492454320311217b688
 
 # Error answers exactly as Replicate shapes them: (status, problem body, extra headers).
 PROBLEMS: dict[str, tuple[int, dict[str, Any] | None, dict[str, str]]] = {
-    "unauthenticated": (401, {"type": "https://replicate.com/docs/errors/unauthenticated",
-                              "title": "Unauthenticated",
-                              "detail": "You did not pass a valid authentication token",
-                              "status": 401}, {}),
-    "billing": (402, {"type": "https://replicate.com/docs/errors/insufficient-credit",
-                      "title": "Insufficient credit",
-                      "detail": "You have insufficient credit to run this model. Go to "
-                                "your account's billing page to purchase credit.",
-                      "status": 402}, {}),
-    "forbidden": (403, {"title": "Forbidden",
-                        "detail": "You do not have permission to run this model.",
-                        "status": 403}, {}),
-    "not_found": (404, {"title": "Not found",
-                        "detail": "The requested resource could not be found.",
-                        "status": 404}, {}),
-    "invalid": (422, {"type": "https://replicate.com/docs/errors/input-validation",
-                      "title": "Input validation failed",
-                      "detail": "- input.tags: String length must be greater than or "
-                                "equal to 1",
-                      "status": 422,
-                      "invalid_fields": [{"type": "too_short", "field": "input.tags",
-                                          "description": "String length must be greater "
-                                                         "than or equal to 1"}]}, {}),
-    "throttled": (429, {"title": "Request was throttled.",
-                        "detail": "Request was throttled. Expected available in 7 seconds.",
-                        "status": 429}, {"Retry-After": "7"}),
+    "unauthenticated": (
+        401,
+        {
+            "type": "https://replicate.com/docs/errors/unauthenticated",
+            "title": "Unauthenticated",
+            "detail": "You did not pass a valid authentication token",
+            "status": 401,
+        },
+        {},
+    ),
+    "billing": (
+        402,
+        {
+            "type": "https://replicate.com/docs/errors/insufficient-credit",
+            "title": "Insufficient credit",
+            "detail": "You have insufficient credit to run this model. Go to "
+            "your account's billing page to purchase credit.",
+            "status": 402,
+        },
+        {},
+    ),
+    "forbidden": (
+        403,
+        {
+            "title": "Forbidden",
+            "detail": "You do not have permission to run this model.",
+            "status": 403,
+        },
+        {},
+    ),
+    "not_found": (
+        404,
+        {
+            "title": "Not found",
+            "detail": "The requested resource could not be found.",
+            "status": 404,
+        },
+        {},
+    ),
+    "invalid": (
+        422,
+        {
+            "type": "https://replicate.com/docs/errors/input-validation",
+            "title": "Input validation failed",
+            "detail": "- input.tags: String length must be greater than or equal to 1",
+            "status": 422,
+            "invalid_fields": [
+                {
+                    "type": "too_short",
+                    "field": "input.tags",
+                    "description": "String length must be greater than or equal to 1",
+                }
+            ],
+        },
+        {},
+    ),
+    "throttled": (
+        429,
+        {
+            "title": "Request was throttled.",
+            "detail": "Request was throttled. Expected available in 7 seconds.",
+            "status": 429,
+        },
+        {"Retry-After": "7"},
+    ),
     "server": (500, None, {}),  # a bare "Internal Server Error" text page
-    "unavailable": (503, {"title": "Service Unavailable",
-                          "detail": "The service is temporarily unavailable.",
-                          "status": 503}, {"Retry-After": "2"}),
+    "unavailable": (
+        503,
+        {
+            "title": "Service Unavailable",
+            "detail": "The service is temporarily unavailable.",
+            "status": 503,
+        },
+        {"Retry-After": "2"},
+    ),
 }
 
 
@@ -78,9 +123,15 @@ class FakePrediction:
 class FakeReplicate:
     """In-memory Replicate with recorded submits and switches for every error shape."""
 
-    def __init__(self, token: str = "r8_fake_token_123", *, polls_starting: int = 1,
-                 polls_processing: int = 2, version: str = PINNED_VERSION,
-                 file_extension: str = "wav") -> None:
+    def __init__(
+        self,
+        token: str = "r8_fake_token_123",
+        *,
+        polls_starting: int = 1,
+        polls_processing: int = 2,
+        version: str = PINNED_VERSION,
+        file_extension: str = "wav",
+    ) -> None:
         self.token = token
         self.polls_starting = polls_starting
         self.polls_processing = polls_processing
@@ -119,8 +170,12 @@ class FakeReplicate:
         status, body, headers = PROBLEMS[name]
         if body is None:
             return web.Response(status=status, text="Internal Server Error", headers=headers)
-        return web.Response(body=json.dumps(body).encode(), status=status, headers=headers,
-                            content_type="application/problem+json")
+        return web.Response(
+            body=json.dumps(body).encode(),
+            status=status,
+            headers=headers,
+            content_type="application/problem+json",
+        )
 
     def _authorised(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {self.token}"
@@ -133,16 +188,22 @@ class FakeReplicate:
         if self.submit_errors:
             return self._problem(self.submit_errors.pop(0))
         if body.get("version") != self.version:
-            return _problem_body(422, "Invalid version or not permitted",
-                                 "The specified version does not exist (or perhaps you "
-                                 "don't have permission to use it?)")
+            return _problem_body(
+                422,
+                "Invalid version or not permitted",
+                "The specified version does not exist (or perhaps you "
+                "don't have permission to use it?)",
+            )
         given = body.get("input") or {}
         if not isinstance(given.get("tags"), str) or not given["tags"]:
             return self._problem("invalid")
         duration = given.get("duration", 60)
         if not 1 <= duration <= 240:
-            return _problem_body(422, "Input validation failed",
-                                 "- input.duration: Must be less than or equal to 240")
+            return _problem_body(
+                422,
+                "Input validation failed",
+                "- input.duration: Must be less than or equal to 240",
+            )
         pred = FakePrediction(id=next(self._ids), version=self.version, input=given)
         self.predictions[pred.id] = pred
         return json_response(self._view(pred), status=201)
@@ -176,8 +237,9 @@ class FakeReplicate:
         pred = self.predictions.get(pred_id)
         if pred is None or pred.status != "succeeded":
             return web.Response(status=404, text="Not Found")
-        return web.Response(body=make_wav(float(pred.input.get("duration", 60))),
-                            content_type="audio/wav")
+        return web.Response(
+            body=make_wav(float(pred.input.get("duration", 60))), content_type="audio/wav"
+        )
 
     def _advance(self, pred: FakePrediction) -> None:
         if pred.status in ("succeeded", "failed", "canceled"):
@@ -202,8 +264,11 @@ class FakeReplicate:
 
     def _view(self, pred: FakePrediction) -> dict[str, Any]:
         base = f"{self.base_url}/v1/predictions/{pred.id}"
-        output = (f"{self.base_url}/files/{pred.id}.{self.file_extension}"
-                  if pred.status == "succeeded" else None)
+        output = (
+            f"{self.base_url}/files/{pred.id}.{self.file_extension}"
+            if pred.status == "succeeded"
+            else None
+        )
         view: dict[str, Any] = {
             "id": pred.id,
             "model": "lucataco/ace-step",
@@ -215,8 +280,11 @@ class FakeReplicate:
             "error": pred.error,
             "status": pred.status,
             "created_at": "2026-11-21T12:00:00.000Z",
-            "urls": {"get": base, "cancel": f"{base}/cancel",
-                     "web": f"https://replicate.com/p/{pred.id}"},
+            "urls": {
+                "get": base,
+                "cancel": f"{base}/cancel",
+                "web": f"https://replicate.com/p/{pred.id}",
+            },
         }
         if pred.status == "succeeded":
             view["metrics"] = {"predict_time": 12.5, "total_time": 13.1}
@@ -225,5 +293,6 @@ class FakeReplicate:
 
 def _problem_body(status: int, title: str, detail: str) -> web.Response:
     body = {"title": title, "detail": detail, "status": status}
-    return web.Response(body=json.dumps(body).encode(), status=status,
-                        content_type="application/problem+json")
+    return web.Response(
+        body=json.dumps(body).encode(), status=status, content_type="application/problem+json"
+    )
