@@ -812,7 +812,8 @@ class Engine:
         """Download, check and store the audio; running -> ready."""
         try:
             data = await self._download(provider, result)
-            info = await asyncio.to_thread(audio.check_audio, data, float(job.duration))
+            expected = None if result.duration_chosen_by_model else float(job.duration)
+            info = await asyncio.to_thread(audio.check_audio, data, expected)
         except (ProviderFailedDownload, audio.AudioError, ProviderError) as exc:
             reason = exc.message if isinstance(exc, ProviderError) else str(exc)
             log.warning("job %s: result from %s unusable: %s", job.id, provider.name, reason)

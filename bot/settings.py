@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     acestep_server_urls: CommaList = Field(default_factory=list)
     acestep_api_key: SecretStr | None = None
     acestep_price_per_second: float = Field(default=0.0, ge=0)  # your own GPU: electricity only
-    acestep_concurrency: int = Field(default=1, ge=1)  # per server
+    acestep_concurrency: int = Field(default=2, ge=1)  # per server: one running, one waiting
 
     # Quotas (UTC day windows) and spend
     quota_user_jobs_per_day: int = Field(default=20, ge=0)

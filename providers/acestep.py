@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -38,6 +38,7 @@ from providers.base import (
     Capabilities,
     Failed,
     Handle,
+    KeyForOrigins,
     Provider,
     ProviderError,
     Queued,
@@ -137,20 +138,6 @@ class _Refused(Unavailable):
     """The connection was refused: the request never reached the server."""
 
 
-class _BearerForOrigins(httpx.Auth):
-    """Sends the key only to the configured servers, never to other hosts."""
-
-    def __init__(self, key: str | None) -> None:
-        self._header = f"Bearer {key}" if key else None
-        self.origins: set[tuple[str, str, int | None]] = set()
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        origin = (request.url.scheme, request.url.host, request.url.port)
-        if self._header and origin in self.origins:
-            request.headers["Authorization"] = self._header
-        yield request
-
-
 class AceStepProvider(Provider):
     """The operator's own ACE-Step 1.5 servers: free to run, one queue per GPU."""
 
@@ -182,7 +169,7 @@ class AceStepProvider(Provider):
         urls = [u.strip().rstrip("/") for u in server_urls if u.strip()]
         if not urls:
             raise ValueError("AceStepProvider needs at least one server URL")
-        self._auth = _BearerForOrigins(api_key)
+        self._auth = KeyForOrigins(f"Bearer {api_key}" if api_key else None)
         client = httpx.AsyncClient(
             transport=transport,
             auth=self._auth,
@@ -280,6 +267,7 @@ class AceStepProvider(Provider):
                         "submitted_at": submitted_at,
                         "queue_position": _int(data.get("queue_position"), 1),
                         "seed": seed,
+                        "mode": request.mode.value,
                         "snapshot": snapshot,
                     },
                 )
@@ -479,6 +467,7 @@ class AceStepProvider(Provider):
             tags=item.get("prompt") or None,
             lyrics=item.get("lyrics") or None,
             content_type=_content_type(location),
+            duration_chosen_by_model=handle.data.get("mode") == Mode.PROMPT.value,
             metadata=metadata,
         )
 
@@ -491,7 +480,7 @@ class AceStepProvider(Provider):
             server = _Server(url=url, index=len(self._servers), dispatch=dispatch)
             self._servers[url] = server
             parsed = httpx.URL(url)
-            self._auth.origins.add((parsed.scheme, parsed.host, parsed.port))
+            self._auth.add(str(parsed))
         return server
 
     async def _stats(self, server: _Server) -> ServerStats | None:

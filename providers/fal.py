@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -25,6 +25,7 @@ from providers.base import (
     Capabilities,
     Failed,
     Handle,
+    KeyForOrigins,
     Provider,
     ProviderError,
     Queued,
@@ -36,6 +37,7 @@ from providers.base import (
     TaskLost,
     Unavailable,
     http_error_text,
+    origin,
     parse_retry_after,
 )
 
@@ -61,25 +63,6 @@ _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
 Sleep = Callable[[float], Awaitable[None]]
 
 
-class _FalKeyAuth(httpx.Auth):
-    """Adds `Authorization: Key ...` only to requests for the queue's own origin, so the
-    key never travels to the CDN that serves result files (or any other host)."""
-
-    def __init__(self, key: str, origin: tuple[str, str, int]) -> None:
-        self._key = key
-        self._origin = origin
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if _origin(request.url) == self._origin:
-            request.headers["Authorization"] = f"Key {self._key}"
-        yield request
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int]:
-    default_port = 443 if url.scheme == "https" else 80
-    return (url.scheme, url.host, url.port or default_port)
-
-
 class FalProvider(Provider):
     """ACE-Step on fal.ai through the queue API; prompt-to-audio and composed songs."""
 
@@ -96,7 +79,7 @@ class FalProvider(Provider):
         self._poll_interval = poll_interval
         self._retry_delays = tuple(retry_delays)
         self._sleep = sleep
-        auth = _FalKeyAuth(api_key, _origin(httpx.URL(self.queue_url)))
+        auth = KeyForOrigins(f"Key {api_key}", [self.queue_url])
         super().__init__(httpx.AsyncClient(
             transport=transport, auth=auth,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -359,7 +342,7 @@ class FalProvider(Provider):
 
     def _same_origin(self, url: str) -> bool:
         try:
-            return _origin(httpx.URL(url)) == _origin(httpx.URL(self.queue_url))
+            return origin(url) == origin(self.queue_url)
         except httpx.InvalidURL:
             return False
 

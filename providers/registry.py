@@ -38,7 +38,8 @@ def build_provider(settings: Settings, name: str) -> Provider:
         return AceStepProvider(settings.acestep_server_urls,
                                settings.secret("acestep_api_key"),
                                price_per_second=settings.acestep_price_per_second,
-                               concurrency=settings.acestep_concurrency)
+                               concurrency=settings.acestep_concurrency
+                               * max(1, len(settings.acestep_server_urls)))
     raise ValueError(f"unknown provider {name!r}")
 
 

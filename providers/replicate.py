@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +31,7 @@ from providers.base import (
     Capabilities,
     Failed,
     Handle,
+    KeyForOrigins,
     Provider,
     ProviderError,
     Queued,
@@ -76,24 +77,6 @@ _BILLING_WORDS = ("credit", "billing", "balance", "payment", "spend limit")
 Sleep = Callable[[float], Awaitable[None]]
 
 
-class _BearerForOrigin(httpx.Auth):
-    """Sends the token only to the API's own origin, never to file hosts or redirects."""
-
-    def __init__(self, token: str, origin: tuple[str, str, int | None]) -> None:
-        self._header = f"Bearer {token}"
-        self._origin = origin
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if (request.url.scheme, request.url.host, request.url.port) == self._origin:
-            request.headers["Authorization"] = self._header
-        yield request
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parsed = httpx.URL(url)
-    return (parsed.scheme, parsed.host, parsed.port)
-
-
 class ReplicateProvider(Provider):
     """Runs `lucataco/ace-step` on Replicate: tags + lyrics in, one audio URL out."""
 
@@ -119,7 +102,7 @@ class ReplicateProvider(Provider):
         client = httpx.AsyncClient(
             base_url=base,
             transport=transport,
-            auth=_BearerForOrigin(api_token, _origin(base)),
+            auth=KeyForOrigins(f"Bearer {api_token}", [base]),
             timeout=timeout,
             headers={"User-Agent": "acestep-bot"},
         )

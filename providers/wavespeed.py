@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -24,6 +24,7 @@ from providers.base import (
     Capabilities,
     Failed,
     Handle,
+    KeyForOrigins,
     Provider,
     ProviderError,
     Queued,
@@ -64,24 +65,6 @@ _MAX_RETRY_WAIT_S = 30.0
 _MAX_REASON_CHARS = 300
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-class _ApiKeyAuth(httpx.Auth):
-    """Bearer key for the API's own origin only: result files on a CDN never see it."""
-
-    def __init__(self, api_key: str, base_url: str) -> None:
-        self._header = f"Bearer {api_key}"
-        self._origin = _origin(httpx.URL(base_url))
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if _origin(request.url) == self._origin:
-            request.headers["Authorization"] = self._header
-        yield request
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    default = {"http": 80, "https": 443}.get(url.scheme)
-    return url.scheme, url.host, url.port or default
 
 
 def map_error(status: int, message: str, *, retry_after: float | None = None,
@@ -129,7 +112,7 @@ class WaveSpeedProvider(Provider):
         self.base_url = base_url.rstrip("/")
         client = httpx.AsyncClient(
             base_url=self.base_url, transport=transport,
-            auth=_ApiKeyAuth(api_key, self.base_url),
+            auth=KeyForOrigins(f"Bearer {api_key}", [self.base_url]),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
         super().__init__(client)
         self._api_key = api_key
