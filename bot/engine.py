@@ -716,8 +716,8 @@ class Engine:
                 return False
             if time.time() > deadline:
                 await self._cancel_at_provider(job, provider, handle, quiet=True)
-                minutes = self.settings.job_timeout_seconds // 60
-                await self._fail(job, ("running",), messages.TIMED_OUT.format(minutes=minutes),
+                limit = messages.span(self.settings.job_timeout_seconds)
+                await self._fail(job, ("running",), messages.TIMED_OUT.format(limit=limit),
                                  f"timed out at {provider.name}")
                 return False
             try:

@@ -61,11 +61,16 @@ FAILED_GENERIC = ("Something went wrong while making your song; the operator has
                   "told. Your quota was refunded.")
 UNAVAILABLE = ("The music service is temporarily unavailable. Your quota was refunded; "
                "please try again later.")
-TIMED_OUT = ("Your song took too long to make ({minutes} min) and was stopped. "
+TIMED_OUT = ("Your song took too long to make (over {limit}) and was stopped. "
              "Your quota was refunded.")
 CANCELLED = "Cancelled. Your quota was refunded."
 DELIVERY_FAILED = ("Your song was made but could not be posted here. Your quota was "
                    "refunded.")
+
+
+def span(total_seconds: int) -> str:
+    """'15 min' or '45 s'."""
+    return f"{total_seconds // 60} min" if total_seconds >= 120 else f"{total_seconds} s"
 
 
 def sentence(text: str) -> str:

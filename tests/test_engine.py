@@ -271,3 +271,41 @@ async def test_quota_refusal_message_names_limit_remaining_and_reset(tmp_path: P
                                      "today: 20 s of your 50 s.")
     assert "It resets at 00:00 UTC" in str(err.value)
     assert fake.submit_count <= 1
+
+
+async def test_per_job_timeout_stops_the_job_and_refunds(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0, progress_polls=10_000)
+    settings = make_settings(tmp_path, job_timeout_seconds=1)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            adm = await engine.submit(prompt(duration=5), ALICE, {})
+            job = await wait_for_state(engine, adm.job_id, ("failed",))
+        finally:
+            await engine.close()
+    assert job.refunded
+    assert len(fake.cancels) == 1
+    assert delivery.failures == [(adm.job_id, "Your song took too long to make (over 1 s) and "
+                                  "was stopped. Your quota was refunded.")]
+
+
+async def test_a_finished_song_waits_for_its_front_end_then_is_delivered_once(
+        tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0)
+    settings = make_settings(tmp_path)
+    async with fake.running() as url:
+        # The platform's front-end is not running: the song is made and kept.
+        engine = await open_engine(settings, [fal(fake, url)])
+        adm = await engine.submit(prompt(duration=5), ALICE, {"channel_id": "3"})
+        await wait_for_state(engine, adm.job_id, ("ready",))
+        await engine.close()
+        delivery = RecordingDelivery()
+        engine2 = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            job = await wait_for_state(engine2, adm.job_id, ("delivered",))
+            await asyncio.sleep(0.2)
+        finally:
+            await engine2.close()
+    assert fake.submit_count == 1
+    assert delivery.delivered_ids() == [job.id]
