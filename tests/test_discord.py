@@ -21,8 +21,8 @@ import av
 import discord
 import httpx
 import pytest
-from bot.engine import Engine, EngineOptions
 
+from bot.engine import Engine, EngineOptions
 from bot.frontends.discord_frontend import DiscordFrontend
 from bot.requests import ADVANCED_OPTIONS, BASIC_OPTIONS, GenerationRequest, Mode
 from providers.base import (

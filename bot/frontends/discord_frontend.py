@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 import discord
 import yarl
 from discord import app_commands
-from storage.jobs import COMMUNITY_KEYS
 
 from bot import messages
 from bot.engine import DeliveryError, EngineError
@@ -48,6 +47,7 @@ from bot.requests import (
     Mode,
     OptionSpec,
 )
+from storage.jobs import COMMUNITY_KEYS
 
 if TYPE_CHECKING:
     from bot.engine import Engine, Progress, Song
