@@ -1,5 +1,6 @@
 """The Discord front-end end to end: the real discord.py client against a fake Discord
-REST server, a real engine on a temp SQLite file, a provider that makes real audio.
+server, a real engine on a temp SQLite file, the real fal adapter against the fake fal
+queue (which serves real WAV audio).
 
 Interactions are fed to the client's connection state as the gateway would
 (`parse_interaction_create`); the test then waits for the tasks discord.py spawned
@@ -19,24 +20,13 @@ from typing import Any
 
 import av
 import discord
-import httpx
 import pytest
 
 from bot.engine import Engine, EngineOptions
 from bot.frontends.discord_frontend import DiscordFrontend
-from bot.requests import ADVANCED_OPTIONS, BASIC_OPTIONS, GenerationRequest, Mode
-from providers.base import (
-    Capabilities,
-    Failed,
-    Handle,
-    Provider,
-    Result,
-    Running,
-    Status,
-    Succeeded,
-)
+from bot.requests import ADVANCED_OPTIONS, BASIC_OPTIONS
+from providers.fal import FalProvider
 from tests.conftest import make_settings
-from tests.fakes.audio import make_wav
 from tests.fakes.discord_api import (
     BOT_PERMISSIONS,
     EPHEMERAL,
@@ -45,6 +35,7 @@ from tests.fakes.discord_api import (
     FakeDiscord,
     FakeMessage,
 )
+from tests.fakes.fal import FakeFal
 from tests.fakes.http import serve
 
 USER = "100000000000000001"
@@ -54,50 +45,6 @@ CHANNEL = "300000000000000001"
 OTHER_CHANNEL = "300000000000000002"
 
 
-class ToneProvider(Provider):
-    """A provider that 'generates' a real WAV tone; tests steer its outcome."""
-
-    name = "tone"
-    capabilities = Capabilities(modes=frozenset({Mode.PROMPT, Mode.SONG}),
-                                options=frozenset(ADVANCED_OPTIONS), concurrency=4)
-
-    def __init__(self) -> None:
-        super().__init__(httpx.AsyncClient())
-        self.submitted: list[tuple[GenerationRequest, int]] = []
-        self.release = asyncio.Event()
-        self.release.set()
-        self.fail_reason: str | None = None
-        self.progress_steps = 0  # Running updates reported before finishing
-        self._polls: dict[str, int] = {}
-
-    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
-        self.submitted.append((request, seed))
-        return Handle(self.name, {"n": len(self.submitted), "seed": seed,
-                                  "duration": request.duration, "lyrics": request.lyrics})
-
-    async def poll(self, handle: Handle) -> Status:
-        key = str(handle.data["n"])
-        self._polls[key] = self._polls.get(key, 0) + 1
-        if self.fail_reason:
-            return Failed(self.fail_reason)
-        step = self._polls[key]
-        if not self.release.is_set() or step <= self.progress_steps:
-            total = max(self.progress_steps, 1) + 1
-            return Running(progress=min(step, total - 1) / total,
-                           message=f"step {step} of {total}")
-        return Succeeded(Result(audio_url=f"https://files.invalid/{key}.wav",
-                                seed=int(handle.data["seed"]),
-                                lyrics=handle.data.get("lyrics") or None,
-                                content_type="audio/wav",
-                                metadata={"duration": handle.data["duration"]}))
-
-    async def fetch_audio(self, result: Result) -> bytes:
-        return make_wav(float(result.metadata["duration"]))
-
-    def poll_interval(self) -> float:
-        return 0.01
-
-
 @dataclass
 class Bot:
     """One running bot: fake Discord, engine, front-end, provider."""
@@ -105,7 +52,11 @@ class Bot:
     fake: FakeDiscord
     engine: Engine
     frontend: DiscordFrontend
-    provider: ToneProvider
+    fal: FakeFal
+
+    def submitted(self) -> list[dict[str, Any]]:
+        """The inputs fal received, in order."""
+        return [s.body for s in self.fal.submits]
 
     async def feed(self, payload: dict[str, Any]) -> None:
         """Hand an INTERACTION_CREATE to discord.py and wait for the handlers it starts."""
@@ -156,23 +107,25 @@ def _restore_discord_endpoints() -> Any:
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = gateway
 
 
-async def start_bot(tmp_path: Path, fake: FakeDiscord, base: str, *,
-                    provider: ToneProvider | None = None, edit_interval: float = 0.05,
-                    clock: Any = None, **settings: Any) -> Bot:
-    values: dict[str, Any] = {"discord_token": fake.token,
-                              "discord_api_url": f"{base}/api/v10",
+async def start_bot(tmp_path: Path, servers: Servers, *, edit_interval: float = 0.05,
+                    clock: Any = None, connect_gateway: bool = False,
+                    **settings: Any) -> Bot:
+    values: dict[str, Any] = {"discord_token": servers.discord.token,
+                              "discord_api_url": f"{servers.discord_url}/api/v10",
                               "quota_user_concurrent_jobs": 5}
     values.update(settings)
     config = make_settings(tmp_path, **values)
-    provider = provider or ToneProvider()
+    provider = FalProvider(servers.fal.key, servers.fal_url, concurrency=4,
+                           poll_interval=0.01, retry_delays=(0.01, 0.02))
     engine = await Engine.open(config, [provider], options=OPTIONS)
-    kwargs: dict[str, Any] = {"connect_gateway": False, "edit_interval": edit_interval}
+    kwargs: dict[str, Any] = {"connect_gateway": connect_gateway,
+                              "edit_interval": edit_interval}
     if clock is not None:
         kwargs["clock"] = clock
     frontend = DiscordFrontend(config, engine, **kwargs)
     await engine.start()
     await frontend.start()
-    return Bot(fake, engine, frontend, provider)
+    return Bot(servers.discord, engine, frontend, servers.fal)
 
 
 async def stop_bot(bot: Bot) -> None:
@@ -180,19 +133,36 @@ async def stop_bot(bot: Bot) -> None:
     await bot.engine.close()
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeDiscord, str]]:
-    server = FakeDiscord()
-    async with serve(server.app()) as base:
-        yield server, base
+@dataclass
+class Servers:
+    discord: FakeDiscord
+    discord_url: str
+    fal: FakeFal
+    fal_url: str
 
 
 @pytest.fixture
-async def bot(tmp_path: Path, fake: tuple[FakeDiscord, str]) -> AsyncIterator[Bot]:
-    server, base = fake
-    running = await start_bot(tmp_path, server, base)
+async def servers() -> AsyncIterator[Servers]:
+    discord_api = FakeDiscord()
+    fal = FakeFal(queue_polls=1, progress_polls=1)
+    async with serve(discord_api.app()) as base, fal.running() as fal_url:
+        yield Servers(discord_api, base, fal, fal_url)
+
+
+@pytest.fixture
+async def bot(tmp_path: Path, servers: Servers) -> AsyncIterator[Bot]:
+    running = await start_bot(tmp_path, servers)
     yield running
     await stop_bot(running)
+
+
+def hold(fal: FakeFal) -> None:
+    """fal keeps the request running until `release`."""
+    fal.progress_polls = 10_000
+
+
+def release(fal: FakeFal) -> None:
+    fal.progress_polls = 0
 
 
 def decode_mp3(data: bytes) -> float:
@@ -244,12 +214,12 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
     fields = {f["name"]: f["value"] for f in embed["fields"]}
     assert fields["Duration"] == "6 s"
     assert fields["Seed"] == "`42`"
-    assert fields["Provider"] == "tone"
+    assert fields["Provider"] == "fal"
     assert embed["thumbnail"]["url"] == "attachment://cover.jpg"
     assert song.custom_ids == [f"acestep:new:{job_id}", f"acestep:same:{job_id}"]
 
     # The provider got the user's seed; the status message ends on the link to the song.
-    assert bot.provider.submitted[0][1] == 42
+    assert bot.submitted()[0]["seed"] == 42
     status = await fake.wait_until(
         lambda: (m := bot.original(payload)) and "Done" in m.content and m)
     assert f"/channels/{GUILD}/{CHANNEL}/{song.id}" in status.content
@@ -282,11 +252,10 @@ async def test_song_in_a_dm_works_without_a_guild(bot: Bot) -> None:
 
 
 async def test_status_edits_are_throttled_and_end_in_the_final_state(
-        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
-    server, base = fake
-    provider = ToneProvider()
-    provider.progress_steps = 12  # 12 progress reports, about 10 ms apart
-    bot = await start_bot(tmp_path, server, base, provider=provider, edit_interval=0.15)
+        tmp_path: Path, servers: Servers) -> None:
+    server = servers.discord
+    servers.fal.progress_polls = 12  # 12 progress reports, about 10 ms apart
+    bot = await start_bot(tmp_path, servers, edit_interval=0.15)
     try:
         payload = server.slash("song", {"prompt": "busy drums", "duration": 5})
         await bot.feed(payload)
@@ -297,7 +266,7 @@ async def test_status_edits_are_throttled_and_end_in_the_final_state(
         # The first edit shows the queue; all but the final one are spaced by the interval.
         gaps = [b - a for a, b in zip(status.edits[:-2], status.edits[1:-1], strict=True)]
         assert all(gap >= 0.12 for gap in gaps), gaps
-        assert len(status.edits) < provider.progress_steps + 3
+        assert len(status.edits) < servers.fal.progress_polls + 3
     finally:
         await stop_bot(bot)
 
@@ -309,7 +278,7 @@ async def test_out_of_range_option_is_answered_ephemerally_naming_the_field(bot:
     assert bot.fake.callbacks[-1]["type"] == 4
     texts = ephemeral_texts(bot, payload)
     assert texts == ["duration: 999 is not valid; a whole number of seconds from 5 to 240."]
-    assert bot.provider.submitted == []
+    assert bot.submitted() == []
 
     payload = bot.fake.slash("song", {"prompt": "x", "guidance_scale": 500.0})
     await bot.feed(payload)
@@ -318,9 +287,9 @@ async def test_out_of_range_option_is_answered_ephemerally_naming_the_field(bot:
 
 
 async def test_quota_refusal_is_ephemeral_with_what_remains_and_the_reset(
-        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
-    server, base = fake
-    bot = await start_bot(tmp_path, server, base, quota_user_jobs_per_day=1)
+        tmp_path: Path, servers: Servers) -> None:
+    server = servers.discord
+    bot = await start_bot(tmp_path, servers, quota_user_jobs_per_day=1)
     try:
         first = server.slash("song", {"prompt": "one", "duration": 5})
         await bot.feed(first)
@@ -332,7 +301,7 @@ async def test_quota_refusal_is_ephemeral_with_what_remains_and_the_reset(
         assert len(visible) == 1 and visible[0].ephemeral
         assert "You have used your 1 songs for today (0 left)" in visible[0].content
         assert "It resets at 00:00 UTC" in visible[0].content
-        assert len(bot.provider.submitted) == 1
+        assert len(bot.submitted()) == 1
     finally:
         await stop_bot(bot)
 
@@ -343,12 +312,12 @@ async def test_missing_attach_files_permission_is_explained(bot: Bot) -> None:
     await bot.feed(payload)
     texts = ephemeral_texts(bot, payload)
     assert len(texts) == 1 and "Attach Files" in texts[0]
-    assert bot.provider.submitted == []
+    assert bot.submitted() == []
 
 
 async def test_failed_provider_tells_the_user_ephemerally_and_refunds(bot: Bot) -> None:
     from bot.models import Requester
-    bot.provider.fail_reason = "the model ran out of memory"
+    bot.fal.run_error = ("the model ran out of memory", "internal_server_error")
     payload = bot.fake.slash("song", {"prompt": "doomed", "duration": 5})
     await bot.feed(payload)
     job_id = job_id_in(bot.original(payload).content)
@@ -381,10 +350,10 @@ async def test_compose_opens_a_modal_whose_submit_starts_a_song(bot: Bot) -> Non
                                                     "lyrics": lyrics})
     await bot.feed(submit)
     song = await bot.song_message(submit)
-    request, seed = bot.provider.submitted[0]
-    assert request.mode is Mode.SONG
-    assert request.tags == "synthwave, 80s" and request.lyrics == lyrics
-    assert seed == 7
+    [sent] = bot.fal.submits
+    assert sent.path == "/fal-ai/ace-step"  # the tags + lyrics endpoint
+    assert sent.body["tags"] == "synthwave, 80s" and sent.body["lyrics"] == lyrics
+    assert sent.body["seed"] == 7
     assert song.embeds[0]["description"] == "synthwave, 80s"
     job_id = job_id_in(bot.original(submit).content)
     assert f"acestep:lyrics:{job_id}" in song.custom_ids
@@ -405,7 +374,7 @@ async def test_compose_modal_with_empty_tags_is_refused(bot: Bot) -> None:
     await bot.feed(submit)
     texts = ephemeral_texts(bot, submit)
     assert len(texts) == 1 and texts[0].startswith("tags:")
-    assert bot.provider.submitted == []
+    assert bot.submitted() == []
 
 
 # ---- buttons ----------------------------------------------------------------------------
@@ -421,9 +390,9 @@ async def test_new_take_and_same_seed_buttons_start_new_jobs(bot: Bot) -> None:
     await bot.feed(new_take)
     assert fake.callbacks[-1]["type"] == 5  # a new public status message
     await bot.song_message(new_take)
-    request, seed = bot.provider.submitted[1]
-    assert request.prompt == "city pop" and request.duration == 5
-    assert seed != 42
+    sent = bot.submitted()[1]
+    assert sent["prompt"] == "city pop" and sent["duration"] == 5
+    assert sent["seed"] != 42
     new_job = await bot.engine.get_job(job_id_in(bot.original(new_take).content))
     assert new_job is not None and new_job.id != job_id
     assert new_job.requester.user_id == OTHER_USER  # the clicker's quota, not the author's
@@ -431,32 +400,32 @@ async def test_new_take_and_same_seed_buttons_start_new_jobs(bot: Bot) -> None:
     same = fake.button(f"acestep:same:{job_id}", song)
     await bot.feed(same)
     await bot.song_message(same)
-    assert bot.provider.submitted[2][1] == 42
+    assert bot.submitted()[2]["seed"] == 42
 
 
 async def test_buttons_keep_working_after_a_restart(
-        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
-    server, base = fake
-    bot = await start_bot(tmp_path, server, base)
+        tmp_path: Path, servers: Servers) -> None:
+    server = servers.discord
+    bot = await start_bot(tmp_path, servers)
     first = server.slash("song", {"prompt": "persistent", "duration": 5, "seed": 3})
     await bot.feed(first)
     song = await bot.song_message(first)
     job_id = job_id_in(bot.original(first).content)
     await stop_bot(bot)
 
-    bot = await start_bot(tmp_path, server, base)  # same database, fresh client
+    bot = await start_bot(tmp_path, servers)  # same database, fresh client
     try:
         click = server.button(f"acestep:same:{job_id}", song)
         await bot.feed(click)
         await bot.song_message(click)
-        assert bot.provider.submitted[0][1] == 3
+        assert bot.submitted()[-1]["seed"] == 3
     finally:
         await stop_bot(bot)
 
 
 async def test_cancel_button_and_command(bot: Bot) -> None:
     fake = bot.fake
-    bot.provider.release.clear()  # the provider keeps "generating"
+    hold(bot.fal)  # fal keeps "generating"
     payload = fake.slash("song", {"prompt": "never ending", "duration": 5})
     await bot.feed(payload)
     job_id = job_id_in(bot.original(payload).content)
@@ -492,11 +461,10 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
 # ---- restarts, expiry, rate limits --------------------------------------------------------
 
 async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
-        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
-    server, base = fake
-    provider = ToneProvider()
-    provider.release.clear()
-    bot = await start_bot(tmp_path, server, base, provider=provider)
+        tmp_path: Path, servers: Servers) -> None:
+    server = servers.discord
+    hold(servers.fal)
+    bot = await start_bot(tmp_path, servers)
     payload = server.slash("song", {"prompt": "slow burner", "duration": 5})
     await bot.feed(payload)
     job_id = job_id_in(bot.original(payload).content)
@@ -508,7 +476,8 @@ async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
     # 20 minutes later: the interaction token is dead; the provider has finished.
     server.expire_tokens()
     later = time.time() + 20 * 60
-    bot = await start_bot(tmp_path, server, base, clock=lambda: later)
+    release(servers.fal)
+    bot = await start_bot(tmp_path, servers, clock=lambda: later)
     try:
         posted = await server.wait_until(
             lambda: [m for m in server.visible() if m.attachments])
@@ -534,13 +503,13 @@ async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
 
 async def test_expired_token_falls_back_to_the_channel(bot: Bot) -> None:
     fake = bot.fake
-    bot.provider.release.clear()
+    hold(bot.fal)
     payload = fake.slash("song", {"prompt": "late", "duration": 5})
     await bot.feed(payload)
     job_id = job_id_in(bot.original(payload).content)
     await bot.job_state(job_id, "running")
     fake.expire_tokens()  # Discord says the token is dead although our clock disagrees
-    bot.provider.release.set()
+    release(bot.fal)
     await bot.job_state(job_id, "delivered")
     posted = [m for m in fake.visible() if m.attachments]
     assert len(posted) == 1 and posted[0].origin == "channel"
@@ -594,7 +563,7 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     song = await bot.song_message(done)
     done_id = job_id_in(bot.original(done).content)
     await bot.job_state(done_id, "delivered")
-    bot.provider.release.clear()
+    hold(bot.fal)
     waiting = fake.slash("song", {"prompt": "waiting tune", "duration": 5})
     await bot.feed(waiting)
     waiting_id = job_id_in(bot.original(waiting).content)
@@ -653,9 +622,9 @@ async def test_limits_needs_manage_server_and_sets_quotas_and_channels(bot: Bot)
 # ---- command sync -----------------------------------------------------------------------
 
 async def test_commands_sync_once_and_only_when_changed(
-        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
-    server, base = fake
-    bot = await start_bot(tmp_path, server, base)
+        tmp_path: Path, servers: Servers) -> None:
+    server = servers.discord
+    bot = await start_bot(tmp_path, servers)
     await stop_bot(bot)
     assert len(server.syncs) == 1
     path, commands = server.syncs[0]
@@ -676,43 +645,37 @@ async def test_commands_sync_once_and_only_when_changed(
     assert compose == {"tags", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
 
     # A restart with the same commands does not sync again.
-    bot = await start_bot(tmp_path, server, base)
+    bot = await start_bot(tmp_path, servers)
     await stop_bot(bot)
     assert len(server.syncs) == 1
 
     # DISCORD_GUILD_IDS: those guilds get the commands at once.
-    bot = await start_bot(tmp_path, server, base, discord_guild_ids=[GUILD])
+    bot = await start_bot(tmp_path, servers, discord_guild_ids=[GUILD])
     await stop_bot(bot)
     assert [p for p, _ in server.syncs[1:]] == [
         f"/api/v10/applications/{server.app_id}/guilds/{GUILD}/commands"]
 
 
 async def test_rate_limited_sync_is_retried(tmp_path: Path,
-                                            fake: tuple[FakeDiscord, str]) -> None:
-    server, base = fake
+                                            servers: Servers) -> None:
+    server = servers.discord
     server.rate_limit_next("PUT", r"/commands$", retry_after=0.05)
-    bot = await start_bot(tmp_path, server, base)
+    bot = await start_bot(tmp_path, servers)
     await stop_bot(bot)
     assert len(server.rate_limited) == 1
     assert len(server.syncs) == 1
 
 
-async def test_gateway_and_rest_urls_come_from_settings(
-        tmp_path: Path, fake: tuple[FakeDiscord, str]) -> None:
+async def test_gateway_and_rest_urls_come_from_settings(tmp_path: Path,
+                                                        servers: Servers) -> None:
     # DISCORD_GATEWAY_URL must be applied explicitly: discord.py's plain Client never asks
     # /gateway/bot. The interaction then arrives over that websocket, as in production.
-    server, base = fake
-    gateway = base.replace("http://", "ws://") + "/gateway"
-    config = make_settings(tmp_path, discord_token=server.token,
-                           discord_api_url=f"{base}/api/v10", discord_gateway_url=gateway)
-    provider = ToneProvider()
-    engine = await Engine.open(config, [provider], options=OPTIONS)
-    frontend = DiscordFrontend(config, engine, edit_interval=0.05)
-    await engine.start()
-    await frontend.start()
-    bot = Bot(server, engine, frontend, provider)
+    server = servers.discord
+    gateway = servers.discord_url.replace("http://", "ws://") + "/gateway"
+    bot = await start_bot(tmp_path, servers, connect_gateway=True,
+                          discord_gateway_url=gateway)
     try:
-        await asyncio.wait_for(frontend.client.wait_until_ready(), timeout=10)
+        await asyncio.wait_for(bot.frontend.client.wait_until_ready(), timeout=10)
         assert server.identifies[0]["token"] == server.token
         assert server.gateway_queries[0]["v"] == "10"
         assert "/gateway/bot" not in {path for _, path in server.requests}
