@@ -216,7 +216,9 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
     assert fields["Seed"] == "`42`"
     assert fields["Provider"] == "fal"
     assert embed["thumbnail"]["url"] == "attachment://cover.jpg"
-    assert song.custom_ids == [f"acestep:new:{job_id}", f"acestep:same:{job_id}"]
+    # fal wrote lyrics for the prompt, so the lyrics button is there too.
+    assert song.custom_ids == [f"acestep:new:{job_id}", f"acestep:same:{job_id}",
+                               f"acestep:lyrics:{job_id}"]
 
     # The provider got the user's seed; the status message ends on the link to the song.
     assert bot.submitted()[0]["seed"] == 42
@@ -240,11 +242,14 @@ async def test_song_fits_the_upload_limit_the_interaction_reports(bot: Bot) -> N
 
 
 async def test_song_in_a_dm_works_without_a_guild(bot: Bot) -> None:
-    payload = bot.fake.slash("song", {"prompt": "a lullaby", "duration": 5}, guild_id=None)
+    payload = bot.fake.slash("song", {"prompt": "a lullaby", "duration": 5,
+                                      "instrumental": True}, guild_id=None)
     await bot.feed(payload)
     song = await bot.song_message(payload)
     assert song.attachments and song.channel_id == CHANNEL
     job_id = job_id_in(bot.original(payload).content)
+    assert bot.submitted()[0]["instrumental"] is True
+    assert f"acestep:lyrics:{job_id}" not in song.custom_ids  # nothing to show
     await bot.job_state(job_id, "delivered")
     job = await bot.engine.get_job(job_id)
     assert job is not None and job.requester.community_id is None

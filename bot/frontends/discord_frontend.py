@@ -46,6 +46,7 @@ from bot.requests import (
     InvalidRequest,
     Mode,
     OptionSpec,
+    is_instrumental_lyrics,
 )
 from storage.jobs import COMMUNITY_KEYS
 
@@ -531,7 +532,7 @@ class DiscordFrontend:
         lyrics = ""
         if job is not None:
             lyrics = str((job.result or {}).get("lyrics") or job.request.lyrics or "")
-        if not lyrics.strip():
+        if is_instrumental_lyrics(lyrics):
             await send_ephemeral(interaction, "This song has no lyrics (instrumental).")
             return
         assert job is not None
@@ -601,7 +602,7 @@ class DiscordFrontend:
                               description=description or "", duration=rendered.duration,
                               seed=song.seed, provider=song.provider, job_id=job.id,
                               cover_name=cover_name, requester_id=target.get("user_id"))
-        has_lyrics = bool((song.lyrics or "").strip()) and not job.request.instrumental
+        has_lyrics = not (job.request.instrumental or is_instrumental_lyrics(song.lyrics or ""))
         view = ui.result_view(job.id, has_lyrics)
 
         def files() -> list[discord.File]:
