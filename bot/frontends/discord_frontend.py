@@ -11,8 +11,6 @@ replaces discord.py's default gateway (its plain Client never asks `/gateway/bot
 are class-level settings in discord.py, so they apply process-wide: one bot per process.
 """
 
-# discord.py's Range is not a type and has no `|`: its options use typing.Optional.
-
 from __future__ import annotations
 
 import asyncio
@@ -55,7 +53,7 @@ if TYPE_CHECKING:
     from bot.models import Job
     from bot.settings import Settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("acestep.discord")
 
 PLATFORM = "discord"
 TOKEN_LIFETIME_S = 15 * 60
@@ -91,6 +89,14 @@ HELP_TEXT = (
 )
 
 
+class SongCommandTree(app_commands.CommandTree["DiscordClient"]):
+    """The command tree; its errors go to the front-end's one error mapping."""
+
+    async def on_error(self, interaction: discord.Interaction[DiscordClient],
+                       error: app_commands.AppCommandError, /) -> None:
+        await self.client.report_error(interaction, error)
+
+
 class DiscordClient(discord.Client):
     """The discord.py client: one command tree, persistent buttons, our error mapping."""
 
@@ -98,20 +104,15 @@ class DiscordClient(discord.Client):
         # Slash commands and buttons arrive without any privileged intent.
         super().__init__(intents=discord.Intents(guilds=True))
         self.frontend = frontend
-        self.tree = app_commands.CommandTree(
+        self.tree = SongCommandTree(
             self,
             allowed_contexts=app_commands.AppCommandContext(
                 guild=True, dm_channel=True, private_channel=True),
             allowed_installs=app_commands.AppInstallationType(guild=True, user=True),
         )
-        self.tree.on_error = self._on_tree_error  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
         self.add_dynamic_items(*ui.PERSISTENT_ITEMS)
-
-    async def _on_tree_error(self, interaction: discord.Interaction,
-                             error: app_commands.AppCommandError) -> None:
-        await self.report_error(interaction, error)
 
     async def report_error(self, interaction: discord.Interaction, error: Exception) -> None:
         """Answer an error ephemerally: user-fixable text as is, anything else logged."""
@@ -543,6 +544,8 @@ class DiscordFrontend:
         await self._cancel_job(interaction, job_id)
 
     async def _cancel_job(self, interaction: discord.Interaction, job_id: str) -> None:
+        # Stopping a running job waits for the provider: longer than Discord's 3 seconds.
+        await interaction.response.defer(ephemeral=True, thinking=True)
         requester = requester_of(interaction)
         is_admin = self.engine.is_admin(requester)
         if not is_admin and interaction.guild_id is not None \
@@ -559,27 +562,22 @@ class DiscordFrontend:
 
     async def report_error(self, interaction: discord.Interaction, error: Exception) -> None:
         """Map an error to an ephemeral answer; log what the user cannot fix."""
-        original = error
-        while isinstance(original, (app_commands.CommandInvokeError,
-                                    app_commands.TransformerError)) \
-                and original.__cause__ is not None:
-            original = original.__cause__  # type: ignore[assignment]
-        if isinstance(error, app_commands.CommandInvokeError):
-            original = error.original
-        if isinstance(original, (InvalidRequest, EngineError)):
+        original = (error.original if isinstance(error, app_commands.CommandInvokeError)
+                    else error)
+        if isinstance(original, (InvalidRequest, EngineError, app_commands.TransformerError)):
             text = str(original)
         elif isinstance(original, app_commands.CheckFailure):
             text = "You can't use this command here."
         else:
-            job_id = interaction.extras.get("job_id")
-            command = interaction.command.name if interaction.command else interaction.type.name
-            log.error("Discord %s failed (job %s): %s", command, job_id or "-",
+            job_id = interaction.extras.get("job_id") or "-"
+            action = interaction.command.name if interaction.command else interaction.type.name
+            log.error("job %s: Discord %s failed: %s", job_id, action,
                       type(original).__name__, exc_info=original)
             text = SOMETHING_WRONG
         try:
             await send_ephemeral(interaction, text)
         except discord.HTTPException as exc:
-            log.warning("Could not answer a Discord interaction: %s", exc.status)
+            log.warning("Could not answer a Discord interaction: %s", _http_text(exc))
 
     # ---- Delivery protocol ----
 
@@ -619,7 +617,7 @@ class DiscordFrontend:
             except discord.HTTPException as exc:
                 if not _token_dead(exc):
                     raise _delivery_error("Discord refused the song", exc) from None
-                log.info("Interaction token of job %s expired; posting to the channel", job.id)
+                log.info("job %s: interaction token expired; posting to the channel", job.id)
         if message is None:
             message = await self._post_to_channel(
                 target, f"<@{target.get('user_id')}> your song is ready.",

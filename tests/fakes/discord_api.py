@@ -362,9 +362,9 @@ class FakeDiscord:
         resource: dict[str, Any] = {"type": kind}
         if kind in (4, 5):
             msg = FakeMessage(snowflake(), inter.channel_id, "original",
-                              flags=int(data.get("flags") or 0) | (LOADING if kind == 5 else 0),
                               interaction_id=inter.id, author_id=self.bot["id"])
             _apply(msg, data, files)
+            msg.flags = int(data.get("flags") or 0) | (LOADING if kind == 5 else 0)
             self.messages[msg.id] = msg
             inter.original_id = msg.id
             answer.update(response_message_id=msg.id, response_message_loading=kind == 5,
