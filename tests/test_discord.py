@@ -521,6 +521,27 @@ async def test_expired_token_falls_back_to_the_channel(bot: Bot) -> None:
     assert posted[0].content.startswith(f"<@{USER}>")
 
 
+async def test_late_song_goes_to_dms_when_the_channel_is_closed_to_the_bot(
+        bot: Bot) -> None:
+    # A user-installed app used in a server it is not a member of cannot post there.
+    fake = bot.fake
+    hold(bot.fal)
+    payload = fake.slash("song", {"prompt": "private", "duration": 5})
+    await bot.feed(payload)
+    job_id = job_id_in(bot.original(payload).content)
+    await bot.job_state(job_id, "running")
+    fake.expire_tokens()
+    fake.forbidden_channels.add(CHANNEL)
+    release(bot.fal)
+    await bot.job_state(job_id, "delivered")
+    [song] = fake.with_file()
+    assert fake.dm_channels == {song.channel_id: USER}
+    assert song.content == f"<@{USER}> your song is ready."
+    job = await bot.engine.get_job(job_id)
+    assert job is not None
+    assert job.reply_target["result_url"].endswith(f"/@me/{song.channel_id}/{song.id}")
+
+
 async def test_rate_limited_followup_is_retried(bot: Bot) -> None:
     fake = bot.fake
     fake.rate_limit_next("POST", r"^/api/v10/webhooks/\d+/[^/]+$", retry_after=0.05)

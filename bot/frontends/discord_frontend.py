@@ -619,11 +619,13 @@ class DiscordFrontend:
                     raise _delivery_error("Discord refused the song", exc) from None
                 log.info("job %s: interaction token expired; posting to the channel", job.id)
         if message is None:
-            message = await self._post_to_channel(
+            message = await self._post_later(
                 target, f"<@{target.get('user_id')}> your song is ready.",
-                embed=embed, files=files(), view=view)
+                files, embed=embed, view=view)
         # Posted: nothing below may raise, or the engine would retry and post it twice.
-        url = jump_url(target.get("guild_id"), message.channel.id, message.id)
+        in_place = str(message.channel.id) == str(target.get("channel_id"))  # else a DM
+        url = jump_url(target.get("guild_id") if in_place else None, message.channel.id,
+                       message.id)
         try:
             await self.engine.update_reply_target(
                 job.id, {**target, "result_url": url, "result_message_id": str(message.id)})
@@ -654,7 +656,7 @@ class DiscordFrontend:
             except discord.HTTPException as exc:
                 if not _token_dead(exc):
                     raise _delivery_error("Discord refused the message", exc) from None
-        await self._post_to_channel(target, f"<@{target.get('user_id')}> {text}")
+        await self._post_later(target, f"<@{target.get('user_id')}> {text}", list)
 
     # ---- Discord I/O ----
 
@@ -693,17 +695,35 @@ class DiscordFrontend:
                 # Status edits are best effort: the result or failure is posted anyway.
                 log.info("Could not edit a Discord status message: %s", _http_text(exc))
 
-    async def _post_to_channel(self, target: dict[str, Any], content: str,
-                               **kwargs: Any) -> discord.Message:
-        channel_id = target.get("channel_id")
-        if not channel_id:
-            raise DeliveryError("the job has no Discord channel to post to", permanent=True)
-        channel = self.client.get_partial_messageable(int(channel_id))
+    async def _post_later(self, target: dict[str, Any], content: str,
+                          files: Callable[[], list[discord.File]],
+                          **kwargs: Any) -> discord.Message:
+        """Post without the interaction: in its channel, else (a user-installed app in a
+        server it is not in, a private chat) to the requester's DMs."""
         mentions = discord.AllowedMentions(everyone=False, roles=False, users=True)
+        channel_id = target.get("channel_id")
+        failure: discord.HTTPException | None = None
+        if channel_id:
+            channel = self.client.get_partial_messageable(int(channel_id))
+            try:
+                return await channel.send(content, files=files(), allowed_mentions=mentions,
+                                          **kwargs)
+            except (discord.Forbidden, discord.NotFound) as exc:
+                failure = exc
+            except discord.HTTPException as exc:
+                raise _delivery_error(f"cannot post in Discord channel {channel_id}",
+                                      exc) from None
+        user_id = target.get("user_id")
+        if not user_id:
+            raise DeliveryError("the job has nowhere on Discord to post to", permanent=True)
         try:
-            return await channel.send(content, allowed_mentions=mentions, **kwargs)
+            dm = await self.client.create_dm(discord.Object(int(user_id)))
+            return await dm.send(content, files=files(), allowed_mentions=mentions, **kwargs)
         except discord.HTTPException as exc:
-            raise _delivery_error(f"cannot post in Discord channel {channel_id}", exc) from None
+            raise _delivery_error(
+                f"cannot post in channel {channel_id} "
+                f"({_http_text(failure) if failure else 'none'}) nor in the requester's DMs",
+                exc) from None
 
 
 # ---- helpers ----

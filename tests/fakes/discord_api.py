@@ -143,6 +143,8 @@ class FakeDiscord:
         self.rate_limited: list[tuple[str, str]] = []  # requests answered 429
         self._rules: list[RateLimitRule] = []
         self._changed = asyncio.Event()
+        self.forbidden_channels: set[str] = set()  # the bot may not post there (50001)
+        self.dm_channels: dict[str, str] = {}  # DM channel id -> recipient user id
         # Gateway: what clients sent when connecting, and the open socket.
         self.gateway_queries: list[dict[str, str]] = []
         self.identifies: list[dict[str, Any]] = []
@@ -259,6 +261,7 @@ class FakeDiscord:
         r.add_patch("/api/v10/webhooks/{app}/{token}/messages/{mid}", self._edit_webhook_message)
         r.add_delete("/api/v10/webhooks/{app}/{token}/messages/{mid}",
                      self._delete_webhook_message)
+        r.add_post("/api/v10/users/@me/channels", self._open_dm)
         r.add_post("/api/v10/channels/{cid}/messages", self._channel_post)
         r.add_patch("/api/v10/channels/{cid}/messages/{mid}", self._channel_edit)
         r.add_get("/gateway", self._gateway)
@@ -451,7 +454,18 @@ class FakeDiscord:
         msg.deleted = True
         return web.Response(status=204)
 
+    async def _open_dm(self, request: web.Request) -> web.Response:
+        user_id = str((await request.json())["recipient_id"])
+        channel_id = next((c for c, u in self.dm_channels.items() if u == user_id), None)
+        if channel_id is None:
+            channel_id = snowflake()
+            self.dm_channels[channel_id] = user_id
+        return json_response({"id": channel_id, "type": 1, "last_message_id": None,
+                              "flags": 0, "recipients": [user_payload(user_id)]})
+
     async def _channel_post(self, request: web.Request) -> web.Response:
+        if request.match_info["cid"] in self.forbidden_channels:
+            return _error(403, 50001, "Missing Access")
         body, files = await _read_body(request)
         if _too_large(files, self.upload_limit):
             return _error(413, 40005, "Request entity too large")
