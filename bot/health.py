@@ -49,6 +49,7 @@ class HealthServer:
         self.engine = engine
         self.frontends = list(frontends)
         self.url = ""
+        self.db_check_timeout_ms = 2000  # under a typical healthcheck timeout
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -83,7 +84,7 @@ class HealthServer:
     async def report(self) -> dict[str, Any]:
         problems: list[str] = []
         try:
-            await self.engine.store.db.check_writable()
+            await self.engine.store.db.check_writable(self.db_check_timeout_ms)
             database: dict[str, Any] = {"writable": True}
         except StorageError as exc:
             database = {"writable": False, "error": str(exc)}

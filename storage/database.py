@@ -9,6 +9,7 @@ process or another one sharing the file (the CLI next to a running bot).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sqlite3
@@ -115,16 +116,28 @@ class Database:
                 await self.conn.execute("ROLLBACK")
                 raise StorageError(f"could not save to the database: {exc}") from exc
 
-    async def check_writable(self) -> None:
-        """Prove the database takes a write (not read-only, locked or out of disk):
-        one committed no-op update. Raises StorageError."""
-        try:
-            async with self.transaction() as conn:
-                await conn.execute(
-                    "UPDATE schema_migrations SET applied_at = applied_at"
-                    " WHERE version = (SELECT MAX(version) FROM schema_migrations)")
-        except sqlite3.Error as exc:
-            raise StorageError(f"database is not writable: {exc}") from exc
+    async def check_writable(self, timeout_ms: int = 2000) -> None:
+        """Prove the database takes a write (not read-only, locked or out of disk): one
+        committed no-op update, waiting at most `timeout_ms` for the write lock (a health
+        check must answer quickly). Raises StorageError."""
+        async with self._lock:
+            conn = self.conn
+            await conn.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    await conn.execute(
+                        "UPDATE schema_migrations SET applied_at = applied_at"
+                        " WHERE version = (SELECT MAX(version) FROM schema_migrations)")
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        await conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StorageError(f"database is not writable: {exc}") from exc
+            finally:
+                await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[aiosqlite.Connection]:
