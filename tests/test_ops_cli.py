@@ -76,7 +76,7 @@ async def test_audio_prune_command(tmp_path: Path) -> None:
     assert "removed 0 files" in out and "more than 30 days ago" in out
     code, out, err = await run_cli(["audio", "prune", "--days", "7"], env, tmp_path)
     assert code == 0, err
-    assert f"removed 2 files (0.0 MB) of 1 jobs finished more than 7 days ago" in out
+    assert "removed 2 files (0.0 MB) of 1 jobs finished more than 7 days ago" in out
     assert sorted(p.name for p in settings.audio_dir.iterdir()) == [f"{new.id}.wav"]
     code, out, _ = await run_cli(["audio", "prune"], cli_env(tmp_path,
                                                              AUDIO_RETENTION_DAYS="0"), tmp_path)
