@@ -883,11 +883,12 @@ class Engine:
         delivery = self._deliveries.get(job.requester.platform)
         if delivery is None:
             return  # stays ready until that front-end is running
-        if asyncio.current_task() is not self._tasks.get(job.id):
+        task = asyncio.current_task()
+        if task is not None and task is self._tasks.get(job.id):
             # Called inline from the run task: rename so stop() lets the upload finish.
-            task = asyncio.current_task()
-            if task is not None:
-                task.set_name(f"deliver-{job.id}")
+            # (ops fix: the check was inverted, so SIGTERM cut uploads short and the
+            # restarted bot posted the song again.)
+            task.set_name(f"deliver-{job.id}")
         song = self.song_for(job)
         error = "delivery failed"
         for attempt in range(self.options.delivery_attempts):
