@@ -702,6 +702,7 @@ async def test_gateway_and_rest_urls_come_from_settings(tmp_path: Path,
                           discord_gateway_url=gateway)
     try:
         await asyncio.wait_for(bot.frontend.client.wait_until_ready(), timeout=10)
+        assert bot.frontend.is_connected()  # what /health reports
         assert server.identifies[0]["token"] == server.token
         assert server.gateway_queries[0]["v"] == "10"
         assert "/gateway/bot" not in {path for _, path in server.requests}
@@ -711,3 +712,4 @@ async def test_gateway_and_rest_urls_come_from_settings(tmp_path: Path,
         assert song.attachments
     finally:
         await stop_bot(bot)
+    assert not bot.frontend.is_connected()

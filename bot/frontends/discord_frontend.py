@@ -256,6 +256,15 @@ class DiscordFrontend:
             self._gateway_task = None
         self._logged_in.clear()
 
+    def is_connected(self) -> bool:
+        """Logged in, and (when it runs the gateway) its websocket is open (for /health)."""
+        if not self._logged_in.is_set() or self.client.is_closed():
+            return False
+        if not self.connect_gateway:
+            return True
+        ws = self.client.ws
+        return ws is not None and ws.open
+
     # ---- command sync ----
 
     def command_payload(self) -> list[dict[str, Any]]:
