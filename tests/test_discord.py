@@ -123,6 +123,7 @@ async def start_bot(tmp_path: Path, servers: Servers, *, edit_interval: float = 
     if clock is not None:
         kwargs["clock"] = clock
     frontend = DiscordFrontend(config, engine, **kwargs)
+    engine.register_delivery(frontend)  # as bot.app does
     await engine.start()
     await frontend.start()
     return Bot(servers.discord, engine, frontend, servers.fal)

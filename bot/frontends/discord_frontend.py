@@ -200,7 +200,8 @@ class StatusBoard:
 
 
 class DiscordFrontend:
-    """Discord adapter over the engine; also the engine's Delivery for platform "discord"."""
+    """Discord adapter over the engine; also the engine's Delivery for platform "discord"
+    (the caller registers it: `engine.register_delivery(frontend)`, as bot.app does)."""
 
     platform = PLATFORM
 
@@ -218,7 +219,6 @@ class DiscordFrontend:
         self._logged_in = asyncio.Event()
         self._gateway_task: asyncio.Task[None] | None = None
         self._register_commands()
-        engine.register_delivery(self)
 
     # ---- lifetime ----
 
