@@ -602,6 +602,11 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     assert f"`{waiting_id}` waiting tune" in text and "running" in text
     assert done_id not in text
 
+    # /cancel suggests the user's active jobs as they type.
+    await bot.feed(fake.autocomplete("cancel", "job", waiting_id[:3]))
+    assert fake.callbacks[-1] == {"type": 8, "data": {"choices": [
+        {"name": f"{waiting_id} waiting tune", "value": waiting_id}]}}
+
     quota = fake.slash("quota")
     await bot.feed(quota)
     [text] = ephemeral_texts(bot, quota)

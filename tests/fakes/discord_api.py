@@ -195,6 +195,12 @@ class FakeDiscord:
         data = {"id": snowflake(), "name": name, "type": 1, "options": opts}
         return self._interaction(2, data, **kw)
 
+    def autocomplete(self, name: str, option: str, typed: str, **kw: Any) -> dict[str, Any]:
+        """The user is typing `typed` into `/name option:`."""
+        data = {"id": snowflake(), "name": name, "type": 1,
+                "options": [{"name": option, "type": 3, "value": typed, "focused": True}]}
+        return self._interaction(4, data, **kw)
+
     def button(self, custom_id: str, message: FakeMessage, **kw: Any) -> dict[str, Any]:
         """A click on a button of `message`."""
         data = {"custom_id": custom_id, "component_type": 2}
