@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -548,8 +548,3 @@ def _apply(msg: FakeMessage, body: dict[str, Any], files: list[Attachment], *,
         msg.attachments = []
     if not keep_flags and "flags" in body:
         msg.flags = int(body["flags"] or 0)
-
-
-def old_time(minutes: float) -> datetime:
-    """A moment `minutes` ago, for interactions whose token has expired."""
-    return datetime.now(UTC) - timedelta(minutes=minutes)
