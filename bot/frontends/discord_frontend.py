@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
@@ -641,10 +642,14 @@ class DiscordFrontend:
         except Exception:
             log.warning("job %s: could not store the Discord result link", job.id,
                         exc_info=True)
-        await self.status.update(
-            job.id, target, ui.final_status_text(
-                job.id, job.request.title(), f"\N{WHITE HEAVY CHECK MARK} Done: {url}"),
-            final=True)
+        try:
+            await self.status.update(
+                job.id, target, ui.final_status_text(
+                    job.id, job.request.title(), f"\N{WHITE HEAVY CHECK MARK} Done: {url}"),
+                final=True)
+        except Exception:
+            log.warning("job %s: could not show the final Discord status", job.id,
+                        exc_info=True)
 
     async def on_failed(self, job: Job, message: str) -> None:
         await self._wait_logged_in()
@@ -703,6 +708,8 @@ class DiscordFrontend:
             except discord.HTTPException as exc:
                 # Status edits are best effort: the result or failure is posted anyway.
                 log.info("Could not edit a Discord status message: %s", _http_text(exc))
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.info("Could not edit a Discord status message: %s", type(exc).__name__)
 
     async def _post_later(self, target: dict[str, Any], content: str,
                           files: Callable[[], list[discord.File]],
