@@ -222,7 +222,9 @@ def _as_float(frame: av.AudioFrame) -> np.ndarray:
 
 def _open_input(source: bytes | Path) -> tuple[str, Any]:
     """Detect the format and open a demuxer for it; raises AudioError if it is not audio."""
-    head = source[:64 * 1024 + _ID3_SEARCH] if isinstance(source, bytes) else _read_head(source)
+    # Whole bytes, not a prefix: a provider's MP3 may open with an ID3 tag holding a large
+    # picture, and detect_format only ever looks at a few offsets.
+    head = source if isinstance(source, bytes) else _read_head(source)
     fmt = detect_format(head)
     if fmt is None:
         raise AudioError(NOT_AUDIO)

@@ -119,7 +119,18 @@ def test_garbage_is_rejected_as_not_audio(data: bytes) -> None:
     assert str(exc.value) == "The provider returned a file that is not audio."
 
 
-def test_a_png_is_not_audio(cover5: bytes) -> None:
+@pytest.mark.parametrize("as_path", [False, True])
+def test_mp3_behind_a_large_id3_picture_is_found(tmp_path: Path, song5: Path,
+                                                 as_path: bool) -> None:
+    big_picture = bytes(range(256)) * 600  # 150 kB: past any fixed-size header read
+    tagged = encode(song5, tmp_path / "tagged.mp3", tags=TAGS, cover=big_picture).path
+    data = tagged.read_bytes()
+    assert data[:3] == b"ID3" and len(data) > 150_000
+    assert detect_format(data) == "mp3"
+    assert check_audio(tagged if as_path else data, 5).format == "mp3"
+
+
+def test_a_jpeg_image_is_not_audio(cover5: bytes) -> None:
     assert detect_format(cover5) is None
     with pytest.raises(AudioError, match="not audio"):
         check_audio(cover5, None)
