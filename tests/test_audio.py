@@ -334,6 +334,20 @@ def test_an_mp3_over_the_limit_is_encoded_again_one_step_lower(
     assert ID3(result.path)["TIT2"].text == [TAGS.title]
 
 
+def test_ogg_opus_output_also_fits_a_limit(tmp_path: Path, song5: Path) -> None:
+    result = encode(song5, tmp_path / "song.ogg", byte_limit=60_000, tags=TAGS)
+    assert result.bitrate is not None and result.bitrate < 192
+    assert result.size <= 60_000
+    assert check_audio(result.path.read_bytes(), 5).format == "ogg"
+
+
+def test_an_mp3_that_cannot_fit_is_refused_before_encoding(tmp_path: Path,
+                                                           song240: Path) -> None:
+    with pytest.raises(AudioError, match=r"^A 240 s song does not fit the 0\.5 MB upload"):
+        encode(song240, tmp_path / "song.mp3", byte_limit=500_000)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_lossless_output_over_the_limit_is_refused(tmp_path: Path, song5: Path) -> None:
     with pytest.raises(AudioError, match=r"^The song comes to 1\.0 MB, over the 0\.5 MB"):
         encode(song5, tmp_path / "song.wav", byte_limit=500_000)

@@ -39,6 +39,8 @@ PROVIDER_CODECS = {
     "flac": ("flac", "flac"),
     "ogg-vorbis": ("ogg", "vorbis"),
     "ogg-opus": ("ogg", "libopus"),
+    "wav-float": ("wav", "pcm_f32le"),  # what soundfile/torchaudio write by default
+    "wav-24bit": ("wav", "pcm_s24le"),
 }
 
 
