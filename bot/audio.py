@@ -439,6 +439,9 @@ def _encode_mp3(container: Any, dest: Path, bitrate: int) -> int:
     encoder = lameenc.Encoder()
     encoder.set_bit_rate(bitrate)
     encoder.set_in_sample_rate(SAMPLE_RATE)
+    # LAME alone would drop to 44.1/32/24/16 kHz at 112 kbps and below; like ffmpeg, keep
+    # the song's 48 kHz at every bitrate so a stepped-down file differs only in bitrate.
+    encoder.set_out_sample_rate(SAMPLE_RATE)
     encoder.set_channels(CHANNELS)
     encoder.set_quality(LAME_QUALITY)
     samples = 0
