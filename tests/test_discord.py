@@ -650,6 +650,17 @@ async def test_limits_needs_manage_server_and_sets_quotas_and_channels(bot: Bot)
     await bot.feed(allowed)
     await bot.song_message(allowed)
 
+    # Back to the defaults: no override, every channel.
+    undo = fake.slash("limits", {"setting": "seconds_per_day", "reset": True,
+                                 "channels": "all"}, member_permissions=admin)
+    await bot.feed(undo)
+    [text] = ephemeral_texts(bot, undo)
+    assert "seconds_per_day back to the default" in text and "Channels: all" in text
+    assert await bot.engine.get_limits("community", f"discord:{GUILD}") == {}
+    anywhere = fake.slash("song", {"prompt": "y", "duration": 5})
+    await bot.feed(anywhere)
+    await bot.song_message(anywhere)
+
 
 # ---- command sync -----------------------------------------------------------------------
 
