@@ -10,10 +10,12 @@ import time
 
 from bot.settings import Settings
 
-# Bot API URLs carry the token (`/bot<token>/`); Discord tokens look like a.b.c.
+# Bot API URLs carry the token (`/bot<token>/`); Discord interaction and webhook URLs
+# carry an interaction token (`/webhooks/<app>/<token>`, `/interactions/<id>/<token>`).
 _TOKEN_PATTERNS = (
     re.compile(r"/bot\d+:[A-Za-z0-9_-]+"),
     re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(key|bearer|bot)\s+[^\s'\",}]+"),
+    re.compile(r"/(webhooks|interactions)/(\d+)/[A-Za-z0-9_.-]{20,}"),
 )
 
 
@@ -29,6 +31,7 @@ class RedactingFilter(logging.Filter):
         for secret in self.secrets:
             text = text.replace(secret, "[redacted]")
         text = _TOKEN_PATTERNS[0].sub("/bot[redacted]", text)
+        text = _TOKEN_PATTERNS[2].sub(r"/\1/\2/[redacted]", text)
         return _TOKEN_PATTERNS[1].sub(r"\1\2 [redacted]", text)
 
     def filter(self, record: logging.LogRecord) -> bool:

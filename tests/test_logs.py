@@ -37,6 +37,7 @@ def log_a_leaky_failure() -> None:
     except RuntimeError:
         log.exception("job 1a2b3c4d: delivery to telegram crashed (attempt 1)")
     log.warning("job 1a2b3c4d: fal said %s", {"Authorization": "Key " + "k" * 20})
+    log.warning("job 1a2b3c4d: PATCH /webhooks/1234/%s/messages/@original failed", "t" * 60)
 
 
 def setup(tmp_path: Path, fmt: str) -> None:
@@ -50,6 +51,7 @@ def assert_no_secrets(text: str) -> None:
     assert FAL_KEY not in text and "fal-secret" not in text
     assert "123:ABC" not in text
     assert "k" * 20 not in text
+    assert "t" * 60 not in text  # a Discord interaction token
 
 
 def test_text_logs_redact_secrets_in_messages_and_tracebacks(
@@ -70,6 +72,7 @@ def test_text_logs_redact_secrets_in_messages_and_tracebacks(
     assert "/bot[redacted]/getMe" in err
     assert "key [redacted]" in err
     assert "'Key [redacted]'" in err
+    assert "PATCH /webhooks/1234/[redacted]/messages/@original" in err
 
 
 def test_json_logs_one_object_per_line_with_job_id_and_redacted_exception(
