@@ -84,7 +84,8 @@ def test_json_logs_one_object_per_line_with_job_id_and_redacted_exception(
     assert_no_secrets(err)
     records = [json.loads(line) for line in err.splitlines()]
     assert len(records) == 5
-    admitted, crashed, warned, running = records
+    admitted, crashed, warned, webhook, running = records
+    assert "/webhooks/1234/[redacted]/" in webhook["message"]
     assert admitted["job_id"] == "1a2b3c4d" and admitted["level"] == "INFO"
     assert admitted["message"].endswith("lofi piano\n2026-01-01 INFO forged line")
     assert crashed["level"] == "ERROR" and crashed["logger"] == "acestep.engine"
