@@ -13,7 +13,6 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from html import escape
 from typing import Any
 
 from telegram import (
@@ -42,6 +41,7 @@ from bot.frontends.telegram_flood import RetryAfterLimiter
 from bot.frontends.telegram_status import ChatActions, StatusBoard
 from bot.frontends.telegram_text import caption_html as make_caption
 from bot.frontends.telegram_text import (
+    escape,
     final_html,
     help_text,
     invalid_request_text,

@@ -34,7 +34,7 @@ class _Entry:
     message_id: int
     rank: int = -1
     pending: tuple[str, InlineKeyboardMarkup | None] | None = None
-    shown: str | None = None
+    shown: tuple[str, InlineKeyboardMarkup | None] | None = None
     last_edit: float = float("-inf")
     flusher: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -98,7 +98,7 @@ class StatusBoard:
 
     async def _edit(self, entry: _Entry, text: str, markup: InlineKeyboardMarkup | None
                     ) -> bool:
-        if text == entry.shown and markup is None:
+        if entry.shown == (text, markup):
             return True
         entry.last_edit = self._clock()
         try:
@@ -115,7 +115,7 @@ class StatusBoard:
             log.warning("status message %s in chat %s not edited: %s", entry.message_id,
                         entry.chat_id, exc)
             return False
-        entry.shown = text
+        entry.shown = (text, markup)
         return True
 
     async def close(self) -> None:

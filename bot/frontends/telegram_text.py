@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from html import escape
+from html import escape as _escape
 from typing import Any
 
 from bot.requests import ALL_OPTIONS, InvalidRequest, Mode, OptionSpec, parse_options
+
+
+def escape(text: str) -> str:
+    """Escape text for Telegram HTML (quotes need no escaping outside attributes)."""
+    return _escape(text, quote=False)
 
 CAPTION_LIMIT = 1024
 MESSAGE_LIMIT = 4096

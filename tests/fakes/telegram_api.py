@@ -82,9 +82,12 @@ def _decode(value: str) -> Any:
 class FakeTelegram:
     """The fake server's state and handlers; `app` is the aiohttp application to serve."""
 
-    def __init__(self, token: str = "123456:TEST-token_abc", username: str = "AceStepBot"
-                 ) -> None:
+    def __init__(self, token: str = "123456:TEST-token_abc", username: str = "AceStepBot",
+                 max_poll_wait: float = 0.2) -> None:
         self.token = token
+        # A long poll may end early with no updates (the real server does too); keeping it
+        # short lets a test's server shut down without waiting out the bot's poll timeout.
+        self.max_poll_wait = max_poll_wait
         self.username = username
         self.calls: list[Call] = []
         self.messages: dict[tuple[int, int], FakeMessage] = {}
@@ -98,6 +101,7 @@ class FakeTelegram:
         self._file_ids = itertools.count(1)
         self._changed = asyncio.Condition()
         self._failures: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        self._holds: list[tuple[str, int | None, asyncio.Event]] = []
         self.app = web.Application(client_max_size=200 * 1024 * 1024)
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
 
@@ -163,6 +167,13 @@ class FakeTelegram:
         else:
             body["description"] = description or "Bad Request: injected failure"
         self._failures.setdefault(method, []).extend([(status, body)] * times)
+
+    def hold(self, method: str, chat_id: int | None = None) -> asyncio.Event:
+        """Keep answers to `method` (in `chat_id`, or any chat) waiting until the returned
+        event is set: a slow server, to show other users are not blocked meanwhile."""
+        event = asyncio.Event()
+        self._holds.append((method, chat_id, event))
+        return event
 
     def calls_of(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method and c.answered_status == 200]
@@ -249,6 +260,9 @@ class FakeTelegram:
         params.update({k: _decode(v) for k, v in request.query.items()})
         if method == "getUpdates":
             return await self._get_updates(params)
+        for held_method, held_chat, event in self._holds:
+            if held_method == method and held_chat in (None, _int(params.get("chat_id"))):
+                await event.wait()
         call = Call(method, params, files)
         self.calls.append(call)
         pending = self._failures.get(method)
@@ -276,7 +290,7 @@ class FakeTelegram:
 
     async def _get_updates(self, params: dict[str, Any]) -> web.Response:
         offset = int(params.get("offset") or 0)
-        timeout = float(params.get("timeout") or 0)
+        timeout = min(float(params.get("timeout") or 0), self.max_poll_wait)
         # Confirmed updates (id < offset) are forgotten, as on the real server.
         self._updates = [u for u in self._updates if u["update_id"] >= offset]
         deadline = asyncio.get_running_loop().time() + timeout
@@ -414,6 +428,13 @@ class FakeTelegram:
         return out
 
 
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 class _ApiError(Exception):
     def __init__(self, status: int, description: str) -> None:
         super().__init__(description)
@@ -429,6 +450,6 @@ def _check_html(params: dict[str, Any], text: str) -> None:
 
     allowed = r"</?(b|i|u|s|code|pre|a|blockquote|tg-spoiler)(\s[^>]*)?>"
     stripped = re.sub(allowed, "", text)
-    stripped = re.sub(r"&(lt|gt|amp|quot|#\d+);", "", stripped)
+    stripped = re.sub(r"&(lt|gt|amp|quot|#\d+|#x[0-9a-fA-F]+);", "", stripped)
     if "<" in stripped or ">" in stripped or "&" in stripped:
         raise _ApiError(400, "Bad Request: can't parse entities: unsupported start tag")
