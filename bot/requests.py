@@ -38,12 +38,15 @@ class Mode(StrEnum):
 class InvalidRequest(ValueError):
     """A request a user can fix: names the field, the value and what is allowed."""
 
-    def __init__(self, field: str, value: object, allowed: str) -> None:
+    def __init__(self, field: str, value: object, allowed: str, *,
+                 problem: str | None = None) -> None:
         self.field = field
         self.value = value
         self.allowed = allowed
-        shown = _show(value)
-        super().__init__(f"{field}: {shown} is not valid; {allowed}.")
+        if problem:
+            super().__init__(f"{field} {problem}; {allowed}.")
+        else:
+            super().__init__(f"{field}: {_show(value)} is not valid; {allowed}.")
 
 
 def _show(value: object) -> str:
@@ -218,8 +221,8 @@ def _check_text(req: GenerationRequest) -> None:
                          ("lyrics", MAX_LYRICS_CHARS)):
         value = getattr(req, field)
         if len(value) > limit:
-            raise InvalidRequest(field, f"{len(value)} characters",
-                                 f"at most {limit} characters")
+            raise InvalidRequest(field, value, f"at most {limit} characters",
+                                 problem=f"is too long ({len(value)} characters)")
         if "\x00" in value:
             raise InvalidRequest(field, value, "plain text without control characters")
 

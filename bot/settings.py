@@ -46,33 +46,39 @@ class Settings(BaseSettings):
     providers: CommaList = Field(default_factory=lambda: ["fal"])
     fal_key: SecretStr | None = None
     fal_queue_url: str = "https://queue.fal.run"
-    fal_concurrency: int = Field(2, ge=1)
+    fal_concurrency: int = Field(default=2, ge=1)
     wavespeed_api_key: SecretStr | None = None
     wavespeed_base_url: str = "https://api.wavespeed.ai"
     wavespeed_song_model: str = "wavespeed-ai/ace-step"
-    wavespeed_concurrency: int = Field(2, ge=1)
+    wavespeed_concurrency: int = Field(default=2, ge=1)
     aigateway_api_key: SecretStr | None = None
     aigateway_base_url: str = "https://api.aigateway.sh"
-    aigateway_concurrency: int = Field(2, ge=1)
+    aigateway_concurrency: int = Field(default=2, ge=1)
     replicate_api_token: SecretStr | None = None
     replicate_base_url: str = "https://api.replicate.com"
-    replicate_concurrency: int = Field(2, ge=1)
+    replicate_concurrency: int = Field(default=2, ge=1)
     acestep_server_urls: CommaList = Field(default_factory=list)
     acestep_api_key: SecretStr | None = None
-    acestep_price_per_second: float = Field(0.0, ge=0)  # your own GPU: electricity only
-    acestep_concurrency: int = Field(1, ge=1)  # per server
+    acestep_price_per_second: float = Field(default=0.0, ge=0)  # your own GPU: electricity only
+    acestep_concurrency: int = Field(default=2, ge=1)  # per server: one running, one waiting
 
     # Quotas (UTC day windows) and spend
-    quota_user_jobs_per_day: int = Field(20, ge=0)
-    quota_user_seconds_per_day: int = Field(1200, ge=0)
-    quota_user_concurrent_jobs: int = Field(2, ge=0)
-    quota_community_seconds_per_day: int = Field(7200, ge=0)
-    spend_cap_usd_per_day: float = Field(5.0, ge=0)
+    quota_user_jobs_per_day: int = Field(default=20, ge=0)
+    quota_user_seconds_per_day: int = Field(default=1200, ge=0)
+    quota_user_concurrent_jobs: int = Field(default=2, ge=0)
+    quota_community_seconds_per_day: int = Field(default=7200, ge=0)
+    spend_cap_usd_per_day: float = Field(default=5.0, ge=0)
     admin_ids: CommaList = Field(default_factory=list)
 
     # Engine
-    job_timeout_seconds: int = Field(900, ge=30)
-    provider_cooldown_seconds: int = Field(600, ge=1)
+    job_timeout_seconds: int = Field(default=900, ge=1)
+    provider_cooldown_seconds: int = Field(default=600, ge=1)
+
+    # Operations: health/metrics HTTP server (0 = off), audio retention, shutdown grace
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=0, ge=0, le=65535)
+    audio_retention_days: int = Field(default=30, ge=0)  # 0 keeps audio forever
+    shutdown_grace_seconds: int = Field(default=20, ge=0)
 
     # Storage and logs
     data_dir: Path = Path("./data")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,9 @@ class Result:
     tags: str | None = None
     lyrics: str | None = None
     content_type: str | None = None
+    # True when the model chose the length itself (ACE-Step's local prompt mode): the
+    # audio check then does not hold the song to the requested duration.
+    duration_chosen_by_model: bool = False
     # Anything else worth keeping: inference time, NSFW flags, bpm, provider's ids.
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -180,6 +184,29 @@ class Provider(ABC):
         await self.client.aclose()
 
 
+def origin(url: str | httpx.URL) -> tuple[str, str, int]:
+    """(scheme, host, port) with the default port filled in, for same-server checks."""
+    parsed = httpx.URL(url) if isinstance(url, str) else url
+    return (parsed.scheme, parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80))
+
+
+class KeyForOrigins(httpx.Auth):
+    """Adds the Authorization header only on requests to the provider's own servers, so
+    a key never travels to the CDN that serves result files, or anywhere else."""
+
+    def __init__(self, header: str | None, urls: Iterable[str] = ()) -> None:
+        self._header = header
+        self.origins = {origin(u) for u in urls}
+
+    def add(self, url: str) -> None:
+        self.origins.add(origin(url))
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self._header and origin(request.url) in self.origins:
+            request.headers["Authorization"] = self._header
+        yield request
+
+
 async def download(client: httpx.AsyncClient, provider: str, url: str,
                    headers: dict[str, str] | None = None,
                    max_bytes: int = MAX_AUDIO_BYTES) -> bytes:
@@ -224,7 +251,7 @@ def http_error_text(resp: httpx.Response, limit: int = 300) -> str:
 def _find_message(body: Any) -> str:
     if isinstance(body, dict):
         for key in ("detail", "message", "error", "title", "msg"):
-            if key in body and body[key]:
+            if body.get(key):
                 return _find_message(body[key])
         return json.dumps(body)[:300]
     if isinstance(body, list) and body:

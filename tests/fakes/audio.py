@@ -11,7 +11,7 @@ import numpy as np
 def sine_pcm(duration: float, sample_rate: int = 48000, freq: float = 440.0,
              channels: int = 2, amplitude: float = 0.3) -> np.ndarray:
     """Interleaved int16 samples of a tone with a slow tremolo (not silent, not flat)."""
-    n = int(round(duration * sample_rate))
+    n = round(duration * sample_rate)
     t = np.arange(n, dtype=np.float64) / sample_rate
     tone = np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.5 * t))
     mono = (tone * amplitude * 32767).astype(np.int16)

@@ -1,0 +1,496 @@
+"""The `acestep-bot` command line: run, generate, config, db, quota, jobs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from bot import logs, messages
+from bot.engine import Engine, EngineError, Progress, Song
+from bot.models import Job, Requester
+from bot.requests import GenerationRequest, InvalidRequest
+from bot.settings import (
+    PROVIDER_NAMES,
+    Settings,
+    configured_frontends,
+    describe,
+    problems,
+    usable_providers,
+)
+from storage.database import Database, StorageError
+from storage.jobs import COMMUNITY_KEYS, USER_KEYS, JobStore
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+OUT_FORMATS = ("mp3", "wav", "flac", "ogg")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"error: invalid configuration:\n{_settings_errors(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.setup(settings)
+    try:
+        return int(args.handler(settings, args))
+    except StorageError as exc:
+        print(f"error: database problem: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err.get("loc", ())).upper() or "SETTINGS"
+        lines.append(f"  {name}: {err.get('msg')}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="acestep-bot",
+                                description="Discord and Telegram bot that makes songs "
+                                            "with ACE-Step.")
+    sub = p.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the configured chat front-ends")
+    run.set_defaults(handler=cmd_run)
+
+    gen = sub.add_parser("generate", help="make one song from the command line")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="describe the song (the model writes tags and lyrics)")
+    what.add_argument("--tags", help="comma-separated style tags (compose mode)")
+    gen.add_argument("--lyrics-file", type=Path, help="lyrics with [verse]/[chorus] markers")
+    gen.add_argument("--instrumental", action="store_true", help="no vocals")
+    gen.add_argument("--duration", type=int, default=60, help="seconds, 5-240 (default 60)")
+    gen.add_argument("--seed", type=int, default=-1, help="-1 for random (default)")
+    gen.add_argument("--provider", help="use only this provider (default: PROVIDERS order)")
+    gen.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                     help="advanced option, e.g. steps=40 (repeatable)")
+    gen.add_argument("--out", type=Path, required=True,
+                     help="output file: .mp3, .wav, .flac or .ogg")
+    gen.set_defaults(handler=cmd_generate)
+
+    cfg = sub.add_parser("config", help="configuration")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True)
+    cfg_sub.add_parser("check", help="print the effective configuration, secrets masked"
+                       ).set_defaults(handler=cmd_config_check)
+
+    db = sub.add_parser("db", help="database")
+    db_sub = db.add_subparsers(dest="action", required=True)
+    db_sub.add_parser("upgrade", help="apply database migrations").set_defaults(
+        handler=cmd_db_upgrade)
+
+    quota = sub.add_parser("quota", help="quotas and limit overrides")
+    q_sub = quota.add_subparsers(dest="action", required=True)
+    q_show = q_sub.add_parser("show", help="usage and limits of a user or community")
+    _subject_args(q_show)
+    q_show.set_defaults(handler=cmd_quota_show)
+    q_set = q_sub.add_parser("set", help="override a limit (VALUE 'default' removes it)")
+    _subject_args(q_set)
+    q_set.add_argument("limit", help=f"user: {', '.join(USER_KEYS)}; "
+                                     f"community: {', '.join(COMMUNITY_KEYS)}")
+    q_set.add_argument("value", help="a number, or 'default'")
+    q_set.set_defaults(handler=cmd_quota_set)
+
+    jobs = sub.add_parser("jobs", help="inspect and cancel jobs")
+    j_sub = jobs.add_subparsers(dest="action", required=True)
+    j_list = j_sub.add_parser("list", help="recent jobs")
+    j_list.add_argument("--state", help="only jobs in this state")
+    j_list.add_argument("--user", help="only this user (platform:id)")
+    j_list.add_argument("--limit", type=int, default=20)
+    j_list.set_defaults(handler=cmd_jobs_list)
+    j_show = j_sub.add_parser("show", help="one job in full")
+    j_show.add_argument("job_id")
+    j_show.set_defaults(handler=cmd_jobs_show)
+    j_cancel = j_sub.add_parser("cancel", help="cancel a job (as an admin)")
+    j_cancel.add_argument("job_id")
+    j_cancel.set_defaults(handler=cmd_jobs_cancel)
+    return p
+
+
+def _subject_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--user", help="platform:id, e.g. discord:1234 or cli")
+    group.add_argument("--community", help="platform:id, e.g. discord:<guild> or telegram:<chat>")
+
+
+# ---- run -------------------------------------------------------------------------------
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    found = problems(settings)
+    if not configured_frontends(settings) or not usable_providers(settings):
+        print("acestep-bot cannot start: nothing usable is configured.", file=sys.stderr)
+        for line in found:
+            print(f"  - {line}", file=sys.stderr)
+        print("Set these in the environment or in a .env file "
+              "(see deploy/.env.example), then run `acestep-bot config check`.",
+              file=sys.stderr)
+        return EXIT_USAGE
+    for line in found:
+        print(f"warning: {line}", file=sys.stderr)
+    from bot.app import run_bot
+
+    return asyncio.run(run_bot(settings))
+
+
+# ---- generate --------------------------------------------------------------------------
+
+class CliDelivery:
+    """Writes the finished song to a file and reports progress on stderr."""
+
+    platform = "cli"
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.written: Path | None = None
+        self._last = ""
+
+    async def on_progress(self, job: Job, progress: Progress) -> None:
+        text = _progress_text(progress)
+        if text != self._last:
+            self._last = text
+            print(f"[{job.id}] {text}", file=sys.stderr, flush=True)
+
+    async def deliver(self, job: Job, song: Song) -> None:
+        fmt = self.out.suffix.lower().lstrip(".")
+        rendered = await song.render(None, fmt)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.copyfile, rendered.path, self.out)
+        self.written = self.out
+        if not self.done.done():
+            self.done.set_result(None)
+
+    async def on_failed(self, job: Job, message: str) -> None:
+        if not self.done.done():
+            self.done.set_result(message)
+
+
+def _progress_text(progress: Progress) -> str:
+    if progress.state == "queued":
+        return f"queued (position {progress.position})"
+    if progress.state == "submitting":
+        return "sending to the music service"
+    if progress.state == "uploading":
+        return "writing the file"
+    parts = ["generating"]
+    if progress.position:
+        parts.append(f"(waiting at the service, position {progress.position})")
+    if progress.progress is not None:
+        parts.append(f"{progress.progress:.0%}")
+    if progress.message and not progress.position:
+        parts.append(f"- {progress.message}")
+    return " ".join(parts)
+
+
+def build_cli_request(args: argparse.Namespace) -> GenerationRequest:
+    """The CLI's arguments as a validated request (InvalidRequest on bad input)."""
+    from bot.requests import parse_options
+
+    fields: dict[str, Any] = {"instrumental": args.instrumental, "duration": args.duration,
+                              "seed": args.seed}
+    if args.prompt is not None:
+        fields.update(mode="prompt", prompt=args.prompt)
+    else:
+        fields.update(mode="song", tags=args.tags)
+    if args.lyrics_file:
+        if args.prompt is not None:
+            raise InvalidRequest("lyrics-file", str(args.lyrics_file),
+                                 "lyrics go with --tags (compose mode), not --prompt")
+        try:
+            fields["lyrics"] = args.lyrics_file.read_text("utf-8")
+        except OSError as exc:
+            raise InvalidRequest("lyrics-file", str(args.lyrics_file),
+                                 f"a readable text file ({exc.strerror})") from None
+    pairs = {}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidRequest("option", item, "NAME=VALUE, e.g. steps=40")
+        pairs[name.strip()] = value
+    fields.update(parse_options(pairs))
+    return GenerationRequest.build(**fields)
+
+
+def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
+    fmt = args.out.suffix.lower().lstrip(".")
+    try:
+        if fmt not in OUT_FORMATS:
+            raise InvalidRequest("out", str(args.out),
+                                 "a file name ending in " + ", ".join("." + f for f in OUT_FORMATS))
+        request = build_cli_request(args)
+    except InvalidRequest as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.provider and args.provider not in PROVIDER_NAMES:
+        print(f"error: provider: {args.provider!r} is not valid; choose from "
+              f"{', '.join(PROVIDER_NAMES)}", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(_generate(settings, request, args.out, args.provider))
+
+
+async def _generate(settings: Settings, request: GenerationRequest, out: Path,
+                    only: str | None) -> int:
+    from providers.registry import build_providers
+
+    providers = build_providers(settings, only)
+    if not providers:
+        needed = [line for line in problems(settings) if "rovider" in line]
+        print("error: no usable provider: " + " ".join(needed), file=sys.stderr)
+        return EXIT_USAGE
+    engine = await Engine.open(settings, providers, platforms={"cli"})
+    delivery = CliDelivery(out)
+    engine.register_delivery(delivery)
+    try:
+        await engine.start()
+        try:
+            admission = await engine.submit(request, Requester("cli", "cli"),
+                                            {"out": str(out)})
+        except EngineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"[{admission.job_id}] admitted with seed {admission.seed}, "
+              f"queue position {admission.position}", file=sys.stderr)
+        if admission.ignored_options:
+            print(messages.ignored_options(admission.provider or "the provider",
+                                           admission.ignored_options), file=sys.stderr)
+        failure = await delivery.done
+        if failure is not None:
+            print(f"error: {failure}", file=sys.stderr)
+            return EXIT_FAILED
+        job = await engine.get_job(admission.job_id)
+        seed = (job.result or {}).get("seed") if job else admission.seed
+        print(f"wrote {out} (seed {seed}, job {admission.job_id})", file=sys.stderr)
+        return EXIT_OK
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: the job stays queued and resumes at the next "
+              "`acestep-bot generate` or can be cancelled with `acestep-bot jobs cancel`",
+              file=sys.stderr)
+        return 130
+    finally:
+        await engine.close()
+
+
+# ---- config / db -----------------------------------------------------------------------
+
+def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
+    print("Effective configuration (secrets masked):")
+    for line in describe(settings):
+        print(f"  {line}")
+    fronts = configured_frontends(settings)
+    provs = usable_providers(settings)
+    print(f"Front-ends ready: {', '.join(fronts) if fronts else 'none'}")
+    print(f"Providers ready (in order): {', '.join(provs) if provs else 'none'}")
+    found = problems(settings)
+    if found:
+        print("Missing:")
+        for line in found:
+            print(f"  - {line}")
+    return EXIT_OK if fronts and provs else EXIT_FAILED
+
+
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    async def go() -> int:
+        db = await Database.open(settings.db_path, migrate=False)
+        try:
+            applied = await db.upgrade()
+            version = await db.schema_version()
+        finally:
+            await db.close()
+        if applied:
+            print(f"applied: {', '.join(applied)}")
+        print(f"database {settings.db_path} is at schema version {version}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+# ---- quota -----------------------------------------------------------------------------
+
+def _subject(args: argparse.Namespace) -> tuple[str, str]:
+    if args.user:
+        return "user", args.user
+    return "community", args.community
+
+
+def _requester_from(scope: str, subject: str) -> Requester:
+    platform, _, ident = subject.partition(":")
+    if scope == "user":
+        return Requester(platform, ident or platform)
+    return Requester(platform, "-", community_id=ident)
+
+
+def cmd_quota_show(settings: Settings, args: argparse.Namespace) -> int:
+    scope, subject = _subject(args)
+
+    async def go() -> int:
+        engine = await Engine.open(settings, [], platforms=set())
+        try:
+            requester = _requester_from(scope, subject)
+            status = await engine.quota_status(requester)
+            overrides = await engine.get_limits(scope, subject)
+        finally:
+            await engine.store.db.close()
+        print(f"{scope} {subject}: window resets at {status.resets_at:%Y-%m-%d %H:%M} UTC")
+        for line in status.lines:
+            if scope == "community" and not line.name.startswith("community"):
+                continue
+            limit = "unlimited" if line.limit is None else f"{line.limit:g}"
+            print(f"  {line.label}: {line.used:g} used of {limit} {line.unit}")
+        if overrides:
+            print("  overrides: " + ", ".join(f"{k}={v:g}" for k, v in overrides.items()))
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_quota_set(settings: Settings, args: argparse.Namespace) -> int:
+    scope, subject = _subject(args)
+    value: float | None
+    if args.value.lower() == "default":
+        value = None
+    else:
+        try:
+            value = float(args.value)
+        except ValueError:
+            print(f"error: value: {args.value!r} is not valid; a number >= 0 or 'default'",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        if value < 0:
+            print(f"error: value: {args.value} is not valid; a number >= 0 or 'default'",
+                  file=sys.stderr)
+            return EXIT_USAGE
+
+    async def go() -> int:
+        db = await Database.open(settings.db_path)
+        try:
+            await JobStore(db).set_override(scope, subject, args.limit, value)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        finally:
+            await db.close()
+        shown = "default" if value is None else f"{value:g}"
+        print(f"{scope} {subject}: {args.limit} set to {shown}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+# ---- jobs ------------------------------------------------------------------------------
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def go() -> int:
+        db = await Database.open(settings.db_path)
+        try:
+            store = JobStore(db)
+            states = (args.state,) if args.state else None
+            if args.user:
+                jobs = await store.for_user(args.user, states, limit=args.limit)
+            else:
+                jobs = await store.recent(args.limit, states)
+        finally:
+            await db.close()
+        if not jobs:
+            print("no jobs")
+            return EXIT_OK
+        print(f"{'ID':8}  {'STATE':10}  {'CREATED (UTC)':19}  {'USER':22}  {'PROVIDER':9}  "
+              f"{'DUR':>4}  TITLE")
+        for job in jobs:
+            print(f"{job.id:8}  {job.state:10}  {_when(job.created_at):19}  "
+                  f"{job.requester.key[:22]:22}  {(job.provider or '-'):9}  "
+                  f"{job.duration:>4}  {job.request.title()}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
+    async def go() -> int:
+        db = await Database.open(settings.db_path)
+        try:
+            store = JobStore(db)
+            job = await store.get(args.job_id.strip().lower())
+            ledger = await store.ledger(job.id) if job else []
+        finally:
+            await db.close()
+        if job is None:
+            print(f"error: no job {args.job_id!r}", file=sys.stderr)
+            return EXIT_FAILED
+        req = job.request
+        print(f"job {job.id}: {job.state}")
+        print(f"  requester: {job.requester.key}"
+              + (f" in {job.requester.community_key}" if job.requester.community_key else ""))
+        print(f"  request:   {req.mode.value} {req.duration}s seed {job.seed}"
+              + (" instrumental" if req.instrumental else ""))
+        for name in ("prompt", "tags", "lyrics"):
+            if getattr(req, name):
+                text = getattr(req, name).replace("\n", " / ")
+                print(f"  {name + ':':10} {text}")
+        if req.advanced():
+            print(f"  options:   {json.dumps(req.advanced())}")
+        print(f"  provider:  {job.provider or '-'}  attempts {job.attempts}"
+              + (f"  tried {','.join(job.tried_providers)}" if job.tried_providers else ""))
+        print(f"  created {_when(job.created_at)}  started {_when(job.started_at)}  "
+              f"finished {_when(job.finished_at)}  delivered {_when(job.delivered_at)}")
+        print(f"  reserved ${job.reserved_usd:.4f}  charged "
+              f"{'-' if job.charged_usd is None else f'${job.charged_usd:.4f}'}"
+              f"  refunded {'yes' if job.refunded else 'no'}")
+        if job.result:
+            path = settings.audio_dir / str(job.result.get("audio_file"))
+            exists = "" if path.exists() else " (removed)"
+            print(f"  audio:     {path}{exists} ({job.result.get('format')}, "
+                  f"{job.result.get('duration')} s, seed {job.result.get('seed')})")
+        if job.error:
+            print(f"  error:     {job.error}")
+        for entry in ledger:
+            print(f"  ledger: {_when(entry['at'])} {entry['kind']:7} {entry['seconds']:g}s "
+                  f"${entry['usd']:.4f}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_jobs_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    async def go() -> int:
+        engine = await Engine.open(settings, [], platforms=set())
+        try:
+            job = await engine.cancel(args.job_id, Requester("cli", "operator"), is_admin=True)
+        except EngineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            await engine.store.db.close()
+        if job.state == "cancelled":
+            print(f"job {job.id} cancelled; quota refunded")
+        else:
+            print(f"job {job.id} is {job.state}: cancel requested; the running bot stops it "
+                  "at the provider and refunds the quota")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

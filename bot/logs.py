@@ -1,0 +1,81 @@
+"""Logging: one line per event, human-readable or JSON, with secrets redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+from bot.settings import Settings
+
+# Bot API URLs carry the token (`/bot<token>/`); Discord tokens look like a.b.c.
+_TOKEN_PATTERNS = (
+    re.compile(r"/bot\d+:[A-Za-z0-9_-]+"),
+    re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(key|bearer|bot)\s+[^\s'\",}]+"),
+)
+
+
+class RedactingFilter(logging.Filter):
+    """Removes configured secrets and token-shaped strings from every record,
+    including exception text."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        text = _TOKEN_PATTERNS[0].sub("/bot[redacted]", text)
+        return _TOKEN_PATTERNS[1].sub(r"\1\2 [redacted]", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg = self.redact(message)
+        record.args = ()
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (+ job id when known)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        match = re.match(r"job ([0-9a-f]{8})\b", data["message"])
+        if match:
+            data["job_id"] = match.group(1)
+        if record.exc_text:
+            data["exception"] = record.exc_text
+        return json.dumps(data, ensure_ascii=False)
+
+
+def setup(settings: Settings) -> None:
+    """Configure the root logger once for the process."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter(settings.secrets()))
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: "
+                                               "%(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    # httpx logs every URL at INFO, and Telegram URLs contain the bot token.
+    for noisy in ("httpx", "httpcore", "telegram.ext.Updater", "aiosqlite"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("discord").setLevel(max(logging.INFO, root.level))

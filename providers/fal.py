@@ -1,0 +1,372 @@
+"""fal.ai adapter: ACE-Step through fal's queue API (submit, poll status, fetch result).
+
+Wire facts (shared PROVIDERS.md): submit goes to the full model id including the
+endpoint subpath, but status, result and cancel live under the app id only
+(`fal-ai/ace-step/requests/{id}/...`); fal returns those URLs on submit and we follow
+them. A submit is never retried here: one that timed out may exist and be billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import httpx
+
+from bot.requests import ADVANCED_OPTIONS, GenerationRequest, Mode
+from providers.base import (
+    AuthError,
+    BillingError,
+    Busy,
+    Cancelled,
+    Capabilities,
+    Failed,
+    Handle,
+    KeyForOrigins,
+    Provider,
+    ProviderError,
+    Queued,
+    Rejected,
+    Result,
+    Running,
+    Status,
+    Succeeded,
+    TaskLost,
+    Unavailable,
+    http_error_text,
+    origin,
+    parse_retry_after,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_URL = "https://queue.fal.run"
+APP_ID = "fal-ai/ace-step"  # owner/alias: the only part used after submit
+PROMPT_ENDPOINT = "fal-ai/ace-step/prompt-to-audio"
+SONG_ENDPOINT = "fal-ai/ace-step"
+
+# Our option names where fal's differ; every other advanced option keeps its name.
+_FAL_OPTION_NAMES = {"steps": "number_of_steps"}
+
+# Error types that mean the input itself was refused: never retried, told to the user.
+_REJECTED_ERROR_TYPES = ("content_policy", "validation", "value_error", "type_error")
+_CANCELLED_ERROR_TYPES = ("client_cancelled",)
+_CONTENT_POLICY_MESSAGE = ("fal refused this request under its content policy; "
+                           "try a different description or lyrics")
+# A Retry-After longer than this goes back to the engine instead of being slept here.
+_MAX_INTERNAL_WAIT_S = 10.0
+_PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class FalProvider(Provider):
+    """ACE-Step on fal.ai through the queue API; prompt-to-audio and composed songs."""
+
+    name = "fal"
+
+    def __init__(self, api_key: str, queue_url: str = DEFAULT_QUEUE_URL, *,
+                 concurrency: int = 2, transport: httpx.AsyncBaseTransport | None = None,
+                 poll_interval: float = 1.0, retry_delays: Sequence[float] = (0.5, 2.0),
+                 timeout: float = 30.0, sleep: Sleep = asyncio.sleep) -> None:
+        if not api_key:
+            raise ValueError("fal needs an API key (FAL_KEY)")
+        self._key = api_key
+        self.queue_url = queue_url.rstrip("/")
+        self._poll_interval = poll_interval
+        self._retry_delays = tuple(retry_delays)
+        self._sleep = sleep
+        auth = KeyForOrigins(f"Key {api_key}", [self.queue_url])
+        super().__init__(httpx.AsyncClient(
+            transport=transport, auth=auth,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            headers={"Accept": "application/json"}))
+        self.capabilities = Capabilities(
+            modes=frozenset({Mode.PROMPT, Mode.SONG}), min_duration=5, max_duration=240,
+            options=frozenset(ADVANCED_OPTIONS), price_per_second=0.0002,
+            concurrency=concurrency)
+
+    # ----- the provider contract -------------------------------------------------------
+
+    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+        """Queue one generation at fal; exactly one POST, never retried."""
+        endpoint, body = self.build_input(request, seed)
+        resp = await self._send("POST", f"{self.queue_url}/{endpoint}", phase="submit",
+                                json=body)
+        if resp.status_code >= 300:
+            raise self._error(resp, "submit")
+        try:
+            data = resp.json()
+            request_id = str(data["request_id"])
+        except (ValueError, KeyError, TypeError):
+            raise Unavailable(self.name, "fal accepted the submit but its answer had no "
+                              "request id; the request may still run at fal",
+                              status_code=resp.status_code) from None
+        handle_data: dict[str, Any] = {"request_id": request_id, "endpoint": endpoint}
+        for key in ("status_url", "response_url", "cancel_url"):
+            url = data.get(key)
+            # Follow fal's URLs, but only on the queue's own origin: the key goes there.
+            if isinstance(url, str) and self._same_origin(url):
+                handle_data[key] = url
+        log.info("fal accepted request %s on %s (queue position %s)", request_id, endpoint,
+                 data.get("queue_position"))
+        return Handle(provider=self.name, data=handle_data)
+
+    async def poll(self, handle: Handle) -> Status:
+        """One status check (with logs); fetches the result once fal says COMPLETED."""
+        urls = self._urls(handle)
+        resp = await self._get(urls["status_url"], "poll", params={"logs": "1"},
+                               transient=range(500, 600))
+        if resp.status_code >= 300:
+            raise self._error(resp, "poll")
+        body = _json_object(resp)
+        state = body.get("status")
+        if state == "IN_QUEUE":
+            position = body.get("queue_position")
+            return Queued(position=position if isinstance(position, int) else None)
+        if state == "IN_PROGRESS":
+            return _running(body.get("logs"))
+        if state == "COMPLETED":
+            if body.get("error"):
+                return self._failed_run(str(body["error"]), str(body.get("error_type") or ""))
+            return await self._fetch_result(handle, urls, body)
+        # fal documents no other status; report it as running rather than failing a job.
+        log.warning("fal request %s has an unknown status %r", urls["request_id"], state)
+        return Running(message=str(state) if state else None)
+
+    async def cancel(self, handle: Handle) -> bool:
+        """Ask fal to drop the request: True if accepted, False if it already finished."""
+        urls = self._urls(handle)
+        resp = await self._send("PUT", urls["cancel_url"], phase="cancel")
+        if 200 <= resp.status_code < 300:
+            return True
+        if resp.status_code in (400, 409):
+            return False
+        raise self._error(resp, "cancel")
+
+    def poll_interval(self) -> float:
+        return self._poll_interval
+
+    # ----- request building ------------------------------------------------------------
+
+    @staticmethod
+    def build_input(request: GenerationRequest, seed: int) -> tuple[str, dict[str, Any]]:
+        """The fal endpoint and JSON input for a request (only options the user set)."""
+        body: dict[str, Any]
+        if request.mode is Mode.PROMPT:
+            endpoint = PROMPT_ENDPOINT
+            body = {"prompt": request.prompt, "instrumental": request.instrumental}
+        else:
+            endpoint = SONG_ENDPOINT
+            # fal's ACE-Step reads "[inst]" as "no vocals"; empty lyrics mean the same.
+            lyrics = request.lyrics if request.wants_vocals else "[inst]"
+            body = {"tags": request.tags, "lyrics": lyrics}
+        body["duration"] = request.duration
+        body["seed"] = seed
+        for name, value in request.advanced().items():
+            body[_FAL_OPTION_NAMES.get(name, name)] = value
+        return endpoint, body
+
+    # ----- HTTP and error mapping --------------------------------------------------------
+
+    async def _send(self, method: str, url: str, *, phase: str, json: Any = None,
+                    params: dict[str, str] | None = None) -> httpx.Response:
+        """One HTTP exchange; network failures become Unavailable."""
+        try:
+            return await self.client.request(method, url, json=json, params=params)
+        except httpx.TimeoutException:
+            extra = "; the request may still have been queued at fal" if phase == "submit" else ""
+            raise Unavailable(self.name, f"{phase} timed out{extra}") from None
+        except httpx.TransportError as exc:
+            raise Unavailable(self.name, f"{phase} failed: cannot reach fal "
+                              f"({type(exc).__name__})") from None
+
+    async def _get(self, url: str, phase: str, *, transient: range | tuple[int, ...],
+                   params: dict[str, str] | None = None) -> httpx.Response:
+        """A GET retried a few times on Busy/Unavailable (safe: reads change nothing)."""
+        attempt = 0
+        while True:
+            try:
+                resp = await self._send("GET", url, phase=phase, params=params)
+                if resp.status_code == 429 or resp.status_code in transient:
+                    raise self._error(resp, phase)
+                return resp
+            except (Busy, Unavailable) as exc:
+                if attempt >= len(self._retry_delays):
+                    raise
+                delay = self._retry_delays[attempt]
+                if exc.retry_after is not None:
+                    if exc.retry_after > _MAX_INTERNAL_WAIT_S:
+                        raise
+                    delay = max(delay, exc.retry_after)
+                attempt += 1
+                log.info("fal %s: %s; retry %d in %.1f s", phase, exc.message, attempt, delay)
+                await self._sleep(delay)
+
+    def _error(self, resp: httpx.Response, phase: str) -> ProviderError:
+        """The one place that turns a fal HTTP error into our typed errors."""
+        code = resp.status_code
+        detail, types = self._detail(resp)
+        if code == 401:
+            return AuthError(self.name, f"fal rejected the API key; check FAL_KEY ({detail})",
+                             status_code=code)
+        if code == 403:
+            if re.search(r"balance|locked|billing|credit|payment", detail, re.IGNORECASE):
+                return BillingError(self.name, f"fal account cannot pay: {detail}",
+                                    status_code=code)
+            return AuthError(self.name, f"fal refused access; check FAL_KEY ({detail})",
+                             status_code=code)
+        if code == 404:
+            if phase == "submit":
+                # A wrong model path is the operator's problem, not the user's input.
+                return Unavailable(self.name, f"fal has no such endpoint ({detail})",
+                                   status_code=code)
+            return TaskLost(self.name, f"fal no longer knows this request ({detail})",
+                            status_code=code)
+        if code == 429:
+            return Busy(self.name, f"fal is rate limiting ({detail})", status_code=code,
+                        retry_after=parse_retry_after(resp))
+        if code == 408 or code >= 500:
+            return Unavailable(self.name, f"fal server error: {detail}", status_code=code)
+        if any("content_policy" in t for t in types):
+            return Rejected(self.name, _CONTENT_POLICY_MESSAGE, status_code=code)
+        return Rejected(self.name, detail, status_code=code)
+
+    def _detail(self, resp: httpx.Response) -> tuple[str, list[str]]:
+        """fal's `detail` as readable text ("duration: ensure ...") and its error types."""
+        try:
+            body: Any = resp.json()
+        except ValueError:
+            body = None
+        types: list[str] = []
+        header_type = resp.headers.get("x-fal-error-type")
+        if header_type:
+            types.append(header_type)
+        text = ""
+        if isinstance(body, dict):
+            if isinstance(body.get("error_type"), str):
+                types.append(body["error_type"])
+            detail = body.get("detail")
+            if isinstance(detail, list):
+                parts = []
+                for item in detail[:5]:
+                    if not isinstance(item, dict):
+                        parts.append(str(item))
+                        continue
+                    if isinstance(item.get("type"), str):
+                        types.append(item["type"])
+                    loc = [str(p) for p in item.get("loc") or [] if p != "body"]
+                    msg = str(item.get("msg") or item.get("type") or "invalid")
+                    parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+                text = "; ".join(parts)
+        if not text:
+            text = http_error_text(resp)
+        return self._redact(text), types
+
+    def _redact(self, text: str) -> str:
+        """Belt and braces: a server that echoes our key must not put it in a message."""
+        text = text.replace(self._key, "[redacted]")
+        # fal keys are "id:secret"; an echo of either half is just as bad.
+        for part in self._key.split(":"):
+            if len(part) >= 8:
+                text = text.replace(part, "[redacted]")
+        return text
+
+    def _failed_run(self, error: str, error_type: str) -> Status:
+        kind = error_type.lower()
+        if any(t in kind for t in _CANCELLED_ERROR_TYPES):
+            return Cancelled()
+        if "content_policy" in kind:
+            return Failed(_CONTENT_POLICY_MESSAGE, rejected=True)
+        rejected = any(t in kind for t in _REJECTED_ERROR_TYPES)
+        reason = " ".join(self._redact(error).split())[:300]
+        return Failed(reason, rejected=rejected)
+
+    async def _fetch_result(self, handle: Handle, urls: dict[str, str],
+                            status_body: dict[str, Any]) -> Status:
+        # 502-504 are the gateway's and pass; any other error answer is the run's outcome.
+        resp = await self._get(urls["response_url"], "result", transient=(502, 503, 504))
+        if resp.status_code in (401, 403, 404, 429):
+            raise self._error(resp, "result")
+        if resp.status_code >= 300:
+            detail, types = self._detail(resp)
+            kind = " ".join(types)
+            if resp.status_code == 422 and not kind:
+                kind = "validation"
+            return self._failed_run(detail, kind)
+        output = _json_object(resp)
+        audio = output.get("audio")
+        url = audio.get("url") if isinstance(audio, dict) else None
+        if not isinstance(url, str) or not url:
+            return Failed("fal finished without an audio file")
+        audio = audio if isinstance(audio, dict) else {}
+        metrics = status_body.get("metrics")
+        metadata: dict[str, Any] = {
+            "request_id": urls["request_id"],
+            "endpoint": handle.data.get("endpoint"),
+            "inference_time": metrics.get("inference_time") if isinstance(metrics, dict)
+            else None,
+            "file_name": audio.get("file_name"),
+            "file_size": audio.get("file_size"),
+        }
+        seed = output.get("seed")
+        return Succeeded(Result(
+            audio_url=url,
+            seed=seed if isinstance(seed, int) else None,
+            tags=output.get("tags") if isinstance(output.get("tags"), str) else None,
+            lyrics=output.get("lyrics") if isinstance(output.get("lyrics"), str) else None,
+            content_type=audio.get("content_type"),
+            metadata={k: v for k, v in metadata.items() if v is not None}))
+
+    # ----- handles ---------------------------------------------------------------------
+
+    def _urls(self, handle: Handle) -> dict[str, str]:
+        """Status/result/cancel URLs: the stored ones, else built without the subpath."""
+        if handle.provider != self.name:
+            raise ValueError(f"not a fal handle: {handle.provider}")
+        request_id = str(handle.data["request_id"])
+        base = f"{self.queue_url}/{APP_ID}/requests/{request_id}"
+        built = {"status_url": f"{base}/status", "response_url": base,
+                 "cancel_url": f"{base}/cancel"}
+        urls = {"request_id": request_id}
+        for key, fallback in built.items():
+            stored = handle.data.get(key)
+            # A handle from another queue URL (config changed) is rebuilt for this one,
+            # so the key is never sent to a host we were not configured for.
+            urls[key] = stored if isinstance(stored, str) and self._same_origin(stored) \
+                else fallback
+        return urls
+
+    def _same_origin(self, url: str) -> bool:
+        try:
+            return origin(url) == origin(self.queue_url)
+        except httpx.InvalidURL:
+            return False
+
+
+def _json_object(resp: httpx.Response) -> dict[str, Any]:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise Unavailable("fal", "fal answered with something that is not a JSON object",
+                          status_code=resp.status_code)
+    return body
+
+
+def _running(logs: Any) -> Running:
+    """IN_PROGRESS: the latest log line, and progress from the latest percentage seen."""
+    messages = [str(entry.get("message", "")).strip() for entry in logs or []
+                if isinstance(entry, dict)]
+    messages = [m for m in messages if m]
+    progress = None
+    for message in reversed(messages):
+        match = _PERCENT.search(message)
+        if match:
+            progress = min(1.0, float(match.group(1)) / 100.0)
+            break
+    return Running(progress=progress, message=messages[-1][:200] if messages else None)

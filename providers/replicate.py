@@ -1,0 +1,345 @@
+"""Replicate adapter: `lucataco/ace-step` through the predictions API (song mode only).
+
+Wire protocol (PROVIDERS.md, "Replicate"): `POST /v1/predictions {version, input}` answers
+201 with a prediction; `GET /v1/predictions/{id}` polls it; `POST .../{id}/cancel`
+cancels it. Errors are RFC 7807 problem details (`type, title, status, detail`); a 429
+may carry `Retry-After`. The model's output is one URL string.
+
+Price: Replicate bills this model by GPU time, not per second of audio; no published
+per-audio-second figure was found, so the default is the 0.0002 USD/s the other ACE-Step
+hosts charge. `Result.metadata["predict_time"]` keeps the billed GPU seconds so the
+operator can compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from bot.requests import GenerationRequest, Mode
+from providers.base import (
+    AuthError,
+    BillingError,
+    Busy,
+    Cancelled,
+    Capabilities,
+    Failed,
+    Handle,
+    KeyForOrigins,
+    Provider,
+    ProviderError,
+    Queued,
+    Rejected,
+    Result,
+    Running,
+    Status,
+    Succeeded,
+    TaskLost,
+    Unavailable,
+    http_error_text,
+    parse_retry_after,
+)
+
+log = logging.getLogger(__name__)
+
+ACE_STEP_MODEL = "lucataco/ace-step"
+ACE_STEP_VERSION = "280fc4f9ee507577f880a167f639c02622421d8fecf492454320311217b688f1"
+
+# Our option name -> the model's input name (the rest keep their names).
+INPUT_NAMES: dict[str, str] = {
+    "steps": "number_of_steps",
+    "scheduler": "scheduler",
+    "guidance_type": "guidance_type",
+    "granularity_scale": "granularity_scale",
+    "guidance_interval": "guidance_interval",
+    "guidance_interval_decay": "guidance_interval_decay",
+    "guidance_scale": "guidance_scale",
+    "minimum_guidance_scale": "min_guidance_scale",
+    "tag_guidance_scale": "tag_guidance_scale",
+    "lyric_guidance_scale": "lyric_guidance_scale",
+}
+
+_CONTENT_TYPES = {
+    ".wav": "audio/wav",
+    ".mp3": "audio/mpeg",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+}
+_PERCENT = re.compile(r"(\d{1,3})%\|")
+_BILLING_WORDS = ("credit", "billing", "balance", "payment", "spend limit")
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class ReplicateProvider(Provider):
+    """Runs `lucataco/ace-step` on Replicate: tags + lyrics in, one audio URL out."""
+
+    name = "replicate"
+
+    def __init__(
+        self,
+        api_token: str,
+        base_url: str = "https://api.replicate.com",
+        *,
+        version: str = ACE_STEP_VERSION,
+        concurrency: int = 2,
+        price_per_second: float = 0.0002,
+        transport: httpx.AsyncBaseTransport | None = None,
+        poll_interval: float = 2.0,
+        poll_retries: int = 2,
+        retry_backoff: float = 0.5,
+        max_retry_after: float = 30.0,
+        timeout: float = 30.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        base = base_url.rstrip("/")
+        client = httpx.AsyncClient(
+            base_url=base,
+            transport=transport,
+            auth=KeyForOrigins(f"Bearer {api_token}", [base]),
+            timeout=timeout,
+            headers={"User-Agent": "acestep-bot"},
+        )
+        super().__init__(client)
+        self.base_url = base
+        self.version = version
+        self.capabilities = Capabilities(
+            modes=frozenset({Mode.SONG}),
+            min_duration=1,
+            max_duration=240,
+            options=frozenset(INPUT_NAMES),
+            price_per_second=price_per_second,
+            concurrency=concurrency,
+        )
+        self._poll_interval = poll_interval
+        self._poll_retries = poll_retries
+        self._retry_backoff = retry_backoff
+        self._max_retry_after = max_retry_after
+        self._sleep = sleep
+
+    # -- the contract -------------------------------------------------------------------
+
+    def build_input(self, request: GenerationRequest, seed: int) -> dict[str, Any]:
+        """The model input for one request (exactly what Replicate receives as `input`)."""
+        if request.mode is not Mode.SONG:
+            raise Rejected(self.name, "this model only composes songs from tags and lyrics")
+        body: dict[str, Any] = {
+            "tags": request.tags,
+            "lyrics": request.lyrics if request.wants_vocals else "[instrumental]",
+            "duration": request.duration,
+            "seed": seed,
+        }
+        for option, value in request.advanced().items():
+            body[INPUT_NAMES[option]] = value
+        return body
+
+    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+        """Create one prediction. Never retried: a lost answer may still be billed."""
+        model_input = self.build_input(request, seed)
+        payload = {"version": self.version, "input": model_input}
+        resp = await self._send("POST", "/v1/predictions", json=payload)
+        if resp.status_code >= 400:
+            raise map_error(resp, self.name, stage="submit")
+        prediction = _json_object(resp, self.name)
+        prediction_id = prediction.get("id")
+        if not isinstance(prediction_id, str) or not prediction_id:
+            raise Unavailable(self.name, "the prediction answer had no id")
+        urls = prediction.get("urls") or {}
+        return Handle(
+            self.name,
+            {
+                "id": prediction_id,
+                "version": self.version,
+                "get_url": urls.get("get"),
+                "cancel_url": urls.get("cancel"),
+                "tags": request.tags,
+                "lyrics": model_input["lyrics"],
+                "seed": seed,
+            },
+        )
+
+    async def poll(self, handle: Handle) -> Status:
+        """Ask once how the prediction is doing (transient errors retried briefly)."""
+        # Polls go to our configured base URL (a proxy may front the API), not urls.get.
+        path = f"/v1/predictions/{handle.data['id']}"
+        prediction = await self._get_with_retries(path)
+        return self._status(handle, prediction)
+
+    async def cancel(self, handle: Handle) -> bool:
+        """Cancel the prediction; False when it had already finished or is unknown."""
+        resp = await self._send("POST", f"/v1/predictions/{handle.data['id']}/cancel")
+        if resp.status_code in (400, 404, 409, 422):
+            return False
+        if resp.status_code >= 400:
+            raise map_error(resp, self.name, stage="cancel")
+        try:
+            status = resp.json().get("status")
+        except (ValueError, AttributeError):
+            status = None
+        return status not in ("succeeded", "failed")
+
+    def poll_interval(self) -> float:
+        return self._poll_interval
+
+    # -- helpers ------------------------------------------------------------------------
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self.client.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise Unavailable(self.name, f"{method} {_shown_path(path)} timed out") from None
+        except httpx.TransportError as exc:
+            raise Unavailable(
+                self.name, f"{method} {_shown_path(path)} failed: {type(exc).__name__}"
+            ) from None
+
+    async def _get_with_retries(self, path: str) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            try:
+                resp = await self._send("GET", path)
+                if resp.status_code >= 400:
+                    raise map_error(resp, self.name, stage="poll")
+                return _json_object(resp, self.name)
+            except (Busy, Unavailable) as exc:
+                if attempt >= self._poll_retries:
+                    raise
+                attempt += 1
+                delay = self._retry_backoff * 2 ** (attempt - 1)
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, self._max_retry_after))
+                log.info("replicate poll retry %d after %s", attempt, exc.message)
+                await self._sleep(delay)
+
+    def _status(self, handle: Handle, prediction: dict[str, Any]) -> Status:
+        status = prediction.get("status")
+        if status == "starting":
+            return Queued(position=None)
+        if status == "processing":
+            logs = prediction.get("logs") or ""
+            return Running(progress=_progress_from_logs(logs), message=_last_line(logs))
+        if status == "succeeded":
+            url = _output_url(prediction.get("output"))
+            if url is None:
+                return Failed("the model finished without an audio file")
+            return Succeeded(self._result(handle, prediction, url))
+        if status == "failed":
+            error = prediction.get("error")
+            reason = " ".join(str(error).split())[:300] if error else "the model run failed"
+            return Failed(reason)
+        if status in ("canceled", "canceling"):
+            return Cancelled()
+        if status == "aborted":
+            return Failed("Replicate aborted the prediction before it ran")
+        raise Unavailable(self.name, f"unknown prediction status {str(status)[:40]!r}")
+
+    def _result(self, handle: Handle, prediction: dict[str, Any], url: str) -> Result:
+        given = prediction.get("input") or {}
+        seed = given.get("seed", handle.data.get("seed"))
+        metrics = prediction.get("metrics") or {}
+        metadata: dict[str, Any] = {
+            "prediction_id": prediction.get("id", handle.data["id"]),
+            "model": ACE_STEP_MODEL,
+            "version": prediction.get("version", handle.data.get("version")),
+        }
+        for key in ("predict_time", "total_time"):
+            if isinstance(metrics.get(key), int | float):
+                metadata[key] = metrics[key]
+        suffix = urlsplit(url).path.rsplit(".", 1)
+        content_type = _CONTENT_TYPES.get("." + suffix[-1].lower()) if len(suffix) == 2 else None
+        return Result(
+            audio_url=url,
+            seed=seed if isinstance(seed, int) else None,
+            tags=given.get("tags", handle.data.get("tags")),
+            lyrics=given.get("lyrics", handle.data.get("lyrics")),
+            content_type=content_type,
+            metadata=metadata,
+        )
+
+
+def map_error(
+    resp: httpx.Response, provider: str = "replicate", *, stage: str = "submit"
+) -> ProviderError:
+    """The one place a Replicate error answer becomes one of our typed errors."""
+    code = resp.status_code
+    text = _problem_text(resp)
+    retry_after = parse_retry_after(resp)
+    if code == 401:
+        return AuthError(provider, f"the API token was refused: {text}", status_code=code)
+    if code == 402 or (code == 403 and any(w in text.lower() for w in _BILLING_WORDS)):
+        return BillingError(provider, f"billing: {text}", status_code=code)
+    if code == 403:
+        return AuthError(provider, f"forbidden: {text}", status_code=code)
+    if code == 404:
+        if stage == "poll":
+            return TaskLost(provider, "Replicate no longer knows this prediction", status_code=code)
+        # A missing model version is the operator's to fix; another provider can serve.
+        return Unavailable(provider, f"not found: {text}", status_code=code)
+    if code == 429:
+        return Busy(provider, f"rate limited: {text}", status_code=code, retry_after=retry_after)
+    if code == 503:
+        return Busy(
+            provider, f"temporarily unavailable: {text}", status_code=code, retry_after=retry_after
+        )
+    if 400 <= code < 500:
+        return Rejected(provider, text, status_code=code)
+    return Unavailable(provider, f"server error: {text}", status_code=code, retry_after=retry_after)
+
+
+def _problem_text(resp: httpx.Response) -> str:
+    """`title: detail` from an RFC 7807 body, else the best text the answer holds."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and ("title" in body or "detail" in body):
+        title = " ".join(str(body.get("title") or "").split())
+        detail = " ".join(str(body.get("detail") or "").split())
+        text = (
+            f"{title}: {detail}" if title and detail and title not in detail else (detail or title)
+        )
+        return text[:300]
+    return http_error_text(resp)
+
+
+def _json_object(resp: httpx.Response, provider: str) -> dict[str, Any]:
+    try:
+        body = resp.json()
+    except ValueError:
+        raise Unavailable(
+            provider, "the answer was not JSON", status_code=resp.status_code
+        ) from None
+    if not isinstance(body, dict):
+        raise Unavailable(provider, "the answer was not a JSON object")
+    return body
+
+
+def _output_url(output: Any) -> str | None:
+    if isinstance(output, str) and output:
+        return output
+    if isinstance(output, list) and output and isinstance(output[0], str):
+        return output[0]  # tolerate a list, in case the model's schema changes
+    return None
+
+
+def _progress_from_logs(logs: str) -> float | None:
+    """The last tqdm percentage in the model's logs, as 0..1."""
+    found = _PERCENT.findall(logs[-4000:])
+    return min(100, int(found[-1])) / 100 if found else None
+
+
+def _last_line(logs: str) -> str | None:
+    for line in reversed(logs.replace("\r", "\n").splitlines()):
+        if line.strip():
+            return " ".join(line.split())[:200]
+    return None
+
+
+def _shown_path(path: str) -> str:
+    return path.split("?", 1)[0]

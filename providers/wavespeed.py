@@ -1,0 +1,310 @@
+"""WaveSpeed AI (v3 API) adapter: ACE-Step prompt-to-audio plus one of two song models.
+
+Wire facts (shared PROVIDERS.md): every answer is an envelope `{code, message, data}` that
+can carry an error even under HTTP 200, a failed run is HTTP 200 with `status: failed`, the
+result lives at `/api/v3/predictions/{id}/result` (newer servers also answer
+`/api/v3/predictions/{id}`), and there is no cancel endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from bot.requests import GenerationRequest, Mode, is_instrumental_lyrics
+from providers.base import (
+    AuthError,
+    BillingError,
+    Busy,
+    Cancelled,
+    Capabilities,
+    Failed,
+    Handle,
+    KeyForOrigins,
+    Provider,
+    ProviderError,
+    Queued,
+    Rejected,
+    Result,
+    Running,
+    Status,
+    Succeeded,
+    TaskLost,
+    Unavailable,
+    parse_retry_after,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "wavespeed"
+DEFAULT_BASE_URL = "https://api.wavespeed.ai"
+PROMPT_MODEL = "wavespeed-ai/ace-step/prompt-to-audio"
+PROMPT_PRICE = 0.0002  # USD per second of audio
+# Song models the operator can choose between, with their price per second of audio.
+SONG_MODELS: dict[str, float] = {
+    "wavespeed-ai/ace-step": 0.0002,
+    "wavespeed-ai/ace-step-1.5": 0.0003,
+}
+DEFAULT_SONG_MODEL = "wavespeed-ai/ace-step"
+# How each song model spells "no vocals" in its lyrics field.
+_NO_LYRICS = {"wavespeed-ai/ace-step": "[inst]", "wavespeed-ai/ace-step-1.5": ""}
+
+_QUEUED = {"created", "pending", "queued"}
+_RUNNING = {"processing", "running"}
+_FAILED = {"failed", "timeout", "deleted"}
+_CANCELLED = {"cancelled", "canceled"}
+# Words in a failure or 4xx message that mean the model refused the input itself.
+_POLICY_WORDS = ("nsfw", "content policy", "content_policy", "sensitive", "prohibited",
+                 "not allowed", "violat")
+_BALANCE_WORDS = ("balance", "insufficient", "credit", "billing", "payment", "top up")
+_MAX_RETRY_WAIT_S = 30.0
+_MAX_REASON_CHARS = 300
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def map_error(status: int, message: str, *, retry_after: float | None = None,
+              polling: bool = False) -> ProviderError:
+    """The one place WaveSpeed's HTTP statuses and envelope codes become our errors."""
+    name = NAME
+    text = message or "no details given"
+    low = text.lower()
+    if status == 402 or (status in (400, 403) and any(w in low for w in _BALANCE_WORDS)):
+        return BillingError(name, f"account balance exhausted: {text}", status_code=status)
+    if status in (401, 403):
+        return AuthError(name, f"API key refused: {text}", status_code=status)
+    if status == 404:
+        if polling:
+            return TaskLost(name, "WaveSpeed no longer knows this prediction", status_code=404)
+        return Unavailable(name, f"model not found: {text}", status_code=404)
+    if status in (429, 503):
+        return Busy(name, f"busy: {text}", status_code=status, retry_after=retry_after)
+    if status == 408 or status >= 500:
+        return Unavailable(name, f"server error: {text}", status_code=status,
+                           retry_after=retry_after)
+    if 400 <= status < 500:
+        return Rejected(name, text, status_code=status)
+    return Unavailable(name, f"unexpected answer (code {status}): {text}", status_code=status)
+
+
+class WaveSpeedProvider(Provider):
+    """ACE-Step on WaveSpeed: prompt mode always, song mode with the chosen song model."""
+
+    name = NAME
+
+    def __init__(self, api_key: str, base_url: str = DEFAULT_BASE_URL, *,
+                 song_model: str = DEFAULT_SONG_MODEL, concurrency: int = 2,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 poll_interval: float = 2.0, poll_retries: int = 2,
+                 retry_backoff: float = 1.0, timeout: float = 30.0,
+                 sleep: Sleep = asyncio.sleep) -> None:
+        """`poll_retries` extra tries per poll after a busy/unavailable answer, waiting
+        `retry_backoff` * 2**n seconds (or Retry-After) through `sleep`."""
+        if song_model not in SONG_MODELS:
+            raise ValueError(f"unknown WaveSpeed song model {song_model!r}; "
+                             f"choose one of {', '.join(SONG_MODELS)}")
+        if not api_key:
+            raise ValueError("the WaveSpeed API key is empty")
+        self.base_url = base_url.rstrip("/")
+        client = httpx.AsyncClient(
+            base_url=self.base_url, transport=transport,
+            auth=KeyForOrigins(f"Bearer {api_key}", [self.base_url]),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+        super().__init__(client)
+        self._api_key = api_key
+        self.song_model = song_model
+        self.capabilities = Capabilities(
+            modes=frozenset({Mode.PROMPT, Mode.SONG}),
+            options=frozenset(),  # WaveSpeed takes no knobs beyond duration and seed
+            # The engine budgets with one figure: the dearest model this instance may use.
+            price_per_second=max(PROMPT_PRICE, SONG_MODELS[song_model]),
+            concurrency=concurrency)
+        self._poll_interval = poll_interval
+        self._poll_retries = max(0, poll_retries)
+        self._retry_backoff = retry_backoff
+        self._sleep = sleep
+        # Set once the server answers 404 on `/result` but knows `/predictions/{id}`.
+        self._prefer_plain_path = False
+
+    # -- what to send ---------------------------------------------------------------
+
+    def model_for(self, request: GenerationRequest) -> str:
+        """The WaveSpeed model id that serves this request."""
+        return PROMPT_MODEL if request.mode is Mode.PROMPT else self.song_model
+
+    def price_per_second_for(self, request: GenerationRequest) -> float:
+        """USD per second of audio for this request's model."""
+        if request.mode is Mode.PROMPT:
+            return PROMPT_PRICE
+        return SONG_MODELS[self.song_model]
+
+    def build_input(self, request: GenerationRequest, seed: int) -> dict[str, Any]:
+        """The flat JSON body WaveSpeed's model takes."""
+        if request.mode is Mode.PROMPT:
+            return {"prompt": request.prompt, "instrumental": request.instrumental,
+                    "duration": request.duration, "seed": seed}
+        if request.instrumental or is_instrumental_lyrics(request.lyrics):
+            lyrics = _NO_LYRICS[self.song_model]
+        else:
+            lyrics = request.lyrics
+        return {"tags": request.tags, "lyrics": lyrics, "duration": request.duration,
+                "seed": seed}
+
+    # -- the contract ---------------------------------------------------------------
+
+    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+        if not self.capabilities.can_serve(request):
+            raise ValueError(f"{self.name} cannot serve a {request.mode} request of "
+                             f"{request.duration} s")
+        model = self.model_for(request)
+        # Never retried here: a submit that timed out may exist and be billed.
+        data = await self._request("POST", f"/api/v3/{model}",
+                                   json=self.build_input(request, seed), polling=False)
+        job_id = data.get("id")
+        if not isinstance(job_id, str) or not job_id:
+            raise Unavailable(self.name, "submit answer carried no prediction id")
+        log.info("wavespeed: submitted prediction %s to %s", job_id, model)
+        return Handle(self.name, {"id": job_id, "model": model, "seed": seed,
+                                  "duration": request.duration})
+
+    async def poll(self, handle: Handle) -> Status:
+        self._check_handle(handle)
+        data = await self._fetch_prediction(str(handle.data["id"]))
+        return self._status_from(data, handle)
+
+    async def cancel(self, handle: Handle) -> bool:
+        """WaveSpeed has no cancel endpoint: the run finishes (and is billed) anyway."""
+        self._check_handle(handle)
+        return False
+
+    def poll_interval(self) -> float:
+        return self._poll_interval
+
+    # -- internals ------------------------------------------------------------------
+
+    def _check_handle(self, handle: Handle) -> None:
+        if handle.provider != self.name or not handle.data.get("id"):
+            raise ValueError(f"not a {self.name} handle: provider {handle.provider!r}")
+
+    async def _fetch_prediction(self, job_id: str) -> dict[str, Any]:
+        """GET the prediction, retrying busy/unavailable answers with backoff."""
+        attempt = 0
+        while True:
+            try:
+                return await self._get_prediction(job_id)
+            except (Busy, Unavailable) as exc:
+                if attempt >= self._poll_retries:
+                    raise
+                delay = min(_MAX_RETRY_WAIT_S,
+                            max(exc.retry_after or 0.0, self._retry_backoff * 2 ** attempt))
+                log.info("wavespeed: poll of %s failed (%s); retrying in %.1f s",
+                         job_id, exc.message, delay)
+                await self._sleep(delay)
+                attempt += 1
+
+    async def _get_prediction(self, job_id: str) -> dict[str, Any]:
+        paths = [f"/api/v3/predictions/{job_id}/result", f"/api/v3/predictions/{job_id}"]
+        if self._prefer_plain_path:
+            paths.reverse()
+        try:
+            return await self._request("GET", paths[0], polling=True)
+        except TaskLost:
+            # Only one of the two documented paths may exist on this server.
+            data = await self._request("GET", paths[1], polling=True)
+            self._prefer_plain_path = not self._prefer_plain_path
+            return data
+
+    async def _request(self, method: str, path: str, *, json: Any = None,
+                       polling: bool) -> dict[str, Any]:
+        """One HTTP call; returns the envelope's `data` or raises our typed error."""
+        try:
+            resp = await self.client.request(method, path, json=json)
+        except httpx.TimeoutException:
+            what = "poll" if polling else "submit (the job may still have been created)"
+            raise Unavailable(self.name, f"{what} timed out") from None
+        except httpx.TransportError as exc:
+            raise Unavailable(self.name, f"connection failed: {type(exc).__name__}") from None
+        try:
+            body: Any = resp.json()
+        except ValueError:
+            body = None
+        envelope = body if isinstance(body, dict) else {}
+        code = envelope.get("code")
+        if resp.status_code >= 400 or not resp.is_success:
+            status = resp.status_code
+        else:
+            # HTTP 2xx can still carry an error code in the envelope.
+            status = code if isinstance(code, int) else 200
+        if status != 200:
+            message = envelope.get("message") or envelope.get("error") or (
+                resp.text if body is None else "")
+            raise map_error(status, self._clean(str(message)),
+                            retry_after=parse_retry_after(resp), polling=polling)
+        data = envelope.get("data")
+        if not isinstance(data, dict):
+            raise Unavailable(self.name, "answer had no data object", status_code=status)
+        return data
+
+    def _clean(self, text: str) -> str:
+        """Short, one-line and key-free (some servers echo the key they refused)."""
+        text = " ".join(text.replace(self._api_key, "***").split())
+        return text[:_MAX_REASON_CHARS]
+
+    def _status_from(self, data: dict[str, Any], handle: Handle) -> Status:
+        status = str(data.get("status") or "").lower()
+        if status in _QUEUED:
+            return Queued(_int_or_none(data.get("queue_position")))
+        if status in _RUNNING:
+            return Running()
+        if status == "completed":
+            return self._succeeded(data, handle)
+        if status in _FAILED:
+            error = self._clean(str(data.get("error") or ""))
+            if status == "timeout":
+                reason = "WaveSpeed timed out making the song"
+            else:
+                reason = "WaveSpeed could not make the song"
+            if error:
+                reason = f"{reason}: {error}"
+            low = error.lower()
+            return Failed(reason, rejected=any(w in low for w in _POLICY_WORDS))
+        if status in _CANCELLED:
+            return Cancelled()
+        # A status the docs do not list: keep polling rather than give up on a paid job.
+        return Running(message=f"status {status or 'unknown'}")
+
+    def _succeeded(self, data: dict[str, Any], handle: Handle) -> Status:
+        outputs = data.get("outputs") or []
+        url = next((o for o in outputs if isinstance(o, str) and o), None)
+        if url is None:
+            return Failed("WaveSpeed finished without an audio file")
+        metadata: dict[str, Any] = {"prediction_id": data.get("id") or handle.data["id"],
+                                    "model": data.get("model") or handle.data.get("model")}
+        timings = data.get("timings")
+        if isinstance(timings, dict) and isinstance(timings.get("inference"), int | float):
+            metadata["inference_time_s"] = timings["inference"] / 1000.0
+        nsfw = data.get("has_nsfw_contents")
+        if isinstance(nsfw, list):
+            metadata["has_nsfw_contents"] = [bool(x) for x in nsfw]
+            metadata["nsfw"] = any(bool(x) for x in nsfw)
+        if data.get("created_at"):
+            metadata["created_at"] = data["created_at"]
+        # WaveSpeed runs the concrete seed it was sent; prefer one it reports, if ever.
+        seed = _int_or_none(data.get("seed"))
+        if seed is None:
+            seed = _int_or_none(handle.data.get("seed"))
+        return Succeeded(Result(audio_url=url, seed=seed, metadata=metadata))
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None

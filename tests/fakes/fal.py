@@ -1,0 +1,359 @@
+"""A fake fal.ai queue: a real aiohttp server speaking fal's queue protocol for ACE-Step.
+
+It follows the shared PROVIDERS.md: submit at the full model id (subpath included),
+status / result / cancel under the app id only, `Authorization: Key <key>`, 422 with
+fal's `detail` list for bad input, 202 while a request waits or runs and 200 once it is
+COMPLETED. Each request moves IN_QUEUE -> IN_PROGRESS -> COMPLETED over a configurable
+number of status polls. Switches reproduce each documented error shape.
+
+Usage:
+    fake = FakeFal(queue_polls=2, progress_polls=1)
+    async with fake.running() as url:   # FalProvider(fake.key, url, ...)
+        ...
+    assert fake.submit_count == 1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tests.fakes.audio import make_wav
+from tests.fakes.http import json_response, serve
+
+APP_ID = "fal-ai/ace-step"
+# Submit paths this fake knows -> which input schema they take.
+ENDPOINTS = {"fal-ai/ace-step": "song", "fal-ai/ace-step/prompt-to-audio": "prompt"}
+
+# fal's documented ranges for the shared knobs (PROVIDERS.md).
+RANGES: dict[str, tuple[float, float]] = {
+    "number_of_steps": (3, 60),
+    "granularity_scale": (-100, 100),
+    "guidance_interval": (0, 1),
+    "guidance_interval_decay": (0, 1),
+    "guidance_scale": (0, 200),
+    "minimum_guidance_scale": (0, 200),
+    "tag_guidance_scale": (0, 10),
+    "lyric_guidance_scale": (0, 10),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "scheduler": ("euler", "heun"),
+    "guidance_type": ("cfg", "apg", "cfg_star"),
+}
+
+LOCKED_DETAIL = ("User is locked. Reason: Exhausted balance. "
+                 "Top up your balance at fal.ai/dashboard/billing.")
+CONTENT_POLICY_MSG = ("The content could not be processed because it contained material "
+                      "flagged by a content checker.")
+
+
+@dataclass
+class Submit:
+    """One submit POST as the fake received it (recorded even when it was refused)."""
+
+    path: str  # e.g. "/fal-ai/ace-step/prompt-to-audio"
+    body: Any
+    authorization: str | None
+
+
+@dataclass
+class FakeRequest:
+    """A queued request and how far it has got."""
+
+    request_id: str
+    endpoint: str
+    body: dict[str, Any]
+    polls: int = 0
+    cancelled: bool = False
+    audio: bytes | None = None
+    logs: list[dict[str, str]] = field(default_factory=list)
+
+
+class FakeFal:
+    """The fake queue. Change the settings / switches between calls to shape its answers."""
+
+    def __init__(self, key: str = "fal-test-id:fal-test-secret-0123456789", *,
+                 queue_polls: int = 1, progress_polls: int = 1, queue_position: int = 2,
+                 max_duration: int = 240) -> None:
+        self.key = key
+        # Status polls answered IN_QUEUE, then IN_PROGRESS, before COMPLETED.
+        self.queue_polls = queue_polls
+        self.progress_polls = progress_polls
+        self.queue_position = queue_position  # first position reported; counts down
+        self.max_duration = max_duration  # fal documents 240; lower it to test a 422
+        self.inference_time = 3.25  # seconds reported in metrics on completion
+        # Error switches.
+        self.unauthorized = False  # every queue call: 401 (a revoked key)
+        self.exhausted_balance = False  # every queue call: 403 locked account
+        self.content_policy = False  # submit: 422 content_policy_violation
+        self.rate_limited = 0  # the next N queue calls: 429 with Retry-After
+        self.retry_after = 1
+        self.server_errors = 0  # the next N queue calls: 500
+        self.submit_delay = 0.0  # seconds a submit takes (to make clients time out)
+        self.run_error: tuple[str, str] | None = None  # COMPLETED with (error, error_type)
+        self.result_error: tuple[int, str] | None = None  # result GET -> (status, detail)
+        self.forget = False  # status / result / cancel: 404, as if fal lost the request
+        # Host for audio URLs; e.g. "localhost" puts the file on another origin than
+        # 127.0.0.1 (same server), to check that the key is not sent with downloads.
+        self.file_host: str | None = None
+        # What happened.
+        self.submits: list[Submit] = []
+        self.requests: dict[str, FakeRequest] = {}
+        self.status_paths: list[str] = []  # path of every status GET
+        self.result_paths: list[str] = []
+        self.cancels: list[str] = []  # request ids whose cancel was accepted
+        self.downloads: list[dict[str, str]] = []  # request headers of each file GET
+        self.base_url: str | None = None
+        self.app = self._build_app()
+
+    @property
+    def submit_count(self) -> int:
+        return len(self.submits)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        """Serve on 127.0.0.1; yields the queue base URL (use it as FAL_QUEUE_URL)."""
+        async with serve(self.app) as url:
+            self.base_url = url
+            yield url
+
+    # ----- routing ---------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/files/{request_id}/{name}", self._file)
+        app.router.add_post("/{owner}/{alias}", self._submit)
+        app.router.add_post("/{owner}/{alias}/{subpath}", self._submit)
+        app.router.add_get("/{owner}/{alias}/requests/{request_id}/status", self._status)
+        app.router.add_get("/{owner}/{alias}/requests/{request_id}", self._result)
+        app.router.add_put("/{owner}/{alias}/requests/{request_id}/cancel", self._cancel)
+        # Anything else (e.g. a status URL that kept the subpath) is fal's JSON 404.
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        return app
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        return json_response({"detail": "Not Found"}, status=404)
+
+    def _gate(self, request: web.Request) -> web.Response | None:
+        """Checks every queue call shares: key, account, injected 429 / 500."""
+        if request.headers.get("Authorization") != f"Key {self.key}" or self.unauthorized:
+            return json_response({"detail": "No user found for Key ID and Secret"},
+                                 status=401)
+        if self.exhausted_balance:
+            return json_response({"detail": LOCKED_DETAIL}, status=403)
+        if self.rate_limited > 0:
+            self.rate_limited -= 1
+            return json_response({"detail": "Too many requests"}, status=429,
+                                 headers={"Retry-After": str(self.retry_after)})
+        if self.server_errors > 0:
+            self.server_errors -= 1
+            return json_response({"detail": "Internal Server Error"}, status=500)
+        return None
+
+    def _lookup(self, request: web.Request) -> FakeRequest | web.Response:
+        app_id = f"{request.match_info['owner']}/{request.match_info['alias']}"
+        found = self.requests.get(request.match_info["request_id"])
+        if self.forget or found is None or app_id != APP_ID:
+            return json_response({"detail": "Request not found"}, status=404)
+        return found
+
+    # ----- queue API -------------------------------------------------------------------
+
+    async def _submit(self, request: web.Request) -> web.Response:
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            body = None
+        self.submits.append(Submit(request.path, body, request.headers.get("Authorization")))
+        if self.submit_delay:
+            await asyncio.sleep(self.submit_delay)
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        endpoint = request.path.strip("/")
+        schema = ENDPOINTS.get(endpoint)
+        if schema is None:
+            return json_response({"detail": f"Application '{endpoint}' not found"}, status=404)
+        errors = self._validate(schema, body)
+        if errors:
+            return json_response({"detail": errors}, status=422)
+        if self.content_policy:
+            loc = ["body", "prompt" if schema == "prompt" else "lyrics"]
+            return json_response({"detail": [{
+                "loc": loc, "msg": CONTENT_POLICY_MSG, "type": "content_policy_violation",
+                "url": "https://docs.fal.ai/errors#content_policy_violation"}]}, status=422)
+        request_id = str(uuid.uuid4())
+        self.requests[request_id] = FakeRequest(request_id, endpoint, dict(body))
+        urls = self._urls(request, request_id)
+        return json_response({
+            "status": "IN_QUEUE", "request_id": request_id,
+            "gateway_request_id": request_id, "queue_position": self.queue_position,
+            **urls}, headers={"x-fal-request-id": request_id})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        self.status_paths.append(request.path)
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        found = self._lookup(request)
+        if isinstance(found, web.Response):
+            return found
+        req = found
+        poll = req.polls
+        req.polls += 1
+        base: dict[str, Any] = {"request_id": req.request_id,
+                                **self._urls(request, req.request_id)}
+        if req.cancelled:
+            return json_response({**base, "status": "COMPLETED", "logs": req.logs,
+                                  "metrics": {}, "error": "Request was cancelled by the client",
+                                  "error_type": "client_cancelled"})
+        if poll < self.queue_polls:
+            position = max(0, self.queue_position - poll)
+            return json_response({**base, "status": "IN_QUEUE", "queue_position": position,
+                                  "logs": None}, status=202)
+        step = poll - self.queue_polls
+        if step < self.progress_polls:
+            if not req.logs:
+                req.logs.append(_log("Loading ACE-Step model"))
+            pct = round(100 * (step + 1) / (self.progress_polls + 1))
+            req.logs.append(_log(f"Generating: {pct}%| {step + 1}/{self.progress_polls + 1}"))
+            return json_response({**base, "status": "IN_PROGRESS", "logs": req.logs},
+                                 status=202)
+        done: dict[str, Any] = {**base, "status": "COMPLETED", "logs": req.logs,
+                                "metrics": {"inference_time": self.inference_time}}
+        if self.run_error is not None:
+            done["error"], done["error_type"] = self.run_error
+        return json_response(done)
+
+    async def _result(self, request: web.Request) -> web.Response:
+        self.result_paths.append(request.path)
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        found = self._lookup(request)
+        if isinstance(found, web.Response):
+            return found
+        req = found
+        if req.cancelled:
+            return json_response({"detail": "Request was cancelled by the client",
+                                  "error_type": "client_cancelled"}, status=499)
+        if not self._completed(req):
+            return json_response({"detail": "Request is still in progress"}, status=400)
+        if self.result_error is not None:
+            status, detail = self.result_error
+            return json_response({"detail": detail}, status=status)
+        if self.run_error is not None:
+            message, error_type = self.run_error
+            return json_response({"detail": message, "error_type": error_type}, status=500)
+        return json_response(self._output(request, req),
+                             headers={"x-fal-request-id": req.request_id})
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        found = self._lookup(request)
+        if isinstance(found, web.Response):
+            return found
+        if self._completed(found) or found.cancelled:
+            return json_response({"status": "ALREADY_COMPLETED"}, status=400)
+        found.cancelled = True
+        self.cancels.append(found.request_id)
+        return json_response({"status": "CANCELLATION_REQUESTED"}, status=202)
+
+    async def _file(self, request: web.Request) -> web.Response:
+        self.downloads.append(dict(request.headers))
+        req = self.requests.get(request.match_info["request_id"])
+        if req is None or req.audio is None:
+            return json_response({"detail": "Not Found"}, status=404)
+        return web.Response(body=req.audio, content_type="audio/wav")
+
+    # ----- helpers ---------------------------------------------------------------------
+
+    def _completed(self, req: FakeRequest) -> bool:
+        return req.polls > self.queue_polls + self.progress_polls
+
+    def _urls(self, request: web.Request, request_id: str) -> dict[str, str]:
+        # fal's returned URLs drop the endpoint subpath: owner/alias only.
+        base = f"{request.scheme}://{request.host}/{APP_ID}/requests/{request_id}"
+        return {"response_url": base, "status_url": f"{base}/status",
+                "cancel_url": f"{base}/cancel"}
+
+    def _output(self, request: web.Request, req: FakeRequest) -> dict[str, Any]:
+        body = req.body
+        if req.audio is None:
+            req.audio = make_wav(float(body.get("duration", 60)))
+        host = request.host
+        if self.file_host is not None:
+            host = f"{self.file_host}:{host.rsplit(':', 1)[-1]}"
+        url = f"{request.scheme}://{host}/files/{req.request_id}/audio.wav"
+        seed = body.get("seed")
+        if ENDPOINTS[req.endpoint] == "prompt":
+            # fal writes tags and lyrics from the prompt.
+            words = [w.strip(".,!?").lower() for w in str(body["prompt"]).split()]
+            tags = ", ".join(itertools.islice((w for w in words if len(w) > 3), 4))
+            lyrics = "[inst]" if body.get("instrumental") else f"[verse]\n{body['prompt']}"
+        else:
+            tags, lyrics = body["tags"], body.get("lyrics", "")
+        return {
+            "audio": {"url": url, "content_type": "audio/wav", "file_name": "audio.wav",
+                      "file_size": len(req.audio)},
+            "seed": seed if isinstance(seed, int) else random.randint(0, 2**31 - 1),
+            "tags": tags,
+            "lyrics": lyrics,
+        }
+
+    def _validate(self, schema: str, body: Any) -> list[dict[str, Any]]:
+        """fal-style (pydantic) validation errors for an input body; [] when valid."""
+        if not isinstance(body, dict):
+            return [_err(["body"], "value is not a valid dict", "type_error.dict")]
+        errors: list[dict[str, Any]] = []
+        required = "prompt" if schema == "prompt" else "tags"
+        if not isinstance(body.get(required), str) or not body[required].strip():
+            errors.append(_err(["body", required], "field required", "value_error.missing"))
+        ranges = {"duration": (5.0, float(self.max_duration)), **RANGES}
+        for name, (low, high) in ranges.items():
+            if name not in body:
+                continue
+            value = body[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                errors.append(_err(["body", name], "value is not a valid float",
+                                   "type_error.float"))
+            elif value > high:
+                errors.append(_err(["body", name], f"ensure this value is less than or "
+                                   f"equal to {_num(high)}", "value_error.number.not_le",
+                                   limit_value=high))
+            elif value < low:
+                errors.append(_err(["body", name], f"ensure this value is greater than or "
+                                   f"equal to {_num(low)}", "value_error.number.not_ge",
+                                   limit_value=low))
+        for name, choices in CHOICES.items():
+            if name in body and body[name] not in choices:
+                permitted = ", ".join(repr(c) for c in choices)
+                errors.append(_err(["body", name], f"unexpected value; permitted: {permitted}",
+                                   "value_error.const", permitted=list(choices)))
+        return errors
+
+
+def _err(loc: list[str], msg: str, type_: str, **ctx: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {"loc": loc, "msg": msg, "type": type_}
+    if ctx:
+        item["ctx"] = ctx
+    return item
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _log(message: str) -> dict[str, str]:
+    return {"message": message, "level": "INFO", "source": "user",
+            "timestamp": "2026-01-01T00:00:00.000000"}

@@ -1,0 +1,311 @@
+"""The engine end to end against the fake fal queue server and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import av
+import pytest
+
+from bot.engine import AlreadyFinished, Engine, NotAllowed, QuotaExceeded
+from bot.models import Requester
+from bot.requests import GenerationRequest
+from providers.fal import FalProvider
+from tests.conftest import make_settings
+from tests.enginekit import RecordingDelivery, audio_files, open_engine, wait_for_state
+from tests.fakes.fal import FakeFal
+
+ALICE = Requester("discord", "100", "guild1", "alice")
+BOB = Requester("discord", "200", "guild1", "bob")
+
+
+def prompt(text: str = "lofi piano about rain", **kw: object) -> GenerationRequest:
+    return GenerationRequest.build(mode="prompt", prompt=text, **kw)
+
+
+def fal(fake: FakeFal, url: str, concurrency: int = 2) -> FalProvider:
+    return FalProvider(fake.key, url, concurrency=concurrency, poll_interval=0.01,
+                       retry_delays=(0.01, 0.02))
+
+
+def decoded_seconds(path: Path) -> float:
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return samples / stream.rate
+
+
+async def test_song_delivered_as_mp3_with_progress_and_quota_committed(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=2, progress_polls=2)
+    settings = make_settings(tmp_path)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            admission = await engine.submit(prompt(duration=12, seed=-1), ALICE,
+                                            {"channel_id": "1"})
+            assert admission.position == 1 and 0 <= admission.seed <= 2147483647
+            job = await wait_for_state(engine, admission.job_id, ("delivered",))
+            ledger = await engine.store.ledger(job.id)
+        finally:
+            await engine.close()
+    assert fake.submit_count == 1
+    sent = fake.submits[0]
+    assert sent.path == "/fal-ai/ace-step/prompt-to-audio"
+    assert sent.body["seed"] == admission.seed and sent.body["duration"] == 12
+    states = [p.state for jid, p in delivery.progress if jid == job.id]
+    assert states[0] == "queued" or states[0] == "submitting"
+    assert "running" in states and states[-1] == "uploading"
+    [(jid, rendered)] = delivery.delivered
+    assert jid == job.id and rendered.format == "mp3"
+    assert rendered.size <= 10 * 1024 * 1024
+    assert decoded_seconds(rendered.path) == pytest.approx(12, abs=0.2)
+    assert rendered.cover[:3] == b"\xff\xd8\xff"  # a JPEG cover
+    assert job.result and job.result["seed"] == admission.seed
+    assert job.charged_usd == pytest.approx(12 * 0.0002)
+    assert [e["kind"] for e in ledger] == ["reserve", "charge", "commit"]
+    assert f"{job.id}.wav" in [p.name for p in audio_files(settings)]  # original kept
+
+
+async def test_fair_between_users_not_fifo(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0, progress_polls=1)
+    settings = make_settings(tmp_path, quota_user_jobs_per_day=50,
+                             quota_user_concurrent_jobs=20)
+    delivery = RecordingDelivery(byte_limit=None)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url, concurrency=1)], delivery)
+        try:
+            alice_jobs = [await engine.submit(prompt(f"alice song {i}", duration=5), ALICE, {})
+                          for i in range(10)]
+            bob = await engine.submit(prompt("bob song", duration=5), BOB, {})
+            assert bob.position <= 2  # not behind all of Alice's queued songs
+            await wait_for_state(engine, bob.job_id, ("delivered",), timeout=20)
+            order = [s.body["prompt"] for s in fake.submits]
+        finally:
+            await engine.close()
+    assert order.index("bob song") <= 2, order
+    assert len(alice_jobs) == 10
+
+
+async def test_recovery_resumes_polling_and_delivers_once(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=1, progress_polls=10_000)  # stays running until released
+    settings = make_settings(tmp_path)
+    first_delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], first_delivery)
+        admission = await engine.submit(prompt(duration=6), ALICE, {"channel_id": "9"})
+        await wait_for_state(engine, admission.job_id, ("running",))
+        await asyncio.sleep(0.1)
+        await engine.abort()  # a hard stop: no further writes
+        await engine.store.db.close()
+        fake.progress_polls = 1  # the provider finishes while the bot is down
+
+        second_delivery = RecordingDelivery()
+        engine2 = await open_engine(settings, [fal(fake, url)], second_delivery)
+        try:
+            job = await wait_for_state(engine2, admission.job_id, ("delivered",))
+            await asyncio.sleep(0.2)
+        finally:
+            await engine2.close()
+    assert fake.submit_count == 1
+    assert first_delivery.delivered == []
+    assert second_delivery.delivered_ids() == [job.id]
+    assert job.reply_target == {"channel_id": "9"}
+
+
+async def test_recovery_resubmits_a_job_interrupted_while_submitting(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0, progress_polls=1)
+    settings = make_settings(tmp_path)
+    async with fake.running() as url:
+        engine = await Engine.open(settings, [fal(fake, url)])
+        admission = await engine.submit(prompt(duration=5), ALICE, {})
+        # Simulate a crash between "submitting" being saved and the provider answering.
+        assert await engine.store.transition(admission.job_id, ("queued",), "submitting")
+        await engine.store.db.close()
+        delivery = RecordingDelivery()
+        engine2 = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            job = await wait_for_state(engine2, admission.job_id, ("delivered",))
+        finally:
+            await engine2.close()
+    assert fake.submit_count == 1
+    assert job.recoveries == 1
+
+
+async def test_cancel_queued_and_running_jobs_refunds(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=1, progress_polls=10_000)
+    settings = make_settings(tmp_path, quota_user_jobs_per_day=2)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url, concurrency=1)], delivery)
+        try:
+            running = await engine.submit(prompt("first", duration=5), ALICE, {})
+            await wait_for_state(engine, running.job_id, ("running",))
+            queued = await engine.submit(prompt("second", duration=5), ALICE, {})
+            with pytest.raises(QuotaExceeded):
+                await engine.submit(prompt("third", duration=5), ALICE, {})
+            with pytest.raises(NotAllowed, match="only cancel your own"):
+                await engine.cancel(queued.job_id, BOB)
+            cancelled = await engine.cancel(queued.job_id, ALICE)
+            assert cancelled.state == "cancelled" and cancelled.refunded
+            stopped = await engine.cancel(running.job_id, ALICE)
+            assert stopped.state == "cancelled"
+            with pytest.raises(AlreadyFinished):
+                await engine.cancel(running.job_id, ALICE)
+            # Both refunds free the quota again.
+            await engine.submit(prompt("fourth", duration=5), ALICE, {})
+            await engine.submit(prompt("fifth", duration=5), ALICE, {})
+        finally:
+            await engine.close()
+    assert len(fake.cancels) == 1
+    assert {jid for jid, _ in delivery.failures} == {queued.job_id, running.job_id}
+    assert all("Cancelled" in msg for _, msg in delivery.failures)
+
+
+async def test_content_policy_rejection_told_and_never_retried(tmp_path: Path) -> None:
+    fake = FakeFal()
+    fake.content_policy = True
+    settings = make_settings(tmp_path)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            adm = await engine.submit(prompt(duration=5), ALICE, {})
+            job = await wait_for_state(engine, adm.job_id, ("failed",))
+        finally:
+            await engine.close()
+    assert fake.submit_count == 1
+    assert job.refunded
+    [(jid, message)] = delivery.failures
+    assert jid == adm.job_id
+    assert message.startswith("The music service refused this request:")
+    assert "content checker" in message or "content" in message.lower()
+
+
+async def test_auth_failure_tells_user_unavailable_and_operator_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeFal()
+    fake.exhausted_balance = True
+    settings = make_settings(tmp_path, fal_key=fake.key)
+    delivery = RecordingDelivery()
+    caplog.set_level(logging.INFO)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            adm = await engine.submit(prompt(duration=5), ALICE, {})
+            job = await wait_for_state(engine, adm.job_id, ("failed",))
+        finally:
+            await engine.close()
+    assert job.refunded
+    assert delivery.failures == [(adm.job_id, "The music service is temporarily unavailable. "
+                                  "Your quota was refunded; please try again later.")]
+    operator_lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("Exhausted balance" in line for line in operator_lines), operator_lines
+    assert all(fake.key not in r.getMessage() for r in caplog.records)
+
+
+async def test_busy_provider_is_retried_after_its_cooldown(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0)
+    fake.rate_limited = 1
+    fake.retry_after = 0
+    settings = make_settings(tmp_path)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            adm = await engine.submit(prompt(duration=5), ALICE, {})
+            await wait_for_state(engine, adm.job_id, ("delivered",))
+        finally:
+            await engine.close()
+    assert fake.submit_count == 2  # the 429 was not an accepted job
+
+
+async def test_remote_failure_and_wrong_audio_fail_with_refund(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0)
+    fake.run_error = ("CUDA out of memory", "runner_error")
+    settings = make_settings(tmp_path)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            adm = await engine.submit(prompt(duration=5), ALICE, {})
+            job = await wait_for_state(engine, adm.job_id, ("failed",))
+            assert job.refunded
+            assert delivery.failures[-1][1].startswith(
+                "The music service could not make this song: CUDA out of memory")
+        finally:
+            await engine.close()
+
+
+async def test_delivery_failure_refunds_user_but_keeps_the_charge(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0)
+    settings = make_settings(tmp_path)
+    delivery = RecordingDelivery(fail_deliveries=5)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            adm = await engine.submit(prompt(duration=5), ALICE, {})
+            job = await wait_for_state(engine, adm.job_id, ("failed",))
+        finally:
+            await engine.close()
+    assert job.refunded and job.charged_usd == pytest.approx(5 * 0.0002)
+    assert delivery.failures == [(adm.job_id, "Your song was made but could not be posted "
+                                  "here. Your quota was refunded.")]
+
+
+async def test_quota_refusal_message_names_limit_remaining_and_reset(tmp_path: Path) -> None:
+    fake = FakeFal()
+    settings = make_settings(tmp_path, quota_user_seconds_per_day=50)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], RecordingDelivery())
+        try:
+            await engine.submit(prompt(duration=30), ALICE, {})
+            with pytest.raises(QuotaExceeded) as err:
+                await engine.submit(prompt(duration=30), ALICE, {})
+        finally:
+            await engine.close()
+    assert err.value.limit == "user_seconds_per_day"
+    assert str(err.value).startswith("This 30 s song needs more audio than you have left "
+                                     "today: 20 s of your 50 s.")
+    assert "It resets at 00:00 UTC" in str(err.value)
+    assert fake.submit_count <= 1
+
+
+async def test_per_job_timeout_stops_the_job_and_refunds(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0, progress_polls=10_000)
+    settings = make_settings(tmp_path, job_timeout_seconds=1)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            adm = await engine.submit(prompt(duration=5), ALICE, {})
+            job = await wait_for_state(engine, adm.job_id, ("failed",))
+        finally:
+            await engine.close()
+    assert job.refunded
+    assert len(fake.cancels) == 1
+    assert delivery.failures == [(adm.job_id, "Your song took too long to make (over 1 s) and "
+                                  "was stopped. Your quota was refunded.")]
+
+
+async def test_a_finished_song_waits_for_its_front_end_then_is_delivered_once(
+        tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0)
+    settings = make_settings(tmp_path)
+    async with fake.running() as url:
+        # The platform's front-end is not running: the song is made and kept.
+        engine = await open_engine(settings, [fal(fake, url)])
+        adm = await engine.submit(prompt(duration=5), ALICE, {"channel_id": "3"})
+        await wait_for_state(engine, adm.job_id, ("ready",))
+        await engine.close()
+        delivery = RecordingDelivery()
+        engine2 = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            job = await wait_for_state(engine2, adm.job_id, ("delivered",))
+            await asyncio.sleep(0.2)
+        finally:
+            await engine2.close()
+    assert fake.submit_count == 1
+    assert delivery.delivered_ids() == [job.id]
