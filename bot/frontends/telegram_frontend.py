@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from telegram import (
@@ -27,7 +27,7 @@ from telegram import (
     User,
 )
 from telegram.constants import ChatMemberStatus, ChatType, ParseMode
-from telegram.error import TelegramError
+from telegram.error import BadRequest, Forbidden, TelegramError
 from telegram.ext import (
     Application,
     ApplicationBuilder,
@@ -36,7 +36,8 @@ from telegram.ext import (
     ContextTypes,
 )
 
-from bot.engine import DeliveryError, EngineError, Job, Progress, Requester, Song
+from bot import messages
+from bot.engine import DeliveryError, Engine, EngineError, Job, Progress, Requester, Song
 from bot.frontends.telegram_flood import RetryAfterLimiter
 from bot.frontends.telegram_status import ChatActions, StatusBoard
 from bot.frontends.telegram_text import caption_html as make_caption
@@ -70,7 +71,7 @@ NOT_CHAT_ADMIN = "Only this group's administrators can change its limits."
 NO_LYRICS = "This song has no lyrics (it is instrumental)."
 JOB_ID = re.compile(r"^[0-9a-f]{8}$")
 
-Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Awaitable[None]]
+Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Coroutine[Any, Any, None]]
 TgApp = Application[Any, Any, Any, Any, Any, Any]
 
 
@@ -120,7 +121,7 @@ class TelegramFrontend:
 
     platform = "telegram"
 
-    def __init__(self, settings: Settings, engine: Any, *, edit_interval: float = 3.0,
+    def __init__(self, settings: Settings, engine: Engine, *, edit_interval: float = 3.0,
                  action_interval: float = 4.5, poll_timeout: int = 30,
                  flood_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         token = settings.secret("telegram_token")
@@ -153,8 +154,6 @@ class TelegramFrontend:
         self._started = asyncio.Event()
         self._notes: dict[str, str] = {}
         self._add_handlers()
-        # Registered now, before the engine starts, so recovered jobs find this delivery.
-        engine.register_delivery(self)
 
     def _bot(self) -> Bot:
         return self.app.bot
@@ -307,8 +306,7 @@ class TelegramFrontend:
         target = {"chat_id": chat_id, "thread_id": thread_id, "request_message_id": reply_to,
                   "status_message_id": status.message_id}
         try:
-            admission = await self.engine.submit(request, requester, target,
-                                                 is_admin=self.engine.is_admin(requester))
+            admission = await self.engine.submit(request, requester, target)
         except EngineError as exc:
             await self._final_or_reply(None, target, f"<b>{escape(title)}</b>\n"
                                        f"{escape(str(exc))}")
@@ -319,7 +317,8 @@ class TelegramFrontend:
             return
         note = None
         if admission.ignored_options:
-            note = ("The provider ignores: " + ", ".join(admission.ignored_options) + ".")
+            note = messages.ignored_options(admission.provider or "the music service",
+                                            admission.ignored_options)
             self._notes[admission.job_id] = note
             await self.engine.update_reply_target(admission.job_id, {**target, "note": note})
         self.status.show(admission.job_id, chat_id, status.message_id,
@@ -389,7 +388,10 @@ class TelegramFrontend:
                 reply_parameters=_reply_to(target.get("request_message_id")))
         except TelegramError as exc:
             log.warning("telegram: sending job %s to chat %s failed: %s", job.id, chat_id, exc)
-            raise DeliveryError(f"Telegram did not take the song: {exc}") from exc
+            # A chat that is gone or has blocked the bot will not take a retry either.
+            permanent = isinstance(exc, Forbidden | BadRequest)
+            raise DeliveryError(f"Telegram did not take the song: {exc}",
+                                permanent=permanent) from exc
         finally:
             await self.actions.stop(job.id)
         status_id = target.get("status_message_id")
@@ -493,18 +495,16 @@ class TelegramFrontend:
     async def _cmd_quota(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message, user, chat = self._origin(update)
         requester = self._requester(user, chat)
-        status = await self.engine.quota_status(requester,
-                                                is_admin=self.engine.is_admin(requester))
+        status = await self.engine.quota_status(requester)
         lines = ["<b>Your quota today</b>"]
         for line in status.lines:
             unit = f" {line.unit}" if line.unit else ""
-            if line.limit is None:
-                lines.append(f"• {escape(line.name)}: {line.used:g}{unit} used (no limit)")
+            if line.limit is None or line.remaining is None:
+                lines.append(f"• {escape(line.label)}: {line.used:g}{unit} used (no limit)")
             else:
-                lines.append(f"• {escape(line.name)}: {line.used:g} of {line.limit:g}{unit} "
+                lines.append(f"• {escape(line.label)}: {line.used:g} of {line.limit:g}{unit} "
                              f"used, {line.remaining:g} left")
-        if getattr(status, "resets_at", None):
-            lines.append(f"Resets {when(status.resets_at)}.")
+        lines.append(f"Daily limits reset {when(status.resets_at)}.")
         await self._reply(message, "\n".join(lines))
 
     async def _cmd_history(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -533,7 +533,7 @@ class TelegramFrontend:
             key, sep, raw = arg.partition("=")
             if not sep or not key:
                 await self._reply(message, "Write limits as name=value (or name=default), "
-                                           "e.g. /limits community_seconds_per_day=3600",
+                                           "e.g. /limits seconds_per_day=3600",
                                   html=False)
                 return
             value: float | None
@@ -545,7 +545,11 @@ class TelegramFrontend:
                 except ValueError:
                     await self._reply(message, f"{key}: {raw!r} is not a number.", html=False)
                     return
-            await self.engine.set_limit("community", subject, key.lower(), value)
+            try:
+                await self.engine.set_limit("community", subject, key.lower(), value)
+            except ValueError as exc:  # an unknown limit name; the text lists the known
+                await self._reply(message, str(exc), html=False)
+                return
         limits = await self.engine.get_limits("community", subject)
         lines = ["<b>This group's limits</b>"]
         if not limits:
