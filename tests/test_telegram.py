@@ -66,7 +66,17 @@ class Harness:
         def audios() -> list[FakeMessage]:
             return [m for m in self.fake.bot_messages(chat_id) if m.kind == "audio"]
         found = await self.fake.wait_for(lambda: len(audios()) >= count and audios())
-        return found[count - 1]
+        song = found[count - 1]
+        # ...and the engine has recorded it as delivered.
+        job_id = song.button_data()[0].split(":")[1]
+        for _ in range(500):
+            job = await self.engine.get_job(job_id)
+            if job is not None and job.state == "delivered":
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"job {job_id} was posted but not marked delivered")
+        return song
 
     async def reply_to(self, chat_id: int, message_id: int) -> FakeMessage:
         """Wait for the bot's (first) text reply to a message."""

@@ -153,6 +153,7 @@ class TelegramFrontend:
         self.actions = ChatActions(self._bot, action_interval)
         self._started = asyncio.Event()
         self._notes: dict[str, str] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._add_handlers()
 
     def _bot(self) -> Bot:
@@ -184,6 +185,8 @@ class TelegramFrontend:
             await self.webhook.stop()
         if self.app.updater is not None and self.app.updater.running:
             await self.app.updater.stop()
+        if self._background:  # final status edits after uploads: short, let them land
+            await asyncio.wait(set(self._background), timeout=5)
         if self.app.running:
             await self.app.stop()
         await self.status.close()
@@ -394,11 +397,19 @@ class TelegramFrontend:
                                 permanent=permanent) from exc
         finally:
             await self.actions.stop(job.id)
+        # The song is posted: return now so the engine records it delivered at once (a
+        # delivery cut short after this point would be posted twice); the status message
+        # shows the final state in the background.
         status_id = target.get("status_message_id")
         if status_id is not None:
-            await self.status.finish(job.id, chat_id, int(status_id),
-                                     final_html(job.id, title, "delivered"))
+            self._spawn(self.status.finish(job.id, chat_id, int(status_id),
+                                           final_html(job.id, title, "delivered")))
         self._notes.pop(job.id, None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def on_failed(self, job: Job, message: str) -> None:
         """Failure or cancel: the status message shows why (or a new reply does)."""

@@ -250,7 +250,10 @@ class FakeTelegram:
         params: dict[str, Any] = {}
         files: dict[str, UploadedFile] = {}
         if request.method == "POST" and request.can_read_body:
-            form = await request.post()
+            try:
+                form = await request.post()
+            except ConnectionResetError:  # the bot stopped mid-request (a cancelled poll)
+                return web.Response(status=499)
             for key, value in form.items():
                 if isinstance(value, web.FileField):
                     files[key] = UploadedFile(value.filename, value.content_type,
