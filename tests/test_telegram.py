@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import av
+import httpx
 import pytest
 
+from bot import logs
 from bot.engine import Engine
 from bot.frontends.telegram_frontend import (
     CLOUD_UPLOAD_BYTES,
@@ -93,21 +96,34 @@ class Harness:
 
 @asynccontextmanager
 async def running_bot(tmp_path: Path, fal: FakeFal | None = None,
-                      fake: FakeTelegram | None = None, **overrides: Any
-                      ) -> AsyncIterator[Harness]:
+                      fake: FakeTelegram | None = None, fal_url: str | None = None,
+                      **overrides: Any) -> AsyncIterator[Harness]:
+    """The bot as `acestep-bot run` wires it, on the fake servers. Pass `fal_url` of an
+    already running FakeFal to keep it (and its stored handles) across two bots."""
     fake = fake or FakeTelegram()
     fake.chat(PRIVATE, "private", "Ann")
     fake.chat(BOB["id"], "private", "Bob")
     fake.chat(GROUP, "supergroup", "Music club")
     fake.chat(FORUM, "supergroup", "Forum", is_forum=True)
     fal = fal or FakeFal(queue_polls=1, progress_polls=1)
+    if fal_url is None:
+        async with fal.running() as url, _bot(tmp_path, fal, url, fake, overrides) as h:
+            yield h
+    else:
+        async with _bot(tmp_path, fal, fal_url, fake, overrides) as h:
+            yield h
+
+
+@asynccontextmanager
+async def _bot(tmp_path: Path, fal: FakeFal, fal_url: str, fake: FakeTelegram,
+               overrides: dict[str, Any]) -> AsyncIterator[Harness]:
     sleeps: list[float] = []
 
     async def flood_sleep(delay: float) -> None:
         sleeps.append(delay)
         await asyncio.sleep(0.01)
 
-    async with fal.running() as fal_url, serve(fake.app) as url:
+    async with serve(fake.app) as url:
         settings = make_settings(tmp_path, telegram_token=fake.token, telegram_api_url=url,
                                  fal_key=fal.key, fal_queue_url=fal_url, **overrides)
         provider = FalProvider(fal.key, fal_url, concurrency=2, poll_interval=0.01,
@@ -212,6 +228,7 @@ async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
         assert h.submitted()[0]["seed"] == 7
         job = await h.engine.get_job(job_id)
         assert job is not None and job.state == "delivered"
+        assert [c["command"] for c in h.fake.commands][:2] == ["song", "compose"]
 
 
 @pytest.mark.parametrize("text, named", [
@@ -429,3 +446,64 @@ async def test_status_edits_are_throttled_and_the_final_text_is_shown(
         board.show("abcd0001", PRIVATE, status.message_id, "late progress", "running")
         await asyncio.sleep(0.4)
         assert message.text == "all done" and "back to queue" not in message.texts
+
+
+async def test_a_song_finished_while_the_bot_was_down_reaches_its_chat(tmp_path: Path) -> None:
+    fal = FakeFal(queue_polls=0, progress_polls=10_000)
+    fake = FakeTelegram()
+    async with fal.running() as fal_url:
+        async with running_bot(tmp_path, fal, fake, fal_url) as h:
+            request_id = fake.send_text(FORUM, BOB, "/song survives restarts duration=5",
+                                        thread_id=9)
+            status = await fake.wait_for(lambda: next(
+                (m for m in fake.bot_messages(FORUM) if "Generating" in m.text), None))
+            await h.engine.abort()  # the process dies mid-generation
+        fal.progress_polls = 1  # fal finishes while the bot is down
+        async with running_bot(tmp_path, fal, fake, fal_url) as h2:
+            song = await h2.song_message(FORUM)
+            assert song.reply_to == request_id and song.thread_id == 9
+            assert "Sent" in await h2.final_text(status)
+    assert fal.submit_count == 1
+    assert len(fake.calls_of("sendAudio")) == 1
+
+
+async def test_the_token_never_reaches_the_logs(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Logging as `acestep-bot run` sets it up, at its most verbose.
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    token = FakeTelegram().token
+    logs.setup(make_settings(tmp_path, telegram_token=token, log_level="DEBUG"))
+    try:
+        async with running_bot(tmp_path) as h:
+            h.fake.send_text(PRIVATE, ANN, "/song quiet logs duration=5")
+            await h.song_message(PRIVATE)
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    err = capsys.readouterr().err
+    assert "sendAudio" in err  # the library did log its calls...
+    assert "/bot[redacted]" in err  # ...and its base URL, redacted
+    assert token not in err and token.split(":")[1] not in err
+
+
+async def test_webhook_mode_takes_updates_only_with_the_secret(tmp_path: Path) -> None:
+    async with running_bot(tmp_path, telegram_webhook_url="https://bot.example.org/tg/hook",
+                           telegram_webhook_listen="127.0.0.1:0") as h:
+        assert h.fake.webhook is not None
+        assert h.fake.webhook["url"] == "https://bot.example.org/tg/hook"
+        secret = h.fake.webhook["secret_token"]
+        assert secret and h.fake.token not in secret
+        assert h.frontend.webhook is not None
+        hook = f"http://127.0.0.1:{h.frontend.webhook.bound_port}/tg/hook"
+        async with httpx.AsyncClient() as client:
+            forged = await client.post(hook, json=h.fake.message_update(
+                PRIVATE, ANN, "/song forged duration=5"))
+            assert forged.status_code == 403
+            update = h.fake.message_update(PRIVATE, ANN, "/song via webhook duration=5")
+            answer = await client.post(
+                hook, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret})
+            assert answer.status_code == 200
+        song = await h.song_message(PRIVATE)
+        assert song.reply_to == update["message"]["message_id"]
+        assert [b["prompt"] for b in h.submitted()] == ["via webhook"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from telegram import (
     Bot,
+    BotCommand,
     Chat,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
@@ -70,6 +71,17 @@ LIMITS_GROUP_ONLY = "Use /limits in a group: it shows and sets that group's quot
 NOT_CHAT_ADMIN = "Only this group's administrators can change its limits."
 NO_LYRICS = "This song has no lyrics (it is instrumental)."
 JOB_ID = re.compile(r"^[0-9a-f]{8}$")
+# The command menu Telegram shows users.
+MENU = [
+    BotCommand("song", "a song from a description"),
+    BotCommand("compose", "a song from style tags and your lyrics"),
+    BotCommand("queue", "your songs in progress"),
+    BotCommand("cancel", "stop a song"),
+    BotCommand("quota", "what you have left today"),
+    BotCommand("history", "your recent songs"),
+    BotCommand("limits", "this group's quotas (admins)"),
+    BotCommand("help", "how to use the bot"),
+]
 
 Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Coroutine[Any, Any, None]]
 TgApp = Application[Any, Any, Any, Any, Any, Any]
@@ -167,6 +179,10 @@ class TelegramFrontend:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("httpcore").setLevel(logging.WARNING)
         await self.app.initialize()
+        try:
+            await self.app.bot.set_my_commands(MENU)
+        except TelegramError as exc:  # only the menu is missing; commands still work
+            log.warning("telegram: could not set the command menu: %s", exc)
         await self.app.start()
         if self.webhook is not None:
             await self.webhook.start()

@@ -86,15 +86,18 @@ class StatusBoard:
             return await self._edit(entry, text, None)
 
     async def _flush_later(self, entry: _Entry) -> None:
-        wait = entry.last_edit + self.interval - self._clock()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        async with entry.lock:
-            if entry.pending is None:
-                return
-            text, markup = entry.pending
-            entry.pending = None
-            await self._edit(entry, text, markup)
+        # Loop until nothing is pending: a text queued while an edit was in flight is
+        # picked up here (show() starts no second flusher while this one runs).
+        while entry.pending is not None:
+            wait = entry.last_edit + self.interval - self._clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            async with entry.lock:
+                if entry.pending is None:
+                    return
+                text, markup = entry.pending
+                entry.pending = None
+                await self._edit(entry, text, markup)
 
     async def _edit(self, entry: _Entry, text: str, markup: InlineKeyboardMarkup | None
                     ) -> bool:

@@ -94,6 +94,7 @@ class FakeTelegram:
         self.chats: dict[int, dict[str, Any]] = {}
         self.admins: dict[int, set[int]] = {}
         self.webhook: dict[str, Any] | None = None
+        self.commands: list[dict[str, Any]] = []
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(1000)
@@ -128,9 +129,11 @@ class FakeTelegram:
             info["username"] = username
         return info
 
-    def send_text(self, chat_id: int, user: dict[str, Any], text: str, *,
-                  reply_to: int | None = None, thread_id: int | None = None) -> int:
-        """A user posts `text` (command entities added as Telegram does); returns its id."""
+    def message_update(self, chat_id: int, user: dict[str, Any], text: str, *,
+                       reply_to: int | None = None, thread_id: int | None = None
+                       ) -> dict[str, Any]:
+        """A user's message as an Update object (command entities added as Telegram does);
+        not queued: `send_text` queues it, a webhook test POSTs it."""
         chat = self.chats.get(chat_id) or self.chat(chat_id)
         message_id = next(self._message_ids)
         msg: dict[str, Any] = {"message_id": message_id, "date": int(time.time()),
@@ -145,8 +148,16 @@ class FakeTelegram:
         if reply_to is not None:
             msg["reply_to_message"] = self._message_json(chat_id, reply_to)
         self._record_user_message(chat_id, message_id, text, thread_id)
-        self._push({"message": msg})
-        return message_id
+        return {"update_id": next(self._update_ids), "message": msg}
+
+    def send_text(self, chat_id: int, user: dict[str, Any], text: str, *,
+                  reply_to: int | None = None, thread_id: int | None = None) -> int:
+        """A user posts `text`; the bot gets it from getUpdates. Returns the message id."""
+        update = self.message_update(chat_id, user, text, reply_to=reply_to,
+                                     thread_id=thread_id)
+        self._updates.append(update)
+        asyncio.get_running_loop().create_task(self._notify())
+        return int(update["message"]["message_id"])
 
     def press(self, chat_id: int, message_id: int, user: dict[str, Any], data: str) -> str:
         """A user presses an inline button on one of the bot's messages."""
@@ -292,6 +303,10 @@ class FakeTelegram:
         return json_response({"ok": True, "result": result})
 
     async def _get_updates(self, params: dict[str, Any]) -> web.Response:
+        if self.webhook is not None:
+            return json_response({"ok": False, "error_code": 409, "description": (
+                "Conflict: can't use getUpdates method while webhook is active; "
+                "use deleteWebhook to delete the webhook first")}, status=409)
         offset = int(params.get("offset") or 0)
         timeout = min(float(params.get("timeout") or 0), self.max_poll_wait)
         # Confirmed updates (id < offset) are forgotten, as on the real server.
@@ -321,6 +336,15 @@ class FakeTelegram:
 
     def _m_setWebhook(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
         self.webhook = params
+        return True
+
+    def _m_setMyCommands(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
+        commands = params.get("commands")
+        if not isinstance(commands, list) or not all(
+                isinstance(c, dict) and c.get("command") and c.get("description")
+                for c in commands):
+            raise _ApiError(400, "Bad Request: can't parse commands JSON object")
+        self.commands = commands
         return True
 
     def _m_sendChatAction(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
