@@ -34,7 +34,8 @@ from bot.frontends.telegram_text import (
     parse_song,
     split_message,
 )
-from bot.requests import InvalidRequest
+from bot.models import Job, Requester
+from bot.requests import GenerationRequest, InvalidRequest
 from providers.fal import FalProvider
 from tests.conftest import make_settings
 from tests.enginekit import FAST
@@ -507,3 +508,29 @@ async def test_webhook_mode_takes_updates_only_with_the_secret(tmp_path: Path) -
         song = await h.song_message(PRIVATE)
         assert song.reply_to == update["message"]["message_id"]
         assert [b["prompt"] for b in h.submitted()] == ["via webhook"]
+
+
+async def test_a_failure_found_before_the_front_end_started_is_still_told(
+        tmp_path: Path) -> None:
+    # Crash recovery may fail a job while the engine starts, before the front-end has.
+    fake = FakeTelegram()
+    fake.chat(GROUP, "supergroup", "Music club")
+    async with serve(fake.app) as url:
+        settings = make_settings(tmp_path, telegram_token=fake.token, telegram_api_url=url)
+        engine = await Engine.open(settings, [], options=FAST)
+        frontend = TelegramFrontend(settings, engine)
+        request_id = fake.send_text(GROUP, BOB, "/song lost in a crash")
+        job = Job(id="0badf00d", requester=Requester("telegram", str(BOB["id"]), str(GROUP)),
+                  reply_target={"chat_id": GROUP, "thread_id": None,
+                                "request_message_id": request_id, "status_message_id": 999},
+                  request=GenerationRequest.build(mode="prompt", prompt="lost in a crash"),
+                  seed=1, state="failed")
+        try:
+            await frontend.on_failed(job, "Something went wrong while making your song.")
+        finally:
+            await frontend.stop()
+            await engine.close()
+    told = [m for m in fake.bot_messages(GROUP) if m.kind == "text"]
+    assert len(told) == 1 and told[0].reply_to == request_id  # status 999 was gone
+    assert "Something went wrong while making your song." in told[0].text
+    assert "0badf00d" in told[0].text

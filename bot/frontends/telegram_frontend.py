@@ -163,7 +163,7 @@ class TelegramFrontend:
                                            webhook_secret(token), ALLOWED_UPDATES)
         self.status = StatusBoard(self._bot, edit_interval)
         self.actions = ChatActions(self._bot, action_interval)
-        self._started = asyncio.Event()
+        self._bot_lock = asyncio.Lock()
         self._notes: dict[str, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._add_handlers()
@@ -190,13 +190,11 @@ class TelegramFrontend:
             await self.app.updater.start_polling(
                 poll_interval=0.0, timeout=self.poll_timeout, allowed_updates=ALLOWED_UPDATES,
                 drop_pending_updates=False)
-        self._started.set()
         log.info("telegram: running as @%s (%s)", self.app.bot.username,
                  "webhook" if self.webhook else "long polling")
 
     async def stop(self) -> None:
         """Stop receiving, finish handlers in flight, close the HTTP clients."""
-        self._started.clear()
         if self.webhook is not None:
             await self.webhook.stop()
         if self.app.updater is not None and self.app.updater.running:
@@ -208,12 +206,16 @@ class TelegramFrontend:
         await self.status.close()
         await self.actions.close()
         await self.app.shutdown()
+        await self.app.bot.shutdown()  # if only a delivery ever opened it
 
     async def _ready(self) -> None:
-        try:
-            await asyncio.wait_for(self._started.wait(), 60)
-        except TimeoutError:
-            raise DeliveryError("the Telegram front-end is not running") from None
+        """Make the bot able to send even before start(): the engine's crash recovery
+        may report a failed job while it starts, before the front-ends do."""
+        async with self._bot_lock:
+            try:
+                await self.app.bot.initialize()
+            except TelegramError as exc:
+                raise DeliveryError(f"Telegram is not reachable: {exc}") from exc
 
     # --- handlers -------------------------------------------------------------------
 
