@@ -1,4 +1,4 @@
-"""The `acestep-bot` command line: run, generate, config, db, quota, jobs."""
+"""The `acestep-bot` command line: run, generate, config, db, audio, stats, quota, jobs."""
 
 from __future__ import annotations
 
@@ -94,6 +94,25 @@ def _parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="action", required=True)
     db_sub.add_parser("upgrade", help="apply database migrations").set_defaults(
         handler=cmd_db_upgrade)
+    db_backup = db_sub.add_parser("backup", help="consistent copy of the database, safe "
+                                  "while the bot runs")
+    db_backup.add_argument("path", type=Path,
+                           help="backup file, or an existing directory to write a "
+                                "time-stamped file into")
+    db_backup.set_defaults(handler=cmd_db_backup)
+
+    audio = sub.add_parser("audio", help="stored audio")
+    a_sub = audio.add_subparsers(dest="action", required=True)
+    a_prune = a_sub.add_parser("prune", help="delete audio of jobs finished more than "
+                               "AUDIO_RETENTION_DAYS ago")
+    a_prune.add_argument("--days", type=int, help="override AUDIO_RETENTION_DAYS (>= 1)")
+    a_prune.set_defaults(handler=cmd_audio_prune)
+
+    stats = sub.add_parser("stats", help="songs, seconds and spend by community, user and "
+                           "provider")
+    stats.add_argument("--days", type=int, default=7, help="period in days (default 7)")
+    stats.add_argument("--top", type=int, default=20, help="rows per table (default 20)")
+    stats.set_defaults(handler=cmd_stats)
 
     quota = sub.add_parser("quota", help="quotas and limit overrides")
     q_sub = quota.add_subparsers(dest="action", required=True)
@@ -315,6 +334,83 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
         if applied:
             print(f"applied: {', '.join(applied)}")
         print(f"database {settings.db_path} is at schema version {version}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_db_backup(settings: Settings, args: argparse.Namespace) -> int:
+    from storage.database import backup
+
+    dest: Path = args.path
+    if dest.is_dir():
+        dest = dest / f"acestep-bot-{datetime.now(UTC):%Y%m%d-%H%M%S}.sqlite3"
+    if not settings.db_path.exists():
+        print(f"error: no database at {settings.db_path} (check DATA_DIR)", file=sys.stderr)
+        return EXIT_FAILED
+    info = backup(settings.db_path, dest)
+    print(f"backed up {settings.db_path} to {info.path}: {info.size} bytes, "
+          f"schema version {info.schema_version}, {info.jobs} jobs, integrity ok")
+    return EXIT_OK
+
+
+# ---- audio / stats ---------------------------------------------------------------------
+
+def cmd_audio_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.retention import prune_audio
+
+    days = settings.audio_retention_days if args.days is None else args.days
+    if days <= 0:
+        if args.days is not None:
+            print(f"error: days: {args.days} is not valid; 1 or more", file=sys.stderr)
+            return EXIT_USAGE
+        print("AUDIO_RETENTION_DAYS is 0: stored audio is kept; nothing removed")
+        return EXIT_OK
+
+    async def go() -> int:
+        db = await Database.open(settings.db_path)
+        try:
+            report = await prune_audio(settings, JobStore(db), days=days)
+        finally:
+            await db.close()
+        print(f"removed {report.files} files ({report.bytes / 1e6:.1f} MB) of {report.jobs} "
+              f"jobs finished more than {days} days ago")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    if args.days < 1:
+        print(f"error: days: {args.days} is not valid; 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    since = datetime.now(UTC).timestamp() - args.days * 86_400
+
+    async def go() -> int:
+        db = await Database.open(settings.db_path)
+        try:
+            tables = await JobStore(db).stats(since)
+        finally:
+            await db.close()
+        print(f"Last {args.days} days (since {_when(since)} UTC)")
+        total = tables["provider"]
+        print(f"Total: {sum(r.songs for r in total)} songs, "
+              f"{sum(r.seconds for r in total) / 60:.1f} minutes, "
+              f"${sum(r.spend_usd for r in total):.4f} spent, "
+              f"{sum(r.unsuccessful for r in total)} failed or cancelled, "
+              f"{sum(r.jobs for r in total)} admitted")
+        for group in ("community", "user", "provider"):
+            rows = tables[group]
+            print()
+            print(f"{('BY ' + group.upper()):30}  {'SONGS':>6}  {'SECONDS':>8}  "
+                  f"{'SPEND USD':>10}  {'FAILED':>6}  {'JOBS':>5}")
+            for row in rows[:args.top]:
+                print(f"{row.key[:30]:30}  {row.songs:>6}  {row.seconds:>8.0f}  "
+                      f"{row.spend_usd:>10.4f}  {row.unsuccessful:>6}  {row.jobs:>5}")
+            if not rows:
+                print("(none)")
+            elif len(rows) > args.top:
+                print(f"... and {len(rows) - args.top} more")
         return EXIT_OK
 
     return asyncio.run(go())

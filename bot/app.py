@@ -9,6 +9,7 @@ import signal
 from typing import Any, Protocol
 
 from bot.engine import Engine
+from bot.retention import retention_loop
 from bot.settings import Settings, configured_frontends
 from providers.registry import build_providers
 
@@ -53,9 +54,13 @@ async def run_bot(settings: Settings, stop: asyncio.Event | None = None) -> int:
                                platforms=configured_frontends(settings))
     frontends = build_frontends(settings, engine)
     health = None
+    retention: asyncio.Task[None] | None = None
     started: list[Any] = []
     try:
         await engine.start()
+        # AUDIO_RETENTION_DAYS: prune now and daily (returns at once when 0).
+        retention = asyncio.create_task(retention_loop(settings, engine.store),
+                                        name="audio-retention")
         for frontend in frontends:
             await frontend.start()
             started.append(frontend)
@@ -71,6 +76,10 @@ async def run_bot(settings: Settings, stop: asyncio.Event | None = None) -> int:
         log.info("shutting down: no new songs; waiting up to %ss for uploads",
                  settings.shutdown_grace_seconds)
     finally:
+        if retention is not None:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
         await engine.stop(grace=settings.shutdown_grace_seconds)
         for frontend in reversed(started):
             try:

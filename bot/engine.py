@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bot import audio, messages
+from bot.metrics import Metrics
 from bot.models import ACTIVE_STATES, Job, Requester
 from bot.requests import GenerationRequest, InvalidRequest
 from bot.settings import Settings
@@ -242,6 +243,7 @@ class Engine:
         self._closing = False
         self._started = False
         self._secrets = settings.secrets()
+        self.metrics = Metrics()  # ops: counters/histograms for /metrics (bot/health.py)
 
     # ---- construction ----------------------------------------------------------------
 
@@ -345,6 +347,7 @@ class Engine:
                                        bypass_quotas=self.is_admin(requester), now=now)
                 break
             except QuotaRefusal as refusal:
+                self.metrics.quota_refused(refusal.limit)
                 resets = None if refusal.limit == "user_concurrent_jobs" else next_reset(now)
                 raise QuotaExceeded(
                     refusal.limit, refusal.remaining, refusal.limit_value, resets,
@@ -794,6 +797,8 @@ class Engine:
 
     async def _provider_failed(self, job: Job, provider: Provider, status: Failed) -> None:
         log.warning("job %s failed at %s: %s", job.id, provider.name, status.reason)
+        self.metrics.provider_error(provider.name,
+                                    "Rejected" if status.rejected else "Failed")
         if status.rejected:
             await self._fail(job, ("running",), messages.rejected(status.reason),
                              f"rejected by {provider.name}")
@@ -843,6 +848,7 @@ class Engine:
         moved = await self.store.finish_success(job.id, provider.name,
                                                 round(price_of(provider, job.request), 6), meta)
         if moved:
+            self.metrics.job_ready(job, provider.name)
             log.info("job %s ready: %.1fs %s from %s", job.id, info.duration, info.format,
                      provider.name)
         return moved
@@ -878,11 +884,12 @@ class Engine:
         delivery = self._deliveries.get(job.requester.platform)
         if delivery is None:
             return  # stays ready until that front-end is running
-        if asyncio.current_task() is not self._tasks.get(job.id):
+        task = asyncio.current_task()
+        if task is not None and task is self._tasks.get(job.id):
             # Called inline from the run task: rename so stop() lets the upload finish.
-            task = asyncio.current_task()
-            if task is not None:
-                task.set_name(f"deliver-{job.id}")
+            # (ops fix: the check was inverted, so SIGTERM cut uploads short and the
+            # restarted bot posted the song again.)
+            task.set_name(f"deliver-{job.id}")
         song = self.song_for(job)
         error = "delivery failed"
         for attempt in range(self.options.delivery_attempts):
@@ -902,7 +909,8 @@ class Engine:
                 log.exception("job %s: delivery to %s crashed (attempt %d)", job.id,
                               job.requester.platform, attempt + 1)
             else:
-                await self.store.mark_delivered(job.id)
+                if await self.store.mark_delivered(job.id):
+                    self.metrics.job_delivered(job)
                 log.info("job %s delivered to %s", job.id, job.requester.platform)
                 return
             await asyncio.sleep(self.options.delivery_backoff * (attempt + 1))
@@ -948,6 +956,7 @@ class Engine:
     def _log_provider_error(self, job: Job, provider: Provider, exc: ProviderError,
                             level: int = logging.ERROR) -> None:
         kind = type(exc).__name__
+        self.metrics.provider_error(provider.name, kind)
         if isinstance(exc, AuthError):
             level = logging.ERROR
             hint = " (operator: check the key and the account balance)"

@@ -9,12 +9,14 @@ process or another one sharing the file (the CLI next to a running bot).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -114,6 +116,29 @@ class Database:
                 await self.conn.execute("ROLLBACK")
                 raise StorageError(f"could not save to the database: {exc}") from exc
 
+    async def check_writable(self, timeout_ms: int = 2000) -> None:
+        """Prove the database takes a write (not read-only, locked or out of disk): one
+        committed no-op update, waiting at most `timeout_ms` for the write lock (a health
+        check must answer quickly). Raises StorageError."""
+        async with self._lock:
+            conn = self.conn
+            await conn.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    await conn.execute(
+                        "UPDATE schema_migrations SET applied_at = applied_at"
+                        " WHERE version = (SELECT MAX(version) FROM schema_migrations)")
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        await conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StorageError(f"database is not writable: {exc}") from exc
+            finally:
+                await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
     @asynccontextmanager
     async def read(self) -> AsyncIterator[aiosqlite.Connection]:
         """Reads share the connection; the lock keeps them out of open transactions."""
@@ -125,3 +150,54 @@ def _statements(sql: str) -> list[str]:
     """Split a migration into statements (no semicolons inside strings in our files)."""
     lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def backup(source: Path, dest: Path) -> BackupInfo:
+    """Copy the database at `source` to `dest` with SQLite's online backup API.
+
+    Blocking (run it in a thread). The copy is one consistent snapshot even while the bot
+    writes: it is taken in a single step inside one read transaction, which WAL mode lets
+    run beside writers. It is written next to `dest` and renamed into place only once
+    complete and checked, as a self-contained file (rollback journal, not WAL).
+    """
+    if not source.exists():
+        raise StorageError(f"no database at {source}")
+    if dest.resolve() == source.resolve():
+        raise StorageError("the backup path is the live database itself")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        src = sqlite3.connect(str(source), timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            out = sqlite3.connect(str(partial))
+            try:
+                src.backup(out)  # pages=-1: everything in one step, one snapshot
+                out.execute("PRAGMA journal_mode = DELETE")
+                check = out.execute("PRAGMA integrity_check").fetchone()[0]
+                version = out.execute(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+                jobs = out.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            finally:
+                out.close()
+        finally:
+            src.close()
+        if check != "ok":
+            raise StorageError(f"the backup failed its integrity check: {check}")
+        partial.replace(dest)
+    except sqlite3.Error as exc:
+        raise StorageError(f"backup of {source} failed: {exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return BackupInfo(path=dest, size=dest.stat().st_size, schema_version=int(version),
+                      jobs=int(jobs))
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    """What `backup` wrote."""
+
+    path: Path
+    size: int
+    schema_version: int
+    jobs: int

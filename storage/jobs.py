@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiosqlite
 
-from bot.models import ACTIVE_STATES, Job, Requester
+from bot.models import ACTIVE_STATES, TERMINAL_STATES, Job, Requester
 from bot.requests import GenerationRequest
 from storage.database import Database
 
@@ -54,6 +55,18 @@ class EffectiveLimits:
     user_concurrent_jobs: float | None
     community_seconds_per_day: float | None
     spend_cap_usd: float | None
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    """One line of `acestep-bot stats`: what a community, user or provider used."""
+
+    key: str
+    songs: int  # delivered
+    seconds: float  # of delivered audio
+    spend_usd: float  # provider charges, delivered or not
+    unsuccessful: int  # failed or cancelled
+    jobs: int  # admitted
 
 
 class QuotaRefusal(Exception):
@@ -348,6 +361,61 @@ class JobStore:
                 " VALUES (?,?,?,?) ON CONFLICT (community, name)"
                 " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 (community, name, json.dumps(value), time.time()))
+
+    # ---- operations (health, metrics, stats, retention): read-only -------------------
+
+    async def count_by_state(self) -> list[tuple[str, str, int]]:
+        """(state, provider or "", count) for every job in the database."""
+        async with self.db.read() as conn, conn.execute(
+                "SELECT state, COALESCE(provider, ''), COUNT(*) FROM jobs"
+                " GROUP BY state, COALESCE(provider, '')") as cur:
+            return [(row[0], row[1], int(row[2])) for row in await cur.fetchall()]
+
+    async def queue_depth(self) -> int:
+        """Jobs admitted and waiting for a provider."""
+        async with self.db.read() as conn, conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'queued'") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def expired_jobs(self, job_ids: Iterable[str], cutoff: float) -> set[str]:
+        """Those of `job_ids` whose job is finished for good (delivered, failed or
+        cancelled) and was last touched before `cutoff`."""
+        ids = sorted(set(job_ids))
+        expired: set[str] = set()
+        terminal = "('" + "','".join(TERMINAL_STATES) + "')"
+        # SQLite limits bound parameters; chunk well below the lowest default (999).
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self.db.read() as conn, conn.execute(
+                    f"SELECT id FROM jobs WHERE id IN ({marks}) AND state IN {terminal}"
+                    " AND COALESCE(delivered_at, finished_at, updated_at) < ?",
+                    (*chunk, cutoff)) as cur:
+                expired.update(row[0] for row in await cur.fetchall())
+        return expired
+
+    async def stats(self, since: float) -> dict[str, list[StatsRow]]:
+        """Songs delivered, their seconds and the spend since `since`, grouped by
+        community, user and provider (each list biggest spender first)."""
+        out: dict[str, list[StatsRow]] = {}
+        columns = {"community": "COALESCE(community_key, '(direct messages)')",
+                   "user": "user_key", "provider": "COALESCE(provider, '(none)')"}
+        for group, column in columns.items():
+            async with self.db.read() as conn, conn.execute(
+                    f"SELECT {column} AS k,"
+                    " SUM(state = 'delivered'),"
+                    " COALESCE(SUM(CASE WHEN state = 'delivered' THEN"
+                    "   COALESCE(json_extract(result, '$.duration'), duration) END), 0),"
+                    " COALESCE(SUM(charged_usd), 0),"
+                    " SUM(state IN ('failed', 'cancelled')),"
+                    " COUNT(*)"
+                    f" FROM jobs WHERE created_at >= ? GROUP BY k"
+                    " ORDER BY 4 DESC, 2 DESC, k", (since,)) as cur:
+                out[group] = [StatsRow(str(r[0]), int(r[1] or 0), float(r[2]), float(r[3]),
+                                       int(r[4] or 0), int(r[5]))
+                              for r in await cur.fetchall()]
+        return out
 
     # ---- internals -------------------------------------------------------------------
 

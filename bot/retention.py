@@ -1,0 +1,88 @@
+"""Audio retention: delete stored songs of jobs finished more than AUDIO_RETENTION_DAYS ago.
+
+Every file of a job lives under DATA_DIR/audio as `<job_id>.*` (the provider's original
+and each rendered copy). Only files whose job is finished for good (delivered, failed,
+cancelled) and old enough go; a job still waiting to be posted keeps its audio however
+old, and files that belong to no job are left for the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.settings import Settings
+from storage.database import StorageError
+from storage.jobs import JobStore
+
+log = logging.getLogger("acestep.retention")
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    jobs: int  # jobs whose audio was removed
+    files: int
+    bytes: int
+
+
+def _files_by_job(audio_dir: Path) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = defaultdict(list)
+    if not audio_dir.is_dir():
+        return found
+    for path in audio_dir.iterdir():
+        job_id, dot, _ = path.name.partition(".")
+        if dot and job_id and path.is_file():
+            found[job_id].append(path)
+    return found
+
+
+def _remove(paths: list[Path]) -> tuple[int, int]:
+    files = size = 0
+    for path in paths:
+        try:
+            length = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        files += 1
+        size += length
+    return files, size
+
+
+async def prune_audio(settings: Settings, store: JobStore, now: float | None = None,
+                      days: int | None = None) -> PruneReport:
+    """Delete the audio of jobs finished more than `days` (AUDIO_RETENTION_DAYS) ago;
+    0 keeps everything."""
+    days = settings.audio_retention_days if days is None else days
+    if days <= 0:
+        return PruneReport(0, 0, 0)
+    now = time.time() if now is None else now
+    by_job = await asyncio.to_thread(_files_by_job, settings.audio_dir)
+    expired = await store.expired_jobs(by_job, now - days * DAY)
+    files = size = 0
+    for job_id in sorted(expired):
+        removed, length = await asyncio.to_thread(_remove, by_job[job_id])
+        files += removed
+        size += length
+    if expired:
+        log.info("retention: removed %d audio files (%.1f MB) of %d jobs finished more "
+                 "than %d days ago", files, size / 1e6, len(expired), days)
+    return PruneReport(len(expired), files, size)
+
+
+async def retention_loop(settings: Settings, store: JobStore, interval: float = DAY) -> None:
+    """Prune at once, then every `interval` seconds, until cancelled."""
+    if settings.audio_retention_days <= 0:
+        return
+    while True:
+        try:
+            await prune_audio(settings, store)
+        except (StorageError, OSError) as exc:
+            log.error("retention: pruning audio failed (will retry): %s", exc)
+        await asyncio.sleep(interval)
