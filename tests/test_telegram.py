@@ -230,6 +230,8 @@ async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
         job = await h.engine.get_job(job_id)
         assert job is not None and job.state == "delivered"
         assert [c["command"] for c in h.fake.commands][:2] == ["song", "compose"]
+        assert h.frontend.is_connected
+    assert not h.frontend.is_connected
 
 
 @pytest.mark.parametrize("text, named", [
@@ -495,7 +497,7 @@ async def test_webhook_mode_takes_updates_only_with_the_secret(tmp_path: Path) -
         assert h.fake.webhook["url"] == "https://bot.example.org/tg/hook"
         secret = h.fake.webhook["secret_token"]
         assert secret and h.fake.token not in secret
-        assert h.frontend.webhook is not None
+        assert h.frontend.webhook is not None and h.frontend.is_connected
         hook = f"http://127.0.0.1:{h.frontend.webhook.bound_port}/tg/hook"
         async with httpx.AsyncClient() as client:
             forged = await client.post(hook, json=h.fake.message_update(

@@ -193,6 +193,15 @@ class TelegramFrontend:
         log.info("telegram: running as @%s (%s)", self.app.bot.username,
                  "webhook" if self.webhook else "long polling")
 
+    @property
+    def is_connected(self) -> bool:
+        """Receiving updates (polling or the webhook receiver), for the health check."""
+        if not self.app.running:
+            return False
+        if self.webhook is not None:
+            return self.webhook.running
+        return self.app.updater is not None and self.app.updater.running
+
     async def stop(self) -> None:
         """Stop receiving, finish handlers in flight, close the HTTP clients."""
         if self.webhook is not None:

@@ -59,6 +59,10 @@ class WebhookReceiver:
         log.info("telegram: webhook receiver listening on %s:%s", self.host, self.port)
 
     @property
+    def running(self) -> bool:
+        return self._runner is not None
+
+    @property
     def bound_port(self) -> int:
         """The port actually bound (useful when configured with port 0)."""
         if self._runner is None:
