@@ -343,6 +343,11 @@ async def test_cancel_button_and_information_commands(tmp_path: Path) -> None:
         await h.fake.wait_for(lambda: any(
             "only cancel your own" in m.text for m in h.fake.bot_messages(PRIVATE)))
 
+        h.fake.press(PRIVATE, status.message_id, BOB, f"cxl:{job_id}")
+        refused = await h.fake.wait_for(lambda: [
+            c for c in h.fake.calls_of("answerCallbackQuery") if c.params.get("show_alert")])
+        assert refused[0].params["text"] == "You can only cancel your own songs."
+
         h.fake.press(PRIVATE, status.message_id, ANN, f"cxl:{job_id}")
         assert "Cancelled" in await h.final_text(status)
         assert h.fal.cancels

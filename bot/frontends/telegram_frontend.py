@@ -41,8 +41,8 @@ from bot import messages
 from bot.engine import DeliveryError, Engine, EngineError, Job, Progress, Requester, Song
 from bot.frontends.telegram_flood import RetryAfterLimiter
 from bot.frontends.telegram_status import ChatActions, StatusBoard
-from bot.frontends.telegram_text import caption_html as make_caption
 from bot.frontends.telegram_text import (
+    STATE_LABELS,
     escape,
     final_html,
     help_text,
@@ -53,6 +53,7 @@ from bot.frontends.telegram_text import (
     status_html,
     when,
 )
+from bot.frontends.telegram_text import caption_html as make_caption
 from bot.frontends.telegram_webhook import WebhookReceiver, webhook_secret
 from bot.requests import GenerationRequest, InvalidRequest, Mode, is_instrumental_lyrics
 from bot.settings import Settings
@@ -70,6 +71,7 @@ GENERIC_ERROR = "Something went wrong, the operator has been told."
 LIMITS_GROUP_ONLY = "Use /limits in a group: it shows and sets that group's quotas."
 NOT_CHAT_ADMIN = "Only this group's administrators can change its limits."
 NO_LYRICS = "This song has no lyrics (it is instrumental)."
+NOT_YOURS = "You can only cancel your own songs."
 JOB_ID = re.compile(r"^[0-9a-f]{8}$")
 # The command menu Telegram shows users.
 MENU = [
@@ -462,9 +464,17 @@ class TelegramFrontend:
         requester = self._requester(user, chat)
         source = query.message
         if kind == "cxl":
-            await self.engine.cancel(job_id, requester,
-                                     is_admin=await self._may_cancel_any(requester, chat, job))
+            is_admin = await self._may_cancel_any(requester, chat, job)
+            if job.requester.key != requester.key and not is_admin:
+                await query.answer(NOT_YOURS, show_alert=True)
+                return
+            # Answer at once: stopping a running job can take longer than Telegram waits
+            # for a button's answer. The status message shows the outcome.
             await query.answer("Cancelling…")
+            try:
+                await self.engine.cancel(job_id, requester, is_admin=is_admin)
+            except EngineError as exc:  # e.g. it finished meanwhile: the status says so
+                log.info("telegram: cancel of job %s from a button: %s", job_id, exc)
         elif kind == "new":
             await query.answer("A new take is on its way.")
             await self._start_job(job.request.with_seed(-1), requester, chat.id,
@@ -506,8 +516,9 @@ class TelegramFrontend:
         lines = ["<b>Your songs in progress</b>"]
         for job, position in items:
             where = f" - position {position}" if position else ""
+            state = STATE_LABELS.get(job.state, job.state)
             lines.append(f"• <code>{job.id}</code> {escape(job.request.title())}: "
-                         f"{escape(job.state)}{where}")
+                         f"{escape(state)}{where}")
         await self._reply(message, "\n".join(lines))
 
     async def _cmd_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

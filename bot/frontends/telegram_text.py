@@ -27,11 +27,6 @@ _OPTION_TOKEN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 INSTRUMENTAL_WORD = "instrumental"
 
 
-def command_args(text: str, command_length: int) -> str:
-    """The text after the leading `/command` or `/command@BotName` entity."""
-    return text[command_length:]
-
-
 def _split_options(words: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Separate plain words from `name=value` options and the bare `instrumental` flag."""
     plain: list[str] = []
