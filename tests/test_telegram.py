@@ -229,6 +229,10 @@ async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
         assert h.submitted()[0]["seed"] == 7
         job = await h.engine.get_job(job_id)
         assert job is not None and job.state == "delivered"
+        # Rendered for a local Bot API server's 2000 MB limit (the fake is not the cloud).
+        limit = h.frontend.upload_limit
+        assert limit == upload_limit(h.frontend.api_url) > CLOUD_UPLOAD_BYTES
+        assert (h.engine.settings.audio_dir / f"{job_id}.{limit}.mp3").exists()
         assert [c["command"] for c in h.fake.commands][:2] == ["song", "compose"]
         assert h.frontend.is_connected
     assert not h.frontend.is_connected
