@@ -31,3 +31,35 @@ def make_wav(duration: float, sample_rate: int = 48000, channels: int = 2,
         w.setframerate(sample_rate)
         w.writeframes(pcm.tobytes())
     return buf.getvalue()
+
+
+# Provider formats as PyAV (FFmpeg) writes them: (container, encoder).
+PROVIDER_CODECS = {
+    "mp3": ("mp3", "libmp3lame"),
+    "flac": ("flac", "flac"),
+    "ogg-vorbis": ("ogg", "vorbis"),
+    "ogg-opus": ("ogg", "libopus"),
+    "wav-float": ("wav", "pcm_f32le"),  # what soundfile/torchaudio write by default
+    "wav-24bit": ("wav", "pcm_s24le"),
+}
+
+
+def transcode(wav: bytes, kind: str) -> bytes:
+    """Re-encode a WAV into one of PROVIDER_CODECS with PyAV, as a provider's server would."""
+    import av  # imported here so fixtures that only need WAV stay light
+
+    container_format, codec = PROVIDER_CODECS[kind]
+    out = io.BytesIO()
+    with av.open(io.BytesIO(wav)) as src, av.open(out, "w", format=container_format) as dst:
+        stream = dst.add_stream(codec, rate=48000)
+        stream.layout = "stereo"
+        if codec == "vorbis":
+            # FFmpeg's own Vorbis encoder is flagged experimental; libvorbis is not built in.
+            stream.codec_context.options = {"strict": "experimental"}
+        for frame in src.decode(audio=0):
+            frame.pts = None
+            for packet in stream.encode(frame):
+                dst.mux(packet)
+        for packet in stream.encode(None):
+            dst.mux(packet)
+    return out.getvalue()

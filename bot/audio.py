@@ -1,0 +1,643 @@
+"""Decode, check, encode, tag and draw cover art for generated songs.
+
+Providers hand back WAV, MP3, FLAC or Ogg. `check_audio` proves the bytes are the song we
+asked for (real audio, not silent, the right length); `encode` turns the stored original
+into what a chat platform accepts (MP3 that fits its upload limit, tagged, with cover art);
+`render_cover` draws that cover from the song itself. Everything streams frame by frame
+through PyAV (FFmpeg's codecs), so a 240 s song never sits in memory as one PCM array.
+All functions are synchronous and CPU-bound: async callers run them in a thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import lameenc
+import numpy as np
+from mutagen.flac import FLAC, Picture
+from mutagen.id3 import APIC, COMM, ID3, TALB, TIT2, TPE1, TXXX, USLT, PictureType
+from mutagen.oggopus import OggOpus
+from PIL import Image
+
+FORMATS = ("mp3", "wav", "flac", "ogg")
+STANDARD_BITRATES = (320, 256, 224, 192, 160, 128, 112, 96, 80, 64, 48, 32)  # kbps
+DEFAULT_BITRATE = 192  # kbps: transparent for most listeners, 5.8 MB for 240 s
+SAMPLE_RATE = 48000  # what ACE-Step generates; every output keeps it
+CHANNELS = 2
+
+# Share of the upload limit kept free when estimating whether a bitrate fits, plus a fixed
+# allowance for what a CBR stream adds beyond bitrate x duration (the Xing/LAME info
+# frame, encoder delay and padding frames, frame padding bits).
+SIZE_MARGIN = 0.02
+STREAM_SLACK_BYTES = 16 * 1024
+
+# Mean level under which a decoded song counts as silence (-60 dBFS RMS): far below any
+# real mix, far above the dither and rounding noise a codec leaves in digital silence.
+SILENCE_RMS = 10 ** (-60 / 20)
+# Share of undecodable packets tolerated before a file counts as damaged: codecs recover
+# from a stray bad frame, but a file that is mostly errors is not the song.
+MAX_BAD_PACKET_SHARE = 0.01
+
+MAX_COVER_BYTES = 200 * 1024  # Telegram's thumbnail limit
+COVER_SIZE = 320  # Telegram's thumbnail side limit; also a fine Discord embed image
+
+NOT_AUDIO = "The provider returned a file that is not audio."
+DAMAGED = "The provider returned a damaged audio file."
+SILENT = "The provider returned silent audio."
+
+# MP3 goes through lameenc rather than PyAV's libmp3lame: the LAME inside PyAV's wheels is
+# built without its optimisations and runs about three times slower than a distribution's.
+_ENCODERS = {"wav": "pcm_s16le", "flac": "flac", "ogg": "libopus"}
+LAME_QUALITY = 3  # LAME's own default and what ffmpeg uses: good quality, fast
+# FFmpeg's native Vorbis encoder is experimental and libvorbis is not in PyAV's build, so
+# .ogg output is Opus in Ogg: better quality per bit, and both chat apps play it.
+_LOSSY = frozenset({"mp3", "ogg"})
+
+
+class AudioError(Exception):
+    """A song that cannot be delivered; str(e) is a sentence to show the user."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a full decode found in an audio file."""
+
+    format: str
+    duration: float
+    sample_rate: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class SongTags:
+    """The story a song carries in its tags."""
+
+    title: str
+    lyrics: str | None = None
+    prompt: str | None = None
+    tags: str | None = None
+    seed: int | None = None
+    provider: str | None = None
+    job_id: str | None = None
+    artist: str = "ACE-Step"
+    album: str = "acestep-bot"
+
+    def comment(self) -> str:
+        """One readable comment with everything needed to reproduce the song."""
+        fields = [("Prompt", self.prompt), ("Tags", self.tags),
+                  ("Seed", None if self.seed is None else str(self.seed)),
+                  ("Provider", self.provider), ("Job", self.job_id)]
+        return "\n".join(f"{name}: {value}" for name, value in fields if value)
+
+    def extra(self) -> dict[str, str]:
+        """The same facts as separate machine-readable fields."""
+        fields = {"PROMPT": self.prompt, "TAGS": self.tags,
+                  "SEED": None if self.seed is None else str(self.seed),
+                  "PROVIDER": self.provider, "JOB_ID": self.job_id}
+        return {key: value for key, value in fields.items() if value}
+
+
+@dataclass(frozen=True)
+class EncodedAudio:
+    """A file written by `encode`."""
+
+    path: Path
+    format: str
+    bitrate: int | None  # kbps; None for lossless formats
+    size: int
+    duration: float
+
+
+def song_title(prompt: str | None, tags: str | None = None, limit: int = 80) -> str:
+    """A title from the prompt (or the style tags), cut at a word and at most `limit` long."""
+    for text in (prompt, tags):
+        words = " ".join((text or "").split())
+        if not words:
+            continue
+        if len(words) <= limit:
+            return words
+        cut = words[: limit - 1].rsplit(" ", 1)[0] or words[: limit - 1]
+        return cut.rstrip(" ,;:.-") + "\u2026"
+    return "Untitled song"
+
+
+# --- format detection --------------------------------------------------------------
+
+_MPEG1_L3_KBPS = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+_MPEG2_L3_KBPS = (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
+_MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_ID3_SEARCH = 4096  # some taggers leave junk or extra padding between the tag and audio
+
+
+def _mp3_frame_length(data: bytes, pos: int) -> int | None:
+    """Length of the MPEG-1/2/2.5 Layer III frame whose header starts at `pos`, if valid."""
+    if pos + 4 > len(data):
+        return None
+    b1, b2 = data[pos + 1], data[pos + 2]
+    if data[pos] != 0xFF or b1 & 0xE0 != 0xE0:
+        return None
+    version, layer = (b1 >> 3) & 3, (b1 >> 1) & 3
+    bitrate_index, rate_index = b2 >> 4, (b2 >> 2) & 3
+    # version 1 and rate 3 are reserved; layer 1 is Layer III; free-format bitrate (0)
+    # and the invalid index 15 never occur in files a service produces.
+    if version == 1 or layer != 1 or rate_index == 3 or bitrate_index in (0, 15):
+        return None
+    rate = _MPEG_RATES[version][rate_index]
+    padding = (b2 >> 1) & 1
+    if version == 3:
+        return 144_000 * _MPEG1_L3_KBPS[bitrate_index] // rate + padding
+    return 72_000 * _MPEG2_L3_KBPS[bitrate_index] // rate + padding
+
+
+def _mp3_starts_at(data: bytes, pos: int) -> bool:
+    """True if an MP3 frame starts at `pos` and, when the bytes go on, another follows."""
+    length = _mp3_frame_length(data, pos)
+    if length is None:
+        return False
+    if pos + length + 4 > len(data):
+        return True  # a lone short frame: nothing more to compare
+    return _mp3_frame_length(data, pos + length) is not None
+
+
+def _id3_end(data: bytes) -> int:
+    """Offset just past a leading ID3v2 tag, or 0 when there is none."""
+    if len(data) < 10 or data[:3] != b"ID3" or any(b & 0x80 for b in data[6:10]):
+        return 0
+    size = (data[6] << 21) | (data[7] << 14) | (data[8] << 7) | data[9]
+    footer = 10 if data[5] & 0x10 else 0
+    return 10 + size + footer
+
+
+def detect_format(data: bytes) -> str | None:
+    """The container format ("mp3", "wav", "flac", "ogg") from magic bytes, else None."""
+    if len(data) >= 12 and data[:4] in (b"RIFF", b"RF64") and data[8:12] == b"WAVE":
+        return "wav"
+    if data[:4] == b"OggS":
+        return "ogg"
+    start = _id3_end(data)
+    if data[start:start + 4] == b"fLaC":
+        return "flac"
+    if _mp3_starts_at(data, start):
+        return "mp3"
+    if start:
+        for pos in range(start + 1, min(len(data), start + _ID3_SEARCH)):
+            if data[pos] == 0xFF and _mp3_starts_at(data, pos):
+                return "mp3"
+    return None
+
+
+def _read_head(path: Path) -> bytes:
+    """Enough of a file's start for `detect_format`, including a large leading ID3 tag."""
+    with path.open("rb") as f:
+        head = f.read(64 * 1024)
+        end = _id3_end(head)
+        if end + _ID3_SEARCH > len(head):
+            head += f.read(end + _ID3_SEARCH - len(head))
+    return head
+
+
+# --- decoding ------------------------------------------------------------------------
+
+_INT_SCALE = {np.dtype(np.int16): 1 / 32768, np.dtype(np.int32): 1 / 2**31}
+
+
+def _as_float(frame: av.AudioFrame) -> np.ndarray:
+    """A decoded frame's samples as float32 in [-1, 1], all channels flattened."""
+    raw = frame.to_ndarray().reshape(-1)
+    if raw.dtype == np.uint8:
+        return (raw.astype(np.float32) - 128) / 128
+    scale = _INT_SCALE.get(raw.dtype)
+    samples = raw.astype(np.float32, copy=False)
+    return samples * scale if scale else samples
+
+
+def _open_input(source: bytes | Path) -> tuple[str, Any]:
+    """Detect the format and open a demuxer for it; raises AudioError if it is not audio."""
+    # Whole bytes, not a prefix: a provider's MP3 may open with an ID3 tag holding a large
+    # picture, and detect_format only ever looks at a few offsets.
+    head = source if isinstance(source, bytes) else _read_head(source)
+    fmt = detect_format(head)
+    if fmt is None:
+        raise AudioError(NOT_AUDIO)
+    target: Any = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        container = av.open(target, format=fmt)
+    except av.FFmpegError as exc:
+        raise AudioError(NOT_AUDIO) from exc
+    if not container.streams.audio:
+        container.close()
+        raise AudioError(NOT_AUDIO)
+    return fmt, container
+
+
+def _decoded_frames(container: Any) -> Iterator[av.AudioFrame]:
+    """Every frame of the first audio stream, skipping a few bad packets like players do."""
+    stream = container.streams.audio[0]
+    packets = bad = 0
+    try:
+        for packet in container.demux(stream):
+            packets += 1
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                bad += 1
+                continue
+            # demux() ends with an empty packet whose decode flushes the decoder.
+            yield from frames
+    except av.FFmpegError as exc:
+        raise AudioError(DAMAGED) from exc
+    if packets and bad / packets > MAX_BAD_PACKET_SHARE:
+        raise AudioError(DAMAGED)
+
+
+def _seconds(value: float) -> str:
+    """60.0 -> "60", 61.25 -> "61.2": durations as a person writes them."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def check_audio(data: bytes | Path, expected_duration: float | None,
+                tolerance: float = 0.10) -> AudioInfo:
+    """Decode the whole file (streaming) and prove it is the requested song; raises AudioError."""
+    fmt, container = _open_input(data)
+    with container:
+        stream = container.streams.audio[0]
+        samples = 0  # per channel
+        sum_squares = 0.0
+        values = 0
+        for frame in _decoded_frames(container):
+            pcm = _as_float(frame)
+            samples += frame.samples
+            values += pcm.size
+            sum_squares += float(np.dot(pcm, pcm))
+        sample_rate = stream.codec_context.sample_rate or stream.rate
+        channels = stream.codec_context.channels
+    if samples == 0 or not sample_rate:
+        raise AudioError(NOT_AUDIO)
+    if math.sqrt(sum_squares / values) < SILENCE_RMS:
+        raise AudioError(SILENT)
+    duration = samples / sample_rate
+    if expected_duration and abs(duration - expected_duration) > tolerance * expected_duration:
+        raise AudioError(f"The provider returned {duration:.1f} s of audio instead of "
+                         f"{_seconds(expected_duration)} s.")
+    return AudioInfo(format=fmt, duration=duration, sample_rate=sample_rate, channels=channels)
+
+
+def probe_duration(src: Path) -> float:
+    """Duration in seconds: from the header where it is exact, else by decoding."""
+    fmt, container = _open_input(src)
+    with container:
+        stream = container.streams.audio[0]
+        # WAV and FLAC headers state the sample count; MP3 and Ogg headers only estimate.
+        if fmt in ("wav", "flac") and stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+    return check_audio(src, None).duration
+
+
+# --- bitrate choice ------------------------------------------------------------------
+
+def estimate_size(duration: float, bitrate: int, overhead: int = 0) -> int:
+    """Bytes of a CBR stream of `bitrate` kbps lasting `duration` s, plus tags/cover."""
+    return math.ceil(bitrate * 125 * duration) + STREAM_SLACK_BYTES + overhead
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 1_000_000:.1f} MB"
+
+
+def choose_bitrate(duration: float, byte_limit: int | None, preferred: int = DEFAULT_BITRATE,
+                   *, overhead: int = 0) -> int:
+    """The highest standard bitrate <= preferred whose estimated size fits with margin.
+
+    `overhead` is what the tags and cover add to the file. Raises AudioError when even the
+    lowest standard bitrate cannot fit.
+    """
+    candidates = [rate for rate in STANDARD_BITRATES if rate <= preferred]
+    if not candidates:
+        raise ValueError(f"bitrate {preferred} kbps is below the lowest standard one")
+    if byte_limit is None:
+        return candidates[0]
+    budget = byte_limit * (1 - SIZE_MARGIN)
+    for rate in candidates:
+        if estimate_size(duration, rate, overhead) <= budget:
+            return rate
+    raise AudioError(f"A {_seconds(duration)} s song does not fit the {_size_text(byte_limit)} "
+                     f"upload limit here, even at {STANDARD_BITRATES[-1]} kbps.")
+
+
+def _lower_bitrate(rate: int) -> int | None:
+    lower = [r for r in STANDARD_BITRATES if r < rate]
+    return lower[0] if lower else None
+
+
+# --- tags ----------------------------------------------------------------------------
+
+def _id3(tags: SongTags | None, cover: bytes | None) -> ID3:
+    id3 = ID3()
+    if tags is not None:
+        # UTF-8 here; mutagen stores UTF-16 when writing ID3v2.3, which has no UTF-8.
+        id3.add(TIT2(encoding=3, text=tags.title))
+        id3.add(TPE1(encoding=3, text=tags.artist))
+        id3.add(TALB(encoding=3, text=tags.album))
+        if tags.lyrics:
+            id3.add(USLT(encoding=3, lang="eng", desc="", text=tags.lyrics))
+        if tags.comment():
+            id3.add(COMM(encoding=3, lang="eng", desc="", text=tags.comment()))
+        for key, value in tags.extra().items():
+            id3.add(TXXX(encoding=3, desc=key, text=value))
+    if cover:
+        id3.add(APIC(encoding=3, mime="image/jpeg", type=PictureType.COVER_FRONT,
+                     desc="Cover", data=cover))
+    return id3
+
+
+def _save_id3(id3: ID3, target: Any) -> None:
+    # ID3v2.3: the version Windows, older car stereos and Telegram's tag reader all know.
+    id3.save(target, v2_version=3, padding=lambda info: 0)
+
+
+def id3_tag_size(tags: SongTags | None, cover: bytes | None) -> int:
+    """Bytes the ID3 tag `encode` writes for these tags and cover will take."""
+    if tags is None and not cover:
+        return 0
+    buf = io.BytesIO()
+    _save_id3(_id3(tags, cover), buf)
+    return len(buf.getvalue())
+
+
+def _vorbis_comments(tags: SongTags | None) -> dict[str, str]:
+    if tags is None:
+        return {}
+    fields = {"TITLE": tags.title, "ARTIST": tags.artist, "ALBUM": tags.album,
+              "LYRICS": tags.lyrics, "COMMENT": tags.comment(), **tags.extra()}
+    return {key: value for key, value in fields.items() if value}
+
+
+def _flac_picture(cover: bytes) -> Picture:
+    picture = Picture()
+    picture.type = PictureType.COVER_FRONT
+    picture.mime = "image/jpeg"
+    picture.desc = "Cover"
+    with Image.open(io.BytesIO(cover)) as image:
+        picture.width, picture.height = image.size
+    picture.depth = 24
+    picture.data = cover
+    return picture
+
+
+def _write_tags(path: Path, fmt: str, tags: SongTags | None, cover: bytes | None) -> None:
+    if fmt == "mp3":
+        if tags is not None or cover:
+            _save_id3(_id3(tags, cover), path)
+    elif fmt == "flac":
+        flac = FLAC(path)
+        for key, value in _vorbis_comments(tags).items():
+            flac[key] = value
+        if cover:
+            flac.add_picture(_flac_picture(cover))
+        flac.save()
+    elif fmt == "ogg":
+        opus = OggOpus(path)
+        for key, value in _vorbis_comments(tags).items():
+            opus[key] = value
+        if cover:
+            picture = base64.b64encode(_flac_picture(cover).write()).decode("ascii")
+            opus["METADATA_BLOCK_PICTURE"] = [picture]
+        opus.save()
+    # WAV stays untagged: players barely read RIFF INFO and nobody delivers WAV to chat.
+
+
+def _tag_overhead(fmt: str, tags: SongTags | None, cover: bytes | None) -> int:
+    if fmt == "mp3":
+        return id3_tag_size(tags, cover)
+    text = sum(len(k) + len(v.encode()) + 5 for k, v in _vorbis_comments(tags).items())
+    # Ogg carries the picture base64-encoded; allow a few Ogg page headers on top.
+    return text + (len(cover) * 4 // 3 + 4096 if cover else 0)
+
+
+# --- encoding ------------------------------------------------------------------------
+
+def _pcm_frames(container: Any) -> Iterator[av.AudioFrame]:
+    """The song as 48 kHz stereo s16 frames, converted one decoded frame at a time."""
+    resampler = av.AudioResampler(format="s16", layout="stereo", rate=SAMPLE_RATE)
+    for frame in _decoded_frames(container):
+        frame.pts = None  # the resampler numbers its output; input timestamps may jump
+        yield from resampler.resample(frame)
+    yield from resampler.resample(None)  # what the resampler still holds
+
+
+def _encode_mp3(container: Any, dest: Path, bitrate: int) -> int:
+    """Stream PCM through LAME into dest; returns the samples encoded (per channel)."""
+    encoder = lameenc.Encoder()
+    encoder.set_bit_rate(bitrate)
+    encoder.set_in_sample_rate(SAMPLE_RATE)
+    # LAME alone would drop to 44.1/32/24/16 kHz at 112 kbps and below; like ffmpeg, keep
+    # the song's 48 kHz at every bitrate so a stepped-down file differs only in bitrate.
+    encoder.set_out_sample_rate(SAMPLE_RATE)
+    encoder.set_channels(CHANNELS)
+    encoder.set_quality(LAME_QUALITY)
+    samples = 0
+    with dest.open("wb") as out:
+        for frame in _pcm_frames(container):
+            samples += frame.samples
+            out.write(encoder.encode(frame.to_ndarray().tobytes()))
+        out.write(encoder.flush())
+    return samples
+
+
+def _encode_av(container: Any, dest: Path, fmt: str, bitrate: int | None) -> int:
+    """Stream PCM through FFmpeg's encoder for fmt into dest; returns samples encoded."""
+    samples = 0
+    with av.open(str(dest), "w", format=fmt) as out:
+        stream: Any = out.add_stream(_ENCODERS[fmt], rate=SAMPLE_RATE)
+        stream.layout = "stereo"
+        stream.format = "s16"  # every encoder used here takes s16, so no second conversion
+        if bitrate:
+            stream.bit_rate = bitrate * 1000
+        for frame in _pcm_frames(container):
+            samples += frame.samples
+            # PyAV cuts frames to the codec's frame size (Opus: 20 ms) as it encodes.
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return samples
+
+
+def _transcode(src: Path, dest: Path, fmt: str, bitrate: int | None) -> float:
+    """Stream src through the encoder for `fmt` into dest; returns the duration written."""
+    _, container = _open_input(src)
+    with container:
+        if fmt == "mp3":
+            assert bitrate is not None
+            samples = _encode_mp3(container, dest, bitrate)
+        else:
+            samples = _encode_av(container, dest, fmt, bitrate)
+    if samples == 0:
+        raise AudioError(NOT_AUDIO)
+    return samples / SAMPLE_RATE
+
+
+def encode(src: Path, dest: Path, fmt: str | None = None, *, byte_limit: int | None = None,
+           bitrate: int | None = None, tags: SongTags | None = None,
+           cover: bytes | None = None) -> EncodedAudio:
+    """Encode the original at `src` into `dest` (48 kHz stereo), tagged, within byte_limit.
+
+    `fmt` defaults to dest's suffix. For MP3 and Ogg, `bitrate` (kbps, default 192) is the
+    preferred rate; with a byte limit the highest standard rate that fits is used, and a
+    file that still comes out too large is encoded again one step lower. `src` is never
+    modified; dest appears only once complete.
+    """
+    fmt = (fmt or dest.suffix.lstrip(".")).lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"Cannot write {dest.name!r}: choose .mp3, .wav, .flac or .ogg.")
+    if bitrate is not None and bitrate not in STANDARD_BITRATES:
+        raise ValueError(f"bitrate must be one of {STANDARD_BITRATES} kbps, not {bitrate}")
+    if dest.exists() and dest.resolve() == src.resolve():
+        raise ValueError("encode() would overwrite the original file")
+    rate: int | None = None
+    if fmt in _LOSSY:
+        preferred = bitrate or DEFAULT_BITRATE
+        duration = probe_duration(src) if byte_limit is not None else 0.0
+        rate = choose_bitrate(duration, byte_limit, preferred,
+                              overhead=_tag_overhead(fmt, tags, cover))
+    partial = dest.with_name(f".{dest.name}.part")
+    try:
+        while True:
+            written = _transcode(src, partial, fmt, rate)
+            _write_tags(partial, fmt, tags, cover)
+            size = partial.stat().st_size
+            if byte_limit is None or size <= byte_limit:
+                break
+            lower = _lower_bitrate(rate) if rate is not None else None
+            if lower is None:
+                raise AudioError(f"The song comes to {_size_text(size)}, over the "
+                                 f"{_size_text(byte_limit)} upload limit here.")
+            rate = lower
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+    return EncodedAudio(path=dest, format=fmt, bitrate=rate, size=size, duration=written)
+
+
+# --- cover art -----------------------------------------------------------------------
+
+_BLOCK = 1024  # samples per spectrogram column before columns are merged to pixels
+_BANDS = 96  # log-spaced frequency rows before scaling to the image
+_LOW_HZ, _HIGH_HZ = 40.0, 16000.0
+_DYNAMIC_RANGE_DB = 70.0
+# Dark violet -> magenta -> orange -> pale yellow: quiet parts stay dark, loud ones glow.
+_PALETTE = np.array([(10, 6, 30), (60, 15, 95), (150, 35, 120), (230, 80, 80),
+                     (250, 170, 60), (252, 245, 190)], dtype=np.float32)
+
+
+def _band_matrix(sample_rate: int) -> np.ndarray:
+    """Weights that sum FFT bins into log-spaced bands (bins x bands)."""
+    freqs = np.fft.rfftfreq(_BLOCK, 1 / sample_rate)
+    high = min(_HIGH_HZ, sample_rate / 2)
+    edges = np.geomspace(_LOW_HZ, high, _BANDS + 1)
+    index = np.clip(np.searchsorted(edges, freqs, side="right") - 1, -1, _BANDS)
+    matrix = np.zeros((freqs.size, _BANDS), dtype=np.float32)
+    valid = (index >= 0) & (index < _BANDS)
+    matrix[np.nonzero(valid)[0], index[valid]] = 1.0
+    # Low bands hold fewer bins than an FFT bin is wide: borrow the nearest bin.
+    for band in np.nonzero(matrix.sum(axis=0) == 0)[0]:
+        centre = math.sqrt(edges[band] * edges[band + 1])
+        matrix[int(np.argmin(np.abs(freqs - centre))), band] = 1.0
+    return matrix
+
+
+def _song_bands(src: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per block of _BLOCK mono samples: band levels in dB and total energy."""
+    _, container = _open_input(src)
+    resampler = av.AudioResampler(format="flt", layout="mono")
+    window = np.hanning(_BLOCK).astype(np.float32)
+    # float16 dB keeps 0.03 dB steps at a quarter of float64's memory (2 MB for 240 s).
+    levels: list[np.ndarray] = []
+    energies: list[np.ndarray] = []
+    carry = np.zeros(0, dtype=np.float32)
+    matrix: np.ndarray | None = None
+    with container:
+        for frame in _decoded_frames(container):
+            frame.pts = None
+            if matrix is None:
+                matrix = _band_matrix(frame.sample_rate)
+            for mono in resampler.resample(frame):
+                carry = np.concatenate([carry, mono.to_ndarray().reshape(-1)])
+                whole = carry.size // _BLOCK * _BLOCK
+                if whole:
+                    blocks = carry[:whole].reshape(-1, _BLOCK) * window
+                    power = np.abs(np.fft.rfft(blocks, axis=1)) ** 2
+                    levels.append((10 * np.log10(power @ matrix + 1e-12)).astype(np.float16))
+                    energies.append(power.sum(axis=1).astype(np.float32))
+                    carry = carry[whole:]
+    if not levels:
+        raise AudioError(NOT_AUDIO)
+    return np.concatenate(levels), np.concatenate(energies)
+
+
+def _colorize(level: np.ndarray) -> np.ndarray:
+    """Map levels in [0, 1] through the palette to RGB bytes."""
+    position = np.clip(level, 0, 1) * (len(_PALETTE) - 1)
+    low = np.floor(position).astype(int).clip(0, len(_PALETTE) - 2)
+    mix = (position - low)[..., None]
+    rgb = _PALETTE[low] * (1 - mix) + _PALETTE[low + 1] * mix
+    return rgb.astype(np.uint8)
+
+
+def render_cover(src: Path, size: int = COVER_SIZE) -> bytes:
+    """A square JPEG (< 200 kB) of the song's spectrogram with its loudness outline."""
+    if not 16 <= size <= 2048:
+        raise ValueError("cover size must be between 16 and 2048 pixels")
+    bands, energies = _song_bands(src)
+    columns = min(size, bands.shape[0])
+    # Merge blocks into image columns: each column shows the mean level of its stretch.
+    edges = np.linspace(0, bands.shape[0], columns + 1).astype(int)
+    counts = np.diff(edges)
+    # Column by column, so the float16 levels are never widened all at once.
+    db = np.stack([bands[a:b].mean(axis=0, dtype=np.float32)
+                   for a, b in itertools.pairwise(edges)])
+    top = float(np.percentile(db, 99.5))
+    level = (db - (top - _DYNAMIC_RANGE_DB)) / _DYNAMIC_RANGE_DB
+    pixels = _colorize(level.T[::-1])  # low frequencies at the bottom
+    image = Image.fromarray(pixels, "RGB").resize((size, size), Image.Resampling.BICUBIC)
+    _draw_outline(image, np.add.reduceat(energies, edges[:-1]) / counts)
+    for quality in (90, 80, 70, 55, 40):
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=quality, optimize=True)
+        if buf.tell() < MAX_COVER_BYTES:
+            return buf.getvalue()
+    raise AssertionError("a cover image could not be compressed under 200 kB")
+
+
+def _draw_outline(image: Image.Image, loudness: np.ndarray) -> None:
+    """Overlay a mirrored loudness envelope across the middle, lightly, in white."""
+    width, height = image.size
+    x_old = np.linspace(0, 1, loudness.size)
+    db = 10 * np.log10(np.interp(np.linspace(0, 1, width), x_old, loudness) + 1e-12)
+    top = float(db.max())
+    level = np.clip((db - (top - 40)) / 40, 0, 1)  # the envelope of the last 40 dB
+    half = (level * height * 0.42).astype(int)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    rows = np.arange(height)[:, None]
+    middle = height // 2
+    inside = (rows >= middle - half[None, :]) & (rows <= middle + half[None, :])
+    mask[inside] = 55  # alpha: a veil, so the spectrogram still shows through
+    veil = Image.new("RGB", image.size, (255, 255, 255))
+    image.paste(veil, (0, 0), Image.fromarray(mask, "L"))
+
+
+__all__ = [
+    "CHANNELS", "DEFAULT_BITRATE", "FORMATS", "SAMPLE_RATE", "STANDARD_BITRATES",
+    "AudioError", "AudioInfo", "EncodedAudio", "SongTags", "check_audio", "choose_bitrate",
+    "detect_format", "encode", "estimate_size", "id3_tag_size", "probe_duration",
+    "render_cover", "song_title",
+]

@@ -1,0 +1,434 @@
+"""bot.audio against real codecs: every file here is made in the test and decoded back."""
+
+from __future__ import annotations
+
+import io
+import tracemalloc
+from pathlib import Path
+
+import av
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mutagen.flac import FLAC
+from mutagen.id3 import ID3
+from mutagen.oggopus import OggOpus
+from PIL import Image
+
+from bot import audio
+from bot.audio import (
+    FORMATS,
+    STANDARD_BITRATES,
+    AudioError,
+    SongTags,
+    check_audio,
+    choose_bitrate,
+    detect_format,
+    encode,
+    estimate_size,
+    render_cover,
+    song_title,
+)
+from tests.fakes.audio import PROVIDER_CODECS, make_wav, transcode
+
+MiB = 1024 * 1024
+LIMITS = {"Discord 10 MiB": 10 * MiB, "Discord boosted 25 MiB": 25 * MiB,
+          "Telegram 50 MB": 50_000_000}
+
+TAGS = SongTags(
+    title="Café au lait, 雨の歌 (rain song)",
+    lyrics="[verse]\nrain on the window\n[chorus]\nla la la",
+    prompt="lofi piano about rain",
+    tags="lofi, piano, 80 bpm",
+    seed=1234567,
+    provider="fal",
+    job_id="job-42",
+)
+
+
+def container_of(kind: str) -> str:
+    return PROVIDER_CODECS[kind][0]
+
+
+@pytest.fixture(scope="module")
+def wav5() -> bytes:
+    return make_wav(5)
+
+
+@pytest.fixture(scope="module")
+def song5(tmp_path_factory: pytest.TempPathFactory, wav5: bytes) -> Path:
+    path = tmp_path_factory.mktemp("src") / "song5.wav"
+    path.write_bytes(wav5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def song240(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("src") / "song240.wav"
+    path.write_bytes(make_wav(240))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cover5(song5: Path) -> bytes:
+    return render_cover(song5)
+
+
+def decoded_layout(path: Path) -> tuple[int, int, str]:
+    """Sample rate, channels and codec of a written file, as FFmpeg reads it."""
+    with av.open(str(path)) as container:
+        ctx = container.streams.audio[0].codec_context
+        return ctx.sample_rate, ctx.channels, ctx.name
+
+
+# --- detection and checking of what providers return ---------------------------------
+
+@pytest.mark.parametrize("kind", sorted(PROVIDER_CODECS))
+def test_provider_formats_are_detected_and_decoded(wav5: bytes, kind: str) -> None:
+    data = transcode(wav5, kind)
+    assert detect_format(data) == container_of(kind)
+    info = check_audio(data, expected_duration=5)
+    assert info.format == container_of(kind)
+    assert info.duration == pytest.approx(5, abs=0.1)
+    assert (info.sample_rate, info.channels) == (48000, 2)
+
+
+def test_wav_is_detected_and_measured_exactly(wav5: bytes) -> None:
+    assert detect_format(wav5) == "wav"
+    info = check_audio(wav5, expected_duration=5)
+    assert info == audio.AudioInfo(format="wav", duration=5.0, sample_rate=48000, channels=2)
+
+
+def test_check_accepts_a_path(song5: Path) -> None:
+    assert check_audio(song5, 5).duration == 5.0
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    b"hello world" * 100,
+    b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+    b'{"detail": "Internal Server Error"}',
+    b"RIFF\x24\x00\x00\x00WAVEjunkjunkjunkjunk" + bytes(200),
+    b"ID3\x04\x00\x00\x00\x00\x00\x10" + bytes(16) + b"not an mp3 frame" * 50,
+    b"\xff\xfb\x90\x00" + b"\x00" * 10,  # one plausible MP3 header, nothing behind it
+], ids=["empty", "text", "html-error-page", "json-error", "fake-riff", "id3-then-junk",
+        "lone-mp3-header"])
+def test_garbage_is_rejected_as_not_audio(data: bytes) -> None:
+    with pytest.raises(AudioError) as exc:
+        check_audio(data, expected_duration=60)
+    assert str(exc.value) == "The provider returned a file that is not audio."
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_mp3_behind_a_large_id3_picture_is_found(tmp_path: Path, song5: Path,
+                                                 as_path: bool) -> None:
+    big_picture = bytes(range(256)) * 600  # 150 kB: past any fixed-size header read
+    tagged = encode(song5, tmp_path / "tagged.mp3", tags=TAGS, cover=big_picture).path
+    data = tagged.read_bytes()
+    assert data[:3] == b"ID3" and len(data) > 150_000
+    assert detect_format(data) == "mp3"
+    assert check_audio(tagged if as_path else data, 5).format == "mp3"
+
+
+def test_a_jpeg_image_is_not_audio(cover5: bytes) -> None:
+    assert detect_format(cover5) is None
+    with pytest.raises(AudioError, match="not audio"):
+        check_audio(cover5, None)
+
+
+@pytest.mark.parametrize("kind", ["wav", "mp3", "ogg-opus"])
+def test_silence_is_rejected(kind: str) -> None:
+    data = make_wav(5, silent=True)
+    if kind != "wav":
+        data = transcode(data, kind)
+    with pytest.raises(AudioError) as exc:
+        check_audio(data, expected_duration=5)
+    assert str(exc.value) == "The provider returned silent audio."
+
+
+def test_wrong_duration_is_rejected_with_both_lengths() -> None:
+    with pytest.raises(AudioError) as exc:
+        check_audio(make_wav(31), expected_duration=60)
+    assert str(exc.value) == "The provider returned 31.0 s of audio instead of 60 s."
+
+
+@pytest.mark.parametrize(("actual", "ok"), [(54.5, True), (65.5, True), (53.5, False),
+                                            (66.5, False)])
+def test_duration_tolerance_is_ten_percent(actual: float, ok: bool) -> None:
+    data = make_wav(actual, sample_rate=8000, channels=1)
+    if ok:
+        assert check_audio(data, 60).duration == pytest.approx(actual)
+    else:
+        with pytest.raises(AudioError, match=r"instead of 60 s\."):
+            check_audio(data, 60)
+
+
+def test_a_truncated_download_is_caught_by_its_length(wav5: bytes) -> None:
+    # The RIFF header still promises 5 s, but the connection dropped halfway.
+    with pytest.raises(AudioError, match=r"^The provider returned 2\.\d s of audio instead"):
+        check_audio(wav5[: len(wav5) // 2], 5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_any_bytes_end_in_audio_info_or_audio_error(data: bytes) -> None:
+    try:
+        check_audio(data, 10)
+    except AudioError as exc:
+        assert str(exc).startswith("The provider returned")
+
+
+@settings(max_examples=40, deadline=None)
+@given(prefix=st.sampled_from([b"RIFF", b"OggS", b"fLaC", b"ID3", b"\xff\xfb"]),
+       rest=st.binary(max_size=2048))
+def test_magic_bytes_followed_by_junk_raise_audio_error(prefix: bytes, rest: bytes) -> None:
+    with pytest.raises(AudioError):
+        check_audio(prefix + rest, 10)
+
+
+# --- encoding and the fit rule ---------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_encode_writes_the_format_the_suffix_names(tmp_path: Path, song5: Path, fmt: str,
+                                                   cover5: bytes) -> None:
+    original = song5.read_bytes()
+    result = encode(song5, tmp_path / f"song.{fmt}", tags=TAGS, cover=cover5)
+    assert result.path == tmp_path / f"song.{fmt}"
+    assert result.format == fmt
+    assert result.size == result.path.stat().st_size
+    assert result.duration == pytest.approx(5.0)
+    data = result.path.read_bytes()
+    assert detect_format(data) == fmt
+    assert check_audio(data, 5).duration == pytest.approx(5, abs=0.06)
+    assert decoded_layout(result.path)[:2] == (48000, 2)
+    assert song5.read_bytes() == original  # the original stays as it was
+    assert [p.name for p in tmp_path.iterdir()] == [f"song.{fmt}"]  # no part file left
+
+
+@pytest.mark.parametrize("kind", sorted(PROVIDER_CODECS))
+def test_every_provider_format_becomes_a_192k_mp3(tmp_path: Path, wav5: bytes,
+                                                  kind: str) -> None:
+    src = tmp_path / f"original.{container_of(kind)}"
+    src.write_bytes(transcode(wav5, kind))
+    result = encode(src, tmp_path / "song.mp3")
+    assert result.bitrate == 192
+    assert check_audio(result.path.read_bytes(), 5).format == "mp3"
+    assert decoded_layout(result.path) == (48000, 2, "mp3float")
+    # 192 kbps CBR: 24 kB per second, give or take the encoder's delay frames.
+    assert result.size == pytest.approx(5 * 24_000, rel=0.03)
+
+
+def test_mono_44k_input_is_delivered_as_48k_stereo(tmp_path: Path) -> None:
+    src = tmp_path / "mono.wav"
+    src.write_bytes(make_wav(3, sample_rate=44100, channels=1))
+    result = encode(src, tmp_path / "song.mp3")
+    assert decoded_layout(result.path)[:2] == (48000, 2)
+    assert check_audio(result.path.read_bytes(), 3).duration == pytest.approx(3, abs=0.06)
+
+
+def test_encode_refuses_unknown_suffix_and_overwriting_the_original(tmp_path: Path,
+                                                                    song5: Path) -> None:
+    with pytest.raises(ValueError, match=r"choose \.mp3, \.wav, \.flac or \.ogg"):
+        encode(song5, tmp_path / "song.m4a")
+    with pytest.raises(ValueError, match="original"):
+        encode(song5, song5)
+    assert check_audio(song5, 5).duration == 5.0
+
+
+def test_encode_rejects_a_source_that_is_not_audio(tmp_path: Path) -> None:
+    src = tmp_path / "error.wav"
+    src.write_text("<html>Gateway Timeout</html>")
+    with pytest.raises(AudioError, match="not audio"):
+        encode(src, tmp_path / "song.mp3")
+    assert not (tmp_path / "song.mp3").exists()
+
+
+@pytest.mark.parametrize("limit_name", sorted(LIMITS))
+@pytest.mark.parametrize("duration", [5, 60, 240])
+@pytest.mark.parametrize("preferred", [320, 192])
+def test_chosen_bitrate_is_the_highest_that_fits(limit_name: str, duration: int,
+                                                 preferred: int) -> None:
+    limit = LIMITS[limit_name]
+    overhead = 60_000  # a cover and a page of lyrics
+    rate = choose_bitrate(duration, limit, preferred, overhead=overhead)
+    assert rate in STANDARD_BITRATES and rate <= preferred
+    assert estimate_size(duration, rate, overhead) <= limit * (1 - audio.SIZE_MARGIN)
+    higher = [r for r in STANDARD_BITRATES if rate < r <= preferred]
+    if higher:  # the next step up would not have fitted
+        assert estimate_size(duration, min(higher), overhead) > limit * (1 - audio.SIZE_MARGIN)
+
+
+@pytest.mark.parametrize(("duration", "limit", "preferred"), [
+    (240, 8 * MiB, 320),  # the old Discord limit: a full-length song steps down
+    (240, 4 * MiB, 192),
+    (600, 10 * MiB, 320),
+])
+def test_long_songs_step_down_instead_of_failing(duration: int, limit: int,
+                                                 preferred: int) -> None:
+    rate = choose_bitrate(duration, limit, preferred)
+    assert rate < preferred
+    assert rate * 125 * duration < limit
+
+
+def test_without_a_limit_the_preferred_rate_is_kept() -> None:
+    assert choose_bitrate(240, None) == 192
+    assert choose_bitrate(240, None, 320) == 320
+    assert choose_bitrate(240, None, 200) == 192  # not a standard rate: next one down
+
+
+def test_a_song_that_cannot_fit_even_at_32k_is_refused_plainly() -> None:
+    with pytest.raises(AudioError) as exc:
+        choose_bitrate(240, 500_000)
+    assert str(exc.value) == ("A 240 s song does not fit the 0.5 MB upload limit here, "
+                              "even at 32 kbps.")
+
+
+@pytest.mark.parametrize("limit_name", sorted(LIMITS))
+def test_real_5s_encodes_fit_each_limit(tmp_path: Path, song5: Path, cover5: bytes,
+                                        limit_name: str) -> None:
+    result = encode(song5, tmp_path / "s.mp3", byte_limit=LIMITS[limit_name], bitrate=320,
+                    tags=TAGS, cover=cover5)
+    assert result.bitrate == 320
+    assert result.size <= LIMITS[limit_name]
+
+
+def test_full_length_song_fits_discord_10_mib_in_bounded_memory(tmp_path: Path,
+                                                               song240: Path) -> None:
+    pcm_bytes = 240 * 48000 * 2 * 2  # 46 MB: one copy of the decoded song
+    tracemalloc.start()
+    try:
+        cover = render_cover(song240)
+        result = encode(song240, tmp_path / "song.mp3", byte_limit=10 * MiB, bitrate=320,
+                        tags=TAGS, cover=cover)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < pcm_bytes / 4  # frames stream through; no whole-song array is built
+    assert result.path.stat().st_size == result.size <= 10 * MiB
+    assert result.bitrate == choose_bitrate(240, 10 * MiB, 320,
+                                            overhead=audio.id3_tag_size(TAGS, cover))
+    info = check_audio(result.path.read_bytes(), 240)  # the whole song, not cut
+    assert info.duration == pytest.approx(240, abs=0.06)
+    assert ID3(result.path).getall("APIC")[0].data == cover
+
+
+def test_60s_song_under_a_tight_limit_steps_down_and_stays_whole(tmp_path: Path) -> None:
+    src = tmp_path / "song60.wav"
+    src.write_bytes(make_wav(60))
+    result = encode(src, tmp_path / "song.mp3", byte_limit=600_000, bitrate=320)
+    assert result.bitrate is not None and result.bitrate <= 96
+    assert result.size <= 600_000
+    assert check_audio(result.path.read_bytes(), 60).duration == pytest.approx(60, abs=0.06)
+    # Still 48 kHz stereo: only the bitrate went down.
+    assert decoded_layout(result.path)[:2] == (48000, 2)
+
+
+def test_an_mp3_over_the_limit_is_encoded_again_one_step_lower(
+        tmp_path: Path, song5: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With no margin the estimate says 192 kbps fits exactly; the real file carries LAME's
+    # delay and padding frames, so it comes out a little larger and must step down.
+    monkeypatch.setattr(audio, "SIZE_MARGIN", 0.0)
+    monkeypatch.setattr(audio, "STREAM_SLACK_BYTES", 0)
+    limit = estimate_size(5, 192, audio.id3_tag_size(TAGS, None))
+    result = encode(song5, tmp_path / "song.mp3", byte_limit=limit, tags=TAGS)
+    assert result.bitrate == 160
+    assert result.size <= limit
+    assert ID3(result.path)["TIT2"].text == [TAGS.title]
+
+
+def test_ogg_opus_output_also_fits_a_limit(tmp_path: Path, song5: Path) -> None:
+    result = encode(song5, tmp_path / "song.ogg", byte_limit=60_000, tags=TAGS)
+    assert result.bitrate is not None and result.bitrate < 192
+    assert result.size <= 60_000
+    assert check_audio(result.path.read_bytes(), 5).format == "ogg"
+
+
+def test_an_mp3_that_cannot_fit_is_refused_before_encoding(tmp_path: Path,
+                                                           song240: Path) -> None:
+    with pytest.raises(AudioError, match=r"^A 240 s song does not fit the 0\.5 MB upload"):
+        encode(song240, tmp_path / "song.mp3", byte_limit=500_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lossless_output_over_the_limit_is_refused(tmp_path: Path, song5: Path) -> None:
+    with pytest.raises(AudioError, match=r"^The song comes to 1\.0 MB, over the 0\.5 MB"):
+        encode(song5, tmp_path / "song.wav", byte_limit=500_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- tags and cover ------------------------------------------------------------------
+
+def test_mp3_tags_read_back_with_mutagen(tmp_path: Path, song5: Path, cover5: bytes) -> None:
+    result = encode(song5, tmp_path / "song.mp3", tags=TAGS, cover=cover5)
+    id3 = ID3(result.path)
+    assert id3.version[:2] == (2, 3)
+    assert id3["TIT2"].text == [TAGS.title]
+    assert id3["TPE1"].text == ["ACE-Step"]
+    assert id3["TALB"].text == ["acestep-bot"]
+    assert id3.getall("USLT")[0].text == TAGS.lyrics
+    comment = id3.getall("COMM")[0].text[0]
+    for fact in ("lofi piano about rain", "lofi, piano, 80 bpm", "1234567", "fal", "job-42"):
+        assert fact in comment
+    assert id3.getall("TXXX:SEED")[0].text == ["1234567"]
+    picture = id3.getall("APIC")[0]
+    assert (picture.mime, picture.type, picture.data) == ("image/jpeg", 3, cover5)
+
+
+def test_flac_and_ogg_carry_vorbis_comments_and_the_cover(tmp_path: Path, song5: Path,
+                                                          cover5: bytes) -> None:
+    flac = FLAC(encode(song5, tmp_path / "s.flac", tags=TAGS, cover=cover5).path)
+    assert flac["TITLE"] == [TAGS.title]
+    assert flac["LYRICS"] == [TAGS.lyrics]
+    assert flac["SEED"] == ["1234567"]
+    assert flac.pictures[0].data == cover5
+    assert (flac.pictures[0].width, flac.pictures[0].height) == (320, 320)
+    opus = OggOpus(encode(song5, tmp_path / "s.ogg", tags=TAGS, cover=cover5).path)
+    assert opus["TITLE"] == [TAGS.title]
+    assert opus["ARTIST"] == ["ACE-Step"]
+    assert "job-42" in opus["COMMENT"][0]
+    assert "METADATA_BLOCK_PICTURE" in opus
+
+
+def test_album_is_the_bot_name(tmp_path: Path, song5: Path) -> None:
+    tags = SongTags(title="x", album="rainbot")
+    assert ID3(encode(song5, tmp_path / "s.mp3", tags=tags).path)["TALB"].text == ["rainbot"]
+
+
+@pytest.mark.parametrize("size", [320, 160])
+def test_cover_is_a_small_square_jpeg(song5: Path, size: int) -> None:
+    data = render_cover(song5, size)
+    assert len(data) < 200 * 1024
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "JPEG"
+        assert image.size == (size, size)
+
+
+def test_cover_of_a_full_song_fits_telegram_thumbnail_rules(song240: Path) -> None:
+    data = render_cover(song240)
+    assert len(data) < 200 * 1024
+    assert Image.open(io.BytesIO(data)).size == (320, 320)
+
+
+def test_cover_is_drawn_from_the_song(tmp_path: Path) -> None:
+    low, high = tmp_path / "low.wav", tmp_path / "high.wav"
+    low.write_bytes(make_wav(5, freq=110))
+    high.write_bytes(make_wav(5, freq=3520))
+
+    def brightest_row(path: Path) -> int:
+        with Image.open(io.BytesIO(render_cover(path))) as image:
+            grey = image.convert("L")
+            # Look at the left edge, outside the loudness veil in the middle.
+            column = [grey.getpixel((2, y)) for y in range(grey.height)]
+        return max(range(len(column)), key=column.__getitem__)
+
+    # Rows count from the top: the high tone glows nearer the top than the low one.
+    assert brightest_row(high) < brightest_row(low) - 40
+
+
+def test_song_title_comes_from_prompt_then_tags() -> None:
+    assert song_title("  lofi   piano\nabout rain ") == "lofi piano about rain"
+    assert song_title("", "synthwave, 120 bpm") == "synthwave, 120 bpm"
+    assert song_title(None, None) == "Untitled song"
+    long = song_title("a slow ballad about " + "the endless grey rain " * 10)
+    assert len(long) <= 80 and long.endswith("\u2026")
+    assert not long[:-1].endswith(" ")
