@@ -164,7 +164,8 @@ class TelegramFrontend:
                                            settings.telegram_webhook_listen,
                                            webhook_secret(token), ALLOWED_UPDATES)
         self.status = StatusBoard(self._bot, edit_interval)
-        self.actions = ChatActions(self._bot, action_interval)
+        self.actions = ChatActions(self._bot, action_interval,
+                                   max_seconds=settings.job_timeout_seconds + 300)
         self._bot_lock = asyncio.Lock()
         self._notes: dict[str, str] = {}
         self._background: set[asyncio.Task[Any]] = set()

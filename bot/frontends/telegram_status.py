@@ -134,9 +134,13 @@ class StatusBoard:
 class ChatActions:
     """Repeat the `upload_voice` chat action for each working job until it ends."""
 
-    def __init__(self, bot: Callable[[], Bot], interval: float = 4.5) -> None:
+    def __init__(self, bot: Callable[[], Bot], interval: float = 4.5,
+                 max_seconds: float = 1800.0) -> None:
         self._bot = bot
         self.interval = interval
+        # A job always ends in deliver or on_failed; this only bounds a loop whose end
+        # was never reported (e.g. the engine stopped mid-job).
+        self.max_seconds = max_seconds
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self, job_id: str, chat_id: int, thread_id: int | None) -> None:
@@ -153,7 +157,9 @@ class ChatActions:
                 await task
 
     async def _loop(self, chat_id: int, thread_id: int | None) -> None:
-        while True:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_seconds
+        while loop.time() < deadline:
             try:
                 await self._bot().send_chat_action(chat_id, ChatAction.UPLOAD_VOICE,
                                                    message_thread_id=thread_id)
