@@ -1,0 +1,553 @@
+"""The Telegram front-end: the real python-telegram-bot against a fake Bot API server.
+
+Updates reach the bot through long-polled getUpdates; everything the bot sends is read
+back from the fake server, as a user would see it. The engine is the real one on a temp
+SQLite file, running songs on the fake fal queue server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import pytest
+
+from bot import logs
+from bot.engine import Engine
+from bot.frontends.telegram_frontend import (
+    CLOUD_UPLOAD_BYTES,
+    LOCAL_UPLOAD_BYTES,
+    TelegramFrontend,
+    upload_limit,
+)
+from bot.frontends.telegram_text import (
+    CAPTION_LIMIT,
+    caption_html,
+    parse_compose,
+    parse_song,
+    split_message,
+)
+from bot.models import Job, Requester
+from bot.requests import GenerationRequest, InvalidRequest
+from providers.fal import FalProvider
+from tests.conftest import make_settings
+from tests.enginekit import FAST
+from tests.fakes.fal import FakeFal
+from tests.fakes.http import serve
+from tests.fakes.telegram_api import FakeMessage, FakeTelegram
+
+PRIVATE = 42
+ANN = FakeTelegram.user(42, "Ann", "ann")
+BOB = FakeTelegram.user(43, "Bob", "bob")
+GROUP = -100500
+FORUM = -100600
+
+
+class Harness:
+    """A running bot: the fake Telegram server, the front-end, the engine, fake fal."""
+
+    def __init__(self, fake: FakeTelegram, frontend: TelegramFrontend, engine: Engine,
+                 fal: FakeFal, sleeps: list[float]) -> None:
+        self.fake = fake
+        self.frontend = frontend
+        self.engine = engine
+        self.fal = fal
+        self.sleeps = sleeps
+
+    def submitted(self) -> list[dict[str, Any]]:
+        """The input bodies fal received, in order."""
+        return [s.body for s in self.fal.submits]
+
+    async def song_message(self, chat_id: int, count: int = 1) -> FakeMessage:
+        """Wait for the `count`-th audio message in a chat."""
+        def audios() -> list[FakeMessage]:
+            return [m for m in self.fake.bot_messages(chat_id) if m.kind == "audio"]
+        found = await self.fake.wait_for(lambda: len(audios()) >= count and audios())
+        song = found[count - 1]
+        # ...and the engine has recorded it as delivered.
+        job_id = song.button_data()[0].split(":")[1]
+        for _ in range(500):
+            job = await self.engine.get_job(job_id)
+            if job is not None and job.state == "delivered":
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"job {job_id} was posted but not marked delivered")
+        return song
+
+    async def reply_to(self, chat_id: int, message_id: int) -> FakeMessage:
+        """Wait for the bot's (first) text reply to a message."""
+        return await self.fake.wait_for(lambda: next(
+            (m for m in self.fake.bot_messages(chat_id)
+             if m.kind == "text" and m.reply_to == message_id), None))
+
+    async def final_text(self, message: FakeMessage) -> str:
+        """Wait until a status message leaves its working states; its text then."""
+        working = ("Received", "Queued", "Starting", "Generating", "Uploading")
+        return await self.fake.wait_for(
+            lambda: message.text if not any(w in message.text for w in working) else None)
+
+
+@asynccontextmanager
+async def running_bot(tmp_path: Path, fal: FakeFal | None = None,
+                      fake: FakeTelegram | None = None, fal_url: str | None = None,
+                      **overrides: Any) -> AsyncIterator[Harness]:
+    """The bot as `acestep-bot run` wires it, on the fake servers. Pass `fal_url` of an
+    already running FakeFal to keep it (and its stored handles) across two bots."""
+    fake = fake or FakeTelegram()
+    fake.chat(PRIVATE, "private", "Ann")
+    fake.chat(BOB["id"], "private", "Bob")
+    fake.chat(GROUP, "supergroup", "Music club")
+    fake.chat(FORUM, "supergroup", "Forum", is_forum=True)
+    fal = fal or FakeFal(queue_polls=1, progress_polls=1)
+    if fal_url is None:
+        async with fal.running() as url, _bot(tmp_path, fal, url, fake, overrides) as h:
+            yield h
+    else:
+        async with _bot(tmp_path, fal, fal_url, fake, overrides) as h:
+            yield h
+
+
+@asynccontextmanager
+async def _bot(tmp_path: Path, fal: FakeFal, fal_url: str, fake: FakeTelegram,
+               overrides: dict[str, Any]) -> AsyncIterator[Harness]:
+    sleeps: list[float] = []
+
+    async def flood_sleep(delay: float) -> None:
+        sleeps.append(delay)
+        await asyncio.sleep(0.01)
+
+    async with serve(fake.app) as url:
+        settings = make_settings(tmp_path, telegram_token=fake.token, telegram_api_url=url,
+                                 fal_key=fal.key, fal_queue_url=fal_url, **overrides)
+        provider = FalProvider(fal.key, fal_url, concurrency=2, poll_interval=0.01,
+                               retry_delays=(0.01, 0.02))
+        engine = await Engine.open(settings, [provider], options=FAST)
+        frontend = TelegramFrontend(settings, engine, edit_interval=0.05, action_interval=0.05,
+                                    poll_timeout=1, flood_sleep=flood_sleep)
+        engine.register_delivery(frontend)
+        await engine.start()
+        await frontend.start()
+        try:
+            yield Harness(fake, frontend, engine, fal, sleeps)
+        finally:
+            await engine.stop()
+            await frontend.stop()
+            await engine.close()
+
+
+def decode_mp3(data: bytes) -> tuple[str, float]:
+    """Decode an uploaded file with PyAV: its format name and duration in seconds."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return container.format.name, samples / stream.rate
+
+
+# --- parsing and text (no network) ---------------------------------------------------
+
+def test_song_options_are_parsed_from_any_position() -> None:
+    fields = parse_song(" lofi piano duration=30 about rain seed=7 instrumental steps=40 "
+                        "scheduler=heun")
+    assert fields["prompt"] == "lofi piano about rain"
+    assert fields["duration"] == 30 and fields["seed"] == 7
+    assert fields["instrumental"] is True
+    assert fields["steps"] == 40 and fields["scheduler"] == "heun"
+
+
+def test_unknown_option_names_the_valid_ones() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_song("rain tempo=fast")
+    assert "tempo" in str(info.value) and "duration" in str(info.value)
+
+
+def test_compose_keeps_lyrics_line_for_line() -> None:
+    lyrics = "[verse]\nNeon rain\n\n  on the window\n[chorus]\nla & <la>"
+    fields = parse_compose(" synthpop,  female vocals, duration=20\n" + lyrics, None)
+    assert fields["tags"] == "synthpop, female vocals"
+    assert fields["duration"] == 20
+    assert fields["lyrics"] == lyrics
+    assert parse_compose(" rock", "from the reply")["lyrics"] == "from the reply"
+
+
+def test_caption_fits_and_is_escaped() -> None:
+    long_prompt = "<b>&amp; rain</b> " * 200
+    caption = caption_html(text=long_prompt, seed=123, duration=65, provider="fal")
+    assert len(caption) <= CAPTION_LIMIT
+    assert "<b>&amp;" not in caption and "&lt;b&gt;&amp;amp;" in caption
+    assert caption.endswith("<code>123</code> · 1:05 · fal")
+
+
+def test_split_message_respects_the_limit() -> None:
+    text = "\n".join(f"line {i} " + "x" * 50 for i in range(300))
+    chunks = split_message(text)
+    assert len(chunks) > 1 and all(len(c) <= 4096 for c in chunks)
+    assert "\n".join(chunks) == text
+
+
+def test_upload_limit_depends_on_the_api_server() -> None:
+    assert upload_limit("https://api.telegram.org") < CLOUD_UPLOAD_BYTES
+    assert upload_limit("https://api.telegram.org/") < CLOUD_UPLOAD_BYTES
+    assert CLOUD_UPLOAD_BYTES < upload_limit("http://127.0.0.1:8081") < LOCAL_UPLOAD_BYTES
+
+
+# --- the bot end to end ----------------------------------------------------------------
+
+async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        request_id = h.fake.send_text(PRIVATE, ANN, "/song lofi piano <about> rain "
+                                                    "duration=6 seed=7")
+        song = await h.song_message(PRIVATE)
+        assert song.reply_to == request_id
+        audio = song.files["audio"]
+        assert audio.filename.endswith(".mp3")
+        fmt, seconds = decode_mp3(audio.data)
+        assert fmt == "mp3" and 5.5 < seconds < 6.5
+        assert song.files["thumbnail"].data[:3] == b"\xff\xd8\xff"  # JPEG cover
+        assert song.params["title"] == "lofi piano <about> rain"
+        assert song.params["performer"] == "ACE-Step" and song.params["duration"] == 6
+        assert song.params["parse_mode"] == "HTML"
+        assert song.caption == ("<b>Prompt</b> lofi piano &lt;about&gt; rain\n"
+                                "<b>Seed</b> <code>7</code> · 0:06 · fal")
+        job_id = song.button_data()[0].split(":")[1]
+        assert song.button_data() == [f"new:{job_id}", f"lyr:{job_id}"]
+
+        status = next(m for m in h.fake.bot_messages(PRIVATE) if m.kind == "text")
+        assert status.reply_to == request_id
+        assert "Sent" in await h.final_text(status)
+        assert any("Queued" in t or "Generating" in t for t in status.texts)
+        assert job_id in status.text and not status.reply_markup
+        assert h.fake.calls_of("sendChatAction")[0].params["action"] == "upload_voice"
+        assert h.submitted()[0]["prompt"] == "lofi piano <about> rain"
+        assert h.submitted()[0]["seed"] == 7
+        job = await h.engine.get_job(job_id)
+        assert job is not None and job.state == "delivered"
+        # Rendered for a local Bot API server's 2000 MB limit (the fake is not the cloud).
+        limit = h.frontend.upload_limit
+        assert limit == upload_limit(h.frontend.api_url) > CLOUD_UPLOAD_BYTES
+        assert (h.engine.settings.audio_dir / f"{job_id}.{limit}.mp3").exists()
+        assert [c["command"] for c in h.fake.commands][:2] == ["song", "compose"]
+        assert h.frontend.is_connected
+    assert not h.frontend.is_connected
+
+
+@pytest.mark.parametrize("text, named", [
+    ("/song rain tempo=fast", "tempo"),
+    ("/song rain duration=abc", "duration"),
+    ("/song rain duration=999", "duration"),
+    ("/song rain scheduler=ddim", "scheduler"),
+])
+async def test_bad_options_are_answered_without_a_provider_call(
+        tmp_path: Path, text: str, named: str) -> None:
+    async with running_bot(tmp_path) as h:
+        request_id = h.fake.send_text(PRIVATE, ANN, text)
+        reply = await h.reply_to(PRIVATE, request_id)
+        assert reply.text.startswith(f"{named}: ")
+        assert "Valid options" in reply.text and "duration=5..240" in reply.text
+        assert "scheduler=euler|heun" in reply.text
+        await asyncio.sleep(0.1)
+        assert h.fal.submit_count == 0
+        assert h.fake.calls_of("sendAudio") == []
+        assert len(h.fake.bot_messages(PRIVATE)) == 1
+
+
+async def test_quota_refusal_is_shown_and_nothing_is_generated(tmp_path: Path) -> None:
+    async with running_bot(tmp_path, quota_user_jobs_per_day=1) as h:
+        h.fake.send_text(PRIVATE, ANN, "/song first song duration=5")
+        await h.song_message(PRIVATE)
+        second = h.fake.send_text(PRIVATE, ANN, "/song second song duration=5")
+        status = await h.reply_to(PRIVATE, second)
+        refusal = await h.final_text(status)
+        assert refusal.startswith("<b>second song</b>\n"
+                                  "You have used your 1 songs for today (0 left).")
+        assert "It resets at 00:00 UTC" in refusal
+        await asyncio.sleep(0.1)
+        assert h.fal.submit_count == 1
+        assert len(h.fake.calls_of("sendAudio")) == 1
+
+
+async def test_compose_brings_multiline_lyrics_to_the_provider(tmp_path: Path) -> None:
+    lyrics = "[verse]\nNeon rain on the window\nA & B <3\n\n[chorus]\nHold on, hold on"
+    async with running_bot(tmp_path) as h:
+        h.fake.send_text(PRIVATE, ANN, f"/compose synthpop, female vocals duration=8\n{lyrics}")
+        song = await h.song_message(PRIVATE)
+        body = h.submitted()[0]
+        assert body["tags"] == "synthpop, female vocals" and body["duration"] == 8
+        assert body["lyrics"] == lyrics
+        assert song.caption is not None
+        assert song.caption.startswith("<b>Tags</b> synthpop, female vocals\n")
+
+        # Lyrics may also come from the message the command replies to.
+        held = h.fake.send_text(PRIVATE, ANN, "line one\nline two")
+        h.fake.send_text(PRIVATE, ANN, "/compose rock duration=5", reply_to=held)
+        await h.song_message(PRIVATE, 2)
+        assert h.submitted()[1]["lyrics"] == "line one\nline two"
+
+
+async def test_group_command_addressed_to_the_bot(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.send_text(GROUP, BOB, "/song@SomeOtherBot not for us")
+        request_id = h.fake.send_text(GROUP, BOB, "/song@AceStepBot group anthem duration=5")
+        song = await h.song_message(GROUP)
+        assert song.reply_to == request_id
+        assert [b["prompt"] for b in h.submitted()] == ["group anthem"]
+        job = await h.engine.get_job(song.button_data()[0].split(":")[1])
+        assert job is not None and job.requester.community_key == f"telegram:{GROUP}"
+
+        # In a forum topic every message stays in the topic.
+        topic_request = h.fake.send_text(FORUM, BOB, "/song@AceStepBot topic tune duration=5",
+                                         thread_id=77)
+        topic_song = await h.song_message(FORUM)
+        assert topic_song.thread_id == 77 and topic_song.reply_to == topic_request
+        assert all(m.thread_id == 77 for m in h.fake.bot_messages(FORUM))
+        assert all(c.params.get("message_thread_id") == 77
+                   for c in h.fake.calls_of("sendChatAction") if c.params["chat_id"] == FORUM)
+
+
+async def test_new_take_and_lyrics_buttons(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.send_text(PRIVATE, ANN, "/song rainy day duration=5 seed=11")
+        first = await h.song_message(PRIVATE)
+        new_data, lyrics_data = first.button_data()
+
+        h.fake.press(PRIVATE, first.message_id, ANN, lyrics_data)
+        lyrics = await h.reply_to(PRIVATE, first.message_id)
+        assert lyrics.text == "[verse]\nrainy day"  # what fal wrote for the prompt
+        assert h.fake.calls_of("answerCallbackQuery")
+
+        h.fake.press(PRIVATE, first.message_id, ANN, new_data)
+        second = await h.song_message(PRIVATE, 2)
+        assert second.reply_to == first.message_id
+        first_body, second_body = h.submitted()
+        assert second_body["prompt"] == first_body["prompt"] == "rainy day"
+        assert second_body["duration"] == 5
+        assert first_body["seed"] == 11 and second_body["seed"] != 11
+        assert f"<code>{second_body['seed']}</code>" in (second.caption or "")
+
+
+async def test_cancel_button_and_information_commands(tmp_path: Path) -> None:
+    fal = FakeFal(queue_polls=0, progress_polls=10_000)  # runs until cancelled
+    async with running_bot(tmp_path, fal) as h:
+        h.fake.send_text(PRIVATE, ANN, "/song endless jam duration=5")
+        status = await h.fake.wait_for(lambda: next(
+            (m for m in h.fake.bot_messages(PRIVATE) if "cxl:" in str(m.reply_markup)), None))
+        job_id = status.button_data()[0].split(":")[1]
+
+        queue = h.fake.send_text(PRIVATE, ANN, "/queue")
+        assert job_id in (await h.reply_to(PRIVATE, queue)).text
+
+        h.fake.send_text(PRIVATE, BOB, f"/cancel {job_id}")  # not Bob's song
+        await h.fake.wait_for(lambda: any(
+            "only cancel your own" in m.text for m in h.fake.bot_messages(PRIVATE)))
+
+        h.fake.press(PRIVATE, status.message_id, BOB, f"cxl:{job_id}")
+        refused = await h.fake.wait_for(lambda: [
+            c for c in h.fake.calls_of("answerCallbackQuery") if c.params.get("show_alert")])
+        assert refused[0].params["text"] == "You can only cancel your own songs."
+
+        h.fake.press(PRIVATE, status.message_id, ANN, f"cxl:{job_id}")
+        assert "Cancelled" in await h.final_text(status)
+        assert h.fal.cancels
+        job = await h.engine.get_job(job_id)
+        assert job is not None and job.state == "cancelled"
+
+        quota = h.fake.send_text(PRIVATE, ANN, "/quota")
+        text = (await h.reply_to(PRIVATE, quota)).text
+        assert "Songs today: 0 of 20 songs used, 20 left" in text  # refunded
+
+        history = h.fake.send_text(PRIVATE, ANN, "/history")
+        assert "no songs yet" in (await h.reply_to(PRIVATE, history)).text
+
+
+async def test_group_admins_set_the_group_limits(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        denied = h.fake.send_text(GROUP, BOB, "/limits seconds_per_day=60")
+        assert "administrators" in (await h.reply_to(GROUP, denied)).text
+        assert await h.engine.get_limits("community", f"telegram:{GROUP}") == {}
+
+        granted = h.fake.send_text(GROUP, ANN, "/limits seconds_per_day=60")
+        assert "seconds_per_day = 60" in (await h.reply_to(GROUP, granted)).text
+        assert await h.engine.get_limits("community", f"telegram:{GROUP}") == {
+            "seconds_per_day": 60.0}
+
+        # The group's limit now refuses a song longer than what is left.
+        song = h.fake.send_text(GROUP, BOB, "/song too long duration=90")
+        refusal = await h.final_text(await h.reply_to(GROUP, song))
+        assert "This community has 60 s of its 60 s daily audio left" in refusal
+        assert h.fal.submit_count == 0
+
+        unknown = h.fake.send_text(GROUP, ANN, "/limits jobs=3")
+        assert "seconds_per_day" in (await h.reply_to(GROUP, unknown)).text
+
+
+async def test_buttons_work_after_a_restart(tmp_path: Path) -> None:
+    fake = FakeTelegram()
+    async with running_bot(tmp_path, fake=fake) as h:
+        h.fake.send_text(PRIVATE, ANN, "/song before restart duration=5")
+        song = await h.song_message(PRIVATE)
+    # A new process: new front-end and engine on the same database and chat history.
+    async with running_bot(tmp_path, fake=fake) as h2:
+        h2.fake.press(PRIVATE, song.message_id, ANN, song.button_data()[1])
+        reply = await h2.reply_to(PRIVATE, song.message_id)
+        assert reply.text == "[verse]\nbefore restart"
+
+
+# python-telegram-bot itself reads the deprecated int `retry_after` when it builds the error.
+@pytest.mark.filterwarnings("ignore:.*retry_after.*")
+async def test_flood_control_is_waited_out_and_nothing_is_lost(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.fail_next("sendAudio", retry_after=3)
+        h.fake.fail_next("sendMessage", retry_after=2)
+        h.fake.fail_next("editMessageText", retry_after=1, times=2)
+        h.fake.send_text(PRIVATE, ANN, "/song flood test duration=5")
+        song = await h.song_message(PRIVATE)
+        assert decode_mp3(song.files["audio"].data)[0] == "mp3"
+        status = next(m for m in h.fake.bot_messages(PRIVATE) if m.kind == "text")
+        assert "Sent" in await h.final_text(status)
+        refused = [c.method for c in h.fake.calls if c.answered_status == 429]
+        assert sorted(refused) == ["editMessageText", "editMessageText", "sendAudio",
+                                   "sendMessage"]
+        assert sorted(h.sleeps) == [1, 1, 2, 3]
+        assert len(h.fake.calls_of("sendAudio")) == 1  # sent once, not twice
+
+
+async def test_two_users_run_concurrently(tmp_path: Path) -> None:
+    fal = FakeFal(queue_polls=0, progress_polls=10_000)  # both run until released
+    async with running_bot(tmp_path, fal) as h:
+        # Ann's chat answers slowly; Bob must not wait behind her.
+        slow = h.fake.hold("sendMessage", chat_id=PRIVATE)
+        h.fake.send_text(PRIVATE, ANN, "/song ann's song duration=5")
+        h.fake.send_text(BOB["id"], BOB, "/song bob's song duration=5")
+        await h.fake.wait_for(lambda: h.fal.submit_count == 1 or None)
+        assert h.submitted()[0]["prompt"] == "bob's song"
+        slow.set()
+        # Both songs are generating at the fake provider at the same time.
+        await h.fake.wait_for(lambda: (h.fal.submit_count == 2 and all(
+            r.polls > 0 for r in h.fal.requests.values())) or None)
+        assert all(r.polls > 0 and not r.cancelled for r in h.fal.requests.values())
+        h.fal.progress_polls = 1
+        await h.song_message(PRIVATE)
+        await h.song_message(BOB["id"])
+
+
+async def test_status_edits_are_throttled_and_the_final_text_is_shown(
+        tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        bot = h.frontend.app.bot
+        status = await bot.send_message(PRIVATE, "starting")
+        board = h.frontend.status
+        board.interval = 0.3
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for i in range(30):
+            board.show("abcd0001", PRIVATE, status.message_id, f"step {i}", "running")
+            await asyncio.sleep(0.02)
+        message = h.fake.messages[(PRIVATE, status.message_id)]
+        await h.fake.wait_for(lambda: message.text == "step 29")
+        elapsed = loop.time() - began
+        # 30 updates over at least 0.6 s: an edit at most every 0.3 s (the first at once),
+        # and the latest text wins.
+        edits = len(h.fake.calls_of("editMessageText"))
+        assert 2 <= edits <= 1 + elapsed / 0.3
+        assert edits < 30
+        board.show("abcd0001", PRIVATE, status.message_id, "back to queue", "queued")
+        assert await board.finish("abcd0001", PRIVATE, status.message_id, "all done")
+        assert message.text == "all done"
+        board.show("abcd0001", PRIVATE, status.message_id, "late progress", "running")
+        await asyncio.sleep(0.4)
+        assert message.text == "all done" and "back to queue" not in message.texts
+
+
+async def test_a_song_finished_while_the_bot_was_down_reaches_its_chat(tmp_path: Path) -> None:
+    fal = FakeFal(queue_polls=0, progress_polls=10_000)
+    fake = FakeTelegram()
+    async with fal.running() as fal_url:
+        async with running_bot(tmp_path, fal, fake, fal_url) as h:
+            request_id = fake.send_text(FORUM, BOB, "/song survives restarts duration=5",
+                                        thread_id=9)
+            status = await fake.wait_for(lambda: next(
+                (m for m in fake.bot_messages(FORUM) if "Generating" in m.text), None))
+            await h.engine.abort()  # the process dies mid-generation
+        fal.progress_polls = 1  # fal finishes while the bot is down
+        async with running_bot(tmp_path, fal, fake, fal_url) as h2:
+            song = await h2.song_message(FORUM)
+            assert song.reply_to == request_id and song.thread_id == 9
+            assert "Sent" in await h2.final_text(status)
+    assert fal.submit_count == 1
+    assert len(fake.calls_of("sendAudio")) == 1
+
+
+async def test_the_token_never_reaches_the_logs(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Logging as `acestep-bot run` sets it up, at its most verbose.
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    token = FakeTelegram().token
+    logs.setup(make_settings(tmp_path, telegram_token=token, log_level="DEBUG"))
+    try:
+        async with running_bot(tmp_path) as h:
+            h.fake.send_text(PRIVATE, ANN, "/song quiet logs duration=5")
+            await h.song_message(PRIVATE)
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    err = capsys.readouterr().err
+    assert "sendAudio" in err  # the library did log its calls...
+    assert "/bot[redacted]" in err  # ...and its base URL, redacted
+    assert token not in err and token.split(":")[1] not in err
+
+
+async def test_webhook_mode_takes_updates_only_with_the_secret(tmp_path: Path) -> None:
+    async with running_bot(tmp_path, telegram_webhook_url="https://bot.example.org/tg/hook",
+                           telegram_webhook_listen="127.0.0.1:0") as h:
+        assert h.fake.webhook is not None
+        assert h.fake.webhook["url"] == "https://bot.example.org/tg/hook"
+        secret = h.fake.webhook["secret_token"]
+        assert secret and h.fake.token not in secret
+        assert h.frontend.webhook is not None and h.frontend.is_connected
+        hook = f"http://127.0.0.1:{h.frontend.webhook.bound_port}/tg/hook"
+        async with httpx.AsyncClient() as client:
+            forged = await client.post(hook, json=h.fake.message_update(
+                PRIVATE, ANN, "/song forged duration=5"))
+            assert forged.status_code == 403
+            update = h.fake.message_update(PRIVATE, ANN, "/song via webhook duration=5")
+            answer = await client.post(
+                hook, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret})
+            assert answer.status_code == 200
+        song = await h.song_message(PRIVATE)
+        assert song.reply_to == update["message"]["message_id"]
+        assert [b["prompt"] for b in h.submitted()] == ["via webhook"]
+
+
+async def test_a_failure_found_before_the_front_end_started_is_still_told(
+        tmp_path: Path) -> None:
+    # Crash recovery may fail a job while the engine starts, before the front-end has.
+    fake = FakeTelegram()
+    fake.chat(GROUP, "supergroup", "Music club")
+    async with serve(fake.app) as url:
+        settings = make_settings(tmp_path, telegram_token=fake.token, telegram_api_url=url)
+        engine = await Engine.open(settings, [], options=FAST)
+        frontend = TelegramFrontend(settings, engine)
+        request_id = fake.send_text(GROUP, BOB, "/song lost in a crash")
+        job = Job(id="0badf00d", requester=Requester("telegram", str(BOB["id"]), str(GROUP)),
+                  reply_target={"chat_id": GROUP, "thread_id": None,
+                                "request_message_id": request_id, "status_message_id": 999},
+                  request=GenerationRequest.build(mode="prompt", prompt="lost in a crash"),
+                  seed=1, state="failed")
+        try:
+            await frontend.on_failed(job, "Something went wrong while making your song.")
+        finally:
+            await frontend.stop()
+            await engine.close()
+    told = [m for m in fake.bot_messages(GROUP) if m.kind == "text"]
+    assert len(told) == 1 and told[0].reply_to == request_id  # status 999 was gone
+    assert "Something went wrong while making your song." in told[0].text
+    assert "0badf00d" in told[0].text
