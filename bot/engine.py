@@ -887,8 +887,6 @@ class Engine:
         task = asyncio.current_task()
         if task is not None and task is self._tasks.get(job.id):
             # Called inline from the run task: rename so stop() lets the upload finish.
-            # (ops fix: the check was inverted, so SIGTERM cut uploads short and the
-            # restarted bot posted the song again.)
             task.set_name(f"deliver-{job.id}")
         song = self.song_for(job)
         error = "delivery failed"
