@@ -49,8 +49,10 @@ from providers.base import (
     Succeeded,
     TaskLost,
     Unavailable,
+    backoff_delays,
     http_error_text,
     parse_retry_after,
+    retry_reads,
 )
 
 log = logging.getLogger(__name__)
@@ -558,18 +560,9 @@ class AceStepProvider(Provider):
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Polls are safe to repeat: retry a transient failure a couple of times."""
-        attempt = 0
-        while True:
-            try:
-                return await call()
-            except (Busy, Unavailable) as exc:
-                if attempt >= self._poll_retries:
-                    raise
-                attempt += 1
-                delay = self._retry_backoff * 2 ** (attempt - 1)
-                if exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, 30.0))
-                await self._sleep(delay)
+        return await retry_reads(call, delays=backoff_delays(self._poll_retries,
+                                                             self._retry_backoff),
+                                 sleep=self._sleep, provider=self.name, what="poll")
 
 
 def map_error(

@@ -36,7 +36,9 @@ from providers.base import (
     Succeeded,
     TaskLost,
     Unavailable,
+    backoff_delays,
     parse_retry_after,
+    retry_reads,
 )
 
 log = logging.getLogger(__name__)
@@ -157,20 +159,10 @@ class AIGatewayProvider(Provider):
 
     async def poll(self, handle: Handle) -> Status:
         job_id = self._job_id(handle)
-        attempt = 0
-        while True:
-            try:
-                resp = await self._send("GET", f"/v1/jobs/{job_id}", polling=True)
-                break
-            except (Busy, Unavailable) as exc:
-                if attempt >= self._poll_retries:
-                    raise
-                delay = min(_MAX_RETRY_WAIT_S,
-                            max(exc.retry_after or 0.0, self._retry_backoff * 2 ** attempt))
-                log.info("aigateway: poll of %s failed (%s); retrying in %.1f s",
-                         job_id, exc.message, delay)
-                await self._sleep(delay)
-                attempt += 1
+        resp = await retry_reads(
+            lambda: self._send("GET", f"/v1/jobs/{job_id}", polling=True),
+            delays=backoff_delays(self._poll_retries, self._retry_backoff), sleep=self._sleep,
+            provider=self.name, what=f"poll of {job_id}", max_wait=_MAX_RETRY_WAIT_S)
         if resp.status_code == 304:
             # Nothing changed since the last answer (we polled too soon).
             return self._last.get(job_id, Running())

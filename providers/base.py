@@ -10,14 +10,19 @@ exceptions below in exactly one place per adapter.
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from bot.requests import GenerationRequest, Mode
+
+log = logging.getLogger("acestep.providers")
+T = TypeVar("T")
+Sleep = Callable[[float], Awaitable[None]]
 
 # A finished song is at most 240 s of 48 kHz stereo WAV (~46 MB); allow some slack.
 MAX_AUDIO_BYTES = 80 * 1024 * 1024
@@ -182,6 +187,34 @@ class Provider(ABC):
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def backoff_delays(retries: int, first: float) -> tuple[float, ...]:
+    """`retries` waits doubling from `first`: (1, 2, 4, ...)."""
+    return tuple(first * 2**i for i in range(retries))
+
+
+async def retry_reads(call: Callable[[], Awaitable[T]], *, delays: Sequence[float],
+                      sleep: Sleep, provider: str, what: str, max_wait: float = 30.0) -> T:
+    """Repeat a read (status, result, stats; never a submit) after a Busy/Unavailable
+    answer, waiting each delay or the provider's Retry-After, whichever is longer. A
+    Retry-After beyond `max_wait` goes straight back to the engine, which backs off."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except (Busy, Unavailable) as exc:
+            if attempt >= len(delays):
+                raise
+            wait = delays[attempt]
+            if exc.retry_after is not None:
+                if exc.retry_after > max_wait:
+                    raise
+                wait = max(wait, exc.retry_after)
+            attempt += 1
+            log.info("%s: %s failed (%s); retry %d in %.1f s", provider, what, exc.message,
+                     attempt, wait)
+            await sleep(wait)
 
 
 def origin(url: str | httpx.URL) -> tuple[str, str, int]:

@@ -39,6 +39,7 @@ from providers.base import (
     http_error_text,
     origin,
     parse_retry_after,
+    retry_reads,
 )
 
 log = logging.getLogger(__name__)
@@ -187,24 +188,15 @@ class FalProvider(Provider):
     async def _get(self, url: str, phase: str, *, transient: range | tuple[int, ...],
                    params: dict[str, str] | None = None) -> httpx.Response:
         """A GET retried a few times on Busy/Unavailable (safe: reads change nothing)."""
-        attempt = 0
-        while True:
-            try:
-                resp = await self._send("GET", url, phase=phase, params=params)
-                if resp.status_code == 429 or resp.status_code in transient:
-                    raise self._error(resp, phase)
-                return resp
-            except (Busy, Unavailable) as exc:
-                if attempt >= len(self._retry_delays):
-                    raise
-                delay = self._retry_delays[attempt]
-                if exc.retry_after is not None:
-                    if exc.retry_after > _MAX_INTERNAL_WAIT_S:
-                        raise
-                    delay = max(delay, exc.retry_after)
-                attempt += 1
-                log.info("fal %s: %s; retry %d in %.1f s", phase, exc.message, attempt, delay)
-                await self._sleep(delay)
+        async def get() -> httpx.Response:
+            resp = await self._send("GET", url, phase=phase, params=params)
+            if resp.status_code == 429 or resp.status_code in transient:
+                raise self._error(resp, phase)
+            return resp
+
+        return await retry_reads(get, delays=self._retry_delays, sleep=self._sleep,
+                                 provider=self.name, what=phase,
+                                 max_wait=_MAX_INTERNAL_WAIT_S)
 
     def _error(self, resp: httpx.Response, phase: str) -> ProviderError:
         """The one place that turns a fal HTTP error into our typed errors."""

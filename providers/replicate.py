@@ -42,8 +42,10 @@ from providers.base import (
     Succeeded,
     TaskLost,
     Unavailable,
+    backoff_delays,
     http_error_text,
     parse_retry_after,
+    retry_reads,
 )
 
 log = logging.getLogger(__name__)
@@ -200,22 +202,16 @@ class ReplicateProvider(Provider):
             ) from None
 
     async def _get_with_retries(self, path: str) -> dict[str, Any]:
-        attempt = 0
-        while True:
-            try:
-                resp = await self._send("GET", path)
-                if resp.status_code >= 400:
-                    raise map_error(resp, self.name, stage="poll")
-                return _json_object(resp, self.name)
-            except (Busy, Unavailable) as exc:
-                if attempt >= self._poll_retries:
-                    raise
-                attempt += 1
-                delay = self._retry_backoff * 2 ** (attempt - 1)
-                if exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, self._max_retry_after))
-                log.info("replicate poll retry %d after %s", attempt, exc.message)
-                await self._sleep(delay)
+        async def get() -> dict[str, Any]:
+            resp = await self._send("GET", path)
+            if resp.status_code >= 400:
+                raise map_error(resp, self.name, stage="poll")
+            return _json_object(resp, self.name)
+
+        return await retry_reads(get, delays=backoff_delays(self._poll_retries,
+                                                            self._retry_backoff),
+                                 sleep=self._sleep, provider=self.name, what="poll",
+                                 max_wait=self._max_retry_after)
 
     def _status(self, handle: Handle, prediction: dict[str, Any]) -> Status:
         status = prediction.get("status")

@@ -35,7 +35,9 @@ from providers.base import (
     Succeeded,
     TaskLost,
     Unavailable,
+    backoff_delays,
     parse_retry_after,
+    retry_reads,
 )
 
 log = logging.getLogger(__name__)
@@ -192,19 +194,10 @@ class WaveSpeedProvider(Provider):
 
     async def _fetch_prediction(self, job_id: str) -> dict[str, Any]:
         """GET the prediction, retrying busy/unavailable answers with backoff."""
-        attempt = 0
-        while True:
-            try:
-                return await self._get_prediction(job_id)
-            except (Busy, Unavailable) as exc:
-                if attempt >= self._poll_retries:
-                    raise
-                delay = min(_MAX_RETRY_WAIT_S,
-                            max(exc.retry_after or 0.0, self._retry_backoff * 2 ** attempt))
-                log.info("wavespeed: poll of %s failed (%s); retrying in %.1f s",
-                         job_id, exc.message, delay)
-                await self._sleep(delay)
-                attempt += 1
+        return await retry_reads(lambda: self._get_prediction(job_id),
+                                 delays=backoff_delays(self._poll_retries, self._retry_backoff),
+                                 sleep=self._sleep, provider=self.name, what=f"poll of {job_id}",
+                                 max_wait=_MAX_RETRY_WAIT_S)
 
     async def _get_prediction(self, job_id: str) -> dict[str, Any]:
         paths = [f"/api/v3/predictions/{job_id}/result", f"/api/v3/predictions/{job_id}"]
