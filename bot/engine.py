@@ -531,7 +531,10 @@ class Engine:
             self._serve_counter += 1
             self._last_served[job.requester.key] = self._serve_counter
             self._spawn(job, self._run_job(job, provider), "run")
-        await self._announce_positions()
+        # Positions come from the order just read: re-reading the queue here cost two more
+        # full reads of it per dispatch (bench/engine.py), and counted jobs just started.
+        await self._announce_positions([j for j in order
+                                        if j.state == "queued" and j.id not in self._tasks])
 
     async def _fail_if_unservable(self, job: Job) -> None:
         """A job no provider can ever take now fails; one waiting for room stays queued."""
@@ -547,14 +550,15 @@ class Engine:
             await self._fail(job, ("queued",), messages.UNAVAILABLE,
                              "every capable provider is cooling down after auth/billing errors")
 
-    async def _announce_positions(self) -> None:
-        positions = await self._queue_positions()
+    async def _announce_positions(self, waiting: list[Job]) -> None:
+        """Tell each waiting job (in fair order) its new queue position, if it changed."""
+        positions = {job.id: i + 1 for i, job in enumerate(waiting)}
         changed = {jid: pos for jid, pos in positions.items()
                    if self._positions.get(jid) != pos}
         self._positions = positions
         if not changed:
             return
-        for job in await self._queued():
+        for job in waiting:
             if job.id in changed:
                 await self._notify(job, Progress("queued", position=changed[job.id]))
 
