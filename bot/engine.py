@@ -838,7 +838,9 @@ class Engine:
         except OSError as exc:
             log.error("job %s: cannot store audio at %s: %s (disk full or unwritable "
                       "DATA_DIR?)", job.id, path, exc)
-            await self._fail(job, ("running",), messages.FAILED_GENERIC, "audio not stored")
+            # The provider made (and billed) the song: the spend keeps its charge.
+            await self._fail(job, ("running",), messages.FAILED_GENERIC, "audio not stored",
+                             charged_usd=round(price_of(provider, job.request), 6))
             return False
         meta = {
             "seed": result.seed if result.seed is not None else job.seed,
@@ -925,9 +927,10 @@ class Engine:
     # ---- shared helpers --------------------------------------------------------------
 
     async def _fail(self, job: Job, from_states: tuple[str, ...], message: str, why: str, *,
-                    state: str = "failed") -> None:
+                    state: str = "failed", charged_usd: float | None = None) -> None:
         """Finish unsuccessfully with a refund, tell the user, log for the operator."""
-        moved = await self.store.finish_unsuccessful(job.id, from_states, state, message)
+        moved = await self.store.finish_unsuccessful(job.id, from_states, state, message,
+                                                     charged_usd=charged_usd)
         if not moved:
             return
         log.info("job %s %s (%s); quota refunded", job.id, state, self.redact(why))
@@ -978,8 +981,13 @@ class Engine:
 def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError:
+        # A full disk leaves part of the file: remove it rather than keep filling the disk.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _state_word(state: str) -> str:

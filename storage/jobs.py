@@ -230,19 +230,25 @@ class JobStore:
 
     async def finish_unsuccessful(self, job_id: str, from_states: tuple[str, ...],
                                   to_state: str, error: str,
-                                  now: float | None = None) -> bool:
+                                  now: float | None = None, *,
+                                  charged_usd: float | None = None) -> bool:
         """-> failed | cancelled with a refund of the user's and community's quota.
 
-        A charge already made by a provider stays in the spend (the operator paid it).
+        A charge already made by a provider stays in the spend (the operator paid it);
+        `charged_usd` records one made for a song the bot then could not keep.
         """
         now = time.time() if now is None else now
+        fields: dict[str, Any] = {"error": error, "refunded": 1, "finished_at": now}
+        if charged_usd is not None:
+            fields["charged_usd"] = charged_usd
         async with self.db.transaction() as conn:
-            moved = await self._transition(conn, job_id, from_states, to_state, now,
-                                           {"error": error, "refunded": 1,
-                                            "finished_at": now})
+            moved = await self._transition(conn, job_id, from_states, to_state, now, fields)
             if moved:
                 job = await self._get(conn, job_id)
                 assert job is not None
+                if charged_usd is not None:
+                    await self._ledger(conn, job_id, job.requester, "charge", job.duration,
+                                       charged_usd, job.provider, now)
                 refund_usd = job.reserved_usd if job.charged_usd is None else 0.0
                 await self._ledger(conn, job_id, job.requester, "refund", job.duration,
                                    refund_usd, job.provider, now)
