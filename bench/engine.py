@@ -309,13 +309,18 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def _child(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
+    if args.cores and hasattr(os, "sched_setaffinity"):
+        # The targets are for one core: the event loop, aiosqlite's thread and the audio
+        # check threads all share it.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     result = asyncio.run(run_level(args.level, args.latency_ms, args.jobs))
     print(json.dumps(result))
 
 
-def _run_in_subprocess(in_flight: int, latency_ms: float, total: int) -> dict[str, Any]:
+def _run_in_subprocess(in_flight: int, latency_ms: float, total: int,
+                       cores: int) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--level", str(in_flight),
-           "--latency-ms", str(latency_ms), "--jobs", str(total)]
+           "--latency-ms", str(latency_ms), "--jobs", str(total), "--cores", str(cores)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"level {in_flight} failed:\n{proc.stderr[-3000:]}")
@@ -349,6 +354,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--levels", help="comma-separated in-flight levels (default 1,100,1000)")
+    parser.add_argument("--cores", type=int, default=1,
+                        help="CPU cores each level may use (default 1, as the targets say; "
+                        "0 = all)")
     # One level inside this process (what the parent runs in a subprocess).
     parser.add_argument("--level", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--latency-ms", type=float, help=argparse.SUPPRESS)
@@ -365,7 +373,7 @@ def main() -> None:
     for in_flight, latency_ms, total in plan:
         print(f"running {total} jobs at {in_flight} in flight, provider {latency_ms:g} ms ...",
               flush=True)
-        results.append(_run_in_subprocess(in_flight, latency_ms, total))
+        results.append(_run_in_subprocess(in_flight, latency_ms, total, args.cores))
     audio_cost = audio_check_cost(20.0 if args.quick else 60.0, 1 if args.quick else 3)
     headers = ["in flight", "provider ms", "jobs", "failed", "jobs/s", "overhead p50",
                "p99", "admit p50", "to prov p50", "finish p50", "CPU ms/job", "DB trips/job",
@@ -392,7 +400,8 @@ def main() -> None:
     for r in results:
         for error in r["errors"]:
             print(f"error at {r['in_flight']} in flight: {error}")
-    path = write_results("engine", {"quick": args.quick, "levels": results,
+    path = write_results("engine", {"quick": args.quick, "cores": args.cores or "all",
+                                    "levels": results,
                                     "audio_check": audio_cost})
     print(f"machine: {machine()}")
     print(f"wrote {path}")
