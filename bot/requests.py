@@ -7,6 +7,7 @@ error type whose message names the field, the value given and what is allowed.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -50,7 +51,10 @@ class InvalidRequest(ValueError):
 
 
 def _show(value: object) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
+    try:
+        text = repr(value) if isinstance(value, str) else str(value)
+    except Exception:  # e.g. an int past Python's 4300-digit str() limit, from a payload
+        text = f"this {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -244,7 +248,10 @@ def _from_validation_error(exc: ValidationError, fields: dict[str, Any]) -> Inva
         return InvalidRequest(field, value, "known options are " + ", ".join(
             ["mode", "prompt", "tags", "lyrics", *ALL_OPTIONS]))
     if field == "mode":
-        return InvalidRequest(field, value, "one of prompt, song")
+        # pydantic's input for a missing field is the whole payload: never echo that.
+        missing = err.get("type") == "missing"
+        return InvalidRequest(field, None if missing else value, "one of prompt, song",
+                              problem="is missing" if missing else None)
     spec = ALL_OPTIONS.get(field)
     if spec is not None:
         if spec.kind is bool:
@@ -277,8 +284,10 @@ def parse_option_value(name: str, raw: str) -> Any:
         number: float = int(text) if spec.kind is int else float(text)
     except ValueError:
         raise InvalidRequest(name, raw, spec.allowed()) from None
-    if spec.kind is float and not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
-        raise InvalidRequest(name, raw, spec.allowed())  # rejects nan, inf
+    if spec.kind is float and (
+            not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text)
+            or not math.isfinite(number)):  # nan, inf, and "1e400" (overflows to inf)
+        raise InvalidRequest(name, raw, spec.allowed())
     return number
 
 

@@ -151,22 +151,18 @@ class JobStore:
     async def _usage(self, conn: aiosqlite.Connection, requester: Requester,
                      now: float) -> Usage:
         since = day_start(now)
-        async with conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(duration), 0) FROM jobs"
-                " WHERE user_key = ? AND created_at >= ? AND refunded = 0",
-                (requester.key, since)) as cur:
-            user_jobs, user_seconds = await cur.fetchone()  # type: ignore[misc]
-        async with conn.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE user_key = ? AND state IN {_ACTIVE}",
-                (requester.key,)) as cur:
-            (user_active,) = await cur.fetchone()  # type: ignore[misc]
+        [(user_jobs, user_seconds)] = await _rows(
+            conn, "SELECT COUNT(*), COALESCE(SUM(duration), 0) FROM jobs"
+            " WHERE user_key = ? AND created_at >= ? AND refunded = 0", (requester.key, since))
+        [(user_active,)] = await _rows(
+            conn, f"SELECT COUNT(*) FROM jobs WHERE user_key = ? AND state IN {_ACTIVE}",
+            (requester.key,))
         community_seconds = 0.0
         if requester.community_key:
-            async with conn.execute(
-                    "SELECT COALESCE(SUM(duration), 0) FROM jobs"
-                    " WHERE community_key = ? AND created_at >= ? AND refunded = 0",
-                    (requester.community_key, since)) as cur:
-                (community_seconds,) = await cur.fetchone()  # type: ignore[misc]
+            [(community_seconds,)] = await _rows(
+                conn, "SELECT COALESCE(SUM(duration), 0) FROM jobs"
+                " WHERE community_key = ? AND created_at >= ? AND refunded = 0",
+                (requester.community_key, since))
         spend = await _spend(conn, since)
         return Usage(int(user_jobs), float(user_seconds), int(user_active),
                      float(community_seconds), spend)
@@ -247,19 +243,25 @@ class JobStore:
 
     async def finish_unsuccessful(self, job_id: str, from_states: tuple[str, ...],
                                   to_state: str, error: str,
-                                  now: float | None = None) -> bool:
+                                  now: float | None = None, *,
+                                  charged_usd: float | None = None) -> bool:
         """-> failed | cancelled with a refund of the user's and community's quota.
 
-        A charge already made by a provider stays in the spend (the operator paid it).
+        A charge already made by a provider stays in the spend (the operator paid it);
+        `charged_usd` records one made for a song the bot then could not keep.
         """
         now = time.time() if now is None else now
+        fields: dict[str, Any] = {"error": error, "refunded": 1, "finished_at": now}
+        if charged_usd is not None:
+            fields["charged_usd"] = charged_usd
         async with self.db.transaction() as conn:
-            moved = await self._transition(conn, job_id, from_states, to_state, now,
-                                           {"error": error, "refunded": 1,
-                                            "finished_at": now})
+            moved = await self._transition(conn, job_id, from_states, to_state, now, fields)
             if moved:
                 job = await self._get(conn, job_id)
                 assert job is not None
+                if charged_usd is not None:
+                    await self._ledger(conn, job_id, job.requester, "charge", job.duration,
+                                       charged_usd, job.provider, now)
                 refund_usd = job.reserved_usd if job.charged_usd is None else 0.0
                 await self._ledger(conn, job_id, job.requester, "refund", job.duration,
                                    refund_usd, job.provider, now)
@@ -272,9 +274,8 @@ class JobStore:
             return await self._get(conn, job_id)
 
     async def _get(self, conn: aiosqlite.Connection, job_id: str) -> Job | None:
-        async with conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
-            row = await cur.fetchone()
-        return _job(row) if row else None
+        rows = await _rows(conn, "SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
 
     async def exists(self, job_id: str) -> bool:
         async with self.db.read() as conn, conn.execute(
@@ -309,8 +310,8 @@ class JobStore:
                                   (limit,))
 
     async def _select(self, sql: str, params: tuple[Any, ...]) -> list[Job]:
-        async with self.db.read() as conn, conn.execute(sql, params) as cur:
-            rows = await cur.fetchall()
+        async with self.db.read() as conn:
+            rows = await _rows(conn, sql, params)
         return [_job(row) for row in rows]
 
     async def ledger(self, job_id: str | None = None) -> list[dict[str, Any]]:
@@ -436,20 +437,25 @@ def _check(limit: str, value: float | None, used: float, needed: float) -> None:
 
 async def _spend(conn: aiosqlite.Connection, since: float) -> float:
     # A provider's charge counts once made; an active job counts its reservation.
-    async with conn.execute(
-            "SELECT COALESCE(SUM(CASE WHEN charged_usd IS NOT NULL THEN charged_usd"
-            " WHEN refunded = 0 THEN reserved_usd ELSE 0 END), 0)"
-            " FROM jobs WHERE created_at >= ?", (since,)) as cur:
-        row = await cur.fetchone()
-    return float(row[0]) if row else 0.0
+    rows = await _rows(
+        conn, "SELECT COALESCE(SUM(CASE WHEN charged_usd IS NOT NULL THEN charged_usd"
+        " WHEN refunded = 0 THEN reserved_usd ELSE 0 END), 0)"
+        " FROM jobs WHERE created_at >= ?", (since,))
+    return float(rows[0][0]) if rows else 0.0
 
 
 async def _overrides(conn: aiosqlite.Connection, scope: str,
                      subject: str | None) -> dict[str, float]:
-    async with conn.execute(
-            "SELECT key, value FROM limit_overrides WHERE scope = ? AND subject = ?",
-            (scope, subject)) as cur:
-        return {row[0]: float(row[1]) for row in await cur.fetchall()}
+    rows = await _rows(conn, "SELECT key, value FROM limit_overrides"
+                       " WHERE scope = ? AND subject = ?", (scope, subject))
+    return {row[0]: float(row[1]) for row in rows}
+
+
+async def _rows(conn: aiosqlite.Connection, sql: str,
+                params: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
+    """Execute and fetch in one trip to aiosqlite's thread (a cursor costs three: execute,
+    fetch, close). Every trip waits for a thread hand-off, under the database lock."""
+    return list(await conn.execute_fetchall(sql, params))
 
 
 _JSON_FIELDS = {"result", "reply_target", "tried_providers"}
