@@ -145,7 +145,8 @@ async def test_backup_of_a_busy_database_opens_and_matches(tmp_path: Path) -> No
     assert code == 0, err
     [second] = [p for p in dest.parent.iterdir() if p.name.startswith("acestep-bot-")]
     assert rows(second, order) == rows(settings.db_path, order)
-    assert rows(second, "SELECT MAX(version) FROM schema_migrations") == [(1,)]
+    assert rows(second, "SELECT MAX(version) FROM schema_migrations") == \
+        rows(settings.db_path, "SELECT MAX(version) FROM schema_migrations")
 
 
 async def test_backup_refuses_the_live_database_and_a_missing_one(tmp_path: Path) -> None:
