@@ -61,6 +61,8 @@ log = logging.getLogger("acestep.engine")
 MAX_SUBMITS = 4
 # Crash recovery resubmits a job found mid-submit once; a second time it fails.
 MAX_RECOVERIES = 1
+# How often a running job re-reads its cancel flag written by another process.
+CANCEL_FLAG_CHECK_S = 5.0
 
 
 # ---- errors the front-ends show --------------------------------------------------------
@@ -720,8 +722,15 @@ class Engine:
         interval = base
         deadline = (job.started_at or time.time()) + self.settings.job_timeout_seconds
         last: Status | None = None
+        next_flag_check = 0.0
         while True:
-            if cancel.is_set() or (await self._cancel_requested(job.id)):
+            # A cancel from this process sets the event at once; one from another process
+            # (`acestep-bot jobs cancel`) is a flag in the row, read every few seconds.
+            if not cancel.is_set() and time.monotonic() >= next_flag_check:
+                next_flag_check = time.monotonic() + CANCEL_FLAG_CHECK_S
+                if await self._cancel_requested(job.id):
+                    cancel.set()
+            if cancel.is_set():
                 await self._cancel_at_provider(job, provider, handle)
                 return False
             if time.time() > deadline:

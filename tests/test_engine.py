@@ -309,3 +309,31 @@ async def test_a_finished_song_waits_for_its_front_end_then_is_delivered_once(
             await engine2.close()
     assert fake.submit_count == 1
     assert delivery.delivered_ids() == [job.id]
+
+
+async def test_cancel_from_another_process_stops_the_running_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bot.engine
+
+    monkeypatch.setattr(bot.engine, "CANCEL_FLAG_CHECK_S", 0.05)
+    fake = FakeFal(queue_polls=0, progress_polls=10_000)
+    settings = make_settings(tmp_path)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        # What `acestep-bot jobs cancel` does: its own engine on the same file, running
+        # nothing itself.
+        operator = await Engine.open(settings, [], platforms=set())
+        try:
+            adm = await engine.submit(prompt(duration=5), ALICE, {})
+            await wait_for_state(engine, adm.job_id, ("running",))
+            flagged = await operator.cancel(adm.job_id, Requester("cli", "operator"),
+                                            is_admin=True)
+            assert flagged.state == "running" and flagged.cancel_requested
+            job = await wait_for_state(engine, adm.job_id, ("cancelled",))
+        finally:
+            await operator.store.db.close()
+            await engine.close()
+    assert job.refunded
+    assert len(fake.cancels) == 1
+    assert delivery.failures == [(adm.job_id, "Cancelled. Your quota was refunded.")]
