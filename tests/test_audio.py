@@ -432,3 +432,16 @@ def test_song_title_comes_from_prompt_then_tags() -> None:
     long = song_title("a slow ballad about " + "the endless grey rain " * 10)
     assert len(long) <= 80 and long.endswith("\u2026")
     assert not long[:-1].endswith(" ")
+
+
+def test_plain_wav_check_agrees_with_the_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot import audio
+    from tests.fakes.audio import make_wav
+
+    data = make_wav(7.5, channels=2)
+    fast = audio.check_audio(data, 7.5)
+    monkeypatch.setattr(audio, "_check_pcm_wav", lambda _data: None)
+    decoded = audio.check_audio(data, 7.5)
+    assert fast == decoded
+    assert (fast.format, fast.sample_rate, fast.channels) == ("wav", 48000, 2)
+    assert fast.duration == pytest.approx(7.5)
