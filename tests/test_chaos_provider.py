@@ -2,9 +2,10 @@
 
 fal (the fake queue server) answers with random 429s and 5xx, stalls past the client's
 timeout, slow answers, cut-off JSON and expired result URLs; WaveSpeed (a second fake) is
-there to fail over to. Whatever happens, every admitted job ends with the user told once
-(the song posted, or a failure notice), its quota committed or refunded in the ledger, and
-no provider running the same job twice. The faults come from a seeded generator: the seed
+there to fail over to and has bad moments too; some users cancel their songs midway.
+Whatever happens, every admitted job ends with the user told once (the song posted, or a
+failure or cancel notice), its quota committed or refunded in the ledger, and no provider
+running the same job twice. The faults come from a seeded generator: the seed
 is printed, and CHAOS_SEED=<seed> replays the same draws.
 """
 
@@ -19,7 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bot.engine import RenderedSong, Song
+from bot import messages
+from bot.engine import AlreadyFinished, RenderedSong, Song
 from bot.models import Job, Requester
 from bot.requests import GenerationRequest
 from providers.fal import FalProvider
@@ -112,14 +114,30 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
                                       poll_interval=0.01, retry_backoff=0.01)
         engine = await open_engine(settings, [fal, wavespeed], platform)
         ws_chaos = asyncio.create_task(unsettle(ws_fake, random.Random(rng.random())))
+        cancels: list[asyncio.Task[tuple[str, str]]] = []
+        cancel_rng = random.Random(rng.random())
+
+        async def cancel_later(job_id: str, requester: Requester, delay: float
+                               ) -> tuple[str, str]:
+            """The user cancels after `delay`; what the engine answered them."""
+            await asyncio.sleep(delay)
+            try:
+                # "cancelled", or a state the job is still being stopped from.
+                return job_id, (await engine.cancel(job_id, requester)).state
+            except AlreadyFinished:
+                return job_id, "too late"
+
         try:
             job_of_prompt: dict[str, str] = {}
             for n in range(JOBS):
                 request = GenerationRequest.build(mode="prompt", prompt=prompt_of(n),
                                                   duration=5)
-                admission = await engine.submit(request, USERS[n % len(USERS)],
-                                                {"chat_id": n})
+                user = USERS[n % len(USERS)]
+                admission = await engine.submit(request, user, {"chat_id": n})
                 job_of_prompt[prompt_of(n)] = admission.job_id
+                if cancel_rng.random() < 0.1:  # this user changes their mind midway
+                    cancels.append(asyncio.create_task(cancel_later(
+                        admission.job_id, user, cancel_rng.uniform(0.0, 1.5))))
             # Until every job has finished and its user has been told.
             deadline = time.monotonic() + 50
             while True:
@@ -133,7 +151,10 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
                     f"states {Counter(j.state for j in active)}")
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.2)  # anything told twice would show up now
+            cancel_answers = dict(await asyncio.gather(*cancels))
         finally:
+            for task in cancels:
+                task.cancel()
             ws_chaos.cancel()
             await engine.close()
     elapsed = time.monotonic() - started
@@ -142,7 +163,7 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
     states = Counter(row["state"] for row in jobs)
     providers = Counter(row["provider"] for row in jobs if row["state"] == "delivered")
     print(f"{JOBS} jobs in {elapsed:.1f}s: {dict(states)}; delivered by {dict(providers)}; "
-          f"fal faults {faults}")
+          f"cancel answers {dict(Counter(cancel_answers.values()))}; fal faults {faults}")
     where = f"(seed {seed})"
 
     assert len(jobs) == JOBS
@@ -173,9 +194,10 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
             assert row["refunded"] == 0 and row["charged_usd"] is not None, what
             assert (kinds["reserve"], kinds["commit"], kinds["refund"]) == (1, 1, 0), what
         else:
-            assert row["state"] == "failed", what
+            assert row["state"] in ("failed", "cancelled"), what
             assert (delivered[job_id], failed[job_id]) == (0, 1), what
             assert failure_text[job_id] == row["error"] and row["error"], what
+            assert (row["state"] == "cancelled") == (row["error"] == messages.CANCELLED), what
             assert row["refunded"] == 1, what
             assert (kinds["reserve"], kinds["commit"], kinds["refund"]) == (1, 0, 1), what
         # The ledger balances: what was reserved was either committed or refunded.
@@ -186,3 +208,12 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
             what, fal_runs[job_id], ws_runs[job_id])
         assert row["attempts"] >= fal_runs[job_id] + ws_runs[job_id], what
     assert sum(delivered.values()) + sum(failed.values()) == JOBS, where
+    # A cancel the engine took ends cancelled, even one answered while the job was still
+    # being stopped (back in the queue after a busy provider, say). One that came too
+    # late, or lost the race to a failure (the user was told that), changes nothing.
+    for row in jobs:
+        answer = cancel_answers.get(row["id"])
+        taken = answer in ("cancelled", "queued", "submitting", "running")
+        assert (row["state"] == "cancelled") == taken, (row["id"], answer, row["state"], where)
+        if answer == "failed":
+            assert row["state"] == "failed", (row["id"], where)
