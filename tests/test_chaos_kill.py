@@ -33,6 +33,7 @@ from tests.fakes.http import serve
 from tests.fakes.telegram_api import FakeTelegram, UploadedFile
 from tests.test_chaos_provider import chaos_seed
 from tests.test_cli import cli_env
+from tests.test_telegram import decode_mp3
 
 GROUP = -100777
 USERS = [FakeTelegram.user(501, "Ann", "ann"), FakeTelegram.user(502, "Bob", "bob"),
@@ -53,6 +54,7 @@ class TimedTelegram(FakeTelegram):
     def __init__(self) -> None:
         super().__init__()
         self.audio_at: list[tuple[float, str]] = []
+        self.songs: dict[str, bytes] = {}  # job id -> the file it last posted
         self.fetched_at: dict[int, list[float]] = {}  # message id -> each getUpdates with it
 
     async def _get_updates(self, params: dict[str, Any]) -> Any:
@@ -68,7 +70,9 @@ class TimedTelegram(FakeTelegram):
         markup = params.get("reply_markup") or {}
         # The song's buttons carry "<kind>:<job id>".
         data = [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
-        self.audio_at.append((time.time(), data[0].split(":", 1)[1]))
+        job_id = data[0].split(":", 1)[1]
+        self.audio_at.append((time.time(), job_id))
+        self.songs[job_id] = files["audio"].data
         return result
 
     @property
@@ -271,6 +275,8 @@ async def test_kill_9_at_random_moments_loses_and_repeats_nothing(tmp_path: Path
             for before, after in itertools.pairwise(ats):
                 assert any(before - LATE_READ_S <= k <= after for k in bot.kills), (
                     f"{what} posted twice with no kill in between", ats, bot.kills)
+            fmt, seconds_heard = decode_mp3(telegram.songs[job_id])  # a real song
+            assert fmt == "mp3" and seconds_heard == pytest.approx(5, abs=0.2), what
             if len(ats) > 1:
                 repeats += 1
                 print(f"job {job_id} posted {len(ats)} times: its upload was in flight "
