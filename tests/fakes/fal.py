@@ -4,7 +4,9 @@ It follows the shared PROVIDERS.md: submit at the full model id (subpath include
 status / result / cancel under the app id only, `Authorization: Key <key>`, 422 with
 fal's `detail` list for bad input, 202 while a request waits or runs and 200 once it is
 COMPLETED. Each request moves IN_QUEUE -> IN_PROGRESS -> COMPLETED over a configurable
-number of status polls. Switches reproduce each documented error shape.
+number of status polls. Switches reproduce each documented error shape; `chaos` adds
+random faults (429, 5xx, stalls past the client's timeout, slow answers, malformed JSON,
+expired file URLs) drawn from a seeded generator, so a failing run can be replayed.
 
 Usage:
     fake = FakeFal(queue_polls=2, progress_polls=1)
@@ -19,6 +21,7 @@ import asyncio
 import itertools
 import random
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -65,6 +68,41 @@ class Submit:
 
 
 @dataclass
+class Chaos:
+    """Random faults, each a probability per call; `rng` is seeded by the test.
+
+    Queue calls (submit, status, result, cancel) may get a 429, a 5xx, a stall longer
+    than the client's timeout, a slow answer or a 200 whose body is cut-off JSON; file
+    downloads may be slow, a 5xx, or an expired signed URL (403 or 404). A stalled or
+    garbled submit still queues the request, as fal would once the POST arrived.
+    """
+
+    rng: random.Random
+    rate_limit: float = 0.0
+    server_error: float = 0.0
+    stall: float = 0.0
+    malformed: float = 0.0
+    slow: float = 0.0
+    expired: float = 0.0  # file downloads only
+    stall_seconds: float = 1.0
+    slow_seconds: float = 0.05
+
+    def draw(self, route: str) -> str | None:
+        """The fault for one call on `route` (submit/status/result/cancel/file), if any."""
+        kinds: tuple[str, ...]
+        if route == "file":
+            kinds = ("expired", "server_error", "slow")
+        else:
+            kinds = ("rate_limit", "server_error", "stall", "malformed", "slow")
+        roll = self.rng.random()
+        for kind in kinds:
+            roll -= getattr(self, kind)
+            if roll < 0:
+                return kind
+        return None
+
+
+@dataclass
 class FakeRequest:
     """A queued request and how far it has got."""
 
@@ -101,6 +139,7 @@ class FakeFal:
         self.run_error: tuple[str, str] | None = None  # COMPLETED with (error, error_type)
         self.result_error: tuple[int, str] | None = None  # result GET -> (status, detail)
         self.forget = False  # status / result / cancel: 404, as if fal lost the request
+        self.chaos: Chaos | None = None  # random faults on every call (see Chaos)
         # Host for audio URLs; e.g. "localhost" puts the file on another origin than
         # 127.0.0.1 (same server), to check that the key is not sent with downloads.
         self.file_host: str | None = None
@@ -111,6 +150,7 @@ class FakeFal:
         self.result_paths: list[str] = []
         self.cancels: list[str] = []  # request ids whose cancel was accepted
         self.downloads: list[dict[str, str]] = []  # request headers of each file GET
+        self.faults: Counter[str] = Counter()  # "route:kind" -> chaos faults injected
         self.base_url: str | None = None
         self.app = self._build_app()
 
@@ -158,6 +198,33 @@ class FakeFal:
             return json_response({"detail": "Internal Server Error"}, status=500)
         return None
 
+    async def _chaos(self, route: str) -> tuple[str | None, web.Response | None]:
+        """Draw this call's fault; sleep for a stall or slow answer; the error answer for
+        a 429 / 5xx / expired file (None when the call goes on)."""
+        fault = self.chaos.draw(route) if self.chaos is not None else None
+        if fault is None or self.chaos is None:
+            return None, None
+        self.faults[f"{route}:{fault}"] += 1
+        if fault == "stall":
+            await asyncio.sleep(self.chaos.stall_seconds)
+        elif fault == "slow":
+            await asyncio.sleep(self.chaos.slow_seconds)
+        elif fault == "rate_limit":
+            return fault, json_response({"detail": "Too many requests"}, status=429,
+                                        headers={"Retry-After": str(self.retry_after)})
+        elif fault == "server_error":
+            status = self.chaos.rng.choice((500, 502, 503))
+            return fault, json_response({"detail": "Internal Server Error"}, status=status)
+        elif fault == "expired":
+            # A signed CDN URL past its expiry: storage answers 403 (or 404 once purged).
+            if self.chaos.rng.random() < 0.5:
+                return fault, web.Response(
+                    status=403, content_type="application/xml",
+                    text="<Error><Code>AccessDenied</Code>"
+                         "<Message>Request has expired</Message></Error>")
+            return fault, json_response({"detail": "Not Found"}, status=404)
+        return fault, None
+
     def _lookup(self, request: web.Request) -> FakeRequest | web.Response:
         app_id = f"{request.match_info['owner']}/{request.match_info['alias']}"
         found = self.requests.get(request.match_info["request_id"])
@@ -175,6 +242,9 @@ class FakeFal:
         self.submits.append(Submit(request.path, body, request.headers.get("Authorization")))
         if self.submit_delay:
             await asyncio.sleep(self.submit_delay)
+        fault, answer = await self._chaos("submit")
+        if answer is not None:
+            return answer
         refused = self._gate(request)
         if refused is not None:
             return refused
@@ -192,6 +262,8 @@ class FakeFal:
                 "url": "https://docs.fal.ai/errors#content_policy_violation"}]}, status=422)
         request_id = str(uuid.uuid4())
         self.requests[request_id] = FakeRequest(request_id, endpoint, dict(body))
+        if fault == "malformed":
+            return _malformed()
         urls = self._urls(request, request_id)
         return json_response({
             "status": "IN_QUEUE", "request_id": request_id,
@@ -200,6 +272,11 @@ class FakeFal:
 
     async def _status(self, request: web.Request) -> web.Response:
         self.status_paths.append(request.path)
+        fault, answer = await self._chaos("status")
+        if answer is not None:
+            return answer
+        if fault == "malformed":
+            return _malformed()
         refused = self._gate(request)
         if refused is not None:
             return refused
@@ -235,6 +312,11 @@ class FakeFal:
 
     async def _result(self, request: web.Request) -> web.Response:
         self.result_paths.append(request.path)
+        fault, answer = await self._chaos("result")
+        if answer is not None:
+            return answer
+        if fault == "malformed":
+            return _malformed()
         refused = self._gate(request)
         if refused is not None:
             return refused
@@ -257,6 +339,11 @@ class FakeFal:
                              headers={"x-fal-request-id": req.request_id})
 
     async def _cancel(self, request: web.Request) -> web.Response:
+        fault, answer = await self._chaos("cancel")
+        if answer is not None:
+            return answer
+        if fault == "malformed":
+            return _malformed()
         refused = self._gate(request)
         if refused is not None:
             return refused
@@ -271,6 +358,9 @@ class FakeFal:
 
     async def _file(self, request: web.Request) -> web.Response:
         self.downloads.append(dict(request.headers))
+        _, answer = await self._chaos("file")
+        if answer is not None:
+            return answer
         req = self.requests.get(request.match_info["request_id"])
         if req is None or req.audio is None:
             return json_response({"detail": "Not Found"}, status=404)
@@ -352,6 +442,12 @@ def _err(loc: list[str], msg: str, type_: str, **ctx: Any) -> dict[str, Any]:
 
 def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _malformed() -> web.Response:
+    """A 200 whose JSON is cut off mid-object (a proxy or the service garbled it)."""
+    return web.Response(body=b'{"status": "IN_PROGRESS", "request_id": "', status=200,
+                        content_type="application/json")
 
 
 def _log(message: str) -> dict[str, str]:
