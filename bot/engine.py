@@ -118,6 +118,7 @@ class Admission:
     seed: int
     ignored_options: list[str]
     provider: str | None = None  # the provider the job will most likely run on
+    duplicate: bool = False  # the same platform event was admitted before: this is that job
 
 
 @dataclass(frozen=True)
@@ -327,10 +328,14 @@ class Engine:
                       s.spend_cap_usd_per_day)
 
     async def submit(self, request: GenerationRequest, requester: Requester,
-                     reply_target: dict[str, Any]) -> Admission:
+                     reply_target: dict[str, Any], *,
+                     source_key: str | None = None) -> Admission:
         """Reserve quota and queue a validated request; answers with its queue position.
 
-        Raises NoProvider or QuotaExceeded (nothing stored), EngineClosed when stopping.
+        `source_key` names the platform event that asked (e.g. a Telegram update): the
+        same event is never admitted twice; a repeat answers with the first job and
+        `duplicate=True`. Raises NoProvider or QuotaExceeded (nothing stored),
+        EngineClosed when stopping.
         """
         if self._closing:
             raise EngineClosed("The bot is restarting and not taking new songs right now; "
@@ -342,14 +347,17 @@ class Engine:
             raise NoProvider(self._no_provider_text(request))
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2_147_483_648)
         job = Job(id="", requester=requester, reply_target=reply_target, request=request,
-                  seed=seed, state="queued",
+                  seed=seed, state="queued", source_key=source_key,
                   reserved_usd=round(self.router.price_for(request) * request.duration, 6))
         now = time.time()
         for _ in range(5):
             job.id = secrets.token_hex(4)
             try:
-                await self.store.admit(job, self.limits(),
-                                       bypass_quotas=self.is_admin(requester), now=now)
+                existing = await self.store.admit(job, self.limits(),
+                                                  bypass_quotas=self.is_admin(requester),
+                                                  now=now)
+                if existing is not None:
+                    return await self._repeat_admission(existing)
                 break
             except QuotaRefusal as refusal:
                 self.metrics.quota_refused(refusal.limit)
@@ -372,6 +380,19 @@ class Engine:
         return Admission(job_id=job.id, position=position, seed=seed,
                          ignored_options=likely.capabilities.ignored_options(request),
                          provider=likely.name)
+
+    async def _repeat_admission(self, job_id: str) -> Admission:
+        job = await self.store.get(job_id)
+        assert job is not None
+        log.info("job %s: its request arrived again (%s); not admitted twice", job_id,
+                 job.source_key)
+        return Admission(job_id=job.id, position=await self._position_of(job.id),
+                         seed=job.seed, ignored_options=[], provider=job.provider,
+                         duplicate=True)
+
+    async def admitted_for(self, source_key: str) -> Job | None:
+        """The job a platform event already created, if any."""
+        return await self.store.by_source_key(source_key)
 
     def _no_provider_text(self, request: GenerationRequest) -> str:
         kinds = {"prompt": "a described song (/song)", "song": "a composed song (/compose)"}

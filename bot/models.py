@@ -57,6 +57,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     delivered_at: float | None = None
+    source_key: str | None = None  # the platform event that asked for it (idempotency)
 
     @property
     def active(self) -> bool:

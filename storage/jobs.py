@@ -101,14 +101,21 @@ class JobStore:
     # ---- admission -------------------------------------------------------------------
 
     async def admit(self, job: Job, limits: Limits, *, bypass_quotas: bool,
-                    now: float | None = None) -> None:
+                    now: float | None = None) -> str | None:
         """Check every quota and insert the job with its reservation, atomically.
 
-        Raises QuotaRefusal naming the first limit that does not leave room.
+        Raises QuotaRefusal naming the first limit that does not leave room. When the
+        job's `source_key` was already admitted, nothing is written and the existing
+        job's id is returned.
         """
         now = time.time() if now is None else now
         requester = job.requester
         async with self.db.transaction() as conn:
+            if job.source_key:
+                rows = await _rows(conn, "SELECT id FROM jobs WHERE source_key = ?",
+                                   (job.source_key,))
+                if rows:
+                    return str(rows[0][0])
             eff = await self._effective_limits(conn, requester, limits)
             usage = await self._usage(conn, requester, now)
             needed = job.request.duration
@@ -125,14 +132,22 @@ class JobStore:
             await conn.execute(
                 "INSERT INTO jobs (id, platform, user_id, user_key, community_key, display_name,"
                 " reply_target, request, duration, seed, state, reserved_usd, created_at,"
-                " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " updated_at, source_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job.id, requester.platform, requester.user_id, requester.key,
                  requester.community_key, requester.display_name,
                  json.dumps(job.reply_target), job.request.model_dump_json(),
-                 job.request.duration, job.seed, "queued", job.reserved_usd, now, now))
+                 job.request.duration, job.seed, "queued", job.reserved_usd, now, now,
+                 job.source_key))
             await self._ledger(conn, job.id, requester, "reserve", needed, job.reserved_usd,
                                None, now)
         job.created_at = job.updated_at = now
+        return None
+
+    async def by_source_key(self, source_key: str) -> Job | None:
+        """The job a platform event already created, if any."""
+        async with self.db.read() as conn:
+            rows = await _rows(conn, "SELECT * FROM jobs WHERE source_key = ?", (source_key,))
+        return _job(rows[0]) if rows else None
 
     async def _effective_limits(self, conn: aiosqlite.Connection, requester: Requester,
                                 limits: Limits) -> EffectiveLimits:
@@ -472,6 +487,7 @@ def _encode(name: str, value: Any) -> Any:
 def _job(row: aiosqlite.Row) -> Job:
     return Job(
         id=row["id"],
+        source_key=row["source_key"],
         requester=Requester(platform=row["platform"], user_id=row["user_id"],
                             community_id=(row["community_key"].split(":", 1)[1]
                                           if row["community_key"] else None),

@@ -7,10 +7,11 @@ end every admitted job is either posted once or failed with its quota refunded (
 user told why), the usage ledger balances, and fal ran a job twice only where the design
 allows it (a job caught mid-submit is resubmitted once).
 
-Two things a kill -9 can do and nothing else may: post a song again when the kill caught
+One thing a kill -9 can do and nothing else may: post a song again when the kill caught
 its upload in flight (Telegram had it, the bot never heard back; DESIGN.md resumes
-`ready` jobs by posting them), and cut off a /song the killed bot had fetched but not yet
-admitted (python-telegram-bot confirms updates before handling them). Both are printed.
+`ready` jobs by posting them). A /song the killed bot had fetched but not yet admitted is
+not lost: updates are confirmed only once handled, so Telegram offers it again, and
+admission is idempotent per update.
 The randomness is seeded: the seed is printed, and CHAOS_SEED=<seed> replays the same
 schedule.
 """
@@ -18,7 +19,6 @@ schedule.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import json
 import os
@@ -235,23 +235,15 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
                               for row in jobs)
     assert set(jobs_of_message) <= set(sent), where
     assert max(jobs_of_message.values()) == 1, (jobs_of_message, where)
-    # A /song can be cut off between Telegram handing it over and the job being admitted
-    # (python-telegram-bot confirms an update on its next poll, before it is handled):
-    # only by a kill of the bot that fetched it last; the user then sees the "Received"
-    # message and nothing more.
+    # No /song is lost: an update is confirmed to Telegram only after it was handled, and
+    # one a killed bot fetched but never finished is offered again to the next bot.
     lost = sorted(set(sent) - set(jobs_of_message))
     for message_id in lost:
-        fetches = telegram.fetched_at.get(message_id)
-        assert fetches, (f"message {message_id} was never fetched", where)
-        run = bisect.bisect_right(bot.starts, fetches[-1]) - 1  # the bot that had it
-        killed = bot.kills[run] if run < len(bot.kills) else None
+        fetches = telegram.fetched_at.get(message_id) or []
         replies = [m.text.split("\n")[-1] for m in telegram.bot_messages(sent[message_id][0])
                    if m.reply_to == message_id]
-        print(f"message {message_id} cut off: bot {run + 1} fetched it "
-              f"{killed - fetches[-1] if killed else float('nan'):.3f} s before its kill; "
-              f"the user saw {replies}")
-        assert killed is not None, (f"message {message_id} fetched by the last bot (never "
-                                    "killed) and never admitted", replies, where)
+        print(f"message {message_id} lost: fetched at {fetches}; the user saw {replies}")
+    assert not lost, (lost, where)
 
     job_of_prompt = {json.loads(row["request"])["prompt"]: row["id"] for row in jobs}
     fal_runs = Counter(job_of_prompt[r.body["prompt"]] for r in fal.requests.values())

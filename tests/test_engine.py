@@ -337,3 +337,24 @@ async def test_cancel_from_another_process_stops_the_running_job(
     assert job.refunded
     assert len(fake.cancels) == 1
     assert delivery.failures == [(adm.job_id, "Cancelled. Your quota was refunded.")]
+
+
+async def test_the_same_platform_event_is_admitted_once(tmp_path: Path) -> None:
+    fake = FakeFal(queue_polls=0, progress_polls=10_000)
+    settings = make_settings(tmp_path)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], RecordingDelivery())
+        try:
+            first, second = await asyncio.gather(
+                engine.submit(prompt(duration=5), ALICE, {}, source_key="telegram:1:77"),
+                engine.submit(prompt(duration=5), ALICE, {}, source_key="telegram:1:77"))
+            other = await engine.submit(prompt(duration=5), ALICE, {},
+                                        source_key="telegram:1:78")
+            jobs = await engine.store.recent()
+            ledger = await engine.store.ledger()
+        finally:
+            await engine.close()
+    assert first.job_id == second.job_id and [first.duplicate, second.duplicate].count(True) == 1
+    assert other.job_id != first.job_id and not other.duplicate
+    assert len(jobs) == 2
+    assert [e["kind"] for e in ledger] == ["reserve", "reserve"]

@@ -18,6 +18,7 @@ from typing import Any
 import av
 import httpx
 import pytest
+from telegram import Update
 
 from bot import logs
 from bot.engine import Engine
@@ -551,3 +552,34 @@ async def test_a_failure_found_before_the_front_end_started_is_still_told(
     assert len(told) == 1 and told[0].reply_to == request_id  # status 999 was gone
     assert "Something went wrong while making your song." in told[0].text
     assert "0badf00d" in told[0].text
+
+
+async def test_an_update_offered_again_is_not_admitted_twice(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        update = h.fake.message_update(PRIVATE, ANN, "/song rain on tin roofs duration=5")
+        h.fake.resend(update)
+        await h.song_message(PRIVATE)
+        # After a crash between fetching and confirming it, the next bot process is
+        # offered the same update again: hand it to the application once more.
+        app = h.frontend.app
+        await app.process_update(Update.de_json(update, app.bot))
+        await asyncio.sleep(0.3)
+        jobs = await h.engine.store.recent()
+        statuses = [m for m in h.fake.bot_messages(PRIVATE) if m.kind == "text"]
+    assert len(jobs) == 1
+    assert len(h.submitted()) == 1
+    assert len([m for m in h.fake.bot_messages(PRIVATE) if m.kind == "audio"]) == 1
+    assert len(statuses) == 1
+
+
+async def test_updates_are_confirmed_only_after_they_were_handled(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        held = h.fake.hold("sendMessage", PRIVATE)  # the /song handler is still working
+        update = h.fake.message_update(PRIVATE, ANN, "/song slow start duration=5")
+        h.fake.resend(update)
+        await asyncio.sleep(0.6)
+        # Asking with an offset past the update would confirm it before it was handled.
+        assert max(h.fake.offsets) <= update["update_id"]
+        held.set()
+        await h.song_message(PRIVATE)
+        await h.fake.wait_for(lambda: max(h.fake.offsets) > update["update_id"], within=10)

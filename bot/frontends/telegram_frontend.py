@@ -10,6 +10,7 @@ and look the job up, so they too work after a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine
@@ -36,6 +37,7 @@ from telegram.ext import (
     CommandHandler,
     ContextTypes,
 )
+from telegram.request import HTTPXRequest
 
 from bot import messages
 from bot.engine import DeliveryError, Engine, EngineError, Job, Progress, Requester, Song
@@ -130,6 +132,29 @@ def _reply_to(message_id: int | None) -> ReplyParameters | None:
     return ReplyParameters(message_id=message_id, allow_sending_without_reply=True)
 
 
+class ConfirmAfterHandling(HTTPXRequest):
+    """The getUpdates connection, which confirms a batch only once it has been handled.
+
+    Asking for the next batch confirms the previous one to Telegram. PTB asks as soon as
+    it has queued a batch, so a crash before the handlers ran would lose a /song for
+    good. Waiting (up to `max_wait`) until the queued updates are handled closes that
+    gap; Telegram then re-sends an unconfirmed batch after a restart, and admission is
+    idempotent per update (`source_key`).
+    """
+
+    def __init__(self, max_wait: float = 5.0) -> None:
+        super().__init__(connection_pool_size=1)
+        self.max_wait = max_wait
+        self.update_queue: asyncio.Queue[Any] | None = None
+
+    async def do_request(self, url: str, method: str, *args: Any, **kwargs: Any
+                         ) -> tuple[int, bytes]:
+        if self.update_queue is not None and url.endswith("/getUpdates"):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.update_queue.join(), self.max_wait)
+        return await super().do_request(url, method, *args, **kwargs)
+
+
 class TelegramFrontend:
     """Telegram commands and the engine's Delivery for platform "telegram"."""
 
@@ -147,7 +172,9 @@ class TelegramFrontend:
         self.upload_limit = upload_limit(self.api_url)
         self.poll_timeout = poll_timeout
         self._webhook_url = settings.telegram_webhook_url
+        self._updates_request = ConfirmAfterHandling()
         builder = (ApplicationBuilder().token(token)
+                   .get_updates_request(self._updates_request)
                    .base_url(f"{self.api_url}/bot")
                    .base_file_url(f"{self.api_url}/file/bot")
                    .concurrent_updates(True)
@@ -158,6 +185,7 @@ class TelegramFrontend:
         if self._webhook_url:
             builder = builder.updater(None)
         self.app: TgApp = builder.build()
+        self._updates_request.update_queue = self.app.update_queue
         self.webhook: WebhookReceiver | None = None
         if self._webhook_url:
             self.webhook = WebhookReceiver(self.app, self._webhook_url,
@@ -311,7 +339,7 @@ class TelegramFrontend:
             return
         request = GenerationRequest.build(**parse_song(args))
         await self._start_job(request, self._requester(user, chat), chat.id,
-                              _thread_of(message), message.message_id)
+                              _thread_of(message), message.message_id, self._source_key(update))
 
     async def _cmd_compose(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message, user, chat = self._origin(update)
@@ -325,11 +353,19 @@ class TelegramFrontend:
             return
         request = GenerationRequest.build(**parse_compose(args, replied_text))
         await self._start_job(request, self._requester(user, chat), chat.id,
-                              _thread_of(message), message.message_id)
+                              _thread_of(message), message.message_id, self._source_key(update))
+
+    def _source_key(self, update: Update) -> str:
+        """Names the update that asks for a song, so a re-sent update is not admitted twice."""
+        return f"telegram:{self.app.bot.id}:{update.update_id}"
 
     async def _start_job(self, request: GenerationRequest, requester: Requester,
-                         chat_id: int, thread_id: int | None, reply_to: int | None) -> None:
+                         chat_id: int, thread_id: int | None, reply_to: int | None,
+                         source_key: str | None = None) -> None:
         """Post the job's status message, then submit with it in the reply target."""
+        if source_key and await self.engine.admitted_for(source_key) is not None:
+            log.info("telegram: update %s was already admitted; ignoring the repeat", source_key)
+            return
         title = request.title()
         # The status message exists before the job does, so the stored reply target is
         # complete from the start and progress can never race ahead of it.
@@ -339,7 +375,8 @@ class TelegramFrontend:
         target = {"chat_id": chat_id, "thread_id": thread_id, "request_message_id": reply_to,
                   "status_message_id": status.message_id}
         try:
-            admission = await self.engine.submit(request, requester, target)
+            admission = await self.engine.submit(request, requester, target,
+                                                 source_key=source_key)
         except EngineError as exc:
             await self._final_or_reply(None, target, f"<b>{escape(title)}</b>\n"
                                        f"{escape(str(exc))}")
@@ -347,6 +384,12 @@ class TelegramFrontend:
         except Exception:
             log.exception("telegram: submit failed for chat %s", chat_id)
             await self._final_or_reply(None, target, escape(GENERIC_ERROR))
+            return
+        if admission.duplicate:  # the same update raced in twice: one status message is enough
+            try:
+                await self.app.bot.delete_message(chat_id, status.message_id)
+            except TelegramError:
+                log.info("telegram: could not remove a repeated status message in %s", chat_id)
             return
         note = None
         if admission.ignored_options:
@@ -480,7 +523,8 @@ class TelegramFrontend:
             await query.answer("A new take is on its way.")
             await self._start_job(job.request.with_seed(-1), requester, chat.id,
                                   job.reply_target.get("thread_id"),
-                                  source.message_id if source is not None else None)
+                                  source.message_id if source is not None else None,
+                                  self._source_key(update))
         elif kind == "lyr":
             lyrics = str((job.result or {}).get("lyrics") or job.request.lyrics or "")
             if not lyrics.strip() or is_instrumental_lyrics(lyrics):

@@ -103,6 +103,7 @@ class FakeTelegram:
         self._changed = asyncio.Condition()
         self._failures: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self._holds: list[tuple[str, int | None, asyncio.Event]] = []
+        self.offsets: list[int] = []  # the offset of every getUpdates: what it confirmed
         self.app = web.Application(client_max_size=200 * 1024 * 1024)
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
 
@@ -158,6 +159,12 @@ class FakeTelegram:
         self._updates.append(update)
         asyncio.get_running_loop().create_task(self._notify())
         return int(update["message"]["message_id"])
+
+    def resend(self, update: dict[str, Any]) -> None:
+        """Offer an update again with its original id, as Telegram does with a batch
+        whose getUpdates was never confirmed (the bot died after fetching it)."""
+        self._updates.append(update)
+        asyncio.get_running_loop().create_task(self._notify())
 
     def press(self, chat_id: int, message_id: int, user: dict[str, Any], data: str) -> str:
         """A user presses an inline button on one of the bot's messages."""
@@ -308,6 +315,7 @@ class FakeTelegram:
                 "Conflict: can't use getUpdates method while webhook is active; "
                 "use deleteWebhook to delete the webhook first")}, status=409)
         offset = int(params.get("offset") or 0)
+        self.offsets.append(offset)
         timeout = min(float(params.get("timeout") or 0), self.max_poll_wait)
         # Confirmed updates (id < offset) are forgotten, as on the real server.
         self._updates = [u for u in self._updates if u["update_id"] >= offset]
