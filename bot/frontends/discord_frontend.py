@@ -488,7 +488,10 @@ class DiscordFrontend:
         if deferred is not None and deferred.message_id is not None:
             # The status message, editable through the channel once the token expires.
             reply_target["status_message_id"] = str(deferred.message_id)
-        admission = await self.engine.submit(request, requester, reply_target)
+        # An interaction is answered once (a second response fails at Discord), so one
+        # interaction never needs a second job either.
+        admission = await self.engine.submit(request, requester, reply_target,
+                                             source_key=f"discord:{interaction.id}")
         interaction.extras["job_id"] = admission.job_id
         note = (messages.ignored_options(admission.provider or "the music service",
                                          admission.ignored_options)
