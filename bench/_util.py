@@ -83,19 +83,26 @@ def machine() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu": model, "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            # Other work on the machine shows in every latency figure: record it.
-            "load_average_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        # Other work on the machine shows in every latency figure: record it.
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A plain fixed-width text table."""
     cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+    lines = [
+        "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
 
@@ -110,7 +117,11 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     """bench/results/<name>.json (git-ignored), with the machine description."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine(),
-               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **data}
+    payload = {
+        "benchmark": name,
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **data,
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -53,8 +53,12 @@ SONG_SECONDS = 5  # audio length; generation time is set separately
 
 def _log(message: str) -> dict[str, str]:
     """One entry of fal's `logs` list."""
-    return {"message": message, "level": "INFO", "source": "user",
-            "timestamp": "2026-01-01T00:00:00.000000"}
+    return {
+        "message": message,
+        "level": "INFO",
+        "source": "user",
+        "timestamp": "2026-01-01T00:00:00.000000",
+    }
 
 
 class TimedFal(FakeFal):
@@ -89,18 +93,27 @@ class TimedFal(FakeFal):
             self.known_at.setdefault(found.request_id, now)
         return await super()._status(request)
 
-    def _in_progress(self, request: web.Request, found: FakeRequest, now: float,
-                     finish: float) -> web.Response:
+    def _in_progress(
+        self, request: web.Request, found: FakeRequest, now: float, finish: float
+    ) -> web.Response:
         took = self.generation[found.request_id]
         started = finish - took
         logs = [_log("Loading ACE-Step model")]
         if self.log_every:
             lines = int((now - started) / self.log_every)
-            logs += [_log(f"Generating: {min(99, round(100 * (i + 1) * self.log_every / took))}%")
-                     for i in range(lines)]
-        return json_response({"request_id": found.request_id, "status": "IN_PROGRESS",
-                              "logs": logs, **self._urls(request, found.request_id)},
-                             status=202)
+            logs += [
+                _log(f"Generating: {min(99, round(100 * (i + 1) * self.log_every / took))}%")
+                for i in range(lines)
+            ]
+        return json_response(
+            {
+                "request_id": found.request_id,
+                "status": "IN_PROGRESS",
+                "logs": logs,
+                **self._urls(request, found.request_id),
+            },
+            status=202,
+        )
 
 
 @dataclass(frozen=True)
@@ -118,10 +131,15 @@ async def run_scenario(scenario: Scenario, seed: int = 3) -> dict[str, Any]:
     delivered_at: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="acestep-detect-") as tmp:
         big = 10**9
-        settings = Settings(_env_file=None, data_dir=Path(tmp) / "data",
-                            quota_user_jobs_per_day=big, quota_user_seconds_per_day=big,
-                            quota_user_concurrent_jobs=big,
-                            quota_community_seconds_per_day=big, spend_cap_usd_per_day=big)
+        settings = Settings(
+            _env_file=None,
+            data_dir=Path(tmp) / "data",
+            quota_user_jobs_per_day=big,
+            quota_user_seconds_per_day=big,
+            quota_user_concurrent_jobs=big,
+            quota_community_seconds_per_day=big,
+            spend_cap_usd_per_day=big,
+        )
         async with fake.running() as url:
             # What providers/registry.py builds: production poll interval and retries.
             provider = FalProvider(fake.key, url, concurrency=scenario.jobs)
@@ -131,8 +149,9 @@ async def run_scenario(scenario: Scenario, seed: int = 3) -> dict[str, Any]:
             await engine.start()
 
             async def one(index: int) -> None:
-                request = GenerationRequest.build(mode="prompt", prompt=f"detect {index}",
-                                                  duration=SONG_SECONDS)
+                request = GenerationRequest.build(
+                    mode="prompt", prompt=f"detect {index}", duration=SONG_SECONDS
+                )
                 admission = await engine.submit(request, Requester("bench", f"u{index}"), {})
                 failed = await delivery.wait(admission.job_id)
                 if failed is None:
@@ -158,11 +177,16 @@ async def run_scenario(scenario: Scenario, seed: int = 3) -> dict[str, Any]:
         "jobs": scenario.jobs,
         "completed": len(known),
         "generation_s": list(scenario.generation),
-        "known_s": {"p50": median(known), "p90": percentile(known, 90), "max": max(known,
-                                                                                default=0.0)},
+        "known_s": {
+            "p50": median(known),
+            "p90": percentile(known, 90),
+            "max": max(known, default=0.0),
+        },
         "delivered_s": {"p50": median(to_delivery), "p90": percentile(to_delivery, 90)},
-        "status_polls_per_job": {"mean": sum(polls) / max(1, len(polls)),
-                                 "max": max(polls, default=0)},
+        "status_polls_per_job": {
+            "mean": sum(polls) / max(1, len(polls)),
+            "max": max(polls, default=0),
+        },
         "status_polls_per_generation_minute": sum(per_minute) / max(1, len(per_minute)),
     }
 
@@ -173,29 +197,54 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     jobs, generation = (4, (1.0, 4.0)) if args.quick else (20, (4.0, 30.0))
-    scenarios = [Scenario("fal logs every 1 s", 1.0, jobs, generation),
-                 Scenario("silent generation", None, jobs, generation)]
+    scenarios = [
+        Scenario("fal logs every 1 s", 1.0, jobs, generation),
+        Scenario("silent generation", None, jobs, generation),
+    ]
     options = EngineOptions()
-    print(f"{jobs} jobs at once per scenario, generation {generation[0]:g}-{generation[1]:g} s;"
-          f" engine polls from the provider's interval (fal: 1 s), x{options.poll_backoff:g}"
-          f" while the status is unchanged, at most every {options.poll_max_interval:g} s",
-          flush=True)
+    print(
+        f"{jobs} jobs at once per scenario, generation {generation[0]:g}-{generation[1]:g} s;"
+        f" engine polls from the provider's interval (fal: 1 s), x{options.poll_backoff:g}"
+        f" while the status is unchanged, at most every {options.poll_max_interval:g} s",
+        flush=True,
+    )
     results = [asyncio.run(run_scenario(s)) for s in scenarios]
-    headers = ["scenario", "jobs", "knows p50 s", "p90", "max", "delivered p50 s",
-               "polls/job", "polls/min"]
-    rows = [[r["scenario"], r["completed"], r["known_s"]["p50"], r["known_s"]["p90"],
-             r["known_s"]["max"], r["delivered_s"]["p50"], r["status_polls_per_job"]["mean"],
-             r["status_polls_per_generation_minute"]] for r in results]
+    headers = [
+        "scenario",
+        "jobs",
+        "knows p50 s",
+        "p90",
+        "max",
+        "delivered p50 s",
+        "polls/job",
+        "polls/min",
+    ]
+    rows = [
+        [
+            r["scenario"],
+            r["completed"],
+            r["known_s"]["p50"],
+            r["known_s"]["p90"],
+            r["known_s"]["max"],
+            r["delivered_s"]["p50"],
+            r["status_polls_per_job"]["mean"],
+            r["status_polls_per_generation_minute"],
+        ]
+        for r in results
+    ]
     print()
     print(table(headers, rows))
-    print("(seconds from the provider finishing; polls = status requests per job, and per "
-          "minute of generation)")
+    print(
+        "(seconds from the provider finishing; polls = status requests per job, and per "
+        "minute of generation)"
+    )
     for r in results:
         p50 = r["known_s"]["p50"]
         verdict = "OK" if p50 <= TARGET_MEDIAN_S else "MISSED"
         print(f"{r['scenario']}: median {p50:.2f} s (target <= {TARGET_MEDIAN_S:g}) {verdict}")
-    path = write_results("detect", {"quick": args.quick, "results": results,
-                                    "engine_options": options.__dict__})
+    path = write_results(
+        "detect", {"quick": args.quick, "results": results, "engine_options": options.__dict__}
+    )
     print(f"machine: {machine()}")
     print(f"wrote {path}")
 

@@ -139,8 +139,9 @@ class FixedLatencyProvider(Provider):
         self.in_flight = 0
         self.max_in_flight = 0
         self._random = random.Random(8)
-        self.capabilities = Capabilities(modes=frozenset({Mode.PROMPT, Mode.SONG}),
-                                         price_per_second=0.0, concurrency=concurrency)
+        self.capabilities = Capabilities(
+            modes=frozenset({Mode.PROMPT, Mode.SONG}), price_per_second=0.0, concurrency=concurrency
+        )
 
     async def submit(self, request: GenerationRequest, seed: int) -> Handle:
         now = time.perf_counter()
@@ -159,8 +160,9 @@ class FixedLatencyProvider(Provider):
             await asyncio.sleep(remaining)
         self.in_flight -= 1
         self.timings[int(handle.data["seed"])].provider_done = time.perf_counter()
-        return Succeeded(Result(audio_url=f"memory://{handle.data['seed']}.wav",
-                                content_type="audio/wav"))
+        return Succeeded(
+            Result(audio_url=f"memory://{handle.data['seed']}.wav", content_type="audio/wav")
+        )
 
     async def fetch_audio(self, result: Result) -> bytes:
         return AUDIO
@@ -208,10 +210,15 @@ async def run_level(in_flight: int, latency_ms: float, total: int) -> dict[str, 
     timings: dict[int, Timing] = {}
     with tempfile.TemporaryDirectory(prefix="acestep-bench-") as tmp:
         big = 10**9  # quotas are checked on every admission but never refuse
-        settings = Settings(_env_file=None, data_dir=Path(tmp) / "data",
-                            quota_user_jobs_per_day=big, quota_user_seconds_per_day=big,
-                            quota_user_concurrent_jobs=big,
-                            quota_community_seconds_per_day=big, spend_cap_usd_per_day=big)
+        settings = Settings(
+            _env_file=None,
+            data_dir=Path(tmp) / "data",
+            quota_user_jobs_per_day=big,
+            quota_user_seconds_per_day=big,
+            quota_user_concurrent_jobs=big,
+            quota_community_seconds_per_day=big,
+            spend_cap_usd_per_day=big,
+        )
         provider = FixedLatencyProvider(latency_ms / 1000, in_flight, timings)
         delivery = NullDelivery()
         engine = await Engine.open(settings, [provider], options=EngineOptions())
@@ -234,8 +241,9 @@ async def run_level(in_flight: int, latency_ms: float, total: int) -> dict[str, 
             while next_seed < total:
                 seed = next_seed
                 next_seed += 1
-                request = GenerationRequest.build(mode="prompt", prompt=f"bench song {seed}",
-                                                  duration=SONG_SECONDS, seed=seed)
+                request = GenerationRequest.build(
+                    mode="prompt", prompt=f"bench song {seed}", duration=SONG_SECONDS, seed=seed
+                )
                 timing = timings[seed] = Timing(asked=time.perf_counter())
                 try:
                     admission = await engine.submit(request, requester, {"chat": index})
@@ -270,20 +278,24 @@ async def run_level(in_flight: int, latency_ms: float, total: int) -> dict[str, 
         "wall_s": round(wall, 2),
         "load_average_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "jobs_per_s": round(len(done) / wall, 1) if wall else 0.0,
-        "overhead_ms": {"p50": median(overhead), "p99": percentile(overhead, 99),
-                        "max": max(overhead, default=0.0)},
+        "overhead_ms": {
+            "p50": median(overhead),
+            "p99": percentile(overhead, 99),
+            "max": max(overhead, default=0.0),
+        },
         # Where the added time goes: admission (Engine.submit), waiting to be sent to the
         # provider, and from the provider's answer to the front-end's deliver().
         "admission_ms": _spread([(t.admitted - t.asked) * 1000 for t in done]),
         "to_provider_ms": _spread([(t.provider_submit - t.admitted) * 1000 for t in done]),
-        "finish_to_delivery_ms": _spread([(t.delivered - t.provider_done) * 1000
-                                          for t in done]),
+        "finish_to_delivery_ms": _spread([(t.delivered - t.provider_done) * 1000 for t in done]),
         "cpu_ms_per_job": cpu * 1000 / max(1, len(done)),
         # The one SQLite connection serialises all of this (storage/database.py).
-        "db": {"round_trips_per_job": db_trips / max(1, len(done)),
-               "lock_acquisitions_per_job": db_locks / max(1, len(done)),
-               "lock_held_ms_per_job": db_held * 1000 / max(1, len(done)),
-               "lock_busy_pct": 100 * db_held / wall if wall else 0.0},
+        "db": {
+            "round_trips_per_job": db_trips / max(1, len(done)),
+            "lock_acquisitions_per_job": db_locks / max(1, len(done)),
+            "lock_held_ms_per_job": db_held * 1000 / max(1, len(done)),
+            "lock_busy_pct": 100 * db_held / wall if wall else 0.0,
+        },
         "loop_lag_ms": {"p99": lag.p99_ms(), "max": lag.max_ms(), "samples": len(lag.samples)},
         "rss_mb": {"after_start": rss_before, "peak": peak_rss_mb()},
     }
@@ -298,9 +310,12 @@ def audio_check_cost(seconds: float = 60.0, runs: int = 3) -> dict[str, float]:
     wall_start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(runs):
         audio.check_audio(data, seconds)
-    return {"song_seconds": seconds, "bytes": len(data),
-            "wall_ms": (time.perf_counter() - wall_start) * 1000 / runs,
-            "cpu_ms": (time.process_time() - cpu_start) * 1000 / runs}
+    return {
+        "song_seconds": seconds,
+        "bytes": len(data),
+        "wall_ms": (time.perf_counter() - wall_start) * 1000 / runs,
+        "cpu_ms": (time.process_time() - cpu_start) * 1000 / runs,
+    }
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -317,10 +332,19 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def _run_in_subprocess(in_flight: int, latency_ms: float, total: int,
-                       cores: int) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--level", str(in_flight),
-           "--latency-ms", str(latency_ms), "--jobs", str(total), "--cores", str(cores)]
+def _run_in_subprocess(in_flight: int, latency_ms: float, total: int, cores: int) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--level",
+        str(in_flight),
+        "--latency-ms",
+        str(latency_ms),
+        "--jobs",
+        str(total),
+        "--cores",
+        str(cores),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"level {in_flight} failed:\n{proc.stderr[-3000:]}")
@@ -332,17 +356,21 @@ def _verdicts(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         if r["in_flight"] == 100:
             p50, p99 = r["overhead_ms"]["p50"], r["overhead_ms"]["p99"]
-            lines.append(f"100 in flight: overhead p50 {p50:.1f} ms (target <= "
-                         f"{TARGET_P50_MS_AT_100:g}) {_ok(p50 <= TARGET_P50_MS_AT_100)}, "
-                         f"p99 {p99:.1f} ms (target <= {TARGET_P99_MS_AT_100:g}) "
-                         f"{_ok(p99 <= TARGET_P99_MS_AT_100)}")
+            lines.append(
+                f"100 in flight: overhead p50 {p50:.1f} ms (target <= "
+                f"{TARGET_P50_MS_AT_100:g}) {_ok(p50 <= TARGET_P50_MS_AT_100)}, "
+                f"p99 {p99:.1f} ms (target <= {TARGET_P99_MS_AT_100:g}) "
+                f"{_ok(p99 <= TARGET_P99_MS_AT_100)}"
+            )
         if r["in_flight"] == 1000:
             lag, rss = r["loop_lag_ms"]["p99"], r["rss_mb"]["peak"]
-            lines.append(f"1000 in flight: loop lag p99 {lag:.1f} ms (target <= "
-                         f"{TARGET_LAG_P99_MS_AT_1000:g}) "
-                         f"{_ok(lag <= TARGET_LAG_P99_MS_AT_1000)}, peak RSS {rss:.0f} MB "
-                         f"(target <= {TARGET_RSS_MB_AT_1000:g}) "
-                         f"{_ok(rss <= TARGET_RSS_MB_AT_1000)}")
+            lines.append(
+                f"1000 in flight: loop lag p99 {lag:.1f} ms (target <= "
+                f"{TARGET_LAG_P99_MS_AT_1000:g}) "
+                f"{_ok(lag <= TARGET_LAG_P99_MS_AT_1000)}, peak RSS {rss:.0f} MB "
+                f"(target <= {TARGET_RSS_MB_AT_1000:g}) "
+                f"{_ok(rss <= TARGET_RSS_MB_AT_1000)}"
+            )
     return lines
 
 
@@ -354,9 +382,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--levels", help="comma-separated in-flight levels (default 1,100,1000)")
-    parser.add_argument("--cores", type=int, default=1,
-                        help="CPU cores each level may use (default 1, as the targets say; "
-                        "0 = all)")
+    parser.add_argument(
+        "--cores",
+        type=int,
+        default=1,
+        help="CPU cores each level may use (default 1, as the targets say; 0 = all)",
+    )
     # One level inside this process (what the parent runs in a subprocess).
     parser.add_argument("--level", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--latency-ms", type=float, help=argparse.SUPPRESS)
@@ -371,27 +402,64 @@ def main() -> None:
         plan = [p for p in plan if p[0] in wanted]
     results = []
     for in_flight, latency_ms, total in plan:
-        print(f"running {total} jobs at {in_flight} in flight, provider {latency_ms:g} ms ...",
-              flush=True)
+        print(
+            f"running {total} jobs at {in_flight} in flight, provider {latency_ms:g} ms ...",
+            flush=True,
+        )
         results.append(_run_in_subprocess(in_flight, latency_ms, total, args.cores))
     audio_cost = audio_check_cost(20.0 if args.quick else 60.0, 1 if args.quick else 3)
-    headers = ["in flight", "provider ms", "jobs", "failed", "jobs/s", "overhead p50",
-               "p99", "admit p50", "to prov p50", "finish p50", "CPU ms/job", "DB trips/job",
-               "DB lock ms/job", "lag p99", "lag max", "RSS MB", "load"]
-    rows = [[r["in_flight"], r["provider_latency_ms"], r["delivered"], r["failed"],
-             r["jobs_per_s"], r["overhead_ms"]["p50"], r["overhead_ms"]["p99"],
-             r["admission_ms"]["p50"], r["to_provider_ms"]["p50"],
-             r["finish_to_delivery_ms"]["p50"], r["cpu_ms_per_job"],
-             r["db"]["round_trips_per_job"], r["db"]["lock_held_ms_per_job"],
-             r["loop_lag_ms"]["p99"], r["loop_lag_ms"]["max"], r["rss_mb"]["peak"],
-             r["load_average_1m"][0]] for r in results]
+    headers = [
+        "in flight",
+        "provider ms",
+        "jobs",
+        "failed",
+        "jobs/s",
+        "overhead p50",
+        "p99",
+        "admit p50",
+        "to prov p50",
+        "finish p50",
+        "CPU ms/job",
+        "DB trips/job",
+        "DB lock ms/job",
+        "lag p99",
+        "lag max",
+        "RSS MB",
+        "load",
+    ]
+    rows = [
+        [
+            r["in_flight"],
+            r["provider_latency_ms"],
+            r["delivered"],
+            r["failed"],
+            r["jobs_per_s"],
+            r["overhead_ms"]["p50"],
+            r["overhead_ms"]["p99"],
+            r["admission_ms"]["p50"],
+            r["to_provider_ms"]["p50"],
+            r["finish_to_delivery_ms"]["p50"],
+            r["cpu_ms_per_job"],
+            r["db"]["round_trips_per_job"],
+            r["db"]["lock_held_ms_per_job"],
+            r["loop_lag_ms"]["p99"],
+            r["loop_lag_ms"]["max"],
+            r["rss_mb"]["peak"],
+            r["load_average_1m"][0],
+        ]
+        for r in results
+    ]
     print()
     print(table(headers, rows))
-    print("(times in ms; overhead = end to end minus the provider's own time; load = the "
-          "machine's 1-minute load average when the level started)")
-    print(f"audio check of a {audio_cost['song_seconds']:g} s 48 kHz stereo WAV (done once "
-          f"per job, in a thread): {audio_cost['wall_ms']:.0f} ms, "
-          f"{audio_cost['cpu_ms']:.0f} ms CPU")
+    print(
+        "(times in ms; overhead = end to end minus the provider's own time; load = the "
+        "machine's 1-minute load average when the level started)"
+    )
+    print(
+        f"audio check of a {audio_cost['song_seconds']:g} s 48 kHz stereo WAV (done once "
+        f"per job, in a thread): {audio_cost['wall_ms']:.0f} ms, "
+        f"{audio_cost['cpu_ms']:.0f} ms CPU"
+    )
     if args.quick:
         print("quick smoke run: loads far above a full run's, not comparable with the targets")
     else:
@@ -400,9 +468,15 @@ def main() -> None:
     for r in results:
         for error in r["errors"]:
             print(f"error at {r['in_flight']} in flight: {error}")
-    path = write_results("engine", {"quick": args.quick, "cores": args.cores or "all",
-                                    "levels": results,
-                                    "audio_check": audio_cost})
+    path = write_results(
+        "engine",
+        {
+            "quick": args.quick,
+            "cores": args.cores or "all",
+            "levels": results,
+            "audio_check": audio_cost,
+        },
+    )
     print(f"machine: {machine()}")
     print(f"wrote {path}")
 

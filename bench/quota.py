@@ -65,9 +65,13 @@ class Plan:
         return int(0.6 * users * self.user_jobs) * SONG_SECONDS
 
     def limits(self) -> Limits:
-        return Limits(user_jobs_per_day=self.user_jobs, user_seconds_per_day=10**9,
-                      user_concurrent_jobs=10**9,
-                      community_seconds_per_day=self.community_seconds, spend_cap_usd=10**9)
+        return Limits(
+            user_jobs_per_day=self.user_jobs,
+            user_seconds_per_day=10**9,
+            user_concurrent_jobs=10**9,
+            community_seconds_per_day=self.community_seconds,
+            spend_cap_usd=10**9,
+        )
 
 
 def requester(index: int) -> Requester:
@@ -77,13 +81,13 @@ def requester(index: int) -> Requester:
     return Requester("bench", f"u{index}", f"g{group}" if group < COMMUNITIES else None)
 
 
-async def admit_all(db_path: Path, users: list[int], plan: Plan, now: float,
-                    start_at: float | None = None) -> dict[str, Any]:
+async def admit_all(
+    db_path: Path, users: list[int], plan: Plan, now: float, start_at: float | None = None
+) -> dict[str, Any]:
     """Each user in `users` makes `plan.attempts` admissions, all users concurrently."""
     db = await Database.open(db_path)
     store = JobStore(db)
-    request = GenerationRequest.build(mode="prompt", prompt="quota bench",
-                                      duration=SONG_SECONDS)
+    request = GenerationRequest.build(mode="prompt", prompt="quota bench", duration=SONG_SECONDS)
     limits = plan.limits()
     latencies: list[float] = []
     counts = {"admitted": 0, "refused": 0, "errors": 0}
@@ -93,8 +97,15 @@ async def admit_all(db_path: Path, users: list[int], plan: Plan, now: float,
     async def one_user(index: int) -> None:
         who = requester(index)
         for n in range(plan.attempts):
-            job = Job(id=f"{who.user_id}-{n}", requester=who, reply_target={},
-                      request=request, seed=n, state="queued", reserved_usd=USD_PER_JOB)
+            job = Job(
+                id=f"{who.user_id}-{n}",
+                requester=who,
+                reply_target={},
+                request=request,
+                seed=n,
+                state="queued",
+                reserved_usd=USD_PER_JOB,
+            )
             started = time.perf_counter()
             try:
                 await store.admit(job, limits, bypass_quotas=False, now=now)
@@ -114,8 +125,15 @@ async def admit_all(db_path: Path, users: list[int], plan: Plan, now: float,
     wall = time.perf_counter() - wall_start
     cpu = time.process_time() - cpu_start
     await db.close()
-    return {**counts, "refusals": refusals, "errors_sample": errors[:3], "wall_s": wall,
-            "cpu_s": cpu, "latencies": latencies, "ended_at": time.time()}
+    return {
+        **counts,
+        "refusals": refusals,
+        "errors_sample": errors[:3],
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "latencies": latencies,
+        "ended_at": time.time(),
+    }
 
 
 def check_ledger(db_path: Path, plan: Plan, attempts: int) -> list[str]:
@@ -126,49 +144,61 @@ def check_ledger(db_path: Path, plan: Plan, attempts: int) -> list[str]:
         jobs = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         reserves = conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(seconds), 0), COALESCE(SUM(usd), 0)"
-            " FROM usage_ledger WHERE kind = 'reserve'").fetchone()
-        other = conn.execute("SELECT COUNT(*) FROM usage_ledger WHERE kind != 'reserve'"
-                             ).fetchone()[0]
+            " FROM usage_ledger WHERE kind = 'reserve'"
+        ).fetchone()
+        other = conn.execute(
+            "SELECT COUNT(*) FROM usage_ledger WHERE kind != 'reserve'"
+        ).fetchone()[0]
         orphans = conn.execute(
             "SELECT COUNT(*) FROM usage_ledger l LEFT JOIN jobs j ON j.id = l.job_id"
-            " WHERE j.id IS NULL").fetchone()[0]
+            " WHERE j.id IS NULL"
+        ).fetchone()[0]
         unledgered = conn.execute(
             "SELECT COUNT(*) FROM jobs j WHERE NOT EXISTS (SELECT 1 FROM usage_ledger l"
-            " WHERE l.job_id = j.id AND l.kind = 'reserve')").fetchone()[0]
-        per_community = dict(conn.execute(
-            "SELECT community_key, SUM(seconds) FROM usage_ledger WHERE kind = 'reserve'"
-            " GROUP BY community_key").fetchall())
+            " WHERE l.job_id = j.id AND l.kind = 'reserve')"
+        ).fetchone()[0]
+        per_community = dict(
+            conn.execute(
+                "SELECT community_key, SUM(seconds) FROM usage_ledger WHERE kind = 'reserve'"
+                " GROUP BY community_key"
+            ).fetchall()
+        )
         worst_user = conn.execute(
-            "SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM jobs"
-            " GROUP BY user_key)").fetchone()[0]
+            "SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM jobs GROUP BY user_key)"
+        ).fetchone()[0]
         dm_users = conn.execute(
             "SELECT COUNT(*) AS n FROM jobs WHERE community_key IS NULL GROUP BY user_key"
-            ).fetchall()
+        ).fetchall()
     finally:
         conn.close()
     expected_per_community = plan.community_seconds
     dm_count = sum(1 for i in range(REQUESTERS) if requester(i).community_id is None)
-    expected_jobs = (COMMUNITIES * expected_per_community // SONG_SECONDS
-                     + dm_count * plan.user_jobs)
+    expected_jobs = COMMUNITIES * expected_per_community // SONG_SECONDS + dm_count * plan.user_jobs
     if jobs != expected_jobs:
         problems.append(f"{jobs} jobs admitted, expected exactly {expected_jobs}")
     if reserves[0] != jobs or unledgered or orphans or other:
-        problems.append(f"ledger: {reserves[0]} reservations for {jobs} jobs, "
-                        f"{unledgered} jobs without one, {orphans} orphan lines, "
-                        f"{other} other lines")
+        problems.append(
+            f"ledger: {reserves[0]} reservations for {jobs} jobs, "
+            f"{unledgered} jobs without one, {orphans} orphan lines, "
+            f"{other} other lines"
+        )
     if abs(reserves[2] - jobs * USD_PER_JOB) > 1e-6:
         problems.append(f"ledger USD {reserves[2]} != {jobs} x {USD_PER_JOB}")
     for index in range(COMMUNITIES):
         key = f"bench:g{index}"
         got = per_community.get(key, 0)
         if got != expected_per_community:
-            problems.append(f"community {key}: {got} s reserved, limit "
-                            f"{expected_per_community} s (must be exactly full)")
+            problems.append(
+                f"community {key}: {got} s reserved, limit "
+                f"{expected_per_community} s (must be exactly full)"
+            )
     if worst_user > plan.user_jobs:
         problems.append(f"a user got {worst_user} jobs, limit {plan.user_jobs}")
     if len(dm_users) != dm_count or any(n != plan.user_jobs for (n,) in dm_users):
-        problems.append(f"users without a community must each get exactly "
-                        f"{plan.user_jobs} jobs: {sorted(n for (n,) in dm_users)[:5]}...")
+        problems.append(
+            f"users without a community must each get exactly "
+            f"{plan.user_jobs} jobs: {sorted(n for (n,) in dm_users)[:5]}..."
+        )
     return problems
 
 
@@ -189,9 +219,20 @@ def run_processes(plan: Plan, processes: int) -> dict[str, Any]:
         children = []
         for p in range(processes):
             users = list(range(p, REQUESTERS, processes))
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path),
-                   "--users", ",".join(map(str, users)), "--attempts", str(plan.attempts),
-                   "--now", repr(now), "--start-at", repr(start_at)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                str(path),
+                "--users",
+                ",".join(map(str, users)),
+                "--attempts",
+                str(plan.attempts),
+                "--now",
+                repr(now),
+                "--start-at",
+                repr(start_at),
+            ]
             children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
         results = []
         for child in children:
@@ -201,8 +242,9 @@ def run_processes(plan: Plan, processes: int) -> dict[str, Any]:
             results.append(json.loads(out.strip().splitlines()[-1]))
         wall = max(r["ended_at"] for r in results) - start_at
         problems = check_ledger(path, plan, REQUESTERS * plan.attempts)
-    return _summary(f"{processes} processes x {REQUESTERS // processes} requesters",
-                    results, wall, problems)
+    return _summary(
+        f"{processes} processes x {REQUESTERS // processes} requesters", results, wall, problems
+    )
 
 
 async def _migrate(path: Path) -> None:
@@ -210,8 +252,9 @@ async def _migrate(path: Path) -> None:
     await db.close()
 
 
-def _summary(shape: str, results: list[dict[str, Any]], wall: float,
-             problems: list[str]) -> dict[str, Any]:
+def _summary(
+    shape: str, results: list[dict[str, Any]], wall: float, problems: list[str]
+) -> dict[str, Any]:
     latencies = [x for r in results for x in r["latencies"]]
     admitted = sum(r["admitted"] for r in results)
     refused = sum(r["refused"] for r in results)
@@ -233,8 +276,7 @@ def _summary(shape: str, results: list[dict[str, Any]], wall: float,
         # Every attempt ends in a decision (admitted or refused) made in one transaction.
         "admissions_per_s": decided / wall if wall else 0.0,
         "cpu_ms_per_admission": sum(r["cpu_s"] for r in results) * 1000 / max(1, decided),
-        "latency_ms": {"p50": median(latencies) * 1000,
-                       "p99": percentile(latencies, 99) * 1000},
+        "latency_ms": {"p50": median(latencies) * 1000, "p99": percentile(latencies, 99) * 1000},
         "ledger_exact": not problems,
         "ledger_problems": problems,
     }
@@ -246,8 +288,10 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["admissions_per_s"])
     chosen = dict(ordered[len(ordered) // 2])
     chosen["runs"] = len(runs)
-    chosen["admissions_per_s_range"] = [ordered[0]["admissions_per_s"],
-                                        ordered[-1]["admissions_per_s"]]
+    chosen["admissions_per_s_range"] = [
+        ordered[0]["admissions_per_s"],
+        ordered[-1]["admissions_per_s"],
+    ]
     chosen["ledger_exact"] = all(r["ledger_exact"] for r in runs)
     chosen["ledger_problems"] = [p for r in runs for p in r["ledger_problems"]]
     return chosen
@@ -263,10 +307,17 @@ def _child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--runs", type=int, help="repeat each shape this many times and "
-                        "report the median (default 3, 1 with --quick)")
-    parser.add_argument("--processes", type=int, default=4,
-                        help="processes sharing the file in the second shape (default 4)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        help="repeat each shape this many times and report the median (default 3, 1 with --quick)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=4,
+        help="processes sharing the file in the second shape (default 4)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--users", help=argparse.SUPPRESS)
     parser.add_argument("--attempts", type=int, help=argparse.SUPPRESS)
@@ -277,33 +328,67 @@ def main() -> None:
         _child(args)
         return
     plan = Plan(attempts=6 if args.quick else 30)
-    print(f"{REQUESTERS} requesters x {plan.attempts} attempts; limits: {plan.user_jobs} "
-          f"songs per user, {plan.community_seconds} s per community ({COMMUNITIES} "
-          f"communities, and users in DMs), {SONG_SECONDS} s songs", flush=True)
+    print(
+        f"{REQUESTERS} requesters x {plan.attempts} attempts; limits: {plan.user_jobs} "
+        f"songs per user, {plan.community_seconds} s per community ({COMMUNITIES} "
+        f"communities, and users in DMs), {SONG_SECONDS} s songs",
+        flush=True,
+    )
     runs = args.runs or (1 if args.quick else 3)
     shapes = [lambda: run_one_process(plan)]
     if args.processes > 1:
         shapes.append(lambda: run_processes(plan, args.processes))
     results = [_median_run([shape() for _ in range(runs)]) for shape in shapes]
-    headers = ["shape", "attempts", "admitted", "refused", "errors", "admissions/s",
-               "(min-max)", "CPU ms each", "p50 ms", "p99 ms", "ledger"]
-    rows = [[r["shape"], r["attempts"], r["admitted"], r["refused"], r["errors"],
-             r["admissions_per_s"], "{:.0f}-{:.0f}".format(*r["admissions_per_s_range"]),
-             r["cpu_ms_per_admission"], r["latency_ms"]["p50"], r["latency_ms"]["p99"],
-             "exact" if r["ledger_exact"] else "WRONG"] for r in results]
+    headers = [
+        "shape",
+        "attempts",
+        "admitted",
+        "refused",
+        "errors",
+        "admissions/s",
+        "(min-max)",
+        "CPU ms each",
+        "p50 ms",
+        "p99 ms",
+        "ledger",
+    ]
+    rows = [
+        [
+            r["shape"],
+            r["attempts"],
+            r["admitted"],
+            r["refused"],
+            r["errors"],
+            r["admissions_per_s"],
+            "{:.0f}-{:.0f}".format(*r["admissions_per_s_range"]),
+            r["cpu_ms_per_admission"],
+            r["latency_ms"]["p50"],
+            r["latency_ms"]["p99"],
+            "exact" if r["ledger_exact"] else "WRONG",
+        ]
+        for r in results
+    ]
     print()
     print(table(headers, rows))
     for r in results:
         verdict = "OK" if r["admissions_per_s"] >= TARGET_PER_S else "MISSED"
-        print(f"{r['shape']}: {r['admissions_per_s']:.0f} admissions/s (target >= "
-              f"{TARGET_PER_S:g}) {verdict}; refused by {r['refused_by']}")
+        print(
+            f"{r['shape']}: {r['admissions_per_s']:.0f} admissions/s (target >= "
+            f"{TARGET_PER_S:g}) {verdict}; refused by {r['refused_by']}"
+        )
         for problem in r["ledger_problems"]:
             print(f"  LEDGER PROBLEM: {problem}")
         for error in r["errors_sample"]:
             print(f"  error: {error}")
-    path = write_results("quota", {"quick": args.quick, "requesters": REQUESTERS,
-                                   "attempts_per_requester": plan.attempts,
-                                   "results": results})
+    path = write_results(
+        "quota",
+        {
+            "quick": args.quick,
+            "requesters": REQUESTERS,
+            "attempts_per_requester": plan.attempts,
+            "results": results,
+        },
+    )
     print(f"machine: {machine()}")
     print(f"wrote {path}")
     if any(not r["ledger_exact"] for r in results):

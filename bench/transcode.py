@@ -37,8 +37,12 @@ def write_song(path: Path, duration: float, seed: int = 7) -> None:
     import numpy as np  # only in the child that writes the file; see the module docstring
 
     rng = np.random.default_rng(seed)
-    chords = [(220.0, 277.2, 329.6), (196.0, 246.9, 293.7), (174.6, 220.0, 261.6),
-              (196.0, 246.9, 311.1)]
+    chords = [
+        (220.0, 277.2, 329.6),
+        (196.0, 246.9, 293.7),
+        (174.6, 220.0, 261.6),
+        (196.0, 246.9, 311.1),
+    ]
     chunk = SAMPLE_RATE * 2  # written two seconds at a time to keep the bench's own memory low
     total = int(duration * SAMPLE_RATE)
     with wave.open(str(path), "wb") as out:
@@ -71,8 +75,12 @@ def timed_process(argv: list[str]) -> dict[str, Any]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{argv[0]} failed ({proc.returncode}): {stderr.decode()[-2000:]}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "max_rss_mib": usage.ru_maxrss / 1024, "stdout": stdout.decode()}
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "max_rss_mib": usage.ru_maxrss / 1024,
+        "stdout": stdout.decode(),
+    }
 
 
 def child(src: Path, dest: Path, bitrate: int, trace: bool, pyav_lame: bool) -> None:
@@ -112,16 +120,42 @@ def encode_with_pyav_lame(src: Path, dest: Path, bitrate: int) -> None:
 
 
 def ours(src: Path, dest: Path, bitrate: int, *flags: str) -> dict[str, Any]:
-    run = timed_process([sys.executable, __file__, "--child", str(src), str(dest),
-                         "--bitrate", str(bitrate), *flags])
+    run = timed_process(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            str(src),
+            str(dest),
+            "--bitrate",
+            str(bitrate),
+            *flags,
+        ]
+    )
     figures: dict[str, Any] = json.loads(run.pop("stdout").strip().splitlines()[-1])
     return {**run, **figures}
 
 
 def ffmpeg(ffmpeg_path: str, src: Path, dest: Path, bitrate: int) -> dict[str, Any]:
-    argv = [ffmpeg_path, "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", str(src),
-            "-c:a", "libmp3lame", "-b:a", f"{bitrate}k", "-ar", str(SAMPLE_RATE), "-ac", "2",
-            str(dest)]
+    argv = [
+        ffmpeg_path,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-y",
+        "-i",
+        str(src),
+        "-c:a",
+        "libmp3lame",
+        "-b:a",
+        f"{bitrate}k",
+        "-ar",
+        str(SAMPLE_RATE),
+        "-ac",
+        "2",
+        str(dest),
+    ]
     run = timed_process(argv)
     run.pop("stdout")
     return {**run, "size": dest.stat().st_size, "command": " ".join(argv)}
@@ -140,8 +174,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=240.0)
     parser.add_argument("--bitrate", type=int, default=192)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--skip-pyav-lame", action="store_true",
-                        help="leave out the reference run through PyAV's own libmp3lame")
+    parser.add_argument(
+        "--skip-pyav-lame",
+        action="store_true",
+        help="leave out the reference run through PyAV's own libmp3lame",
+    )
     parser.add_argument("--make-wav", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("SRC", "DEST"), help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
@@ -156,15 +193,22 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="acestep-bench-") as tmp:
         src = Path(tmp) / "song.wav"
-        timed_process([sys.executable, __file__, "--make-wav", str(src),
-                       "--duration", str(args.duration)])
-        print(f"input: {src.stat().st_size / 1e6:.1f} MB WAV, {args.duration:g} s, "
-              f"48 kHz stereo s16; MP3 {args.bitrate} kbps; median of {args.runs} runs")
+        timed_process(
+            [sys.executable, __file__, "--make-wav", str(src), "--duration", str(args.duration)]
+        )
+        print(
+            f"input: {src.stat().st_size / 1e6:.1f} MB WAV, {args.duration:g} s, "
+            f"48 kHz stereo s16; MP3 {args.bitrate} kbps; median of {args.runs} runs"
+        )
         results: dict[str, Any] = {
             "input": {"duration_s": args.duration, "wav_bytes": src.stat().st_size},
-            "bitrate_kbps": args.bitrate, "runs": args.runs,
-            "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
-                        "platform": platform.platform()},
+            "bitrate_kbps": args.bitrate,
+            "runs": args.runs,
+            "machine": {
+                "python": platform.python_version(),
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+            },
         }
         ffmpeg_path = shutil.which("ffmpeg")
         # Interleave the runs so that load from other work on the machine hits both alike.
@@ -173,11 +217,11 @@ def main() -> None:
         for _ in range(args.runs):
             mine_runs.append(ours(src, Path(tmp) / "ours.mp3", args.bitrate))
             if ffmpeg_path is not None:
-                ffmpeg_runs.append(ffmpeg(ffmpeg_path, src, Path(tmp) / "ffmpeg.mp3",
-                                          args.bitrate))
+                ffmpeg_runs.append(ffmpeg(ffmpeg_path, src, Path(tmp) / "ffmpeg.mp3", args.bitrate))
         mine = median_of(mine_runs)
-        mine["tracemalloc_peak_mib"] = ours(src, Path(tmp) / "ours.mp3", args.bitrate,
-                                            "--trace")["tracemalloc_peak_mib"]
+        mine["tracemalloc_peak_mib"] = ours(src, Path(tmp) / "ours.mp3", args.bitrate, "--trace")[
+            "tracemalloc_peak_mib"
+        ]
         results["bot_audio"] = mine
         show("bot.audio.encode (lameenc)", mine)
 
@@ -200,9 +244,11 @@ def main() -> None:
             results["ratio_encode_ours_over_ffmpeg"] = mine["encode_s"] / theirs["wall_s"]
             verdict = "not slower than ffmpeg" if ratio <= 1.0 else "slower than ffmpeg"
             print(f"ratio (process wall time, ours / ffmpeg): {ratio:.2f} -> {verdict}")
-            print(f"ratio (encode call only / ffmpeg process): "
-                  f"{results['ratio_encode_ours_over_ffmpeg']:.2f}; cpu time: "
-                  f"{results['ratio_cpu_ours_over_ffmpeg']:.2f}")
+            print(
+                f"ratio (encode call only / ffmpeg process): "
+                f"{results['ratio_encode_ours_over_ffmpeg']:.2f}; cpu time: "
+                f"{results['ratio_cpu_ours_over_ffmpeg']:.2f}"
+            )
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
@@ -215,8 +261,10 @@ def show(name: str, figures: dict[str, Any]) -> None:
         extra += f", encode() {figures['encode_s']:.2f} s"
     if "tracemalloc_peak_mib" in figures:
         extra += f", tracemalloc peak {figures['tracemalloc_peak_mib']:.1f} MiB"
-    print(f"{name}: {figures['wall_s']:.2f} s wall (cpu {figures['cpu_s']:.2f} s){extra}, "
-          f"peak RSS {figures['max_rss_mib']:.0f} MiB, output {figures['size'] / 1e6:.2f} MB")
+    print(
+        f"{name}: {figures['wall_s']:.2f} s wall (cpu {figures['cpu_s']:.2f} s){extra}, "
+        f"peak RSS {figures['max_rss_mib']:.0f} MiB, output {figures['size'] / 1e6:.2f} MB"
+    )
 
 
 if __name__ == "__main__":

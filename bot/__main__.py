@@ -62,9 +62,9 @@ def _settings_errors(exc: ValidationError) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="acestep-bot",
-                                description="Discord and Telegram bot that makes songs "
-                                            "with ACE-Step.")
+    p = argparse.ArgumentParser(
+        prog="acestep-bot", description="Discord and Telegram bot that makes songs with ACE-Step."
+    )
     sub = p.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run the configured chat front-ends")
@@ -79,37 +79,48 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--duration", type=int, default=60, help="seconds, 5-240 (default 60)")
     gen.add_argument("--seed", type=int, default=-1, help="-1 for random (default)")
     gen.add_argument("--provider", help="use only this provider (default: PROVIDERS order)")
-    gen.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                     help="advanced option, e.g. steps=40 (repeatable)")
-    gen.add_argument("--out", type=Path, required=True,
-                     help="output file: .mp3, .wav, .flac or .ogg")
+    gen.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="advanced option, e.g. steps=40 (repeatable)",
+    )
+    gen.add_argument(
+        "--out", type=Path, required=True, help="output file: .mp3, .wav, .flac or .ogg"
+    )
     gen.set_defaults(handler=cmd_generate)
 
     cfg = sub.add_parser("config", help="configuration")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
-    cfg_sub.add_parser("check", help="print the effective configuration, secrets masked"
-                       ).set_defaults(handler=cmd_config_check)
+    cfg_sub.add_parser(
+        "check", help="print the effective configuration, secrets masked"
+    ).set_defaults(handler=cmd_config_check)
 
     db = sub.add_parser("db", help="database")
     db_sub = db.add_subparsers(dest="action", required=True)
     db_sub.add_parser("upgrade", help="apply database migrations").set_defaults(
-        handler=cmd_db_upgrade)
-    db_backup = db_sub.add_parser("backup", help="consistent copy of the database, safe "
-                                  "while the bot runs")
-    db_backup.add_argument("path", type=Path,
-                           help="backup file, or an existing directory to write a "
-                                "time-stamped file into")
+        handler=cmd_db_upgrade
+    )
+    db_backup = db_sub.add_parser(
+        "backup", help="consistent copy of the database, safe while the bot runs"
+    )
+    db_backup.add_argument(
+        "path",
+        type=Path,
+        help="backup file, or an existing directory to write a time-stamped file into",
+    )
     db_backup.set_defaults(handler=cmd_db_backup)
 
     audio = sub.add_parser("audio", help="stored audio")
     a_sub = audio.add_subparsers(dest="action", required=True)
-    a_prune = a_sub.add_parser("prune", help="delete audio of jobs finished more than "
-                               "AUDIO_RETENTION_DAYS ago")
+    a_prune = a_sub.add_parser(
+        "prune", help="delete audio of jobs finished more than AUDIO_RETENTION_DAYS ago"
+    )
     a_prune.add_argument("--days", type=int, help="override AUDIO_RETENTION_DAYS (>= 1)")
     a_prune.set_defaults(handler=cmd_audio_prune)
 
-    stats = sub.add_parser("stats", help="songs, seconds and spend by community, user and "
-                           "provider")
+    stats = sub.add_parser("stats", help="songs, seconds and spend by community, user and provider")
     stats.add_argument("--days", type=int, default=7, help="period in days (default 7)")
     stats.add_argument("--top", type=int, default=20, help="rows per table (default 20)")
     stats.set_defaults(handler=cmd_stats)
@@ -121,8 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     q_show.set_defaults(handler=cmd_quota_show)
     q_set = q_sub.add_parser("set", help="override a limit (VALUE 'default' removes it)")
     _subject_args(q_set)
-    q_set.add_argument("limit", help=f"user: {', '.join(USER_KEYS)}; "
-                                     f"community: {', '.join(COMMUNITY_KEYS)}")
+    q_set.add_argument(
+        "limit", help=f"user: {', '.join(USER_KEYS)}; community: {', '.join(COMMUNITY_KEYS)}"
+    )
     q_set.add_argument("value", help="a number, or 'default'")
     q_set.set_defaults(handler=cmd_quota_set)
 
@@ -150,15 +162,18 @@ def _subject_args(p: argparse.ArgumentParser) -> None:
 
 # ---- run -------------------------------------------------------------------------------
 
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     found = problems(settings)
     if not configured_frontends(settings) or not usable_providers(settings):
         print("acestep-bot cannot start: nothing usable is configured.", file=sys.stderr)
         for line in found:
             print(f"  - {line}", file=sys.stderr)
-        print("Set these in the environment or in a .env file "
-              "(see deploy/.env.example), then run `acestep-bot config check`.",
-              file=sys.stderr)
+        print(
+            "Set these in the environment or in a .env file "
+            "(see deploy/.env.example), then run `acestep-bot config check`.",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     for line in found:
         print(f"warning: {line}", file=sys.stderr)
@@ -168,6 +183,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ---- generate --------------------------------------------------------------------------
+
 
 class CliDelivery:
     """Writes the finished song to a file and reports progress on stderr."""
@@ -221,21 +237,28 @@ def build_cli_request(args: argparse.Namespace) -> GenerationRequest:
     """The CLI's arguments as a validated request (InvalidRequest on bad input)."""
     from bot.requests import parse_options
 
-    fields: dict[str, Any] = {"instrumental": args.instrumental, "duration": args.duration,
-                              "seed": args.seed}
+    fields: dict[str, Any] = {
+        "instrumental": args.instrumental,
+        "duration": args.duration,
+        "seed": args.seed,
+    }
     if args.prompt is not None:
         fields.update(mode="prompt", prompt=args.prompt)
     else:
         fields.update(mode="song", tags=args.tags)
     if args.lyrics_file:
         if args.prompt is not None:
-            raise InvalidRequest("lyrics-file", str(args.lyrics_file),
-                                 "lyrics go with --tags (compose mode), not --prompt")
+            raise InvalidRequest(
+                "lyrics-file",
+                str(args.lyrics_file),
+                "lyrics go with --tags (compose mode), not --prompt",
+            )
         try:
             fields["lyrics"] = args.lyrics_file.read_text("utf-8")
         except OSError as exc:
-            raise InvalidRequest("lyrics-file", str(args.lyrics_file),
-                                 f"a readable text file ({exc.strerror})") from None
+            raise InvalidRequest(
+                "lyrics-file", str(args.lyrics_file), f"a readable text file ({exc.strerror})"
+            ) from None
     pairs = {}
     for item in args.option:
         name, sep, value = item.partition("=")
@@ -250,21 +273,28 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     fmt = args.out.suffix.lower().lstrip(".")
     try:
         if fmt not in OUT_FORMATS:
-            raise InvalidRequest("out", str(args.out),
-                                 "a file name ending in " + ", ".join("." + f for f in OUT_FORMATS))
+            raise InvalidRequest(
+                "out",
+                str(args.out),
+                "a file name ending in " + ", ".join("." + f for f in OUT_FORMATS),
+            )
         request = build_cli_request(args)
     except InvalidRequest as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.provider and args.provider not in PROVIDER_NAMES:
-        print(f"error: provider: {args.provider!r} is not valid; choose from "
-              f"{', '.join(PROVIDER_NAMES)}", file=sys.stderr)
+        print(
+            f"error: provider: {args.provider!r} is not valid; choose from "
+            f"{', '.join(PROVIDER_NAMES)}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     return asyncio.run(_generate(settings, request, args.out, args.provider))
 
 
-async def _generate(settings: Settings, request: GenerationRequest, out: Path,
-                    only: str | None) -> int:
+async def _generate(
+    settings: Settings, request: GenerationRequest, out: Path, only: str | None
+) -> int:
     from providers.registry import build_providers
 
     providers = build_providers(settings, only)
@@ -278,16 +308,22 @@ async def _generate(settings: Settings, request: GenerationRequest, out: Path,
     try:
         await engine.start()
         try:
-            admission = await engine.submit(request, Requester("cli", "cli"),
-                                            {"out": str(out)})
+            admission = await engine.submit(request, Requester("cli", "cli"), {"out": str(out)})
         except EngineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        print(f"[{admission.job_id}] admitted with seed {admission.seed}, "
-              f"queue position {admission.position}", file=sys.stderr)
+        print(
+            f"[{admission.job_id}] admitted with seed {admission.seed}, "
+            f"queue position {admission.position}",
+            file=sys.stderr,
+        )
         if admission.ignored_options:
-            print(messages.ignored_options(admission.provider or "the provider",
-                                           admission.ignored_options), file=sys.stderr)
+            print(
+                messages.ignored_options(
+                    admission.provider or "the provider", admission.ignored_options
+                ),
+                file=sys.stderr,
+            )
         failure = await delivery.done
         if failure is not None:
             print(f"error: {failure}", file=sys.stderr)
@@ -297,15 +333,18 @@ async def _generate(settings: Settings, request: GenerationRequest, out: Path,
         print(f"wrote {out} (seed {seed}, job {admission.job_id})", file=sys.stderr)
         return EXIT_OK
     except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted: the job stays queued and resumes at the next "
-              "`acestep-bot generate` or can be cancelled with `acestep-bot jobs cancel`",
-              file=sys.stderr)
+        print(
+            "interrupted: the job stays queued and resumes at the next "
+            "`acestep-bot generate` or can be cancelled with `acestep-bot jobs cancel`",
+            file=sys.stderr,
+        )
         return 130
     finally:
         await engine.close()
 
 
 # ---- config / db -----------------------------------------------------------------------
+
 
 def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
     print("Effective configuration (secrets masked):")
@@ -349,12 +388,15 @@ def cmd_db_backup(settings: Settings, args: argparse.Namespace) -> int:
         print(f"error: no database at {settings.db_path} (check DATA_DIR)", file=sys.stderr)
         return EXIT_FAILED
     info = backup(settings.db_path, dest)
-    print(f"backed up {settings.db_path} to {info.path}: {info.size} bytes, "
-          f"schema version {info.schema_version}, {info.jobs} jobs, integrity ok")
+    print(
+        f"backed up {settings.db_path} to {info.path}: {info.size} bytes, "
+        f"schema version {info.schema_version}, {info.jobs} jobs, integrity ok"
+    )
     return EXIT_OK
 
 
 # ---- audio / stats ---------------------------------------------------------------------
+
 
 def cmd_audio_prune(settings: Settings, args: argparse.Namespace) -> int:
     from bot.retention import prune_audio
@@ -373,8 +415,10 @@ def cmd_audio_prune(settings: Settings, args: argparse.Namespace) -> int:
             report = await prune_audio(settings, JobStore(db), days=days)
         finally:
             await db.close()
-        print(f"removed {report.files} files ({report.bytes / 1e6:.1f} MB) of {report.jobs} "
-              f"jobs finished more than {days} days ago")
+        print(
+            f"removed {report.files} files ({report.bytes / 1e6:.1f} MB) of {report.jobs} "
+            f"jobs finished more than {days} days ago"
+        )
         return EXIT_OK
 
     return asyncio.run(go())
@@ -394,19 +438,25 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
             await db.close()
         print(f"Last {args.days} days (since {_when(since)} UTC)")
         total = tables["provider"]
-        print(f"Total: {sum(r.songs for r in total)} songs, "
-              f"{sum(r.seconds for r in total) / 60:.1f} minutes, "
-              f"${sum(r.spend_usd for r in total):.4f} spent, "
-              f"{sum(r.unsuccessful for r in total)} failed or cancelled, "
-              f"{sum(r.jobs for r in total)} admitted")
+        print(
+            f"Total: {sum(r.songs for r in total)} songs, "
+            f"{sum(r.seconds for r in total) / 60:.1f} minutes, "
+            f"${sum(r.spend_usd for r in total):.4f} spent, "
+            f"{sum(r.unsuccessful for r in total)} failed or cancelled, "
+            f"{sum(r.jobs for r in total)} admitted"
+        )
         for group in ("community", "user", "provider"):
             rows = tables[group]
             print()
-            print(f"{('BY ' + group.upper()):30}  {'SONGS':>6}  {'SECONDS':>8}  "
-                  f"{'SPEND USD':>10}  {'FAILED':>6}  {'JOBS':>5}")
-            for row in rows[:args.top]:
-                print(f"{row.key[:30]:30}  {row.songs:>6}  {row.seconds:>8.0f}  "
-                      f"{row.spend_usd:>10.4f}  {row.unsuccessful:>6}  {row.jobs:>5}")
+            print(
+                f"{('BY ' + group.upper()):30}  {'SONGS':>6}  {'SECONDS':>8}  "
+                f"{'SPEND USD':>10}  {'FAILED':>6}  {'JOBS':>5}"
+            )
+            for row in rows[: args.top]:
+                print(
+                    f"{row.key[:30]:30}  {row.songs:>6}  {row.seconds:>8.0f}  "
+                    f"{row.spend_usd:>10.4f}  {row.unsuccessful:>6}  {row.jobs:>5}"
+                )
             if not rows:
                 print("(none)")
             elif len(rows) > args.top:
@@ -417,6 +467,7 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ---- quota -----------------------------------------------------------------------------
+
 
 def _subject(args: argparse.Namespace) -> tuple[str, str]:
     if args.user:
@@ -464,12 +515,16 @@ def cmd_quota_set(settings: Settings, args: argparse.Namespace) -> int:
         try:
             value = float(args.value)
         except ValueError:
-            print(f"error: value: {args.value!r} is not valid; a number >= 0 or 'default'",
-                  file=sys.stderr)
+            print(
+                f"error: value: {args.value!r} is not valid; a number >= 0 or 'default'",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         if value < 0:
-            print(f"error: value: {args.value} is not valid; a number >= 0 or 'default'",
-                  file=sys.stderr)
+            print(
+                f"error: value: {args.value} is not valid; a number >= 0 or 'default'",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
 
     async def go() -> int:
@@ -489,6 +544,7 @@ def cmd_quota_set(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ---- jobs ------------------------------------------------------------------------------
+
 
 def _when(ts: float | None) -> str:
     if not ts:
@@ -511,12 +567,16 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
         if not jobs:
             print("no jobs")
             return EXIT_OK
-        print(f"{'ID':8}  {'STATE':10}  {'CREATED (UTC)':19}  {'USER':22}  {'PROVIDER':9}  "
-              f"{'DUR':>4}  TITLE")
+        print(
+            f"{'ID':8}  {'STATE':10}  {'CREATED (UTC)':19}  {'USER':22}  {'PROVIDER':9}  "
+            f"{'DUR':>4}  TITLE"
+        )
         for job in jobs:
-            print(f"{job.id:8}  {job.state:10}  {_when(job.created_at):19}  "
-                  f"{job.requester.key[:22]:22}  {(job.provider or '-'):9}  "
-                  f"{job.duration:>4}  {job.request.title()}")
+            print(
+                f"{job.id:8}  {job.state:10}  {_when(job.created_at):19}  "
+                f"{job.requester.key[:22]:22}  {(job.provider or '-'):9}  "
+                f"{job.duration:>4}  {job.request.title()}"
+            )
         return EXIT_OK
 
     return asyncio.run(go())
@@ -536,33 +596,47 @@ def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
             return EXIT_FAILED
         req = job.request
         print(f"job {job.id}: {job.state}")
-        print(f"  requester: {job.requester.key}"
-              + (f" in {job.requester.community_key}" if job.requester.community_key else ""))
-        print(f"  request:   {req.mode.value} {req.duration}s seed {job.seed}"
-              + (" instrumental" if req.instrumental else ""))
+        print(
+            f"  requester: {job.requester.key}"
+            + (f" in {job.requester.community_key}" if job.requester.community_key else "")
+        )
+        print(
+            f"  request:   {req.mode.value} {req.duration}s seed {job.seed}"
+            + (" instrumental" if req.instrumental else "")
+        )
         for name in ("prompt", "tags", "lyrics"):
             if getattr(req, name):
                 text = getattr(req, name).replace("\n", " / ")
                 print(f"  {name + ':':10} {text}")
         if req.advanced():
             print(f"  options:   {json.dumps(req.advanced())}")
-        print(f"  provider:  {job.provider or '-'}  attempts {job.attempts}"
-              + (f"  tried {','.join(job.tried_providers)}" if job.tried_providers else ""))
-        print(f"  created {_when(job.created_at)}  started {_when(job.started_at)}  "
-              f"finished {_when(job.finished_at)}  delivered {_when(job.delivered_at)}")
-        print(f"  reserved ${job.reserved_usd:.4f}  charged "
-              f"{'-' if job.charged_usd is None else f'${job.charged_usd:.4f}'}"
-              f"  refunded {'yes' if job.refunded else 'no'}")
+        print(
+            f"  provider:  {job.provider or '-'}  attempts {job.attempts}"
+            + (f"  tried {','.join(job.tried_providers)}" if job.tried_providers else "")
+        )
+        print(
+            f"  created {_when(job.created_at)}  started {_when(job.started_at)}  "
+            f"finished {_when(job.finished_at)}  delivered {_when(job.delivered_at)}"
+        )
+        print(
+            f"  reserved ${job.reserved_usd:.4f}  charged "
+            f"{'-' if job.charged_usd is None else f'${job.charged_usd:.4f}'}"
+            f"  refunded {'yes' if job.refunded else 'no'}"
+        )
         if job.result:
             path = settings.audio_dir / str(job.result.get("audio_file"))
             exists = "" if path.exists() else " (removed)"
-            print(f"  audio:     {path}{exists} ({job.result.get('format')}, "
-                  f"{job.result.get('duration')} s, seed {job.result.get('seed')})")
+            print(
+                f"  audio:     {path}{exists} ({job.result.get('format')}, "
+                f"{job.result.get('duration')} s, seed {job.result.get('seed')})"
+            )
         if job.error:
             print(f"  error:     {job.error}")
         for entry in ledger:
-            print(f"  ledger: {_when(entry['at'])} {entry['kind']:7} {entry['seconds']:g}s "
-                  f"${entry['usd']:.4f}")
+            print(
+                f"  ledger: {_when(entry['at'])} {entry['kind']:7} {entry['seconds']:g}s "
+                f"${entry['usd']:.4f}"
+            )
         return EXIT_OK
 
     return asyncio.run(go())
@@ -581,8 +655,10 @@ def cmd_jobs_cancel(settings: Settings, args: argparse.Namespace) -> int:
         if job.state == "cancelled":
             print(f"job {job.id} cancelled; quota refunded")
         else:
-            print(f"job {job.id} is {job.state}: cancel requested; the running bot stops it "
-                  "at the provider and refunds the quota")
+            print(
+                f"job {job.id} is {job.state}: cancel requested; the running bot stops it "
+                "at the provider and refunds the quota"
+            )
         return EXIT_OK
 
     return asyncio.run(go())

@@ -50,8 +50,9 @@ async def run_bot(settings: Settings, stop: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    engine = await Engine.open(settings, build_providers(settings),
-                               platforms=configured_frontends(settings))
+    engine = await Engine.open(
+        settings, build_providers(settings), platforms=configured_frontends(settings)
+    )
     frontends = build_frontends(settings, engine)
     health = None
     retention: asyncio.Task[None] | None = None
@@ -59,8 +60,9 @@ async def run_bot(settings: Settings, stop: asyncio.Event | None = None) -> int:
     try:
         await engine.start()
         # AUDIO_RETENTION_DAYS: prune now and daily (returns at once when 0).
-        retention = asyncio.create_task(retention_loop(settings, engine.store),
-                                        name="audio-retention")
+        retention = asyncio.create_task(
+            retention_loop(settings, engine.store), name="audio-retention"
+        )
         for frontend in frontends:
             await frontend.start()
             started.append(frontend)
@@ -69,12 +71,16 @@ async def run_bot(settings: Settings, stop: asyncio.Event | None = None) -> int:
             from bot.health import start_health_server
 
             health = await start_health_server(settings, engine, frontends)
-        log.info("acestep-bot running: front-ends %s, providers %s",
-                 ", ".join(f.platform for f in frontends),
-                 ", ".join(engine.router.providers))
+        log.info(
+            "acestep-bot running: front-ends %s, providers %s",
+            ", ".join(f.platform for f in frontends),
+            ", ".join(engine.router.providers),
+        )
         await stop.wait()
-        log.info("shutting down: no new songs; waiting up to %ss for uploads",
-                 settings.shutdown_grace_seconds)
+        log.info(
+            "shutting down: no new songs; waiting up to %ss for uploads",
+            settings.shutdown_grace_seconds,
+        )
     finally:
         if retention is not None:
             retention.cancel()
@@ -85,8 +91,7 @@ async def run_bot(settings: Settings, stop: asyncio.Event | None = None) -> int:
             try:
                 await frontend.stop()
             except Exception:
-                log.warning("%s front-end did not stop cleanly", frontend.platform,
-                            exc_info=True)
+                log.warning("%s front-end did not stop cleanly", frontend.platform, exc_info=True)
         if health is not None:
             await health.stop()
         await engine.close()

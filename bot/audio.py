@@ -94,16 +94,24 @@ class SongTags:
 
     def comment(self) -> str:
         """One readable comment with everything needed to reproduce the song."""
-        fields = [("Prompt", self.prompt), ("Tags", self.tags),
-                  ("Seed", None if self.seed is None else str(self.seed)),
-                  ("Provider", self.provider), ("Job", self.job_id)]
+        fields = [
+            ("Prompt", self.prompt),
+            ("Tags", self.tags),
+            ("Seed", None if self.seed is None else str(self.seed)),
+            ("Provider", self.provider),
+            ("Job", self.job_id),
+        ]
         return "\n".join(f"{name}: {value}" for name, value in fields if value)
 
     def extra(self) -> dict[str, str]:
         """The same facts as separate machine-readable fields."""
-        fields = {"PROMPT": self.prompt, "TAGS": self.tags,
-                  "SEED": None if self.seed is None else str(self.seed),
-                  "PROVIDER": self.provider, "JOB_ID": self.job_id}
+        fields = {
+            "PROMPT": self.prompt,
+            "TAGS": self.tags,
+            "SEED": None if self.seed is None else str(self.seed),
+            "PROVIDER": self.provider,
+            "JOB_ID": self.job_id,
+        }
         return {key: value for key, value in fields.items() if value}
 
 
@@ -185,7 +193,7 @@ def detect_format(data: bytes) -> str | None:
     if data[:4] == b"OggS":
         return "ogg"
     start = _id3_end(data)
-    if data[start:start + 4] == b"fLaC":
+    if data[start : start + 4] == b"fLaC":
         return "flac"
     if _mp3_starts_at(data, start):
         return "mp3"
@@ -265,14 +273,14 @@ def _seconds(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
-def check_audio(data: bytes | Path, expected_duration: float | None,
-                tolerance: float = 0.10) -> AudioInfo:
+def check_audio(
+    data: bytes | Path, expected_duration: float | None, tolerance: float = 0.10
+) -> AudioInfo:
     """Decode the whole file (streaming) and prove it is the requested song; raises AudioError."""
     plain = _check_pcm_wav(data) if isinstance(data, bytes) else None
     if plain is not None:
         duration, sample_rate, channels, rms = plain
-        return _judge("wav", duration, sample_rate, channels, rms, expected_duration,
-                      tolerance)
+        return _judge("wav", duration, sample_rate, channels, rms, expected_duration, tolerance)
     fmt, container = _open_input(data)
     with container:
         stream = container.streams.audio[0]
@@ -288,17 +296,33 @@ def check_audio(data: bytes | Path, expected_duration: float | None,
         channels = stream.codec_context.channels
     if samples == 0 or not sample_rate:
         raise AudioError(NOT_AUDIO)
-    return _judge(fmt, samples / sample_rate, sample_rate, channels,
-                  math.sqrt(sum_squares / values), expected_duration, tolerance)
+    return _judge(
+        fmt,
+        samples / sample_rate,
+        sample_rate,
+        channels,
+        math.sqrt(sum_squares / values),
+        expected_duration,
+        tolerance,
+    )
 
 
-def _judge(fmt: str, duration: float, sample_rate: int, channels: int, rms: float,
-           expected_duration: float | None, tolerance: float) -> AudioInfo:
+def _judge(
+    fmt: str,
+    duration: float,
+    sample_rate: int,
+    channels: int,
+    rms: float,
+    expected_duration: float | None,
+    tolerance: float,
+) -> AudioInfo:
     if rms < SILENCE_RMS:
         raise AudioError(SILENT)
     if expected_duration and abs(duration - expected_duration) > tolerance * expected_duration:
-        raise AudioError(f"The provider returned {duration:.1f} s of audio instead of "
-                         f"{_seconds(expected_duration)} s.")
+        raise AudioError(
+            f"The provider returned {duration:.1f} s of audio instead of "
+            f"{_seconds(expected_duration)} s."
+        )
     return AudioInfo(format=fmt, duration=duration, sample_rate=sample_rate, channels=channels)
 
 
@@ -318,8 +342,11 @@ def _check_pcm_wav(data: bytes) -> tuple[float, int, int, float] | None:
         with wave.open(io.BytesIO(data)) as reader:
             if reader.getsampwidth() != 2 or reader.getcomptype() != "NONE":
                 return None
-            rate, channels, frames = (reader.getframerate(), reader.getnchannels(),
-                                      reader.getnframes())
+            rate, channels, frames = (
+                reader.getframerate(),
+                reader.getnchannels(),
+                reader.getnframes(),
+            )
             pcm = reader.readframes(frames)
     except Exception:  # the stdlib reader raises several kinds on damage: PyAV decides
         return None
@@ -328,7 +355,7 @@ def _check_pcm_wav(data: bytes) -> tuple[float, int, int, float] | None:
         return None
     total = 0.0
     for start in range(0, samples.size, _PCM_BLOCK):
-        block = samples[start:start + _PCM_BLOCK].astype(np.float32) / 32768.0
+        block = samples[start : start + _PCM_BLOCK].astype(np.float32) / 32768.0
         total += float(np.dot(block, block))
     return samples.size / channels / rate, rate, channels, math.sqrt(total / samples.size)
 
@@ -346,6 +373,7 @@ def probe_duration(src: Path) -> float:
 
 # --- bitrate choice ------------------------------------------------------------------
 
+
 def estimate_size(duration: float, bitrate: int, overhead: int = 0) -> int:
     """Bytes of a CBR stream of `bitrate` kbps lasting `duration` s, plus tags/cover."""
     return math.ceil(bitrate * 125 * duration) + STREAM_SLACK_BYTES + overhead
@@ -355,8 +383,9 @@ def _size_text(size: int) -> str:
     return f"{size / 1_000_000:.1f} MB"
 
 
-def choose_bitrate(duration: float, byte_limit: int | None, preferred: int = DEFAULT_BITRATE,
-                   *, overhead: int = 0) -> int:
+def choose_bitrate(
+    duration: float, byte_limit: int | None, preferred: int = DEFAULT_BITRATE, *, overhead: int = 0
+) -> int:
     """The highest standard bitrate <= preferred whose estimated size fits with margin.
 
     `overhead` is what the tags and cover add to the file. Raises AudioError when even the
@@ -371,8 +400,10 @@ def choose_bitrate(duration: float, byte_limit: int | None, preferred: int = DEF
     for rate in candidates:
         if estimate_size(duration, rate, overhead) <= budget:
             return rate
-    raise AudioError(f"A {_seconds(duration)} s song does not fit the {_size_text(byte_limit)} "
-                     f"upload limit here, even at {STANDARD_BITRATES[-1]} kbps.")
+    raise AudioError(
+        f"A {_seconds(duration)} s song does not fit the {_size_text(byte_limit)} "
+        f"upload limit here, even at {STANDARD_BITRATES[-1]} kbps."
+    )
 
 
 def _lower_bitrate(rate: int) -> int | None:
@@ -381,6 +412,7 @@ def _lower_bitrate(rate: int) -> int | None:
 
 
 # --- tags ----------------------------------------------------------------------------
+
 
 def _id3(tags: SongTags | None, cover: bytes | None) -> ID3:
     id3 = ID3()
@@ -396,8 +428,15 @@ def _id3(tags: SongTags | None, cover: bytes | None) -> ID3:
         for key, value in tags.extra().items():
             id3.add(TXXX(encoding=3, desc=key, text=value))
     if cover:
-        id3.add(APIC(encoding=3, mime="image/jpeg", type=PictureType.COVER_FRONT,
-                     desc="Cover", data=cover))
+        id3.add(
+            APIC(
+                encoding=3,
+                mime="image/jpeg",
+                type=PictureType.COVER_FRONT,
+                desc="Cover",
+                data=cover,
+            )
+        )
     return id3
 
 
@@ -418,8 +457,14 @@ def id3_tag_size(tags: SongTags | None, cover: bytes | None) -> int:
 def _vorbis_comments(tags: SongTags | None) -> dict[str, str]:
     if tags is None:
         return {}
-    fields = {"TITLE": tags.title, "ARTIST": tags.artist, "ALBUM": tags.album,
-              "LYRICS": tags.lyrics, "COMMENT": tags.comment(), **tags.extra()}
+    fields = {
+        "TITLE": tags.title,
+        "ARTIST": tags.artist,
+        "ALBUM": tags.album,
+        "LYRICS": tags.lyrics,
+        "COMMENT": tags.comment(),
+        **tags.extra(),
+    }
     return {key: value for key, value in fields.items() if value}
 
 
@@ -466,6 +511,7 @@ def _tag_overhead(fmt: str, tags: SongTags | None, cover: bytes | None) -> int:
 
 
 # --- encoding ------------------------------------------------------------------------
+
 
 def _pcm_frames(container: Any) -> Iterator[av.AudioFrame]:
     """The song as 48 kHz stereo s16 frames, converted one decoded frame at a time."""
@@ -528,9 +574,16 @@ def _transcode(src: Path, dest: Path, fmt: str, bitrate: int | None) -> float:
     return samples / SAMPLE_RATE
 
 
-def encode(src: Path, dest: Path, fmt: str | None = None, *, byte_limit: int | None = None,
-           bitrate: int | None = None, tags: SongTags | None = None,
-           cover: bytes | None = None) -> EncodedAudio:
+def encode(
+    src: Path,
+    dest: Path,
+    fmt: str | None = None,
+    *,
+    byte_limit: int | None = None,
+    bitrate: int | None = None,
+    tags: SongTags | None = None,
+    cover: bytes | None = None,
+) -> EncodedAudio:
     """Encode the original at `src` into `dest` (48 kHz stereo), tagged, within byte_limit.
 
     `fmt` defaults to dest's suffix. For MP3 and Ogg, `bitrate` (kbps, default 192) is the
@@ -549,8 +602,9 @@ def encode(src: Path, dest: Path, fmt: str | None = None, *, byte_limit: int | N
     if fmt in _LOSSY:
         preferred = bitrate or DEFAULT_BITRATE
         duration = probe_duration(src) if byte_limit is not None else 0.0
-        rate = choose_bitrate(duration, byte_limit, preferred,
-                              overhead=_tag_overhead(fmt, tags, cover))
+        rate = choose_bitrate(
+            duration, byte_limit, preferred, overhead=_tag_overhead(fmt, tags, cover)
+        )
     partial = dest.with_name(f".{dest.name}.part")
     try:
         while True:
@@ -561,8 +615,10 @@ def encode(src: Path, dest: Path, fmt: str | None = None, *, byte_limit: int | N
                 break
             lower = _lower_bitrate(rate) if rate is not None else None
             if lower is None:
-                raise AudioError(f"The song comes to {_size_text(size)}, over the "
-                                 f"{_size_text(byte_limit)} upload limit here.")
+                raise AudioError(
+                    f"The song comes to {_size_text(size)}, over the "
+                    f"{_size_text(byte_limit)} upload limit here."
+                )
             rate = lower
         os.replace(partial, dest)
     finally:
@@ -577,8 +633,10 @@ _BANDS = 96  # log-spaced frequency rows before scaling to the image
 _LOW_HZ, _HIGH_HZ = 40.0, 16000.0
 _DYNAMIC_RANGE_DB = 70.0
 # Dark violet -> magenta -> orange -> pale yellow: quiet parts stay dark, loud ones glow.
-_PALETTE = np.array([(10, 6, 30), (60, 15, 95), (150, 35, 120), (230, 80, 80),
-                     (250, 170, 60), (252, 245, 190)], dtype=np.float32)
+_PALETTE = np.array(
+    [(10, 6, 30), (60, 15, 95), (150, 35, 120), (230, 80, 80), (250, 170, 60), (252, 245, 190)],
+    dtype=np.float32,
+)
 
 
 def _band_matrix(sample_rate: int) -> np.ndarray:
@@ -645,8 +703,7 @@ def render_cover(src: Path, size: int = COVER_SIZE) -> bytes:
     edges = np.linspace(0, bands.shape[0], columns + 1).astype(int)
     counts = np.diff(edges)
     # Column by column, so the float16 levels are never widened all at once.
-    db = np.stack([bands[a:b].mean(axis=0, dtype=np.float32)
-                   for a, b in itertools.pairwise(edges)])
+    db = np.stack([bands[a:b].mean(axis=0, dtype=np.float32) for a, b in itertools.pairwise(edges)])
     top = float(np.percentile(db, 99.5))
     level = (db - (top - _DYNAMIC_RANGE_DB)) / _DYNAMIC_RANGE_DB
     pixels = _colorize(level.T[::-1])  # low frequencies at the bottom
@@ -678,8 +735,22 @@ def _draw_outline(image: Image.Image, loudness: np.ndarray) -> None:
 
 
 __all__ = [
-    "CHANNELS", "DEFAULT_BITRATE", "FORMATS", "SAMPLE_RATE", "STANDARD_BITRATES",
-    "AudioError", "AudioInfo", "EncodedAudio", "SongTags", "check_audio", "choose_bitrate",
-    "detect_format", "encode", "estimate_size", "id3_tag_size", "probe_duration",
-    "render_cover", "song_title",
+    "CHANNELS",
+    "DEFAULT_BITRATE",
+    "FORMATS",
+    "SAMPLE_RATE",
+    "STANDARD_BITRATES",
+    "AudioError",
+    "AudioInfo",
+    "EncodedAudio",
+    "SongTags",
+    "check_audio",
+    "choose_bitrate",
+    "detect_format",
+    "encode",
+    "estimate_size",
+    "id3_tag_size",
+    "probe_duration",
+    "render_cover",
+    "song_title",
 ]

@@ -49,9 +49,24 @@ from storage.database import Database, StorageError
 from storage.jobs import JobStore, Limits, QuotaRefusal, next_reset
 
 __all__ = [
-    "Admission", "AlreadyFinished", "Delivery", "DeliveryError", "Engine", "EngineClosed",
-    "EngineError", "EngineOptions", "Job", "JobNotFound", "NoProvider", "NotAllowed",
-    "Progress", "QuotaExceeded", "QuotaLine", "QuotaStatus", "RenderedSong", "Requester",
+    "Admission",
+    "AlreadyFinished",
+    "Delivery",
+    "DeliveryError",
+    "Engine",
+    "EngineClosed",
+    "EngineError",
+    "EngineOptions",
+    "Job",
+    "JobNotFound",
+    "NoProvider",
+    "NotAllowed",
+    "Progress",
+    "QuotaExceeded",
+    "QuotaLine",
+    "QuotaStatus",
+    "RenderedSong",
+    "Requester",
     "Song",
 ]
 
@@ -67,13 +82,20 @@ CANCEL_FLAG_CHECK_S = 5.0
 
 # ---- errors the front-ends show --------------------------------------------------------
 
+
 class EngineError(Exception):
     """A user-facing refusal; str() is the sentence to show."""
 
 
 class QuotaExceeded(EngineError):
-    def __init__(self, limit: str, remaining: float, limit_value: float,
-                 resets_at: datetime | None, message: str) -> None:
+    def __init__(
+        self,
+        limit: str,
+        remaining: float,
+        limit_value: float,
+        resets_at: datetime | None,
+        message: str,
+    ) -> None:
         self.limit = limit
         self.remaining = remaining
         self.limit_value = limit_value
@@ -110,6 +132,7 @@ class DeliveryError(Exception):
 
 
 # ---- data passed to front-ends ---------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Admission:
@@ -186,13 +209,33 @@ class Song:
         cover = await self.cover()
         limit_tag = f"{byte_limit}" if byte_limit else "any"
         dest = self.original_path.with_name(f"{self.job_id}.{limit_tag}.{fmt}")
-        tags = audio.SongTags(title=self.title, lyrics=self.lyrics, prompt=self.prompt,
-                              tags=self.tags, seed=self.seed, provider=self.provider,
-                              job_id=self.job_id, album=self.album)
-        encoded = await asyncio.to_thread(audio.encode, self.original_path, dest, fmt,
-                                          byte_limit=byte_limit, tags=tags, cover=cover)
-        return RenderedSong(path=encoded.path, size=encoded.size, bitrate=encoded.bitrate,
-                            duration=encoded.duration, format=encoded.format, cover=cover)
+        tags = audio.SongTags(
+            title=self.title,
+            lyrics=self.lyrics,
+            prompt=self.prompt,
+            tags=self.tags,
+            seed=self.seed,
+            provider=self.provider,
+            job_id=self.job_id,
+            album=self.album,
+        )
+        encoded = await asyncio.to_thread(
+            audio.encode,
+            self.original_path,
+            dest,
+            fmt,
+            byte_limit=byte_limit,
+            tags=tags,
+            cover=cover,
+        )
+        return RenderedSong(
+            path=encoded.path,
+            size=encoded.size,
+            bitrate=encoded.bitrate,
+            duration=encoded.duration,
+            format=encoded.format,
+            cover=cover,
+        )
 
 
 class Delivery(Protocol):
@@ -226,12 +269,19 @@ class EngineOptions:
 
 # ---- the engine ------------------------------------------------------------------------
 
+
 class Engine:
     """Admits, schedules, runs and delivers songs; survives restarts."""
 
-    def __init__(self, settings: Settings, store: JobStore, providers: Iterable[Provider], *,
-                 platforms: Iterable[str] | None = None,
-                 options: EngineOptions | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        providers: Iterable[Provider],
+        *,
+        platforms: Iterable[str] | None = None,
+        options: EngineOptions | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.router = Router(providers)
@@ -254,8 +304,7 @@ class Engine:
     # ---- construction ----------------------------------------------------------------
 
     @classmethod
-    async def open(cls, settings: Settings, providers: Iterable[Provider], **kwargs: Any
-                   ) -> Engine:
+    async def open(cls, settings: Settings, providers: Iterable[Provider], **kwargs: Any) -> Engine:
         """Open the database under DATA_DIR (migrating it) and build an engine."""
         db = await Database.open(settings.db_path)
         return cls(settings, JobStore(db), providers, **kwargs)
@@ -323,13 +372,22 @@ class Engine:
 
     def limits(self) -> Limits:
         s = self.settings
-        return Limits(s.quota_user_jobs_per_day, s.quota_user_seconds_per_day,
-                      s.quota_user_concurrent_jobs, s.quota_community_seconds_per_day,
-                      s.spend_cap_usd_per_day)
+        return Limits(
+            s.quota_user_jobs_per_day,
+            s.quota_user_seconds_per_day,
+            s.quota_user_concurrent_jobs,
+            s.quota_community_seconds_per_day,
+            s.spend_cap_usd_per_day,
+        )
 
-    async def submit(self, request: GenerationRequest, requester: Requester,
-                     reply_target: dict[str, Any], *,
-                     source_key: str | None = None) -> Admission:
+    async def submit(
+        self,
+        request: GenerationRequest,
+        requester: Requester,
+        reply_target: dict[str, Any],
+        *,
+        source_key: str | None = None,
+    ) -> Admission:
         """Reserve quota and queue a validated request; answers with its queue position.
 
         `source_key` names the platform event that asked (e.g. a Telegram update): the
@@ -338,24 +396,32 @@ class Engine:
         EngineClosed when stopping.
         """
         if self._closing:
-            raise EngineClosed("The bot is restarting and not taking new songs right now; "
-                               "try again in a minute.")
+            raise EngineClosed(
+                "The bot is restarting and not taking new songs right now; try again in a minute."
+            )
         if not isinstance(request, GenerationRequest):
             raise InvalidRequest("request", type(request).__name__, "a GenerationRequest")
         capable = self.router.capable(request)
         if not capable:
             raise NoProvider(self._no_provider_text(request))
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2_147_483_648)
-        job = Job(id="", requester=requester, reply_target=reply_target, request=request,
-                  seed=seed, state="queued", source_key=source_key,
-                  reserved_usd=round(self.router.price_for(request) * request.duration, 6))
+        job = Job(
+            id="",
+            requester=requester,
+            reply_target=reply_target,
+            request=request,
+            seed=seed,
+            state="queued",
+            source_key=source_key,
+            reserved_usd=round(self.router.price_for(request) * request.duration, 6),
+        )
         now = time.time()
         for _ in range(5):
             job.id = secrets.token_hex(4)
             try:
-                existing = await self.store.admit(job, self.limits(),
-                                                  bypass_quotas=self.is_admin(requester),
-                                                  now=now)
+                existing = await self.store.admit(
+                    job, self.limits(), bypass_quotas=self.is_admin(requester), now=now
+                )
                 if existing is not None:
                     return await self._repeat_admission(existing)
                 break
@@ -363,32 +429,57 @@ class Engine:
                 self.metrics.quota_refused(refusal.limit)
                 resets = None if refusal.limit == "user_concurrent_jobs" else next_reset(now)
                 raise QuotaExceeded(
-                    refusal.limit, refusal.remaining, refusal.limit_value, resets,
-                    messages.quota_refusal(refusal.limit, refusal.limit_value,
-                                           refusal.remaining, refusal.needed, resets),
+                    refusal.limit,
+                    refusal.remaining,
+                    refusal.limit_value,
+                    resets,
+                    messages.quota_refusal(
+                        refusal.limit,
+                        refusal.limit_value,
+                        refusal.remaining,
+                        refusal.needed,
+                        resets,
+                    ),
                 ) from None
             except StorageError:
                 raise
             except Exception as exc:  # an id collision: draw another
                 if "UNIQUE" not in str(exc):
                     raise
-        log.info("job %s admitted: %s %s %ss seed %s for %s", job.id, request.mode.value,
-                 request.title(), request.duration, seed, requester.key)
+        log.info(
+            "job %s admitted: %s %s %ss seed %s for %s",
+            job.id,
+            request.mode.value,
+            request.title(),
+            request.duration,
+            seed,
+            requester.key,
+        )
         likely = self.router.pick(request) or capable[0]
         position = await self._position_of(job.id)
         self._wake.set()
-        return Admission(job_id=job.id, position=position, seed=seed,
-                         ignored_options=likely.capabilities.ignored_options(request),
-                         provider=likely.name)
+        return Admission(
+            job_id=job.id,
+            position=position,
+            seed=seed,
+            ignored_options=likely.capabilities.ignored_options(request),
+            provider=likely.name,
+        )
 
     async def _repeat_admission(self, job_id: str) -> Admission:
         job = await self.store.get(job_id)
         assert job is not None
-        log.info("job %s: its request arrived again (%s); not admitted twice", job_id,
-                 job.source_key)
-        return Admission(job_id=job.id, position=await self._position_of(job.id),
-                         seed=job.seed, ignored_options=[], provider=job.provider,
-                         duplicate=True)
+        log.info(
+            "job %s: its request arrived again (%s); not admitted twice", job_id, job.source_key
+        )
+        return Admission(
+            job_id=job.id,
+            position=await self._position_of(job.id),
+            seed=job.seed,
+            ignored_options=[],
+            provider=job.provider,
+            duplicate=True,
+        )
 
     async def admitted_for(self, source_key: str) -> Job | None:
         """The job a platform event already created, if any."""
@@ -396,15 +487,20 @@ class Engine:
 
     def _no_provider_text(self, request: GenerationRequest) -> str:
         kinds = {"prompt": "a described song (/song)", "song": "a composed song (/compose)"}
-        same_mode = [p for p in self.router.providers.values()
-                     if request.mode in p.capabilities.modes]
+        same_mode = [
+            p for p in self.router.providers.values() if request.mode in p.capabilities.modes
+        ]
         if not same_mode:
-            return (f"This bot's music services cannot make {kinds[request.mode.value]}; "
-                    "try the other command.")
+            return (
+                f"This bot's music services cannot make {kinds[request.mode.value]}; "
+                "try the other command."
+            )
         longest = max(p.capabilities.max_duration for p in same_mode)
         shortest = min(p.capabilities.min_duration for p in same_mode)
-        return (f"duration: {request.duration} is not available here; this bot's music "
-                f"services make songs from {shortest} to {longest} seconds.")
+        return (
+            f"duration: {request.duration} is not available here; this bot's music "
+            f"services make songs from {shortest} to {longest} seconds."
+        )
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -424,19 +520,38 @@ class Engine:
         usage, eff = await self.store.usage(requester, self.limits(), now)
         bypass = self.is_admin(requester)
         lines = [
-            QuotaLine("user_jobs_per_day", messages.QUOTA_NAMES["user_jobs_per_day"],
-                      usage.user_jobs, None if bypass else eff.user_jobs_per_day, "songs"),
-            QuotaLine("user_seconds_per_day", messages.QUOTA_NAMES["user_seconds_per_day"],
-                      usage.user_seconds, None if bypass else eff.user_seconds_per_day, "s"),
-            QuotaLine("user_concurrent_jobs", messages.QUOTA_NAMES["user_concurrent_jobs"],
-                      usage.user_active, None if bypass else eff.user_concurrent_jobs,
-                      "songs"),
+            QuotaLine(
+                "user_jobs_per_day",
+                messages.QUOTA_NAMES["user_jobs_per_day"],
+                usage.user_jobs,
+                None if bypass else eff.user_jobs_per_day,
+                "songs",
+            ),
+            QuotaLine(
+                "user_seconds_per_day",
+                messages.QUOTA_NAMES["user_seconds_per_day"],
+                usage.user_seconds,
+                None if bypass else eff.user_seconds_per_day,
+                "s",
+            ),
+            QuotaLine(
+                "user_concurrent_jobs",
+                messages.QUOTA_NAMES["user_concurrent_jobs"],
+                usage.user_active,
+                None if bypass else eff.user_concurrent_jobs,
+                "songs",
+            ),
         ]
         if requester.community_key:
-            lines.append(QuotaLine(
-                "community_seconds_per_day", messages.QUOTA_NAMES["community_seconds_per_day"],
-                usage.community_seconds, None if bypass else eff.community_seconds_per_day,
-                "s"))
+            lines.append(
+                QuotaLine(
+                    "community_seconds_per_day",
+                    messages.QUOTA_NAMES["community_seconds_per_day"],
+                    usage.community_seconds,
+                    None if bypass else eff.community_seconds_per_day,
+                    "s",
+                )
+            )
         return QuotaStatus(lines=lines, resets_at=next_reset(now), bypass=bypass)
 
     async def update_reply_target(self, job_id: str, reply_target: dict[str, Any]) -> None:
@@ -467,8 +582,9 @@ class Engine:
             raise NotAllowed("You can only cancel your own songs.")
         if not job.active or job.state == "ready":
             raise AlreadyFinished(f"Song {job_id} is already {_state_word(job.state)}.")
-        if await self.store.finish_unsuccessful(job_id, ("queued",), "cancelled",
-                                                messages.CANCELLED):
+        if await self.store.finish_unsuccessful(
+            job_id, ("queued",), "cancelled", messages.CANCELLED
+        ):
             log.info("job %s cancelled while queued by %s", job_id, requester.key)
             cancelled = await self.store.get(job_id)
             assert cancelled is not None
@@ -505,8 +621,9 @@ class Engine:
         per_user: OrderedDict[str, deque[Job]] = OrderedDict()
         for job in queued:  # queued is oldest first
             per_user.setdefault(job.requester.key, deque()).append(job)
-        users = sorted(per_user, key=lambda u: (self._last_served.get(u, 0),
-                                                per_user[u][0].created_at))
+        users = sorted(
+            per_user, key=lambda u: (self._last_served.get(u, 0), per_user[u][0].created_at)
+        )
         order: list[Job] = []
         while users:
             still = []
@@ -549,8 +666,9 @@ class Engine:
             if job.id in self._tasks:
                 continue
             if job.cancel_requested:
-                await self._fail(job, ("queued",), messages.CANCELLED, "cancelled",
-                                 state="cancelled")
+                await self._fail(
+                    job, ("queued",), messages.CANCELLED, "cancelled", state="cancelled"
+                )
                 continue
             provider = self.router.pick(job.request, exclude=job.tried_providers)
             if provider is None:
@@ -562,28 +680,34 @@ class Engine:
             self._spawn(job, self._run_job(job, provider), "run")
         # Positions come from the order just read: re-reading the queue here cost two more
         # full reads of it per dispatch (bench/engine.py), and counted jobs just started.
-        await self._announce_positions([j for j in order
-                                        if j.state == "queued" and j.id not in self._tasks])
+        await self._announce_positions(
+            [j for j in order if j.state == "queued" and j.id not in self._tasks]
+        )
 
     async def _fail_if_unservable(self, job: Job) -> None:
         """A job no provider can ever take now fails; one waiting for room stays queued."""
-        left = [p for p in self.router.capable(job.request)
-                if p.name not in job.tried_providers]
+        left = [p for p in self.router.capable(job.request) if p.name not in job.tried_providers]
         if not left:
-            await self._fail(job, ("queued",), job.error or messages.UNAVAILABLE,
-                             "no provider left to try")
+            await self._fail(
+                job, ("queued",), job.error or messages.UNAVAILABLE, "no provider left to try"
+            )
             return
-        auth_down = all(self.router.state[p.name].last_error_kind == "auth"
-                        and not self.router.available(p) for p in left)
+        auth_down = all(
+            self.router.state[p.name].last_error_kind == "auth" and not self.router.available(p)
+            for p in left
+        )
         if auth_down:
-            await self._fail(job, ("queued",), messages.UNAVAILABLE,
-                             "every capable provider is cooling down after auth/billing errors")
+            await self._fail(
+                job,
+                ("queued",),
+                messages.UNAVAILABLE,
+                "every capable provider is cooling down after auth/billing errors",
+            )
 
     async def _announce_positions(self, waiting: list[Job]) -> None:
         """Tell each waiting job (in fair order) its new queue position, if it changed."""
         positions = {job.id: i + 1 for i, job in enumerate(waiting)}
-        changed = {jid: pos for jid, pos in positions.items()
-                   if self._positions.get(jid) != pos}
+        changed = {jid: pos for jid, pos in positions.items() if self._positions.get(jid) != pos}
         self._positions = positions
         if not changed:
             return
@@ -606,36 +730,49 @@ class Engine:
     # ---- recovery --------------------------------------------------------------------
 
     async def _recover(self) -> None:
-        jobs = [j for j in await self.store.in_states(("submitting", "running", "ready"))
-                if self._handles(j)]
+        jobs = [
+            j
+            for j in await self.store.in_states(("submitting", "running", "ready"))
+            if self._handles(j)
+        ]
         for job in jobs:
             if job.state == "submitting":
                 # The submit may or may not have reached the provider: resubmit once.
                 if job.recoveries >= MAX_RECOVERIES:
-                    await self._fail(job, ("submitting",), messages.FAILED_GENERIC,
-                                     "interrupted twice while submitting")
+                    await self._fail(
+                        job,
+                        ("submitting",),
+                        messages.FAILED_GENERIC,
+                        "interrupted twice while submitting",
+                    )
                     continue
-                await self.store.transition(job.id, ("submitting",), "queued",
-                                            recoveries=job.recoveries + 1, provider=None)
-                log.warning("job %s was interrupted while submitting; resubmitting once",
-                            job.id)
+                await self.store.transition(
+                    job.id, ("submitting",), "queued", recoveries=job.recoveries + 1, provider=None
+                )
+                log.warning("job %s was interrupted while submitting; resubmitting once", job.id)
             elif job.state == "running":
                 provider = self.router.get(job.provider or "")
                 if provider is None or not job.handle:
-                    await self._fail(job, ("running",), messages.UNAVAILABLE,
-                                     f"provider {job.provider} is no longer configured")
+                    await self._fail(
+                        job,
+                        ("running",),
+                        messages.UNAVAILABLE,
+                        f"provider {job.provider} is no longer configured",
+                    )
                     continue
                 self.router.acquire(provider)
                 log.info("job %s resumes polling %s", job.id, provider.name)
-                self._spawn(job, self._poll_job(job, provider, Handle.from_json(job.handle)),
-                            "run")
+                self._spawn(job, self._poll_job(job, provider, Handle.from_json(job.handle)), "run")
         for platform in self._deliveries:
             await self._resume_ready(platform)
 
     async def _resume_ready(self, platform: str) -> None:
         for job in await self.store.in_states(("ready",)):
-            if job.requester.platform == platform and self._handles(job) \
-                    and job.id not in self._tasks:
+            if (
+                job.requester.platform == platform
+                and self._handles(job)
+                and job.id not in self._tasks
+            ):
                 self._spawn(job, self._deliver(job), "deliver")
 
     # ---- running one job -------------------------------------------------------------
@@ -654,10 +791,15 @@ class Engine:
 
     async def _submit(self, job: Job, provider: Provider) -> Handle | None:
         now = time.time()
-        moved = await self.store.transition(job.id, ("queued",), "submitting", now,
-                                            provider=provider.name,
-                                            attempts=job.attempts + 1,
-                                            started_at=job.started_at or now)
+        moved = await self.store.transition(
+            job.id,
+            ("queued",),
+            "submitting",
+            now,
+            provider=provider.name,
+            attempts=job.attempts + 1,
+            started_at=job.started_at or now,
+        )
         if not moved:
             return None
         job.attempts += 1
@@ -669,20 +811,23 @@ class Engine:
             handle = await provider.submit(job.request, job.seed)
         except Rejected as exc:
             self._log_provider_error(job, provider, exc)
-            await self._fail(job, ("submitting",), messages.rejected(exc.message),
-                             f"rejected by {provider.name}")
+            await self._fail(
+                job, ("submitting",), messages.rejected(exc.message), f"rejected by {provider.name}"
+            )
             return None
         except AuthError as exc:
             self._log_provider_error(job, provider, exc)
-            self.router.cool_down(provider, self.settings.provider_cooldown_seconds, "auth",
-                                  exc.message)
+            self.router.cool_down(
+                provider, self.settings.provider_cooldown_seconds, "auth", exc.message
+            )
             await self._requeue(job, provider, exc, tried=True)
             return None
         except (Busy, Unavailable) as exc:
             self._log_provider_error(job, provider, exc)
             busy = isinstance(exc, Busy)
-            wait = exc.retry_after or (self.options.busy_cooldown if busy
-                                       else self.options.unavailable_cooldown)
+            wait = exc.retry_after or (
+                self.options.busy_cooldown if busy else self.options.unavailable_cooldown
+            )
             self.router.cool_down(provider, wait, "busy", exc.message)
             # A busy answer means "not accepted": the same provider may take it later. An
             # unreachable or timed-out submit may exist (and be billed): never resend it
@@ -691,8 +836,7 @@ class Engine:
             return None
         except ProviderError as exc:
             self._log_provider_error(job, provider, exc)
-            await self._fail(job, ("submitting",), messages.provider_failed(exc.message),
-                             str(exc))
+            await self._fail(job, ("submitting",), messages.provider_failed(exc.message), str(exc))
             return None
         except asyncio.CancelledError:
             raise
@@ -707,23 +851,38 @@ class Engine:
         log.info("job %s accepted by %s", job.id, provider.name)
         return handle
 
-    async def _requeue(self, job: Job, provider: Provider, exc: ProviderError, *,
-                       tried: bool) -> None:
+    async def _requeue(
+        self, job: Job, provider: Provider, exc: ProviderError, *, tried: bool
+    ) -> None:
         """Back to the queue so the scheduler picks the next capable provider."""
         tried_list = job.tried_providers + ([provider.name] if tried else [])
         if job.attempts >= MAX_SUBMITS:
-            await self._fail(job, ("submitting", "running"), messages.UNAVAILABLE,
-                             f"gave up after {job.attempts} submits")
+            await self._fail(
+                job,
+                ("submitting", "running"),
+                messages.UNAVAILABLE,
+                f"gave up after {job.attempts} submits",
+            )
             return
-        error = messages.UNAVAILABLE if isinstance(exc, AuthError | Busy | Unavailable) \
+        error = (
+            messages.UNAVAILABLE
+            if isinstance(exc, AuthError | Busy | Unavailable)
             else messages.provider_failed(exc.message)
-        await self.store.transition(job.id, ("submitting", "running"), "queued",
-                                    provider=None, handle=None, tried_providers=tried_list,
-                                    error=error)
+        )
+        await self.store.transition(
+            job.id,
+            ("submitting", "running"),
+            "queued",
+            provider=None,
+            handle=None,
+            tried_providers=tried_list,
+            error=error,
+        )
         self._wake.set()
 
-    async def _poll_job(self, job: Job, provider: Provider, handle: Handle, *,
-                        acquired: bool = True) -> None:
+    async def _poll_job(
+        self, job: Job, provider: Provider, handle: Handle, *, acquired: bool = True
+    ) -> None:
         """Poll until the provider finishes, then store the song and deliver it."""
         try:
             outcome = await self._poll_until_done(job, provider, handle)
@@ -757,8 +916,12 @@ class Engine:
             if time.time() > deadline:
                 await self._cancel_at_provider(job, provider, handle, quiet=True)
                 limit = messages.span(self.settings.job_timeout_seconds)
-                await self._fail(job, ("running",), messages.TIMED_OUT.format(limit=limit),
-                                 f"timed out at {provider.name}")
+                await self._fail(
+                    job,
+                    ("running",),
+                    messages.TIMED_OUT.format(limit=limit),
+                    f"timed out at {provider.name}",
+                )
                 return False
             try:
                 status = await provider.poll(handle)
@@ -768,15 +931,20 @@ class Engine:
                 return False
             except Rejected as exc:
                 self._log_provider_error(job, provider, exc)
-                await self._fail(job, ("running",), messages.rejected(exc.message),
-                                 f"rejected by {provider.name}")
+                await self._fail(
+                    job,
+                    ("running",),
+                    messages.rejected(exc.message),
+                    f"rejected by {provider.name}",
+                )
                 return False
             except ProviderError as exc:
                 # A poll is safe to retry: back off (honouring Retry-After) until the deadline.
                 self._log_provider_error(job, provider, exc, level=logging.WARNING)
                 if isinstance(exc, AuthError):
-                    self.router.cool_down(provider, self.settings.provider_cooldown_seconds,
-                                          "auth", exc.message)
+                    self.router.cool_down(
+                        provider, self.settings.provider_cooldown_seconds, "auth", exc.message
+                    )
                 interval = min(self.options.poll_max_interval, interval * self.options.poll_backoff)
                 await self._sleep(cancel, max(interval, exc.retry_after or 0))
                 continue
@@ -792,16 +960,28 @@ class Engine:
                 await self._provider_failed(job, provider, status)
                 return False
             if isinstance(status, Cancelled):
-                await self._fail(job, ("running",), messages.CANCELLED,
-                                 f"cancelled at {provider.name}", state="cancelled")
+                await self._fail(
+                    job,
+                    ("running",),
+                    messages.CANCELLED,
+                    f"cancelled at {provider.name}",
+                    state="cancelled",
+                )
                 return False
             if status != last:
                 if isinstance(status, Queued):
-                    await self._notify(job, Progress("running", position=status.position,
-                                                     message="waiting at the music service"))
+                    await self._notify(
+                        job,
+                        Progress(
+                            "running",
+                            position=status.position,
+                            message="waiting at the music service",
+                        ),
+                    )
                 elif isinstance(status, Running):
-                    await self._notify(job, Progress("running", progress=status.progress,
-                                                     message=status.message))
+                    await self._notify(
+                        job, Progress("running", progress=status.progress, message=status.message)
+                    )
                 if type(status) is not type(last):
                     interval = base
                 last = status
@@ -825,8 +1005,9 @@ class Engine:
         job = await self.store.get(job_id)
         return bool(job and job.cancel_requested)
 
-    async def _cancel_at_provider(self, job: Job, provider: Provider, handle: Handle, *,
-                                  quiet: bool = False) -> None:
+    async def _cancel_at_provider(
+        self, job: Job, provider: Provider, handle: Handle, *, quiet: bool = False
+    ) -> None:
         try:
             accepted = await provider.cancel(handle)
         except ProviderError as exc:
@@ -834,28 +1015,38 @@ class Engine:
             self._log_provider_error(job, provider, exc, level=logging.WARNING)
         if quiet:
             return
-        log.info("job %s cancelled (provider %s %s)", job.id, provider.name,
-                 "stopped it" if accepted else "could not stop it")
-        await self._fail(job, ("running", "submitting"), messages.CANCELLED, "cancelled",
-                         state="cancelled")
+        log.info(
+            "job %s cancelled (provider %s %s)",
+            job.id,
+            provider.name,
+            "stopped it" if accepted else "could not stop it",
+        )
+        await self._fail(
+            job, ("running", "submitting"), messages.CANCELLED, "cancelled", state="cancelled"
+        )
 
     async def _provider_failed(self, job: Job, provider: Provider, status: Failed) -> None:
         log.warning("job %s failed at %s: %s", job.id, provider.name, status.reason)
-        self.metrics.provider_error(provider.name,
-                                    "Rejected" if status.rejected else "Failed")
+        self.metrics.provider_error(provider.name, "Rejected" if status.rejected else "Failed")
         if status.rejected:
-            await self._fail(job, ("running",), messages.rejected(status.reason),
-                             f"rejected by {provider.name}")
+            await self._fail(
+                job, ("running",), messages.rejected(status.reason), f"rejected by {provider.name}"
+            )
             return
         # A remote failure after acceptance may be retried once on another provider.
-        others = [p for p in self.router.capable(job.request)
-                  if p.name != provider.name and p.name not in job.tried_providers]
+        others = [
+            p
+            for p in self.router.capable(job.request)
+            if p.name != provider.name and p.name not in job.tried_providers
+        ]
         if others and job.attempts < 2:
-            await self._requeue(job, provider, ProviderError(provider.name, status.reason),
-                                tried=True)
+            await self._requeue(
+                job, provider, ProviderError(provider.name, status.reason), tried=True
+            )
             return
-        await self._fail(job, ("running",), messages.provider_failed(status.reason),
-                         f"failed at {provider.name}")
+        await self._fail(
+            job, ("running",), messages.provider_failed(status.reason), f"failed at {provider.name}"
+        )
 
     async def _finish(self, job: Job, provider: Provider, result: Result) -> bool:
         """Download, check and store the audio; running -> ready."""
@@ -872,11 +1063,20 @@ class Engine:
         try:
             await asyncio.to_thread(_write_file, path, data)
         except OSError as exc:
-            log.error("job %s: cannot store audio at %s: %s (disk full or unwritable "
-                      "DATA_DIR?)", job.id, path, exc)
+            log.error(
+                "job %s: cannot store audio at %s: %s (disk full or unwritable DATA_DIR?)",
+                job.id,
+                path,
+                exc,
+            )
             # The provider made (and billed) the song: the spend keeps its charge.
-            await self._fail(job, ("running",), messages.FAILED_GENERIC, "audio not stored",
-                             charged_usd=round(price_of(provider, job.request), 6))
+            await self._fail(
+                job,
+                ("running",),
+                messages.FAILED_GENERIC,
+                "audio not stored",
+                charged_usd=round(price_of(provider, job.request), 6),
+            )
             return False
         meta = {
             "seed": result.seed if result.seed is not None else job.seed,
@@ -891,12 +1091,14 @@ class Engine:
             "title": job.request.title(),
             "provider_metadata": result.metadata,
         }
-        moved = await self.store.finish_success(job.id, provider.name,
-                                                round(price_of(provider, job.request), 6), meta)
+        moved = await self.store.finish_success(
+            job.id, provider.name, round(price_of(provider, job.request), 6), meta
+        )
         if moved:
             self.metrics.job_ready(job, provider.name)
-            log.info("job %s ready: %.1fs %s from %s", job.id, info.duration, info.format,
-                     provider.name)
+            log.info(
+                "job %s ready: %.1fs %s from %s", job.id, info.duration, info.format, provider.name
+            )
         return moved
 
     async def _download(self, provider: Provider, result: Result) -> bytes:
@@ -916,7 +1118,8 @@ class Engine:
         result = job.result or {}
         req = job.request
         return Song(
-            job_id=job.id, title=result.get("title") or req.title(),
+            job_id=job.id,
+            title=result.get("title") or req.title(),
             original_path=self.settings.audio_dir / str(result.get("audio_file")),
             duration=float(result.get("duration") or req.duration),
             seed=int(result["seed"]) if result.get("seed") is not None else job.seed,
@@ -942,16 +1145,25 @@ class Engine:
                 await delivery.deliver(job, song)
             except DeliveryError as exc:
                 error = str(exc)
-                log.warning("job %s: delivery to %s failed (attempt %d): %s", job.id,
-                            job.requester.platform, attempt + 1, self.redact(error))
+                log.warning(
+                    "job %s: delivery to %s failed (attempt %d): %s",
+                    job.id,
+                    job.requester.platform,
+                    attempt + 1,
+                    self.redact(error),
+                )
                 if exc.permanent:
                     break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
-                log.exception("job %s: delivery to %s crashed (attempt %d)", job.id,
-                              job.requester.platform, attempt + 1)
+                log.exception(
+                    "job %s: delivery to %s crashed (attempt %d)",
+                    job.id,
+                    job.requester.platform,
+                    attempt + 1,
+                )
             else:
                 if await self.store.mark_delivered(job.id):
                     self.metrics.job_delivered(job)
@@ -963,11 +1175,20 @@ class Engine:
 
     # ---- shared helpers --------------------------------------------------------------
 
-    async def _fail(self, job: Job, from_states: tuple[str, ...], message: str, why: str, *,
-                    state: str = "failed", charged_usd: float | None = None) -> None:
+    async def _fail(
+        self,
+        job: Job,
+        from_states: tuple[str, ...],
+        message: str,
+        why: str,
+        *,
+        state: str = "failed",
+        charged_usd: float | None = None,
+    ) -> None:
         """Finish unsuccessfully with a refund, tell the user, log for the operator."""
-        moved = await self.store.finish_unsuccessful(job.id, from_states, state, message,
-                                                     charged_usd=charged_usd)
+        moved = await self.store.finish_unsuccessful(
+            job.id, from_states, state, message, charged_usd=charged_usd
+        )
         if not moved:
             return
         log.info("job %s %s (%s); quota refunded", job.id, state, self.redact(why))
@@ -998,8 +1219,9 @@ class Engine:
         except Exception:
             log.warning("job %s: failure notice could not be posted", job.id, exc_info=True)
 
-    def _log_provider_error(self, job: Job, provider: Provider, exc: ProviderError,
-                            level: int = logging.ERROR) -> None:
+    def _log_provider_error(
+        self, job: Job, provider: Provider, exc: ProviderError, level: int = logging.ERROR
+    ) -> None:
         kind = type(exc).__name__
         self.metrics.provider_error(provider.name, kind)
         if isinstance(exc, AuthError):
@@ -1007,8 +1229,15 @@ class Engine:
             hint = " (operator: check the key and the account balance)"
         else:
             hint = ""
-        log.log(level, "job %s: %s %s%s: %s", job.id, provider.name, kind, hint,
-                self.redact(exc.message))
+        log.log(
+            level,
+            "job %s: %s %s%s: %s",
+            job.id,
+            provider.name,
+            kind,
+            hint,
+            self.redact(exc.message),
+        )
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -1029,5 +1258,9 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 def _state_word(state: str) -> str:
-    return {"delivered": "finished", "failed": "failed", "cancelled": "cancelled",
-            "ready": "finished and being posted"}.get(state, state)
+    return {
+        "delivered": "finished",
+        "failed": "failed",
+        "cancelled": "cancelled",
+        "ready": "finished and being posted",
+    }.get(state, state)

@@ -31,8 +31,9 @@ def frontend_state(frontend: Any) -> str:
     try:
         connected = value() if callable(value) else value
     except Exception:
-        log.warning("%s front-end: is_connected raised", getattr(frontend, "platform", "?"),
-                    exc_info=True)
+        log.warning(
+            "%s front-end: is_connected raised", getattr(frontend, "platform", "?"), exc_info=True
+        )
         return "unknown"
     return "connected" if connected else "disconnected"
 
@@ -95,8 +96,13 @@ class HealthServer:
             fronts[frontend.platform] = state
             if state == "disconnected":
                 problems.append(f"{frontend.platform} is disconnected")
-        return {"status": "ok" if not problems else "unhealthy", "problems": problems,
-                "database": database, "frontends": fronts, "providers": self.providers()}
+        return {
+            "status": "ok" if not problems else "unhealthy",
+            "problems": problems,
+            "database": database,
+            "frontends": fronts,
+            "providers": self.providers(),
+        }
 
     def providers(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()  # the router's clock for cool-downs
@@ -135,8 +141,9 @@ class HealthServer:
         return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-async def start_health_server(settings: Settings, engine: Engine,
-                              frontends: Iterable[Any]) -> HealthServer:
+async def start_health_server(
+    settings: Settings, engine: Engine, frontends: Iterable[Any]
+) -> HealthServer:
     """Serve /healthz and /metrics on HEALTH_HOST:HEALTH_PORT until `stop()`."""
     server = HealthServer(settings, engine, frontends)
     await server.start()

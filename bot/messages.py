@@ -26,26 +26,36 @@ def seconds(value: float) -> str:
     return f"{int(value)} s" if float(value).is_integer() else f"{value:.1f} s"
 
 
-def quota_refusal(limit: str, limit_value: float, remaining: float, needed: float,
-                  resets_at: datetime | None) -> str:
+def quota_refusal(
+    limit: str, limit_value: float, remaining: float, needed: float, resets_at: datetime | None
+) -> str:
     """Why a request was refused, what remains and when it resets."""
     reset = reset_phrase(resets_at)
     if limit == "user_jobs_per_day":
-        return (f"You have used your {int(limit_value)} songs for today "
-                f"({int(remaining)} left).{reset}")
+        return (
+            f"You have used your {int(limit_value)} songs for today ({int(remaining)} left).{reset}"
+        )
     if limit == "user_seconds_per_day":
-        return (f"This {seconds(needed)} song needs more audio than you have left today: "
-                f"{seconds(remaining)} of your {seconds(limit_value)}. Ask for a shorter "
-                f"song, or wait.{reset}")
+        return (
+            f"This {seconds(needed)} song needs more audio than you have left today: "
+            f"{seconds(remaining)} of your {seconds(limit_value)}. Ask for a shorter "
+            f"song, or wait.{reset}"
+        )
     if limit == "user_concurrent_jobs":
-        return (f"You already have {int(limit_value - remaining)} songs in progress "
-                f"(limit {int(limit_value)}). Wait for one to finish or cancel one.")
+        return (
+            f"You already have {int(limit_value - remaining)} songs in progress "
+            f"(limit {int(limit_value)}). Wait for one to finish or cancel one."
+        )
     if limit == "community_seconds_per_day":
-        return (f"This community has {seconds(remaining)} of its {seconds(limit_value)} "
-                f"daily audio left, not enough for a {seconds(needed)} song.{reset}")
+        return (
+            f"This community has {seconds(remaining)} of its {seconds(limit_value)} "
+            f"daily audio left, not enough for a {seconds(needed)} song.{reset}"
+        )
     if limit == "spend_cap_usd_per_day":
-        return ("The bot has reached today's budget set by its operator "
-                f"(${remaining:.2f} of ${limit_value:.2f} left).{reset}")
+        return (
+            "The bot has reached today's budget set by its operator "
+            f"(${remaining:.2f} of ${limit_value:.2f} left).{reset}"
+        )
     return f"A usage limit ({limit}) has been reached.{reset}"
 
 
@@ -57,15 +67,18 @@ QUOTA_NAMES = {
     "spend_cap_usd_per_day": "Bot budget today (USD)",
 }
 
-FAILED_GENERIC = ("Something went wrong while making your song; the operator has been "
-                  "told. Your quota was refunded.")
-UNAVAILABLE = ("The music service is temporarily unavailable. Your quota was refunded; "
-               "please try again later.")
-TIMED_OUT = ("Your song took too long to make (over {limit}) and was stopped. "
-             "Your quota was refunded.")
+FAILED_GENERIC = (
+    "Something went wrong while making your song; the operator has been "
+    "told. Your quota was refunded."
+)
+UNAVAILABLE = (
+    "The music service is temporarily unavailable. Your quota was refunded; please try again later."
+)
+TIMED_OUT = (
+    "Your song took too long to make (over {limit}) and was stopped. Your quota was refunded."
+)
 CANCELLED = "Cancelled. Your quota was refunded."
-DELIVERY_FAILED = ("Your song was made but could not be posted here. Your quota was "
-                   "refunded.")
+DELIVERY_FAILED = "Your song was made but could not be posted here. Your quota was refunded."
 
 
 def span(total_seconds: int) -> str:
@@ -80,15 +93,17 @@ def sentence(text: str) -> str:
 
 
 def provider_failed(reason: str) -> str:
-    return (f"The music service could not make this song: {sentence(reason)} "
-            "Your quota was refunded.")
+    return (
+        f"The music service could not make this song: {sentence(reason)} Your quota was refunded."
+    )
 
 
 def rejected(reason: str) -> str:
-    return (f"The music service refused this request: {sentence(reason)} "
-            "Your quota was refunded.")
+    return f"The music service refused this request: {sentence(reason)} Your quota was refunded."
 
 
 def ignored_options(provider: str, names: list[str]) -> str:
-    return (f"Note: {provider} ignores {', '.join(names)}; "
-            "the song is made with its defaults for those.")
+    return (
+        f"Note: {provider} ignores {', '.join(names)}; "
+        "the song is made with its defaults for those."
+    )

@@ -31,32 +31,59 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.quota_refusals = Counter(
-            "acestep_quota_refusals", "Requests refused at admission, by the limit that "
-            "refused them", ["limit"], registry=r)
+            "acestep_quota_refusals",
+            "Requests refused at admission, by the limit that refused them",
+            ["limit"],
+            registry=r,
+        )
         self.provider_errors = Counter(
-            "acestep_provider_errors", "Errors from provider APIs, by provider and error "
+            "acestep_provider_errors",
+            "Errors from provider APIs, by provider and error "
             "type (Rejected, AuthError, Busy, Unavailable, TaskLost, ...)",
-            ["provider", "type"], registry=r)
+            ["provider", "type"],
+            registry=r,
+        )
         self.generation_seconds = Histogram(
-            "acestep_generation_seconds", "From the first submit to a provider until the "
-            "audio is stored (ready)", ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+            "acestep_generation_seconds",
+            "From the first submit to a provider until the audio is stored (ready)",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.end_to_end_seconds = Histogram(
-            "acestep_end_to_end_seconds", "From admission until the song is posted "
-            "(delivered)", ["platform"], buckets=LATENCY_BUCKETS, registry=r)
+            "acestep_end_to_end_seconds",
+            "From admission until the song is posted (delivered)",
+            ["platform"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Read from SQLite / the router at scrape time (refresh()).
-        self.jobs = Gauge("acestep_jobs", "Jobs in the database by state and provider "
-                          "(provider empty before one is chosen)", ["state", "provider"],
-                          registry=r)
-        self.queue_depth = Gauge("acestep_queue_depth", "Jobs admitted and waiting for a "
-                                 "provider", registry=r)
-        self.spend_today = Gauge("acestep_spend_usd_today", "USD spent or reserved since "
-                                 "00:00 UTC (what SPEND_CAP_USD_PER_DAY is checked against)",
-                                 registry=r)
-        self.provider_in_flight = Gauge("acestep_provider_in_flight", "Jobs a provider is "
-                                        "working on now", ["provider"], registry=r)
+        self.jobs = Gauge(
+            "acestep_jobs",
+            "Jobs in the database by state and provider (provider empty before one is chosen)",
+            ["state", "provider"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "acestep_queue_depth", "Jobs admitted and waiting for a provider", registry=r
+        )
+        self.spend_today = Gauge(
+            "acestep_spend_usd_today",
+            "USD spent or reserved since 00:00 UTC (what SPEND_CAP_USD_PER_DAY is checked against)",
+            registry=r,
+        )
+        self.provider_in_flight = Gauge(
+            "acestep_provider_in_flight",
+            "Jobs a provider is working on now",
+            ["provider"],
+            registry=r,
+        )
         self.provider_cooling_down = Gauge(
-            "acestep_provider_cooling_down", "1 while a provider is skipped after a busy "
-            "answer or an auth/billing error", ["provider"], registry=r)
+            "acestep_provider_cooling_down",
+            "1 while a provider is skipped after a busy answer or an auth/billing error",
+            ["provider"],
+            registry=r,
+        )
 
     # ---- engine events ---------------------------------------------------------------
 
@@ -71,20 +98,27 @@ class Metrics:
         if job.started_at:
             now = time.time() if now is None else now
             self.generation_seconds.labels(provider=provider).observe(
-                max(0.0, now - job.started_at))
+                max(0.0, now - job.started_at)
+            )
 
     def job_delivered(self, job: Job, now: float | None = None) -> None:
         """The user has the song: observe admission-to-delivery latency."""
         if job.created_at:
             now = time.time() if now is None else now
             self.end_to_end_seconds.labels(platform=job.requester.platform).observe(
-                max(0.0, now - job.created_at))
+                max(0.0, now - job.created_at)
+            )
 
     # ---- scrape time -----------------------------------------------------------------
 
-    def refresh(self, jobs_by_state: list[tuple[str, str, int]], queue_depth: int,
-                spend_today: float, providers: dict[str, ProviderState],
-                monotonic_now: float) -> None:
+    def refresh(
+        self,
+        jobs_by_state: list[tuple[str, str, int]],
+        queue_depth: int,
+        spend_today: float,
+        providers: dict[str, ProviderState],
+        monotonic_now: float,
+    ) -> None:
         """Set the scrape-time gauges from fresh reads."""
         self.jobs.clear()  # a (state, provider) pair that no longer exists must vanish
         for state, provider, count in jobs_by_state:
@@ -94,7 +128,8 @@ class Metrics:
         for name, st in providers.items():
             self.provider_in_flight.labels(provider=name).set(st.in_flight)
             self.provider_cooling_down.labels(provider=name).set(
-                1 if st.cooldown_until > monotonic_now else 0)
+                1 if st.cooldown_until > monotonic_now else 0
+            )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every family."""

@@ -39,8 +39,9 @@ class Mode(StrEnum):
 class InvalidRequest(ValueError):
     """A request a user can fix: names the field, the value and what is allowed."""
 
-    def __init__(self, field: str, value: object, allowed: str, *,
-                 problem: str | None = None) -> None:
+    def __init__(
+        self, field: str, value: object, allowed: str, *, problem: str | None = None
+    ) -> None:
         self.field = field
         self.value = value
         self.allowed = allowed
@@ -89,32 +90,74 @@ ADVANCED_OPTIONS: dict[str, OptionSpec] = {
     spec.name: spec
     for spec in (
         OptionSpec("steps", int, 3, 60, default=27, help="diffusion steps"),
-        OptionSpec("scheduler", str, choices=("euler", "heun"), default="euler",
-                   help="sampler"),
-        OptionSpec("guidance_type", str, choices=("cfg", "apg", "cfg_star"), default="apg",
-                   help="guidance method"),
-        OptionSpec("granularity_scale", float, -100, 100, default=10,
-                   help="higher = more detail, fewer artifacts"),
-        OptionSpec("guidance_interval", float, 0, 1, default=0.5,
-                   help="share of steps that use guidance"),
-        OptionSpec("guidance_interval_decay", float, 0, 1, default=0,
-                   help="how guidance fades over the interval"),
+        OptionSpec("scheduler", str, choices=("euler", "heun"), default="euler", help="sampler"),
+        OptionSpec(
+            "guidance_type",
+            str,
+            choices=("cfg", "apg", "cfg_star"),
+            default="apg",
+            help="guidance method",
+        ),
+        OptionSpec(
+            "granularity_scale",
+            float,
+            -100,
+            100,
+            default=10,
+            help="higher = more detail, fewer artifacts",
+        ),
+        OptionSpec(
+            "guidance_interval", float, 0, 1, default=0.5, help="share of steps that use guidance"
+        ),
+        OptionSpec(
+            "guidance_interval_decay",
+            float,
+            0,
+            1,
+            default=0,
+            help="how guidance fades over the interval",
+        ),
         OptionSpec("guidance_scale", float, 0, 200, default=15, help="overall guidance"),
-        OptionSpec("minimum_guidance_scale", float, 0, 200, default=3,
-                   help="floor of the decaying guidance"),
-        OptionSpec("tag_guidance_scale", float, 0, 10, default=5,
-                   help="how closely the style tags are followed"),
-        OptionSpec("lyric_guidance_scale", float, 0, 10, default=1.5,
-                   help="how closely the lyrics are followed"),
+        OptionSpec(
+            "minimum_guidance_scale",
+            float,
+            0,
+            200,
+            default=3,
+            help="floor of the decaying guidance",
+        ),
+        OptionSpec(
+            "tag_guidance_scale",
+            float,
+            0,
+            10,
+            default=5,
+            help="how closely the style tags are followed",
+        ),
+        OptionSpec(
+            "lyric_guidance_scale",
+            float,
+            0,
+            10,
+            default=1.5,
+            help="how closely the lyrics are followed",
+        ),
     )
 }
 
 # Basic options every front-end offers besides the text.
 BASIC_OPTIONS: dict[str, OptionSpec] = {
-    "duration": OptionSpec("duration", int, MIN_DURATION, MAX_DURATION,
-                           default=DEFAULT_DURATION, help="length in seconds"),
-    "seed": OptionSpec("seed", int, -1, MAX_SEED, default=-1,
-                       help="-1 for random; reuse one to repeat a song"),
+    "duration": OptionSpec(
+        "duration",
+        int,
+        MIN_DURATION,
+        MAX_DURATION,
+        default=DEFAULT_DURATION,
+        help="length in seconds",
+    ),
+    "seed": OptionSpec(
+        "seed", int, -1, MAX_SEED, default=-1, help="-1 for random; reuse one to repeat a song"
+    ),
     "instrumental": OptionSpec("instrumental", bool, default=False, help="no vocals"),
 }
 
@@ -154,8 +197,9 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> GenerationRequest:
         _check_text(self)
-        _check_range("duration", self.duration, MIN_DURATION, MAX_DURATION,
-                     "a whole number of seconds")
+        _check_range(
+            "duration", self.duration, MIN_DURATION, MAX_DURATION, "a whole number of seconds"
+        )
         _check_range("seed", self.seed, -1, MAX_SEED, "a whole number (-1 = random)")
         for name, spec in ADVANCED_OPTIONS.items():
             value = getattr(self, name)
@@ -163,8 +207,11 @@ class GenerationRequest(BaseModel):
                 continue
             if isinstance(value, float) and value != value:  # NaN
                 raise InvalidRequest(name, value, spec.allowed())
-            if not (spec.minimum is not None and spec.maximum is not None
-                    and spec.minimum <= value <= spec.maximum):
+            if not (
+                spec.minimum is not None
+                and spec.maximum is not None
+                and spec.minimum <= value <= spec.maximum
+            ):
                 raise InvalidRequest(name, value, spec.allowed())
         return self
 
@@ -207,26 +254,36 @@ def is_instrumental_lyrics(lyrics: str) -> bool:
 def _check_text(req: GenerationRequest) -> None:
     if req.mode is Mode.PROMPT:
         if not req.prompt:
-            raise InvalidRequest("prompt", req.prompt,
-                                 "describe the song in 1 to "
-                                 f"{MAX_PROMPT_CHARS} characters")
+            raise InvalidRequest(
+                "prompt", req.prompt, f"describe the song in 1 to {MAX_PROMPT_CHARS} characters"
+            )
         if req.tags or req.lyrics:
             field = "tags" if req.tags else "lyrics"
-            raise InvalidRequest(field, getattr(req, field),
-                                 "tags and lyrics belong to a composed song (song mode)")
+            raise InvalidRequest(
+                field, getattr(req, field), "tags and lyrics belong to a composed song (song mode)"
+            )
     else:
         if not req.tags or not any(t.strip() for t in req.tags.split(",")):
-            raise InvalidRequest("tags", req.tags,
-                                 "give comma-separated style tags such as 'lofi, piano, rain'")
+            raise InvalidRequest(
+                "tags", req.tags, "give comma-separated style tags such as 'lofi, piano, rain'"
+            )
         if req.prompt:
-            raise InvalidRequest("prompt", req.prompt,
-                                 "a composed song takes tags and lyrics, not a prompt")
-    for field, limit in (("prompt", MAX_PROMPT_CHARS), ("tags", MAX_TAGS_CHARS),
-                         ("lyrics", MAX_LYRICS_CHARS)):
+            raise InvalidRequest(
+                "prompt", req.prompt, "a composed song takes tags and lyrics, not a prompt"
+            )
+    for field, limit in (
+        ("prompt", MAX_PROMPT_CHARS),
+        ("tags", MAX_TAGS_CHARS),
+        ("lyrics", MAX_LYRICS_CHARS),
+    ):
         value = getattr(req, field)
         if len(value) > limit:
-            raise InvalidRequest(field, value, f"at most {limit} characters",
-                                 problem=f"is too long ({len(value)} characters)")
+            raise InvalidRequest(
+                field,
+                value,
+                f"at most {limit} characters",
+                problem=f"is too long ({len(value)} characters)",
+            )
         if "\x00" in value:
             raise InvalidRequest(field, value, "plain text without control characters")
 
@@ -245,13 +302,20 @@ def _from_validation_error(exc: ValidationError, fields: dict[str, Any]) -> Inva
     field = str(loc[0]) if loc else "request"
     value = fields.get(field, err.get("input"))
     if err.get("type") == "extra_forbidden":
-        return InvalidRequest(field, value, "known options are " + ", ".join(
-            ["mode", "prompt", "tags", "lyrics", *ALL_OPTIONS]))
+        return InvalidRequest(
+            field,
+            value,
+            "known options are " + ", ".join(["mode", "prompt", "tags", "lyrics", *ALL_OPTIONS]),
+        )
     if field == "mode":
         # pydantic's input for a missing field is the whole payload: never echo that.
         missing = err.get("type") == "missing"
-        return InvalidRequest(field, None if missing else value, "one of prompt, song",
-                              problem="is missing" if missing else None)
+        return InvalidRequest(
+            field,
+            None if missing else value,
+            "one of prompt, song",
+            problem="is missing" if missing else None,
+        )
     spec = ALL_OPTIONS.get(field)
     if spec is not None:
         if spec.kind is bool:
@@ -285,8 +349,9 @@ def parse_option_value(name: str, raw: str) -> Any:
     except ValueError:
         raise InvalidRequest(name, raw, spec.allowed()) from None
     if spec.kind is float and (
-            not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text)
-            or not math.isfinite(number)):  # nan, inf, and "1e400" (overflows to inf)
+        not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text)
+        or not math.isfinite(number)
+    ):  # nan, inf, and "1e400" (overflows to inf)
         raise InvalidRequest(name, raw, spec.allowed())
     return number
 

@@ -55,8 +55,9 @@ def _remove(paths: list[Path]) -> tuple[int, int]:
     return files, size
 
 
-async def prune_audio(settings: Settings, store: JobStore, now: float | None = None,
-                      days: int | None = None) -> PruneReport:
+async def prune_audio(
+    settings: Settings, store: JobStore, now: float | None = None, days: int | None = None
+) -> PruneReport:
     """Delete the audio of jobs finished more than `days` (AUDIO_RETENTION_DAYS) ago;
     0 keeps everything."""
     days = settings.audio_retention_days if days is None else days
@@ -71,8 +72,13 @@ async def prune_audio(settings: Settings, store: JobStore, now: float | None = N
         files += removed
         size += length
     if expired:
-        log.info("retention: removed %d audio files (%.1f MB) of %d jobs finished more "
-                 "than %d days ago", files, size / 1e6, len(expired), days)
+        log.info(
+            "retention: removed %d audio files (%.1f MB) of %d jobs finished more than %d days ago",
+            files,
+            size / 1e6,
+            len(expired),
+            days,
+        )
     return PruneReport(len(expired), files, size)
 
 

@@ -27,8 +27,9 @@ CommaList = Annotated[list[str], NoDecode]
 class Settings(BaseSettings):
     """Everything an operator can set. Defaults run a local, SQLite-backed bot."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8",
-                                      extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
 
     # Discord
     discord_token: SecretStr | None = None
@@ -85,8 +86,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = "text"
 
-    @field_validator("discord_guild_ids", "providers", "acestep_server_urls", "admin_ids",
-                     mode="before")
+    @field_validator(
+        "discord_guild_ids", "providers", "acestep_server_urls", "admin_ids", mode="before"
+    )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split(value)
@@ -97,8 +99,9 @@ class Settings(BaseSettings):
         names = [v.lower() for v in value]
         unknown = [n for n in names if n not in PROVIDER_NAMES]
         if unknown:
-            raise ValueError(f"unknown provider(s) {', '.join(unknown)}; "
-                             f"choose from {', '.join(PROVIDER_NAMES)}")
+            raise ValueError(
+                f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(PROVIDER_NAMES)}"
+            )
         return names
 
     @field_validator("log_format")
@@ -126,8 +129,11 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every configured secret value, for redaction."""
-        names = [n for n, f in type(self).model_fields.items()
-                 if f.annotation in (SecretStr | None, SecretStr)]
+        names = [
+            n
+            for n, f in type(self).model_fields.items()
+            if f.annotation in (SecretStr | None, SecretStr)
+        ]
         return [s for s in (self.secret(n) for n in names) if s]
 
 
@@ -196,6 +202,8 @@ def problems(settings: Settings) -> list[str]:
         if missing:
             out.append(f"Provider {name} is listed in PROVIDERS but needs {', '.join(missing)}.")
     if not usable_providers(settings):
-        out.append("No usable provider: set PROVIDERS (e.g. fal) and its key (e.g. FAL_KEY), "
-                   "or ACESTEP_SERVER_URLS for your own GPU.")
+        out.append(
+            "No usable provider: set PROVIDERS (e.g. fal) and its key (e.g. FAL_KEY), "
+            "or ACESTEP_SERVER_URLS for your own GPU."
+        )
     return out

@@ -560,9 +560,13 @@ class AceStepProvider(Provider):
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Polls are safe to repeat: retry a transient failure a couple of times."""
-        return await retry_reads(call, delays=backoff_delays(self._poll_retries,
-                                                             self._retry_backoff),
-                                 sleep=self._sleep, provider=self.name, what="poll")
+        return await retry_reads(
+            call,
+            delays=backoff_delays(self._poll_retries, self._retry_backoff),
+            sleep=self._sleep,
+            provider=self.name,
+            what="poll",
+        )
 
 
 def map_error(

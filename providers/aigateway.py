@@ -55,19 +55,32 @@ _QUEUED = {"queued", "pending", "created"}
 _RUNNING = {"processing", "running", "in_progress", "started"}
 _CANCELLED = {"cancelled", "canceled"}
 # Error codes/types meaning the account is out of money rather than the key being wrong.
-_BILLING_MARKERS = ("budget", "billing", "insufficient_quota", "insufficient_funds",
-                    "balance", "payment", "credit")
-_POLICY_MARKERS = ("content_policy", "content policy", "moderation", "safety", "nsfw",
-                   "flagged")
+_BILLING_MARKERS = (
+    "budget",
+    "billing",
+    "insufficient_quota",
+    "insufficient_funds",
+    "balance",
+    "payment",
+    "credit",
+)
+_POLICY_MARKERS = ("content_policy", "content policy", "moderation", "safety", "nsfw", "flagged")
 _MAX_RETRY_WAIT_S = 30.0
 _MAX_REASON_CHARS = 300
 
 Sleep = Callable[[float], Awaitable[None]]
 
 
-def map_error(status: int, message: str, *, error_type: str = "", code: str = "",
-              param: str = "", retry_after: float | None = None,
-              polling: bool = False) -> ProviderError:
+def map_error(
+    status: int,
+    message: str,
+    *,
+    error_type: str = "",
+    code: str = "",
+    param: str = "",
+    retry_after: float | None = None,
+    polling: bool = False,
+) -> ProviderError:
     """The one place AIgateway's HTTP statuses and error bodies become our errors."""
     text = message or "no details given"
     markers = f"{error_type} {code}".lower()
@@ -82,8 +95,9 @@ def map_error(status: int, message: str, *, error_type: str = "", code: str = ""
     if status in (429, 503):
         return Busy(NAME, f"busy: {text}", status_code=status, retry_after=retry_after)
     if status == 408 or status >= 500:
-        return Unavailable(NAME, f"server error: {text}", status_code=status,
-                           retry_after=retry_after)
+        return Unavailable(
+            NAME, f"server error: {text}", status_code=status, retry_after=retry_after
+        )
     if 400 <= status < 500:
         if param and param not in text:
             text = f"{param}: {text}"
@@ -96,12 +110,21 @@ class AIGatewayProvider(Provider):
 
     name = NAME
 
-    def __init__(self, api_key: str, base_url: str = DEFAULT_BASE_URL, *,
-                 model: str = DEFAULT_MODEL, audio_format: str = "wav",
-                 concurrency: int = 2, transport: httpx.AsyncBaseTransport | None = None,
-                 poll_interval: float = MIN_POLL_INTERVAL_S, poll_retries: int = 2,
-                 retry_backoff: float = MIN_POLL_INTERVAL_S, timeout: float = 30.0,
-                 sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        model: str = DEFAULT_MODEL,
+        audio_format: str = "wav",
+        concurrency: int = 2,
+        transport: httpx.AsyncBaseTransport | None = None,
+        poll_interval: float = MIN_POLL_INTERVAL_S,
+        poll_retries: int = 2,
+        retry_backoff: float = MIN_POLL_INTERVAL_S,
+        timeout: float = 30.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
         """`poll_interval` is raised to 3 s (faster polls only earn 304s); `poll_retries`
         extra tries per poll after busy/unavailable answers, waiting `retry_backoff` *
         2**n seconds (or Retry-After) through `sleep`."""
@@ -111,9 +134,11 @@ class AIGatewayProvider(Provider):
             raise ValueError("the AIgateway API key is empty")
         self.base_url = base_url.rstrip("/")
         client = httpx.AsyncClient(
-            base_url=self.base_url, transport=transport,
+            base_url=self.base_url,
+            transport=transport,
             auth=KeyForOrigins(f"Bearer {api_key}", [self.base_url]),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        )
         super().__init__(client)
         self._api_key = api_key
         self.model = model
@@ -122,7 +147,8 @@ class AIGatewayProvider(Provider):
             modes=frozenset({Mode.PROMPT}),
             options=frozenset(),  # the music endpoint takes no diffusion knobs
             price_per_second=PRICE_PER_SECOND,
-            concurrency=concurrency)
+            concurrency=concurrency,
+        )
         self._poll_interval = max(MIN_POLL_INTERVAL_S, poll_interval)
         self._poll_retries = max(0, poll_retries)
         self._retry_backoff = retry_backoff
@@ -136,33 +162,51 @@ class AIGatewayProvider(Provider):
 
     def build_input(self, request: GenerationRequest) -> dict[str, Any]:
         """The JSON body of `POST /v1/audio/music` (no seed: the API does not take one)."""
-        return {"prompt": request.prompt, "model": self.model, "duration": request.duration,
-                "is_instrumental": request.instrumental, "format": self.audio_format}
+        return {
+            "prompt": request.prompt,
+            "model": self.model,
+            "duration": request.duration,
+            "is_instrumental": request.instrumental,
+            "format": self.audio_format,
+        }
 
     # -- the contract ---------------------------------------------------------------
 
     async def submit(self, request: GenerationRequest, seed: int) -> Handle:
         """Start a job. `seed` cannot be passed on: AIgateway picks its own."""
         if not self.capabilities.can_serve(request):
-            raise ValueError(f"{self.name} cannot serve a {request.mode} request of "
-                             f"{request.duration} s")
+            raise ValueError(
+                f"{self.name} cannot serve a {request.mode} request of {request.duration} s"
+            )
         # Never retried here: a submit that timed out may exist and be billed.
-        resp = await self._send("POST", "/v1/audio/music", json=self.build_input(request),
-                                polling=False)
+        resp = await self._send(
+            "POST", "/v1/audio/music", json=self.build_input(request), polling=False
+        )
         record = self._record(resp)
         job_id = record.get("id")
         if not isinstance(job_id, str) or not job_id:
             raise Unavailable(self.name, "submit answer carried no job id")
         log.info("aigateway: submitted job %s", job_id)
-        return Handle(self.name, {"id": job_id, "model": self.model,
-                                  "format": self.audio_format, "duration": request.duration})
+        return Handle(
+            self.name,
+            {
+                "id": job_id,
+                "model": self.model,
+                "format": self.audio_format,
+                "duration": request.duration,
+            },
+        )
 
     async def poll(self, handle: Handle) -> Status:
         job_id = self._job_id(handle)
         resp = await retry_reads(
             lambda: self._send("GET", f"/v1/jobs/{job_id}", polling=True),
-            delays=backoff_delays(self._poll_retries, self._retry_backoff), sleep=self._sleep,
-            provider=self.name, what=f"poll of {job_id}", max_wait=_MAX_RETRY_WAIT_S)
+            delays=backoff_delays(self._poll_retries, self._retry_backoff),
+            sleep=self._sleep,
+            provider=self.name,
+            what=f"poll of {job_id}",
+            max_wait=_MAX_RETRY_WAIT_S,
+        )
         if resp.status_code == 304:
             # Nothing changed since the last answer (we polled too soon).
             return self._last.get(job_id, Running())
@@ -190,8 +234,9 @@ class AIGatewayProvider(Provider):
             raise ValueError(f"not a {self.name} handle: provider {handle.provider!r}")
         return str(handle.data["id"])
 
-    async def _send(self, method: str, path: str, *, json: Any = None,
-                    polling: bool) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, *, json: Any = None, polling: bool
+    ) -> httpx.Response:
         """One HTTP call; returns a 2xx/304 response or raises our typed error."""
         try:
             resp = await self.client.request(method, path, json=json)
@@ -203,8 +248,15 @@ class AIGatewayProvider(Provider):
         if resp.is_success or resp.status_code == 304:
             return resp
         message, error_type, code, param = self._error_fields(resp)
-        raise map_error(resp.status_code, message, error_type=error_type, code=code,
-                        param=param, retry_after=parse_retry_after(resp), polling=polling)
+        raise map_error(
+            resp.status_code,
+            message,
+            error_type=error_type,
+            code=code,
+            param=param,
+            retry_after=parse_retry_after(resp),
+            polling=polling,
+        )
 
     def _error_fields(self, resp: httpx.Response) -> tuple[str, str, str, str]:
         """message, type, code and param of an OpenAI-style error body, tolerantly."""
@@ -236,8 +288,9 @@ class AIGatewayProvider(Provider):
         if isinstance(body, dict) and "id" not in body and isinstance(body.get("data"), dict):
             body = body["data"]  # tolerate a wrapped job record
         if not isinstance(body, dict):
-            raise Unavailable(self.name, "answer was not a job record",
-                              status_code=resp.status_code)
+            raise Unavailable(
+                self.name, "answer was not a job record", status_code=resp.status_code
+            )
         return body
 
     def _status_from(self, record: dict[str, Any], handle: Handle) -> Status:
@@ -246,8 +299,10 @@ class AIGatewayProvider(Provider):
             return Queued(_int_or_none(record.get("queue_position", record.get("position"))))
         if status in _RUNNING:
             message = record.get("message")
-            return Running(progress=_fraction(record.get("progress")),
-                           message=self._clean(message) if isinstance(message, str) else None)
+            return Running(
+                progress=_fraction(record.get("progress")),
+                message=self._clean(message) if isinstance(message, str) else None,
+            )
         if status in ("completed", "succeeded"):
             return self._succeeded(record, handle)
         if status == "failed":
@@ -260,13 +315,21 @@ class AIGatewayProvider(Provider):
     def _succeeded(self, record: dict[str, Any], handle: Handle) -> Status:
         result = record.get("result")
         result = result if isinstance(result, dict) else {}
-        url = next((u for u in (result.get("url"), result.get("file_url"),
-                                record.get("result_url")) if isinstance(u, str) and u), None)
+        url = next(
+            (
+                u
+                for u in (result.get("url"), result.get("file_url"), record.get("result_url"))
+                if isinstance(u, str) and u
+            ),
+            None,
+        )
         if url is None:
             return Failed("AIgateway finished without an audio file")
-        metadata: dict[str, Any] = {"job_id": record.get("id") or handle.data["id"],
-                                    "model": record.get("model") or handle.data.get("model"),
-                                    "format": handle.data.get("format")}
+        metadata: dict[str, Any] = {
+            "job_id": record.get("id") or handle.data["id"],
+            "model": record.get("model") or handle.data.get("model"),
+            "format": handle.data.get("format"),
+        }
         for key in ("created_at", "completed_at", "cost", "usage"):
             if record.get(key) is not None:
                 metadata[key] = record[key]
@@ -275,11 +338,14 @@ class AIGatewayProvider(Provider):
             if key not in ("url", "file_url") and isinstance(value, str | int | float | bool):
                 metadata.setdefault(key, value)
         content_type = result.get("content_type") or result.get("mime_type")
-        return Succeeded(Result(
-            audio_url=url,
-            seed=None,  # AIgateway takes no seed and reports none
-            content_type=content_type if isinstance(content_type, str) else None,
-            metadata=metadata))
+        return Succeeded(
+            Result(
+                audio_url=url,
+                seed=None,  # AIgateway takes no seed and reports none
+                content_type=content_type if isinstance(content_type, str) else None,
+                metadata=metadata,
+            )
+        )
 
     def _failed(self, record: dict[str, Any]) -> Failed:
         error = record.get("error")

@@ -42,8 +42,10 @@ class Capabilities:
     concurrency: int = 2  # jobs this bot keeps in flight at the provider at once
 
     def can_serve(self, request: GenerationRequest) -> bool:
-        return (request.mode in self.modes
-                and self.min_duration <= request.duration <= self.max_duration)
+        return (
+            request.mode in self.modes
+            and self.min_duration <= request.duration <= self.max_duration
+        )
 
     def ignored_options(self, request: GenerationRequest) -> list[str]:
         """Advanced options the user set that this provider does not honour."""
@@ -116,8 +118,14 @@ Status = Queued | Running | Succeeded | Failed | Cancelled
 class ProviderError(Exception):
     """Base of provider errors. `message` is safe to log; it never holds a key."""
 
-    def __init__(self, provider: str, message: str, *, status_code: int | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        provider: str,
+        message: str,
+        *,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         self.provider = provider
         self.message = message
         self.status_code = status_code
@@ -194,8 +202,15 @@ def backoff_delays(retries: int, first: float) -> tuple[float, ...]:
     return tuple(first * 2**i for i in range(retries))
 
 
-async def retry_reads(call: Callable[[], Awaitable[T]], *, delays: Sequence[float],
-                      sleep: Sleep, provider: str, what: str, max_wait: float = 30.0) -> T:
+async def retry_reads(
+    call: Callable[[], Awaitable[T]],
+    *,
+    delays: Sequence[float],
+    sleep: Sleep,
+    provider: str,
+    what: str,
+    max_wait: float = 30.0,
+) -> T:
     """Repeat a read (status, result, stats; never a submit) after a Busy/Unavailable
     answer, waiting each delay or the provider's Retry-After, whichever is longer. A
     Retry-After beyond `max_wait` goes straight back to the engine, which backs off."""
@@ -212,8 +227,9 @@ async def retry_reads(call: Callable[[], Awaitable[T]], *, delays: Sequence[floa
                     raise
                 wait = max(wait, exc.retry_after)
             attempt += 1
-            log.info("%s: %s failed (%s); retry %d in %.1f s", provider, what, exc.message,
-                     attempt, wait)
+            log.info(
+                "%s: %s failed (%s); retry %d in %.1f s", provider, what, exc.message, attempt, wait
+            )
             await sleep(wait)
 
 
@@ -240,19 +256,28 @@ class KeyForOrigins(httpx.Auth):
         yield request
 
 
-async def download(client: httpx.AsyncClient, provider: str, url: str,
-                   headers: dict[str, str] | None = None,
-                   max_bytes: int = MAX_AUDIO_BYTES) -> bytes:
+async def download(
+    client: httpx.AsyncClient,
+    provider: str,
+    url: str,
+    headers: dict[str, str] | None = None,
+    max_bytes: int = MAX_AUDIO_BYTES,
+) -> bytes:
     """GET a result file with a size cap and a timeout, mapping failures to our errors."""
     try:
-        async with client.stream("GET", url, headers=headers,
-                                 timeout=DOWNLOAD_TIMEOUT_S) as resp:
+        async with client.stream("GET", url, headers=headers, timeout=DOWNLOAD_TIMEOUT_S) as resp:
             if resp.status_code in (403, 404, 410):
-                raise ProviderFailedDownload(provider, f"result file is gone ({resp.status_code})",
-                                             status_code=resp.status_code)
+                raise ProviderFailedDownload(
+                    provider,
+                    f"result file is gone ({resp.status_code})",
+                    status_code=resp.status_code,
+                )
             if resp.status_code >= 400:
-                raise Unavailable(provider, f"result download failed ({resp.status_code})",
-                                  status_code=resp.status_code)
+                raise Unavailable(
+                    provider,
+                    f"result download failed ({resp.status_code})",
+                    status_code=resp.status_code,
+                )
             declared = resp.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise ProviderFailedDownload(provider, f"result file too large ({declared} bytes)")

@@ -55,8 +55,9 @@ _FAL_OPTION_NAMES = {"steps": "number_of_steps"}
 # Error types that mean the input itself was refused: never retried, told to the user.
 _REJECTED_ERROR_TYPES = ("content_policy", "validation", "value_error", "type_error")
 _CANCELLED_ERROR_TYPES = ("client_cancelled",)
-_CONTENT_POLICY_MESSAGE = ("fal refused this request under its content policy; "
-                           "try a different description or lyrics")
+_CONTENT_POLICY_MESSAGE = (
+    "fal refused this request under its content policy; try a different description or lyrics"
+)
 # A Retry-After longer than this goes back to the engine instead of being slept here.
 _MAX_INTERNAL_WAIT_S = 10.0
 _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
@@ -69,10 +70,18 @@ class FalProvider(Provider):
 
     name = "fal"
 
-    def __init__(self, api_key: str, queue_url: str = DEFAULT_QUEUE_URL, *,
-                 concurrency: int = 2, transport: httpx.AsyncBaseTransport | None = None,
-                 poll_interval: float = 1.0, retry_delays: Sequence[float] = (0.5, 2.0),
-                 timeout: float = 30.0, sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        queue_url: str = DEFAULT_QUEUE_URL,
+        *,
+        concurrency: int = 2,
+        transport: httpx.AsyncBaseTransport | None = None,
+        poll_interval: float = 1.0,
+        retry_delays: Sequence[float] = (0.5, 2.0),
+        timeout: float = 30.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
         if not api_key:
             raise ValueError("fal needs an API key (FAL_KEY)")
         self._key = api_key
@@ -81,46 +90,61 @@ class FalProvider(Provider):
         self._retry_delays = tuple(retry_delays)
         self._sleep = sleep
         auth = KeyForOrigins(f"Key {api_key}", [self.queue_url])
-        super().__init__(httpx.AsyncClient(
-            transport=transport, auth=auth,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            headers={"Accept": "application/json"}))
+        super().__init__(
+            httpx.AsyncClient(
+                transport=transport,
+                auth=auth,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                headers={"Accept": "application/json"},
+            )
+        )
         self.capabilities = Capabilities(
-            modes=frozenset({Mode.PROMPT, Mode.SONG}), min_duration=5, max_duration=240,
-            options=frozenset(ADVANCED_OPTIONS), price_per_second=0.0002,
-            concurrency=concurrency)
+            modes=frozenset({Mode.PROMPT, Mode.SONG}),
+            min_duration=5,
+            max_duration=240,
+            options=frozenset(ADVANCED_OPTIONS),
+            price_per_second=0.0002,
+            concurrency=concurrency,
+        )
 
     # ----- the provider contract -------------------------------------------------------
 
     async def submit(self, request: GenerationRequest, seed: int) -> Handle:
         """Queue one generation at fal; exactly one POST, never retried."""
         endpoint, body = self.build_input(request, seed)
-        resp = await self._send("POST", f"{self.queue_url}/{endpoint}", phase="submit",
-                                json=body)
+        resp = await self._send("POST", f"{self.queue_url}/{endpoint}", phase="submit", json=body)
         if resp.status_code >= 300:
             raise self._error(resp, "submit")
         try:
             data = resp.json()
             request_id = str(data["request_id"])
         except (ValueError, KeyError, TypeError):
-            raise Unavailable(self.name, "fal accepted the submit but its answer had no "
-                              "request id; the request may still run at fal",
-                              status_code=resp.status_code) from None
+            raise Unavailable(
+                self.name,
+                "fal accepted the submit but its answer had no "
+                "request id; the request may still run at fal",
+                status_code=resp.status_code,
+            ) from None
         handle_data: dict[str, Any] = {"request_id": request_id, "endpoint": endpoint}
         for key in ("status_url", "response_url", "cancel_url"):
             url = data.get(key)
             # Follow fal's URLs, but only on the queue's own origin: the key goes there.
             if isinstance(url, str) and self._same_origin(url):
                 handle_data[key] = url
-        log.info("fal accepted request %s on %s (queue position %s)", request_id, endpoint,
-                 data.get("queue_position"))
+        log.info(
+            "fal accepted request %s on %s (queue position %s)",
+            request_id,
+            endpoint,
+            data.get("queue_position"),
+        )
         return Handle(provider=self.name, data=handle_data)
 
     async def poll(self, handle: Handle) -> Status:
         """One status check (with logs); fetches the result once fal says COMPLETED."""
         urls = self._urls(handle)
-        resp = await self._get(urls["status_url"], "poll", params={"logs": "1"},
-                               transient=range(500, 600))
+        resp = await self._get(
+            urls["status_url"], "poll", params={"logs": "1"}, transient=range(500, 600)
+        )
         if resp.status_code >= 300:
             raise self._error(resp, "poll")
         body = _json_object(resp)
@@ -173,8 +197,15 @@ class FalProvider(Provider):
 
     # ----- HTTP and error mapping --------------------------------------------------------
 
-    async def _send(self, method: str, url: str, *, phase: str, json: Any = None,
-                    params: dict[str, str] | None = None) -> httpx.Response:
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        phase: str,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> httpx.Response:
         """One HTTP exchange; network failures become Unavailable."""
         try:
             return await self.client.request(method, url, json=json, params=params)
@@ -182,45 +213,67 @@ class FalProvider(Provider):
             extra = "; the request may still have been queued at fal" if phase == "submit" else ""
             raise Unavailable(self.name, f"{phase} timed out{extra}") from None
         except httpx.TransportError as exc:
-            raise Unavailable(self.name, f"{phase} failed: cannot reach fal "
-                              f"({type(exc).__name__})") from None
+            raise Unavailable(
+                self.name, f"{phase} failed: cannot reach fal ({type(exc).__name__})"
+            ) from None
 
-    async def _get(self, url: str, phase: str, *, transient: range | tuple[int, ...],
-                   params: dict[str, str] | None = None) -> httpx.Response:
+    async def _get(
+        self,
+        url: str,
+        phase: str,
+        *,
+        transient: range | tuple[int, ...],
+        params: dict[str, str] | None = None,
+    ) -> httpx.Response:
         """A GET retried a few times on Busy/Unavailable (safe: reads change nothing)."""
+
         async def get() -> httpx.Response:
             resp = await self._send("GET", url, phase=phase, params=params)
             if resp.status_code == 429 or resp.status_code in transient:
                 raise self._error(resp, phase)
             return resp
 
-        return await retry_reads(get, delays=self._retry_delays, sleep=self._sleep,
-                                 provider=self.name, what=phase,
-                                 max_wait=_MAX_INTERNAL_WAIT_S)
+        return await retry_reads(
+            get,
+            delays=self._retry_delays,
+            sleep=self._sleep,
+            provider=self.name,
+            what=phase,
+            max_wait=_MAX_INTERNAL_WAIT_S,
+        )
 
     def _error(self, resp: httpx.Response, phase: str) -> ProviderError:
         """The one place that turns a fal HTTP error into our typed errors."""
         code = resp.status_code
         detail, types = self._detail(resp)
         if code == 401:
-            return AuthError(self.name, f"fal rejected the API key; check FAL_KEY ({detail})",
-                             status_code=code)
+            return AuthError(
+                self.name, f"fal rejected the API key; check FAL_KEY ({detail})", status_code=code
+            )
         if code == 403:
             if re.search(r"balance|locked|billing|credit|payment", detail, re.IGNORECASE):
-                return BillingError(self.name, f"fal account cannot pay: {detail}",
-                                    status_code=code)
-            return AuthError(self.name, f"fal refused access; check FAL_KEY ({detail})",
-                             status_code=code)
+                return BillingError(
+                    self.name, f"fal account cannot pay: {detail}", status_code=code
+                )
+            return AuthError(
+                self.name, f"fal refused access; check FAL_KEY ({detail})", status_code=code
+            )
         if code == 404:
             if phase == "submit":
                 # A wrong model path is the operator's problem, not the user's input.
-                return Unavailable(self.name, f"fal has no such endpoint ({detail})",
-                                   status_code=code)
-            return TaskLost(self.name, f"fal no longer knows this request ({detail})",
-                            status_code=code)
+                return Unavailable(
+                    self.name, f"fal has no such endpoint ({detail})", status_code=code
+                )
+            return TaskLost(
+                self.name, f"fal no longer knows this request ({detail})", status_code=code
+            )
         if code == 429:
-            return Busy(self.name, f"fal is rate limiting ({detail})", status_code=code,
-                        retry_after=parse_retry_after(resp))
+            return Busy(
+                self.name,
+                f"fal is rate limiting ({detail})",
+                status_code=code,
+                retry_after=parse_retry_after(resp),
+            )
         if code == 408 or code >= 500:
             return Unavailable(self.name, f"fal server error: {detail}", status_code=code)
         if any("content_policy" in t for t in types):
@@ -277,8 +330,9 @@ class FalProvider(Provider):
         reason = " ".join(self._redact(error).split())[:300]
         return Failed(reason, rejected=rejected)
 
-    async def _fetch_result(self, handle: Handle, urls: dict[str, str],
-                            status_body: dict[str, Any]) -> Status:
+    async def _fetch_result(
+        self, handle: Handle, urls: dict[str, str], status_body: dict[str, Any]
+    ) -> Status:
         # 502-504 are the gateway's and pass; any other error answer is the run's outcome.
         resp = await self._get(urls["response_url"], "result", transient=(502, 503, 504))
         if resp.status_code in (401, 403, 404, 429):
@@ -299,19 +353,21 @@ class FalProvider(Provider):
         metadata: dict[str, Any] = {
             "request_id": urls["request_id"],
             "endpoint": handle.data.get("endpoint"),
-            "inference_time": metrics.get("inference_time") if isinstance(metrics, dict)
-            else None,
+            "inference_time": metrics.get("inference_time") if isinstance(metrics, dict) else None,
             "file_name": audio.get("file_name"),
             "file_size": audio.get("file_size"),
         }
         seed = output.get("seed")
-        return Succeeded(Result(
-            audio_url=url,
-            seed=seed if isinstance(seed, int) else None,
-            tags=output.get("tags") if isinstance(output.get("tags"), str) else None,
-            lyrics=output.get("lyrics") if isinstance(output.get("lyrics"), str) else None,
-            content_type=audio.get("content_type"),
-            metadata={k: v for k, v in metadata.items() if v is not None}))
+        return Succeeded(
+            Result(
+                audio_url=url,
+                seed=seed if isinstance(seed, int) else None,
+                tags=output.get("tags") if isinstance(output.get("tags"), str) else None,
+                lyrics=output.get("lyrics") if isinstance(output.get("lyrics"), str) else None,
+                content_type=audio.get("content_type"),
+                metadata={k: v for k, v in metadata.items() if v is not None},
+            )
+        )
 
     # ----- handles ---------------------------------------------------------------------
 
@@ -321,15 +377,19 @@ class FalProvider(Provider):
             raise ValueError(f"not a fal handle: {handle.provider}")
         request_id = str(handle.data["request_id"])
         base = f"{self.queue_url}/{APP_ID}/requests/{request_id}"
-        built = {"status_url": f"{base}/status", "response_url": base,
-                 "cancel_url": f"{base}/cancel"}
+        built = {
+            "status_url": f"{base}/status",
+            "response_url": base,
+            "cancel_url": f"{base}/cancel",
+        }
         urls = {"request_id": request_id}
         for key, fallback in built.items():
             stored = handle.data.get(key)
             # A handle from another queue URL (config changed) is rebuilt for this one,
             # so the key is never sent to a host we were not configured for.
-            urls[key] = stored if isinstance(stored, str) and self._same_origin(stored) \
-                else fallback
+            urls[key] = (
+                stored if isinstance(stored, str) and self._same_origin(stored) else fallback
+            )
         return urls
 
     def _same_origin(self, url: str) -> bool:
@@ -345,15 +405,19 @@ def _json_object(resp: httpx.Response) -> dict[str, Any]:
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        raise Unavailable("fal", "fal answered with something that is not a JSON object",
-                          status_code=resp.status_code)
+        raise Unavailable(
+            "fal",
+            "fal answered with something that is not a JSON object",
+            status_code=resp.status_code,
+        )
     return body
 
 
 def _running(logs: Any) -> Running:
     """IN_PROGRESS: the latest log line, and progress from the latest percentage seen."""
-    messages = [str(entry.get("message", "")).strip() for entry in logs or []
-                if isinstance(entry, dict)]
+    messages = [
+        str(entry.get("message", "")).strip() for entry in logs or [] if isinstance(entry, dict)
+    ]
     messages = [m for m in messages if m]
     progress = None
     for message in reversed(messages):

@@ -208,10 +208,14 @@ class ReplicateProvider(Provider):
                 raise map_error(resp, self.name, stage="poll")
             return _json_object(resp, self.name)
 
-        return await retry_reads(get, delays=backoff_delays(self._poll_retries,
-                                                            self._retry_backoff),
-                                 sleep=self._sleep, provider=self.name, what="poll",
-                                 max_wait=self._max_retry_after)
+        return await retry_reads(
+            get,
+            delays=backoff_delays(self._poll_retries, self._retry_backoff),
+            sleep=self._sleep,
+            provider=self.name,
+            what="poll",
+            max_wait=self._max_retry_after,
+        )
 
     def _status(self, handle: Handle, prediction: dict[str, Any]) -> Status:
         status = prediction.get("status")

@@ -29,8 +29,9 @@ class ProviderState:
 class Router:
     """Picks providers in configured order, within concurrency and outside cool-downs."""
 
-    def __init__(self, providers: Iterable[Provider],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, providers: Iterable[Provider], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.providers: dict[str, Provider] = {p.name: p for p in providers}
         self.state: dict[str, ProviderState] = {n: ProviderState() for n in self.providers}
         self._clock = clock
@@ -52,8 +53,11 @@ class Router:
         """The first capable, available provider with room, skipping `exclude`."""
         skip = set(exclude)
         for provider in self.capable(request):
-            if (provider.name not in skip and self.available(provider)
-                    and self.has_capacity(provider)):
+            if (
+                provider.name not in skip
+                and self.available(provider)
+                and self.has_capacity(provider)
+            ):
                 return provider
         return None
 

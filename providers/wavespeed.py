@@ -60,8 +60,15 @@ _RUNNING = {"processing", "running"}
 _FAILED = {"failed", "timeout", "deleted"}
 _CANCELLED = {"cancelled", "canceled"}
 # Words in a failure or 4xx message that mean the model refused the input itself.
-_POLICY_WORDS = ("nsfw", "content policy", "content_policy", "sensitive", "prohibited",
-                 "not allowed", "violat")
+_POLICY_WORDS = (
+    "nsfw",
+    "content policy",
+    "content_policy",
+    "sensitive",
+    "prohibited",
+    "not allowed",
+    "violat",
+)
 _BALANCE_WORDS = ("balance", "insufficient", "credit", "billing", "payment", "top up")
 _MAX_RETRY_WAIT_S = 30.0
 _MAX_REASON_CHARS = 300
@@ -69,8 +76,9 @@ _MAX_REASON_CHARS = 300
 Sleep = Callable[[float], Awaitable[None]]
 
 
-def map_error(status: int, message: str, *, retry_after: float | None = None,
-              polling: bool = False) -> ProviderError:
+def map_error(
+    status: int, message: str, *, retry_after: float | None = None, polling: bool = False
+) -> ProviderError:
     """The one place WaveSpeed's HTTP statuses and envelope codes become our errors."""
     name = NAME
     text = message or "no details given"
@@ -86,8 +94,9 @@ def map_error(status: int, message: str, *, retry_after: float | None = None,
     if status in (429, 503):
         return Busy(name, f"busy: {text}", status_code=status, retry_after=retry_after)
     if status == 408 or status >= 500:
-        return Unavailable(name, f"server error: {text}", status_code=status,
-                           retry_after=retry_after)
+        return Unavailable(
+            name, f"server error: {text}", status_code=status, retry_after=retry_after
+        )
     if 400 <= status < 500:
         return Rejected(name, text, status_code=status)
     return Unavailable(name, f"unexpected answer (code {status}): {text}", status_code=status)
@@ -98,24 +107,36 @@ class WaveSpeedProvider(Provider):
 
     name = NAME
 
-    def __init__(self, api_key: str, base_url: str = DEFAULT_BASE_URL, *,
-                 song_model: str = DEFAULT_SONG_MODEL, concurrency: int = 2,
-                 transport: httpx.AsyncBaseTransport | None = None,
-                 poll_interval: float = 2.0, poll_retries: int = 2,
-                 retry_backoff: float = 1.0, timeout: float = 30.0,
-                 sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        song_model: str = DEFAULT_SONG_MODEL,
+        concurrency: int = 2,
+        transport: httpx.AsyncBaseTransport | None = None,
+        poll_interval: float = 2.0,
+        poll_retries: int = 2,
+        retry_backoff: float = 1.0,
+        timeout: float = 30.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
         """`poll_retries` extra tries per poll after a busy/unavailable answer, waiting
         `retry_backoff` * 2**n seconds (or Retry-After) through `sleep`."""
         if song_model not in SONG_MODELS:
-            raise ValueError(f"unknown WaveSpeed song model {song_model!r}; "
-                             f"choose one of {', '.join(SONG_MODELS)}")
+            raise ValueError(
+                f"unknown WaveSpeed song model {song_model!r}; "
+                f"choose one of {', '.join(SONG_MODELS)}"
+            )
         if not api_key:
             raise ValueError("the WaveSpeed API key is empty")
         self.base_url = base_url.rstrip("/")
         client = httpx.AsyncClient(
-            base_url=self.base_url, transport=transport,
+            base_url=self.base_url,
+            transport=transport,
             auth=KeyForOrigins(f"Bearer {api_key}", [self.base_url]),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        )
         super().__init__(client)
         self._api_key = api_key
         self.song_model = song_model
@@ -124,7 +145,8 @@ class WaveSpeedProvider(Provider):
             options=frozenset(),  # WaveSpeed takes no knobs beyond duration and seed
             # The engine budgets with one figure: the dearest model this instance may use.
             price_per_second=max(PROMPT_PRICE, SONG_MODELS[song_model]),
-            concurrency=concurrency)
+            concurrency=concurrency,
+        )
         self._poll_interval = poll_interval
         self._poll_retries = max(0, poll_retries)
         self._retry_backoff = retry_backoff
@@ -147,31 +169,37 @@ class WaveSpeedProvider(Provider):
     def build_input(self, request: GenerationRequest, seed: int) -> dict[str, Any]:
         """The flat JSON body WaveSpeed's model takes."""
         if request.mode is Mode.PROMPT:
-            return {"prompt": request.prompt, "instrumental": request.instrumental,
-                    "duration": request.duration, "seed": seed}
+            return {
+                "prompt": request.prompt,
+                "instrumental": request.instrumental,
+                "duration": request.duration,
+                "seed": seed,
+            }
         if request.instrumental or is_instrumental_lyrics(request.lyrics):
             lyrics = _NO_LYRICS[self.song_model]
         else:
             lyrics = request.lyrics
-        return {"tags": request.tags, "lyrics": lyrics, "duration": request.duration,
-                "seed": seed}
+        return {"tags": request.tags, "lyrics": lyrics, "duration": request.duration, "seed": seed}
 
     # -- the contract ---------------------------------------------------------------
 
     async def submit(self, request: GenerationRequest, seed: int) -> Handle:
         if not self.capabilities.can_serve(request):
-            raise ValueError(f"{self.name} cannot serve a {request.mode} request of "
-                             f"{request.duration} s")
+            raise ValueError(
+                f"{self.name} cannot serve a {request.mode} request of {request.duration} s"
+            )
         model = self.model_for(request)
         # Never retried here: a submit that timed out may exist and be billed.
-        data = await self._request("POST", f"/api/v3/{model}",
-                                   json=self.build_input(request, seed), polling=False)
+        data = await self._request(
+            "POST", f"/api/v3/{model}", json=self.build_input(request, seed), polling=False
+        )
         job_id = data.get("id")
         if not isinstance(job_id, str) or not job_id:
             raise Unavailable(self.name, "submit answer carried no prediction id")
         log.info("wavespeed: submitted prediction %s to %s", job_id, model)
-        return Handle(self.name, {"id": job_id, "model": model, "seed": seed,
-                                  "duration": request.duration})
+        return Handle(
+            self.name, {"id": job_id, "model": model, "seed": seed, "duration": request.duration}
+        )
 
     async def poll(self, handle: Handle) -> Status:
         self._check_handle(handle)
@@ -194,10 +222,14 @@ class WaveSpeedProvider(Provider):
 
     async def _fetch_prediction(self, job_id: str) -> dict[str, Any]:
         """GET the prediction, retrying busy/unavailable answers with backoff."""
-        return await retry_reads(lambda: self._get_prediction(job_id),
-                                 delays=backoff_delays(self._poll_retries, self._retry_backoff),
-                                 sleep=self._sleep, provider=self.name, what=f"poll of {job_id}",
-                                 max_wait=_MAX_RETRY_WAIT_S)
+        return await retry_reads(
+            lambda: self._get_prediction(job_id),
+            delays=backoff_delays(self._poll_retries, self._retry_backoff),
+            sleep=self._sleep,
+            provider=self.name,
+            what=f"poll of {job_id}",
+            max_wait=_MAX_RETRY_WAIT_S,
+        )
 
     async def _get_prediction(self, job_id: str) -> dict[str, Any]:
         paths = [f"/api/v3/predictions/{job_id}/result", f"/api/v3/predictions/{job_id}"]
@@ -211,8 +243,9 @@ class WaveSpeedProvider(Provider):
             self._prefer_plain_path = not self._prefer_plain_path
             return data
 
-    async def _request(self, method: str, path: str, *, json: Any = None,
-                       polling: bool) -> dict[str, Any]:
+    async def _request(
+        self, method: str, path: str, *, json: Any = None, polling: bool
+    ) -> dict[str, Any]:
         """One HTTP call; returns the envelope's `data` or raises our typed error."""
         try:
             resp = await self.client.request(method, path, json=json)
@@ -233,10 +266,17 @@ class WaveSpeedProvider(Provider):
             # HTTP 2xx can still carry an error code in the envelope.
             status = code if isinstance(code, int) else 200
         if status != 200:
-            message = envelope.get("message") or envelope.get("error") or (
-                resp.text if body is None else "")
-            raise map_error(status, self._clean(str(message)),
-                            retry_after=parse_retry_after(resp), polling=polling)
+            message = (
+                envelope.get("message")
+                or envelope.get("error")
+                or (resp.text if body is None else "")
+            )
+            raise map_error(
+                status,
+                self._clean(str(message)),
+                retry_after=parse_retry_after(resp),
+                polling=polling,
+            )
         data = envelope.get("data")
         if not isinstance(data, dict):
             raise Unavailable(self.name, "answer had no data object", status_code=status)
@@ -275,8 +315,10 @@ class WaveSpeedProvider(Provider):
         url = next((o for o in outputs if isinstance(o, str) and o), None)
         if url is None:
             return Failed("WaveSpeed finished without an audio file")
-        metadata: dict[str, Any] = {"prediction_id": data.get("id") or handle.data["id"],
-                                    "model": data.get("model") or handle.data.get("model")}
+        metadata: dict[str, Any] = {
+            "prediction_id": data.get("id") or handle.data["id"],
+            "model": data.get("model") or handle.data.get("model"),
+        }
         timings = data.get("timings")
         if isinstance(timings, dict) and isinstance(timings.get("inference"), int | float):
             metadata["inference_time_s"] = timings["inference"] / 1000.0

@@ -51,8 +51,9 @@ class Database:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path, *, migrate: bool = True,
-                   busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Database:
+    async def open(
+        cls, path: Path, *, migrate: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    ) -> Database:
         """Open (creating) the file; a writer waits up to `busy_timeout_ms` for another
         process's write lock before StorageError."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,9 +77,11 @@ class Database:
     async def schema_version(self) -> int:
         await self.conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)")
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+        )
         async with self.conn.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+        ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
@@ -94,7 +97,8 @@ class Database:
                     await conn.execute(statement)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                    (version, name, time.time()))
+                    (version, name, time.time()),
+                )
                 applied.append(name)
         if applied:
             log.info("database %s upgraded: %s", self.path, ", ".join(applied))
@@ -131,7 +135,8 @@ class Database:
                 try:
                     await conn.execute(
                         "UPDATE schema_migrations SET applied_at = applied_at"
-                        " WHERE version = (SELECT MAX(version) FROM schema_migrations)")
+                        " WHERE version = (SELECT MAX(version) FROM schema_migrations)"
+                    )
                     await conn.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
@@ -179,7 +184,8 @@ def backup(source: Path, dest: Path) -> BackupInfo:
                 out.execute("PRAGMA journal_mode = DELETE")
                 check = out.execute("PRAGMA integrity_check").fetchone()[0]
                 version = out.execute(
-                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+                ).fetchone()[0]
                 jobs = out.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
             finally:
                 out.close()
@@ -192,8 +198,9 @@ def backup(source: Path, dest: Path) -> BackupInfo:
         raise StorageError(f"backup of {source} failed: {exc}") from exc
     finally:
         partial.unlink(missing_ok=True)
-    return BackupInfo(path=dest, size=dest.stat().st_size, schema_version=int(version),
-                      jobs=int(jobs))
+    return BackupInfo(
+        path=dest, size=dest.stat().st_size, schema_version=int(version), jobs=int(jobs)
+    )
 
 
 @dataclass(frozen=True)

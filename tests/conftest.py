@@ -14,8 +14,11 @@ from storage.jobs import JobStore
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     """Settings that ignore the developer's environment and .env file."""
-    values: dict[str, object] = {"data_dir": tmp_path / "data", "providers": ["fal"],
-                                 "fal_key": "test-fal-key-123456"}
+    values: dict[str, object] = {
+        "data_dir": tmp_path / "data",
+        "providers": ["fal"],
+        "fal_key": "test-fal-key-123456",
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 

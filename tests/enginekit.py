@@ -12,9 +12,16 @@ from bot.models import Job
 from bot.settings import Settings
 from providers.base import Provider
 
-FAST = EngineOptions(poll_max_interval=0.05, poll_backoff=1.2, busy_cooldown=0.2,
-                     unavailable_cooldown=0.2, delivery_attempts=2, delivery_backoff=0.05,
-                     scheduler_idle=0.2, stop_grace=1.0)
+FAST = EngineOptions(
+    poll_max_interval=0.05,
+    poll_backoff=1.2,
+    busy_cooldown=0.2,
+    unavailable_cooldown=0.2,
+    delivery_attempts=2,
+    delivery_backoff=0.05,
+    scheduler_idle=0.2,
+    stop_grace=1.0,
+)
 
 
 @dataclass
@@ -45,21 +52,24 @@ class RecordingDelivery:
         return [jid for jid, _ in self.delivered]
 
 
-async def wait_for_state(engine: Engine, job_id: str, states: tuple[str, ...],
-                         timeout: float = 10.0) -> Job:
+async def wait_for_state(
+    engine: Engine, job_id: str, states: tuple[str, ...], timeout: float = 10.0
+) -> Job:
     deadline = time.monotonic() + timeout
     while True:
         job = await engine.get_job(job_id)
         if job is not None and job.state in states:
             return job
         if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} is {job.state if job else None}, "
-                                 f"not one of {states}")
+            raise AssertionError(
+                f"job {job_id} is {job.state if job else None}, not one of {states}"
+            )
         await asyncio.sleep(0.02)
 
 
-async def open_engine(settings: Settings, providers: list[Provider],
-                      delivery: RecordingDelivery | None = None) -> Engine:
+async def open_engine(
+    settings: Settings, providers: list[Provider], delivery: RecordingDelivery | None = None
+) -> Engine:
     engine = await Engine.open(settings, providers, options=FAST)
     if delivery is not None:
         engine.register_delivery(delivery)

@@ -62,8 +62,9 @@ class FileFrontend:
 def main() -> int:
     settings = Settings()
     logs.setup(settings)
-    frontend = FileFrontend(Path(os.environ["OPS_DELIVERIES"]),
-                            float(os.environ.get("OPS_UPLOAD_SECONDS", "0")))
+    frontend = FileFrontend(
+        Path(os.environ["OPS_DELIVERIES"]), float(os.environ.get("OPS_UPLOAD_SECONDS", "0"))
+    )
 
     def build_frontends(settings: Settings, engine: Engine) -> list[Any]:
         engine.register_delivery(frontend)

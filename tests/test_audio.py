@@ -32,8 +32,11 @@ from bot.audio import (
 from tests.fakes.audio import PROVIDER_CODECS, make_wav, transcode
 
 MiB = 1024 * 1024
-LIMITS = {"Discord 10 MiB": 10 * MiB, "Discord boosted 25 MiB": 25 * MiB,
-          "Telegram 50 MB": 50_000_000}
+LIMITS = {
+    "Discord 10 MiB": 10 * MiB,
+    "Discord boosted 25 MiB": 25 * MiB,
+    "Telegram 50 MB": 50_000_000,
+}
 
 TAGS = SongTags(
     title="Café au lait, 雨の歌 (rain song)",
@@ -83,6 +86,7 @@ def decoded_layout(path: Path) -> tuple[int, int, str]:
 
 # --- detection and checking of what providers return ---------------------------------
 
+
 @pytest.mark.parametrize("kind", sorted(PROVIDER_CODECS))
 def test_provider_formats_are_detected_and_decoded(wav5: bytes, kind: str) -> None:
     data = transcode(wav5, kind)
@@ -103,16 +107,27 @@ def test_check_accepts_a_path(song5: Path) -> None:
     assert check_audio(song5, 5).duration == 5.0
 
 
-@pytest.mark.parametrize("data", [
-    b"",
-    b"hello world" * 100,
-    b"<html><body><h1>502 Bad Gateway</h1></body></html>",
-    b'{"detail": "Internal Server Error"}',
-    b"RIFF\x24\x00\x00\x00WAVEjunkjunkjunkjunk" + bytes(200),
-    b"ID3\x04\x00\x00\x00\x00\x00\x10" + bytes(16) + b"not an mp3 frame" * 50,
-    b"\xff\xfb\x90\x00" + b"\x00" * 10,  # one plausible MP3 header, nothing behind it
-], ids=["empty", "text", "html-error-page", "json-error", "fake-riff", "id3-then-junk",
-        "lone-mp3-header"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"hello world" * 100,
+        b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+        b'{"detail": "Internal Server Error"}',
+        b"RIFF\x24\x00\x00\x00WAVEjunkjunkjunkjunk" + bytes(200),
+        b"ID3\x04\x00\x00\x00\x00\x00\x10" + bytes(16) + b"not an mp3 frame" * 50,
+        b"\xff\xfb\x90\x00" + b"\x00" * 10,  # one plausible MP3 header, nothing behind it
+    ],
+    ids=[
+        "empty",
+        "text",
+        "html-error-page",
+        "json-error",
+        "fake-riff",
+        "id3-then-junk",
+        "lone-mp3-header",
+    ],
+)
 def test_garbage_is_rejected_as_not_audio(data: bytes) -> None:
     with pytest.raises(AudioError) as exc:
         check_audio(data, expected_duration=60)
@@ -120,8 +135,9 @@ def test_garbage_is_rejected_as_not_audio(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("as_path", [False, True])
-def test_mp3_behind_a_large_id3_picture_is_found(tmp_path: Path, song5: Path,
-                                                 as_path: bool) -> None:
+def test_mp3_behind_a_large_id3_picture_is_found(
+    tmp_path: Path, song5: Path, as_path: bool
+) -> None:
     big_picture = bytes(range(256)) * 600  # 150 kB: past any fixed-size header read
     tagged = encode(song5, tmp_path / "tagged.mp3", tags=TAGS, cover=big_picture).path
     data = tagged.read_bytes()
@@ -152,8 +168,9 @@ def test_wrong_duration_is_rejected_with_both_lengths() -> None:
     assert str(exc.value) == "The provider returned 31.0 s of audio instead of 60 s."
 
 
-@pytest.mark.parametrize(("actual", "ok"), [(54.5, True), (65.5, True), (53.5, False),
-                                            (66.5, False)])
+@pytest.mark.parametrize(
+    ("actual", "ok"), [(54.5, True), (65.5, True), (53.5, False), (66.5, False)]
+)
 def test_duration_tolerance_is_ten_percent(actual: float, ok: bool) -> None:
     data = make_wav(actual, sample_rate=8000, channels=1)
     if ok:
@@ -179,8 +196,10 @@ def test_any_bytes_end_in_audio_info_or_audio_error(data: bytes) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(prefix=st.sampled_from([b"RIFF", b"OggS", b"fLaC", b"ID3", b"\xff\xfb"]),
-       rest=st.binary(max_size=2048))
+@given(
+    prefix=st.sampled_from([b"RIFF", b"OggS", b"fLaC", b"ID3", b"\xff\xfb"]),
+    rest=st.binary(max_size=2048),
+)
 def test_magic_bytes_followed_by_junk_raise_audio_error(prefix: bytes, rest: bytes) -> None:
     with pytest.raises(AudioError):
         check_audio(prefix + rest, 10)
@@ -188,9 +207,11 @@ def test_magic_bytes_followed_by_junk_raise_audio_error(prefix: bytes, rest: byt
 
 # --- encoding and the fit rule ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_encode_writes_the_format_the_suffix_names(tmp_path: Path, song5: Path, fmt: str,
-                                                   cover5: bytes) -> None:
+def test_encode_writes_the_format_the_suffix_names(
+    tmp_path: Path, song5: Path, fmt: str, cover5: bytes
+) -> None:
     original = song5.read_bytes()
     result = encode(song5, tmp_path / f"song.{fmt}", tags=TAGS, cover=cover5)
     assert result.path == tmp_path / f"song.{fmt}"
@@ -206,8 +227,7 @@ def test_encode_writes_the_format_the_suffix_names(tmp_path: Path, song5: Path, 
 
 
 @pytest.mark.parametrize("kind", sorted(PROVIDER_CODECS))
-def test_every_provider_format_becomes_a_192k_mp3(tmp_path: Path, wav5: bytes,
-                                                  kind: str) -> None:
+def test_every_provider_format_becomes_a_192k_mp3(tmp_path: Path, wav5: bytes, kind: str) -> None:
     src = tmp_path / f"original.{container_of(kind)}"
     src.write_bytes(transcode(wav5, kind))
     result = encode(src, tmp_path / "song.mp3")
@@ -226,8 +246,9 @@ def test_mono_44k_input_is_delivered_as_48k_stereo(tmp_path: Path) -> None:
     assert check_audio(result.path.read_bytes(), 3).duration == pytest.approx(3, abs=0.06)
 
 
-def test_encode_refuses_unknown_suffix_and_overwriting_the_original(tmp_path: Path,
-                                                                    song5: Path) -> None:
+def test_encode_refuses_unknown_suffix_and_overwriting_the_original(
+    tmp_path: Path, song5: Path
+) -> None:
     with pytest.raises(ValueError, match=r"choose \.mp3, \.wav, \.flac or \.ogg"):
         encode(song5, tmp_path / "song.m4a")
     with pytest.raises(ValueError, match="original"):
@@ -246,8 +267,9 @@ def test_encode_rejects_a_source_that_is_not_audio(tmp_path: Path) -> None:
 @pytest.mark.parametrize("limit_name", sorted(LIMITS))
 @pytest.mark.parametrize("duration", [5, 60, 240])
 @pytest.mark.parametrize("preferred", [320, 192])
-def test_chosen_bitrate_is_the_highest_that_fits(limit_name: str, duration: int,
-                                                 preferred: int) -> None:
+def test_chosen_bitrate_is_the_highest_that_fits(
+    limit_name: str, duration: int, preferred: int
+) -> None:
     limit = LIMITS[limit_name]
     overhead = 60_000  # a cover and a page of lyrics
     rate = choose_bitrate(duration, limit, preferred, overhead=overhead)
@@ -258,13 +280,15 @@ def test_chosen_bitrate_is_the_highest_that_fits(limit_name: str, duration: int,
         assert estimate_size(duration, min(higher), overhead) > limit * (1 - audio.SIZE_MARGIN)
 
 
-@pytest.mark.parametrize(("duration", "limit", "preferred"), [
-    (240, 8 * MiB, 320),  # the old Discord limit: a full-length song steps down
-    (240, 4 * MiB, 192),
-    (600, 10 * MiB, 320),
-])
-def test_long_songs_step_down_instead_of_failing(duration: int, limit: int,
-                                                 preferred: int) -> None:
+@pytest.mark.parametrize(
+    ("duration", "limit", "preferred"),
+    [
+        (240, 8 * MiB, 320),  # the old Discord limit: a full-length song steps down
+        (240, 4 * MiB, 192),
+        (600, 10 * MiB, 320),
+    ],
+)
+def test_long_songs_step_down_instead_of_failing(duration: int, limit: int, preferred: int) -> None:
     rate = choose_bitrate(duration, limit, preferred)
     assert rate < preferred
     assert rate * 125 * duration < limit
@@ -279,34 +303,45 @@ def test_without_a_limit_the_preferred_rate_is_kept() -> None:
 def test_a_song_that_cannot_fit_even_at_32k_is_refused_plainly() -> None:
     with pytest.raises(AudioError) as exc:
         choose_bitrate(240, 500_000)
-    assert str(exc.value) == ("A 240 s song does not fit the 0.5 MB upload limit here, "
-                              "even at 32 kbps.")
+    assert str(exc.value) == (
+        "A 240 s song does not fit the 0.5 MB upload limit here, even at 32 kbps."
+    )
 
 
 @pytest.mark.parametrize("limit_name", sorted(LIMITS))
-def test_real_5s_encodes_fit_each_limit(tmp_path: Path, song5: Path, cover5: bytes,
-                                        limit_name: str) -> None:
-    result = encode(song5, tmp_path / "s.mp3", byte_limit=LIMITS[limit_name], bitrate=320,
-                    tags=TAGS, cover=cover5)
+def test_real_5s_encodes_fit_each_limit(
+    tmp_path: Path, song5: Path, cover5: bytes, limit_name: str
+) -> None:
+    result = encode(
+        song5,
+        tmp_path / "s.mp3",
+        byte_limit=LIMITS[limit_name],
+        bitrate=320,
+        tags=TAGS,
+        cover=cover5,
+    )
     assert result.bitrate == 320
     assert result.size <= LIMITS[limit_name]
 
 
-def test_full_length_song_fits_discord_10_mib_in_bounded_memory(tmp_path: Path,
-                                                               song240: Path) -> None:
+def test_full_length_song_fits_discord_10_mib_in_bounded_memory(
+    tmp_path: Path, song240: Path
+) -> None:
     pcm_bytes = 240 * 48000 * 2 * 2  # 46 MB: one copy of the decoded song
     tracemalloc.start()
     try:
         cover = render_cover(song240)
-        result = encode(song240, tmp_path / "song.mp3", byte_limit=10 * MiB, bitrate=320,
-                        tags=TAGS, cover=cover)
+        result = encode(
+            song240, tmp_path / "song.mp3", byte_limit=10 * MiB, bitrate=320, tags=TAGS, cover=cover
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < pcm_bytes / 4  # frames stream through; no whole-song array is built
     assert result.path.stat().st_size == result.size <= 10 * MiB
-    assert result.bitrate == choose_bitrate(240, 10 * MiB, 320,
-                                            overhead=audio.id3_tag_size(TAGS, cover))
+    assert result.bitrate == choose_bitrate(
+        240, 10 * MiB, 320, overhead=audio.id3_tag_size(TAGS, cover)
+    )
     info = check_audio(result.path.read_bytes(), 240)  # the whole song, not cut
     assert info.duration == pytest.approx(240, abs=0.06)
     assert ID3(result.path).getall("APIC")[0].data == cover
@@ -324,7 +359,8 @@ def test_60s_song_under_a_tight_limit_steps_down_and_stays_whole(tmp_path: Path)
 
 
 def test_an_mp3_over_the_limit_is_encoded_again_one_step_lower(
-        tmp_path: Path, song5: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, song5: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # With no margin the estimate says 192 kbps fits exactly; the real file carries LAME's
     # delay and padding frames, so it comes out a little larger and must step down.
     monkeypatch.setattr(audio, "SIZE_MARGIN", 0.0)
@@ -343,8 +379,7 @@ def test_ogg_opus_output_also_fits_a_limit(tmp_path: Path, song5: Path) -> None:
     assert check_audio(result.path.read_bytes(), 5).format == "ogg"
 
 
-def test_an_mp3_that_cannot_fit_is_refused_before_encoding(tmp_path: Path,
-                                                           song240: Path) -> None:
+def test_an_mp3_that_cannot_fit_is_refused_before_encoding(tmp_path: Path, song240: Path) -> None:
     with pytest.raises(AudioError, match=r"^A 240 s song does not fit the 0\.5 MB upload"):
         encode(song240, tmp_path / "song.mp3", byte_limit=500_000)
     assert list(tmp_path.iterdir()) == []
@@ -357,6 +392,7 @@ def test_lossless_output_over_the_limit_is_refused(tmp_path: Path, song5: Path) 
 
 
 # --- tags and cover ------------------------------------------------------------------
+
 
 def test_mp3_tags_read_back_with_mutagen(tmp_path: Path, song5: Path, cover5: bytes) -> None:
     result = encode(song5, tmp_path / "song.mp3", tags=TAGS, cover=cover5)
@@ -374,8 +410,9 @@ def test_mp3_tags_read_back_with_mutagen(tmp_path: Path, song5: Path, cover5: by
     assert (picture.mime, picture.type, picture.data) == ("image/jpeg", 3, cover5)
 
 
-def test_flac_and_ogg_carry_vorbis_comments_and_the_cover(tmp_path: Path, song5: Path,
-                                                          cover5: bytes) -> None:
+def test_flac_and_ogg_carry_vorbis_comments_and_the_cover(
+    tmp_path: Path, song5: Path, cover5: bytes
+) -> None:
     flac = FLAC(encode(song5, tmp_path / "s.flac", tags=TAGS, cover=cover5).path)
     assert flac["TITLE"] == [TAGS.title]
     assert flac["LYRICS"] == [TAGS.lyrics]

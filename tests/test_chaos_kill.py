@@ -42,16 +42,23 @@ from tests.test_cli import cli_env
 from tests.test_telegram import decode_mp3
 
 GROUP = -100777
-USERS = [FakeTelegram.user(501, "Ann", "ann"), FakeTelegram.user(502, "Bob", "bob"),
-         FakeTelegram.user(503, "Cid", "cid"), FakeTelegram.user(504, "Dee", "dee")]
+USERS = [
+    FakeTelegram.user(501, "Ann", "ann"),
+    FakeTelegram.user(502, "Bob", "bob"),
+    FakeTelegram.user(503, "Cid", "cid"),
+    FakeTelegram.user(504, "Dee", "dee"),
+]
 # Ann and Bob write in private chats, Cid and Dee in a group.
 CHAT_OF = {501: 501, 502: 502, 503: GROUP, 504: GROUP}
 # The fake may finish reading an upload a moment after the kill that cut its sender off.
 LATE_READ_S = 0.5
-HIGH_QUOTAS = {"QUOTA_USER_JOBS_PER_DAY": "1000", "QUOTA_USER_SECONDS_PER_DAY": "1000000",
-               "QUOTA_USER_CONCURRENT_JOBS": "1000",
-               "QUOTA_COMMUNITY_SECONDS_PER_DAY": "1000000",
-               "SPEND_CAP_USD_PER_DAY": "1000"}
+HIGH_QUOTAS = {
+    "QUOTA_USER_JOBS_PER_DAY": "1000",
+    "QUOTA_USER_SECONDS_PER_DAY": "1000000",
+    "QUOTA_USER_CONCURRENT_JOBS": "1000",
+    "QUOTA_COMMUNITY_SECONDS_PER_DAY": "1000000",
+    "SPEND_CAP_USD_PER_DAY": "1000",
+}
 
 
 class TimedTelegram(FakeTelegram):
@@ -67,8 +74,7 @@ class TimedTelegram(FakeTelegram):
         response = await super()._get_updates(params)
         for update in json.loads(response.body)["result"]:  # type: ignore[union-attr]
             if "message" in update:
-                self.fetched_at.setdefault(update["message"]["message_id"], []).append(
-                    time.time())
+                self.fetched_at.setdefault(update["message"]["message_id"], []).append(time.time())
         return response
 
     def _m_sendAudio(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
@@ -107,8 +113,15 @@ class BotProcess:
         self.starts.append(time.time())
         with self.log.open("wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", "run", env=self.env, cwd=str(self.tmp_path),
-                stdout=out, stderr=out)
+                sys.executable,
+                "-m",
+                "bot",
+                "run",
+                env=self.env,
+                cwd=str(self.tmp_path),
+                stdout=out,
+                stderr=out,
+            )
 
     async def kill9(self) -> None:
         assert self.proc is not None
@@ -126,8 +139,10 @@ class BotProcess:
             self.proc.kill()
 
     def logs(self) -> str:
-        return "\n".join((self.tmp_path / f"bot-{n}.log").read_text("utf-8", "replace")
-                         for n in range(1, self.runs + 1))
+        return "\n".join(
+            (self.tmp_path / f"bot-{n}.log").read_text("utf-8", "replace")
+            for n in range(1, self.runs + 1)
+        )
 
 
 def read_db(db_path: Path) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
@@ -173,10 +188,19 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
     db_path = data_dir / "acestep-bot.sqlite3"
     started = time.monotonic()
     async with serve(telegram.app) as tg_url, fal.running() as fal_url:
-        env = cli_env(tmp_path, TELEGRAM_TOKEN=telegram.token, TELEGRAM_API_URL=tg_url,
-                      FAL_KEY=fal.key, FAL_QUEUE_URL=fal_url, PROVIDERS="fal",
-                      FAL_CONCURRENCY="6", LOG_LEVEL="INFO", SHUTDOWN_GRACE_SECONDS="5",
-                      AUDIO_RETENTION_DAYS="0", **HIGH_QUOTAS)
+        env = cli_env(
+            tmp_path,
+            TELEGRAM_TOKEN=telegram.token,
+            TELEGRAM_API_URL=tg_url,
+            FAL_KEY=fal.key,
+            FAL_QUEUE_URL=fal_url,
+            PROVIDERS="fal",
+            FAL_CONCURRENCY="6",
+            LOG_LEVEL="INFO",
+            SHUTDOWN_GRACE_SECONDS="5",
+            AUDIO_RETENTION_DAYS="0",
+            **HIGH_QUOTAS,
+        )
         bot = BotProcess(tmp_path, env)
         sent: dict[int, tuple[int, str]] = {}  # message id -> (chat, prompt)
 
@@ -209,7 +233,8 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
                     break
                 assert time.monotonic() < deadline, (
                     f"{where}: not settled: {dict(states)}, "
-                    f"{telegram.pending_updates} updates pending\n{bot.logs()[-3000:]}")
+                    f"{telegram.pending_updates} updates pending\n{bot.logs()[-3000:]}"
+                )
                 await asyncio.sleep(0.1)
             assert await bot.sigterm() == 0, bot.logs()[-3000:]
         finally:
@@ -222,8 +247,10 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
     states = Counter(row["state"] for row in jobs)
     posts = Counter(job_id for _, job_id in telegram.audio_at)
     recovered = sum(row["recoveries"] for row in jobs)
-    print(f"{songs} songs asked, {len(jobs)} admitted, {kills} kills, {elapsed:.1f}s: "
-          f"{dict(states)}; {recovered} resubmits after a crash mid-submit")
+    print(
+        f"{songs} songs asked, {len(jobs)} admitted, {kills} kills, {elapsed:.1f}s: "
+        f"{dict(states)}; {recovered} resubmits after a crash mid-submit"
+    )
 
     assert len(bot.kills) == kills and bot.runs == kills + 1
     assert "Traceback" not in logs, logs[-5000:]
@@ -231,8 +258,7 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
     assert states["delivered"] > 0, where
 
     # Each /song message became at most one job (a crash must not admit it twice).
-    jobs_of_message = Counter(json.loads(row["reply_target"])["request_message_id"]
-                              for row in jobs)
+    jobs_of_message = Counter(json.loads(row["reply_target"])["request_message_id"] for row in jobs)
     assert set(jobs_of_message) <= set(sent), where
     assert max(jobs_of_message.values()) == 1, (jobs_of_message, where)
     # No /song is lost: an update is confirmed to Telegram only after it was handled, and
@@ -240,8 +266,11 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
     lost = sorted(set(sent) - set(jobs_of_message))
     for message_id in lost:
         fetches = telegram.fetched_at.get(message_id) or []
-        replies = [m.text.split("\n")[-1] for m in telegram.bot_messages(sent[message_id][0])
-                   if m.reply_to == message_id]
+        replies = [
+            m.text.split("\n")[-1]
+            for m in telegram.bot_messages(sent[message_id][0])
+            if m.reply_to == message_id
+        ]
         print(f"message {message_id} lost: fetched at {fetches}; the user saw {replies}")
     assert not lost, (lost, where)
 
@@ -255,14 +284,19 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
         job_id = row["id"]
         what = f"job {job_id} {where}"
         kinds = Counter(e["kind"] for e in entries[job_id])
-        seconds = {kind: sum(e["seconds"] for e in entries[job_id] if e["kind"] == kind)
-                   for kind in ("reserve", "commit", "refund")}
+        seconds = {
+            kind: sum(e["seconds"] for e in entries[job_id] if e["kind"] == kind)
+            for kind in ("reserve", "commit", "refund")
+        }
         # The ledger balances: what was reserved was committed or refunded, once.
         assert seconds["reserve"] == seconds["commit"] + seconds["refund"] == 5, what
         assert kinds["reserve"] == 1 and kinds["commit"] + kinds["refund"] == 1, what
         # fal ran it once, or once more after a crash caught it mid-submit (DESIGN.md).
-        assert fal_runs[job_id] <= 1 + row["recoveries"], (what, fal_runs[job_id],
-                                                            row["recoveries"])
+        assert fal_runs[job_id] <= 1 + row["recoveries"], (
+            what,
+            fal_runs[job_id],
+            row["recoveries"],
+        )
         if row["state"] == "delivered":
             assert row["refunded"] == 0 and kinds["commit"] == 1, what
             assert fal_runs[job_id] >= 1, what
@@ -273,21 +307,31 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
             assert ats and ats[-1] <= row["delivered_at"], (what, ats)
             for before, after in itertools.pairwise(ats):
                 assert any(before - LATE_READ_S <= k <= after for k in bot.kills), (
-                    f"{what} posted twice with no kill in between", ats, bot.kills)
+                    f"{what} posted twice with no kill in between",
+                    ats,
+                    bot.kills,
+                )
             fmt, seconds_heard = decode_mp3(telegram.songs[job_id])  # a real song
             assert fmt == "mp3" and seconds_heard == pytest.approx(5, abs=0.2), what
             if len(ats) > 1:
                 repeats += 1
-                print(f"job {job_id} posted {len(ats)} times: its upload was in flight "
-                      "when the bot was killed")
+                print(
+                    f"job {job_id} posted {len(ats)} times: its upload was in flight "
+                    "when the bot was killed"
+                )
         else:
             assert row["state"] == "failed", what
             assert row["refunded"] == 1 and kinds["refund"] == 1, what
             assert posts[job_id] == 0, what
             # The user sees why in the job's status message (or a reply).
             chat = sent[json.loads(row["reply_target"])["request_message_id"]][0]
-            shown = [m.text for m in telegram.bot_messages(chat)
-                     if f"Job <code>{job_id}</code>" in m.text]
+            shown = [
+                m.text
+                for m in telegram.bot_messages(chat)
+                if f"Job <code>{job_id}</code>" in m.text
+            ]
             assert any(escape(row["error"]) in text for text in shown), (what, shown)
-    print(f"{repeats} songs posted again after a kill mid-upload; {len(lost)} /song "
-          "messages cut off by a kill before admission")
+    print(
+        f"{repeats} songs posted again after a kill mid-upload; {len(lost)} /song "
+        "messages cut off by a kill before admission"
+    )

@@ -34,8 +34,10 @@ from tests.fakes.wavespeed import FakeWaveSpeed
 JOBS = 200
 USERS = [Requester("telegram", str(100 + n), f"-100{n % 3}", f"user{n}") for n in range(8)]
 HIGH_QUOTAS: dict[str, Any] = {
-    "quota_user_jobs_per_day": 10_000, "quota_user_seconds_per_day": 10**7,
-    "quota_user_concurrent_jobs": 10_000, "quota_community_seconds_per_day": 10**7,
+    "quota_user_jobs_per_day": 10_000,
+    "quota_user_seconds_per_day": 10**7,
+    "quota_user_concurrent_jobs": 10_000,
+    "quota_community_seconds_per_day": 10**7,
     "spend_cap_usd_per_day": 10_000.0,
 }
 
@@ -64,17 +66,32 @@ class PlatformWithHiccups(RecordingDelivery):
         if self.rng.random() < self.hiccup:
             raise RuntimeError("platform said 500")
         size = song.original_path.stat().st_size  # the song the engine stored and checked
-        self.delivered.append((job.id, RenderedSong(
-            path=song.original_path, size=size, bitrate=None, duration=song.duration,
-            format=song.original_path.suffix.lstrip("."), cover=b"")))
+        self.delivered.append(
+            (
+                job.id,
+                RenderedSong(
+                    path=song.original_path,
+                    size=size,
+                    bitrate=None,
+                    duration=song.duration,
+                    format=song.original_path.suffix.lstrip("."),
+                    cover=b"",
+                ),
+            )
+        )
 
 
 async def unsettle(fake: FakeWaveSpeed, rng: random.Random) -> None:
     """WaveSpeed has bad moments too: now and then a 429 or 500, a lost poll or an
     expired file, so jobs also fail over from it and some run out of providers."""
-    faults = [("submit", 429, "rate limited"), ("submit", 500, "internal error"),
-              ("poll", 500, "internal error"), ("poll", 502, "bad gateway"),
-              ("audio", 404, "gone"), ("audio", 403, "expired")]
+    faults = [
+        ("submit", 429, "rate limited"),
+        ("submit", 500, "internal error"),
+        ("poll", 500, "internal error"),
+        ("poll", 502, "bad gateway"),
+        ("audio", 404, "gone"),
+        ("audio", 403, "expired"),
+    ]
     while True:
         await asyncio.sleep(rng.uniform(0.05, 0.3))
         route, status, message = rng.choice(faults)
@@ -99,26 +116,41 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
     rng = random.Random(seed)
     fal_fake = FakeFal(queue_polls=1, progress_polls=1)
     fal_fake.retry_after = 0  # fal's Retry-After on the injected 429s: "now"
-    fal_fake.chaos = Chaos(random.Random(rng.random()), rate_limit=0.05, server_error=0.05,
-                           stall=0.015, malformed=0.03, slow=0.05, expired=0.06,
-                           stall_seconds=0.8, slow_seconds=0.1)
+    fal_fake.chaos = Chaos(
+        random.Random(rng.random()),
+        rate_limit=0.05,
+        server_error=0.05,
+        stall=0.015,
+        malformed=0.03,
+        slow=0.05,
+        expired=0.06,
+        stall_seconds=0.8,
+        slow_seconds=0.1,
+    )
     ws_fake = FakeWaveSpeed(queued_polls=0, running_polls=1)
     platform = PlatformWithHiccups(random.Random(rng.random()), hiccup=0.12)
-    settings = make_settings(tmp_path, providers=["fal", "wavespeed"], job_timeout_seconds=40,
-                             **HIGH_QUOTAS)
+    settings = make_settings(
+        tmp_path, providers=["fal", "wavespeed"], job_timeout_seconds=40, **HIGH_QUOTAS
+    )
     started = time.monotonic()
     async with fal_fake.running() as fal_url, ws_fake.running() as ws_url:
-        fal = FalProvider(fal_fake.key, fal_url, concurrency=24, poll_interval=0.01,
-                          retry_delays=(0.01, 0.02), timeout=0.4)
-        wavespeed = WaveSpeedProvider(ws_fake.api_key, ws_url, concurrency=8,
-                                      poll_interval=0.01, retry_backoff=0.01)
+        fal = FalProvider(
+            fal_fake.key,
+            fal_url,
+            concurrency=24,
+            poll_interval=0.01,
+            retry_delays=(0.01, 0.02),
+            timeout=0.4,
+        )
+        wavespeed = WaveSpeedProvider(
+            ws_fake.api_key, ws_url, concurrency=8, poll_interval=0.01, retry_backoff=0.01
+        )
         engine = await open_engine(settings, [fal, wavespeed], platform)
         ws_chaos = asyncio.create_task(unsettle(ws_fake, random.Random(rng.random())))
         cancels: list[asyncio.Task[tuple[str, str]]] = []
         cancel_rng = random.Random(rng.random())
 
-        async def cancel_later(job_id: str, requester: Requester, delay: float
-                               ) -> tuple[str, str]:
+        async def cancel_later(job_id: str, requester: Requester, delay: float) -> tuple[str, str]:
             """The user cancels after `delay`; what the engine answered them."""
             await asyncio.sleep(delay)
             try:
@@ -130,25 +162,27 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
         try:
             job_of_prompt: dict[str, str] = {}
             for n in range(JOBS):
-                request = GenerationRequest.build(mode="prompt", prompt=prompt_of(n),
-                                                  duration=5)
+                request = GenerationRequest.build(mode="prompt", prompt=prompt_of(n), duration=5)
                 user = USERS[n % len(USERS)]
                 admission = await engine.submit(request, user, {"chat_id": n})
                 job_of_prompt[prompt_of(n)] = admission.job_id
                 if cancel_rng.random() < 0.1:  # this user changes their mind midway
-                    cancels.append(asyncio.create_task(cancel_later(
-                        admission.job_id, user, cancel_rng.uniform(0.0, 1.5))))
+                    cancels.append(
+                        asyncio.create_task(
+                            cancel_later(admission.job_id, user, cancel_rng.uniform(0.0, 1.5))
+                        )
+                    )
             # Until every job has finished and its user has been told.
             deadline = time.monotonic() + 50
             while True:
                 told = len(platform.delivered) + len(platform.failures)
-                active = await engine.store.in_states(("queued", "submitting", "running",
-                                                       "ready"))
+                active = await engine.store.in_states(("queued", "submitting", "running", "ready"))
                 if not active and told >= JOBS:
                     break
                 assert time.monotonic() < deadline, (
                     f"seed {seed}: {len(active)} jobs still active, {told} users told; "
-                    f"states {Counter(j.state for j in active)}")
+                    f"states {Counter(j.state for j in active)}"
+                )
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.2)  # anything told twice would show up now
             cancel_answers = dict(await asyncio.gather(*cancels))
@@ -162,8 +196,10 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
     faults = dict(sorted(fal_fake.faults.items()))
     states = Counter(row["state"] for row in jobs)
     providers = Counter(row["provider"] for row in jobs if row["state"] == "delivered")
-    print(f"{JOBS} jobs in {elapsed:.1f}s: {dict(states)}; delivered by {dict(providers)}; "
-          f"cancel answers {dict(Counter(cancel_answers.values()))}; fal faults {faults}")
+    print(
+        f"{JOBS} jobs in {elapsed:.1f}s: {dict(states)}; delivered by {dict(providers)}; "
+        f"cancel answers {dict(Counter(cancel_answers.values()))}; fal faults {faults}"
+    )
     where = f"(seed {seed})"
 
     assert len(jobs) == JOBS
@@ -186,8 +222,10 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
         job_id = row["id"]
         what = f"job {job_id} {where}"
         kinds = Counter(e["kind"] for e in entries[job_id])
-        seconds = {kind: sum(e["seconds"] for e in entries[job_id] if e["kind"] == kind)
-                   for kind in ("reserve", "commit", "refund")}
+        seconds = {
+            kind: sum(e["seconds"] for e in entries[job_id] if e["kind"] == kind)
+            for kind in ("reserve", "commit", "refund")
+        }
         # The user is told exactly once: the song, or why there is none.
         if row["state"] == "delivered":
             assert (delivered[job_id], failed[job_id]) == (1, 0), what
@@ -205,7 +243,10 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
         # No provider ran the job twice (nothing was interrupted mid-submit here).
         assert row["recoveries"] == 0, what
         assert fal_runs[job_id] <= 1 and ws_runs[job_id] <= 1, (
-            what, fal_runs[job_id], ws_runs[job_id])
+            what,
+            fal_runs[job_id],
+            ws_runs[job_id],
+        )
         assert row["attempts"] >= fal_runs[job_id] + ws_runs[job_id], what
     assert sum(delivered.values()) + sum(failed.values()) == JOBS, where
     # A cancel the engine took ends cancelled, even one answered while the job was still

@@ -18,18 +18,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("FAL_", "DISCORD_", "TELEGRAM_", "QUOTA_", "PROVIDERS"))}
-    env.update({"PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path / "data"),
-                "LOG_LEVEL": "WARNING"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FAL_", "DISCORD_", "TELEGRAM_", "QUOTA_", "PROVIDERS"))
+    }
+    env.update(
+        {"PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path / "data"), "LOG_LEVEL": "WARNING"}
+    )
     env.update(extra)
     return env
 
 
 async def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", *args, env=env, cwd=str(cwd),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "bot",
+        *args,
+        env=env,
+        cwd=str(cwd),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -43,15 +54,28 @@ def duration_of(path: Path) -> tuple[str, float]:
 
 
 @pytest.mark.parametrize(("suffix", "container"), [("mp3", "mp3"), ("flac", "flac")])
-async def test_generate_end_to_end_writes_a_decodable_file(tmp_path: Path, suffix: str,
-                                                           container: str) -> None:
+async def test_generate_end_to_end_writes_a_decodable_file(
+    tmp_path: Path, suffix: str, container: str
+) -> None:
     fake = FakeFal(queue_polls=1, progress_polls=1)
     out = tmp_path / f"song.{suffix}"
     async with fake.running() as url:
         env = cli_env(tmp_path, FAL_KEY=fake.key, FAL_QUEUE_URL=url, PROVIDERS="fal")
-        code, _, err = await run_cli(["generate", "--prompt", "lofi piano about rain",
-                                      "--duration", "8", "--seed", "42", "--out", str(out)],
-                                     env, tmp_path)
+        code, _, err = await run_cli(
+            [
+                "generate",
+                "--prompt",
+                "lofi piano about rain",
+                "--duration",
+                "8",
+                "--seed",
+                "42",
+                "--out",
+                str(out),
+            ],
+            env,
+            tmp_path,
+        )
     assert code == 0, err
     assert fake.submit_count == 1
     assert fake.submits[0].body["seed"] == 42
@@ -71,9 +95,23 @@ async def test_generate_song_mode_with_lyrics_file_and_jobs_commands(tmp_path: P
     out = tmp_path / "song.wav"
     async with fake.running() as url:
         env = cli_env(tmp_path, FAL_KEY=fake.key, FAL_QUEUE_URL=url)
-        code, _, err = await run_cli(["generate", "--tags", "lofi, piano", "--lyrics-file",
-                                      str(lyrics), "--duration", "5", "--option", "steps=12",
-                                      "--out", str(out)], env, tmp_path)
+        code, _, err = await run_cli(
+            [
+                "generate",
+                "--tags",
+                "lofi, piano",
+                "--lyrics-file",
+                str(lyrics),
+                "--duration",
+                "5",
+                "--option",
+                "steps=12",
+                "--out",
+                str(out),
+            ],
+            env,
+            tmp_path,
+        )
         assert code == 0, err
         body = fake.submits[0].body
         assert fake.submits[0].path == "/fal-ai/ace-step"
@@ -95,15 +133,22 @@ async def test_invalid_input_exits_2_and_stores_nothing(tmp_path: Path) -> None:
     fake = FakeFal()
     async with fake.running() as url:
         env = cli_env(tmp_path, FAL_KEY=fake.key, FAL_QUEUE_URL=url)
-        code, _, err = await run_cli(["generate", "--prompt", "x", "--duration", "300",
-                                      "--out", str(tmp_path / "a.mp3")], env, tmp_path)
+        code, _, err = await run_cli(
+            ["generate", "--prompt", "x", "--duration", "300", "--out", str(tmp_path / "a.mp3")],
+            env,
+            tmp_path,
+        )
         assert code == 2
         assert "duration: 300 is not valid; a whole number of seconds from 5 to 240." in err
-        code, _, err = await run_cli(["generate", "--prompt", "x", "--out",
-                                      str(tmp_path / "a.aiff")], env, tmp_path)
+        code, _, err = await run_cli(
+            ["generate", "--prompt", "x", "--out", str(tmp_path / "a.aiff")], env, tmp_path
+        )
         assert code == 2 and "out: " in err and ".mp3, .wav, .flac, .ogg" in err
-        code, _, err = await run_cli(["generate", "--prompt", "x", "--option", "steps=99",
-                                      "--out", str(tmp_path / "a.mp3")], env, tmp_path)
+        code, _, err = await run_cli(
+            ["generate", "--prompt", "x", "--option", "steps=99", "--out", str(tmp_path / "a.mp3")],
+            env,
+            tmp_path,
+        )
         assert code == 2 and "steps: 99 is not valid; a whole number from 3 to 60." in err
     assert fake.submit_count == 0
     db = tmp_path / "data" / "acestep-bot.sqlite3"
@@ -117,8 +162,19 @@ async def test_provider_failure_exits_1_with_the_reason(tmp_path: Path) -> None:
     fake.content_policy = True
     async with fake.running() as url:
         env = cli_env(tmp_path, FAL_KEY=fake.key, FAL_QUEUE_URL=url)
-        code, _, err = await run_cli(["generate", "--prompt", "bad words", "--duration", "5",
-                                      "--out", str(tmp_path / "a.mp3")], env, tmp_path)
+        code, _, err = await run_cli(
+            [
+                "generate",
+                "--prompt",
+                "bad words",
+                "--duration",
+                "5",
+                "--out",
+                str(tmp_path / "a.mp3"),
+            ],
+            env,
+            tmp_path,
+        )
     assert code == 1
     assert "error: The music service refused this request:" in err
     assert "Your quota was refunded." in err
@@ -127,23 +183,24 @@ async def test_provider_failure_exits_1_with_the_reason(tmp_path: Path) -> None:
 
 async def test_quota_set_and_show(tmp_path: Path) -> None:
     env = cli_env(tmp_path)
-    code, out, err = await run_cli(["quota", "set", "--user", "discord:42", "jobs_per_day",
-                                    "3"], env, tmp_path)
+    code, out, err = await run_cli(
+        ["quota", "set", "--user", "discord:42", "jobs_per_day", "3"], env, tmp_path
+    )
     assert code == 0, err
     assert "user discord:42: jobs_per_day set to 3" in out
     code, out, _ = await run_cli(["quota", "show", "--user", "discord:42"], env, tmp_path)
     assert "Songs today: 0 used of 3 songs" in out
     assert "overrides: jobs_per_day=3" in out
-    code, _, err = await run_cli(["quota", "set", "--community", "discord:1", "jobs_per_day",
-                                  "3"], env, tmp_path)
+    code, _, err = await run_cli(
+        ["quota", "set", "--community", "discord:1", "jobs_per_day", "3"], env, tmp_path
+    )
     assert code == 2 and "unknown limit community.jobs_per_day" in err
     code, out, _ = await run_cli(["db", "upgrade"], env, tmp_path)
     latest = migrations()[-1][0]
     assert code == 0 and f"schema version {latest}" in out
 
 
-async def test_config_check_masks_secrets_and_run_explains_what_is_missing(
-        tmp_path: Path) -> None:
+async def test_config_check_masks_secrets_and_run_explains_what_is_missing(tmp_path: Path) -> None:
     env = cli_env(tmp_path, FAL_KEY="fal-secret-value-987654", PROVIDERS="fal,replicate")
     code, out, _ = await run_cli(["config", "check"], env, tmp_path)
     assert code == 1

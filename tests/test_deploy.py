@@ -70,8 +70,9 @@ def test_compose_file_builds_the_bot_with_env_volume_and_a_gpu_worker() -> None:
     assert env["DATA_DIR"] == "/data" and "bot-data:/data" in bot["volumes"]
     assert "bot-data" in data["volumes"]
     assert "profiles" not in bot
-    assert any(p.startswith("127.0.0.1:") and p.endswith(f":{env['HEALTH_PORT']}")
-               for p in bot["ports"])
+    assert any(
+        p.startswith("127.0.0.1:") and p.endswith(f":{env['HEALTH_PORT']}") for p in bot["ports"]
+    )
     worker = data["services"]["acestep-api"]
     assert worker["profiles"] == ["gpu"]
     assert "8001" in " ".join(worker["command"]) and "acestep-api" in worker["command"]
@@ -86,15 +87,30 @@ def test_compose_file_builds_the_bot_with_env_volume_and_a_gpu_worker() -> None:
 
 def test_compose_config_with_docker_when_available(tmp_path: Path) -> None:
     docker = shutil.which("docker")
-    probe = subprocess.run([docker, "compose", "version"], capture_output=True,
-                           timeout=60) if docker else None
+    probe = (
+        subprocess.run([docker, "compose", "version"], capture_output=True, timeout=60)
+        if docker
+        else None
+    )
     if docker is None or probe is None or probe.returncode != 0:
         pytest.skip("no Docker Compose v2 (`docker compose`) on this machine")
     shutil.copytree(DEPLOY, tmp_path / "deploy")
     (tmp_path / "deploy" / ".env").write_text("", "utf-8")
-    result = subprocess.run([docker, "compose", "-f", str(tmp_path / "deploy" / "compose.yaml"),
-                             "--profile", "gpu", "config", "--quiet"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            docker,
+            "compose",
+            "-f",
+            str(tmp_path / "deploy" / "compose.yaml"),
+            "--profile",
+            "gpu",
+            "config",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -113,7 +129,7 @@ def test_dockerfile_slim_non_root_volume_and_healthcheck() -> None:
     steps = dockerfile()
     froms = [rest for word, rest in steps if word == "FROM"]
     assert froms and all(re.match(r"python:3\.11-slim\b", f) for f in froms)
-    final = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM"):]
+    final = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM") :]
     users = [rest for word, rest in final if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     env = " ".join(rest for word, rest in final if word == "ENV")
@@ -121,7 +137,8 @@ def test_dockerfile_slim_non_root_volume_and_healthcheck() -> None:
     assert port and int(port.group(1)) > 0
     data_dir = re.search(r"DATA_DIR=(\S+)", env)
     assert data_dir and f'"{data_dir.group(1)}"' in " ".join(
-        rest for word, rest in final if word == "VOLUME")
+        rest for word, rest in final if word == "VOLUME"
+    )
     [check] = [rest for word, rest in final if word == "HEALTHCHECK"]
     assert "/healthz" in check and "HEALTH_PORT" in check
     assert ("ENTRYPOINT", '["acestep-bot"]') in final and ("CMD", '["run"]') in final
@@ -135,8 +152,7 @@ def test_dockerfile_slim_non_root_volume_and_healthcheck() -> None:
 
 
 def unit() -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(strict=False, interpolation=None,
-                                       delimiters=("=",))
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read(DEPLOY / "acestep-bot.service", encoding="utf-8")
     return parser
@@ -144,10 +160,16 @@ def unit() -> configparser.ConfigParser:
 
 def test_systemd_unit_is_hardened() -> None:
     service = unit()["Service"]
-    for key, value in {"DynamicUser": "yes", "NoNewPrivileges": "yes",
-                       "ProtectSystem": "strict", "ProtectHome": "yes",
-                       "PrivateTmp": "yes", "StateDirectory": "acestep-bot",
-                       "CapabilityBoundingSet": "", "KillSignal": "SIGTERM"}.items():
+    for key, value in {
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "StateDirectory": "acestep-bot",
+        "CapabilityBoundingSet": "",
+        "KillSignal": "SIGTERM",
+    }.items():
         assert service.get(key) == value, key
     assert service["Environment"] == "DATA_DIR=/var/lib/acestep-bot"
     assert service["ExecStart"].endswith("acestep-bot run")
@@ -162,14 +184,18 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     # verify checks that ExecStart exists: point it at a real executable here.
     text = (DEPLOY / "acestep-bot.service").read_text("utf-8")
     local = tmp_path / "acestep-bot.service"
-    local.write_text(text.replace("/opt/acestep-bot/bin/acestep-bot",
-                                  shutil.which("true") or "/bin/true"), "utf-8")
-    result = subprocess.run([tool, "verify", str(local)], capture_output=True, text=True,
-                            timeout=60)
+    local.write_text(
+        text.replace("/opt/acestep-bot/bin/acestep-bot", shutil.which("true") or "/bin/true"),
+        "utf-8",
+    )
+    result = subprocess.run(
+        [tool, "verify", str(local)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout + result.stderr == ""
-    security = subprocess.run([tool, "security", "--offline=yes", str(local)],
-                              capture_output=True, text=True, timeout=60)
+    security = subprocess.run(
+        [tool, "security", "--offline=yes", str(local)], capture_output=True, text=True, timeout=60
+    )
     level = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
     if level is None:
         pytest.skip("this systemd-analyze has no offline security check")

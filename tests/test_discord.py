@@ -63,8 +63,11 @@ class Bot:
         before = asyncio.all_tasks()
         self.frontend.client._connection.parse_interaction_create(payload)  # type: ignore[arg-type]
         await asyncio.sleep(0)
-        spawned = [t for t in asyncio.all_tasks() - before
-                   if t.get_name().startswith(("CommandTree-invoker", "discord-ui-"))]
+        spawned = [
+            t
+            for t in asyncio.all_tasks() - before
+            if t.get_name().startswith(("CommandTree-invoker", "discord-ui-"))
+        ]
         await asyncio.wait_for(asyncio.gather(*spawned), timeout=10)
 
     def messages_of(self, payload: dict[str, Any]) -> list[FakeMessage]:
@@ -78,7 +81,8 @@ class Bot:
     async def song_message(self, payload: dict[str, Any]) -> FakeMessage:
         """Wait for the finished song posted for this interaction."""
         found = await self.fake.wait_until(
-            lambda: [m for m in self.messages_of(payload) if m.attachments])
+            lambda: [m for m in self.messages_of(payload) if m.attachments]
+        )
         assert len(found) == 1
         return found[0]
 
@@ -86,6 +90,7 @@ class Bot:
         async def reached() -> bool:
             job = await self.engine.get_job(job_id)
             return job is not None and job.state in states
+
         for _ in range(500):
             if await reached():
                 return
@@ -93,9 +98,15 @@ class Bot:
         raise AssertionError(f"job {job_id} never reached {states}")
 
 
-OPTIONS = EngineOptions(poll_max_interval=0.05, poll_backoff=1.0, scheduler_idle=0.05,
-                        delivery_backoff=0.01, stop_grace=2.0, busy_cooldown=0.1,
-                        unavailable_cooldown=0.1)
+OPTIONS = EngineOptions(
+    poll_max_interval=0.05,
+    poll_backoff=1.0,
+    scheduler_idle=0.05,
+    delivery_backoff=0.01,
+    stop_grace=2.0,
+    busy_cooldown=0.1,
+    unavailable_cooldown=0.1,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -107,19 +118,31 @@ def _restore_discord_endpoints() -> Any:
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = gateway
 
 
-async def start_bot(tmp_path: Path, servers: Servers, *, edit_interval: float = 0.05,
-                    clock: Any = None, connect_gateway: bool = False,
-                    **settings: Any) -> Bot:
-    values: dict[str, Any] = {"discord_token": servers.discord.token,
-                              "discord_api_url": f"{servers.discord_url}/api/v10",
-                              "quota_user_concurrent_jobs": 5}
+async def start_bot(
+    tmp_path: Path,
+    servers: Servers,
+    *,
+    edit_interval: float = 0.05,
+    clock: Any = None,
+    connect_gateway: bool = False,
+    **settings: Any,
+) -> Bot:
+    values: dict[str, Any] = {
+        "discord_token": servers.discord.token,
+        "discord_api_url": f"{servers.discord_url}/api/v10",
+        "quota_user_concurrent_jobs": 5,
+    }
     values.update(settings)
     config = make_settings(tmp_path, **values)
-    provider = FalProvider(servers.fal.key, servers.fal_url, concurrency=4,
-                           poll_interval=0.01, retry_delays=(0.01, 0.02))
+    provider = FalProvider(
+        servers.fal.key,
+        servers.fal_url,
+        concurrency=4,
+        poll_interval=0.01,
+        retry_delays=(0.01, 0.02),
+    )
     engine = await Engine.open(config, [provider], options=OPTIONS)
-    kwargs: dict[str, Any] = {"connect_gateway": connect_gateway,
-                              "edit_interval": edit_interval}
+    kwargs: dict[str, Any] = {"connect_gateway": connect_gateway, "edit_interval": edit_interval}
     if clock is not None:
         kwargs["clock"] = clock
     frontend = DiscordFrontend(config, engine, **kwargs)
@@ -177,6 +200,7 @@ def decode_mp3(data: bytes) -> float:
 
 def job_id_in(text: str) -> str:
     import re
+
     match = re.search(r"job `([0-9a-f]{8})`", text)
     assert match, text
     return match.group(1)
@@ -189,10 +213,10 @@ def ephemeral_texts(bot: Bot, payload: dict[str, Any]) -> list[str]:
 
 # ---- /song ------------------------------------------------------------------------------
 
+
 async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) -> None:
     fake = bot.fake
-    payload = fake.slash("song", {"prompt": "lofi piano about rain", "duration": 6,
-                                  "seed": 42})
+    payload = fake.slash("song", {"prompt": "lofi piano about rain", "duration": 6, "seed": 42})
     await bot.feed(payload)
 
     # Acknowledged by a public deferral, then the status message names the job.
@@ -218,13 +242,17 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
     assert fields["Provider"] == "fal"
     assert embed["thumbnail"]["url"] == "attachment://cover.jpg"
     # fal wrote lyrics for the prompt, so the lyrics button is there too.
-    assert song.custom_ids == [f"acestep:new:{job_id}", f"acestep:same:{job_id}",
-                               f"acestep:lyrics:{job_id}"]
+    assert song.custom_ids == [
+        f"acestep:new:{job_id}",
+        f"acestep:same:{job_id}",
+        f"acestep:lyrics:{job_id}",
+    ]
 
     # The provider got the user's seed; the status message ends on the link to the song.
     assert bot.submitted()[0]["seed"] == 42
     status = await fake.wait_until(
-        lambda: (m := bot.original(payload)) and "Done" in m.content and m)
+        lambda: (m := bot.original(payload)) and "Done" in m.content and m
+    )
     assert f"/channels/{GUILD}/{CHANNEL}/{song.id}" in status.content
     assert status.custom_ids == []  # no cancel button on a finished job
     job = await bot.engine.get_job(job_id)
@@ -233,8 +261,9 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
 
 async def test_song_fits_the_upload_limit_the_interaction_reports(bot: Bot) -> None:
     limit = 300_000  # a 20 s song at the default bitrate would not fit
-    payload = bot.fake.slash("song", {"prompt": "long ambient drone", "duration": 20},
-                             attachment_size_limit=limit)
+    payload = bot.fake.slash(
+        "song", {"prompt": "long ambient drone", "duration": 20}, attachment_size_limit=limit
+    )
     await bot.feed(payload)
     song = await bot.song_message(payload)
     mp3 = next(a for a in song.attachments if a.filename.endswith(".mp3"))
@@ -243,8 +272,9 @@ async def test_song_fits_the_upload_limit_the_interaction_reports(bot: Bot) -> N
 
 
 async def test_song_in_a_dm_works_without_a_guild(bot: Bot) -> None:
-    payload = bot.fake.slash("song", {"prompt": "a lullaby", "duration": 5,
-                                      "instrumental": True}, guild_id=None)
+    payload = bot.fake.slash(
+        "song", {"prompt": "a lullaby", "duration": 5, "instrumental": True}, guild_id=None
+    )
     await bot.feed(payload)
     song = await bot.song_message(payload)
     assert song.attachments and song.channel_id == CHANNEL
@@ -258,7 +288,8 @@ async def test_song_in_a_dm_works_without_a_guild(bot: Bot) -> None:
 
 
 async def test_status_edits_are_throttled_and_end_in_the_final_state(
-        tmp_path: Path, servers: Servers) -> None:
+    tmp_path: Path, servers: Servers
+) -> None:
     server = servers.discord
     servers.fal.progress_polls = 12  # 12 progress reports, about 10 ms apart
     bot = await start_bot(tmp_path, servers, edit_interval=0.15)
@@ -267,7 +298,8 @@ async def test_status_edits_are_throttled_and_end_in_the_final_state(
         await bot.feed(payload)
         await bot.song_message(payload)
         status = await server.wait_until(
-            lambda: (m := bot.original(payload)) and "Done" in m.content and m)
+            lambda: (m := bot.original(payload)) and "Done" in m.content and m
+        )
         assert any("Generating" in text for text in status.history)
         # The first edit shows the queue; all but the final one are spaced by the interval.
         gaps = [b - a for a, b in zip(status.edits[:-2], status.edits[1:-1], strict=True)]
@@ -289,11 +321,13 @@ async def test_out_of_range_option_is_answered_ephemerally_naming_the_field(bot:
     payload = bot.fake.slash("song", {"prompt": "x", "guidance_scale": 500.0})
     await bot.feed(payload)
     assert ephemeral_texts(bot, payload) == [
-        "guidance_scale: 500.0 is not valid; a number from 0 to 200."]
+        "guidance_scale: 500.0 is not valid; a number from 0 to 200."
+    ]
 
 
 async def test_quota_refusal_is_ephemeral_with_what_remains_and_the_reset(
-        tmp_path: Path, servers: Servers) -> None:
+    tmp_path: Path, servers: Servers
+) -> None:
     server = servers.discord
     bot = await start_bot(tmp_path, servers, quota_user_jobs_per_day=1)
     try:
@@ -313,8 +347,9 @@ async def test_quota_refusal_is_ephemeral_with_what_remains_and_the_reset(
 
 
 async def test_missing_attach_files_permission_is_explained(bot: Bot) -> None:
-    payload = bot.fake.slash("song", {"prompt": "x", "duration": 5},
-                             app_permissions=BOT_PERMISSIONS & ~(1 << 15))
+    payload = bot.fake.slash(
+        "song", {"prompt": "x", "duration": 5}, app_permissions=BOT_PERMISSIONS & ~(1 << 15)
+    )
     await bot.feed(payload)
     texts = ephemeral_texts(bot, payload)
     assert len(texts) == 1 and "Attach Files" in texts[0]
@@ -323,6 +358,7 @@ async def test_missing_attach_files_permission_is_explained(bot: Bot) -> None:
 
 async def test_failed_provider_tells_the_user_ephemerally_and_refunds(bot: Bot) -> None:
     from bot.models import Requester
+
     bot.fal.run_error = ("the model ran out of memory", "internal_server_error")
     payload = bot.fake.slash("song", {"prompt": "doomed", "duration": 5})
     await bot.feed(payload)
@@ -332,7 +368,8 @@ async def test_failed_provider_tells_the_user_ephemerally_and_refunds(bot: Bot) 
     assert "the model ran out of memory" in texts[0]
     assert "refunded" in texts[0]
     status = await bot.fake.wait_until(
-        lambda: (m := bot.original(payload)) and "Failed" in m.content and m)
+        lambda: (m := bot.original(payload)) and "Failed" in m.content and m
+    )
     assert status.custom_ids == []
     quota = await bot.engine.quota_status(Requester("discord", USER, GUILD))
     used = {line.name: line.used for line in quota.lines}
@@ -341,6 +378,7 @@ async def test_failed_provider_tells_the_user_ephemerally_and_refunds(bot: Bot) 
 
 
 # ---- /compose ---------------------------------------------------------------------------
+
 
 async def test_compose_opens_a_modal_whose_submit_starts_a_song(bot: Bot) -> None:
     fake = bot.fake
@@ -352,8 +390,7 @@ async def test_compose_opens_a_modal_whose_submit_starts_a_song(bot: Bot) -> Non
     assert inputs["lyrics"]["style"] == 2  # paragraph: line breaks allowed
 
     lyrics = "[verse]\nneon lights on the highway\n[chorus]\nwe ride"
-    submit = fake.modal_submit(modal["custom_id"], {"tags": "synthwave, 80s",
-                                                    "lyrics": lyrics})
+    submit = fake.modal_submit(modal["custom_id"], {"tags": "synthwave, 80s", "lyrics": lyrics})
     await bot.feed(submit)
     song = await bot.song_message(submit)
     [sent] = bot.fal.submits
@@ -385,6 +422,7 @@ async def test_compose_modal_with_empty_tags_is_refused(bot: Bot) -> None:
 
 # ---- buttons ----------------------------------------------------------------------------
 
+
 async def test_new_take_and_same_seed_buttons_start_new_jobs(bot: Bot) -> None:
     fake = bot.fake
     first = fake.slash("song", {"prompt": "city pop", "duration": 5, "seed": 42})
@@ -409,8 +447,7 @@ async def test_new_take_and_same_seed_buttons_start_new_jobs(bot: Bot) -> None:
     assert bot.submitted()[2]["seed"] == 42
 
 
-async def test_buttons_keep_working_after_a_restart(
-        tmp_path: Path, servers: Servers) -> None:
+async def test_buttons_keep_working_after_a_restart(tmp_path: Path, servers: Servers) -> None:
     server = servers.discord
     bot = await start_bot(tmp_path, servers)
     first = server.slash("song", {"prompt": "persistent", "duration": 5, "seed": 3})
@@ -437,7 +474,8 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
     job_id = job_id_in(bot.original(payload).content)
     await bot.job_state(job_id, "running")
     status = await fake.wait_until(
-        lambda: (m := bot.original(payload)) and "Generating" in m.content and m)
+        lambda: (m := bot.original(payload)) and "Generating" in m.content and m
+    )
     assert status.custom_ids == [f"acestep:cancel:{job_id}"]
 
     # Someone else cannot cancel it.
@@ -450,7 +488,8 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
     assert ephemeral_texts(bot, click) == [f"Cancelled `{job_id}` (never ending)."]
     await bot.job_state(job_id, "cancelled")
     status = await fake.wait_until(
-        lambda: (m := bot.original(payload)) and "Cancelled" in m.content and m)
+        lambda: (m := bot.original(payload)) and "Cancelled" in m.content and m
+    )
     assert status.custom_ids == []
 
     # /cancel without a job id takes the user's latest active job.
@@ -466,8 +505,10 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
 
 # ---- restarts, expiry, rate limits --------------------------------------------------------
 
+
 async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
-        tmp_path: Path, servers: Servers) -> None:
+    tmp_path: Path, servers: Servers
+) -> None:
     server = servers.discord
     hold(servers.fal)
     bot = await start_bot(tmp_path, servers)
@@ -485,16 +526,16 @@ async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
     release(servers.fal)
     bot = await start_bot(tmp_path, servers, clock=lambda: later)
     try:
-        posted = await server.wait_until(
-            lambda: [m for m in server.visible() if m.attachments])
+        posted = await server.wait_until(lambda: [m for m in server.visible() if m.attachments])
         await asyncio.sleep(0.3)  # nothing else arrives
         posted = [m for m in server.visible() if m.attachments]
         assert len(posted) == 1
         song = posted[0]
         assert song.origin == "channel" and song.channel_id == CHANNEL
         assert song.content == f"<@{USER}> your song is ready."
-        assert decode_mp3(next(a.data for a in song.attachments
-                               if a.filename.endswith(".mp3"))) == pytest.approx(5, abs=0.2)
+        assert decode_mp3(
+            next(a.data for a in song.attachments if a.filename.endswith(".mp3"))
+        ) == pytest.approx(5, abs=0.2)
         assert song.custom_ids[0] == f"acestep:new:{job_id}"
         await bot.job_state(job_id, "delivered")
         job = await bot.engine.get_job(job_id)
@@ -522,8 +563,7 @@ async def test_expired_token_falls_back_to_the_channel(bot: Bot) -> None:
     assert posted[0].content.startswith(f"<@{USER}>")
 
 
-async def test_late_song_goes_to_dms_when_the_channel_is_closed_to_the_bot(
-        bot: Bot) -> None:
+async def test_late_song_goes_to_dms_when_the_channel_is_closed_to_the_bot(bot: Bot) -> None:
     # A user-installed app used in a server it is not a member of cannot post there.
     fake = bot.fake
     hold(bot.fal)
@@ -556,7 +596,8 @@ async def test_rate_limited_followup_is_retried(bot: Bot) -> None:
 
 
 async def test_unexpected_error_is_answered_briefly_and_logged_without_the_token(
-        bot: Bot, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    bot: Bot, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     caplog.set_level(logging.DEBUG)
     first = bot.fake.slash("song", {"prompt": "fine", "duration": 5})
     await bot.feed(first)
@@ -565,23 +606,24 @@ async def test_unexpected_error_is_answered_briefly_and_logged_without_the_token
 
     async def broken(job_id: str) -> None:
         raise RuntimeError("database on fire")
+
     monkeypatch.setattr(bot.engine, "get_job", broken)
     click = bot.fake.button(f"acestep:new:{job_id}", song)
     await bot.feed(click)
-    assert ephemeral_texts(bot, click) == [
-        "Something went wrong; the operator has been told."]
+    assert ephemeral_texts(bot, click) == ["Something went wrong; the operator has been told."]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any(job_id in r.getMessage() and "RuntimeError" in r.getMessage()
-               for r in errors)
+    assert any(job_id in r.getMessage() and "RuntimeError" in r.getMessage() for r in errors)
     # discord.py logs webhook URLs at debug level; the interaction tokens are masked.
-    ours = "\n".join(r.getMessage() for r in caplog.records
-                     if r.name.startswith(("discord", "bot.")))
+    ours = "\n".join(
+        r.getMessage() for r in caplog.records if r.name.startswith(("discord", "bot."))
+    )
     assert "/webhooks/" in ours
     for payload in (first, click):
         assert payload["token"] not in ours
 
 
 # ---- other commands -------------------------------------------------------------------
+
 
 async def test_queue_quota_history_and_help(bot: Bot) -> None:
     fake = bot.fake
@@ -604,8 +646,10 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
 
     # /cancel suggests the user's active jobs as they type.
     await bot.feed(fake.autocomplete("cancel", "job", waiting_id[:3]))
-    assert fake.callbacks[-1] == {"type": 8, "data": {"choices": [
-        {"name": f"{waiting_id} waiting tune", "value": waiting_id}]}}
+    assert fake.callbacks[-1] == {
+        "type": 8,
+        "data": {"choices": [{"name": f"{waiting_id} waiting tune", "value": waiting_id}]},
+    }
 
     quota = fake.slash("quota")
     await bot.feed(quota)
@@ -616,8 +660,10 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     history = fake.slash("history")
     await bot.feed(history)
     [text] = ephemeral_texts(bot, history)
-    assert f"`{done_id}` [finished tune](<https://discord.com/channels/{GUILD}/{CHANNEL}/" \
-           f"{song.id}>)" in text
+    assert (
+        f"`{done_id}` [finished tune](<https://discord.com/channels/{GUILD}/{CHANNEL}/"
+        f"{song.id}>)" in text
+    )
 
     help_ = fake.slash("help")
     await bot.feed(help_)
@@ -633,14 +679,15 @@ async def test_limits_needs_manage_server_and_sets_quotas_and_channels(bot: Bot)
     assert await bot.engine.get_limits("community", f"discord:{GUILD}") == {}
 
     admin = MEMBER_PERMISSIONS | MANAGE_GUILD
-    change = fake.slash("limits", {"setting": "seconds_per_day", "value": 60.0,
-                                   "channels": f"<#{OTHER_CHANNEL}>"},
-                        member_permissions=admin)
+    change = fake.slash(
+        "limits",
+        {"setting": "seconds_per_day", "value": 60.0, "channels": f"<#{OTHER_CHANNEL}>"},
+        member_permissions=admin,
+    )
     await bot.feed(change)
     [text] = ephemeral_texts(bot, change)
     assert "seconds_per_day = 60" in text and f"<#{OTHER_CHANNEL}>" in text
-    assert await bot.engine.get_limits("community", f"discord:{GUILD}") == {
-        "seconds_per_day": 60.0}
+    assert await bot.engine.get_limits("community", f"discord:{GUILD}") == {"seconds_per_day": 60.0}
 
     elsewhere = fake.slash("song", {"prompt": "x", "duration": 5})
     await bot.feed(elsewhere)
@@ -651,8 +698,11 @@ async def test_limits_needs_manage_server_and_sets_quotas_and_channels(bot: Bot)
     await bot.song_message(allowed)
 
     # Back to the defaults: no override, every channel.
-    undo = fake.slash("limits", {"setting": "seconds_per_day", "reset": True,
-                                 "channels": "all"}, member_permissions=admin)
+    undo = fake.slash(
+        "limits",
+        {"setting": "seconds_per_day", "reset": True, "channels": "all"},
+        member_permissions=admin,
+    )
     await bot.feed(undo)
     [text] = ephemeral_texts(bot, undo)
     assert "seconds_per_day back to the default" in text and "Channels: all" in text
@@ -664,8 +714,8 @@ async def test_limits_needs_manage_server_and_sets_quotas_and_channels(bot: Bot)
 
 # ---- command sync -----------------------------------------------------------------------
 
-async def test_commands_sync_once_and_only_when_changed(
-        tmp_path: Path, servers: Servers) -> None:
+
+async def test_commands_sync_once_and_only_when_changed(tmp_path: Path, servers: Servers) -> None:
     server = servers.discord
     bot = await start_bot(tmp_path, servers)
     await stop_bot(bot)
@@ -673,8 +723,16 @@ async def test_commands_sync_once_and_only_when_changed(
     path, commands = server.syncs[0]
     assert path == f"/api/v10/applications/{server.app_id}/commands"
     by_name = {c["name"]: c for c in commands}
-    assert set(by_name) == {"song", "compose", "queue", "cancel", "quota", "history",
-                            "help", "limits"}
+    assert set(by_name) == {
+        "song",
+        "compose",
+        "queue",
+        "cancel",
+        "quota",
+        "history",
+        "help",
+        "limits",
+    }
     song = {o["name"]: o for o in by_name["song"]["options"]}
     assert set(song) == {"prompt", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
     assert song["prompt"]["required"] is True
@@ -696,11 +754,11 @@ async def test_commands_sync_once_and_only_when_changed(
     bot = await start_bot(tmp_path, servers, discord_guild_ids=[GUILD])
     await stop_bot(bot)
     assert [p for p, _ in server.syncs[1:]] == [
-        f"/api/v10/applications/{server.app_id}/guilds/{GUILD}/commands"]
+        f"/api/v10/applications/{server.app_id}/guilds/{GUILD}/commands"
+    ]
 
 
-async def test_rate_limited_sync_is_retried(tmp_path: Path,
-                                            servers: Servers) -> None:
+async def test_rate_limited_sync_is_retried(tmp_path: Path, servers: Servers) -> None:
     server = servers.discord
     server.rate_limit_next("PUT", r"/commands$", retry_after=0.05)
     bot = await start_bot(tmp_path, servers)
@@ -709,14 +767,12 @@ async def test_rate_limited_sync_is_retried(tmp_path: Path,
     assert len(server.syncs) == 1
 
 
-async def test_gateway_and_rest_urls_come_from_settings(tmp_path: Path,
-                                                        servers: Servers) -> None:
+async def test_gateway_and_rest_urls_come_from_settings(tmp_path: Path, servers: Servers) -> None:
     # DISCORD_GATEWAY_URL must be applied explicitly: discord.py's plain Client never asks
     # /gateway/bot. The interaction then arrives over that websocket, as in production.
     server = servers.discord
     gateway = servers.discord_url.replace("http://", "ws://") + "/gateway"
-    bot = await start_bot(tmp_path, servers, connect_gateway=True,
-                          discord_gateway_url=gateway)
+    bot = await start_bot(tmp_path, servers, connect_gateway=True, discord_gateway_url=gateway)
     try:
         await asyncio.wait_for(bot.frontend.client.wait_until_ready(), timeout=10)
         assert bot.frontend.is_connected()  # what /health reports

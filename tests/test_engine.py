@@ -26,8 +26,9 @@ def prompt(text: str = "lofi piano about rain", **kw: object) -> GenerationReque
 
 
 def fal(fake: FakeFal, url: str, concurrency: int = 2) -> FalProvider:
-    return FalProvider(fake.key, url, concurrency=concurrency, poll_interval=0.01,
-                       retry_delays=(0.01, 0.02))
+    return FalProvider(
+        fake.key, url, concurrency=concurrency, poll_interval=0.01, retry_delays=(0.01, 0.02)
+    )
 
 
 def decoded_seconds(path: Path) -> float:
@@ -44,8 +45,9 @@ async def test_song_delivered_as_mp3_with_progress_and_quota_committed(tmp_path:
     async with fake.running() as url:
         engine = await open_engine(settings, [fal(fake, url)], delivery)
         try:
-            admission = await engine.submit(prompt(duration=12, seed=-1), ALICE,
-                                            {"channel_id": "1"})
+            admission = await engine.submit(
+                prompt(duration=12, seed=-1), ALICE, {"channel_id": "1"}
+            )
             assert admission.position == 1 and 0 <= admission.seed <= 2147483647
             job = await wait_for_state(engine, admission.job_id, ("delivered",))
             ledger = await engine.store.ledger(job.id)
@@ -71,14 +73,15 @@ async def test_song_delivered_as_mp3_with_progress_and_quota_committed(tmp_path:
 
 async def test_fair_between_users_not_fifo(tmp_path: Path) -> None:
     fake = FakeFal(queue_polls=0, progress_polls=1)
-    settings = make_settings(tmp_path, quota_user_jobs_per_day=50,
-                             quota_user_concurrent_jobs=20)
+    settings = make_settings(tmp_path, quota_user_jobs_per_day=50, quota_user_concurrent_jobs=20)
     delivery = RecordingDelivery(byte_limit=None)
     async with fake.running() as url:
         engine = await open_engine(settings, [fal(fake, url, concurrency=1)], delivery)
         try:
-            alice_jobs = [await engine.submit(prompt(f"alice song {i}", duration=5), ALICE, {})
-                          for i in range(10)]
+            alice_jobs = [
+                await engine.submit(prompt(f"alice song {i}", duration=5), ALICE, {})
+                for i in range(10)
+            ]
             bob = await engine.submit(prompt("bob song", duration=5), BOB, {})
             assert bob.position <= 2  # not behind all of Alice's queued songs
             await wait_for_state(engine, bob.job_id, ("delivered",), timeout=20)
@@ -185,7 +188,8 @@ async def test_content_policy_rejection_told_and_never_retried(tmp_path: Path) -
 
 
 async def test_auth_failure_tells_user_unavailable_and_operator_why(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fake = FakeFal()
     fake.exhausted_balance = True
     settings = make_settings(tmp_path, fal_key=fake.key)
@@ -199,8 +203,13 @@ async def test_auth_failure_tells_user_unavailable_and_operator_why(
         finally:
             await engine.close()
     assert job.refunded
-    assert delivery.failures == [(adm.job_id, "The music service is temporarily unavailable. "
-                                  "Your quota was refunded; please try again later.")]
+    assert delivery.failures == [
+        (
+            adm.job_id,
+            "The music service is temporarily unavailable. "
+            "Your quota was refunded; please try again later.",
+        )
+    ]
     operator_lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("Exhausted balance" in line for line in operator_lines), operator_lines
     assert all(fake.key not in r.getMessage() for r in caplog.records)
@@ -234,7 +243,8 @@ async def test_remote_failure_and_wrong_audio_fail_with_refund(tmp_path: Path) -
             job = await wait_for_state(engine, adm.job_id, ("failed",))
             assert job.refunded
             assert delivery.failures[-1][1].startswith(
-                "The music service could not make this song: CUDA out of memory")
+                "The music service could not make this song: CUDA out of memory"
+            )
         finally:
             await engine.close()
 
@@ -251,8 +261,9 @@ async def test_delivery_failure_refunds_user_but_keeps_the_charge(tmp_path: Path
         finally:
             await engine.close()
     assert job.refunded and job.charged_usd == pytest.approx(5 * 0.0002)
-    assert delivery.failures == [(adm.job_id, "Your song was made but could not be posted "
-                                  "here. Your quota was refunded.")]
+    assert delivery.failures == [
+        (adm.job_id, "Your song was made but could not be posted here. Your quota was refunded.")
+    ]
 
 
 async def test_quota_refusal_message_names_limit_remaining_and_reset(tmp_path: Path) -> None:
@@ -267,8 +278,9 @@ async def test_quota_refusal_message_names_limit_remaining_and_reset(tmp_path: P
         finally:
             await engine.close()
     assert err.value.limit == "user_seconds_per_day"
-    assert str(err.value).startswith("This 30 s song needs more audio than you have left "
-                                     "today: 20 s of your 50 s.")
+    assert str(err.value).startswith(
+        "This 30 s song needs more audio than you have left today: 20 s of your 50 s."
+    )
     assert "It resets at 00:00 UTC" in str(err.value)
     assert fake.submit_count <= 1
 
@@ -286,12 +298,17 @@ async def test_per_job_timeout_stops_the_job_and_refunds(tmp_path: Path) -> None
             await engine.close()
     assert job.refunded
     assert len(fake.cancels) == 1
-    assert delivery.failures == [(adm.job_id, "Your song took too long to make (over 1 s) and "
-                                  "was stopped. Your quota was refunded.")]
+    assert delivery.failures == [
+        (
+            adm.job_id,
+            "Your song took too long to make (over 1 s) and was stopped. Your quota was refunded.",
+        )
+    ]
 
 
 async def test_a_finished_song_waits_for_its_front_end_then_is_delivered_once(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     fake = FakeFal(queue_polls=0)
     settings = make_settings(tmp_path)
     async with fake.running() as url:
@@ -312,7 +329,8 @@ async def test_a_finished_song_waits_for_its_front_end_then_is_delivered_once(
 
 
 async def test_cancel_from_another_process_stops_the_running_job(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import bot.engine
 
     monkeypatch.setattr(bot.engine, "CANCEL_FLAG_CHECK_S", 0.05)
@@ -327,8 +345,7 @@ async def test_cancel_from_another_process_stops_the_running_job(
         try:
             adm = await engine.submit(prompt(duration=5), ALICE, {})
             await wait_for_state(engine, adm.job_id, ("running",))
-            flagged = await operator.cancel(adm.job_id, Requester("cli", "operator"),
-                                            is_admin=True)
+            flagged = await operator.cancel(adm.job_id, Requester("cli", "operator"), is_admin=True)
             assert flagged.state == "running" and flagged.cancel_requested
             job = await wait_for_state(engine, adm.job_id, ("cancelled",))
         finally:
@@ -347,9 +364,9 @@ async def test_the_same_platform_event_is_admitted_once(tmp_path: Path) -> None:
         try:
             first, second = await asyncio.gather(
                 engine.submit(prompt(duration=5), ALICE, {}, source_key="telegram:1:77"),
-                engine.submit(prompt(duration=5), ALICE, {}, source_key="telegram:1:77"))
-            other = await engine.submit(prompt(duration=5), ALICE, {},
-                                        source_key="telegram:1:78")
+                engine.submit(prompt(duration=5), ALICE, {}, source_key="telegram:1:77"),
+            )
+            other = await engine.submit(prompt(duration=5), ALICE, {}, source_key="telegram:1:78")
             jobs = await engine.store.recent()
             ledger = await engine.store.ledger()
         finally:

@@ -26,8 +26,9 @@ USER = Requester("telegram", "7", "-100")
 
 
 def prompt(**kw: object) -> GenerationRequest:
-    return GenerationRequest.build(mode="prompt", prompt="synthwave night drive",
-                                   duration=kw.pop("duration", 6), **kw)
+    return GenerationRequest.build(
+        mode="prompt", prompt="synthwave night drive", duration=kw.pop("duration", 6), **kw
+    )
 
 
 def fal(fake: FakeFal, url: str) -> FalProvider:
@@ -51,8 +52,9 @@ async def test_busy_first_provider_falls_through_to_the_second(tmp_path: Path) -
     first.retry_after = 30
     delivery = RecordingDelivery(platform="telegram")
     async with first.running() as f_url, second.running() as w_url:
-        engine = await open_engine(make_settings(tmp_path),
-                                   [fal(first, f_url), wavespeed(second, w_url)], delivery)
+        engine = await open_engine(
+            make_settings(tmp_path), [fal(first, f_url), wavespeed(second, w_url)], delivery
+        )
         try:
             adm = await engine.submit(prompt(), USER, {})
             job = await wait_for_state(engine, adm.job_id, ("delivered",))
@@ -68,8 +70,9 @@ async def test_unreachable_first_provider_falls_through(tmp_path: Path) -> None:
     delivery = RecordingDelivery(platform="telegram")
     async with second.running() as w_url:
         down = FalProvider("fal-key-0000000000", closed_port(), poll_interval=0.01)
-        engine = await open_engine(make_settings(tmp_path), [down, wavespeed(second, w_url)],
-                                   delivery)
+        engine = await open_engine(
+            make_settings(tmp_path), [down, wavespeed(second, w_url)], delivery
+        )
         try:
             adm = await engine.submit(prompt(), USER, {})
             job = await wait_for_state(engine, adm.job_id, ("delivered",))
@@ -84,8 +87,9 @@ async def test_rejection_is_not_failed_over_and_the_user_is_told(tmp_path: Path)
     first.content_policy = True
     delivery = RecordingDelivery(platform="telegram")
     async with first.running() as f_url, second.running() as w_url:
-        engine = await open_engine(make_settings(tmp_path),
-                                   [fal(first, f_url), wavespeed(second, w_url)], delivery)
+        engine = await open_engine(
+            make_settings(tmp_path), [fal(first, f_url), wavespeed(second, w_url)], delivery
+        )
         try:
             adm = await engine.submit(prompt(), USER, {})
             job = await wait_for_state(engine, adm.job_id, ("failed",))
@@ -99,14 +103,16 @@ async def test_rejection_is_not_failed_over_and_the_user_is_told(tmp_path: Path)
 
 
 async def test_auth_failure_cools_the_provider_down_for_later_jobs(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     first, second = FakeFal(), FakeWaveSpeed()
     first.unauthorized = True
     caplog.set_level(logging.INFO)
     delivery = RecordingDelivery(platform="telegram")
     async with first.running() as f_url, second.running() as w_url:
-        engine = await open_engine(make_settings(tmp_path),
-                                   [fal(first, f_url), wavespeed(second, w_url)], delivery)
+        engine = await open_engine(
+            make_settings(tmp_path), [fal(first, f_url), wavespeed(second, w_url)], delivery
+        )
         try:
             one = await engine.submit(prompt(), USER, {})
             await wait_for_state(engine, one.job_id, ("delivered",))
@@ -121,14 +127,14 @@ async def test_auth_failure_cools_the_provider_down_for_later_jobs(
     assert all(first.key not in r.getMessage() for r in caplog.records)
 
 
-async def test_remote_failure_after_acceptance_is_retried_once_elsewhere(
-        tmp_path: Path) -> None:
+async def test_remote_failure_after_acceptance_is_retried_once_elsewhere(tmp_path: Path) -> None:
     first, second = FakeFal(queue_polls=0), FakeWaveSpeed()
     first.run_error = ("GPU fell over", "internal_error")
     delivery = RecordingDelivery(platform="telegram")
     async with first.running() as f_url, second.running() as w_url:
-        engine = await open_engine(make_settings(tmp_path),
-                                   [fal(first, f_url), wavespeed(second, w_url)], delivery)
+        engine = await open_engine(
+            make_settings(tmp_path), [fal(first, f_url), wavespeed(second, w_url)], delivery
+        )
         try:
             adm = await engine.submit(prompt(seed=99), USER, {})
             job = await wait_for_state(engine, adm.job_id, ("delivered",))
@@ -139,14 +145,15 @@ async def test_remote_failure_after_acceptance_is_retried_once_elsewhere(
     assert job.attempts == 2
 
 
-async def test_router_respects_modes_and_says_which_options_are_ignored(
-        tmp_path: Path) -> None:
+async def test_router_respects_modes_and_says_which_options_are_ignored(tmp_path: Path) -> None:
     song_only = ReplicateProvider("r8_test_token_000000", "http://127.0.0.1:9")
     ws = FakeWaveSpeed()
     async with ws.running() as w_url:
-        engine = await open_engine(make_settings(tmp_path),
-                                   [song_only, wavespeed(ws, w_url)],
-                                   RecordingDelivery(platform="telegram"))
+        engine = await open_engine(
+            make_settings(tmp_path),
+            [song_only, wavespeed(ws, w_url)],
+            RecordingDelivery(platform="telegram"),
+        )
         try:
             adm = await engine.submit(prompt(steps=40, scheduler="heun"), USER, {})
             assert adm.provider == "wavespeed"
@@ -157,11 +164,11 @@ async def test_router_respects_modes_and_says_which_options_are_ignored(
     assert ws.submit_count == 1
 
 
-async def test_no_capable_provider_is_refused_before_anything_is_stored(
-        tmp_path: Path) -> None:
+async def test_no_capable_provider_is_refused_before_anything_is_stored(tmp_path: Path) -> None:
     song_only = ReplicateProvider("r8_test_token_000000", "http://127.0.0.1:9")
-    engine = await open_engine(make_settings(tmp_path), [song_only],
-                               RecordingDelivery(platform="telegram"))
+    engine = await open_engine(
+        make_settings(tmp_path), [song_only], RecordingDelivery(platform="telegram")
+    )
     try:
         with pytest.raises(NoProvider, match="cannot make a described song"):
             await engine.submit(prompt(), USER, {})
@@ -171,15 +178,19 @@ async def test_no_capable_provider_is_refused_before_anything_is_stored(
 
 
 async def test_local_gpu_restart_losing_the_task_is_resubmitted_and_delivered(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     gpu = FakeAceStep(polls_queued=0, polls_running=10_000)
     delivery = RecordingDelivery(platform="telegram")
     async with gpu.running() as url:
         provider = AceStepProvider([url], poll_interval=0.01, recheck_after=0.0)
         engine = await open_engine(make_settings(tmp_path), [provider], delivery)
         try:
-            adm = await engine.submit(GenerationRequest.build(
-                mode="song", tags="ambient, piano", duration=12, seed=5), USER, {})
+            adm = await engine.submit(
+                GenerationRequest.build(mode="song", tags="ambient, piano", duration=12, seed=5),
+                USER,
+                {},
+            )
             await wait_for_state(engine, adm.job_id, ("running",))
             await asyncio.sleep(0.1)
             gpu.polls_running = 1

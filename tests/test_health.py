@@ -75,8 +75,9 @@ async def test_metrics_and_health_after_real_jobs(tmp_path: Path) -> None:
             failed = await engine.submit(prompt("fails", duration=5), BOB, {})
             await wait_for_state(engine, failed.job_id, ("failed",))
             fake.run_error = None
-            waiting = await engine.submit(prompt("waits", duration=5),
-                                          Requester("telegram", "7", "chat9"), {})
+            waiting = await engine.submit(
+                prompt("waits", duration=5), Requester("telegram", "7", "chat9"), {}
+            )
             metrics = await get(server, "/metrics")
             health = await get(server, "/healthz")
         finally:
@@ -92,8 +93,7 @@ async def test_metrics_and_health_after_real_jobs(tmp_path: Path) -> None:
     assert got[("acestep_queue_depth", ())] == 1
     assert got[("acestep_quota_refusals_total", (("limit", "user_jobs_per_day"),))] == 1
     assert got[("acestep_provider_errors_total", (("provider", "fal"), ("type", "Busy")))] == 1
-    assert got[("acestep_provider_errors_total",
-                (("provider", "fal"), ("type", "Failed")))] == 1
+    assert got[("acestep_provider_errors_total", (("provider", "fal"), ("type", "Failed")))] == 1
     assert got[("acestep_generation_seconds_count", (("provider", "fal"),))] == 2
     assert got[("acestep_end_to_end_seconds_count", (("platform", "discord"),))] == 2
     e2e_sum = got[("acestep_end_to_end_seconds_sum", (("platform", "discord"),))]
@@ -116,7 +116,8 @@ async def test_metrics_and_health_after_real_jobs(tmp_path: Path) -> None:
 
 
 async def test_health_reports_disconnected_front_end_and_provider_auth_cooldown(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     fake = FakeFal()
     settings = make_settings(tmp_path)
     async with fake.running() as url:
@@ -143,13 +144,11 @@ async def test_health_reports_disconnected_front_end_and_provider_auth_cooldown(
     assert fake.key not in health.text
     got = samples(metrics.text)
     assert got[("acestep_provider_cooling_down", (("provider", "fal"),))] == 1
-    assert got[("acestep_provider_errors_total",
-                (("provider", "fal"), ("type", "AuthError")))] == 1
+    assert got[("acestep_provider_errors_total", (("provider", "fal"), ("type", "AuthError")))] == 1
     assert got[("acestep_jobs", (("provider", ""), ("state", "failed")))] == 1
 
 
-async def test_healthz_fails_fast_when_the_database_cannot_take_writes(
-        tmp_path: Path) -> None:
+async def test_healthz_fails_fast_when_the_database_cannot_take_writes(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     engine = await open_engine(settings, [])
     server = await start_health_server(settings, engine, [])

@@ -32,8 +32,10 @@ def log_a_leaky_failure() -> None:
     log = logging.getLogger("acestep.engine")
     log.info("job 1a2b3c4d admitted: prompt %s", "lofi piano\n2026-01-01 INFO forged line")
     try:
-        raise RuntimeError(f"POST https://api.telegram.org/bot{TELEGRAM_TOKEN}/sendAudio "
-                           f"failed; also /bot123:ABC/getMe; key {FAL_KEY}")
+        raise RuntimeError(
+            f"POST https://api.telegram.org/bot{TELEGRAM_TOKEN}/sendAudio "
+            f"failed; also /bot123:ABC/getMe; key {FAL_KEY}"
+        )
     except RuntimeError:
         log.exception("job 1a2b3c4d: delivery to telegram crashed (attempt 1)")
     log.warning("job 1a2b3c4d: fal said %s", {"Authorization": "Key " + "k" * 20})
@@ -41,8 +43,15 @@ def log_a_leaky_failure() -> None:
 
 
 def setup(tmp_path: Path, fmt: str) -> None:
-    logs.setup(make_settings(tmp_path, telegram_token=TELEGRAM_TOKEN, fal_key=FAL_KEY,
-                             log_format=fmt, log_level="INFO"))
+    logs.setup(
+        make_settings(
+            tmp_path,
+            telegram_token=TELEGRAM_TOKEN,
+            fal_key=FAL_KEY,
+            log_format=fmt,
+            log_level="INFO",
+        )
+    )
 
 
 def assert_no_secrets(text: str) -> None:
@@ -55,7 +64,8 @@ def assert_no_secrets(text: str) -> None:
 
 
 def test_text_logs_redact_secrets_in_messages_and_tracebacks(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     setup(tmp_path, "text")
     log_a_leaky_failure()
     err = capsys.readouterr().err
@@ -76,7 +86,8 @@ def test_text_logs_redact_secrets_in_messages_and_tracebacks(
 
 
 def test_json_logs_one_object_per_line_with_job_id_and_redacted_exception(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     setup(tmp_path, "json")
     log_a_leaky_failure()
     logging.getLogger("acestep.app").info("acestep-bot running")
@@ -97,16 +108,18 @@ def test_json_logs_one_object_per_line_with_job_id_and_redacted_exception(
     assert running["time"].endswith("Z")
 
 
-def test_httpx_request_lines_are_not_logged(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_httpx_request_lines_are_not_logged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     setup(tmp_path, "text")
     # httpx logs each request URL at INFO; Telegram URLs carry the token.
     logging.getLogger("httpx").info("HTTP Request: POST https://example.test/bot1:x/getMe")
     assert capsys.readouterr().err == ""
 
 
-def test_a_bad_format_call_does_not_raise(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_format_call_does_not_raise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     setup(tmp_path, "text")
     logging.getLogger("acestep.x").info("job %s %s", "only-one")
     assert "job %s %s" in capsys.readouterr().err

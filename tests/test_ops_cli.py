@@ -28,6 +28,7 @@ def write_audio(audio_dir: Path, *names: str) -> None:
 
 # ---- retention -------------------------------------------------------------------------
 
+
 async def test_retention_removes_only_audio_of_jobs_finished_long_ago(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, audio_retention_days=30)
     now = time.time()
@@ -41,21 +42,39 @@ async def test_retention_removes_only_audio_of_jobs_finished_long_ago(tmp_path: 
         unposted = await seed_job(store, BOB, at=now - 40 * DAY, state="ready")
         stuck = await seed_job(store, CAROL, at=now - 50 * DAY, state="running")
         audio = settings.audio_dir
-        write_audio(audio, f"{old_delivered.id}.wav", f"{old_delivered.id}.10485760.mp3",
-                    f"{old_delivered.id}.any.flac", f"{old_failed.id}.mp3.part",
-                    f"{recent.id}.wav", f"{recent.id}.any.mp3", f"{unposted.id}.wav",
-                    f"{stuck.id}.wav", "0badc0de.wav", "README.txt")
+        write_audio(
+            audio,
+            f"{old_delivered.id}.wav",
+            f"{old_delivered.id}.10485760.mp3",
+            f"{old_delivered.id}.any.flac",
+            f"{old_failed.id}.mp3.part",
+            f"{recent.id}.wav",
+            f"{recent.id}.any.mp3",
+            f"{unposted.id}.wav",
+            f"{stuck.id}.wav",
+            "0badc0de.wav",
+            "README.txt",
+        )
         report = await prune_audio(settings, store, now=now)
         left = sorted(p.name for p in audio.iterdir())
         # With 0 days everything is kept, even what is years old.
-        kept_all = await prune_audio(make_settings(tmp_path, audio_retention_days=0), store,
-                                     now=now + 10_000 * DAY)
+        kept_all = await prune_audio(
+            make_settings(tmp_path, audio_retention_days=0), store, now=now + 10_000 * DAY
+        )
     finally:
         await db.close()
     assert (report.jobs, report.files) == (2, 4)
     assert report.bytes == 4 * 104
-    assert left == sorted([f"{recent.id}.wav", f"{recent.id}.any.mp3", f"{unposted.id}.wav",
-                           f"{stuck.id}.wav", "0badc0de.wav", "README.txt"])
+    assert left == sorted(
+        [
+            f"{recent.id}.wav",
+            f"{recent.id}.any.mp3",
+            f"{unposted.id}.wav",
+            f"{stuck.id}.wav",
+            "0badc0de.wav",
+            "README.txt",
+        ]
+    )
     assert kept_all.files == 0
 
 
@@ -78,14 +97,16 @@ async def test_audio_prune_command(tmp_path: Path) -> None:
     assert code == 0, err
     assert "removed 2 files (0.0 MB) of 1 jobs finished more than 7 days ago" in out
     assert sorted(p.name for p in settings.audio_dir.iterdir()) == [f"{new.id}.wav"]
-    code, out, _ = await run_cli(["audio", "prune"], cli_env(tmp_path,
-                                                             AUDIO_RETENTION_DAYS="0"), tmp_path)
+    code, out, _ = await run_cli(
+        ["audio", "prune"], cli_env(tmp_path, AUDIO_RETENTION_DAYS="0"), tmp_path
+    )
     assert code == 0 and "kept; nothing removed" in out
     code, _, err = await run_cli(["audio", "prune", "--days", "0"], env, tmp_path)
     assert code == 2 and "days: 0 is not valid" in err
 
 
 # ---- backup ----------------------------------------------------------------------------
+
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
     conn = sqlite3.connect(str(path))
@@ -116,8 +137,7 @@ async def test_backup_of_a_busy_database_opens_and_matches(tmp_path: Path) -> No
         await asyncio.sleep(0.05)
         before = written
         dest = tmp_path / "backups" / "bot.sqlite3"
-        code, out, err = await run_cli(["db", "backup", str(dest)], cli_env(tmp_path),
-                                       tmp_path)
+        code, out, err = await run_cli(["db", "backup", str(dest)], cli_env(tmp_path), tmp_path)
         during = written - before
     finally:
         stop.set()
@@ -134,19 +154,19 @@ async def test_backup_of_a_busy_database_opens_and_matches(tmp_path: Path) -> No
     copied = rows(dest, order)
     live = rows(settings.db_path, order)
     assert 200 <= len(copied) <= len(live) == written
-    assert copied == live[:len(copied)]
+    assert copied == live[: len(copied)]
     assert f"{len(copied)} jobs" in out
     ledger = "SELECT job_id, kind FROM usage_ledger ORDER BY id"
-    assert rows(dest, ledger) == rows(settings.db_path, ledger)[:len(copied)]
+    assert rows(dest, ledger) == rows(settings.db_path, ledger)[: len(copied)]
     # Quiet now: a second backup into a directory is the database exactly.
-    code, out, err = await run_cli(["db", "backup", str(dest.parent)], cli_env(tmp_path),
-                                   tmp_path)
+    code, out, err = await run_cli(["db", "backup", str(dest.parent)], cli_env(tmp_path), tmp_path)
     await db.close()
     assert code == 0, err
     [second] = [p for p in dest.parent.iterdir() if p.name.startswith("acestep-bot-")]
     assert rows(second, order) == rows(settings.db_path, order)
-    assert rows(second, "SELECT MAX(version) FROM schema_migrations") == \
-        rows(settings.db_path, "SELECT MAX(version) FROM schema_migrations")
+    assert rows(second, "SELECT MAX(version) FROM schema_migrations") == rows(
+        settings.db_path, "SELECT MAX(version) FROM schema_migrations"
+    )
 
 
 async def test_backup_refuses_the_live_database_and_a_missing_one(tmp_path: Path) -> None:
@@ -162,53 +182,75 @@ async def test_backup_refuses_the_live_database_and_a_missing_one(tmp_path: Path
 
 # ---- stats -----------------------------------------------------------------------------
 
+
 async def test_stats_by_community_user_and_provider(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     now = time.time()
     db = await Database.open(settings.db_path)
     try:
         store = JobStore(db)
-        await seed_job(store, ALICE, at=now - DAY, state="delivered", duration=30,
-                       charged=0.05)
-        await seed_job(store, ALICE, at=now - 2 * DAY, state="delivered", duration=60,
-                       provider="replicate", charged=0.5)
-        await seed_job(store, BOB, at=now - 3 * DAY, state="delivered", duration=20,
-                       charged=0.01)
+        await seed_job(store, ALICE, at=now - DAY, state="delivered", duration=30, charged=0.05)
+        await seed_job(
+            store,
+            ALICE,
+            at=now - 2 * DAY,
+            state="delivered",
+            duration=60,
+            provider="replicate",
+            charged=0.5,
+        )
+        await seed_job(store, BOB, at=now - 3 * DAY, state="delivered", duration=20, charged=0.01)
         await seed_job(store, BOB, at=now - DAY, state="failed", provider=None)
-        await seed_job(store, CAROL, at=now - 3600, state="delivered", duration=10,
-                       provider="acestep", charged=0.0)
-        await seed_job(store, CAROL, at=now - 20 * DAY, state="delivered", duration=240,
-                       charged=9.0)  # outside a 7-day window
+        await seed_job(
+            store,
+            CAROL,
+            at=now - 3600,
+            state="delivered",
+            duration=10,
+            provider="acestep",
+            charged=0.0,
+        )
+        await seed_job(
+            store, CAROL, at=now - 20 * DAY, state="delivered", duration=240, charged=9.0
+        )  # outside a 7-day window
     finally:
         await db.close()
     code, out, err = await run_cli(["stats", "--days", "7"], cli_env(tmp_path), tmp_path)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("Last 7 days (since ")
-    assert lines[1] == ("Total: 4 songs, 2.0 minutes, $0.5600 spent, 1 failed or "
-                        "cancelled, 5 admitted")
+    assert lines[1] == (
+        "Total: 4 songs, 2.0 minutes, $0.5600 spent, 1 failed or cancelled, 5 admitted"
+    )
 
     def table(group: str) -> list[list[str]]:
         start = lines.index(next(line for line in lines if line.startswith(f"BY {group}")))
         body = []
-        for line in lines[start + 1:]:
+        for line in lines[start + 1 :]:
             if not line:
                 break
             body.append(line.split())
         return body
 
-    assert table("COMMUNITY") == [["discord:guild1", "2", "90", "0.5500", "0", "2"],
-                                  ["telegram:chat7", "1", "20", "0.0100", "1", "2"],
-                                  ["(direct", "messages)", "1", "10", "0.0000", "0", "1"]]
-    assert table("USER") == [["discord:100", "2", "90", "0.5500", "0", "2"],
-                             ["telegram:200", "1", "20", "0.0100", "1", "2"],
-                             ["discord:300", "1", "10", "0.0000", "0", "1"]]
-    assert table("PROVIDER") == [["replicate", "1", "60", "0.5000", "0", "1"],
-                                 ["fal", "2", "50", "0.0600", "0", "2"],
-                                 ["acestep", "1", "10", "0.0000", "0", "1"],
-                                 ["(none)", "0", "0", "0.0000", "1", "1"]]
-    code, out, _ = await run_cli(["stats", "--days", "30", "--top", "1"], cli_env(tmp_path),
-                                 tmp_path)
+    assert table("COMMUNITY") == [
+        ["discord:guild1", "2", "90", "0.5500", "0", "2"],
+        ["telegram:chat7", "1", "20", "0.0100", "1", "2"],
+        ["(direct", "messages)", "1", "10", "0.0000", "0", "1"],
+    ]
+    assert table("USER") == [
+        ["discord:100", "2", "90", "0.5500", "0", "2"],
+        ["telegram:200", "1", "20", "0.0100", "1", "2"],
+        ["discord:300", "1", "10", "0.0000", "0", "1"],
+    ]
+    assert table("PROVIDER") == [
+        ["replicate", "1", "60", "0.5000", "0", "1"],
+        ["fal", "2", "50", "0.0600", "0", "2"],
+        ["acestep", "1", "10", "0.0000", "0", "1"],
+        ["(none)", "0", "0", "0.0000", "1", "1"],
+    ]
+    code, out, _ = await run_cli(
+        ["stats", "--days", "30", "--top", "1"], cli_env(tmp_path), tmp_path
+    )
     assert code == 0
     assert "Total: 5 songs, 6.0 minutes, $9.5600 spent" in out
     assert "... and 2 more" in out

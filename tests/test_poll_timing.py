@@ -34,21 +34,30 @@ class SilentFal(FakeFal):
             if found.polls < self.silent_polls:
                 found.polls += 1
                 return json_response(
-                    {"request_id": found.request_id, "status": "IN_PROGRESS",
-                     "logs": [{"message": "Generating", "level": "INFO", "source": "user",
-                               "timestamp": "2026-01-01T00:00:00.000000"}],
-                     **self._urls(request, found.request_id)}, status=202)
+                    {
+                        "request_id": found.request_id,
+                        "status": "IN_PROGRESS",
+                        "logs": [
+                            {
+                                "message": "Generating",
+                                "level": "INFO",
+                                "source": "user",
+                                "timestamp": "2026-01-01T00:00:00.000000",
+                            }
+                        ],
+                        **self._urls(request, found.request_id),
+                    },
+                    status=202,
+                )
         return await super()._status(request)
 
 
-async def test_unchanged_running_status_is_polled_at_the_provider_interval(
-        tmp_path: Path) -> None:
+async def test_unchanged_running_status_is_polled_at_the_provider_interval(tmp_path: Path) -> None:
     fake = SilentFal(silent_polls=10)
     # Backing off x3 up to 5 s, as a long-queued job may: ten silent polls would take over
     # ten seconds. While running, the cap (below fal's interval here) must hold them at
     # the provider's own interval instead, and never closer.
-    options = replace(FAST, poll_max_interval=5.0, poll_backoff=3.0,
-                      running_poll_max_interval=0.01)
+    options = replace(FAST, poll_max_interval=5.0, poll_backoff=3.0, running_poll_max_interval=0.01)
     delivery = RecordingDelivery(byte_limit=None)
     async with fake.running() as url:
         provider = FalProvider(fake.key, url, poll_interval=0.05, retry_delays=(0.01,))
@@ -56,9 +65,11 @@ async def test_unchanged_running_status_is_polled_at_the_provider_interval(
         engine.register_delivery(delivery)
         await engine.start()
         try:
-            adm = await engine.submit(GenerationRequest.build(
-                mode="prompt", prompt="rain on a tin roof", duration=5),
-                Requester("discord", "1"), {})
+            adm = await engine.submit(
+                GenerationRequest.build(mode="prompt", prompt="rain on a tin roof", duration=5),
+                Requester("discord", "1"),
+                {},
+            )
             await wait_for_state(engine, adm.job_id, ("delivered",), timeout=4)
         finally:
             await engine.close()

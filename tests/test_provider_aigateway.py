@@ -76,12 +76,14 @@ async def make(fake: FakeAIGateway, sleeps: SleepLog) -> AsyncIterator[Factory]:
 
 
 def prompt_request(**fields: object) -> GenerationRequest:
-    return GenerationRequest.build(mode="prompt", prompt="synthwave drive at night",
-                                   duration=5, **fields)
+    return GenerationRequest.build(
+        mode="prompt", prompt="synthwave drive at night", duration=5, **fields
+    )
 
 
-async def poll_until_done(provider: AIGatewayProvider, handle: Handle,
-                          limit: int = 10) -> list[Status]:
+async def poll_until_done(
+    provider: AIGatewayProvider, handle: Handle, limit: int = 10
+) -> list[Status]:
     seen: list[Status] = []
     for _ in range(limit):
         status = await provider.poll(handle)
@@ -104,9 +106,15 @@ async def test_prompt_mode_end_to_end(fake: FakeAIGateway, make: Factory) -> Non
     handle = await provider.submit(prompt_request(), seed=1234)
 
     # No seed: the API does not document one and this fake refuses unknown fields.
-    assert fake.submits == [{"prompt": "synthwave drive at night",
-                             "model": "ace-step/ace-step-prompt-to-audio",
-                             "duration": 5, "is_instrumental": False, "format": "wav"}]
+    assert fake.submits == [
+        {
+            "prompt": "synthwave drive at night",
+            "model": "ace-step/ace-step-prompt-to-audio",
+            "duration": 5,
+            "is_instrumental": False,
+            "format": "wav",
+        }
+    ]
     seen = await poll_until_done(provider, handle)
     assert seen[:2] == [Queued(None), Running()]
     assert isinstance(seen[-1], Succeeded)
@@ -140,8 +148,9 @@ async def test_instrumental_and_mp3_format(fake: FakeAIGateway, make: Factory) -
 
 
 @pytest.mark.parametrize("url_field", ["result.url", "result.file_url", "result_url"])
-async def test_audio_url_found_in_each_documented_place(fake: FakeAIGateway, make: Factory,
-                                                        url_field: str) -> None:
+async def test_audio_url_found_in_each_documented_place(
+    fake: FakeAIGateway, make: Factory, url_field: str
+) -> None:
     fake.url_field = url_field
     fake.queued_polls = fake.running_polls = 0
     provider = make()
@@ -182,8 +191,7 @@ async def test_unknown_audio_format_is_refused() -> None:
 # -- 304 Not Modified ---------------------------------------------------------------
 
 
-async def test_not_modified_keeps_the_last_known_status(fake: FakeAIGateway,
-                                                        make: Factory) -> None:
+async def test_not_modified_keeps_the_last_known_status(fake: FakeAIGateway, make: Factory) -> None:
     fake.min_poll_interval = 60.0  # every poll after the first is "too soon"
     fake.queued_polls = 1
     provider = make()
@@ -193,16 +201,16 @@ async def test_not_modified_keeps_the_last_known_status(fake: FakeAIGateway,
     assert fake.polls == [200, 304]
 
 
-async def test_not_modified_after_restart_means_running(fake: FakeAIGateway,
-                                                        make: Factory) -> None:
+async def test_not_modified_after_restart_means_running(fake: FakeAIGateway, make: Factory) -> None:
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
     fake.fail_next("poll", 304)
     assert await provider.poll(handle) == Running()
 
 
-async def test_polls_spaced_by_poll_interval_are_answered(fake: FakeAIGateway,
-                                                          make: Factory) -> None:
+async def test_polls_spaced_by_poll_interval_are_answered(
+    fake: FakeAIGateway, make: Factory
+) -> None:
     fake.min_poll_interval = 0.05
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
@@ -221,15 +229,20 @@ async def test_failed_job_reports_its_reason(fake: FakeAIGateway, make: Factory)
     fake.outcome = "failed"
     provider = make()
     seen = await poll_until_done(provider, await provider.submit(prompt_request(), seed=1))
-    assert seen[-1] == Failed("AIgateway could not make the song: "
-                              "Generation failed on the upstream model", rejected=False)
+    assert seen[-1] == Failed(
+        "AIgateway could not make the song: Generation failed on the upstream model", rejected=False
+    )
 
 
-async def test_failed_job_with_plain_error_and_policy_code(fake: FakeAIGateway,
-                                                           make: Factory) -> None:
+async def test_failed_job_with_plain_error_and_policy_code(
+    fake: FakeAIGateway, make: Factory
+) -> None:
     fake.outcome = "failed"
-    fake.failure_error = {"message": "Your prompt was flagged", "type": "invalid_request_error",
-                          "code": "content_policy_violation"}
+    fake.failure_error = {
+        "message": "Your prompt was flagged",
+        "type": "invalid_request_error",
+        "code": "content_policy_violation",
+    }
     provider = make()
     seen = await poll_until_done(provider, await provider.submit(prompt_request(), seed=1))
     assert isinstance(seen[-1], Failed) and seen[-1].rejected
@@ -250,8 +263,7 @@ async def test_cancel_a_running_job(fake: FakeAIGateway, make: Factory) -> None:
     assert fake.polls == [200, 304, 200]
 
 
-async def test_cancel_too_late_or_unknown_is_false(fake: FakeAIGateway,
-                                                   make: Factory) -> None:
+async def test_cancel_too_late_or_unknown_is_false(fake: FakeAIGateway, make: Factory) -> None:
     fake.queued_polls = fake.running_polls = 0
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
@@ -281,21 +293,29 @@ async def test_lost_job_is_task_lost(fake: FakeAIGateway, make: Factory) -> None
 # -- error shapes -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "message", "code", "error_type"), [
-    (400, "duration must be between 5 and 240 seconds", "invalid_value", Rejected),
-    (422, "Your prompt was flagged by moderation", "content_policy_violation", Rejected),
-    (401, "Invalid API key provided", "invalid_api_key", AuthError),
-    (403, "Your key cannot use this model", "model_forbidden", AuthError),
-    (402, "Budget exceeded for this key", "budget_exceeded", BillingError),
-    (429, "You exceeded your current quota", "insufficient_quota", BillingError),
-    (429, "Rate limit reached", "rate_limit_exceeded", Busy),
-    (503, "The engine is overloaded", None, Busy),
-    (500, "The server had an error", None, Unavailable),
-    (502, "Bad gateway", None, Unavailable),
-])
+@pytest.mark.parametrize(
+    ("status", "message", "code", "error_type"),
+    [
+        (400, "duration must be between 5 and 240 seconds", "invalid_value", Rejected),
+        (422, "Your prompt was flagged by moderation", "content_policy_violation", Rejected),
+        (401, "Invalid API key provided", "invalid_api_key", AuthError),
+        (403, "Your key cannot use this model", "model_forbidden", AuthError),
+        (402, "Budget exceeded for this key", "budget_exceeded", BillingError),
+        (429, "You exceeded your current quota", "insufficient_quota", BillingError),
+        (429, "Rate limit reached", "rate_limit_exceeded", Busy),
+        (503, "The engine is overloaded", None, Busy),
+        (500, "The server had an error", None, Unavailable),
+        (502, "Bad gateway", None, Unavailable),
+    ],
+)
 async def test_submit_errors_map_to_typed_errors(
-        fake: FakeAIGateway, make: Factory, status: int, message: str, code: str | None,
-        error_type: type[ProviderError]) -> None:
+    fake: FakeAIGateway,
+    make: Factory,
+    status: int,
+    message: str,
+    code: str | None,
+    error_type: type[ProviderError],
+) -> None:
     fake.fail_next("submit", status, message, code=code)
     with pytest.raises(error_type) as caught:
         await make().submit(prompt_request(), seed=1)
@@ -305,25 +325,21 @@ async def test_submit_errors_map_to_typed_errors(
     assert fake.submit_attempts == 1  # submits are never retried
 
 
-async def test_validation_error_names_the_parameter(fake: FakeAIGateway,
-                                                    make: Factory) -> None:
-    fake.fail_next("submit", 400, "must be at most 240", code="invalid_value",
-                   param="duration")
+async def test_validation_error_names_the_parameter(fake: FakeAIGateway, make: Factory) -> None:
+    fake.fail_next("submit", 400, "must be at most 240", code="invalid_value", param="duration")
     with pytest.raises(Rejected) as caught:
         await make().submit(prompt_request(), seed=1)
     assert caught.value.message == "duration: must be at most 240"
 
 
 async def test_rate_limit_carries_retry_after(fake: FakeAIGateway, make: Factory) -> None:
-    fake.fail_next("submit", 429, "Rate limit reached", code="rate_limit_exceeded",
-                   retry_after=20)
+    fake.fail_next("submit", 429, "Rate limit reached", code="rate_limit_exceeded", retry_after=20)
     with pytest.raises(Busy) as caught:
         await make().submit(prompt_request(), seed=1)
     assert caught.value.retry_after == 20.0
 
 
-async def test_refused_key_never_appears_in_the_error(fake: FakeAIGateway,
-                                                      make: Factory) -> None:
+async def test_refused_key_never_appears_in_the_error(fake: FakeAIGateway, make: Factory) -> None:
     wrong = "sk-aig-WRONG-secret-555"
     with pytest.raises(AuthError) as caught:
         await make(api_key=wrong).submit(prompt_request(), seed=1)
@@ -338,8 +354,7 @@ async def test_refused_key_never_appears_in_the_error(fake: FakeAIGateway,
 
 async def test_non_json_error_body(make: Factory) -> None:
     async def html_502(request: web.Request) -> web.Response:
-        return web.Response(status=502, text="<html>Bad Gateway</html>",
-                            content_type="text/html")
+        return web.Response(status=502, text="<html>Bad Gateway</html>", content_type="text/html")
 
     app = web.Application()
     app.router.add_post("/v1/audio/music", html_502)
@@ -359,8 +374,7 @@ async def test_unreachable_server_is_unavailable(make: Factory) -> None:
         await provider.poll(Handle("aigateway", {"id": "job_1"}))
 
 
-async def test_slow_submit_times_out_as_unavailable(fake: FakeAIGateway,
-                                                    make: Factory) -> None:
+async def test_slow_submit_times_out_as_unavailable(fake: FakeAIGateway, make: Factory) -> None:
     fake.stall_next("submit", 0.5)
     with pytest.raises(Unavailable, match="timed out"):
         await make(timeout=0.1).submit(prompt_request(), seed=1)
@@ -370,7 +384,8 @@ async def test_slow_submit_times_out_as_unavailable(fake: FakeAIGateway,
 
 
 async def test_poll_retries_with_backoff_of_at_least_three_seconds(
-        fake: FakeAIGateway, make: Factory, sleeps: SleepLog) -> None:
+    fake: FakeAIGateway, make: Factory, sleeps: SleepLog
+) -> None:
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
     fake.fail_next("poll", 500, "The server had an error", times=2)
@@ -378,8 +393,9 @@ async def test_poll_retries_with_backoff_of_at_least_three_seconds(
     assert sleeps.waits == [3.0, 6.0]
 
 
-async def test_poll_honours_retry_after(fake: FakeAIGateway, make: Factory,
-                                        sleeps: SleepLog) -> None:
+async def test_poll_honours_retry_after(
+    fake: FakeAIGateway, make: Factory, sleeps: SleepLog
+) -> None:
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
     fake.fail_next("poll", 429, "Rate limit reached", retry_after=9)
@@ -387,8 +403,9 @@ async def test_poll_honours_retry_after(fake: FakeAIGateway, make: Factory,
     assert sleeps.waits == [9.0]
 
 
-async def test_poll_gives_up_after_its_retries(fake: FakeAIGateway, make: Factory,
-                                               sleeps: SleepLog) -> None:
+async def test_poll_gives_up_after_its_retries(
+    fake: FakeAIGateway, make: Factory, sleeps: SleepLog
+) -> None:
     provider = make(poll_retries=1)
     handle = await provider.submit(prompt_request(), seed=1)
     fake.fail_next("poll", 503, "overloaded", times=3)
@@ -397,8 +414,9 @@ async def test_poll_gives_up_after_its_retries(fake: FakeAIGateway, make: Factor
     assert fake.polls == [503, 503] and len(sleeps.waits) == 1
 
 
-async def test_poll_does_not_retry_billing_errors(fake: FakeAIGateway, make: Factory,
-                                                  sleeps: SleepLog) -> None:
+async def test_poll_does_not_retry_billing_errors(
+    fake: FakeAIGateway, make: Factory, sleeps: SleepLog
+) -> None:
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
     fake.fail_next("poll", 402, "Budget exceeded", code="budget_exceeded")
@@ -410,8 +428,9 @@ async def test_poll_does_not_retry_billing_errors(fake: FakeAIGateway, make: Fac
 # -- restart and download ------------------------------------------------------------
 
 
-async def test_resume_from_stored_handle_in_a_new_adapter(fake: FakeAIGateway,
-                                                          make: Factory) -> None:
+async def test_resume_from_stored_handle_in_a_new_adapter(
+    fake: FakeAIGateway, make: Factory
+) -> None:
     first = make()
     handle = await first.submit(prompt_request(), seed=77)
     assert await first.poll(handle) == Queued(None)
@@ -430,8 +449,7 @@ async def test_resume_from_stored_handle_in_a_new_adapter(fake: FakeAIGateway,
     assert await third.cancel(Handle.from_json(third_handle.to_json())) is True
 
 
-async def test_key_is_not_sent_to_the_signed_url_host(fake: FakeAIGateway,
-                                                      make: Factory) -> None:
+async def test_key_is_not_sent_to_the_signed_url_host(fake: FakeAIGateway, make: Factory) -> None:
     fake.audio_host = "localhost"
     fake.queued_polls = fake.running_polls = 0
     provider = make()
@@ -442,8 +460,7 @@ async def test_key_is_not_sent_to_the_signed_url_host(fake: FakeAIGateway,
     assert "Authorization" not in fake.audio_requests[-1]
 
 
-async def test_expired_signed_url_is_a_failed_download(fake: FakeAIGateway,
-                                                       make: Factory) -> None:
+async def test_expired_signed_url_is_a_failed_download(fake: FakeAIGateway, make: Factory) -> None:
     fake.queued_polls = fake.running_polls = 0
     provider = make()
     status = await provider.poll(await provider.submit(prompt_request(), seed=1))

@@ -43,8 +43,7 @@ async def fake() -> AsyncIterator[FakeFal]:
 
 def make_provider(fake: FakeFal, key: str = KEY, **kwargs: object) -> FalProvider:
     assert fake.base_url
-    return FalProvider(key, fake.base_url, poll_interval=0.01,
-                       retry_delays=(0.0, 0.0), **kwargs)  # type: ignore[arg-type]
+    return FalProvider(key, fake.base_url, poll_interval=0.01, retry_delays=(0.0, 0.0), **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -60,8 +59,11 @@ def prompt_request(**fields: object) -> GenerationRequest:
 
 
 def song_request(**fields: object) -> GenerationRequest:
-    defaults: dict[str, object] = {"tags": "lofi, piano", "lyrics": "[verse]\nrain on glass",
-                                   "duration": 6}
+    defaults: dict[str, object] = {
+        "tags": "lofi, piano",
+        "lyrics": "[verse]\nrain on glass",
+        "duration": 6,
+    }
     return GenerationRequest.build(mode="song", **{**defaults, **fields})
 
 
@@ -89,14 +91,19 @@ async def test_prompt_mode_runs_to_a_song(fake: FakeFal, provider: FalProvider) 
     assert fake.submit_count == 1
     sent = fake.submits[0]
     assert sent.path == "/fal-ai/ace-step/prompt-to-audio"
-    assert sent.body == {"prompt": "lofi piano about rain", "instrumental": True,
-                         "duration": 5, "seed": 1234}
+    assert sent.body == {
+        "prompt": "lofi piano about rain",
+        "instrumental": True,
+        "duration": 5,
+        "seed": 1234,
+    }
     assert sent.authorization == f"Key {KEY}"
 
     # The handle keeps the URLs fal returned (the fake's, without the subpath).
     request_id = handle.data["request_id"]
     assert handle.data["status_url"] == (
-        f"{fake.base_url}/fal-ai/ace-step/requests/{request_id}/status")
+        f"{fake.base_url}/fal-ai/ace-step/requests/{request_id}/status"
+    )
     assert handle.data["endpoint"] == "fal-ai/ace-step/prompt-to-audio"
 
     statuses = await poll_to_end(provider, handle)
@@ -124,25 +131,34 @@ async def test_prompt_mode_runs_to_a_song(fake: FakeFal, provider: FalProvider) 
 
 
 async def test_song_mode_sends_tags_lyrics_and_only_the_options_set(
-        fake: FakeFal, provider: FalProvider) -> None:
+    fake: FakeFal, provider: FalProvider
+) -> None:
     request = song_request(steps=40, scheduler="heun", lyric_guidance_scale=2.5)
     handle = await provider.submit(request, seed=7)
 
     sent = fake.submits[0]
     assert sent.path == "/fal-ai/ace-step"
-    assert sent.body == {"tags": "lofi, piano", "lyrics": "[verse]\nrain on glass",
-                         "duration": 6, "seed": 7, "number_of_steps": 40,
-                         "scheduler": "heun", "lyric_guidance_scale": 2.5}
+    assert sent.body == {
+        "tags": "lofi, piano",
+        "lyrics": "[verse]\nrain on glass",
+        "duration": 6,
+        "seed": 7,
+        "number_of_steps": 40,
+        "scheduler": "heun",
+        "lyric_guidance_scale": 2.5,
+    }
     final = (await poll_to_end(provider, handle))[-1]
     assert isinstance(final, Succeeded)
     assert final.result.lyrics == "[verse]\nrain on glass"
     assert wav_seconds(await provider.fetch_audio(final.result)) == pytest.approx(6.0)
 
 
-@pytest.mark.parametrize("fields", [{"lyrics": ""}, {"instrumental": True},
-                                    {"lyrics": "[instrumental]"}])
+@pytest.mark.parametrize(
+    "fields", [{"lyrics": ""}, {"instrumental": True}, {"lyrics": "[instrumental]"}]
+)
 async def test_song_without_vocals_sends_inst_marker(
-        fake: FakeFal, provider: FalProvider, fields: dict[str, object]) -> None:
+    fake: FakeFal, provider: FalProvider, fields: dict[str, object]
+) -> None:
     await provider.submit(song_request(**fields), seed=1)
     assert fake.submits[0].body["lyrics"] == "[inst]"
 
@@ -183,37 +199,45 @@ async def test_new_instance_resumes_polling_from_a_stored_handle(fake: FakeFal) 
 
 
 async def test_handle_without_urls_is_polled_without_the_subpath(
-        fake: FakeFal, provider: FalProvider) -> None:
+    fake: FakeFal, provider: FalProvider
+) -> None:
     handle = await provider.submit(prompt_request(), seed=3)
-    bare = Handle("fal", {"request_id": handle.data["request_id"],
-                          "endpoint": "fal-ai/ace-step/prompt-to-audio"})
+    bare = Handle(
+        "fal",
+        {"request_id": handle.data["request_id"], "endpoint": "fal-ai/ace-step/prompt-to-audio"},
+    )
     final = (await poll_to_end(provider, bare))[-1]
     assert isinstance(final, Succeeded)
     assert all("prompt-to-audio" not in p for p in fake.status_paths)
 
 
 async def test_stored_urls_on_another_host_are_not_followed(
-        fake: FakeFal, provider: FalProvider) -> None:
+    fake: FakeFal, provider: FalProvider
+) -> None:
     # A tampered or stale job row must not make us send the key to a foreign host.
     handle = await provider.submit(prompt_request(), seed=3)
     request_id = handle.data["request_id"]
     foreign = "http://127.0.0.1:9/fal-ai/ace-step/requests"  # another origin
-    tampered = Handle("fal", {**handle.data, "status_url": f"{foreign}/{request_id}/status",
-                              "response_url": f"{foreign}/{request_id}"})
+    tampered = Handle(
+        "fal",
+        {
+            **handle.data,
+            "status_url": f"{foreign}/{request_id}/status",
+            "response_url": f"{foreign}/{request_id}",
+        },
+    )
     final = (await poll_to_end(provider, tampered))[-1]
     assert isinstance(final, Succeeded)
 
 
-async def test_cancel_before_completion_is_accepted(fake: FakeFal,
-                                                    provider: FalProvider) -> None:
+async def test_cancel_before_completion_is_accepted(fake: FakeFal, provider: FalProvider) -> None:
     handle = await provider.submit(prompt_request(), seed=3)
     assert await provider.cancel(handle) is True
     assert fake.cancels == [handle.data["request_id"]]
     assert await provider.poll(handle) == Cancelled()
 
 
-async def test_cancel_after_completion_is_too_late(fake: FakeFal,
-                                                   provider: FalProvider) -> None:
+async def test_cancel_after_completion_is_too_late(fake: FakeFal, provider: FalProvider) -> None:
     handle = await provider.submit(prompt_request(), seed=3)
     assert isinstance((await poll_to_end(provider, handle))[-1], Succeeded)
     assert await provider.cancel(handle) is False
@@ -244,8 +268,9 @@ async def test_wrong_key_is_an_auth_error_naming_the_setting(fake: FakeFal) -> N
     assert_readable(caught.value)
 
 
-async def test_revoked_key_during_poll_is_an_auth_error(fake: FakeFal,
-                                                        provider: FalProvider) -> None:
+async def test_revoked_key_during_poll_is_an_auth_error(
+    fake: FakeFal, provider: FalProvider
+) -> None:
     handle = await provider.submit(prompt_request(), seed=1)
     fake.unauthorized = True
     with pytest.raises(AuthError) as caught:
@@ -253,8 +278,7 @@ async def test_revoked_key_during_poll_is_an_auth_error(fake: FakeFal,
     assert_readable(caught.value)
 
 
-async def test_exhausted_balance_is_a_billing_error(fake: FakeFal,
-                                                    provider: FalProvider) -> None:
+async def test_exhausted_balance_is_a_billing_error(fake: FakeFal, provider: FalProvider) -> None:
     fake.exhausted_balance = True
     with pytest.raises(BillingError) as caught:
         await provider.submit(prompt_request(), seed=1)
@@ -271,8 +295,9 @@ async def test_validation_error_names_the_field(fake: FakeFal, provider: FalProv
     assert caught.value.status_code == 422
 
 
-async def test_content_policy_is_rejected_in_plain_words(fake: FakeFal,
-                                                         provider: FalProvider) -> None:
+async def test_content_policy_is_rejected_in_plain_words(
+    fake: FakeFal, provider: FalProvider
+) -> None:
     fake.content_policy = True
     with pytest.raises(Rejected) as caught:
         await provider.submit(prompt_request(), seed=1)
@@ -281,8 +306,9 @@ async def test_content_policy_is_rejected_in_plain_words(fake: FakeFal,
     assert_readable(caught.value)
 
 
-async def test_rate_limited_submit_is_busy_and_not_retried(fake: FakeFal,
-                                                           provider: FalProvider) -> None:
+async def test_rate_limited_submit_is_busy_and_not_retried(
+    fake: FakeFal, provider: FalProvider
+) -> None:
     fake.rate_limited, fake.retry_after = 1, 7
     with pytest.raises(Busy) as caught:
         await provider.submit(prompt_request(), seed=1)
@@ -291,7 +317,8 @@ async def test_rate_limited_submit_is_busy_and_not_retried(fake: FakeFal,
 
 
 async def test_server_error_on_submit_is_unavailable_and_not_retried(
-        fake: FakeFal, provider: FalProvider) -> None:
+    fake: FakeFal, provider: FalProvider
+) -> None:
     fake.server_errors = 1
     with pytest.raises(Unavailable) as caught:
         await provider.submit(prompt_request(), seed=1)
@@ -330,8 +357,9 @@ async def test_poll_retries_a_passing_rate_limit(fake: FakeFal, provider: FalPro
     assert len(fake.status_paths) == 2
 
 
-async def test_poll_gives_up_after_a_few_server_errors(fake: FakeFal,
-                                                       provider: FalProvider) -> None:
+async def test_poll_gives_up_after_a_few_server_errors(
+    fake: FakeFal, provider: FalProvider
+) -> None:
     handle = await provider.submit(prompt_request(), seed=1)
     fake.server_errors = 10
     with pytest.raises(Unavailable) as caught:
@@ -376,7 +404,8 @@ async def test_completed_with_error_fails_the_job(fake: FakeFal, provider: FalPr
 
 
 async def test_completed_with_content_policy_error_is_rejected(
-        fake: FakeFal, provider: FalProvider) -> None:
+    fake: FakeFal, provider: FalProvider
+) -> None:
     fake.run_error = ("flagged output", "content_policy_violation")
     handle = await provider.submit(prompt_request(), seed=1)
     final = (await poll_to_end(provider, handle))[-1]
@@ -385,8 +414,9 @@ async def test_completed_with_content_policy_error_is_rejected(
     assert "content policy" in final.reason
 
 
-async def test_failing_result_fetch_fails_with_its_detail(fake: FakeFal,
-                                                          provider: FalProvider) -> None:
+async def test_failing_result_fetch_fails_with_its_detail(
+    fake: FakeFal, provider: FalProvider
+) -> None:
     fake.result_error = (500, "Model crashed while decoding audio")
     handle = await provider.submit(song_request(), seed=1)
     final = (await poll_to_end(provider, handle))[-1]
@@ -395,8 +425,9 @@ async def test_failing_result_fetch_fails_with_its_detail(fake: FakeFal,
     assert final.rejected is False
 
 
-async def test_result_fetch_validation_error_is_a_rejection(fake: FakeFal,
-                                                            provider: FalProvider) -> None:
+async def test_result_fetch_validation_error_is_a_rejection(
+    fake: FakeFal, provider: FalProvider
+) -> None:
     fake.result_error = (422, "lyrics could not be parsed")
     handle = await provider.submit(song_request(), seed=1)
     final = (await poll_to_end(provider, handle))[-1]
@@ -409,7 +440,8 @@ async def test_result_fetch_validation_error_is_a_rejection(fake: FakeFal,
 
 
 async def test_key_stays_on_the_queue_origin_and_out_of_logs(
-        fake: FakeFal, provider: FalProvider, caplog: pytest.LogCaptureFixture) -> None:
+    fake: FakeFal, provider: FalProvider, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     fake.file_host = "localhost"  # the same server under another origin, like fal's CDN
     handle = await provider.submit(prompt_request(), seed=5)
@@ -424,4 +456,3 @@ async def test_key_stays_on_the_queue_origin_and_out_of_logs(
         await provider.submit(prompt_request(), seed=5)
     assert caplog.records  # the flow did log
     assert "fal-test-secret" not in caplog.text and KEY not in caplog.text
-

@@ -74,18 +74,19 @@ async def make(fake: FakeWaveSpeed, sleeps: SleepLog) -> AsyncIterator[Factory]:
 
 
 def prompt_request(**fields: object) -> GenerationRequest:
-    return GenerationRequest.build(mode="prompt", prompt="lofi piano about rain",
-                                   duration=5, **fields)
+    return GenerationRequest.build(
+        mode="prompt", prompt="lofi piano about rain", duration=5, **fields
+    )
 
 
 def song_request(**fields: object) -> GenerationRequest:
     fields.setdefault("lyrics", "[verse]\nrain on the window\n[chorus]\nstay inside")
-    return GenerationRequest.build(mode="song", tags="lofi, piano, rain", duration=6,
-                                   **fields)
+    return GenerationRequest.build(mode="song", tags="lofi, piano, rain", duration=6, **fields)
 
 
-async def poll_until_done(provider: WaveSpeedProvider, handle: Handle,
-                          limit: int = 10) -> list[Status]:
+async def poll_until_done(
+    provider: WaveSpeedProvider, handle: Handle, limit: int = 10
+) -> list[Status]:
     seen: list[Status] = []
     for _ in range(limit):
         status = await provider.poll(handle)
@@ -107,11 +108,17 @@ async def test_prompt_mode_end_to_end(fake: FakeWaveSpeed, make: Factory) -> Non
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1234)
 
-    assert fake.submits == [{
-        "model": "wavespeed-ai/ace-step/prompt-to-audio",
-        "body": {"prompt": "lofi piano about rain", "instrumental": False,
-                 "duration": 5, "seed": 1234},
-    }]
+    assert fake.submits == [
+        {
+            "model": "wavespeed-ai/ace-step/prompt-to-audio",
+            "body": {
+                "prompt": "lofi piano about rain",
+                "instrumental": False,
+                "duration": 5,
+                "seed": 1234,
+            },
+        }
+    ]
     seen = await poll_until_done(provider, handle)
     assert seen[:2] == [Queued(None), Running()]
     assert isinstance(seen[-1], Succeeded)
@@ -134,17 +141,21 @@ async def test_prompt_mode_instrumental_flag(fake: FakeWaveSpeed, make: Factory)
     assert fake.bodies[0]["instrumental"] is True
 
 
-async def test_song_mode_ace_step_sends_tags_and_lyrics(fake: FakeWaveSpeed,
-                                                         make: Factory) -> None:
+async def test_song_mode_ace_step_sends_tags_and_lyrics(fake: FakeWaveSpeed, make: Factory) -> None:
     provider = make()
     handle = await provider.submit(song_request(), seed=99)
 
-    assert fake.submits == [{
-        "model": "wavespeed-ai/ace-step",
-        "body": {"tags": "lofi, piano, rain",
-                 "lyrics": "[verse]\nrain on the window\n[chorus]\nstay inside",
-                 "duration": 6, "seed": 99},
-    }]
+    assert fake.submits == [
+        {
+            "model": "wavespeed-ai/ace-step",
+            "body": {
+                "tags": "lofi, piano, rain",
+                "lyrics": "[verse]\nrain on the window\n[chorus]\nstay inside",
+                "duration": 6,
+                "seed": 99,
+            },
+        }
+    ]
     seen = await poll_until_done(provider, handle)
     assert isinstance(seen[-1], Succeeded)
     assert wav_seconds(await provider.fetch_audio(seen[-1].result)) == pytest.approx(6.0)
@@ -155,24 +166,30 @@ async def test_song_mode_ace_step_15(fake: FakeWaveSpeed, make: Factory) -> None
     handle = await provider.submit(song_request(), seed=5)
 
     assert fake.submits[0]["model"] == "wavespeed-ai/ace-step-1.5"
-    assert fake.bodies[0] == {"tags": "lofi, piano, rain",
-                              "lyrics": "[verse]\nrain on the window\n[chorus]\nstay inside",
-                              "duration": 6, "seed": 5}
+    assert fake.bodies[0] == {
+        "tags": "lofi, piano, rain",
+        "lyrics": "[verse]\nrain on the window\n[chorus]\nstay inside",
+        "duration": 6,
+        "seed": 5,
+    }
     seen = await poll_until_done(provider, handle)
     assert isinstance(seen[-1], Succeeded)
     assert seen[-1].result.metadata["model"] == "wavespeed-ai/ace-step-1.5"
 
 
-@pytest.mark.parametrize(("song_model", "fields", "sent_lyrics"), [
-    ("wavespeed-ai/ace-step", {"instrumental": True}, "[inst]"),
-    ("wavespeed-ai/ace-step", {"lyrics": ""}, "[inst]"),
-    ("wavespeed-ai/ace-step", {"lyrics": "[instrumental]"}, "[inst]"),
-    ("wavespeed-ai/ace-step-1.5", {"instrumental": True}, ""),
-    ("wavespeed-ai/ace-step-1.5", {"lyrics": "[inst]"}, ""),
-])
+@pytest.mark.parametrize(
+    ("song_model", "fields", "sent_lyrics"),
+    [
+        ("wavespeed-ai/ace-step", {"instrumental": True}, "[inst]"),
+        ("wavespeed-ai/ace-step", {"lyrics": ""}, "[inst]"),
+        ("wavespeed-ai/ace-step", {"lyrics": "[instrumental]"}, "[inst]"),
+        ("wavespeed-ai/ace-step-1.5", {"instrumental": True}, ""),
+        ("wavespeed-ai/ace-step-1.5", {"lyrics": "[inst]"}, ""),
+    ],
+)
 async def test_song_mode_no_vocals_uses_each_models_marker(
-        fake: FakeWaveSpeed, make: Factory, song_model: str,
-        fields: dict[str, object], sent_lyrics: str) -> None:
+    fake: FakeWaveSpeed, make: Factory, song_model: str, fields: dict[str, object], sent_lyrics: str
+) -> None:
     await make(song_model=song_model).submit(song_request(**fields), seed=1)
     assert fake.bodies[0]["lyrics"] == sent_lyrics
 
@@ -203,8 +220,7 @@ async def test_capabilities_follow_the_song_model(make: Factory) -> None:
     assert v15.price_per_second_for(prompt_request()) == pytest.approx(0.0002)
 
 
-async def test_advanced_options_are_reported_as_ignored(make: Factory,
-                                                       fake: FakeWaveSpeed) -> None:
+async def test_advanced_options_are_reported_as_ignored(make: Factory, fake: FakeWaveSpeed) -> None:
     provider = make()
     request = prompt_request(steps=40, scheduler="heun")
     assert provider.capabilities.ignored_options(request) == ["scheduler", "steps"]
@@ -220,17 +236,16 @@ async def test_unknown_song_model_is_refused_at_construction() -> None:
 # -- failures reported in a 200 answer -----------------------------------------------
 
 
-async def test_failed_run_is_reported_with_its_reason(fake: FakeWaveSpeed,
-                                                      make: Factory) -> None:
+async def test_failed_run_is_reported_with_its_reason(fake: FakeWaveSpeed, make: Factory) -> None:
     fake.outcome = "failed"
     provider = make()
     seen = await poll_until_done(provider, await provider.submit(prompt_request(), seed=1))
-    assert seen[-1] == Failed("WaveSpeed could not make the song: "
-                              "Inference failed: CUDA out of memory", rejected=False)
+    assert seen[-1] == Failed(
+        "WaveSpeed could not make the song: Inference failed: CUDA out of memory", rejected=False
+    )
 
 
-async def test_content_policy_failure_is_a_rejection(fake: FakeWaveSpeed,
-                                                      make: Factory) -> None:
+async def test_content_policy_failure_is_a_rejection(fake: FakeWaveSpeed, make: Factory) -> None:
     fake.outcome = "failed"
     fake.failure_error = "Prompt flagged as NSFW content"
     provider = make()
@@ -249,8 +264,9 @@ async def test_timeout_and_cancelled_outcomes(fake: FakeWaveSpeed, make: Factory
     assert (await poll_until_done(provider, cancelled))[-1] == Cancelled()
 
 
-async def test_cancel_is_not_supported_and_sends_nothing(fake: FakeWaveSpeed,
-                                                         make: Factory) -> None:
+async def test_cancel_is_not_supported_and_sends_nothing(
+    fake: FakeWaveSpeed, make: Factory
+) -> None:
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
     assert await provider.cancel(handle) is False
@@ -260,8 +276,9 @@ async def test_cancel_is_not_supported_and_sends_nothing(fake: FakeWaveSpeed,
 # -- result paths ---------------------------------------------------------------------
 
 
-async def test_falls_back_to_plain_prediction_path_on_404(fake: FakeWaveSpeed,
-                                                          make: Factory) -> None:
+async def test_falls_back_to_plain_prediction_path_on_404(
+    fake: FakeWaveSpeed, make: Factory
+) -> None:
     fake.result_path = False
     fake.queued_polls = fake.running_polls = 0
     provider = make()
@@ -271,9 +288,11 @@ async def test_falls_back_to_plain_prediction_path_on_404(fake: FakeWaveSpeed,
     assert isinstance(await provider.poll(second), Succeeded)
     ids = first.data["id"], second.data["id"]
     # Tries /result once, then remembers that this server only has the plain path.
-    assert fake.poll_paths == [f"/api/v3/predictions/{ids[0]}/result",
-                               f"/api/v3/predictions/{ids[0]}",
-                               f"/api/v3/predictions/{ids[1]}"]
+    assert fake.poll_paths == [
+        f"/api/v3/predictions/{ids[0]}/result",
+        f"/api/v3/predictions/{ids[0]}",
+        f"/api/v3/predictions/{ids[1]}",
+    ]
 
 
 async def test_lost_prediction_is_task_lost(fake: FakeWaveSpeed, make: Factory) -> None:
@@ -287,22 +306,30 @@ async def test_lost_prediction_is_task_lost(fake: FakeWaveSpeed, make: Factory) 
 # -- error shapes -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "message", "code", "error_type"), [
-    (400, "prompt is required", None, Rejected),
-    (200, "duration must be between 5 and 240", 400, Rejected),  # error inside a 200
-    (401, "Unauthorized", None, AuthError),
-    (403, "Forbidden", None, AuthError),
-    (402, "Insufficient balance", None, BillingError),
-    (403, "Insufficient balance, please top up", None, BillingError),
-    (200, "Insufficient balance", 402, BillingError),
-    (429, "Too many requests", None, Busy),
-    (503, "Service busy", None, Busy),
-    (500, "Internal server error", None, Unavailable),
-    (502, "Bad gateway", None, Unavailable),
-])
+@pytest.mark.parametrize(
+    ("status", "message", "code", "error_type"),
+    [
+        (400, "prompt is required", None, Rejected),
+        (200, "duration must be between 5 and 240", 400, Rejected),  # error inside a 200
+        (401, "Unauthorized", None, AuthError),
+        (403, "Forbidden", None, AuthError),
+        (402, "Insufficient balance", None, BillingError),
+        (403, "Insufficient balance, please top up", None, BillingError),
+        (200, "Insufficient balance", 402, BillingError),
+        (429, "Too many requests", None, Busy),
+        (503, "Service busy", None, Busy),
+        (500, "Internal server error", None, Unavailable),
+        (502, "Bad gateway", None, Unavailable),
+    ],
+)
 async def test_submit_errors_map_to_typed_errors(
-        fake: FakeWaveSpeed, make: Factory, status: int, message: str, code: int | None,
-        error_type: type[ProviderError]) -> None:
+    fake: FakeWaveSpeed,
+    make: Factory,
+    status: int,
+    message: str,
+    code: int | None,
+    error_type: type[ProviderError],
+) -> None:
     fake.fail_next("submit", status, message, code=code)
     with pytest.raises(error_type) as caught:
         await make().submit(prompt_request(), seed=1)
@@ -320,8 +347,7 @@ async def test_rate_limit_carries_retry_after(fake: FakeWaveSpeed, make: Factory
     assert caught.value.retry_after == 12.0
 
 
-async def test_wrong_key_is_auth_error_without_the_key(fake: FakeWaveSpeed,
-                                                       make: Factory) -> None:
+async def test_wrong_key_is_auth_error_without_the_key(fake: FakeWaveSpeed, make: Factory) -> None:
     # Some servers echo the key they refused; it must not reach our message.
     secret = fake.api_key
     fake.fail_next("submit", 401, f"Invalid API key {secret}")
@@ -348,8 +374,7 @@ async def test_unreachable_server_is_unavailable(make: Factory) -> None:
         await provider.poll(Handle("wavespeed", {"id": "abc", "model": "m", "seed": 1}))
 
 
-async def test_slow_submit_times_out_as_unavailable(fake: FakeWaveSpeed,
-                                                    make: Factory) -> None:
+async def test_slow_submit_times_out_as_unavailable(fake: FakeWaveSpeed, make: Factory) -> None:
     fake.stall_next("submit", 0.5)
     with pytest.raises(Unavailable, match="timed out"):
         await make(timeout=0.1).submit(prompt_request(), seed=1)
@@ -358,8 +383,9 @@ async def test_slow_submit_times_out_as_unavailable(fake: FakeWaveSpeed,
 # -- poll retries ---------------------------------------------------------------------
 
 
-async def test_poll_retries_server_errors_with_backoff(fake: FakeWaveSpeed, make: Factory,
-                                                       sleeps: SleepLog) -> None:
+async def test_poll_retries_server_errors_with_backoff(
+    fake: FakeWaveSpeed, make: Factory, sleeps: SleepLog
+) -> None:
     provider = make(retry_backoff=0.5)
     handle = await provider.submit(prompt_request(), seed=1)
     fake.fail_next("poll", 500, "Internal error", times=2)
@@ -367,8 +393,9 @@ async def test_poll_retries_server_errors_with_backoff(fake: FakeWaveSpeed, make
     assert sleeps.waits == [0.5, 1.0]
 
 
-async def test_poll_honours_retry_after(fake: FakeWaveSpeed, make: Factory,
-                                        sleeps: SleepLog) -> None:
+async def test_poll_honours_retry_after(
+    fake: FakeWaveSpeed, make: Factory, sleeps: SleepLog
+) -> None:
     provider = make(retry_backoff=0.5)
     handle = await provider.submit(prompt_request(), seed=1)
     fake.fail_next("poll", 429, "slow down", retry_after=7)
@@ -376,8 +403,9 @@ async def test_poll_honours_retry_after(fake: FakeWaveSpeed, make: Factory,
     assert sleeps.waits == [7.0]
 
 
-async def test_poll_gives_up_after_its_retries(fake: FakeWaveSpeed, make: Factory,
-                                               sleeps: SleepLog) -> None:
+async def test_poll_gives_up_after_its_retries(
+    fake: FakeWaveSpeed, make: Factory, sleeps: SleepLog
+) -> None:
     provider = make(poll_retries=2)
     handle = await provider.submit(prompt_request(), seed=1)
     fake.fail_next("poll", 502, "Bad gateway", times=5)
@@ -386,8 +414,9 @@ async def test_poll_gives_up_after_its_retries(fake: FakeWaveSpeed, make: Factor
     assert len(fake.poll_paths) == 3 and len(sleeps.waits) == 2
 
 
-async def test_poll_does_not_retry_auth_errors(fake: FakeWaveSpeed, make: Factory,
-                                               sleeps: SleepLog) -> None:
+async def test_poll_does_not_retry_auth_errors(
+    fake: FakeWaveSpeed, make: Factory, sleeps: SleepLog
+) -> None:
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
     fake.fail_next("poll", 401, "Unauthorized")
@@ -399,8 +428,9 @@ async def test_poll_does_not_retry_auth_errors(fake: FakeWaveSpeed, make: Factor
 # -- restart and download ------------------------------------------------------------
 
 
-async def test_resume_from_stored_handle_in_a_new_adapter(fake: FakeWaveSpeed,
-                                                          make: Factory) -> None:
+async def test_resume_from_stored_handle_in_a_new_adapter(
+    fake: FakeWaveSpeed, make: Factory
+) -> None:
     first = make(song_model="wavespeed-ai/ace-step-1.5")
     handle = await first.submit(song_request(), seed=4242)
     assert await first.poll(handle) == Queued(None)
@@ -429,8 +459,7 @@ async def test_key_is_not_sent_to_another_host(fake: FakeWaveSpeed, make: Factor
     assert "Authorization" not in fake.audio_requests[-1]
 
 
-async def test_expired_audio_is_a_failed_download(fake: FakeWaveSpeed,
-                                                  make: Factory) -> None:
+async def test_expired_audio_is_a_failed_download(fake: FakeWaveSpeed, make: Factory) -> None:
     fake.queued_polls = fake.running_polls = 0
     provider = make()
     status = await provider.poll(await provider.submit(prompt_request(), seed=1))

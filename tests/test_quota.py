@@ -16,35 +16,50 @@ NOON = 1_790_000_000.0 - (1_790_000_000.0 % 86400) + 12 * 3600  # a UTC noon
 
 
 def limits(**kw: float | None) -> Limits:
-    base: dict[str, float | None] = dict(user_jobs_per_day=None, user_seconds_per_day=None,
-                                         user_concurrent_jobs=None,
-                                         community_seconds_per_day=None, spend_cap_usd=None)
+    base: dict[str, float | None] = dict(
+        user_jobs_per_day=None,
+        user_seconds_per_day=None,
+        user_concurrent_jobs=None,
+        community_seconds_per_day=None,
+        spend_cap_usd=None,
+    )
     base.update(kw)
     return Limits(**base)  # type: ignore[arg-type]
 
 
-def job(n: int, user: str = "u1", duration: int = 10, community: str | None = "g1",
-        usd: float = 0.002) -> Job:
+def job(
+    n: int, user: str = "u1", duration: int = 10, community: str | None = "g1", usd: float = 0.002
+) -> Job:
     req = GenerationRequest.build(mode="prompt", prompt="test", duration=duration)
-    return Job(id=f"{user}-{n:05d}", requester=Requester("discord", user, community),
-               reply_target={}, request=req, seed=1, state="queued", reserved_usd=usd)
+    return Job(
+        id=f"{user}-{n:05d}",
+        requester=Requester("discord", user, community),
+        reply_target={},
+        request=req,
+        seed=1,
+        state="queued",
+        reserved_usd=usd,
+    )
 
 
-async def admit_many(store: JobStore, jobs: list[Job], lim: Limits,
-                     now: float = NOON) -> tuple[int, list[QuotaRefusal]]:
+async def admit_many(
+    store: JobStore, jobs: list[Job], lim: Limits, now: float = NOON
+) -> tuple[int, list[QuotaRefusal]]:
     results = await asyncio.gather(
-        *(store.admit(j, lim, bypass_quotas=False, now=now) for j in jobs),
-        return_exceptions=True)
+        *(store.admit(j, lim, bypass_quotas=False, now=now) for j in jobs), return_exceptions=True
+    )
     refusals = [r for r in results if isinstance(r, QuotaRefusal)]
-    others = [r for r in results if isinstance(r, BaseException)
-              and not isinstance(r, QuotaRefusal)]
+    others = [
+        r for r in results if isinstance(r, BaseException) and not isinstance(r, QuotaRefusal)
+    ]
     assert not others, others
     return sum(1 for r in results if r is None), refusals
 
 
 async def test_exactly_k_of_n_concurrent_admissions(store: JobStore) -> None:
-    admitted, refusals = await admit_many(store, [job(i) for i in range(60)],
-                                          limits(user_jobs_per_day=7))
+    admitted, refusals = await admit_many(
+        store, [job(i) for i in range(60)], limits(user_jobs_per_day=7)
+    )
     assert admitted == 7
     assert len(refusals) == 53
     assert {r.limit for r in refusals} == {"user_jobs_per_day"}
@@ -61,8 +76,12 @@ async def test_two_connections_to_one_file_still_admit_exactly_k(tmp_path: Path)
         lim = limits(user_seconds_per_day=100)  # room for 10 ten-second songs
         jobs = [job(i) for i in range(40)]
         results = await asyncio.gather(
-            *((a if i % 2 else b).admit(j, lim, bypass_quotas=False, now=NOON)
-              for i, j in enumerate(jobs)), return_exceptions=True)
+            *(
+                (a if i % 2 else b).admit(j, lim, bypass_quotas=False, now=NOON)
+                for i, j in enumerate(jobs)
+            ),
+            return_exceptions=True,
+        )
         assert sum(1 for r in results if r is None) == 10
         assert all(isinstance(r, QuotaRefusal) for r in results if r is not None)
     finally:
@@ -71,13 +90,20 @@ async def test_two_connections_to_one_file_still_admit_exactly_k(tmp_path: Path)
 
 
 async def test_seconds_concurrency_community_and_spend_limits(store: JobStore) -> None:
-    lim = limits(user_seconds_per_day=25, user_concurrent_jobs=3,
-                 community_seconds_per_day=50, spend_cap_usd=0.02)
+    lim = limits(
+        user_seconds_per_day=25,
+        user_concurrent_jobs=3,
+        community_seconds_per_day=50,
+        spend_cap_usd=0.02,
+    )
     await store.admit(job(1, duration=20), lim, bypass_quotas=False, now=NOON)
     with pytest.raises(QuotaRefusal) as err:
         await store.admit(job(2, duration=10), lim, bypass_quotas=False, now=NOON)
-    assert (err.value.limit, err.value.remaining, err.value.needed) == \
-        ("user_seconds_per_day", 5, 10)
+    assert (err.value.limit, err.value.remaining, err.value.needed) == (
+        "user_seconds_per_day",
+        5,
+        10,
+    )
     await store.admit(job(3, duration=5), lim, bypass_quotas=False, now=NOON)
     # A second user in the same community uses up the community's seconds.
     await store.admit(job(1, user="u2", duration=20), lim, bypass_quotas=False, now=NOON)
@@ -85,11 +111,13 @@ async def test_seconds_concurrency_community_and_spend_limits(store: JobStore) -
         await store.admit(job(2, user="u3", duration=10), lim, bypass_quotas=False, now=NOON)
     assert (err.value.limit, err.value.remaining) == ("community_seconds_per_day", 5)
     # Outside that community (a DM) the same user is fine, until the spend cap.
-    await store.admit(job(3, user="u3", community=None, usd=0.012), lim,
-                      bypass_quotas=False, now=NOON)
+    await store.admit(
+        job(3, user="u3", community=None, usd=0.012), lim, bypass_quotas=False, now=NOON
+    )
     with pytest.raises(QuotaRefusal) as err:
-        await store.admit(job(4, user="u3", community=None, usd=0.004), lim,
-                          bypass_quotas=False, now=NOON)
+        await store.admit(
+            job(4, user="u3", community=None, usd=0.004), lim, bypass_quotas=False, now=NOON
+        )
     assert err.value.limit == "spend_cap_usd_per_day"
     # Admins bypass user and community limits but never the spend cap.
     with pytest.raises(QuotaRefusal):

@@ -27,21 +27,24 @@ def test_defaults_for_a_plain_prompt() -> None:
     assert req.title() == "lofi piano about rain"
 
 
-@pytest.mark.parametrize(("value", "ok"), [(4, False), (5, True), (240, True), (241, False),
-                                           (0, False), (-5, False)])
+@pytest.mark.parametrize(
+    ("value", "ok"), [(4, False), (5, True), (240, True), (241, False), (0, False), (-5, False)]
+)
 def test_duration_bounds(value: int, ok: bool) -> None:
     if ok:
         assert build(duration=value).duration == value
     else:
         with pytest.raises(InvalidRequest) as err:
             build(duration=value)
-        assert str(err.value) == (f"duration: {value} is not valid; "
-                                  "a whole number of seconds from 5 to 240.")
+        assert str(err.value) == (
+            f"duration: {value} is not valid; a whole number of seconds from 5 to 240."
+        )
         assert err.value.field == "duration"
 
 
-@pytest.mark.parametrize(("value", "ok"), [(-2, False), (-1, True), (0, True),
-                                           (2147483647, True), (2147483648, False)])
+@pytest.mark.parametrize(
+    ("value", "ok"), [(-2, False), (-1, True), (0, True), (2147483647, True), (2147483648, False)]
+)
 def test_seed_bounds(value: int, ok: bool) -> None:
     if ok:
         assert build(seed=value).seed == value
@@ -74,10 +77,13 @@ def test_option_messages_name_field_value_and_range() -> None:
     assert str(err.value) == "guidance_interval: 1.5 is not valid; a number from 0 to 1."
 
 
-@pytest.mark.parametrize(("name", "good", "bad", "allowed"), [
-    ("scheduler", "heun", "ddim", "one of euler, heun"),
-    ("guidance_type", "cfg_star", "xyz", "one of cfg, apg, cfg_star"),
-])
+@pytest.mark.parametrize(
+    ("name", "good", "bad", "allowed"),
+    [
+        ("scheduler", "heun", "ddim", "one of euler, heun"),
+        ("guidance_type", "cfg_star", "xyz", "one of cfg, apg, cfg_star"),
+    ],
+)
 def test_choices(name: str, good: str, bad: str, allowed: str) -> None:
     assert getattr(build(**{name: good}), name) == good
     with pytest.raises(InvalidRequest) as err:
@@ -94,14 +100,15 @@ def test_prompt_required_and_limited() -> None:
 
 
 def test_song_mode_needs_tags_and_limits_lyrics() -> None:
-    ok = GenerationRequest.build(mode="song", tags="lofi, piano",
-                                 lyrics="[verse]\nrain on the window\n[chorus]\nla la")
+    ok = GenerationRequest.build(
+        mode="song", tags="lofi, piano", lyrics="[verse]\nrain on the window\n[chorus]\nla la"
+    )
     assert ok.wants_vocals and ok.lyrics.startswith("[verse]\n")
-    with pytest.raises(InvalidRequest,
-                       match="^tags: ',' is not valid; give comma-separated"):
+    with pytest.raises(InvalidRequest, match="^tags: ',' is not valid; give comma-separated"):
         GenerationRequest.build(mode="song", tags=" , ")
-    with pytest.raises(InvalidRequest,
-                       match=r"^lyrics is too long \(3001 characters\); at most 3000"):
+    with pytest.raises(
+        InvalidRequest, match=r"^lyrics is too long \(3001 characters\); at most 3000"
+    ):
         GenerationRequest.build(mode="song", tags="rock", lyrics="a" * 3001)
     with pytest.raises(InvalidRequest, match=r"^tags is too long \(301 characters\)"):
         GenerationRequest.build(mode="song", tags="a" * 301)
@@ -134,18 +141,37 @@ def test_wrong_types_are_named() -> None:
 
 
 def test_parse_options_text() -> None:
-    parsed = parse_options({"steps": "40", "scheduler": "HEUN", "duration": "30",
-                            "instrumental": "", "guidance_scale": "12.5"})
-    assert parsed == {"steps": 40, "scheduler": "heun", "duration": 30, "instrumental": True,
-                      "guidance_scale": 12.5}
+    parsed = parse_options(
+        {
+            "steps": "40",
+            "scheduler": "HEUN",
+            "duration": "30",
+            "instrumental": "",
+            "guidance_scale": "12.5",
+        }
+    )
+    assert parsed == {
+        "steps": 40,
+        "scheduler": "heun",
+        "duration": 30,
+        "instrumental": True,
+        "guidance_scale": 12.5,
+    }
     assert build(**parsed).steps == 40
-    for name, raw in (("steps", "forty"), ("guidance_scale", "nan"), ("guidance_scale", "inf"),
-                      ("instrumental", "perhaps"), ("scheduler", "ddpm")):
+    for name, raw in (
+        ("steps", "forty"),
+        ("guidance_scale", "nan"),
+        ("guidance_scale", "inf"),
+        ("instrumental", "perhaps"),
+        ("scheduler", "ddpm"),
+    ):
         with pytest.raises(InvalidRequest) as err:
             parse_options({name: raw})
         assert err.value.field == name
-    with pytest.raises(InvalidRequest, match="^colour: 'red' is not valid; known options are "
-                                             "duration, seed, instrumental, steps"):
+    with pytest.raises(
+        InvalidRequest,
+        match="^colour: 'red' is not valid; known options are duration, seed, instrumental, steps",
+    ):
         parse_options({"colour": "red"})
 
 

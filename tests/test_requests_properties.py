@@ -29,22 +29,56 @@ from bot.requests import (
 FIELDS = sorted(GenerationRequest.model_fields)
 
 # Values a JSON payload or a careless caller could carry, edge cases included.
-json_scalars = (st.none() | st.booleans()
-                | st.integers(min_value=-(2**70), max_value=2**70)
-                | st.floats(allow_nan=True, allow_infinity=True)
-                | st.text(max_size=40))
-edge_numbers = st.sampled_from([0, -1, 1, 5, 240, 241, 3, 60, 2**31, 2**31 - 1, -2**31,
-                                0.5, 1e-9, -0.0, 1e308, float("nan"), float("inf"),
-                                "5", "60", " 7 ", "1e3", "nan", "inf", "0x10", "", "true"])
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40)
+)
+edge_numbers = st.sampled_from(
+    [
+        0,
+        -1,
+        1,
+        5,
+        240,
+        241,
+        3,
+        60,
+        2**31,
+        2**31 - 1,
+        -(2**31),
+        0.5,
+        1e-9,
+        -0.0,
+        1e308,
+        float("nan"),
+        float("inf"),
+        "5",
+        "60",
+        " 7 ",
+        "1e3",
+        "nan",
+        "inf",
+        "0x10",
+        "",
+        "true",
+    ]
+)
 # str() of an int this long raises ValueError (Python's 4300-digit limit).
 huge_ints = st.sampled_from([1, -1]).map(lambda sign: sign * 10**5000)
-values = st.recursive(json_scalars | edge_numbers | huge_ints | st.binary(max_size=8),
-                      lambda children: st.lists(children, max_size=3)
-                      | st.dictionaries(st.text(max_size=5), children, max_size=3),
-                      max_leaves=6)
+values = st.recursive(
+    json_scalars | edge_numbers | huge_ints | st.binary(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=6,
+)
 modes = st.sampled_from(["prompt", "song", "PROMPT", "", "other"]) | values
-texts = (st.text(max_size=60) | st.sampled_from(["", "   ", "\x00", "a" * (MAX_LYRICS_CHARS + 1),
-                                                 "lofi, piano", ",,,", "[inst]"]))
+texts = st.text(max_size=60) | st.sampled_from(
+    ["", "   ", "\x00", "a" * (MAX_LYRICS_CHARS + 1), "lofi, piano", ",,,", "[inst]"]
+)
 field_names = st.sampled_from(FIELDS) | st.text(min_size=1, max_size=12)
 
 
@@ -99,11 +133,16 @@ def test_build_any_fields_is_a_request_or_names_the_field(fields: dict[str, Any]
 
 
 @settings(max_examples=400, deadline=None)
-@given(mode=modes, prompt=texts, tags=texts, lyrics=texts,
-       extra=st.dictionaries(st.sampled_from(sorted(ALL_OPTIONS)), values | edge_numbers,
-                             max_size=4))
-def test_build_plausible_requests(mode: Any, prompt: str, tags: str, lyrics: str,
-                                  extra: dict[str, Any]) -> None:
+@given(
+    mode=modes,
+    prompt=texts,
+    tags=texts,
+    lyrics=texts,
+    extra=st.dictionaries(st.sampled_from(sorted(ALL_OPTIONS)), values | edge_numbers, max_size=4),
+)
+def test_build_plausible_requests(
+    mode: Any, prompt: str, tags: str, lyrics: str, extra: dict[str, Any]
+) -> None:
     # Mostly well-formed text with one or more odd options: reaches the range checks.
     _build_outcome({"mode": mode, "prompt": prompt, "tags": tags, "lyrics": lyrics, **extra})
 
@@ -114,11 +153,34 @@ def test_build_one_option_on_a_good_prompt(name: str, value: Any) -> None:
     _build_outcome({"mode": "prompt", "prompt": "lofi piano about rain", name: value})
 
 
-option_text = (st.text(max_size=20)
-               | st.sampled_from(["1", "-1", "0", "27", "3.5", " 60 ", "1e2", "1e400", "-1e400",
-                                  "nan", "NaN", "inf", "-inf", "Infinity", "0x1f", "1_000",
-                                  "\u0663", "\uff11\uff12",  # Arabic-Indic and fullwidth digits
-                                  "euler", "HEUN", "apg", "yes", "off", ""]))
+option_text = st.text(max_size=20) | st.sampled_from(
+    [
+        "1",
+        "-1",
+        "0",
+        "27",
+        "3.5",
+        " 60 ",
+        "1e2",
+        "1e400",
+        "-1e400",
+        "nan",
+        "NaN",
+        "inf",
+        "-inf",
+        "Infinity",
+        "0x1f",
+        "1_000",
+        "\u0663",
+        "\uff11\uff12",  # Arabic-Indic and fullwidth digits
+        "euler",
+        "HEUN",
+        "apg",
+        "yes",
+        "off",
+        "",
+    ]
+)
 
 
 @settings(max_examples=500, deadline=None)
@@ -139,9 +201,12 @@ def test_parse_option_value_typed_or_names_the_option(name: str, raw: str) -> No
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(ALL_OPTIONS)) | st.text(max_size=8),
-                       option_text, max_size=5),
-       st.sampled_from(["prompt", "song"]))
+@given(
+    st.dictionaries(
+        st.sampled_from(sorted(ALL_OPTIONS)) | st.text(max_size=8), option_text, max_size=5
+    ),
+    st.sampled_from(["prompt", "song"]),
+)
 def test_parse_options_then_build(pairs: dict[str, str], mode: str) -> None:
     # The Telegram / CLI path: text options parsed, then built into a request.
     try:

@@ -39,23 +39,39 @@ def free_port() -> int:
 class Bot:
     """One `run_bot` process with a file front-end; its log goes to a file."""
 
-    def __init__(self, tmp_path: Path, fake: FakeFal, url: str, name: str,
-                 upload_seconds: float = 0.0) -> None:
+    def __init__(
+        self, tmp_path: Path, fake: FakeFal, url: str, name: str, upload_seconds: float = 0.0
+    ) -> None:
         self.port = free_port()
         self.log = tmp_path / f"{name}.log"
         self.deliveries = tmp_path / "deliveries.txt"
-        self.env = cli_env(tmp_path, FAL_KEY=fake.key, FAL_QUEUE_URL=url, PROVIDERS="fal",
-                           HEALTH_PORT=str(self.port), LOG_FORMAT="json", LOG_LEVEL="INFO",
-                           OPS_DELIVERIES=str(self.deliveries), SHUTDOWN_GRACE_SECONDS="10",
-                           OPS_UPLOAD_SECONDS=str(upload_seconds), AUDIO_RETENTION_DAYS="30")
+        self.env = cli_env(
+            tmp_path,
+            FAL_KEY=fake.key,
+            FAL_QUEUE_URL=url,
+            PROVIDERS="fal",
+            HEALTH_PORT=str(self.port),
+            LOG_FORMAT="json",
+            LOG_LEVEL="INFO",
+            OPS_DELIVERIES=str(self.deliveries),
+            SHUTDOWN_GRACE_SECONDS="10",
+            OPS_UPLOAD_SECONDS=str(upload_seconds),
+            AUDIO_RETENTION_DAYS="30",
+        )
         self.cwd = tmp_path
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         with self.log.open("wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.run_bot_script", env=self.env, cwd=str(self.cwd),
-                stdout=out, stderr=out)
+                sys.executable,
+                "-m",
+                "tests.run_bot_script",
+                env=self.env,
+                cwd=str(self.cwd),
+                stdout=out,
+                stderr=out,
+            )
 
     async def get(self, path: str) -> httpx.Response:
         async with httpx.AsyncClient(timeout=5) as client:
@@ -137,8 +153,12 @@ async def test_sigterm_while_generating_then_restart_delivers_once(tmp_path: Pat
         second = Bot(tmp_path, fake, url, "second")
         try:
             await first.start()
-            await until(lambda: state_of(settings.db_path, job_id) == "running"
-                        and len(fake.status_paths) > 0, "the job to run at fal")
+            await until(
+                lambda: (
+                    state_of(settings.db_path, job_id) == "running" and len(fake.status_paths) > 0
+                ),
+                "the job to run at fal",
+            )
             health = await first.get("/healthz")
             metrics = await first.get("/metrics")
             code = await first.sigterm()
@@ -148,8 +168,10 @@ async def test_sigterm_while_generating_then_restart_delivers_once(tmp_path: Pat
 
             fake.progress_polls = 0  # fal finishes the song while the bot is down
             await second.start()
-            await until(lambda: state_of(settings.db_path, job_id) == "delivered",
-                        "the restarted bot to deliver")
+            await until(
+                lambda: state_of(settings.db_path, job_id) == "delivered",
+                "the restarted bot to deliver",
+            )
             assert await second.sigterm() == 0, second.log.read_text()
         finally:
             first.kill()
@@ -163,8 +185,7 @@ async def test_sigterm_while_generating_then_restart_delivers_once(tmp_path: Pat
     _, delivered_id, path = line.split(" ", 2)
     assert delivered_id == job_id
     assert mp3_seconds(Path(path)) == pytest.approx(6, abs=0.2)
-    assert first.delivered_lines() == second.delivered_lines() == [f"uploading {job_id}",
-                                                                   line]
+    assert first.delivered_lines() == second.delivered_lines() == [f"uploading {job_id}", line]
     logged = first.messages()
     assert any(m.startswith("shutting down") for m in logged) and logged[-1] == "stopped"
     assert any(m == f"job {job_id} resumes polling fal" for m in second.messages())
@@ -176,7 +197,8 @@ async def test_sigterm_while_generating_then_restart_delivers_once(tmp_path: Pat
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 async def test_sigterm_during_upload_finishes_it_within_grace_and_never_reposts(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     fake = FakeFal(queue_polls=0, progress_polls=0)
     settings = make_settings(tmp_path)
     async with fake.running() as url:
@@ -185,8 +207,9 @@ async def test_sigterm_during_upload_finishes_it_within_grace_and_never_reposts(
         second = Bot(tmp_path, fake, url, "second")
         try:
             await first.start()
-            await until(lambda: f"uploading {job_id}" in first.delivered_lines(),
-                        "the upload to start")
+            await until(
+                lambda: f"uploading {job_id}" in first.delivered_lines(), "the upload to start"
+            )
             started = time.monotonic()
             assert await first.sigterm() == 0, first.log.read_text()
             waited = time.monotonic() - started
@@ -199,6 +222,5 @@ async def test_sigterm_during_upload_finishes_it_within_grace_and_never_reposts(
             second.kill()
     assert 0.5 < waited < 10  # it waited for the upload, not the whole grace period
     lines = second.delivered_lines()
-    assert [x.split(" ")[:2] for x in lines] == [["uploading", job_id],
-                                                 ["delivered", job_id]]
+    assert [x.split(" ")[:2] for x in lines] == [["uploading", job_id], ["delivered", job_id]]
     assert fake.submit_count == 1

@@ -31,8 +31,7 @@ ALICE = Requester("discord", "100", "guild1", "alice")
 
 
 def prompt(duration: int = 5) -> GenerationRequest:
-    return GenerationRequest.build(mode="prompt", prompt="lofi piano about rain",
-                                   duration=duration)
+    return GenerationRequest.build(mode="prompt", prompt="lofi piano about rain", duration=duration)
 
 
 def fal(fake: FakeFal, url: str) -> FalProvider:
@@ -53,8 +52,7 @@ def table_counts(path: Path) -> tuple[int, int]:
 # ---- a database locked by another process --------------------------------------------
 
 
-async def test_locked_database_refuses_admission_clearly_and_writes_nothing(
-        tmp_path: Path) -> None:
+async def test_locked_database_refuses_admission_clearly_and_writes_nothing(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     db = await Database.open(settings.db_path, busy_timeout_ms=200)
     engine = Engine(settings, JobStore(db), [FalProvider("k:secret-123456", "http://127.0.0.1:9")])
@@ -107,8 +105,9 @@ async def test_a_writer_shorter_than_the_busy_timeout_only_delays_admission(tmp_
 # ---- a full or unwritable disk while storing the audio --------------------------------
 
 
-async def run_until_failed(settings_path: Path, delivery: RecordingDelivery,
-                           fake: FakeFal, url: str) -> tuple[Engine, str]:
+async def run_until_failed(
+    settings_path: Path, delivery: RecordingDelivery, fake: FakeFal, url: str
+) -> tuple[Engine, str]:
     settings = make_settings(settings_path)
     engine = await open_engine(settings, [fal(fake, url)], delivery)
     admission = await engine.submit(prompt(), ALICE, {"channel_id": "1"})
@@ -117,8 +116,8 @@ async def run_until_failed(settings_path: Path, delivery: RecordingDelivery,
 
 
 async def test_disk_full_while_writing_audio_fails_job_with_refund_and_no_partial_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     real_write_bytes = Path.write_bytes
 
     def fill_disk(self: Path, data: bytes) -> int:  # type: ignore[override]
@@ -160,13 +159,17 @@ async def test_disk_full_while_writing_audio_fails_job_with_refund_and_no_partia
     assert not [n for n in names if n.startswith(job_id) or n.endswith(".part")], names
     assert f"{again.job_id}.wav" in names
     operator = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any(job_id in r.getMessage() and "No space left on device" in r.getMessage()
-               and "DATA_DIR" in r.getMessage() for r in operator), \
-        [r.getMessage() for r in operator]
+    assert any(
+        job_id in r.getMessage()
+        and "No space left on device" in r.getMessage()
+        and "DATA_DIR" in r.getMessage()
+        for r in operator
+    ), [r.getMessage() for r in operator]
 
 
 async def test_unwritable_audio_dir_fails_job_with_refund(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = make_settings(tmp_path)
     # A file where DATA_DIR/audio should be: no directory can be made there, even as root
     # (permission bits alone would not stop a root test run).

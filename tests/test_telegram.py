@@ -54,8 +54,14 @@ FORUM = -100600
 class Harness:
     """A running bot: the fake Telegram server, the front-end, the engine, fake fal."""
 
-    def __init__(self, fake: FakeTelegram, frontend: TelegramFrontend, engine: Engine,
-                 fal: FakeFal, sleeps: list[float]) -> None:
+    def __init__(
+        self,
+        fake: FakeTelegram,
+        frontend: TelegramFrontend,
+        engine: Engine,
+        fal: FakeFal,
+        sleeps: list[float],
+    ) -> None:
         self.fake = fake
         self.frontend = frontend
         self.engine = engine
@@ -68,8 +74,10 @@ class Harness:
 
     async def song_message(self, chat_id: int, count: int = 1) -> FakeMessage:
         """Wait for the `count`-th audio message in a chat."""
+
         def audios() -> list[FakeMessage]:
             return [m for m in self.fake.bot_messages(chat_id) if m.kind == "audio"]
+
         found = await self.fake.wait_for(lambda: len(audios()) >= count and audios())
         song = found[count - 1]
         # ...and the engine has recorded it as delivered.
@@ -85,21 +93,33 @@ class Harness:
 
     async def reply_to(self, chat_id: int, message_id: int) -> FakeMessage:
         """Wait for the bot's (first) text reply to a message."""
-        return await self.fake.wait_for(lambda: next(
-            (m for m in self.fake.bot_messages(chat_id)
-             if m.kind == "text" and m.reply_to == message_id), None))
+        return await self.fake.wait_for(
+            lambda: next(
+                (
+                    m
+                    for m in self.fake.bot_messages(chat_id)
+                    if m.kind == "text" and m.reply_to == message_id
+                ),
+                None,
+            )
+        )
 
     async def final_text(self, message: FakeMessage) -> str:
         """Wait until a status message leaves its working states; its text then."""
         working = ("Received", "Queued", "Starting", "Generating", "Uploading")
         return await self.fake.wait_for(
-            lambda: message.text if not any(w in message.text for w in working) else None)
+            lambda: message.text if not any(w in message.text for w in working) else None
+        )
 
 
 @asynccontextmanager
-async def running_bot(tmp_path: Path, fal: FakeFal | None = None,
-                      fake: FakeTelegram | None = None, fal_url: str | None = None,
-                      **overrides: Any) -> AsyncIterator[Harness]:
+async def running_bot(
+    tmp_path: Path,
+    fal: FakeFal | None = None,
+    fake: FakeTelegram | None = None,
+    fal_url: str | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Harness]:
     """The bot as `acestep-bot run` wires it, on the fake servers. Pass `fal_url` of an
     already running FakeFal to keep it (and its stored handles) across two bots."""
     fake = fake or FakeTelegram()
@@ -117,8 +137,9 @@ async def running_bot(tmp_path: Path, fal: FakeFal | None = None,
 
 
 @asynccontextmanager
-async def _bot(tmp_path: Path, fal: FakeFal, fal_url: str, fake: FakeTelegram,
-               overrides: dict[str, Any]) -> AsyncIterator[Harness]:
+async def _bot(
+    tmp_path: Path, fal: FakeFal, fal_url: str, fake: FakeTelegram, overrides: dict[str, Any]
+) -> AsyncIterator[Harness]:
     sleeps: list[float] = []
 
     async def flood_sleep(delay: float) -> None:
@@ -126,13 +147,26 @@ async def _bot(tmp_path: Path, fal: FakeFal, fal_url: str, fake: FakeTelegram,
         await asyncio.sleep(0.01)
 
     async with serve(fake.app) as url:
-        settings = make_settings(tmp_path, telegram_token=fake.token, telegram_api_url=url,
-                                 fal_key=fal.key, fal_queue_url=fal_url, **overrides)
-        provider = FalProvider(fal.key, fal_url, concurrency=2, poll_interval=0.01,
-                               retry_delays=(0.01, 0.02))
+        settings = make_settings(
+            tmp_path,
+            telegram_token=fake.token,
+            telegram_api_url=url,
+            fal_key=fal.key,
+            fal_queue_url=fal_url,
+            **overrides,
+        )
+        provider = FalProvider(
+            fal.key, fal_url, concurrency=2, poll_interval=0.01, retry_delays=(0.01, 0.02)
+        )
         engine = await Engine.open(settings, [provider], options=FAST)
-        frontend = TelegramFrontend(settings, engine, edit_interval=0.05, action_interval=0.05,
-                                    poll_timeout=1, flood_sleep=flood_sleep)
+        frontend = TelegramFrontend(
+            settings,
+            engine,
+            edit_interval=0.05,
+            action_interval=0.05,
+            poll_timeout=1,
+            flood_sleep=flood_sleep,
+        )
         engine.register_delivery(frontend)
         await engine.start()
         await frontend.start()
@@ -154,9 +188,11 @@ def decode_mp3(data: bytes) -> tuple[str, float]:
 
 # --- parsing and text (no network) ---------------------------------------------------
 
+
 def test_song_options_are_parsed_from_any_position() -> None:
-    fields = parse_song(" lofi piano duration=30 about rain seed=7 instrumental steps=40 "
-                        "scheduler=heun")
+    fields = parse_song(
+        " lofi piano duration=30 about rain seed=7 instrumental steps=40 scheduler=heun"
+    )
     assert fields["prompt"] == "lofi piano about rain"
     assert fields["duration"] == 30 and fields["seed"] == 7
     assert fields["instrumental"] is True
@@ -201,10 +237,12 @@ def test_upload_limit_depends_on_the_api_server() -> None:
 
 # --- the bot end to end ----------------------------------------------------------------
 
+
 async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
     async with running_bot(tmp_path) as h:
-        request_id = h.fake.send_text(PRIVATE, ANN, "/song lofi piano <about> rain "
-                                                    "duration=6 seed=7")
+        request_id = h.fake.send_text(
+            PRIVATE, ANN, "/song lofi piano <about> rain duration=6 seed=7"
+        )
         song = await h.song_message(PRIVATE)
         assert song.reply_to == request_id
         audio = song.files["audio"]
@@ -215,8 +253,9 @@ async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
         assert song.params["title"] == "lofi piano <about> rain"
         assert song.params["performer"] == "ACE-Step" and song.params["duration"] == 6
         assert song.params["parse_mode"] == "HTML"
-        assert song.caption == ("<b>Prompt</b> lofi piano &lt;about&gt; rain\n"
-                                "<b>Seed</b> <code>7</code> · 0:06 · fal")
+        assert song.caption == (
+            "<b>Prompt</b> lofi piano &lt;about&gt; rain\n<b>Seed</b> <code>7</code> · 0:06 · fal"
+        )
         job_id = song.button_data()[0].split(":")[1]
         assert song.button_data() == [f"new:{job_id}", f"lyr:{job_id}"]
 
@@ -239,14 +278,18 @@ async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
     assert not h.frontend.is_connected
 
 
-@pytest.mark.parametrize("text, named", [
-    ("/song rain tempo=fast", "tempo"),
-    ("/song rain duration=abc", "duration"),
-    ("/song rain duration=999", "duration"),
-    ("/song rain scheduler=ddim", "scheduler"),
-])
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("/song rain tempo=fast", "tempo"),
+        ("/song rain duration=abc", "duration"),
+        ("/song rain duration=999", "duration"),
+        ("/song rain scheduler=ddim", "scheduler"),
+    ],
+)
 async def test_bad_options_are_answered_without_a_provider_call(
-        tmp_path: Path, text: str, named: str) -> None:
+    tmp_path: Path, text: str, named: str
+) -> None:
     async with running_bot(tmp_path) as h:
         request_id = h.fake.send_text(PRIVATE, ANN, text)
         reply = await h.reply_to(PRIVATE, request_id)
@@ -266,8 +309,9 @@ async def test_quota_refusal_is_shown_and_nothing_is_generated(tmp_path: Path) -
         second = h.fake.send_text(PRIVATE, ANN, "/song second song duration=5")
         status = await h.reply_to(PRIVATE, second)
         refusal = await h.final_text(status)
-        assert refusal.startswith("<b>second song</b>\n"
-                                  "You have used your 1 songs for today (0 left).")
+        assert refusal.startswith(
+            "<b>second song</b>\nYou have used your 1 songs for today (0 left)."
+        )
         assert "It resets at 00:00 UTC" in refusal
         await asyncio.sleep(0.1)
         assert h.fal.submit_count == 1
@@ -303,13 +347,17 @@ async def test_group_command_addressed_to_the_bot(tmp_path: Path) -> None:
         assert job is not None and job.requester.community_key == f"telegram:{GROUP}"
 
         # In a forum topic every message stays in the topic.
-        topic_request = h.fake.send_text(FORUM, BOB, "/song@AceStepBot topic tune duration=5",
-                                         thread_id=77)
+        topic_request = h.fake.send_text(
+            FORUM, BOB, "/song@AceStepBot topic tune duration=5", thread_id=77
+        )
         topic_song = await h.song_message(FORUM)
         assert topic_song.thread_id == 77 and topic_song.reply_to == topic_request
         assert all(m.thread_id == 77 for m in h.fake.bot_messages(FORUM))
-        assert all(c.params.get("message_thread_id") == 77
-                   for c in h.fake.calls_of("sendChatAction") if c.params["chat_id"] == FORUM)
+        assert all(
+            c.params.get("message_thread_id") == 77
+            for c in h.fake.calls_of("sendChatAction")
+            if c.params["chat_id"] == FORUM
+        )
 
 
 async def test_new_take_and_lyrics_buttons(tmp_path: Path) -> None:
@@ -337,20 +385,27 @@ async def test_cancel_button_and_information_commands(tmp_path: Path) -> None:
     fal = FakeFal(queue_polls=0, progress_polls=10_000)  # runs until cancelled
     async with running_bot(tmp_path, fal) as h:
         h.fake.send_text(PRIVATE, ANN, "/song endless jam duration=5")
-        status = await h.fake.wait_for(lambda: next(
-            (m for m in h.fake.bot_messages(PRIVATE) if "cxl:" in str(m.reply_markup)), None))
+        status = await h.fake.wait_for(
+            lambda: next(
+                (m for m in h.fake.bot_messages(PRIVATE) if "cxl:" in str(m.reply_markup)), None
+            )
+        )
         job_id = status.button_data()[0].split(":")[1]
 
         queue = h.fake.send_text(PRIVATE, ANN, "/queue")
         assert job_id in (await h.reply_to(PRIVATE, queue)).text
 
         h.fake.send_text(PRIVATE, BOB, f"/cancel {job_id}")  # not Bob's song
-        await h.fake.wait_for(lambda: any(
-            "only cancel your own" in m.text for m in h.fake.bot_messages(PRIVATE)))
+        await h.fake.wait_for(
+            lambda: any("only cancel your own" in m.text for m in h.fake.bot_messages(PRIVATE))
+        )
 
         h.fake.press(PRIVATE, status.message_id, BOB, f"cxl:{job_id}")
-        refused = await h.fake.wait_for(lambda: [
-            c for c in h.fake.calls_of("answerCallbackQuery") if c.params.get("show_alert")])
+        refused = await h.fake.wait_for(
+            lambda: [
+                c for c in h.fake.calls_of("answerCallbackQuery") if c.params.get("show_alert")
+            ]
+        )
         assert refused[0].params["text"] == "You can only cancel your own songs."
 
         h.fake.press(PRIVATE, status.message_id, ANN, f"cxl:{job_id}")
@@ -377,7 +432,8 @@ async def test_group_admins_set_the_group_limits(tmp_path: Path) -> None:
         granted = h.fake.send_text(GROUP, ANN, "/limits seconds_per_day=60")
         assert "seconds_per_day = 60" in (await h.reply_to(GROUP, granted)).text
         assert await h.engine.get_limits("community", f"telegram:{GROUP}") == {
-            "seconds_per_day": 60.0}
+            "seconds_per_day": 60.0
+        }
 
         # The group's limit now refuses a song longer than what is left.
         song = h.fake.send_text(GROUP, BOB, "/song too long duration=90")
@@ -414,8 +470,7 @@ async def test_flood_control_is_waited_out_and_nothing_is_lost(tmp_path: Path) -
         status = next(m for m in h.fake.bot_messages(PRIVATE) if m.kind == "text")
         assert "Sent" in await h.final_text(status)
         refused = [c.method for c in h.fake.calls if c.answered_status == 429]
-        assert sorted(refused) == ["editMessageText", "editMessageText", "sendAudio",
-                                   "sendMessage"]
+        assert sorted(refused) == ["editMessageText", "editMessageText", "sendAudio", "sendMessage"]
         assert sorted(h.sleeps) == [1, 1, 2, 3]
         assert len(h.fake.calls_of("sendAudio")) == 1  # sent once, not twice
 
@@ -431,16 +486,19 @@ async def test_two_users_run_concurrently(tmp_path: Path) -> None:
         assert h.submitted()[0]["prompt"] == "bob's song"
         slow.set()
         # Both songs are generating at the fake provider at the same time.
-        await h.fake.wait_for(lambda: (h.fal.submit_count == 2 and all(
-            r.polls > 0 for r in h.fal.requests.values())) or None)
+        await h.fake.wait_for(
+            lambda: (
+                (h.fal.submit_count == 2 and all(r.polls > 0 for r in h.fal.requests.values()))
+                or None
+            )
+        )
         assert all(r.polls > 0 and not r.cancelled for r in h.fal.requests.values())
         h.fal.progress_polls = 1
         await h.song_message(PRIVATE)
         await h.song_message(BOB["id"])
 
 
-async def test_status_edits_are_throttled_and_the_final_text_is_shown(
-        tmp_path: Path) -> None:
+async def test_status_edits_are_throttled_and_the_final_text_is_shown(tmp_path: Path) -> None:
     async with running_bot(tmp_path) as h:
         bot = h.frontend.app.bot
         status = await bot.send_message(PRIVATE, "starting")
@@ -472,10 +530,12 @@ async def test_a_song_finished_while_the_bot_was_down_reaches_its_chat(tmp_path:
     fake = FakeTelegram()
     async with fal.running() as fal_url:
         async with running_bot(tmp_path, fal, fake, fal_url) as h:
-            request_id = fake.send_text(FORUM, BOB, "/song survives restarts duration=5",
-                                        thread_id=9)
-            status = await fake.wait_for(lambda: next(
-                (m for m in fake.bot_messages(FORUM) if "Generating" in m.text), None))
+            request_id = fake.send_text(
+                FORUM, BOB, "/song survives restarts duration=5", thread_id=9
+            )
+            status = await fake.wait_for(
+                lambda: next((m for m in fake.bot_messages(FORUM) if "Generating" in m.text), None)
+            )
             await h.engine.abort()  # the process dies mid-generation
         fal.progress_polls = 1  # fal finishes while the bot is down
         async with running_bot(tmp_path, fal, fake, fal_url) as h2:
@@ -486,8 +546,9 @@ async def test_a_song_finished_while_the_bot_was_down_reaches_its_chat(tmp_path:
     assert len(fake.calls_of("sendAudio")) == 1
 
 
-async def test_the_token_never_reaches_the_logs(tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+async def test_the_token_never_reaches_the_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Logging as `acestep-bot run` sets it up, at its most verbose.
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
@@ -507,8 +568,11 @@ async def test_the_token_never_reaches_the_logs(tmp_path: Path,
 
 
 async def test_webhook_mode_takes_updates_only_with_the_secret(tmp_path: Path) -> None:
-    async with running_bot(tmp_path, telegram_webhook_url="https://bot.example.org/tg/hook",
-                           telegram_webhook_listen="127.0.0.1:0") as h:
+    async with running_bot(
+        tmp_path,
+        telegram_webhook_url="https://bot.example.org/tg/hook",
+        telegram_webhook_listen="127.0.0.1:0",
+    ) as h:
         assert h.fake.webhook is not None
         assert h.fake.webhook["url"] == "https://bot.example.org/tg/hook"
         secret = h.fake.webhook["secret_token"]
@@ -516,20 +580,21 @@ async def test_webhook_mode_takes_updates_only_with_the_secret(tmp_path: Path) -
         assert h.frontend.webhook is not None and h.frontend.is_connected
         hook = f"http://127.0.0.1:{h.frontend.webhook.bound_port}/tg/hook"
         async with httpx.AsyncClient() as client:
-            forged = await client.post(hook, json=h.fake.message_update(
-                PRIVATE, ANN, "/song forged duration=5"))
+            forged = await client.post(
+                hook, json=h.fake.message_update(PRIVATE, ANN, "/song forged duration=5")
+            )
             assert forged.status_code == 403
             update = h.fake.message_update(PRIVATE, ANN, "/song via webhook duration=5")
             answer = await client.post(
-                hook, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret})
+                hook, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret}
+            )
             assert answer.status_code == 200
         song = await h.song_message(PRIVATE)
         assert song.reply_to == update["message"]["message_id"]
         assert [b["prompt"] for b in h.submitted()] == ["via webhook"]
 
 
-async def test_a_failure_found_before_the_front_end_started_is_still_told(
-        tmp_path: Path) -> None:
+async def test_a_failure_found_before_the_front_end_started_is_still_told(tmp_path: Path) -> None:
     # Crash recovery may fail a job while the engine starts, before the front-end has.
     fake = FakeTelegram()
     fake.chat(GROUP, "supergroup", "Music club")
@@ -538,11 +603,19 @@ async def test_a_failure_found_before_the_front_end_started_is_still_told(
         engine = await Engine.open(settings, [], options=FAST)
         frontend = TelegramFrontend(settings, engine)
         request_id = fake.send_text(GROUP, BOB, "/song lost in a crash")
-        job = Job(id="0badf00d", requester=Requester("telegram", str(BOB["id"]), str(GROUP)),
-                  reply_target={"chat_id": GROUP, "thread_id": None,
-                                "request_message_id": request_id, "status_message_id": 999},
-                  request=GenerationRequest.build(mode="prompt", prompt="lost in a crash"),
-                  seed=1, state="failed")
+        job = Job(
+            id="0badf00d",
+            requester=Requester("telegram", str(BOB["id"]), str(GROUP)),
+            reply_target={
+                "chat_id": GROUP,
+                "thread_id": None,
+                "request_message_id": request_id,
+                "status_message_id": 999,
+            },
+            request=GenerationRequest.build(mode="prompt", prompt="lost in a crash"),
+            seed=1,
+            state="failed",
+        )
         try:
             await frontend.on_failed(job, "Something went wrong while making your song.")
         finally:

@@ -93,8 +93,12 @@ HELP_TEXT = (
 class SongCommandTree(app_commands.CommandTree["DiscordClient"]):
     """The command tree; its errors go to the front-end's one error mapping."""
 
-    async def on_error(self, interaction: discord.Interaction[DiscordClient],
-                       error: app_commands.AppCommandError, /) -> None:
+    async def on_error(
+        self,
+        interaction: discord.Interaction[DiscordClient],
+        error: app_commands.AppCommandError,
+        /,
+    ) -> None:
         await self.client.report_error(interaction, error)
 
 
@@ -108,7 +112,8 @@ class DiscordClient(discord.Client):
         self.tree = SongCommandTree(
             self,
             allowed_contexts=app_commands.AppCommandContext(
-                guild=True, dm_channel=True, private_channel=True),
+                guild=True, dm_channel=True, private_channel=True
+            ),
             allowed_installs=app_commands.AppInstallationType(guild=True, user=True),
         )
 
@@ -134,9 +139,12 @@ class _StatusSlot:
 class StatusBoard:
     """One status message per job, edited at most once per `interval`; finals always shown."""
 
-    def __init__(self, edit: Callable[[dict[str, Any], str, discord.ui.View | None],
-                                      Awaitable[None]],
-                 interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        edit: Callable[[dict[str, Any], str, discord.ui.View | None], Awaitable[None]],
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._edit = edit
         self.interval = interval
         self._clock = clock
@@ -144,9 +152,16 @@ class StatusBoard:
         # Jobs already shown in their final state: later progress must not overwrite it.
         self._finished: OrderedDict[str, None] = OrderedDict()
 
-    async def update(self, job_id: str, reply_target: dict[str, Any], text: str, *,
-                     cancellable: bool = True, initial: bool = False,
-                     final: bool = False) -> None:
+    async def update(
+        self,
+        job_id: str,
+        reply_target: dict[str, Any],
+        text: str,
+        *,
+        cancellable: bool = True,
+        initial: bool = False,
+        final: bool = False,
+    ) -> None:
         if job_id in self._finished:
             return
         if initial and job_id in self._slots:
@@ -173,8 +188,8 @@ class StatusBoard:
             slot.pending = (reply_target, text, cancellable)
             if slot.flush is None:
                 slot.flush = asyncio.create_task(
-                    self._flush_later(job_id, slot, max(wait, 0.0)),
-                    name=f"discord-status-{job_id}")
+                    self._flush_later(job_id, slot, max(wait, 0.0)), name=f"discord-status-{job_id}"
+                )
 
     async def _flush_later(self, job_id: str, slot: _StatusSlot, wait: float) -> None:
         await asyncio.sleep(wait)
@@ -185,8 +200,14 @@ class StatusBoard:
                 slot.pending = None
                 await self._do_edit(job_id, slot, reply_target, text, cancellable)
 
-    async def _do_edit(self, job_id: str, slot: _StatusSlot, reply_target: dict[str, Any],
-                       text: str, cancellable: bool) -> None:
+    async def _do_edit(
+        self,
+        job_id: str,
+        slot: _StatusSlot,
+        reply_target: dict[str, Any],
+        text: str,
+        cancellable: bool,
+    ) -> None:
         view = ui.running_view(job_id) if cancellable else None
         slot.last_edit = self._clock()
         slot.last_text = text
@@ -206,10 +227,15 @@ class DiscordFrontend:
 
     platform = PLATFORM
 
-    def __init__(self, settings: Settings, engine: Engine, *,
-                 edit_interval: float = DEFAULT_EDIT_INTERVAL_S,
-                 connect_gateway: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        edit_interval: float = DEFAULT_EDIT_INTERVAL_S,
+        connect_gateway: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.connect_gateway = connect_gateway
@@ -236,8 +262,7 @@ class DiscordFrontend:
         self._logged_in.set()
         await self.sync_commands()
         if self.connect_gateway:
-            self._gateway_task = asyncio.create_task(self._run_gateway(),
-                                                     name="discord-gateway")
+            self._gateway_task = asyncio.create_task(self._run_gateway(), name="discord-gateway")
 
     async def _run_gateway(self) -> None:
         try:
@@ -304,17 +329,31 @@ class DiscordFrontend:
         tree = self.tree
 
         song: app_commands.Command[Any, ..., None] = app_commands.Command(
-            name="song", description="Make a song from a description",
-            callback=_options_callback(self._song, first=(
-                "prompt", app_commands.Range[str, 1, MAX_PROMPT_CHARS],
-                "what the song is like, e.g. lofi piano about rain")))
+            name="song",
+            description="Make a song from a description",
+            callback=_options_callback(
+                self._song,
+                first=(
+                    "prompt",
+                    app_commands.Range[str, 1, MAX_PROMPT_CHARS],
+                    "what the song is like, e.g. lofi piano about rain",
+                ),
+            ),
+        )
         tree.add_command(song)
 
         compose: app_commands.Command[Any, ..., None] = app_commands.Command(
-            name="compose", description="Write lyrics and style tags for a song (opens a form)",
-            callback=_options_callback(self._compose, first=(
-                "tags", Optional[app_commands.Range[str, 1, MAX_TAGS_CHARS]],  # noqa: UP045
-                "style tags, e.g. lofi, piano, 80 bpm (editable in the form)")))
+            name="compose",
+            description="Write lyrics and style tags for a song (opens a form)",
+            callback=_options_callback(
+                self._compose,
+                first=(
+                    "tags",
+                    Optional[app_commands.Range[str, 1, MAX_TAGS_CHARS]],  # noqa: UP045
+                    "style tags, e.g. lofi, piano, 80 bpm (editable in the form)",
+                ),
+            ),
+        )
         tree.add_command(compose)
 
         @tree.command(name="queue", description="Your songs in the queue and their positions")
@@ -323,17 +362,21 @@ class DiscordFrontend:
 
         @tree.command(name="cancel", description="Cancel one of your songs")
         @app_commands.describe(job="the job id (default: your latest active job)")
-        async def cancel(interaction: discord.Interaction,
-                         job: app_commands.Range[str, 1, 16] | None = None) -> None:
+        async def cancel(
+            interaction: discord.Interaction, job: app_commands.Range[str, 1, 16] | None = None
+        ) -> None:
             await self._cancel(interaction, job)
 
         @cancel.autocomplete("job")
-        async def cancel_job_choices(interaction: discord.Interaction,
-                                     current: str) -> list[app_commands.Choice[str]]:
+        async def cancel_job_choices(
+            interaction: discord.Interaction, current: str
+        ) -> list[app_commands.Choice[str]]:
             active = await self.engine.queue_for(requester_of(interaction))
-            return [app_commands.Choice(name=ui.clip(f"{j.id} {j.request.title()}", 100),
-                                        value=j.id)
-                    for j, _ in active if j.id.startswith(current.lower())][:25]
+            return [
+                app_commands.Choice(name=ui.clip(f"{j.id} {j.request.title()}", 100), value=j.id)
+                for j, _ in active
+                if j.id.startswith(current.lower())
+            ][:25]
 
         @tree.command(name="quota", description="What you have left and when it resets")
         async def quota(interaction: discord.Interaction) -> None:
@@ -352,14 +395,18 @@ class DiscordFrontend:
         @app_commands.allowed_installs(guilds=True, users=False)
         @app_commands.default_permissions(manage_guild=True)
         @app_commands.describe(
-            setting="the quota to set", value="new value (with setting)",
+            setting="the quota to set",
+            value="new value (with setting)",
             reset="drop this server's override of the setting",
-            channels="channels the bot answers in: mention them, or 'all'")
-        async def limits(interaction: discord.Interaction,
-                         setting: Literal[LIMIT_KEYS] | None = None,  # type: ignore[valid-type]
-                         value: app_commands.Range[float, 0, 1000000] | None = None,
-                         reset: bool = False,
-                         channels: str | None = None) -> None:
+            channels="channels the bot answers in: mention them, or 'all'",
+        )
+        async def limits(
+            interaction: discord.Interaction,
+            setting: Literal[LIMIT_KEYS] | None = None,  # type: ignore[valid-type]
+            value: app_commands.Range[float, 0, 1000000] | None = None,
+            reset: bool = False,
+            channels: str | None = None,
+        ) -> None:
             await self._limits(interaction, setting, value, reset, channels)
 
     async def _song(self, interaction: discord.Interaction, **options: Any) -> None:
@@ -375,24 +422,28 @@ class DiscordFrontend:
     async def _queue(self, interaction: discord.Interaction) -> None:
         active = await self.engine.queue_for(requester_of(interaction))
         if not active:
-            await interaction.response.send_message("You have no songs in the queue.",
-                                                    ephemeral=True)
+            await interaction.response.send_message(
+                "You have no songs in the queue.", ephemeral=True
+            )
             return
         lines = []
         for job, position in active:
-            where = (f"queued, position {position}" if job.state == "queued" and position
-                     else job.state)
+            where = (
+                f"queued, position {position}" if job.state == "queued" and position else job.state
+            )
             lines.append(f"`{job.id}` {ui.clip(job.request.title(), 80)} \N{EM DASH} {where}")
-        await interaction.response.send_message(ui.clip("\n".join(lines), ui.MESSAGE_LIMIT),
-                                                ephemeral=True)
+        await interaction.response.send_message(
+            ui.clip("\n".join(lines), ui.MESSAGE_LIMIT), ephemeral=True
+        )
 
     async def _cancel(self, interaction: discord.Interaction, job_id: str | None) -> None:
         requester = requester_of(interaction)
         if not job_id:
             active = await self.engine.queue_for(requester)
             if not active:
-                await interaction.response.send_message("You have no active songs to cancel.",
-                                                        ephemeral=True)
+                await interaction.response.send_message(
+                    "You have no active songs to cancel.", ephemeral=True
+                )
                 return
             job_id = max(active, key=lambda pair: pair[0].created_at)[0].id
         await self._cancel_job(interaction, job_id.strip().lower())
@@ -405,39 +456,51 @@ class DiscordFrontend:
             if line.limit is None:
                 lines.append(f"**{line.label}**: {_num(line.used)} {line.unit} used, no limit")
             else:
-                lines.append(f"**{line.label}**: {_num(line.used)} of {_num(line.limit)} "
-                             f"{line.unit} used, {_num(line.remaining)} left")
-        lines.append(f"Resets {ui.timestamp(status.resets_at)} "
-                     f"({ui.timestamp(status.resets_at, 'f')}).")
+                lines.append(
+                    f"**{line.label}**: {_num(line.used)} of {_num(line.limit)} "
+                    f"{line.unit} used, {_num(line.remaining)} left"
+                )
+        lines.append(
+            f"Resets {ui.timestamp(status.resets_at)} ({ui.timestamp(status.resets_at, 'f')})."
+        )
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     async def _history(self, interaction: discord.Interaction) -> None:
         jobs = await self.engine.history(requester_of(interaction), limit=10)
         if not jobs:
-            await interaction.response.send_message("You have not made any songs yet.",
-                                                    ephemeral=True)
+            await interaction.response.send_message(
+                "You have not made any songs yet.", ephemeral=True
+            )
             return
         lines = []
         for job in jobs:
             url = job.reply_target.get("result_url")
             title = ui.clip(job.request.title(), 60)
             shown = f"[{title}](<{url}>)" if url else title
-            lines.append(f"`{job.id}` {shown} \N{MIDDLE DOT} {job.state} \N{MIDDLE DOT} "
-                         f"seed `{job.seed}` \N{MIDDLE DOT} {ui.timestamp(job.created_at)}")
-        await interaction.response.send_message(ui.clip("\n".join(lines), ui.MESSAGE_LIMIT),
-                                                ephemeral=True)
+            lines.append(
+                f"`{job.id}` {shown} \N{MIDDLE DOT} {job.state} \N{MIDDLE DOT} "
+                f"seed `{job.seed}` \N{MIDDLE DOT} {ui.timestamp(job.created_at)}"
+            )
+        await interaction.response.send_message(
+            ui.clip("\n".join(lines), ui.MESSAGE_LIMIT), ephemeral=True
+        )
 
-    async def _limits(self, interaction: discord.Interaction, setting: str | None,
-                      value: float | None, reset: bool, channels: str | None) -> None:
+    async def _limits(
+        self,
+        interaction: discord.Interaction,
+        setting: str | None,
+        value: float | None,
+        reset: bool,
+        channels: str | None,
+    ) -> None:
         requester = requester_of(interaction)
         if interaction.guild_id is None:
-            await interaction.response.send_message("`/limits` works in a server.",
-                                                    ephemeral=True)
+            await interaction.response.send_message("`/limits` works in a server.", ephemeral=True)
             return
         if not (self.engine.is_admin(requester) or interaction.permissions.manage_guild):
             await interaction.response.send_message(
-                "Only members with the Manage Server permission can change limits.",
-                ephemeral=True)
+                "Only members with the Manage Server permission can change limits.", ephemeral=True
+            )
             return
         community = f"discord:{interaction.guild_id}"
         changed = []
@@ -455,27 +518,35 @@ class DiscordFrontend:
         if channels is not None:
             ids = parse_channel_list(channels)
             await self.engine.set_community_setting(community, CHANNELS_SETTING, ids)
-            changed.append("channels: " + (", ".join(f"<#{c}>" for c in ids) if ids
-                                           else "all"))
+            changed.append("channels: " + (", ".join(f"<#{c}>" for c in ids) if ids else "all"))
         limits = await self.engine.get_limits("community", community)
         allowed = await self.engine.get_community_setting(community, CHANNELS_SETTING)
         lines = [("Changed " + "; ".join(changed)) if changed else "This server's settings:"]
         lines += [f"**{k}**: {_num(v)}" for k, v in sorted(limits.items())] or [
-            "No server-specific quotas (the bot's defaults apply)."]
-        lines.append("Channels: " + (", ".join(f"<#{c}>" for c in allowed)
-                                     if isinstance(allowed, list) and allowed else "all"))
+            "No server-specific quotas (the bot's defaults apply)."
+        ]
+        lines.append(
+            "Channels: "
+            + (
+                ", ".join(f"<#{c}>" for c in allowed)
+                if isinstance(allowed, list) and allowed
+                else "all"
+            )
+        )
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     # ---- submitting ----
 
-    async def submit_from_interaction(self, interaction: discord.Interaction,
-                                      fields: dict[str, Any]) -> None:
+    async def submit_from_interaction(
+        self, interaction: discord.Interaction, fields: dict[str, Any]
+    ) -> None:
         """Validate the fields, then admit the job; errors are answered ephemerally."""
         request = GenerationRequest.build(**fields)
         await self.submit_request(interaction, request)
 
-    async def submit_request(self, interaction: discord.Interaction,
-                             request: GenerationRequest) -> None:
+    async def submit_request(
+        self, interaction: discord.Interaction, request: GenerationRequest
+    ) -> None:
         requester = requester_of(interaction)
         refusal = await self._refusal(interaction, requester)
         if refusal:
@@ -490,31 +561,42 @@ class DiscordFrontend:
             reply_target["status_message_id"] = str(deferred.message_id)
         # An interaction is answered once (a second response fails at Discord), so one
         # interaction never needs a second job either.
-        admission = await self.engine.submit(request, requester, reply_target,
-                                             source_key=f"discord:{interaction.id}")
+        admission = await self.engine.submit(
+            request, requester, reply_target, source_key=f"discord:{interaction.id}"
+        )
         interaction.extras["job_id"] = admission.job_id
-        note = (messages.ignored_options(admission.provider or "the music service",
-                                         admission.ignored_options)
-                if admission.ignored_options else None)
-        text = ui.status_text(admission.job_id, request.title(), "queued",
-                              position=admission.position, note=note)
+        note = (
+            messages.ignored_options(
+                admission.provider or "the music service", admission.ignored_options
+            )
+            if admission.ignored_options
+            else None
+        )
+        text = ui.status_text(
+            admission.job_id, request.title(), "queued", position=admission.position, note=note
+        )
         await self.status.update(admission.job_id, reply_target, text, initial=True)
 
-    async def _refusal(self, interaction: discord.Interaction,
-                       requester: Requester) -> str | None:
+    async def _refusal(self, interaction: discord.Interaction, requester: Requester) -> str | None:
         """Why songs cannot be made here, or None."""
         if interaction.guild_id is None:
             return None
-        allowed = await self.engine.get_community_setting(f"discord:{interaction.guild_id}",
-                                                          CHANNELS_SETTING)
-        if (isinstance(allowed, list) and allowed
-                and str(interaction.channel_id) not in allowed
-                and not self.engine.is_admin(requester)):
+        allowed = await self.engine.get_community_setting(
+            f"discord:{interaction.guild_id}", CHANNELS_SETTING
+        )
+        if (
+            isinstance(allowed, list)
+            and allowed
+            and str(interaction.channel_id) not in allowed
+            and not self.engine.is_admin(requester)
+        ):
             return "I make songs in " + ", ".join(f"<#{c}>" for c in allowed) + " here."
         perms = interaction.app_permissions
         if not perms.attach_files:
-            return ("I can't attach files in this channel. Ask a server admin to give me the "
-                    "Attach Files permission here, or use another channel.")
+            return (
+                "I can't attach files in this channel. Ask a server admin to give me the "
+                "Attach Files permission here, or use another channel."
+            )
         return None
 
     def _reply_target(self, interaction: discord.Interaction) -> dict[str, Any]:
@@ -532,8 +614,9 @@ class DiscordFrontend:
 
     # ---- button and modal actions (ui.JobActions) ----
 
-    async def new_take(self, interaction: discord.Interaction, job_id: str,
-                       same_seed: bool) -> None:
+    async def new_take(
+        self, interaction: discord.Interaction, job_id: str, same_seed: bool
+    ) -> None:
         job = await self.engine.get_job(job_id)
         if job is None:
             await send_ephemeral(interaction, f"Job `{job_id}` is no longer known.")
@@ -551,7 +634,8 @@ class DiscordFrontend:
             return
         assert job is not None
         await interaction.response.send_message(
-            embed=ui.lyrics_embed(job.request.title(), lyrics), ephemeral=True)
+            embed=ui.lyrics_embed(job.request.title(), lyrics), ephemeral=True
+        )
 
     async def cancel_from_button(self, interaction: discord.Interaction, job_id: str) -> None:
         await self._cancel_job(interaction, job_id)
@@ -561,22 +645,24 @@ class DiscordFrontend:
         await interaction.response.defer(ephemeral=True, thinking=True)
         requester = requester_of(interaction)
         is_admin = self.engine.is_admin(requester)
-        if not is_admin and interaction.guild_id is not None \
-                and interaction.permissions.manage_guild:
+        if (
+            not is_admin
+            and interaction.guild_id is not None
+            and interaction.permissions.manage_guild
+        ):
             # Server managers may cancel songs made in their own server.
             job = await self.engine.get_job(job_id)
-            is_admin = job is not None and job.requester.community_id == str(
-                interaction.guild_id)
+            is_admin = job is not None and job.requester.community_id == str(interaction.guild_id)
         job = await self.engine.cancel(job_id, requester, is_admin=is_admin)
-        await send_ephemeral(interaction, f"Cancelled `{job.id}` "
-                                          f"({ui.clip(job.request.title(), 80)}).")
+        await send_ephemeral(
+            interaction, f"Cancelled `{job.id}` ({ui.clip(job.request.title(), 80)})."
+        )
 
     # ---- errors ----
 
     async def report_error(self, interaction: discord.Interaction, error: Exception) -> None:
         """Map an error to an ephemeral answer; log what the user cannot fix."""
-        original = (error.original if isinstance(error, app_commands.CommandInvokeError)
-                    else error)
+        original = error.original if isinstance(error, app_commands.CommandInvokeError) else error
         if isinstance(original, (InvalidRequest, EngineError, app_commands.TransformerError)):
             text = str(original)
         elif isinstance(original, app_commands.CheckFailure):
@@ -584,8 +670,13 @@ class DiscordFrontend:
         else:
             job_id = interaction.extras.get("job_id") or "-"
             action = interaction.command.name if interaction.command else interaction.type.name
-            log.error("job %s: Discord %s failed: %s", job_id, action,
-                      type(original).__name__, exc_info=original)
+            log.error(
+                "job %s: Discord %s failed: %s",
+                job_id,
+                action,
+                type(original).__name__,
+                exc_info=original,
+            )
             text = SOMETHING_WRONG
         try:
             await send_ephemeral(interaction, text)
@@ -595,11 +686,17 @@ class DiscordFrontend:
     # ---- Delivery protocol ----
 
     async def on_progress(self, job: Job, progress: Progress) -> None:
-        text = ui.status_text(job.id, job.request.title(), progress.state,
-                              position=progress.position, progress=progress.progress,
-                              message=progress.message)
-        await self.status.update(job.id, job.reply_target, text,
-                                 cancellable=progress.state != "uploading")
+        text = ui.status_text(
+            job.id,
+            job.request.title(),
+            progress.state,
+            position=progress.position,
+            progress=progress.progress,
+            message=progress.message,
+        )
+        await self.status.update(
+            job.id, job.reply_target, text, cancellable=progress.state != "uploading"
+        )
 
     async def deliver(self, job: Job, song: Song) -> None:
         await self._wait_logged_in()
@@ -609,10 +706,16 @@ class DiscordFrontend:
         audio_name = f"{slug(song.title or job.request.title())}-{job.id}.mp3"
         cover_name = "cover.jpg" if rendered.cover else None
         description = song.prompt or song.tags or job.request.prompt or job.request.tags
-        embed = ui.song_embed(title=song.title or job.request.title(),
-                              description=description or "", duration=rendered.duration,
-                              seed=song.seed, provider=song.provider, job_id=job.id,
-                              cover_name=cover_name, requester_id=target.get("user_id"))
+        embed = ui.song_embed(
+            title=song.title or job.request.title(),
+            description=description or "",
+            duration=rendered.duration,
+            seed=song.seed,
+            provider=song.provider,
+            job_id=job.id,
+            cover_name=cover_name,
+            requester_id=target.get("user_id"),
+        )
         has_lyrics = not (job.request.instrumental or is_instrumental_lyrics(song.lyrics or ""))
         view = ui.result_view(job.id, has_lyrics)
 
@@ -626,43 +729,51 @@ class DiscordFrontend:
         if self._token_usable(target):
             try:
                 message = await self._webhook(target).send(
-                    embed=embed, files=files(), view=view, wait=True)
+                    embed=embed, files=files(), view=view, wait=True
+                )
             except discord.HTTPException as exc:
                 if not _token_dead(exc):
                     raise _delivery_error("Discord refused the song", exc) from None
                 log.info("job %s: interaction token expired; posting to the channel", job.id)
         if message is None:
             message = await self._post_later(
-                target, f"<@{target.get('user_id')}> your song is ready.",
-                files, embed=embed, view=view)
+                target,
+                f"<@{target.get('user_id')}> your song is ready.",
+                files,
+                embed=embed,
+                view=view,
+            )
         # Posted: nothing below may raise, or the engine would retry and post it twice.
         in_place = str(message.channel.id) == str(target.get("channel_id"))  # else a DM
-        url = jump_url(target.get("guild_id") if in_place else None, message.channel.id,
-                       message.id)
+        url = jump_url(target.get("guild_id") if in_place else None, message.channel.id, message.id)
         try:
             await self.engine.update_reply_target(
-                job.id, {**target, "result_url": url, "result_message_id": str(message.id)})
+                job.id, {**target, "result_url": url, "result_message_id": str(message.id)}
+            )
         except Exception:
-            log.warning("job %s: could not store the Discord result link", job.id,
-                        exc_info=True)
+            log.warning("job %s: could not store the Discord result link", job.id, exc_info=True)
         try:
             await self.status.update(
-                job.id, target, ui.final_status_text(
-                    job.id, job.request.title(), f"\N{WHITE HEAVY CHECK MARK} Done: {url}"),
-                final=True)
+                job.id,
+                target,
+                ui.final_status_text(
+                    job.id, job.request.title(), f"\N{WHITE HEAVY CHECK MARK} Done: {url}"
+                ),
+                final=True,
+            )
         except Exception:
-            log.warning("job %s: could not show the final Discord status", job.id,
-                        exc_info=True)
+            log.warning("job %s: could not show the final Discord status", job.id, exc_info=True)
 
     async def on_failed(self, job: Job, message: str) -> None:
         await self._wait_logged_in()
         target = job.reply_target
         cancelled = job.state == "cancelled"
-        outcome = ("\N{NO ENTRY SIGN} Cancelled." if cancelled
-                   else f"\N{CROSS MARK} Failed: {message}")
-        await self.status.update(job.id, target,
-                                 ui.final_status_text(job.id, job.request.title(), outcome),
-                                 final=True)
+        outcome = (
+            "\N{NO ENTRY SIGN} Cancelled." if cancelled else f"\N{CROSS MARK} Failed: {message}"
+        )
+        await self.status.update(
+            job.id, target, ui.final_status_text(job.id, job.request.title(), outcome), final=True
+        )
         if cancelled:
             return  # whoever cancelled was answered; the status message shows it
         text = f"Your song `{job.id}` ({ui.clip(job.request.title(), 80)}) failed: {message}"
@@ -690,12 +801,17 @@ class DiscordFrontend:
     def _webhook(self, target: dict[str, Any]) -> discord.Webhook:
         """The interaction's followup webhook, rebuilt from the stored reply target."""
         return discord.Webhook.from_state(
-            data={"id": int(target["application_id"]), "type": 3,
-                  "token": target["interaction_token"]},
-            state=self.client._connection)
+            data={
+                "id": int(target["application_id"]),
+                "type": 3,
+                "token": target["interaction_token"],
+            },
+            state=self.client._connection,
+        )
 
-    async def _edit_status(self, target: dict[str, Any], text: str,
-                           view: discord.ui.View | None) -> None:
+    async def _edit_status(
+        self, target: dict[str, Any], text: str, view: discord.ui.View | None
+    ) -> None:
         """Edit the status message: via the interaction while it lives, else the channel."""
         if not self.client.is_closed() and self._logged_in.is_set():
             try:
@@ -707,16 +823,21 @@ class DiscordFrontend:
                 if target.get("status_message_id") and target.get("channel_id"):
                     channel = self.client.get_partial_messageable(int(target["channel_id"]))
                     await channel.get_partial_message(int(target["status_message_id"])).edit(
-                        content=text, view=view)
+                        content=text, view=view
+                    )
             except discord.HTTPException as exc:
                 # Status edits are best effort: the result or failure is posted anyway.
                 log.info("Could not edit a Discord status message: %s", _http_text(exc))
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.info("Could not edit a Discord status message: %s", type(exc).__name__)
 
-    async def _post_later(self, target: dict[str, Any], content: str,
-                          files: Callable[[], list[discord.File]],
-                          **kwargs: Any) -> discord.Message:
+    async def _post_later(
+        self,
+        target: dict[str, Any],
+        content: str,
+        files: Callable[[], list[discord.File]],
+        **kwargs: Any,
+    ) -> discord.Message:
         """Post without the interaction: in its channel, else (a user-installed app in a
         server it is not in, a private chat) to the requester's DMs."""
         mentions = discord.AllowedMentions(everyone=False, roles=False, users=True)
@@ -725,13 +846,13 @@ class DiscordFrontend:
         if channel_id:
             channel = self.client.get_partial_messageable(int(channel_id))
             try:
-                return await channel.send(content, files=files(), allowed_mentions=mentions,
-                                          **kwargs)
+                return await channel.send(
+                    content, files=files(), allowed_mentions=mentions, **kwargs
+                )
             except (discord.Forbidden, discord.NotFound) as exc:
                 failure = exc
             except discord.HTTPException as exc:
-                raise _delivery_error(f"cannot post in Discord channel {channel_id}",
-                                      exc) from None
+                raise _delivery_error(f"cannot post in Discord channel {channel_id}", exc) from None
         user_id = target.get("user_id")
         if not user_id:
             raise DeliveryError("the job has nowhere on Discord to post to", permanent=True)
@@ -742,10 +863,12 @@ class DiscordFrontend:
             raise _delivery_error(
                 f"cannot post in channel {channel_id} "
                 f"({_http_text(failure) if failure else 'none'}) nor in the requester's DMs",
-                exc) from None
+                exc,
+            ) from None
 
 
 # ---- helpers ----
+
 
 class InteractionTokenFilter(logging.Filter):
     """Masks interaction tokens in discord.py's request logs (they sit in webhook URLs)."""
@@ -775,9 +898,12 @@ def apply_endpoints(settings: Settings) -> None:
 def requester_of(interaction: discord.Interaction) -> Requester:
     """Who is asking, in the engine's terms (community = guild; None in DMs)."""
     user = interaction.user
-    return Requester(platform=PLATFORM, user_id=str(user.id),
-                     community_id=str(interaction.guild_id) if interaction.guild_id else None,
-                     display_name=user.display_name)
+    return Requester(
+        platform=PLATFORM,
+        user_id=str(user.id),
+        community_id=str(interaction.guild_id) if interaction.guild_id else None,
+        display_name=user.display_name,
+    )
 
 
 async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:
@@ -845,27 +971,40 @@ def _option_annotation(spec: OptionSpec) -> Any:
     return Optional[app_commands.Range[kind, spec.minimum, spec.maximum]]  # noqa: UP045
 
 
-def _options_callback(handler: Callable[..., Awaitable[None]],
-                      first: tuple[str, Any, str]) -> Any:
+def _options_callback(handler: Callable[..., Awaitable[None]], first: tuple[str, Any, str]) -> Any:
     """A command callback whose signature lists the shared request options.
 
     discord.py reads the options from the callback's signature; building it from
     bot.requests keeps names, ranges and choices in one place.
     """
+
     async def callback(interaction: discord.Interaction, **options: Any) -> None:
         await handler(interaction, **options)
 
     name, annotation, description = first
     required = not _is_optional(annotation)
-    params = [inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                annotation=discord.Interaction),
-              inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                default=inspect.Parameter.empty if required else None)]
+    params = [
+        inspect.Parameter(
+            "interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction
+        ),
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=annotation,
+            default=inspect.Parameter.empty if required else None,
+        ),
+    ]
     descriptions = {name: description}
     specs: dict[str, OptionSpec] = {**BASIC_OPTIONS, **ADVANCED_OPTIONS}
     for spec in specs.values():
-        params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,
-                                        annotation=_option_annotation(spec), default=None))
+        params.append(
+            inspect.Parameter(
+                spec.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=_option_annotation(spec),
+                default=None,
+            )
+        )
         descriptions[spec.name] = _describe(spec)
     callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     callback.__discord_app_commands_param_description__ = descriptions  # type: ignore[attr-defined]

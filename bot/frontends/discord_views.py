@@ -24,15 +24,17 @@ MESSAGE_LIMIT = 2000
 class JobActions(Protocol):
     """What the buttons and the modal ask of the front-end."""
 
-    async def new_take(self, interaction: discord.Interaction, job_id: str,
-                       same_seed: bool) -> None: ...
+    async def new_take(
+        self, interaction: discord.Interaction, job_id: str, same_seed: bool
+    ) -> None: ...
 
     async def show_lyrics(self, interaction: discord.Interaction, job_id: str) -> None: ...
 
     async def cancel_from_button(self, interaction: discord.Interaction, job_id: str) -> None: ...
 
-    async def submit_from_interaction(self, interaction: discord.Interaction,
-                                      fields: dict[str, Any]) -> None: ...
+    async def submit_from_interaction(
+        self, interaction: discord.Interaction, fields: dict[str, Any]
+    ) -> None: ...
 
 
 def actions_of(interaction: discord.Interaction) -> JobActions:
@@ -47,18 +49,25 @@ async def report(interaction: discord.Interaction, error: Exception) -> None:
     await interaction.client.report_error(interaction, error)  # type: ignore[attr-defined]
 
 
-class NewTakeButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                    template=rf"acestep:new:{JOB_ID}"):
+class NewTakeButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"acestep:new:{JOB_ID}"
+):
     """Same request, new random seed: a new job for whoever clicks."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(label="New take", style=discord.ButtonStyle.primary,
-                                           custom_id=f"acestep:new:{job_id}"))
+        super().__init__(
+            discord.ui.Button(
+                label="New take",
+                style=discord.ButtonStyle.primary,
+                custom_id=f"acestep:new:{job_id}",
+            )
+        )
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction,
-                             item: discord.ui.Item[Any], match: re.Match[str]) -> NewTakeButton:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> NewTakeButton:
         return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -69,18 +78,25 @@ class NewTakeButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
             await report(interaction, exc)
 
 
-class SameSeedButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                     template=rf"acestep:same:{JOB_ID}"):
+class SameSeedButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"acestep:same:{JOB_ID}"
+):
     """Same request and same seed: reproduces the song (e.g. on another provider)."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(label="Same seed", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"acestep:same:{job_id}"))
+        super().__init__(
+            discord.ui.Button(
+                label="Same seed",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"acestep:same:{job_id}",
+            )
+        )
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction,
-                             item: discord.ui.Item[Any], match: re.Match[str]) -> SameSeedButton:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> SameSeedButton:
         return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -91,18 +107,25 @@ class SameSeedButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
             await report(interaction, exc)
 
 
-class LyricsButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                   template=rf"acestep:lyrics:{JOB_ID}"):
+class LyricsButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"acestep:lyrics:{JOB_ID}"
+):
     """Shows the full lyrics to whoever clicks, ephemerally."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(label="Lyrics", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"acestep:lyrics:{job_id}"))
+        super().__init__(
+            discord.ui.Button(
+                label="Lyrics",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"acestep:lyrics:{job_id}",
+            )
+        )
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction,
-                             item: discord.ui.Item[Any], match: re.Match[str]) -> LyricsButton:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> LyricsButton:
         return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -113,18 +136,25 @@ class LyricsButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
             await report(interaction, exc)
 
 
-class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                   template=rf"acestep:cancel:{JOB_ID}"):
+class CancelButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"acestep:cancel:{JOB_ID}"
+):
     """Cancels a queued or running job (its requester or an admin)."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(label="Cancel", style=discord.ButtonStyle.danger,
-                                           custom_id=f"acestep:cancel:{job_id}"))
+        super().__init__(
+            discord.ui.Button(
+                label="Cancel",
+                style=discord.ButtonStyle.danger,
+                custom_id=f"acestep:cancel:{job_id}",
+            )
+        )
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction,
-                             item: discord.ui.Item[Any], match: re.Match[str]) -> CancelButton:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> CancelButton:
         return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -136,7 +166,11 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
 
 
 PERSISTENT_ITEMS: tuple[type[discord.ui.DynamicItem[Any]], ...] = (
-    NewTakeButton, SameSeedButton, LyricsButton, CancelButton)
+    NewTakeButton,
+    SameSeedButton,
+    LyricsButton,
+    CancelButton,
+)
 
 
 def running_view(job_id: str) -> discord.ui.View:
@@ -163,27 +197,46 @@ class ComposeModal(discord.ui.Modal, title="Compose a song"):
         super().__init__(timeout=15 * 60)
         self.fields = fields
         self.tags: discord.ui.TextInput[ComposeModal] = discord.ui.TextInput(
-            custom_id="tags", default=tags or None, max_length=MAX_TAGS_CHARS,
-            placeholder="lofi, piano, rain, 80 bpm", style=discord.TextStyle.short)
+            custom_id="tags",
+            default=tags or None,
+            max_length=MAX_TAGS_CHARS,
+            placeholder="lofi, piano, rain, 80 bpm",
+            style=discord.TextStyle.short,
+        )
         self.lyrics: discord.ui.TextInput[ComposeModal] = discord.ui.TextInput(
-            custom_id="lyrics", required=False, max_length=MAX_LYRICS_CHARS,
+            custom_id="lyrics",
+            required=False,
+            max_length=MAX_LYRICS_CHARS,
             style=discord.TextStyle.paragraph,
-            placeholder="[verse]\nfirst line\n[chorus]\n...   (empty = instrumental)")
-        self.add_item(discord.ui.Label(text="Style tags", component=self.tags,
-                                       description="comma-separated genres, instruments, mood"))
-        self.add_item(discord.ui.Label(text="Lyrics", component=self.lyrics,
-                                       description="[verse], [chorus] ... or empty / [inst]"))
+            placeholder="[verse]\nfirst line\n[chorus]\n...   (empty = instrumental)",
+        )
+        self.add_item(
+            discord.ui.Label(
+                text="Style tags",
+                component=self.tags,
+                description="comma-separated genres, instruments, mood",
+            )
+        )
+        self.add_item(
+            discord.ui.Label(
+                text="Lyrics",
+                component=self.lyrics,
+                description="[verse], [chorus] ... or empty / [inst]",
+            )
+        )
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         fields = {**self.fields, "tags": self.tags.value, "lyrics": self.lyrics.value or ""}
         await actions_of(interaction).submit_from_interaction(interaction, fields)
 
     async def on_error(  # type: ignore[override]
-            self, interaction: discord.Interaction, error: Exception, /) -> None:
+        self, interaction: discord.Interaction, error: Exception, /
+    ) -> None:
         await report(interaction, error)
 
 
 # ---- formatting: the one place that words job states for Discord ----
+
 
 def clip(text: str, limit: int) -> str:
     """Shorten text to `limit` characters, marking the cut."""
@@ -196,9 +249,16 @@ def timestamp(when: datetime | float, style: str = "R") -> str:
     return f"<t:{int(seconds)}:{style}>"
 
 
-def status_text(job_id: str, title: str, state: str, *, position: int | None = None,
-                progress: float | None = None, message: str | None = None,
-                note: str | None = None) -> str:
+def status_text(
+    job_id: str,
+    title: str,
+    state: str,
+    *,
+    position: int | None = None,
+    progress: float | None = None,
+    message: str | None = None,
+    note: str | None = None,
+) -> str:
     """The status message of an active job."""
     head = f"**{clip(title, 120)}** \N{MIDDLE DOT} job `{job_id}`\n"
     if state == "queued":
@@ -227,14 +287,24 @@ def final_status_text(job_id: str, title: str, outcome: str) -> str:
     return f"**{clip(title, 120)}** \N{MIDDLE DOT} job `{job_id}`\n{clip(outcome, 1500)}"
 
 
-def song_embed(*, title: str, description: str, duration: float, seed: int, provider: str,
-               job_id: str, cover_name: str | None, requester_id: str | None = None,
-               ) -> discord.Embed:
+def song_embed(
+    *,
+    title: str,
+    description: str,
+    duration: float,
+    seed: int,
+    provider: str,
+    job_id: str,
+    cover_name: str | None,
+    requester_id: str | None = None,
+) -> discord.Embed:
     """The result embed: title, prompt or tags, duration, seed, provider and cover art."""
-    embed = discord.Embed(title=clip(title or "Untitled", 256),
-                          description=clip(description, EMBED_DESCRIPTION_LIMIT),
-                          colour=discord.Colour.blurple(),
-                          timestamp=datetime.now(UTC))
+    embed = discord.Embed(
+        title=clip(title or "Untitled", 256),
+        description=clip(description, EMBED_DESCRIPTION_LIMIT),
+        colour=discord.Colour.blurple(),
+        timestamp=datetime.now(UTC),
+    )
     embed.add_field(name="Duration", value=f"{duration:.0f} s")
     embed.add_field(name="Seed", value=f"`{seed}`")
     embed.add_field(name="Provider", value=provider or "?")
@@ -248,5 +318,6 @@ def song_embed(*, title: str, description: str, duration: float, seed: int, prov
 
 def lyrics_embed(title: str, lyrics: str) -> discord.Embed:
     """Full lyrics for an ephemeral answer (an embed holds 4096 characters, lyrics 3000)."""
-    return discord.Embed(title=clip(f"Lyrics: {title}", 256),
-                         description=clip(lyrics, EMBED_DESCRIPTION_LIMIT))
+    return discord.Embed(
+        title=clip(f"Lyrics: {title}", 256), description=clip(lyrics, EMBED_DESCRIPTION_LIMIT)
+    )

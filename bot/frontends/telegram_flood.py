@@ -34,9 +34,13 @@ def retry_after_seconds(exc: RetryAfter) -> float:
 class RetryAfterLimiter(BaseRateLimiter[None]):
     """Reacts only when needed: on RetryAfter, sleep the given delay and call again."""
 
-    def __init__(self, max_retries: int = 5, *,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-                 not_retried: frozenset[str] = NOT_RETRIED) -> None:
+    def __init__(
+        self,
+        max_retries: int = 5,
+        *,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        not_retried: frozenset[str] = NOT_RETRIED,
+    ) -> None:
         self.max_retries = max_retries
         self._sleep = sleep
         self._not_retried = not_retried
@@ -65,6 +69,11 @@ class RetryAfterLimiter(BaseRateLimiter[None]):
                 if endpoint in self._not_retried or attempt > self.max_retries:
                     raise
                 delay = retry_after_seconds(exc)
-                log.warning("Telegram flood control on %s: waiting %.1f s (retry %d of %d)",
-                            endpoint, delay, attempt, self.max_retries)
+                log.warning(
+                    "Telegram flood control on %s: waiting %.1f s (retry %d of %d)",
+                    endpoint,
+                    delay,
+                    attempt,
+                    self.max_retries,
+                )
                 await self._sleep(delay)

@@ -106,7 +106,7 @@ def _command_args(message: Message) -> str:
     text = message.text or ""
     for entity in message.entities:
         if entity.type == "bot_command" and entity.offset == 0:
-            return text[entity.length:]
+            return text[entity.length :]
     return text.partition(" ")[2]
 
 
@@ -147,8 +147,9 @@ class ConfirmAfterHandling(HTTPXRequest):
         self.max_wait = max_wait
         self.update_queue: asyncio.Queue[Any] | None = None
 
-    async def do_request(self, url: str, method: str, *args: Any, **kwargs: Any
-                         ) -> tuple[int, bytes]:
+    async def do_request(
+        self, url: str, method: str, *args: Any, **kwargs: Any
+    ) -> tuple[int, bytes]:
         if self.update_queue is not None and url.endswith("/getUpdates"):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.update_queue.join(), self.max_wait)
@@ -160,9 +161,16 @@ class TelegramFrontend:
 
     platform = "telegram"
 
-    def __init__(self, settings: Settings, engine: Engine, *, edit_interval: float = 3.0,
-                 action_interval: float = 4.5, poll_timeout: int = 30,
-                 flood_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        edit_interval: float = 3.0,
+        action_interval: float = 4.5,
+        poll_timeout: int = 30,
+        flood_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
         token = settings.secret("telegram_token")
         if not token:
             raise ValueError("TELEGRAM_TOKEN is not set")
@@ -173,27 +181,35 @@ class TelegramFrontend:
         self.poll_timeout = poll_timeout
         self._webhook_url = settings.telegram_webhook_url
         self._updates_request = ConfirmAfterHandling()
-        builder = (ApplicationBuilder().token(token)
-                   .get_updates_request(self._updates_request)
-                   .base_url(f"{self.api_url}/bot")
-                   .base_file_url(f"{self.api_url}/file/bot")
-                   .concurrent_updates(True)
-                   .rate_limiter(RetryAfterLimiter(sleep=flood_sleep))
-                   .read_timeout(30.0)
-                   .write_timeout(30.0)
-                   .media_write_timeout(300.0))
+        builder = (
+            ApplicationBuilder()
+            .token(token)
+            .get_updates_request(self._updates_request)
+            .base_url(f"{self.api_url}/bot")
+            .base_file_url(f"{self.api_url}/file/bot")
+            .concurrent_updates(True)
+            .rate_limiter(RetryAfterLimiter(sleep=flood_sleep))
+            .read_timeout(30.0)
+            .write_timeout(30.0)
+            .media_write_timeout(300.0)
+        )
         if self._webhook_url:
             builder = builder.updater(None)
         self.app: TgApp = builder.build()
         self._updates_request.update_queue = self.app.update_queue
         self.webhook: WebhookReceiver | None = None
         if self._webhook_url:
-            self.webhook = WebhookReceiver(self.app, self._webhook_url,
-                                           settings.telegram_webhook_listen,
-                                           webhook_secret(token), ALLOWED_UPDATES)
+            self.webhook = WebhookReceiver(
+                self.app,
+                self._webhook_url,
+                settings.telegram_webhook_listen,
+                webhook_secret(token),
+                ALLOWED_UPDATES,
+            )
         self.status = StatusBoard(self._bot, edit_interval)
-        self.actions = ChatActions(self._bot, action_interval,
-                                   max_seconds=settings.job_timeout_seconds + 300)
+        self.actions = ChatActions(
+            self._bot, action_interval, max_seconds=settings.job_timeout_seconds + 300
+        )
         self._bot_lock = asyncio.Lock()
         self._notes: dict[str, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -219,10 +235,16 @@ class TelegramFrontend:
             await self.webhook.start()
         elif self.app.updater is not None:
             await self.app.updater.start_polling(
-                poll_interval=0.0, timeout=self.poll_timeout, allowed_updates=ALLOWED_UPDATES,
-                drop_pending_updates=False)
-        log.info("telegram: running as @%s (%s)", self.app.bot.username,
-                 "webhook" if self.webhook else "long polling")
+                poll_interval=0.0,
+                timeout=self.poll_timeout,
+                allowed_updates=ALLOWED_UPDATES,
+                drop_pending_updates=False,
+            )
+        log.info(
+            "telegram: running as @%s (%s)",
+            self.app.bot.username,
+            "webhook" if self.webhook else "long polling",
+        )
 
     @property
     def is_connected(self) -> bool:
@@ -261,19 +283,26 @@ class TelegramFrontend:
 
     def _add_handlers(self) -> None:
         commands: dict[str, Handler] = {
-            "song": self._cmd_song, "compose": self._cmd_compose, "queue": self._cmd_queue,
-            "cancel": self._cmd_cancel, "quota": self._cmd_quota,
-            "history": self._cmd_history, "help": self._cmd_help, "start": self._cmd_help,
+            "song": self._cmd_song,
+            "compose": self._cmd_compose,
+            "queue": self._cmd_queue,
+            "cancel": self._cmd_cancel,
+            "quota": self._cmd_quota,
+            "history": self._cmd_history,
+            "help": self._cmd_help,
+            "start": self._cmd_help,
             "limits": self._cmd_limits,
         }
         for name, handler in commands.items():
             self.app.add_handler(CommandHandler(name, self._guarded(handler)))
-        self.app.add_handler(CallbackQueryHandler(self._guarded(self._on_button),
-                                                  pattern=r"^(new|lyr|cxl):"))
+        self.app.add_handler(
+            CallbackQueryHandler(self._guarded(self._on_button), pattern=r"^(new|lyr|cxl):")
+        )
         self.app.add_error_handler(self._on_error)
 
     def _guarded(self, handler: Handler) -> Handler:
         """Answer user-fixable errors as they are; log the rest without details to users."""
+
         async def run(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
             try:
                 await handler(update, context)
@@ -282,15 +311,21 @@ class TelegramFrontend:
             except EngineError as exc:
                 await self._answer(update, str(exc))
             except Exception:
-                log.exception("telegram: %s failed on update %s", handler.__name__,
-                              update.update_id)
+                log.exception(
+                    "telegram: %s failed on update %s", handler.__name__, update.update_id
+                )
                 await self._answer(update, GENERIC_ERROR)
+
         return run
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         uid = update.update_id if isinstance(update, Update) else None
-        log.error("telegram: error on update %s: %s", uid, type(context.error).__name__,
-                  exc_info=context.error)
+        log.error(
+            "telegram: error on update %s: %s",
+            uid,
+            type(context.error).__name__,
+            exc_info=context.error,
+        )
 
     async def _answer(self, update: Update, text: str) -> None:
         """Tell the user: a popup for a button press, else a reply to their message."""
@@ -305,15 +340,19 @@ class TelegramFrontend:
     async def _reply(self, message: Message, text: str, *, html: bool = True) -> None:
         for chunk in split_message(text):
             await self.app.bot.send_message(
-                message.chat_id, chunk, parse_mode=ParseMode.HTML if html else None,
+                message.chat_id,
+                chunk,
+                parse_mode=ParseMode.HTML if html else None,
                 message_thread_id=_thread_of(message),
-                reply_parameters=_reply_to(message.message_id))
+                reply_parameters=_reply_to(message.message_id),
+            )
 
     def _requester(self, user: User, chat: Chat) -> Requester:
         community = None if chat.type == ChatType.PRIVATE else str(chat.id)
         name = user.full_name or user.username or str(user.id)
-        return Requester(platform="telegram", user_id=str(user.id), community_id=community,
-                         display_name=name)
+        return Requester(
+            platform="telegram", user_id=str(user.id), community_id=community, display_name=name
+        )
 
     async def _is_chat_admin(self, chat: Chat, user: User) -> bool:
         if chat.type == ChatType.PRIVATE:
@@ -334,12 +373,21 @@ class TelegramFrontend:
         message, user, chat = self._origin(update)
         args = _command_args(message)
         if not args.strip():
-            await self._reply(message, "Describe the song, e.g. /song lofi piano about rain "
-                                       "duration=30\n\n" + help_text(), html=False)
+            await self._reply(
+                message,
+                "Describe the song, e.g. /song lofi piano about rain duration=30\n\n" + help_text(),
+                html=False,
+            )
             return
         request = GenerationRequest.build(**parse_song(args))
-        await self._start_job(request, self._requester(user, chat), chat.id,
-                              _thread_of(message), message.message_id, self._source_key(update))
+        await self._start_job(
+            request,
+            self._requester(user, chat),
+            chat.id,
+            _thread_of(message),
+            message.message_id,
+            self._source_key(update),
+        )
 
     async def _cmd_compose(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message, user, chat = self._origin(update)
@@ -347,21 +395,37 @@ class TelegramFrontend:
         replied = message.reply_to_message
         replied_text = (replied.text or replied.caption) if replied is not None else None
         if not args.strip():
-            await self._reply(message, "Give style tags on the first line and lyrics on the "
-                                       "next lines, e.g.\n/compose synthpop, female vocals\n"
-                                       "[verse]\nNeon rain on the window", html=False)
+            await self._reply(
+                message,
+                "Give style tags on the first line and lyrics on the "
+                "next lines, e.g.\n/compose synthpop, female vocals\n"
+                "[verse]\nNeon rain on the window",
+                html=False,
+            )
             return
         request = GenerationRequest.build(**parse_compose(args, replied_text))
-        await self._start_job(request, self._requester(user, chat), chat.id,
-                              _thread_of(message), message.message_id, self._source_key(update))
+        await self._start_job(
+            request,
+            self._requester(user, chat),
+            chat.id,
+            _thread_of(message),
+            message.message_id,
+            self._source_key(update),
+        )
 
     def _source_key(self, update: Update) -> str:
         """Names the update that asks for a song, so a re-sent update is not admitted twice."""
         return f"telegram:{self.app.bot.id}:{update.update_id}"
 
-    async def _start_job(self, request: GenerationRequest, requester: Requester,
-                         chat_id: int, thread_id: int | None, reply_to: int | None,
-                         source_key: str | None = None) -> None:
+    async def _start_job(
+        self,
+        request: GenerationRequest,
+        requester: Requester,
+        chat_id: int,
+        thread_id: int | None,
+        reply_to: int | None,
+        source_key: str | None = None,
+    ) -> None:
         """Post the job's status message, then submit with it in the reply target."""
         if source_key and await self.engine.admitted_for(source_key) is not None:
             log.info("telegram: update %s was already admitted; ignoring the repeat", source_key)
@@ -370,16 +434,22 @@ class TelegramFrontend:
         # The status message exists before the job does, so the stored reply target is
         # complete from the start and progress can never race ahead of it.
         status = await self.app.bot.send_message(
-            chat_id, f"<b>{escape(title)}</b>\n⏳ Received…", parse_mode=ParseMode.HTML,
-            message_thread_id=thread_id, reply_parameters=_reply_to(reply_to))
-        target = {"chat_id": chat_id, "thread_id": thread_id, "request_message_id": reply_to,
-                  "status_message_id": status.message_id}
+            chat_id,
+            f"<b>{escape(title)}</b>\n⏳ Received…",
+            parse_mode=ParseMode.HTML,
+            message_thread_id=thread_id,
+            reply_parameters=_reply_to(reply_to),
+        )
+        target = {
+            "chat_id": chat_id,
+            "thread_id": thread_id,
+            "request_message_id": reply_to,
+            "status_message_id": status.message_id,
+        }
         try:
-            admission = await self.engine.submit(request, requester, target,
-                                                 source_key=source_key)
+            admission = await self.engine.submit(request, requester, target, source_key=source_key)
         except EngineError as exc:
-            await self._final_or_reply(None, target, f"<b>{escape(title)}</b>\n"
-                                       f"{escape(str(exc))}")
+            await self._final_or_reply(None, target, f"<b>{escape(title)}</b>\n{escape(str(exc))}")
             return
         except Exception:
             log.exception("telegram: submit failed for chat %s", chat_id)
@@ -393,29 +463,39 @@ class TelegramFrontend:
             return
         note = None
         if admission.ignored_options:
-            note = messages.ignored_options(admission.provider or "the music service",
-                                            admission.ignored_options)
+            note = messages.ignored_options(
+                admission.provider or "the music service", admission.ignored_options
+            )
             self._notes[admission.job_id] = note
             await self.engine.update_reply_target(admission.job_id, {**target, "note": note})
-        self.status.show(admission.job_id, chat_id, status.message_id,
-                         status_html(admission.job_id, title, "queued",
-                                     position=admission.position, note=note),
-                         "queued", _cancel_markup(admission.job_id))
+        self.status.show(
+            admission.job_id,
+            chat_id,
+            status.message_id,
+            status_html(admission.job_id, title, "queued", position=admission.position, note=note),
+            "queued",
+            _cancel_markup(admission.job_id),
+        )
 
-    async def _final_or_reply(self, job_id: str | None, target: dict[str, Any],
-                              html_text: str) -> None:
+    async def _final_or_reply(
+        self, job_id: str | None, target: dict[str, Any], html_text: str
+    ) -> None:
         """Show a final text in the status message, or as a new reply if that is gone."""
         chat_id = int(target["chat_id"])
         status_id = target.get("status_message_id")
         shown = False
         if status_id is not None:
-            shown = await self.status.finish(job_id or f"msg:{status_id}", chat_id,
-                                             int(status_id), html_text)
+            shown = await self.status.finish(
+                job_id or f"msg:{status_id}", chat_id, int(status_id), html_text
+            )
         if not shown:
             await self.app.bot.send_message(
-                chat_id, html_text, parse_mode=ParseMode.HTML,
+                chat_id,
+                html_text,
+                parse_mode=ParseMode.HTML,
                 message_thread_id=target.get("thread_id"),
-                reply_parameters=_reply_to(target.get("request_message_id")))
+                reply_parameters=_reply_to(target.get("request_message_id")),
+            )
 
     # --- Delivery protocol ------------------------------------------------------------
 
@@ -431,8 +511,14 @@ class TelegramFrontend:
             return
         markup = None if progress.state == "uploading" else _cancel_markup(job.id)
         note = self._notes.get(job.id) or target.get("note")
-        text = status_html(job.id, job.request.title(), progress.state,
-                           position=progress.position, progress=progress.progress, note=note)
+        text = status_html(
+            job.id,
+            job.request.title(),
+            progress.state,
+            position=progress.position,
+            progress=progress.progress,
+            note=note,
+        )
         self.status.show(job.id, chat_id, int(status_id), text, progress.state, markup)
 
     async def deliver(self, job: Job, song: Song) -> None:
@@ -446,28 +532,37 @@ class TelegramFrontend:
             audio = await asyncio.to_thread(rendered.path.read_bytes)
             prompt_mode = job.request.mode is Mode.PROMPT
             caption = make_caption(
-                text=(song.prompt or job.request.prompt) if prompt_mode
+                text=(song.prompt or job.request.prompt)
+                if prompt_mode
                 else (song.tags or job.request.tags),
-                label="Prompt" if prompt_mode else "Tags", seed=song.seed,
-                duration=rendered.duration or song.duration, provider=song.provider)
+                label="Prompt" if prompt_mode else "Tags",
+                seed=song.seed,
+                duration=rendered.duration or song.duration,
+                provider=song.provider,
+            )
             lyrics = song.lyrics or ""
             has_lyrics = bool(lyrics.strip()) and not is_instrumental_lyrics(lyrics)
             cover = rendered.cover
             await self.app.bot.send_audio(
-                chat_id, InputFile(audio, filename=_file_name(song.title or title)),
-                title=(song.title or title)[:64], performer="ACE-Step",
+                chat_id,
+                InputFile(audio, filename=_file_name(song.title or title)),
+                title=(song.title or title)[:64],
+                performer="ACE-Step",
                 duration=round(rendered.duration or song.duration),
                 thumbnail=InputFile(cover, filename="cover.jpg") if cover else None,
-                caption=caption, parse_mode=ParseMode.HTML,
+                caption=caption,
+                parse_mode=ParseMode.HTML,
                 reply_markup=_song_markup(job.id, has_lyrics),
                 message_thread_id=target.get("thread_id"),
-                reply_parameters=_reply_to(target.get("request_message_id")))
+                reply_parameters=_reply_to(target.get("request_message_id")),
+            )
         except TelegramError as exc:
             log.warning("telegram: sending job %s to chat %s failed: %s", job.id, chat_id, exc)
             # A chat that is gone or has blocked the bot will not take a retry either.
             permanent = isinstance(exc, Forbidden | BadRequest)
-            raise DeliveryError(f"Telegram did not take the song: {exc}",
-                                permanent=permanent) from exc
+            raise DeliveryError(
+                f"Telegram did not take the song: {exc}", permanent=permanent
+            ) from exc
         finally:
             await self.actions.stop(job.id)
         # The song is posted: return now so the engine records it delivered at once (a
@@ -475,8 +570,11 @@ class TelegramFrontend:
         # shows the final state in the background.
         status_id = target.get("status_message_id")
         if status_id is not None:
-            self._spawn(self.status.finish(job.id, chat_id, int(status_id),
-                                           final_html(job.id, title, "delivered")))
+            self._spawn(
+                self.status.finish(
+                    job.id, chat_id, int(status_id), final_html(job.id, title, "delivered")
+                )
+            )
         self._notes.pop(job.id, None)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -490,8 +588,9 @@ class TelegramFrontend:
         await self.actions.stop(job.id)
         state = "cancelled" if job.state == "cancelled" else "failed"
         self._notes.pop(job.id, None)
-        await self._final_or_reply(job.id, job.reply_target,
-                                   final_html(job.id, job.request.title(), state, message))
+        await self._final_or_reply(
+            job.id, job.reply_target, final_html(job.id, job.request.title(), state, message)
+        )
 
     # --- buttons ----------------------------------------------------------------------
 
@@ -521,10 +620,14 @@ class TelegramFrontend:
                 log.info("telegram: cancel of job %s from a button: %s", job_id, exc)
         elif kind == "new":
             await query.answer("A new take is on its way.")
-            await self._start_job(job.request.with_seed(-1), requester, chat.id,
-                                  job.reply_target.get("thread_id"),
-                                  source.message_id if source is not None else None,
-                                  self._source_key(update))
+            await self._start_job(
+                job.request.with_seed(-1),
+                requester,
+                chat.id,
+                job.reply_target.get("thread_id"),
+                source.message_id if source is not None else None,
+                self._source_key(update),
+            )
         elif kind == "lyr":
             lyrics = str((job.result or {}).get("lyrics") or job.request.lyrics or "")
             if not lyrics.strip() or is_instrumental_lyrics(lyrics):
@@ -533,8 +636,11 @@ class TelegramFrontend:
             await query.answer()
             for chunk in split_message(lyrics):
                 await self.app.bot.send_message(
-                    chat.id, chunk, message_thread_id=job.reply_target.get("thread_id"),
-                    reply_parameters=_reply_to(source.message_id if source else None))
+                    chat.id,
+                    chunk,
+                    message_thread_id=job.reply_target.get("thread_id"),
+                    reply_parameters=_reply_to(source.message_id if source else None),
+                )
 
     async def _may_cancel_any(self, requester: Requester, chat: Chat, job: Job) -> bool:
         """Bot admins may cancel any job; group admins the jobs posted in their group."""
@@ -562,8 +668,9 @@ class TelegramFrontend:
         for job, position in items:
             where = f" - position {position}" if position else ""
             state = STATE_LABELS.get(job.state, job.state)
-            lines.append(f"• <code>{job.id}</code> {escape(job.request.title())}: "
-                         f"{escape(state)}{where}")
+            lines.append(
+                f"• <code>{job.id}</code> {escape(job.request.title())}: {escape(state)}{where}"
+            )
         await self._reply(message, "\n".join(lines))
 
     async def _cmd_cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -579,12 +686,17 @@ class TelegramFrontend:
                 return
             job_id = max(items, key=lambda item: item[0].created_at)[0].id
         job = await self.engine.get_job(job_id) if JOB_ID.match(job_id) else None
-        is_admin = (await self._may_cancel_any(requester, chat, job) if job is not None
-                    else self.engine.is_admin(requester))
+        is_admin = (
+            await self._may_cancel_any(requester, chat, job)
+            if job is not None
+            else self.engine.is_admin(requester)
+        )
         cancelled = await self.engine.cancel(job_id, requester, is_admin=is_admin)
         done = cancelled.state == "cancelled"
-        await self._reply(message, f"{'Cancelled' if done else 'Cancelling'} job "
-                                   f"<code>{escape(cancelled.id)}</code>.")
+        await self._reply(
+            message,
+            f"{'Cancelled' if done else 'Cancelling'} job <code>{escape(cancelled.id)}</code>.",
+        )
 
     async def _cmd_quota(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message, user, chat = self._origin(update)
@@ -596,8 +708,10 @@ class TelegramFrontend:
             if line.limit is None or line.remaining is None:
                 lines.append(f"• {escape(line.label)}: {line.used:g}{unit} used (no limit)")
             else:
-                lines.append(f"• {escape(line.label)}: {line.used:g} of {line.limit:g}{unit} "
-                             f"used, {line.remaining:g} left")
+                lines.append(
+                    f"• {escape(line.label)}: {line.used:g} of {line.limit:g}{unit} "
+                    f"used, {line.remaining:g} left"
+                )
         lines.append(f"Daily limits reset {when(status.resets_at)}.")
         await self._reply(message, "\n".join(lines))
 
@@ -609,8 +723,10 @@ class TelegramFrontend:
             return
         lines = ["<b>Your recent songs</b>"]
         for job in jobs:
-            lines.append(f"• <code>{job.id}</code> {escape(job.request.title())} - "
-                         f"{escape(job.state)}, seed {job.seed}, {when(job.created_at)}")
+            lines.append(
+                f"• <code>{job.id}</code> {escape(job.request.title())} - "
+                f"{escape(job.state)}, seed {job.seed}, {when(job.created_at)}"
+            )
         await self._reply(message, "\n".join(lines))
 
     async def _cmd_limits(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -626,9 +742,12 @@ class TelegramFrontend:
         for arg in context.args or []:
             key, sep, raw = arg.partition("=")
             if not sep or not key:
-                await self._reply(message, "Write limits as name=value (or name=default), "
-                                           "e.g. /limits seconds_per_day=3600",
-                                  html=False)
+                await self._reply(
+                    message,
+                    "Write limits as name=value (or name=default), "
+                    "e.g. /limits seconds_per_day=3600",
+                    html=False,
+                )
                 return
             value: float | None
             if raw.lower() in ("default", "none", "reset"):

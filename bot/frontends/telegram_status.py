@@ -47,8 +47,12 @@ def _not_modified(exc: BadRequest) -> bool:
 class StatusBoard:
     """Throttled, ordered edits of the jobs' status messages."""
 
-    def __init__(self, bot: Callable[[], Bot], interval: float = 3.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        bot: Callable[[], Bot],
+        interval: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._bot = bot
         self.interval = interval
         self._clock = clock
@@ -56,8 +60,15 @@ class StatusBoard:
         # Jobs already shown final: late progress for them is ignored (bounded memory).
         self._finished: OrderedDict[str, None] = OrderedDict()
 
-    def show(self, job_id: str, chat_id: int, message_id: int, text: str, state: str,
-             markup: InlineKeyboardMarkup | None = None) -> None:
+    def show(
+        self,
+        job_id: str,
+        chat_id: int,
+        message_id: int,
+        text: str,
+        state: str,
+        markup: InlineKeyboardMarkup | None = None,
+    ) -> None:
         """Queue an in-progress text; it is edited in when the throttle allows."""
         if job_id in self._finished:
             return
@@ -99,24 +110,29 @@ class StatusBoard:
                 entry.pending = None
                 await self._edit(entry, text, markup)
 
-    async def _edit(self, entry: _Entry, text: str, markup: InlineKeyboardMarkup | None
-                    ) -> bool:
+    async def _edit(self, entry: _Entry, text: str, markup: InlineKeyboardMarkup | None) -> bool:
         if entry.shown == (text, markup):
             return True
         entry.last_edit = self._clock()
         try:
             await self._bot().edit_message_text(
-                text, chat_id=entry.chat_id, message_id=entry.message_id,
-                parse_mode=ParseMode.HTML, reply_markup=markup)
+                text,
+                chat_id=entry.chat_id,
+                message_id=entry.message_id,
+                parse_mode=ParseMode.HTML,
+                reply_markup=markup,
+            )
         except BadRequest as exc:
             if _not_modified(exc):
                 return True
-            log.info("status message %s in chat %s not edited: %s", entry.message_id,
-                     entry.chat_id, exc)
+            log.info(
+                "status message %s in chat %s not edited: %s", entry.message_id, entry.chat_id, exc
+            )
             return False
         except TelegramError as exc:
-            log.warning("status message %s in chat %s not edited: %s", entry.message_id,
-                        entry.chat_id, exc)
+            log.warning(
+                "status message %s in chat %s not edited: %s", entry.message_id, entry.chat_id, exc
+            )
             return False
         entry.shown = (text, markup)
         return True
@@ -134,8 +150,9 @@ class StatusBoard:
 class ChatActions:
     """Repeat the `upload_voice` chat action for each working job until it ends."""
 
-    def __init__(self, bot: Callable[[], Bot], interval: float = 4.5,
-                 max_seconds: float = 1800.0) -> None:
+    def __init__(
+        self, bot: Callable[[], Bot], interval: float = 4.5, max_seconds: float = 1800.0
+    ) -> None:
         self._bot = bot
         self.interval = interval
         # A job always ends in deliver or on_failed; this only bounds a loop whose end
@@ -147,7 +164,8 @@ class ChatActions:
         task = self._tasks.get(job_id)
         if task is None or task.done():
             self._tasks[job_id] = asyncio.get_running_loop().create_task(
-                self._loop(chat_id, thread_id))
+                self._loop(chat_id, thread_id)
+            )
 
     async def stop(self, job_id: str) -> None:
         task = self._tasks.pop(job_id, None)
@@ -161,8 +179,9 @@ class ChatActions:
         deadline = loop.time() + self.max_seconds
         while loop.time() < deadline:
             try:
-                await self._bot().send_chat_action(chat_id, ChatAction.UPLOAD_VOICE,
-                                                   message_thread_id=thread_id)
+                await self._bot().send_chat_action(
+                    chat_id, ChatAction.UPLOAD_VOICE, message_thread_id=thread_id
+                )
             except TelegramError as exc:
                 log.debug("chat action in %s failed: %s", chat_id, exc)
             await asyncio.sleep(self.interval)

@@ -19,6 +19,7 @@ def escape(text: str) -> str:
     """Escape text for Telegram HTML (quotes need no escaping outside attributes)."""
     return _escape(text, quote=False)
 
+
 CAPTION_LIMIT = 1024
 MESSAGE_LIMIT = 4096
 
@@ -124,8 +125,15 @@ STATE_LABELS = {
 }
 
 
-def status_html(job_id: str, title: str, state: str, *, position: int | None = None,
-                progress: float | None = None, note: str | None = None) -> str:
+def status_html(
+    job_id: str,
+    title: str,
+    state: str,
+    *,
+    position: int | None = None,
+    progress: float | None = None,
+    note: str | None = None,
+) -> str:
     """The one status message of a job, HTML: title, state, job id for /cancel."""
     line = STATE_LABELS.get(state, state)
     if state == "queued" and position is not None:
@@ -150,11 +158,11 @@ def final_html(job_id: str, title: str, state: str, message: str | None = None) 
     return "\n".join(parts)
 
 
-def caption_html(*, text: str, seed: int, duration: float, provider: str,
-                 label: str = "Prompt") -> str:
+def caption_html(
+    *, text: str, seed: int, duration: float, provider: str, label: str = "Prompt"
+) -> str:
     """The song's caption: prompt or tags, seed, duration, provider; at most 1024 chars."""
-    tail = (f"\n<b>Seed</b> <code>{seed}</code> · {_clock(duration)} · "
-            f"{escape(provider)}")
+    tail = f"\n<b>Seed</b> <code>{seed}</code> · {_clock(duration)} · {escape(provider)}"
     head = f"<b>{escape(label)}</b> "
     room = CAPTION_LIMIT - len(head) - len(tail)
     body = escape(text)

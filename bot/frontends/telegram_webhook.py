@@ -38,8 +38,14 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class WebhookReceiver:
     """Receives Telegram's update POSTs and queues them on the Application."""
 
-    def __init__(self, application: Application[Any, Any, Any, Any, Any, Any], url: str,
-                 listen: str, secret: str, allowed_updates: list[str]) -> None:
+    def __init__(
+        self,
+        application: Application[Any, Any, Any, Any, Any, Any],
+        url: str,
+        listen: str,
+        secret: str,
+        allowed_updates: list[str],
+    ) -> None:
         self.application = application
         self.url = url
         self.host, self.port = parse_listen(listen)
@@ -54,8 +60,9 @@ class WebhookReceiver:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
-        await self.application.bot.set_webhook(self.url, secret_token=self._secret,
-                                               allowed_updates=self._allowed)
+        await self.application.bot.set_webhook(
+            self.url, secret_token=self._secret, allowed_updates=self._allowed
+        )
         log.info("telegram: webhook receiver listening on %s:%s", self.host, self.port)
 
     @property

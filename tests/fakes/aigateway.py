@@ -40,10 +40,16 @@ MODEL = "ace-step/ace-step-prompt-to-audio"
 FIELDS = {"prompt", "model", "duration", "lyrics", "is_instrumental", "format", "webhook_url"}
 # Where a finished job's audio URL may sit (the docs name all three).
 URL_FIELDS = ("result.url", "result.file_url", "result_url")
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-               402: "billing_error", 403: "permission_error", 404: "not_found_error",
-               409: "invalid_request_error", 422: "invalid_request_error",
-               429: "rate_limit_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 @dataclass
@@ -94,8 +100,9 @@ def make_mp3(duration: float, sample_rate: int = 48000) -> bytes:
     with av.open(buf, "w", format="mp3") as container:
         stream = container.add_stream("libmp3lame", rate=sample_rate)
         stream.layout = "stereo"
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm.reshape(1, -1)),
-                                           format="s16", layout="stereo")
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(pcm.reshape(1, -1)), format="s16", layout="stereo"
+        )
         frame.sample_rate = sample_rate
         for packet in stream.encode(frame):
             container.mux(packet)
@@ -116,9 +123,13 @@ class FakeAIGateway:
     # How finished jobs report the audio URL: one of URL_FIELDS.
     url_field: str = "result.url"
     # What a failed job carries in `error`: a string or an OpenAI-style object.
-    failure_error: str | dict[str, Any] = field(default_factory=lambda: {
-        "message": "Generation failed on the upstream model", "type": "server_error",
-        "code": "generation_failed"})
+    failure_error: str | dict[str, Any] = field(
+        default_factory=lambda: {
+            "message": "Generation failed on the upstream model",
+            "type": "server_error",
+            "code": "generation_failed",
+        }
+    )
     # "running" is what the docs spell for the middle state; the live API says processing.
     running_word: str = "processing"
     # Extra fields merged into running job records (e.g. {"progress": 40}).
@@ -138,7 +149,11 @@ class FakeAIGateway:
 
     def __post_init__(self) -> None:
         self._failures: dict[str, deque[FakeFailure]] = {
-            "submit": deque(), "poll": deque(), "cancel": deque(), "audio": deque()}
+            "submit": deque(),
+            "poll": deque(),
+            "cancel": deque(),
+            "audio": deque(),
+        }
         self._stalls: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._audio: dict[str, bytes] = {}
@@ -154,10 +169,18 @@ class FakeAIGateway:
     def submit_count(self) -> int:
         return len(self.submits)
 
-    def fail_next(self, route: Route, status: int, message: str = "error", *,
-                  type: str | None = None, code: str | None = None,
-                  param: str | None = None, retry_after: float | str | None = None,
-                  times: int = 1) -> None:
+    def fail_next(
+        self,
+        route: Route,
+        status: int,
+        message: str = "error",
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | str | None = None,
+        times: int = 1,
+    ) -> None:
         """Answer the next `times` requests on `route` with this error (304: no body)."""
         ra = None if retry_after is None else str(retry_after)
         for _ in range(times):
@@ -189,15 +212,26 @@ class FakeAIGateway:
     # -- protocol -------------------------------------------------------------------
 
     @staticmethod
-    def _error(status: int, message: str, *, type: str | None = None,
-               code: str | None = None, param: str | None = None,
-               retry_after: str | None = None) -> web.Response:
+    def _error(
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: str | None = None,
+    ) -> web.Response:
         if status == 304:
             return web.Response(status=304)
         headers = {"Retry-After": retry_after} if retry_after else {}
-        body = {"error": {"message": message,
-                          "type": type or ERROR_TYPES.get(status, "api_error"),
-                          "code": code, "param": param}}
+        body = {
+            "error": {
+                "message": message,
+                "type": type or ERROR_TYPES.get(status, "api_error"),
+                "code": code,
+                "param": param,
+            }
+        }
         return json_response(body, status=status, headers=headers)
 
     async def _gate(self, route: Route, request: web.Request) -> web.Response | None:
@@ -209,8 +243,14 @@ class FakeAIGateway:
             return self._error(401, "Invalid API key provided", code="invalid_api_key")
         if self._failures[route]:
             f = self._failures[route].popleft()
-            return self._error(f.status, f.message, type=f.type, code=f.code, param=f.param,
-                               retry_after=f.retry_after)
+            return self._error(
+                f.status,
+                f.message,
+                type=f.type,
+                code=f.code,
+                param=f.param,
+                retry_after=f.retry_after,
+            )
         return None
 
     async def _submit(self, request: web.Request) -> web.Response:
@@ -225,27 +265,55 @@ class FakeAIGateway:
             return self._error(400, "The request body must be a JSON object.")
         unknown = sorted(set(body) - FIELDS)
         if unknown:
-            return self._error(400, f"Unknown parameter: '{unknown[0]}'.",
-                               code="unknown_parameter", param=unknown[0])
+            return self._error(
+                400,
+                f"Unknown parameter: '{unknown[0]}'.",
+                code="unknown_parameter",
+                param=unknown[0],
+            )
         if not isinstance(body.get("prompt"), str) or not body["prompt"].strip():
-            return self._error(400, "Missing required parameter: 'prompt'.",
-                               code="missing_required_parameter", param="prompt")
+            return self._error(
+                400,
+                "Missing required parameter: 'prompt'.",
+                code="missing_required_parameter",
+                param="prompt",
+            )
         if body.get("model", MODEL) != MODEL:
-            return self._error(404, f"The model '{body['model']}' does not exist",
-                               code="model_not_found", param="model")
+            return self._error(
+                404,
+                f"The model '{body['model']}' does not exist",
+                code="model_not_found",
+                param="model",
+            )
         duration = body.get("duration", 60)
         if not isinstance(duration, int | float) or not 5 <= duration <= 240:
-            return self._error(400, "duration must be between 5 and 240 seconds",
-                               code="invalid_value", param="duration")
+            return self._error(
+                400,
+                "duration must be between 5 and 240 seconds",
+                code="invalid_value",
+                param="duration",
+            )
         if body.get("format", "mp3") not in ("mp3", "wav"):
-            return self._error(400, "format must be mp3 or wav", code="invalid_value",
-                               param="format")
+            return self._error(
+                400, "format must be mp3 or wav", code="invalid_value", param="format"
+            )
         if not isinstance(body.get("is_instrumental", False), bool):
-            return self._error(400, "is_instrumental must be a boolean",
-                               code="invalid_type", param="is_instrumental")
+            return self._error(
+                400,
+                "is_instrumental must be a boolean",
+                code="invalid_type",
+                param="is_instrumental",
+            )
         self.submits.append(body)
-        job = FakeJob(f"job_{next(self._ids):03d}{uuid.uuid4().hex[:12]}", body, self.outcome,
-                      self.url_field, self.queued_polls, self.running_polls, int(time.time()))
+        job = FakeJob(
+            f"job_{next(self._ids):03d}{uuid.uuid4().hex[:12]}",
+            body,
+            self.outcome,
+            self.url_field,
+            self.queued_polls,
+            self.running_polls,
+            int(time.time()),
+        )
         self.jobs[job.id] = job
         return json_response(self._record(job, "queued"), status=202)
 
@@ -261,8 +329,11 @@ class FakeAIGateway:
         if job is None:
             return self._error(404, "No job found with that id", code="job_not_found")
         now = time.monotonic()
-        if (self.min_poll_interval and job.last_poll is not None
-                and now - job.last_poll < self.min_poll_interval):
+        if (
+            self.min_poll_interval
+            and job.last_poll is not None
+            and now - job.last_poll < self.min_poll_interval
+        ):
             return web.Response(status=304)
         job.last_poll = now
         job.polls += 1
@@ -276,17 +347,24 @@ class FakeAIGateway:
             return self._error(404, "No job found with that id", code="job_not_found")
         state = job.state()
         if state not in ("queued", "processing"):
-            return self._error(409, f"Job is already {state} and cannot be cancelled",
-                               code="job_not_cancellable")
+            return self._error(
+                409, f"Job is already {state} and cannot be cancelled", code="job_not_cancellable"
+            )
         job.cancelled = True
         self.cancels.append(job.id)
         return json_response(self._record(job, "cancelled"))
 
     def _record(self, job: FakeJob, status: str) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "id": job.id, "object": "job", "type": "audio.music", "model": MODEL,
+            "id": job.id,
+            "object": "job",
+            "type": "audio.music",
+            "model": MODEL,
             "status": self.running_word if status == "processing" else status,
-            "created_at": job.created_at, "result": None, "result_url": None, "error": None,
+            "created_at": job.created_at,
+            "result": None,
+            "result_url": None,
+            "error": None,
         }
         if status == "processing":
             record.update(self.running_extra)
@@ -298,8 +376,7 @@ class FakeAIGateway:
                 record["result_url"] = url
             else:
                 key = job.url_field.split(".", 1)[1]
-                record["result"] = {key: url, "duration": job.duration,
-                                    "format": job.format}
+                record["result"] = {key: url, "duration": job.duration, "format": job.format}
         elif status == "failed":
             record["error"] = self.failure_error
         return record

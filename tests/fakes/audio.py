@@ -8,8 +8,13 @@ import wave
 import numpy as np
 
 
-def sine_pcm(duration: float, sample_rate: int = 48000, freq: float = 440.0,
-             channels: int = 2, amplitude: float = 0.3) -> np.ndarray:
+def sine_pcm(
+    duration: float,
+    sample_rate: int = 48000,
+    freq: float = 440.0,
+    channels: int = 2,
+    amplitude: float = 0.3,
+) -> np.ndarray:
     """Interleaved int16 samples of a tone with a slow tremolo (not silent, not flat)."""
     n = round(duration * sample_rate)
     t = np.arange(n, dtype=np.float64) / sample_rate
@@ -18,8 +23,13 @@ def sine_pcm(duration: float, sample_rate: int = 48000, freq: float = 440.0,
     return np.repeat(mono[:, None], channels, axis=1)
 
 
-def make_wav(duration: float, sample_rate: int = 48000, channels: int = 2,
-             freq: float = 440.0, silent: bool = False) -> bytes:
+def make_wav(
+    duration: float,
+    sample_rate: int = 48000,
+    channels: int = 2,
+    freq: float = 440.0,
+    silent: bool = False,
+) -> bytes:
     """A 16-bit PCM WAV file of `duration` seconds, as ACE-Step providers return."""
     pcm = sine_pcm(duration, sample_rate, freq, channels)
     if silent:

@@ -48,8 +48,15 @@ def snowflake(when: datetime | None = None) -> str:
 
 
 def user_payload(user_id: str, name: str = "user", *, bot: bool = False) -> dict[str, Any]:
-    return {"id": user_id, "username": name, "discriminator": "0", "global_name": name,
-            "avatar": None, "bot": bot, "public_flags": 0}
+    return {
+        "id": user_id,
+        "username": name,
+        "discriminator": "0",
+        "global_name": name,
+        "avatar": None,
+        "bot": bot,
+        "public_flags": 0,
+    }
 
 
 @dataclass
@@ -83,26 +90,45 @@ class FakeMessage:
 
     @property
     def custom_ids(self) -> list[str]:
-        return [c["custom_id"] for row in self.components for c in row.get("components", [])
-                if "custom_id" in c]
+        return [
+            c["custom_id"]
+            for row in self.components
+            for c in row.get("components", [])
+            if "custom_id" in c
+        ]
 
     def payload(self, bot: dict[str, Any], app_id: str) -> dict[str, Any]:
         now = datetime.now(UTC).isoformat()
         return {
-            "id": self.id, "channel_id": self.channel_id, "type": 0 if self.origin == "channel"
-            else 20, "content": self.content, "embeds": self.embeds,
-            "components": self.components, "flags": self.flags, "author": bot,
+            "id": self.id,
+            "channel_id": self.channel_id,
+            "type": 0 if self.origin == "channel" else 20,
+            "content": self.content,
+            "embeds": self.embeds,
+            "components": self.components,
+            "flags": self.flags,
+            "author": bot,
             "attachments": [
-                {"id": f"{self.id}{i}", "filename": a.filename, "size": len(a.data),
-                 "url": f"https://cdn.invalid/attachments/{self.id}/{a.filename}",
-                 "proxy_url": f"https://media.invalid/attachments/{self.id}/{a.filename}",
-                 "content_type": a.content_type}
-                for i, a in enumerate(self.attachments)],
-            "mentions": [], "mention_roles": [], "mention_everyone": False, "pinned": False,
-            "tts": False, "timestamp": now,
+                {
+                    "id": f"{self.id}{i}",
+                    "filename": a.filename,
+                    "size": len(a.data),
+                    "url": f"https://cdn.invalid/attachments/{self.id}/{a.filename}",
+                    "proxy_url": f"https://media.invalid/attachments/{self.id}/{a.filename}",
+                    "content_type": a.content_type,
+                }
+                for i, a in enumerate(self.attachments)
+            ],
+            "mentions": [],
+            "mention_roles": [],
+            "mention_everyone": False,
+            "pinned": False,
+            "tts": False,
+            "timestamp": now,
             "edited_timestamp": now if self.edits else None,
-            **({"application_id": app_id, "webhook_id": app_id}
-               if self.origin != "channel" else {}),
+            **(
+                {"application_id": app_id, "webhook_id": app_id} if self.origin != "channel" else {}
+            ),
         }
 
 
@@ -128,8 +154,13 @@ class RateLimitRule:
 class FakeDiscord:
     """State and routes of the fake Discord API; serve `app()` with tests.fakes.http.serve."""
 
-    def __init__(self, *, token: str = "fake-bot-token", app_id: str = "900000000000000001",
-                 upload_limit: int = 10 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        token: str = "fake-bot-token",
+        app_id: str = "900000000000000001",
+        upload_limit: int = 10 * 1024 * 1024,
+    ) -> None:
         self.token = token
         self.app_id = app_id
         self.bot = user_payload("900000000000000002", "songbot", bot=True)
@@ -153,8 +184,9 @@ class FakeDiscord:
 
     # ---- test controls ----
 
-    def rate_limit_next(self, method: str, path_regex: str, *, retry_after: float = 0.05,
-                        times: int = 1) -> None:
+    def rate_limit_next(
+        self, method: str, path_regex: str, *, retry_after: float = 0.05, times: int = 1
+    ) -> None:
         """Answer the next `times` matching requests with Discord's 429."""
         self._rules.append(RateLimitRule(method, re.compile(path_regex), retry_after, times))
 
@@ -187,67 +219,107 @@ class FakeDiscord:
 
     # ---- payload builders ----
 
-    def slash(self, name: str, options: dict[str, Any] | None = None, **kw: Any
-              ) -> dict[str, Any]:
+    def slash(self, name: str, options: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
         """An INTERACTION_CREATE payload for `/name option:value ...`."""
-        opts = [{"name": k, "type": _option_type(v), "value": v}
-                for k, v in (options or {}).items()]
+        opts = [
+            {"name": k, "type": _option_type(v), "value": v} for k, v in (options or {}).items()
+        ]
         data = {"id": snowflake(), "name": name, "type": 1, "options": opts}
         return self._interaction(2, data, **kw)
 
     def autocomplete(self, name: str, option: str, typed: str, **kw: Any) -> dict[str, Any]:
         """The user is typing `typed` into `/name option:`."""
-        data = {"id": snowflake(), "name": name, "type": 1,
-                "options": [{"name": option, "type": 3, "value": typed, "focused": True}]}
+        data = {
+            "id": snowflake(),
+            "name": name,
+            "type": 1,
+            "options": [{"name": option, "type": 3, "value": typed, "focused": True}],
+        }
         return self._interaction(4, data, **kw)
 
     def button(self, custom_id: str, message: FakeMessage, **kw: Any) -> dict[str, Any]:
         """A click on a button of `message`."""
         data = {"custom_id": custom_id, "component_type": 2}
-        return self._interaction(3, data, message=message.payload(self.bot, self.app_id),
-                                 **kw)
+        return self._interaction(3, data, message=message.payload(self.bot, self.app_id), **kw)
 
-    def modal_submit(self, custom_id: str, values: dict[str, str], **kw: Any
-                     ) -> dict[str, Any]:
+    def modal_submit(self, custom_id: str, values: dict[str, str], **kw: Any) -> dict[str, Any]:
         """A modal submitted with `values` by text input custom_id (Label layout)."""
-        comps = [{"type": 18, "id": i + 1,
-                  "component": {"type": 4, "id": i + 100, "custom_id": k, "value": v}}
-                 for i, (k, v) in enumerate(values.items())]
+        comps = [
+            {
+                "type": 18,
+                "id": i + 1,
+                "component": {"type": 4, "id": i + 100, "custom_id": k, "value": v},
+            }
+            for i, (k, v) in enumerate(values.items())
+        ]
         return self._interaction(5, {"custom_id": custom_id, "components": comps}, **kw)
 
-    def _interaction(self, kind: int, data: dict[str, Any], *, user_id: str = "100000000000000001",
-                     user_name: str = "alice", guild_id: str | None = "200000000000000001",
-                     channel_id: str = "300000000000000001",
-                     app_permissions: int = BOT_PERMISSIONS,
-                     member_permissions: int = MEMBER_PERMISSIONS,
-                     attachment_size_limit: int | None = None,
-                     created_at: datetime | None = None,
-                     message: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _interaction(
+        self,
+        kind: int,
+        data: dict[str, Any],
+        *,
+        user_id: str = "100000000000000001",
+        user_name: str = "alice",
+        guild_id: str | None = "200000000000000001",
+        channel_id: str = "300000000000000001",
+        app_permissions: int = BOT_PERMISSIONS,
+        member_permissions: int = MEMBER_PERMISSIONS,
+        attachment_size_limit: int | None = None,
+        created_at: datetime | None = None,
+        message: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         iid = snowflake(created_at)
         token = "itok-" + secrets.token_urlsafe(24)
         limit = attachment_size_limit or self.upload_limit
         self.interactions[iid] = FakeInteraction(iid, token, channel_id, limit)
         user = user_payload(user_id, user_name)
         payload: dict[str, Any] = {
-            "id": iid, "application_id": self.app_id, "type": kind, "data": data,
-            "token": token, "version": 1, "channel_id": channel_id,
-            "app_permissions": str(app_permissions), "locale": "en-US",
-            "entitlements": [], "attachment_size_limit": limit,
+            "id": iid,
+            "application_id": self.app_id,
+            "type": kind,
+            "data": data,
+            "token": token,
+            "version": 1,
+            "channel_id": channel_id,
+            "app_permissions": str(app_permissions),
+            "locale": "en-US",
+            "entitlements": [],
+            "attachment_size_limit": limit,
         }
         if guild_id:
             payload.update(
-                guild_id=guild_id, guild_locale="en-US", context=0,
+                guild_id=guild_id,
+                guild_locale="en-US",
+                context=0,
                 authorizing_integration_owners={"0": guild_id},
-                channel={"id": channel_id, "type": 0, "guild_id": guild_id, "name": "music",
-                         "position": 0, "permission_overwrites": [], "nsfw": False,
-                         "parent_id": None},
-                member={"user": user, "roles": [], "joined_at": "2024-01-01T00:00:00+00:00",
-                        "permissions": str(member_permissions), "deaf": False, "mute": False,
-                        "flags": 0})
+                channel={
+                    "id": channel_id,
+                    "type": 0,
+                    "guild_id": guild_id,
+                    "name": "music",
+                    "position": 0,
+                    "permission_overwrites": [],
+                    "nsfw": False,
+                    "parent_id": None,
+                },
+                member={
+                    "user": user,
+                    "roles": [],
+                    "joined_at": "2024-01-01T00:00:00+00:00",
+                    "permissions": str(member_permissions),
+                    "deaf": False,
+                    "mute": False,
+                    "flags": 0,
+                },
+            )
         else:
             payload.update(
-                context=1, user=user, authorizing_integration_owners={"1": user_id},
-                channel={"id": channel_id, "type": 1, "recipients": [user], "flags": 0})
+                context=1,
+                user=user,
+                authorizing_integration_owners={"1": user_id},
+                channel={"id": channel_id, "type": 1, "recipients": [user], "flags": 0},
+            )
         if message is not None:
             payload["message"] = message
         return payload
@@ -265,8 +337,7 @@ class FakeDiscord:
         r.add_post("/api/v10/webhooks/{app}/{token}", self._followup)
         r.add_get("/api/v10/webhooks/{app}/{token}/messages/{mid}", self._get_webhook_message)
         r.add_patch("/api/v10/webhooks/{app}/{token}/messages/{mid}", self._edit_webhook_message)
-        r.add_delete("/api/v10/webhooks/{app}/{token}/messages/{mid}",
-                     self._delete_webhook_message)
+        r.add_delete("/api/v10/webhooks/{app}/{token}/messages/{mid}", self._delete_webhook_message)
         r.add_post("/api/v10/users/@me/channels", self._open_dm)
         r.add_post("/api/v10/channels/{cid}/messages", self._channel_post)
         r.add_patch("/api/v10/channels/{cid}/messages/{mid}", self._channel_edit)
@@ -280,8 +351,7 @@ class FakeDiscord:
         await ws.prepare(request)
         self.gateway_queries.append(dict(request.query))
         self._socket = ws
-        await ws.send_json({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None,
-                            "t": None})
+        await ws.send_json({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None, "t": None})
         async for frame in ws:
             message = json.loads(frame.data)
             if message["op"] == 2:  # IDENTIFY
@@ -291,10 +361,18 @@ class FakeDiscord:
                     await ws.close(code=4004, message=b"Authentication failed.")
                     break
                 url = f"ws://{request.host}/gateway"
-                await self.dispatch("READY", {
-                    "v": 10, "user": self.bot, "guilds": [], "session_id": "fake-session",
-                    "resume_gateway_url": url, "private_channels": [],
-                    "application": {"id": self.app_id, "flags": 0}})
+                await self.dispatch(
+                    "READY",
+                    {
+                        "v": 10,
+                        "user": self.bot,
+                        "guilds": [],
+                        "session_id": "fake-session",
+                        "resume_gateway_url": url,
+                        "private_channels": [],
+                        "application": {"id": self.app_id, "flags": 0},
+                    },
+                )
             elif message["op"] == 1:  # HEARTBEAT
                 await ws.send_json({"op": 11, "d": None, "s": None, "t": None})
         self._socket = None
@@ -312,19 +390,30 @@ class FakeDiscord:
         self.requests.append((request.method, request.path))
         try:
             for rule in self._rules:
-                if (rule.remaining > 0 and rule.method == request.method
-                        and rule.path.search(request.path)):
+                if (
+                    rule.remaining > 0
+                    and rule.method == request.method
+                    and rule.path.search(request.path)
+                ):
                     rule.remaining -= 1
                     self.rate_limited.append((request.method, request.path))
                     return json_response(
-                        {"message": "You are being rate limited.",
-                         "retry_after": rule.retry_after, "global": False}, status=429,
-                        headers={"Via": "1.1 google", "Retry-After": str(rule.retry_after),
-                                 "X-RateLimit-Scope": "user"})
+                        {
+                            "message": "You are being rate limited.",
+                            "retry_after": rule.retry_after,
+                            "global": False,
+                        },
+                        status=429,
+                        headers={
+                            "Via": "1.1 google",
+                            "Retry-After": str(rule.retry_after),
+                            "X-RateLimit-Scope": "user",
+                        },
+                    )
             # Interaction webhooks carry their token in the path; the gateway, in IDENTIFY.
-            needs_bot_auth = not request.path.startswith(("/api/v10/webhooks/",
-                                                          "/api/v10/interactions/",
-                                                          "/gateway"))
+            needs_bot_auth = not request.path.startswith(
+                ("/api/v10/webhooks/", "/api/v10/interactions/", "/gateway")
+            )
             if needs_bot_auth and request.headers.get("Authorization") != f"Bot {self.token}":
                 return _error(401, 0, "401: Unauthorized")
             return await handler(request)
@@ -335,21 +424,34 @@ class FakeDiscord:
         return json_response(self.bot)
 
     async def _application(self, request: web.Request) -> web.Response:
-        return json_response({
-            "id": self.app_id, "name": "songbot", "icon": None, "description": "",
-            "bot_public": True, "bot_require_code_grant": False, "verify_key": "00" * 32,
-            "owner": user_payload("100000000000000009", "owner"), "flags": 0,
-            "team": None, "summary": "", "rpc_origins": [],
-            "bot": self.bot, "interactions_endpoint_url": None,
-        })
+        return json_response(
+            {
+                "id": self.app_id,
+                "name": "songbot",
+                "icon": None,
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "verify_key": "00" * 32,
+                "owner": user_payload("100000000000000009", "owner"),
+                "flags": 0,
+                "team": None,
+                "summary": "",
+                "rpc_origins": [],
+                "bot": self.bot,
+                "interactions_endpoint_url": None,
+            }
+        )
 
     async def _sync(self, request: web.Request) -> web.Response:
         if request.match_info["app"] != self.app_id:
             return _error(404, 10002, "Unknown Application")
         commands = await request.json()
         self.syncs.append((request.path, commands))
-        out = [{**c, "id": snowflake(), "application_id": self.app_id, "version": snowflake()}
-               for c in commands]
+        out = [
+            {**c, "id": snowflake(), "application_id": self.app_id, "version": snowflake()}
+            for c in commands
+        ]
         return json_response(out)
 
     async def _callback(self, request: web.Request) -> web.Response:
@@ -370,14 +472,22 @@ class FakeDiscord:
         answer: dict[str, Any] = {"id": inter.id, "type": kind}
         resource: dict[str, Any] = {"type": kind}
         if kind in (4, 5):
-            msg = FakeMessage(snowflake(), inter.channel_id, "original",
-                              interaction_id=inter.id, author_id=self.bot["id"])
+            msg = FakeMessage(
+                snowflake(),
+                inter.channel_id,
+                "original",
+                interaction_id=inter.id,
+                author_id=self.bot["id"],
+            )
             _apply(msg, data, files)
             msg.flags = int(data.get("flags") or 0) | (LOADING if kind == 5 else 0)
             self.messages[msg.id] = msg
             inter.original_id = msg.id
-            answer.update(response_message_id=msg.id, response_message_loading=kind == 5,
-                          response_message_ephemeral=msg.ephemeral)
+            answer.update(
+                response_message_id=msg.id,
+                response_message_loading=kind == 5,
+                response_message_ephemeral=msg.ephemeral,
+            )
             resource["message"] = msg.payload(self.bot, self.app_id)
         elif kind == 9:
             self.modals.append(data)
@@ -419,9 +529,14 @@ class FakeDiscord:
             _apply(original, body, files, keep_flags=True)
             original.edits.append(time.monotonic())
             return json_response(original.payload(self.bot, self.app_id))
-        msg = FakeMessage(snowflake(), inter.channel_id, "followup",
-                          flags=int(body.get("flags") or 0), interaction_id=inter.id,
-                          author_id=self.bot["id"])
+        msg = FakeMessage(
+            snowflake(),
+            inter.channel_id,
+            "followup",
+            flags=int(body.get("flags") or 0),
+            interaction_id=inter.id,
+            author_id=self.bot["id"],
+        )
         _apply(msg, body, files)
         self.messages[msg.id] = msg
         return json_response(msg.payload(self.bot, self.app_id))
@@ -466,8 +581,15 @@ class FakeDiscord:
         if channel_id is None:
             channel_id = snowflake()
             self.dm_channels[channel_id] = user_id
-        return json_response({"id": channel_id, "type": 1, "last_message_id": None,
-                              "flags": 0, "recipients": [user_payload(user_id)]})
+        return json_response(
+            {
+                "id": channel_id,
+                "type": 1,
+                "last_message_id": None,
+                "flags": 0,
+                "recipients": [user_payload(user_id)],
+            }
+        )
 
     async def _channel_post(self, request: web.Request) -> web.Response:
         if request.match_info["cid"] in self.forbidden_channels:
@@ -475,8 +597,9 @@ class FakeDiscord:
         body, files = await _read_body(request)
         if _too_large(files, self.upload_limit):
             return _error(413, 40005, "Request entity too large")
-        msg = FakeMessage(snowflake(), request.match_info["cid"], "channel",
-                          author_id=self.bot["id"])
+        msg = FakeMessage(
+            snowflake(), request.match_info["cid"], "channel", author_id=self.bot["id"]
+        )
         _apply(msg, body, files)
         self.messages[msg.id] = msg
         return json_response(msg.payload(self.bot, self.app_id))
@@ -526,14 +649,18 @@ async def _read_body(request: web.Request) -> tuple[dict[str, Any], list[Attachm
             if part.name == "payload_json":
                 body = json.loads(data)
             elif part.name and part.name.startswith("files["):
-                files.append(Attachment(part.filename or part.name, bytes(data),
-                                        part.headers.get("Content-Type")))
+                files.append(
+                    Attachment(
+                        part.filename or part.name, bytes(data), part.headers.get("Content-Type")
+                    )
+                )
         return body, files
     return await request.json(), []
 
 
-def _apply(msg: FakeMessage, body: dict[str, Any], files: list[Attachment], *,
-           keep_flags: bool = False) -> None:
+def _apply(
+    msg: FakeMessage, body: dict[str, Any], files: list[Attachment], *, keep_flags: bool = False
+) -> None:
     """Apply a create/edit body to a message the way Discord does (absent = unchanged)."""
     if "content" in body:
         msg.content = body["content"] or ""

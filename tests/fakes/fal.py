@@ -52,10 +52,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "guidance_type": ("cfg", "apg", "cfg_star"),
 }
 
-LOCKED_DETAIL = ("User is locked. Reason: Exhausted balance. "
-                 "Top up your balance at fal.ai/dashboard/billing.")
-CONTENT_POLICY_MSG = ("The content could not be processed because it contained material "
-                      "flagged by a content checker.")
+LOCKED_DETAIL = (
+    "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai/dashboard/billing."
+)
+CONTENT_POLICY_MSG = (
+    "The content could not be processed because it contained material flagged by a content checker."
+)
 
 
 @dataclass
@@ -118,9 +120,15 @@ class FakeRequest:
 class FakeFal:
     """The fake queue. Change the settings / switches between calls to shape its answers."""
 
-    def __init__(self, key: str = "fal-test-id:fal-test-secret-0123456789", *,
-                 queue_polls: int = 1, progress_polls: int = 1, queue_position: int = 2,
-                 max_duration: int = 240) -> None:
+    def __init__(
+        self,
+        key: str = "fal-test-id:fal-test-secret-0123456789",
+        *,
+        queue_polls: int = 1,
+        progress_polls: int = 1,
+        queue_position: int = 2,
+        max_duration: int = 240,
+    ) -> None:
         self.key = key
         # Status polls answered IN_QUEUE, then IN_PROGRESS, before COMPLETED.
         self.queue_polls = queue_polls
@@ -185,14 +193,16 @@ class FakeFal:
     def _gate(self, request: web.Request) -> web.Response | None:
         """Checks every queue call shares: key, account, injected 429 / 500."""
         if request.headers.get("Authorization") != f"Key {self.key}" or self.unauthorized:
-            return json_response({"detail": "No user found for Key ID and Secret"},
-                                 status=401)
+            return json_response({"detail": "No user found for Key ID and Secret"}, status=401)
         if self.exhausted_balance:
             return json_response({"detail": LOCKED_DETAIL}, status=403)
         if self.rate_limited > 0:
             self.rate_limited -= 1
-            return json_response({"detail": "Too many requests"}, status=429,
-                                 headers={"Retry-After": str(self.retry_after)})
+            return json_response(
+                {"detail": "Too many requests"},
+                status=429,
+                headers={"Retry-After": str(self.retry_after)},
+            )
         if self.server_errors > 0:
             self.server_errors -= 1
             return json_response({"detail": "Internal Server Error"}, status=500)
@@ -210,8 +220,11 @@ class FakeFal:
         elif fault == "slow":
             await asyncio.sleep(self.chaos.slow_seconds)
         elif fault == "rate_limit":
-            return fault, json_response({"detail": "Too many requests"}, status=429,
-                                        headers={"Retry-After": str(self.retry_after)})
+            return fault, json_response(
+                {"detail": "Too many requests"},
+                status=429,
+                headers={"Retry-After": str(self.retry_after)},
+            )
         elif fault == "server_error":
             status = self.chaos.rng.choice((500, 502, 503))
             return fault, json_response({"detail": "Internal Server Error"}, status=status)
@@ -219,9 +232,11 @@ class FakeFal:
             # A signed CDN URL past its expiry: storage answers 403 (or 404 once purged).
             if self.chaos.rng.random() < 0.5:
                 return fault, web.Response(
-                    status=403, content_type="application/xml",
+                    status=403,
+                    content_type="application/xml",
                     text="<Error><Code>AccessDenied</Code>"
-                         "<Message>Request has expired</Message></Error>")
+                    "<Message>Request has expired</Message></Error>",
+                )
             return fault, json_response({"detail": "Not Found"}, status=404)
         return fault, None
 
@@ -257,18 +272,34 @@ class FakeFal:
             return json_response({"detail": errors}, status=422)
         if self.content_policy:
             loc = ["body", "prompt" if schema == "prompt" else "lyrics"]
-            return json_response({"detail": [{
-                "loc": loc, "msg": CONTENT_POLICY_MSG, "type": "content_policy_violation",
-                "url": "https://docs.fal.ai/errors#content_policy_violation"}]}, status=422)
+            return json_response(
+                {
+                    "detail": [
+                        {
+                            "loc": loc,
+                            "msg": CONTENT_POLICY_MSG,
+                            "type": "content_policy_violation",
+                            "url": "https://docs.fal.ai/errors#content_policy_violation",
+                        }
+                    ]
+                },
+                status=422,
+            )
         request_id = str(uuid.uuid4())
         self.requests[request_id] = FakeRequest(request_id, endpoint, dict(body))
         if fault == "malformed":
             return _malformed()
         urls = self._urls(request, request_id)
-        return json_response({
-            "status": "IN_QUEUE", "request_id": request_id,
-            "gateway_request_id": request_id, "queue_position": self.queue_position,
-            **urls}, headers={"x-fal-request-id": request_id})
+        return json_response(
+            {
+                "status": "IN_QUEUE",
+                "request_id": request_id,
+                "gateway_request_id": request_id,
+                "queue_position": self.queue_position,
+                **urls,
+            },
+            headers={"x-fal-request-id": request_id},
+        )
 
     async def _status(self, request: web.Request) -> web.Response:
         self.status_paths.append(request.path)
@@ -286,26 +317,36 @@ class FakeFal:
         req = found
         poll = req.polls
         req.polls += 1
-        base: dict[str, Any] = {"request_id": req.request_id,
-                                **self._urls(request, req.request_id)}
+        base: dict[str, Any] = {"request_id": req.request_id, **self._urls(request, req.request_id)}
         if req.cancelled:
-            return json_response({**base, "status": "COMPLETED", "logs": req.logs,
-                                  "metrics": {}, "error": "Request was cancelled by the client",
-                                  "error_type": "client_cancelled"})
+            return json_response(
+                {
+                    **base,
+                    "status": "COMPLETED",
+                    "logs": req.logs,
+                    "metrics": {},
+                    "error": "Request was cancelled by the client",
+                    "error_type": "client_cancelled",
+                }
+            )
         if poll < self.queue_polls:
             position = max(0, self.queue_position - poll)
-            return json_response({**base, "status": "IN_QUEUE", "queue_position": position,
-                                  "logs": None}, status=202)
+            return json_response(
+                {**base, "status": "IN_QUEUE", "queue_position": position, "logs": None}, status=202
+            )
         step = poll - self.queue_polls
         if step < self.progress_polls:
             if not req.logs:
                 req.logs.append(_log("Loading ACE-Step model"))
             pct = round(100 * (step + 1) / (self.progress_polls + 1))
             req.logs.append(_log(f"Generating: {pct}%| {step + 1}/{self.progress_polls + 1}"))
-            return json_response({**base, "status": "IN_PROGRESS", "logs": req.logs},
-                                 status=202)
-        done: dict[str, Any] = {**base, "status": "COMPLETED", "logs": req.logs,
-                                "metrics": {"inference_time": self.inference_time}}
+            return json_response({**base, "status": "IN_PROGRESS", "logs": req.logs}, status=202)
+        done: dict[str, Any] = {
+            **base,
+            "status": "COMPLETED",
+            "logs": req.logs,
+            "metrics": {"inference_time": self.inference_time},
+        }
         if self.run_error is not None:
             done["error"], done["error_type"] = self.run_error
         return json_response(done)
@@ -325,8 +366,10 @@ class FakeFal:
             return found
         req = found
         if req.cancelled:
-            return json_response({"detail": "Request was cancelled by the client",
-                                  "error_type": "client_cancelled"}, status=499)
+            return json_response(
+                {"detail": "Request was cancelled by the client", "error_type": "client_cancelled"},
+                status=499,
+            )
         if not self._completed(req):
             return json_response({"detail": "Request is still in progress"}, status=400)
         if self.result_error is not None:
@@ -335,8 +378,9 @@ class FakeFal:
         if self.run_error is not None:
             message, error_type = self.run_error
             return json_response({"detail": message, "error_type": error_type}, status=500)
-        return json_response(self._output(request, req),
-                             headers={"x-fal-request-id": req.request_id})
+        return json_response(
+            self._output(request, req), headers={"x-fal-request-id": req.request_id}
+        )
 
     async def _cancel(self, request: web.Request) -> web.Response:
         fault, answer = await self._chaos("cancel")
@@ -374,8 +418,11 @@ class FakeFal:
     def _urls(self, request: web.Request, request_id: str) -> dict[str, str]:
         # fal's returned URLs drop the endpoint subpath: owner/alias only.
         base = f"{request.scheme}://{request.host}/{APP_ID}/requests/{request_id}"
-        return {"response_url": base, "status_url": f"{base}/status",
-                "cancel_url": f"{base}/cancel"}
+        return {
+            "response_url": base,
+            "status_url": f"{base}/status",
+            "cancel_url": f"{base}/cancel",
+        }
 
     def _output(self, request: web.Request, req: FakeRequest) -> dict[str, Any]:
         body = req.body
@@ -394,8 +441,12 @@ class FakeFal:
         else:
             tags, lyrics = body["tags"], body.get("lyrics", "")
         return {
-            "audio": {"url": url, "content_type": "audio/wav", "file_name": "audio.wav",
-                      "file_size": len(req.audio)},
+            "audio": {
+                "url": url,
+                "content_type": "audio/wav",
+                "file_name": "audio.wav",
+                "file_size": len(req.audio),
+            },
             "seed": seed if isinstance(seed, int) else random.randint(0, 2**31 - 1),
             "tags": tags,
             "lyrics": lyrics,
@@ -415,21 +466,38 @@ class FakeFal:
                 continue
             value = body[name]
             if isinstance(value, bool) or not isinstance(value, int | float):
-                errors.append(_err(["body", name], "value is not a valid float",
-                                   "type_error.float"))
+                errors.append(
+                    _err(["body", name], "value is not a valid float", "type_error.float")
+                )
             elif value > high:
-                errors.append(_err(["body", name], f"ensure this value is less than or "
-                                   f"equal to {_num(high)}", "value_error.number.not_le",
-                                   limit_value=high))
+                errors.append(
+                    _err(
+                        ["body", name],
+                        f"ensure this value is less than or equal to {_num(high)}",
+                        "value_error.number.not_le",
+                        limit_value=high,
+                    )
+                )
             elif value < low:
-                errors.append(_err(["body", name], f"ensure this value is greater than or "
-                                   f"equal to {_num(low)}", "value_error.number.not_ge",
-                                   limit_value=low))
+                errors.append(
+                    _err(
+                        ["body", name],
+                        f"ensure this value is greater than or equal to {_num(low)}",
+                        "value_error.number.not_ge",
+                        limit_value=low,
+                    )
+                )
         for name, choices in CHOICES.items():
             if name in body and body[name] not in choices:
                 permitted = ", ".join(repr(c) for c in choices)
-                errors.append(_err(["body", name], f"unexpected value; permitted: {permitted}",
-                                   "value_error.const", permitted=list(choices)))
+                errors.append(
+                    _err(
+                        ["body", name],
+                        f"unexpected value; permitted: {permitted}",
+                        "value_error.const",
+                        permitted=list(choices),
+                    )
+                )
         return errors
 
 
@@ -446,10 +514,17 @@ def _num(value: float) -> str:
 
 def _malformed() -> web.Response:
     """A 200 whose JSON is cut off mid-object (a proxy or the service garbled it)."""
-    return web.Response(body=b'{"status": "IN_PROGRESS", "request_id": "', status=200,
-                        content_type="application/json")
+    return web.Response(
+        body=b'{"status": "IN_PROGRESS", "request_id": "',
+        status=200,
+        content_type="application/json",
+    )
 
 
 def _log(message: str) -> dict[str, str]:
-    return {"message": message, "level": "INFO", "source": "user",
-            "timestamp": "2026-01-01T00:00:00.000000"}
+    return {
+        "message": message,
+        "level": "INFO",
+        "source": "user",
+        "timestamp": "2026-01-01T00:00:00.000000",
+    }

@@ -27,5 +27,6 @@ def json_response(data: object, status: int = 200, **kwargs: object) -> web.Resp
     """JSON with exactly `application/json` (discord.py rejects a charset suffix)."""
     import json
 
-    return web.Response(body=json.dumps(data).encode(), status=status,
-                        content_type="application/json", **kwargs)  # type: ignore[arg-type]
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, content_type="application/json", **kwargs
+    )  # type: ignore[arg-type]

@@ -82,8 +82,12 @@ def _decode(value: str) -> Any:
 class FakeTelegram:
     """The fake server's state and handlers; `app` is the aiohttp application to serve."""
 
-    def __init__(self, token: str = "123456:TEST-token_abc", username: str = "AceStepBot",
-                 max_poll_wait: float = 0.2) -> None:
+    def __init__(
+        self,
+        token: str = "123456:TEST-token_abc",
+        username: str = "AceStepBot",
+        max_poll_wait: float = 0.2,
+    ) -> None:
         self.token = token
         # A long poll may end early with no updates (the real server does too); keeping it
         # short lets a test's server shut down without waiting out the bot's poll timeout.
@@ -109,8 +113,9 @@ class FakeTelegram:
 
     # --- what tests do ------------------------------------------------------------
 
-    def chat(self, chat_id: int, kind: str = "private", title: str = "",
-             is_forum: bool = False) -> dict[str, Any]:
+    def chat(
+        self, chat_id: int, kind: str = "private", title: str = "", is_forum: bool = False
+    ) -> dict[str, Any]:
         """Register a chat; private chats have positive ids, groups negative ones."""
         info: dict[str, Any] = {"id": chat_id, "type": kind}
         if kind == "private":
@@ -123,26 +128,41 @@ class FakeTelegram:
         return info
 
     @staticmethod
-    def user(user_id: int, first_name: str = "Ann", username: str | None = None
-             ) -> dict[str, Any]:
+    def user(user_id: int, first_name: str = "Ann", username: str | None = None) -> dict[str, Any]:
         info: dict[str, Any] = {"id": user_id, "is_bot": False, "first_name": first_name}
         if username:
             info["username"] = username
         return info
 
-    def message_update(self, chat_id: int, user: dict[str, Any], text: str, *,
-                       reply_to: int | None = None, thread_id: int | None = None
-                       ) -> dict[str, Any]:
+    def message_update(
+        self,
+        chat_id: int,
+        user: dict[str, Any],
+        text: str,
+        *,
+        reply_to: int | None = None,
+        thread_id: int | None = None,
+    ) -> dict[str, Any]:
         """A user's message as an Update object (command entities added as Telegram does);
         not queued: `send_text` queues it, a webhook test POSTs it."""
         chat = self.chats.get(chat_id) or self.chat(chat_id)
         message_id = next(self._message_ids)
-        msg: dict[str, Any] = {"message_id": message_id, "date": int(time.time()),
-                               "chat": chat, "from": user, "text": text}
+        msg: dict[str, Any] = {
+            "message_id": message_id,
+            "date": int(time.time()),
+            "chat": chat,
+            "from": user,
+            "text": text,
+        }
         if text.startswith("/"):
             command = text.split(maxsplit=1)[0]
-            msg["entities"] = [{"type": "bot_command", "offset": 0,
-                                "length": len(command.encode("utf-16-le")) // 2}]
+            msg["entities"] = [
+                {
+                    "type": "bot_command",
+                    "offset": 0,
+                    "length": len(command.encode("utf-16-le")) // 2,
+                }
+            ]
         if thread_id is not None:
             msg["message_thread_id"] = thread_id
             msg["is_topic_message"] = True
@@ -151,11 +171,17 @@ class FakeTelegram:
         self._record_user_message(chat_id, message_id, text, thread_id)
         return {"update_id": next(self._update_ids), "message": msg}
 
-    def send_text(self, chat_id: int, user: dict[str, Any], text: str, *,
-                  reply_to: int | None = None, thread_id: int | None = None) -> int:
+    def send_text(
+        self,
+        chat_id: int,
+        user: dict[str, Any],
+        text: str,
+        *,
+        reply_to: int | None = None,
+        thread_id: int | None = None,
+    ) -> int:
         """A user posts `text`; the bot gets it from getUpdates. Returns the message id."""
-        update = self.message_update(chat_id, user, text, reply_to=reply_to,
-                                     thread_id=thread_id)
+        update = self.message_update(chat_id, user, text, reply_to=reply_to, thread_id=thread_id)
         self._updates.append(update)
         asyncio.get_running_loop().create_task(self._notify())
         return int(update["message"]["message_id"])
@@ -169,18 +195,34 @@ class FakeTelegram:
     def press(self, chat_id: int, message_id: int, user: dict[str, Any], data: str) -> str:
         """A user presses an inline button on one of the bot's messages."""
         query_id = str(next(self._callback_ids))
-        self._push({"callback_query": {
-            "id": query_id, "from": user, "chat_instance": f"ci{chat_id}", "data": data,
-            "message": self._message_json(chat_id, message_id)}})
+        self._push(
+            {
+                "callback_query": {
+                    "id": query_id,
+                    "from": user,
+                    "chat_instance": f"ci{chat_id}",
+                    "data": data,
+                    "message": self._message_json(chat_id, message_id),
+                }
+            }
+        )
         return query_id
 
-    def fail_next(self, method: str, *, retry_after: int | None = None,
-                  status: int = 429, description: str | None = None, times: int = 1) -> None:
+    def fail_next(
+        self,
+        method: str,
+        *,
+        retry_after: int | None = None,
+        status: int = 429,
+        description: str | None = None,
+        times: int = 1,
+    ) -> None:
         """Answer the next `times` calls of `method` with an error (429 flood control)."""
         body: dict[str, Any] = {"ok": False, "error_code": status}
         if status == 429:
             body["description"] = description or (
-                f"Too Many Requests: retry after {retry_after or 1}")
+                f"Too Many Requests: retry after {retry_after or 1}"
+            )
             body["parameters"] = {"retry_after": retry_after or 1}
         else:
             body["description"] = description or "Bad Request: injected failure"
@@ -197,11 +239,13 @@ class FakeTelegram:
         return [c for c in self.calls if c.method == method and c.answered_status == 200]
 
     def bot_messages(self, chat_id: int) -> list[FakeMessage]:
-        return [m for (c, _), m in sorted(self.messages.items())
-                if c == chat_id and m.kind != "user"]
+        return [
+            m for (c, _), m in sorted(self.messages.items()) if c == chat_id and m.kind != "user"
+        ]
 
     async def wait_for(self, predicate: Callable[[], Any], within: float = 10.0) -> Any:
         """Wait until `predicate()` is truthy (re-checked after every request); return it."""
+
         async def check() -> Any:
             async with self._changed:
                 while True:
@@ -209,13 +253,14 @@ class FakeTelegram:
                     if value:
                         return value
                     await self._changed.wait()
+
         return await asyncio.wait_for(check(), within)
 
     async def wait_call(self, method: str, count: int = 1, within: float = 10.0) -> list[Call]:
         """Wait until the bot has made `count` successful calls of `method`."""
         return await self.wait_for(
-            lambda: self.calls_of(method) if len(self.calls_of(method)) >= count else None,
-            within)
+            lambda: self.calls_of(method) if len(self.calls_of(method)) >= count else None, within
+        )
 
     # --- the wire ---------------------------------------------------------------
 
@@ -227,14 +272,15 @@ class FakeTelegram:
         async with self._changed:
             self._changed.notify_all()
 
-    def _record_user_message(self, chat_id: int, message_id: int, text: str,
-                             thread_id: int | None) -> None:
+    def _record_user_message(
+        self, chat_id: int, message_id: int, text: str, thread_id: int | None
+    ) -> None:
         self.messages[(chat_id, message_id)] = FakeMessage(
-            chat_id, message_id, [text], None, thread_id, None, kind="user")
+            chat_id, message_id, [text], None, thread_id, None, kind="user"
+        )
 
     def _bot_user(self) -> dict[str, Any]:
-        return {"id": BOT_ID, "is_bot": True, "first_name": "AceStep",
-                "username": self.username}
+        return {"id": BOT_ID, "is_bot": True, "first_name": "AceStep", "username": self.username}
 
     def _message_json(self, chat_id: int, message_id: int) -> dict[str, Any]:
         stored = self.messages.get((chat_id, message_id))
@@ -247,8 +293,11 @@ class FakeTelegram:
         else:
             out["from"] = self._bot_user()
         if stored.kind == "audio":
-            out["audio"] = {"file_id": f"F{message_id}", "file_unique_id": f"U{message_id}",
-                            "duration": int(stored.params.get("duration") or 0)}
+            out["audio"] = {
+                "file_id": f"F{message_id}",
+                "file_unique_id": f"U{message_id}",
+                "duration": int(stored.params.get("duration") or 0),
+            }
             if stored.caption is not None:
                 out["caption"] = stored.caption
         else:
@@ -262,8 +311,9 @@ class FakeTelegram:
 
     async def _handle(self, request: web.Request) -> web.Response:
         if request.match_info["token"] != self.token:
-            return json_response({"ok": False, "error_code": 401,
-                                  "description": "Unauthorized"}, status=401)
+            return json_response(
+                {"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401
+            )
         method = request.match_info["method"]
         params: dict[str, Any] = {}
         files: dict[str, UploadedFile] = {}
@@ -274,8 +324,7 @@ class FakeTelegram:
                 return web.Response(status=499)
             for key, value in form.items():
                 if isinstance(value, web.FileField):
-                    files[key] = UploadedFile(value.filename, value.content_type,
-                                              value.file.read())
+                    files[key] = UploadedFile(value.filename, value.content_type, value.file.read())
                 else:
                     params[key] = _decode(str(value))
         params.update({k: _decode(v) for k, v in request.query.items()})
@@ -296,24 +345,39 @@ class FakeTelegram:
         if handler is None:
             call.answered_status = 400
             await self._notify()
-            return json_response({"ok": False, "error_code": 400,
-                                  "description": f"Bad Request: method {method} not found"},
-                                 status=400)
+            return json_response(
+                {
+                    "ok": False,
+                    "error_code": 400,
+                    "description": f"Bad Request: method {method} not found",
+                },
+                status=400,
+            )
         try:
             result = handler(params, files)
         except _ApiError as exc:
             call.answered_status = exc.status
             await self._notify()
-            return json_response({"ok": False, "error_code": exc.status,
-                                  "description": exc.description}, status=exc.status)
+            return json_response(
+                {"ok": False, "error_code": exc.status, "description": exc.description},
+                status=exc.status,
+            )
         await self._notify()
         return json_response({"ok": True, "result": result})
 
     async def _get_updates(self, params: dict[str, Any]) -> web.Response:
         if self.webhook is not None:
-            return json_response({"ok": False, "error_code": 409, "description": (
-                "Conflict: can't use getUpdates method while webhook is active; "
-                "use deleteWebhook to delete the webhook first")}, status=409)
+            return json_response(
+                {
+                    "ok": False,
+                    "error_code": 409,
+                    "description": (
+                        "Conflict: can't use getUpdates method while webhook is active; "
+                        "use deleteWebhook to delete the webhook first"
+                    ),
+                },
+                status=409,
+            )
         offset = int(params.get("offset") or 0)
         self.offsets.append(offset)
         timeout = min(float(params.get("timeout") or 0), self.max_poll_wait)
@@ -335,8 +399,12 @@ class FakeTelegram:
     # --- methods ------------------------------------------------------------------
 
     def _m_getMe(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
-        return {**self._bot_user(), "can_join_groups": True,
-                "can_read_all_group_messages": False, "supports_inline_queries": False}
+        return {
+            **self._bot_user(),
+            "can_join_groups": True,
+            "can_read_all_group_messages": False,
+            "supports_inline_queries": False,
+        }
 
     def _m_deleteWebhook(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
         self.webhook = None
@@ -349,8 +417,8 @@ class FakeTelegram:
     def _m_setMyCommands(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
         commands = params.get("commands")
         if not isinstance(commands, list) or not all(
-                isinstance(c, dict) and c.get("command") and c.get("description")
-                for c in commands):
+            isinstance(c, dict) and c.get("command") and c.get("description") for c in commands
+        ):
             raise _ApiError(400, "Bad Request: can't parse commands JSON object")
         self.commands = commands
         return True
@@ -359,8 +427,7 @@ class FakeTelegram:
         self._chat(params)
         return True
 
-    def _m_answerCallbackQuery(self, params: dict[str, Any],
-                               files: dict[str, UploadedFile]) -> Any:
+    def _m_answerCallbackQuery(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
         return True
 
     def _m_sendMessage(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
@@ -387,16 +454,20 @@ class FakeTelegram:
         text = str(params.get("text", ""))
         markup = params.get("reply_markup")
         if text == msg.text and markup == msg.reply_markup:
-            raise _ApiError(400, "Bad Request: message is not modified: specified new message "
-                                 "content and reply markup are exactly the same as a current "
-                                 "content and reply markup of the message")
+            raise _ApiError(
+                400,
+                "Bad Request: message is not modified: specified new message "
+                "content and reply markup are exactly the same as a current "
+                "content and reply markup of the message",
+            )
         _check_html(params, text)
         msg.texts.append(text)
         msg.reply_markup = markup if isinstance(markup, dict) else None
         return self._message_json(msg.chat_id, msg.message_id)
 
-    def _m_editMessageReplyMarkup(self, params: dict[str, Any],
-                                  files: dict[str, UploadedFile]) -> Any:
+    def _m_editMessageReplyMarkup(
+        self, params: dict[str, Any], files: dict[str, UploadedFile]
+    ) -> Any:
         msg = self._existing(params)
         markup = params.get("reply_markup")
         msg.reply_markup = markup if isinstance(markup, dict) else None
@@ -413,12 +484,28 @@ class FakeTelegram:
         user = {"id": user_id, "is_bot": False, "first_name": "Member"}
         if user_id in self.admins.get(chat["id"], set()):
             rights = dict.fromkeys(
-                ("can_be_edited", "can_manage_chat", "can_delete_messages",
-                 "can_manage_video_chats", "can_restrict_members", "can_promote_members",
-                 "can_change_info", "can_invite_users", "can_post_stories",
-                 "can_edit_stories", "can_delete_stories"), False)
-            return {"status": "administrator", "user": user, "is_anonymous": False,
-                    **rights, "can_manage_chat": True}
+                (
+                    "can_be_edited",
+                    "can_manage_chat",
+                    "can_delete_messages",
+                    "can_manage_video_chats",
+                    "can_restrict_members",
+                    "can_promote_members",
+                    "can_change_info",
+                    "can_invite_users",
+                    "can_post_stories",
+                    "can_edit_stories",
+                    "can_delete_stories",
+                ),
+                False,
+            )
+            return {
+                "status": "administrator",
+                "user": user,
+                "is_anonymous": False,
+                **rights,
+                "can_manage_chat": True,
+            }
         return {"status": "member", "user": user}
 
     # --- helpers ------------------------------------------------------------------
@@ -440,8 +527,15 @@ class FakeTelegram:
             raise _ApiError(400, "Bad Request: message to edit not found")
         return msg
 
-    def _store(self, params: dict[str, Any], kind: str, *, text: str = "",
-               caption: Any = None, files: dict[str, UploadedFile] | None = None) -> Any:
+    def _store(
+        self,
+        params: dict[str, Any],
+        kind: str,
+        *,
+        text: str = "",
+        caption: Any = None,
+        files: dict[str, UploadedFile] | None = None,
+    ) -> Any:
         chat = self._chat(params)
         reply = params.get("reply_parameters")
         reply_to = int(reply["message_id"]) if isinstance(reply, dict) else None
@@ -452,10 +546,17 @@ class FakeTelegram:
         message_id = next(self._message_ids)
         markup = params.get("reply_markup")
         self.messages[(chat["id"], message_id)] = FakeMessage(
-            chat["id"], message_id, [text] if kind == "text" else [],
-            markup if isinstance(markup, dict) else None, thread_id, reply_to, kind=kind,
-            caption=None if caption is None else str(caption), files=files or {},
-            params=params)
+            chat["id"],
+            message_id,
+            [text] if kind == "text" else [],
+            markup if isinstance(markup, dict) else None,
+            thread_id,
+            reply_to,
+            kind=kind,
+            caption=None if caption is None else str(caption),
+            files=files or {},
+            params=params,
+        )
         out = self._message_json(chat["id"], message_id)
         if kind == "audio":
             out["audio"]["file_size"] = len(files["audio"].data) if files else 0

@@ -36,8 +36,11 @@ MODELS: dict[str, set[str]] = {
     "wavespeed-ai/ace-step": {"tags", "lyrics", "duration", "seed"},
     "wavespeed-ai/ace-step-1.5": {"tags", "lyrics", "duration", "seed"},
 }
-REQUIRED = {"wavespeed-ai/ace-step/prompt-to-audio": "prompt",
-            "wavespeed-ai/ace-step": "tags", "wavespeed-ai/ace-step-1.5": "tags"}
+REQUIRED = {
+    "wavespeed-ai/ace-step/prompt-to-audio": "prompt",
+    "wavespeed-ai/ace-step": "tags",
+    "wavespeed-ai/ace-step-1.5": "tags",
+}
 # Optional flags every WaveSpeed model accepts.
 COMMON_FLAGS = {"enable_sync_mode", "enable_base64_output", "webhook_url"}
 
@@ -94,7 +97,10 @@ class FakeWaveSpeed:
 
     def __post_init__(self) -> None:
         self._failures: dict[str, deque[FakeFailure]] = {
-            "submit": deque(), "poll": deque(), "audio": deque()}
+            "submit": deque(),
+            "poll": deque(),
+            "audio": deque(),
+        }
         self._stalls: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._audio: dict[str, bytes] = {}
@@ -114,9 +120,16 @@ class FakeWaveSpeed:
     def bodies(self) -> list[dict[str, Any]]:
         return [s["body"] for s in self.submits]
 
-    def fail_next(self, route: Route, status: int, message: str = "error", *,
-                  code: int | None = None, retry_after: float | str | None = None,
-                  times: int = 1) -> None:
+    def fail_next(
+        self,
+        route: Route,
+        status: int,
+        message: str = "error",
+        *,
+        code: int | None = None,
+        retry_after: float | str | None = None,
+        times: int = 1,
+    ) -> None:
         """Answer the next `times` requests on `route` with this error."""
         ra = None if retry_after is None else str(retry_after)
         for _ in range(times):
@@ -146,16 +159,24 @@ class FakeWaveSpeed:
     # -- protocol -------------------------------------------------------------------
 
     @staticmethod
-    def _envelope(data: Any, code: int = 200, message: str = "success",
-                  status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-        return json_response({"code": code, "message": message, "data": data},
-                             status=status, headers=headers or {})
+    def _envelope(
+        data: Any,
+        code: int = 200,
+        message: str = "success",
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        return json_response(
+            {"code": code, "message": message, "data": data}, status=status, headers=headers or {}
+        )
 
-    def _error(self, status: int, message: str, code: int | None = None,
-               retry_after: str | None = None) -> web.Response:
+    def _error(
+        self, status: int, message: str, code: int | None = None, retry_after: str | None = None
+    ) -> web.Response:
         headers = {"Retry-After": retry_after} if retry_after else {}
-        return self._envelope(None, code=code or status, message=message, status=status,
-                              headers=headers)
+        return self._envelope(
+            None, code=code or status, message=message, status=status, headers=headers
+        )
 
     async def _gate(self, route: Route, request: web.Request) -> web.Response | None:
         """Auth, stalls and injected failures shared by every route."""
@@ -196,9 +217,17 @@ class FakeWaveSpeed:
             return self._error(400, "seed must be between -1 and 2147483647")
         self.submits.append({"model": model, "body": body})
         job_id = f"ws{next(self._ids):03d}-{uuid.uuid4().hex[:12]}"
-        job = FakeJob(job_id, model, body, self.outcome, self.failure_error, self.nsfw,
-                      self.queued_polls, self.running_polls,
-                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        job = FakeJob(
+            job_id,
+            model,
+            body,
+            self.outcome,
+            self.failure_error,
+            self.nsfw,
+            self.queued_polls,
+            self.running_polls,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
         self.jobs[job_id] = job
         return self._envelope(self._data(job, "created"))
 
