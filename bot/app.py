@@ -8,7 +8,7 @@ import logging
 import signal
 from typing import Any, Protocol
 
-from bot.engine import Engine
+from bot.engine import Delivery, Engine
 from bot.retention import retention_loop
 from bot.settings import Settings, configured_frontends
 from providers.registry import build_providers
@@ -16,17 +16,17 @@ from providers.registry import build_providers
 log = logging.getLogger("acestep.app")
 
 
-class Frontend(Protocol):
-    platform: str
+class Frontend(Delivery, Protocol):
+    """A chat front-end: it delivers songs for its platform and runs alongside the engine."""
 
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
 
 
-def build_frontends(settings: Settings, engine: Engine) -> list[Any]:
+def build_frontends(settings: Settings, engine: Engine) -> list[Frontend]:
     """The configured chat front-ends, each registered as the engine's delivery."""
-    frontends: list[Any] = []
+    frontends: list[Frontend] = []
     names = configured_frontends(settings)
     if "discord" in names:
         from bot.frontends.discord_frontend import DiscordFrontend

@@ -9,7 +9,6 @@ from bot.requests import GenerationRequest
 
 ACTIVE_STATES = ("queued", "submitting", "running", "ready")
 TERMINAL_STATES = ("delivered", "failed", "cancelled")
-STATES = ACTIVE_STATES + TERMINAL_STATES
 
 
 @dataclass(frozen=True)

@@ -599,6 +599,7 @@ async def test_unexpected_error_is_answered_briefly_and_logged_without_the_token
     bot: Bot, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="discord")  # another test may have raised it
     first = bot.fake.slash("song", {"prompt": "fine", "duration": 5})
     await bot.feed(first)
     song = await bot.song_message(first)

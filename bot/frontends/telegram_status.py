@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 # Order of the states a status message shows; an update of a lower rank is stale.
 RANKS = {"queued": 0, "submitting": 1, "running": 2, "uploading": 3, "ready": 3}
-FINAL_RANK = 9
 
 
 @dataclass
