@@ -49,144 +49,67 @@ async def report(interaction: discord.Interaction, error: Exception) -> None:
     await interaction.client.report_error(interaction, error)  # type: ignore[attr-defined]
 
 
-class NewTakeButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"acestep:new:{JOB_ID}"
-):
-    """Same request, new random seed: a new job for whoever clicks."""
+# Each job button: its label, its style and what it asks of the front-end.
+_BUTTONS: dict[str, tuple[str, discord.ButtonStyle]] = {
+    "new": ("New take", discord.ButtonStyle.primary),  # same request, new random seed
+    "same": ("Same seed", discord.ButtonStyle.secondary),  # reproduces the song
+    "lyrics": ("Lyrics", discord.ButtonStyle.secondary),  # full lyrics, ephemerally
+    "cancel": ("Cancel", discord.ButtonStyle.danger),  # the requester or an admin
+}
 
-    def __init__(self, job_id: str) -> None:
+
+class JobButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=rf"acestep:(?P<action>{'|'.join(_BUTTONS)}):{JOB_ID}",
+):
+    """A button on a job's message; its custom_id `acestep:<action>:<job_id>` is all it
+    needs, so it works for whoever clicks, even after a restart."""
+
+    def __init__(self, action: str, job_id: str) -> None:
+        label, style = _BUTTONS[action]
         super().__init__(
-            discord.ui.Button(
-                label="New take",
-                style=discord.ButtonStyle.primary,
-                custom_id=f"acestep:new:{job_id}",
-            )
+            discord.ui.Button(label=label, style=style, custom_id=f"acestep:{action}:{job_id}")
         )
+        self.action = action
         self.job_id = job_id
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
-    ) -> NewTakeButton:
-        return cls(match["job_id"])
+    ) -> JobButton:
+        return cls(match["action"], match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
         interaction.extras["job_id"] = self.job_id  # for the error log line
+        actions = actions_of(interaction)
         try:
-            await actions_of(interaction).new_take(interaction, self.job_id, same_seed=False)
+            if self.action == "lyrics":
+                await actions.show_lyrics(interaction, self.job_id)
+            elif self.action == "cancel":
+                await actions.cancel_from_button(interaction, self.job_id)
+            else:
+                await actions.new_take(interaction, self.job_id, same_seed=self.action == "same")
         except Exception as exc:
             await report(interaction, exc)
 
 
-class SameSeedButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"acestep:same:{JOB_ID}"
-):
-    """Same request and same seed: reproduces the song (e.g. on another provider)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Same seed",
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"acestep:same:{job_id}",
-            )
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
-    ) -> SameSeedButton:
-        return cls(match["job_id"])
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        interaction.extras["job_id"] = self.job_id  # for the error log line
-        try:
-            await actions_of(interaction).new_take(interaction, self.job_id, same_seed=True)
-        except Exception as exc:
-            await report(interaction, exc)
-
-
-class LyricsButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"acestep:lyrics:{JOB_ID}"
-):
-    """Shows the full lyrics to whoever clicks, ephemerally."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Lyrics",
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"acestep:lyrics:{job_id}",
-            )
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
-    ) -> LyricsButton:
-        return cls(match["job_id"])
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        interaction.extras["job_id"] = self.job_id  # for the error log line
-        try:
-            await actions_of(interaction).show_lyrics(interaction, self.job_id)
-        except Exception as exc:
-            await report(interaction, exc)
-
-
-class CancelButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=rf"acestep:cancel:{JOB_ID}"
-):
-    """Cancels a queued or running job (its requester or an admin)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Cancel",
-                style=discord.ButtonStyle.danger,
-                custom_id=f"acestep:cancel:{job_id}",
-            )
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
-    ) -> CancelButton:
-        return cls(match["job_id"])
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        interaction.extras["job_id"] = self.job_id  # for the error log line
-        try:
-            await actions_of(interaction).cancel_from_button(interaction, self.job_id)
-        except Exception as exc:
-            await report(interaction, exc)
-
-
-PERSISTENT_ITEMS: tuple[type[discord.ui.DynamicItem[Any]], ...] = (
-    NewTakeButton,
-    SameSeedButton,
-    LyricsButton,
-    CancelButton,
-)
+PERSISTENT_ITEMS: tuple[type[discord.ui.DynamicItem[Any]], ...] = (JobButton,)
 
 
 def running_view(job_id: str) -> discord.ui.View:
     """The status message's buttons while the job is active."""
     view = discord.ui.View(timeout=None)
-    view.add_item(CancelButton(job_id))
+    view.add_item(JobButton("cancel", job_id))
     return view
 
 
 def result_view(job_id: str, has_lyrics: bool) -> discord.ui.View:
     """The finished song's buttons."""
     view = discord.ui.View(timeout=None)
-    view.add_item(NewTakeButton(job_id))
-    view.add_item(SameSeedButton(job_id))
+    view.add_item(JobButton("new", job_id))
+    view.add_item(JobButton("same", job_id))
     if has_lyrics:
-        view.add_item(LyricsButton(job_id))
+        view.add_item(JobButton("lyrics", job_id))
     return view
 
 
