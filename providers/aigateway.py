@@ -39,6 +39,7 @@ from providers.base import (
     backoff_delays,
     parse_retry_after,
     retry_reads,
+    send,
 )
 
 log = logging.getLogger(__name__)
@@ -238,13 +239,15 @@ class AIGatewayProvider(Provider):
         self, method: str, path: str, *, json: Any = None, polling: bool
     ) -> httpx.Response:
         """One HTTP call; returns a 2xx/304 response or raises our typed error."""
-        try:
-            resp = await self.client.request(method, path, json=json)
-        except httpx.TimeoutException:
-            what = "request" if polling else "submit (the job may still have been created)"
-            raise Unavailable(self.name, f"{what} timed out") from None
-        except httpx.TransportError as exc:
-            raise Unavailable(self.name, f"connection failed: {type(exc).__name__}") from None
+        resp = await send(
+            self.client,
+            self.name,
+            method,
+            path,
+            json=json,
+            what="poll" if polling else "submit",
+            submit=not polling,
+        )
         if resp.is_success or resp.status_code == 304:
             return resp
         message, error_type, code, param = self._error_fields(resp)

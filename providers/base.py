@@ -197,6 +197,27 @@ class Provider(ABC):
         await self.client.aclose()
 
 
+async def send(
+    client: httpx.AsyncClient,
+    provider: str,
+    method: str,
+    url: str,
+    *,
+    what: str,
+    submit: bool = False,
+    **kwargs: Any,
+) -> httpx.Response:
+    """One HTTP call; a timeout or a network failure becomes Unavailable. A submit that
+    timed out says it may exist, because the engine must not send it there again."""
+    try:
+        return await client.request(method, url, **kwargs)
+    except httpx.TimeoutException:
+        extra = "; the request may still have been queued (and billed)" if submit else ""
+        raise Unavailable(provider, f"{what} timed out{extra}") from None
+    except httpx.TransportError as exc:
+        raise Unavailable(provider, f"{what}: connection failed ({type(exc).__name__})") from None
+
+
 def backoff_delays(retries: int, first: float) -> tuple[float, ...]:
     """`retries` waits doubling from `first`: (1, 2, 4, ...)."""
     return tuple(first * 2**i for i in range(retries))

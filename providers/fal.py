@@ -40,6 +40,7 @@ from providers.base import (
     origin,
     parse_retry_after,
     retry_reads,
+    send,
 )
 
 log = logging.getLogger(__name__)
@@ -207,15 +208,16 @@ class FalProvider(Provider):
         params: dict[str, str] | None = None,
     ) -> httpx.Response:
         """One HTTP exchange; network failures become Unavailable."""
-        try:
-            return await self.client.request(method, url, json=json, params=params)
-        except httpx.TimeoutException:
-            extra = "; the request may still have been queued at fal" if phase == "submit" else ""
-            raise Unavailable(self.name, f"{phase} timed out{extra}") from None
-        except httpx.TransportError as exc:
-            raise Unavailable(
-                self.name, f"{phase} failed: cannot reach fal ({type(exc).__name__})"
-            ) from None
+        return await send(
+            self.client,
+            self.name,
+            method,
+            url,
+            what=phase,
+            submit=phase == "submit",
+            json=json,
+            params=params,
+        )
 
     async def _get(
         self,

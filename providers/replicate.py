@@ -46,6 +46,7 @@ from providers.base import (
     http_error_text,
     parse_retry_after,
     retry_reads,
+    send,
 )
 
 log = logging.getLogger(__name__)
@@ -192,14 +193,15 @@ class ReplicateProvider(Provider):
     # -- helpers ------------------------------------------------------------------------
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return await self.client.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise Unavailable(self.name, f"{method} {_shown_path(path)} timed out") from None
-        except httpx.TransportError as exc:
-            raise Unavailable(
-                self.name, f"{method} {_shown_path(path)} failed: {type(exc).__name__}"
-            ) from None
+        return await send(
+            self.client,
+            self.name,
+            method,
+            path,
+            what=f"{method} {_shown_path(path)}",
+            submit=method == "POST" and path.rstrip("/").endswith("predictions"),
+            **kwargs,
+        )
 
     async def _get_with_retries(self, path: str) -> dict[str, Any]:
         async def get() -> dict[str, Any]:

@@ -38,6 +38,7 @@ from providers.base import (
     backoff_delays,
     parse_retry_after,
     retry_reads,
+    send,
 )
 
 log = logging.getLogger(__name__)
@@ -247,13 +248,15 @@ class WaveSpeedProvider(Provider):
         self, method: str, path: str, *, json: Any = None, polling: bool
     ) -> dict[str, Any]:
         """One HTTP call; returns the envelope's `data` or raises our typed error."""
-        try:
-            resp = await self.client.request(method, path, json=json)
-        except httpx.TimeoutException:
-            what = "poll" if polling else "submit (the job may still have been created)"
-            raise Unavailable(self.name, f"{what} timed out") from None
-        except httpx.TransportError as exc:
-            raise Unavailable(self.name, f"connection failed: {type(exc).__name__}") from None
+        resp = await send(
+            self.client,
+            self.name,
+            method,
+            path,
+            json=json,
+            what="poll" if polling else "submit",
+            submit=not polling,
+        )
         try:
             body: Any = resp.json()
         except ValueError:

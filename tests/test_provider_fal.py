@@ -347,7 +347,7 @@ async def test_unreachable_queue_is_unavailable() -> None:
             await prov.submit(prompt_request(), seed=1)
     finally:
         await prov.aclose()
-    assert "cannot reach fal" in caught.value.message
+    assert "submit: connection failed (ConnectError)" in caught.value.message
 
 
 async def test_poll_retries_a_passing_rate_limit(fake: FakeFal, provider: FalProvider) -> None:
