@@ -49,6 +49,7 @@ from providers.base import (
     Succeeded,
     TaskLost,
     Unavailable,
+    api_client,
     backoff_delays,
     http_error_text,
     parse_retry_after,
@@ -172,11 +173,10 @@ class AceStepProvider(Provider):
         if not urls:
             raise ValueError("AceStepProvider needs at least one server URL")
         self._auth = KeyForOrigins(f"Bearer {api_key}" if api_key else None)
-        client = httpx.AsyncClient(
+        client = api_client(
             transport=transport,
             auth=self._auth,
             timeout=timeout,
-            headers={"User-Agent": "acestep-bot"},
         )
         super().__init__(client)
         self._servers: dict[str, _Server] = {}

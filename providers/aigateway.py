@@ -36,10 +36,12 @@ from providers.base import (
     Succeeded,
     TaskLost,
     Unavailable,
+    api_client,
     backoff_delays,
     parse_retry_after,
     retry_reads,
     send,
+    whole_number,
 )
 
 log = logging.getLogger(__name__)
@@ -134,11 +136,11 @@ class AIGatewayProvider(Provider):
         if not api_key:
             raise ValueError("the AIgateway API key is empty")
         self.base_url = base_url.rstrip("/")
-        client = httpx.AsyncClient(
+        client = api_client(
             base_url=self.base_url,
             transport=transport,
             auth=KeyForOrigins(f"Bearer {api_key}", [self.base_url]),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            timeout=timeout,
         )
         super().__init__(client)
         self._api_key = api_key
@@ -299,7 +301,7 @@ class AIGatewayProvider(Provider):
     def _status_from(self, record: dict[str, Any], handle: Handle) -> Status:
         status = str(record.get("status") or "").lower()
         if status in _QUEUED:
-            return Queued(_int_or_none(record.get("queue_position", record.get("position"))))
+            return Queued(whole_number(record.get("queue_position", record.get("position"))))
         if status in _RUNNING:
             message = record.get("message")
             return Running(
@@ -357,21 +359,9 @@ class AIGatewayProvider(Provider):
             code = f"{error.get('type') or ''} {error.get('code') or ''}"
             error = error.get("message")
         text = self._clean(str(error)) if error else ""
-        reason = "AIgateway could not make the song"
-        if text:
-            reason = f"{reason}: {text}"
+        reason = text or "no reason given"
         markers = f"{code} {text}".lower()
         return Failed(reason, rejected=any(m in markers for m in _POLICY_MARKERS))
-
-
-def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
 
 
 def _fraction(value: Any) -> float | None:

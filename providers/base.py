@@ -197,6 +197,35 @@ class Provider(ABC):
         await self.client.aclose()
 
 
+def api_client(
+    *,
+    auth: httpx.Auth,
+    transport: httpx.AsyncBaseTransport | None,
+    timeout: float,
+    base_url: str = "",
+    headers: dict[str, str] | None = None,
+) -> httpx.AsyncClient:
+    """The one HTTP client an adapter uses: its auth, a short connect timeout."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        transport=transport,
+        auth=auth,
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        headers={"User-Agent": "acestep-bot", **(headers or {})},
+    )
+
+
+def whole_number(value: Any) -> int | None:
+    """An int from a JSON number that is whole (not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 async def send(
     client: httpx.AsyncClient,
     provider: str,

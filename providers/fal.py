@@ -36,6 +36,7 @@ from providers.base import (
     Succeeded,
     TaskLost,
     Unavailable,
+    api_client,
     http_error_text,
     origin,
     parse_retry_after,
@@ -92,10 +93,10 @@ class FalProvider(Provider):
         self._sleep = sleep
         auth = KeyForOrigins(f"Key {api_key}", [self.queue_url])
         super().__init__(
-            httpx.AsyncClient(
+            api_client(
                 transport=transport,
                 auth=auth,
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                timeout=timeout,
                 headers={"Accept": "application/json"},
             )
         )

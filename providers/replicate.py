@@ -42,6 +42,7 @@ from providers.base import (
     Succeeded,
     TaskLost,
     Unavailable,
+    api_client,
     backoff_delays,
     http_error_text,
     parse_retry_after,
@@ -102,12 +103,11 @@ class ReplicateProvider(Provider):
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         base = base_url.rstrip("/")
-        client = httpx.AsyncClient(
+        client = api_client(
             base_url=base,
             transport=transport,
             auth=KeyForOrigins(f"Bearer {api_token}", [base]),
             timeout=timeout,
-            headers={"User-Agent": "acestep-bot"},
         )
         super().__init__(client)
         self.base_url = base

@@ -35,10 +35,12 @@ from providers.base import (
     Succeeded,
     TaskLost,
     Unavailable,
+    api_client,
     backoff_delays,
     parse_retry_after,
     retry_reads,
     send,
+    whole_number,
 )
 
 log = logging.getLogger(__name__)
@@ -132,11 +134,11 @@ class WaveSpeedProvider(Provider):
         if not api_key:
             raise ValueError("the WaveSpeed API key is empty")
         self.base_url = base_url.rstrip("/")
-        client = httpx.AsyncClient(
+        client = api_client(
             base_url=self.base_url,
             transport=transport,
             auth=KeyForOrigins(f"Bearer {api_key}", [self.base_url]),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            timeout=timeout,
         )
         super().__init__(client)
         self._api_key = api_key
@@ -293,7 +295,7 @@ class WaveSpeedProvider(Provider):
     def _status_from(self, data: dict[str, Any], handle: Handle) -> Status:
         status = str(data.get("status") or "").lower()
         if status in _QUEUED:
-            return Queued(_int_or_none(data.get("queue_position")))
+            return Queued(whole_number(data.get("queue_position")))
         if status in _RUNNING:
             return Running()
         if status == "completed":
@@ -301,11 +303,9 @@ class WaveSpeedProvider(Provider):
         if status in _FAILED:
             error = self._clean(str(data.get("error") or ""))
             if status == "timeout":
-                reason = "WaveSpeed timed out making the song"
+                reason = f"timed out: {error}" if error else "timed out"
             else:
-                reason = "WaveSpeed could not make the song"
-            if error:
-                reason = f"{reason}: {error}"
+                reason = error or "no reason given"
             low = error.lower()
             return Failed(reason, rejected=any(w in low for w in _POLICY_WORDS))
         if status in _CANCELLED:
@@ -332,17 +332,7 @@ class WaveSpeedProvider(Provider):
         if data.get("created_at"):
             metadata["created_at"] = data["created_at"]
         # WaveSpeed runs the concrete seed it was sent; prefer one it reports, if ever.
-        seed = _int_or_none(data.get("seed"))
+        seed = whole_number(data.get("seed"))
         if seed is None:
-            seed = _int_or_none(handle.data.get("seed"))
+            seed = whole_number(handle.data.get("seed"))
         return Succeeded(Result(audio_url=url, seed=seed, metadata=metadata))
-
-
-def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
