@@ -28,7 +28,8 @@ COMMUNITY_KEYS = ("seconds_per_day",)
 
 @dataclass(frozen=True)
 class Limits:
-    """Default limits from settings; None = unlimited."""
+    """Quota limits (None = unlimited): the settings' defaults, or those with a user's
+    and community's overrides applied."""
 
     user_jobs_per_day: float | None
     user_seconds_per_day: float | None
@@ -46,15 +47,6 @@ class Usage:
     user_active: int
     community_seconds: float
     spend_usd: float
-
-
-@dataclass(frozen=True)
-class EffectiveLimits:
-    user_jobs_per_day: float | None
-    user_seconds_per_day: float | None
-    user_concurrent_jobs: float | None
-    community_seconds_per_day: float | None
-    spend_cap_usd: float | None
 
 
 @dataclass(frozen=True)
@@ -169,14 +161,14 @@ class JobStore:
 
     async def _effective_limits(
         self, conn: aiosqlite.Connection, requester: Requester, limits: Limits
-    ) -> EffectiveLimits:
+    ) -> Limits:
         user = await _overrides(conn, "user", requester.key)
         community = (
             await _overrides(conn, "community", requester.community_key)
             if requester.community_key
             else {}
         )
-        return EffectiveLimits(
+        return Limits(
             user_jobs_per_day=user.get("jobs_per_day", limits.user_jobs_per_day),
             user_seconds_per_day=user.get("seconds_per_day", limits.user_seconds_per_day),
             user_concurrent_jobs=user.get("concurrent_jobs", limits.user_concurrent_jobs),
@@ -214,7 +206,7 @@ class JobStore:
 
     async def usage(
         self, requester: Requester, limits: Limits, now: float | None = None
-    ) -> tuple[Usage, EffectiveLimits]:
+    ) -> tuple[Usage, Limits]:
         """Current usage and the limits that apply to this requester."""
         now = time.time() if now is None else now
         async with self.db.read() as conn:
