@@ -492,7 +492,7 @@ def cmd_quota_show(settings: Settings, args: argparse.Namespace) -> int:
             status = await engine.quota_status(requester)
             overrides = await engine.get_limits(scope, subject)
         finally:
-            await engine.store.db.close()
+            await engine.store.close()
         print(f"{scope} {subject}: window resets at {status.resets_at:%Y-%m-%d %H:%M} UTC")
         for line in status.lines:
             if scope == "community" and not line.name.startswith("community"):
@@ -651,7 +651,7 @@ def cmd_jobs_cancel(settings: Settings, args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
         finally:
-            await engine.store.db.close()
+            await engine.store.close()
         if job.state == "cancelled":
             print(f"job {job.id} cancelled; quota refunded")
         else:

@@ -45,8 +45,9 @@ from providers.base import (
     Unavailable,
 )
 from providers.router import Router, price_of
-from storage.database import Database, StorageError
-from storage.jobs import JobStore, Limits, QuotaRefusal, next_reset
+from storage.database import StorageError
+from storage.quota import Limits, QuotaRefusal, next_reset
+from storage.store import Store, connect_store
 
 __all__ = [
     "Admission",
@@ -276,7 +277,7 @@ class Engine:
     def __init__(
         self,
         settings: Settings,
-        store: JobStore,
+        store: Store,
         providers: Iterable[Provider],
         *,
         platforms: Iterable[str] | None = None,
@@ -305,9 +306,8 @@ class Engine:
 
     @classmethod
     async def open(cls, settings: Settings, providers: Iterable[Provider], **kwargs: Any) -> Engine:
-        """Open the database under DATA_DIR (migrating it) and build an engine."""
-        db = await Database.open(settings.db_path)
-        return cls(settings, JobStore(db), providers, **kwargs)
+        """Open the configured store (migrating it) and build an engine."""
+        return cls(settings, await connect_store(settings), providers, **kwargs)
 
     def register_delivery(self, delivery: Delivery) -> None:
         self._deliveries[delivery.platform] = delivery
@@ -363,7 +363,7 @@ class Engine:
         for provider in self.router.providers.values():
             with contextlib.suppress(Exception):
                 await provider.aclose()
-        await self.store.db.close()
+        await self.store.close()
 
     # ---- admission -------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bot.settings import Settings
 from storage.database import StorageError
-from storage.jobs import JobStore
+from storage.store import Store
 
 log = logging.getLogger("acestep.retention")
 
@@ -56,7 +56,7 @@ def _remove(paths: list[Path]) -> tuple[int, int]:
 
 
 async def prune_audio(
-    settings: Settings, store: JobStore, now: float | None = None, days: int | None = None
+    settings: Settings, store: Store, now: float | None = None, days: int | None = None
 ) -> PruneReport:
     """Delete the audio of jobs finished more than `days` (AUDIO_RETENTION_DAYS) ago;
     0 keeps everything."""
@@ -82,7 +82,7 @@ async def prune_audio(
     return PruneReport(len(expired), files, size)
 
 
-async def retention_loop(settings: Settings, store: JobStore, interval: float = DAY) -> None:
+async def retention_loop(settings: Settings, store: Store, interval: float = DAY) -> None:
     """Prune at once, then every `interval` seconds, until cancelled."""
     if settings.audio_retention_days <= 0:
         return

@@ -27,6 +27,7 @@ from bot.frontends.discord_frontend import DiscordFrontend
 from bot.requests import ADVANCED_OPTIONS, BASIC_OPTIONS
 from providers.fal import FalProvider
 from tests.conftest import make_settings
+from tests.enginekit import wait_for_state
 from tests.fakes.discord_api import (
     BOT_PERMISSIONS,
     EPHEMERAL,
@@ -255,8 +256,8 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
     )
     assert f"/channels/{GUILD}/{CHANNEL}/{song.id}" in status.content
     assert status.custom_ids == []  # no cancel button on a finished job
-    job = await bot.engine.get_job(job_id)
-    assert job is not None and job.state == "delivered"
+    # The job is marked delivered once the post has returned (just after "Done").
+    await wait_for_state(bot.engine, job_id, ("delivered",))
 
 
 async def test_song_fits_the_upload_limit_the_interaction_reports(bot: Bot) -> None:
@@ -518,7 +519,7 @@ async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
     await bot.job_state(job_id, "running")
     await bot.frontend.stop()
     await bot.engine.stop()
-    await bot.engine.store.db.close()
+    await bot.engine.store.close()
 
     # 20 minutes later: the interaction token is dead; the provider has finished.
     server.expire_tokens()
