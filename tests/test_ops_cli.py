@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from bot.models import Requester
-from bot.retention import prune_audio
+from bot.retention import prune_audio, prune_jobs
 from storage.database import Database
 from storage.jobs import JobStore
 from tests.conftest import make_settings
@@ -254,3 +254,31 @@ async def test_stats_by_community_user_and_provider(tmp_path: Path) -> None:
     assert code == 0
     assert "Total: 5 songs, 6.0 minutes, $9.5600 spent" in out
     assert "... and 2 more" in out
+
+
+# ---- job rows: retention ----------------------------------------------------------------
+
+
+async def test_job_retention_runs_in_batches_and_keeps_active_and_recent_rows(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path, job_retention_days=30)
+    now = time.time()
+    db = await Database.open(settings.db_path)
+    store = JobStore(db)
+    try:
+        for n in range(7):
+            await seed_job(store, ALICE, at=now - (40 + n) * DAY, state="delivered")
+        queued = await seed_job(store, BOB, at=now - 45 * DAY, state="queued")
+        fresh = await seed_job(store, BOB, at=now - 29 * DAY, state="cancelled")
+        report = await prune_jobs(settings, store, now=now, batch=3)
+        left = {job.id for job in await store.recent(100)}
+        mismatches = await store.usage_mismatches()
+        stats = await store.stats(now - 60 * DAY)
+    finally:
+        await db.close()
+    assert report.jobs == 7
+    assert left == {queued.id, fresh.id}
+    assert mismatches == []
+    alice = next(row for row in stats["user"] if row.key == ALICE.key)
+    assert (alice.songs, alice.jobs) == (7, 7)
