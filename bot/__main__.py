@@ -1,32 +1,31 @@
-"""The `acestep-bot` command line: run, generate, config, db, audio, stats, quota, jobs."""
+"""The `acestep-bot` command line: run, generate, config, db, audio, stats, quota, jobs.
+
+Each command imports what it uses when it runs: `--help` needs argparse alone, `config
+check` the settings, the database commands the store, and only `run`, `generate`,
+`quota show` and `jobs cancel` the engine (with its audio libraries).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import shutil
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from storage.quota import COMMUNITY_KEYS, USER_KEYS
 
-from bot import logs, messages
-from bot.engine import Engine, EngineError, Progress, Song
-from bot.models import Job, Requester
-from bot.requests import GenerationRequest, InvalidRequest
-from bot.settings import (
-    PROVIDER_NAMES,
-    Settings,
-    configured_frontends,
-    describe,
-    problems,
-    usable_providers,
-)
-from storage.database import Database, StorageError
-from storage.jobs import COMMUNITY_KEYS, USER_KEYS, JobStore
+if TYPE_CHECKING:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from bot.engine import Progress, Song
+    from bot.models import Job, Requester
+    from bot.requests import GenerationRequest
+    from bot.settings import Settings
+    from storage.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 OUT_FORMATS = ("mp3", "wav", "flac", "ogg")
@@ -38,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
+    from pydantic import ValidationError
+
+    from bot import logs
+    from bot.settings import Settings
+    from storage.errors import StorageError
+
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -51,6 +56,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def with_store(
+    settings: Settings, body: Callable[[Store], Awaitable[int]], *, migrate: bool = True
+) -> int:
+    """Run `body` on the configured store (opened, migrated unless told not to, and
+    closed after): what every database command does."""
+    import asyncio
+
+    from storage.store import open_store
+
+    async def go() -> int:
+        async with open_store(settings, migrate=migrate) as store:
+            return await body(store)
+
+    return asyncio.run(go())
 
 
 def _settings_errors(exc: ValidationError) -> str:
@@ -111,6 +132,14 @@ def _parser() -> argparse.ArgumentParser:
         help="backup file, or an existing directory to write a time-stamped file into",
     )
     db_backup.set_defaults(handler=cmd_db_backup)
+    db_sub.add_parser(
+        "check", help="check the per-day usage counters against the job rows"
+    ).set_defaults(handler=cmd_db_check)
+    db_prune = db_sub.add_parser(
+        "prune", help="delete finished job rows admitted more than JOB_RETENTION_DAYS ago"
+    )
+    db_prune.add_argument("--days", type=int, help="override JOB_RETENTION_DAYS (>= 1)")
+    db_prune.set_defaults(handler=cmd_db_prune)
 
     audio = sub.add_parser("audio", help="stored audio")
     a_sub = audio.add_subparsers(dest="action", required=True)
@@ -164,6 +193,10 @@ def _subject_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bot.settings import configured_frontends, problems, usable_providers
+
     found = problems(settings)
     if not configured_frontends(settings) or not usable_providers(settings):
         print("acestep-bot cannot start: nothing usable is configured.", file=sys.stderr)
@@ -191,6 +224,8 @@ class CliDelivery:
     platform = "cli"
 
     def __init__(self, out: Path) -> None:
+        import asyncio
+
         self.out = out
         self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.written: Path | None = None
@@ -203,6 +238,9 @@ class CliDelivery:
             print(f"[{job.id}] {text}", file=sys.stderr, flush=True)
 
     async def deliver(self, job: Job, song: Song) -> None:
+        import asyncio
+        import shutil
+
         fmt = self.out.suffix.lower().lstrip(".")
         rendered = await song.render(None, fmt)
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +273,7 @@ def _progress_text(progress: Progress) -> str:
 
 def build_cli_request(args: argparse.Namespace) -> GenerationRequest:
     """The CLI's arguments as a validated request (InvalidRequest on bad input)."""
-    from bot.requests import parse_options
+    from bot.requests import GenerationRequest, InvalidRequest, parse_options
 
     fields: dict[str, Any] = {
         "instrumental": args.instrumental,
@@ -270,6 +308,11 @@ def build_cli_request(args: argparse.Namespace) -> GenerationRequest:
 
 
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bot.requests import InvalidRequest
+    from bot.settings import PROVIDER_NAMES
+
     fmt = args.out.suffix.lower().lstrip(".")
     try:
         if fmt not in OUT_FORMATS:
@@ -295,6 +338,12 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 async def _generate(
     settings: Settings, request: GenerationRequest, out: Path, only: str | None
 ) -> int:
+    import asyncio
+
+    from bot import messages
+    from bot.engine import Engine, EngineError
+    from bot.models import Requester
+    from bot.settings import problems
     from providers.registry import build_providers
 
     providers = build_providers(settings, only)
@@ -347,6 +396,8 @@ async def _generate(
 
 
 def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.settings import configured_frontends, describe, problems, usable_providers
+
     print("Effective configuration (secrets masked):")
     for line in describe(settings):
         print(f"  {line}")
@@ -363,19 +414,15 @@ def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
-    async def go() -> int:
-        db = await Database.open(settings.db_path, migrate=False)
-        try:
-            applied = await db.upgrade()
-            version = await db.schema_version()
-        finally:
-            await db.close()
+    async def upgrade(store: Store) -> int:
+        applied = await store.upgrade()
+        version = await store.schema_version()
         if applied:
             print(f"applied: {', '.join(applied)}")
         print(f"database {settings.db_path} is at schema version {version}")
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, upgrade, migrate=False)
 
 
 def cmd_db_backup(settings: Settings, args: argparse.Namespace) -> int:
@@ -395,47 +442,83 @@ def cmd_db_backup(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db_check(settings: Settings, args: argparse.Namespace) -> int:
+    async def check(store: Store) -> int:
+        problems = await store.usage_mismatches()
+        if not problems:
+            print("usage counters match the job rows")
+            return EXIT_OK
+        print(f"usage counters differ from the job rows in {len(problems)} places:")
+        for line in problems:
+            print(f"  {line}")
+        return EXIT_FAILED
+
+    return with_store(settings, check)
+
+
+def cmd_db_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.retention import prune_jobs
+
+    days = _retention_days(args.days, settings.job_retention_days, "JOB_RETENTION_DAYS")
+    if days <= 0:
+        return EXIT_OK if days == 0 else EXIT_USAGE
+
+    async def prune(store: Store) -> int:
+        report = await prune_jobs(settings, store, days=days)
+        print(
+            f"removed {report.jobs} finished job rows admitted more than {days} days ago "
+            f"(and {report.files} audio files, {report.bytes / 1e6:.1f} MB); "
+            "their totals stay in stats"
+        )
+        return EXIT_OK
+
+    return with_store(settings, prune)
+
+
+def _retention_days(asked: int | None, setting: int, name: str) -> int:
+    """The days a prune command uses: 0 when the setting keeps everything (said so),
+    -1 for a bad --days (said so)."""
+    if asked is not None and asked <= 0:
+        print(f"error: days: {asked} is not valid; 1 or more", file=sys.stderr)
+        return -1
+    days = setting if asked is None else asked
+    if days <= 0:
+        print(f"{name} is 0: everything is kept; nothing removed")
+    return days
+
+
 # ---- audio / stats ---------------------------------------------------------------------
 
 
 def cmd_audio_prune(settings: Settings, args: argparse.Namespace) -> int:
     from bot.retention import prune_audio
 
-    days = settings.audio_retention_days if args.days is None else args.days
+    days = _retention_days(args.days, settings.audio_retention_days, "AUDIO_RETENTION_DAYS")
     if days <= 0:
-        if args.days is not None:
-            print(f"error: days: {args.days} is not valid; 1 or more", file=sys.stderr)
-            return EXIT_USAGE
-        print("AUDIO_RETENTION_DAYS is 0: stored audio is kept; nothing removed")
-        return EXIT_OK
+        return EXIT_OK if days == 0 else EXIT_USAGE
 
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
-        try:
-            report = await prune_audio(settings, JobStore(db), days=days)
-        finally:
-            await db.close()
+    async def prune(store: Store) -> int:
+        report = await prune_audio(settings, store, days=days)
         print(
             f"removed {report.files} files ({report.bytes / 1e6:.1f} MB) of {report.jobs} "
             f"jobs finished more than {days} days ago"
         )
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, prune)
 
 
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    from storage.quota import day_start
+
     if args.days < 1:
         print(f"error: days: {args.days} is not valid; 1 or more", file=sys.stderr)
         return EXIT_USAGE
-    since = datetime.now(UTC).timestamp() - args.days * 86_400
+    # Whole UTC days, as the quotas count them: today and the days before it.
+    since = day_start(datetime.now(UTC).timestamp()) - (args.days - 1) * 86_400
 
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
-        try:
-            tables = await JobStore(db).stats(since)
-        finally:
-            await db.close()
+    async def stats(store: Store) -> int:
+        tables = await store.stats(since)
         print(f"Last {args.days} days (since {_when(since)} UTC)")
         total = tables["provider"]
         print(
@@ -463,7 +546,7 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"... and {len(rows) - args.top} more")
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, stats)
 
 
 # ---- quota -----------------------------------------------------------------------------
@@ -476,6 +559,8 @@ def _subject(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _requester_from(scope: str, subject: str) -> Requester:
+    from bot.models import Requester
+
     platform, _, ident = subject.partition(":")
     if scope == "user":
         return Requester(platform, ident or platform)
@@ -483,16 +568,14 @@ def _requester_from(scope: str, subject: str) -> Requester:
 
 
 def cmd_quota_show(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.engine import Engine
+
     scope, subject = _subject(args)
 
-    async def go() -> int:
-        engine = await Engine.open(settings, [], platforms=set())
-        try:
-            requester = _requester_from(scope, subject)
-            status = await engine.quota_status(requester)
-            overrides = await engine.get_limits(scope, subject)
-        finally:
-            await engine.store.close()
+    async def show(store: Store) -> int:
+        engine = Engine(settings, store, [], platforms=set())
+        status = await engine.quota_status(_requester_from(scope, subject))
+        overrides = await engine.get_limits(scope, subject)
         print(f"{scope} {subject}: window resets at {status.resets_at:%Y-%m-%d %H:%M} UTC")
         for line in status.lines:
             if scope == "community" and not line.name.startswith("community"):
@@ -503,7 +586,7 @@ def cmd_quota_show(settings: Settings, args: argparse.Namespace) -> int:
             print("  overrides: " + ", ".join(f"{k}={v:g}" for k, v in overrides.items()))
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, show)
 
 
 def cmd_quota_set(settings: Settings, args: argparse.Namespace) -> int:
@@ -527,20 +610,17 @@ def cmd_quota_set(settings: Settings, args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
 
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
+    async def set_limit(store: Store) -> int:
         try:
-            await JobStore(db).set_override(scope, subject, args.limit, value)
+            await store.set_override(scope, subject, args.limit, value)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        finally:
-            await db.close()
         shown = "default" if value is None else f"{value:g}"
         print(f"{scope} {subject}: {args.limit} set to {shown}")
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, set_limit)
 
 
 # ---- jobs ------------------------------------------------------------------------------
@@ -553,17 +633,12 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
-        try:
-            store = JobStore(db)
-            states = (args.state,) if args.state else None
-            if args.user:
-                jobs = await store.for_user(args.user, states, limit=args.limit)
-            else:
-                jobs = await store.recent(args.limit, states)
-        finally:
-            await db.close()
+    async def list_jobs(store: Store) -> int:
+        states = (args.state,) if args.state else None
+        if args.user:
+            jobs = await store.for_user(args.user, states, limit=args.limit)
+        else:
+            jobs = await store.recent(args.limit, states)
         if not jobs:
             print("no jobs")
             return EXIT_OK
@@ -579,79 +654,80 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
             )
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, list_jobs)
 
 
 def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
-        try:
-            store = JobStore(db)
-            job = await store.get(args.job_id.strip().lower())
-            ledger = await store.ledger(job.id) if job else []
-        finally:
-            await db.close()
+    async def show(store: Store) -> int:
+        job = await store.get(args.job_id.strip().lower())
         if job is None:
             print(f"error: no job {args.job_id!r}", file=sys.stderr)
             return EXIT_FAILED
-        req = job.request
-        print(f"job {job.id}: {job.state}")
-        print(
-            f"  requester: {job.requester.key}"
-            + (f" in {job.requester.community_key}" if job.requester.community_key else "")
-        )
-        print(
-            f"  request:   {req.mode.value} {req.duration}s seed {job.seed}"
-            + (" instrumental" if req.instrumental else "")
-        )
-        for name in ("prompt", "tags", "lyrics"):
-            if getattr(req, name):
-                text = getattr(req, name).replace("\n", " / ")
-                print(f"  {name + ':':10} {text}")
-        if req.advanced():
-            print(f"  options:   {json.dumps(req.advanced())}")
-        print(
-            f"  provider:  {job.provider or '-'}  attempts {job.attempts}"
-            + (f"  tried {','.join(job.tried_providers)}" if job.tried_providers else "")
-        )
-        print(
-            f"  created {_when(job.created_at)}  started {_when(job.started_at)}  "
-            f"finished {_when(job.finished_at)}  delivered {_when(job.delivered_at)}"
-        )
-        print(
-            f"  reserved ${job.reserved_usd:.4f}  charged "
-            f"{'-' if job.charged_usd is None else f'${job.charged_usd:.4f}'}"
-            f"  refunded {'yes' if job.refunded else 'no'}"
-        )
-        if job.result:
-            path = settings.audio_dir / str(job.result.get("audio_file"))
-            exists = "" if path.exists() else " (removed)"
-            print(
-                f"  audio:     {path}{exists} ({job.result.get('format')}, "
-                f"{job.result.get('duration')} s, seed {job.result.get('seed')})"
-            )
-        if job.error:
-            print(f"  error:     {job.error}")
-        for entry in ledger:
-            print(
-                f"  ledger: {_when(entry['at'])} {entry['kind']:7} {entry['seconds']:g}s "
-                f"${entry['usd']:.4f}"
-            )
+        _print_job(settings, job, await store.ledger(job.id))
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, show)
+
+
+def _print_job(settings: Settings, job: Job, ledger: list[dict[str, Any]]) -> None:
+    import json
+
+    req = job.request
+    print(f"job {job.id}: {job.state}")
+    print(
+        f"  requester: {job.requester.key}"
+        + (f" in {job.requester.community_key}" if job.requester.community_key else "")
+    )
+    print(
+        f"  request:   {req.mode.value} {req.duration}s seed {job.seed}"
+        + (" instrumental" if req.instrumental else "")
+    )
+    for name in ("prompt", "tags", "lyrics"):
+        if getattr(req, name):
+            text = getattr(req, name).replace("\n", " / ")
+            print(f"  {name + ':':10} {text}")
+    if req.advanced():
+        print(f"  options:   {json.dumps(req.advanced())}")
+    print(
+        f"  provider:  {job.provider or '-'}  attempts {job.attempts}"
+        + (f"  tried {','.join(job.tried_providers)}" if job.tried_providers else "")
+    )
+    print(
+        f"  created {_when(job.created_at)}  started {_when(job.started_at)}  "
+        f"finished {_when(job.finished_at)}  delivered {_when(job.delivered_at)}"
+    )
+    print(
+        f"  reserved ${job.reserved_usd:.4f}  charged "
+        f"{'-' if job.charged_usd is None else f'${job.charged_usd:.4f}'}"
+        f"  refunded {'yes' if job.refunded else 'no'}"
+    )
+    if job.result:
+        path = settings.audio_dir / str(job.result.get("audio_file"))
+        exists = "" if path.exists() else " (removed)"
+        print(
+            f"  audio:     {path}{exists} ({job.result.get('format')}, "
+            f"{job.result.get('duration')} s, seed {job.result.get('seed')})"
+        )
+    if job.error:
+        print(f"  error:     {job.error}")
+    for entry in ledger:
+        print(
+            f"  ledger: {_when(entry['at'])} {entry['kind']:7} {entry['seconds']:g}s "
+            f"${entry['usd']:.4f}"
+        )
 
 
 def cmd_jobs_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    async def go() -> int:
-        engine = await Engine.open(settings, [], platforms=set())
+    from bot.engine import Engine, EngineError
+    from bot.models import Requester
+
+    async def cancel(store: Store) -> int:
+        engine = Engine(settings, store, [], platforms=set())
         try:
             job = await engine.cancel(args.job_id, Requester("cli", "operator"), is_admin=True)
         except EngineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        finally:
-            await engine.store.close()
         if job.state == "cancelled":
             print(f"job {job.id} cancelled; quota refunded")
         else:
@@ -661,7 +737,7 @@ def cmd_jobs_cancel(settings: Settings, args: argparse.Namespace) -> int:
             )
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, cancel)
 
 
 if __name__ == "__main__":
