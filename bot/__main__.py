@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from bot.engine import Progress, Song
     from bot.models import Job, Requester
     from bot.requests import GenerationRequest
+    from bot.retention import PruneReport
     from bot.settings import Settings
     from storage.store import Store
 
@@ -459,32 +460,38 @@ def cmd_db_check(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_db_prune(settings: Settings, args: argparse.Namespace) -> int:
     from bot.retention import prune_jobs
 
-    days = _retention_days(args.days, settings.job_retention_days, "JOB_RETENTION_DAYS")
-    if days <= 0:
-        return EXIT_OK if days == 0 else EXIT_USAGE
-
-    async def prune(store: Store) -> int:
-        report = await prune_jobs(settings, store, days=days)
-        print(
+    def said(report: PruneReport, days: int) -> str:
+        return (
             f"removed {report.jobs} finished job rows admitted more than {days} days ago "
             f"(and {report.files} audio files, {report.bytes / 1e6:.1f} MB); "
             "their totals stay in stats"
         )
-        return EXIT_OK
 
-    return with_store(settings, prune)
+    return _prune(settings, args.days, "job_retention_days", prune_jobs, said)
 
 
-def _retention_days(asked: int | None, setting: int, name: str) -> int:
-    """The days a prune command uses: 0 when the setting keeps everything (said so),
-    -1 for a bad --days (said so)."""
+def _prune(
+    settings: Settings,
+    asked: int | None,
+    setting: str,
+    prune: Callable[..., Awaitable[PruneReport]],
+    said: Callable[[PruneReport, int], str],
+) -> int:
+    """A retention command: `prune` over `asked` days (--days) or the `setting`'s, with
+    what was removed `said`; 0 days keeps everything, --days below 1 is refused."""
     if asked is not None and asked <= 0:
         print(f"error: days: {asked} is not valid; 1 or more", file=sys.stderr)
-        return -1
-    days = setting if asked is None else asked
+        return EXIT_USAGE
+    days = int(getattr(settings, setting)) if asked is None else asked
     if days <= 0:
-        print(f"{name} is 0: everything is kept; nothing removed")
-    return days
+        print(f"{setting.upper()} is 0: everything is kept; nothing removed")
+        return EXIT_OK
+
+    async def run(store: Store) -> int:
+        print(said(await prune(settings, store, days=days), days))
+        return EXIT_OK
+
+    return with_store(settings, run)
 
 
 # ---- audio / stats ---------------------------------------------------------------------
@@ -493,19 +500,13 @@ def _retention_days(asked: int | None, setting: int, name: str) -> int:
 def cmd_audio_prune(settings: Settings, args: argparse.Namespace) -> int:
     from bot.retention import prune_audio
 
-    days = _retention_days(args.days, settings.audio_retention_days, "AUDIO_RETENTION_DAYS")
-    if days <= 0:
-        return EXIT_OK if days == 0 else EXIT_USAGE
-
-    async def prune(store: Store) -> int:
-        report = await prune_audio(settings, store, days=days)
-        print(
+    def said(report: PruneReport, days: int) -> str:
+        return (
             f"removed {report.files} files ({report.bytes / 1e6:.1f} MB) of {report.jobs} "
             f"jobs finished more than {days} days ago"
         )
-        return EXIT_OK
 
-    return with_store(settings, prune)
+    return _prune(settings, args.days, "audio_retention_days", prune_audio, said)
 
 
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:

@@ -46,33 +46,28 @@ def usage_from_rows(path: Path, who: Requester, now: float) -> tuple[int, float,
     before the counters), for the UTC day holding `now`: the definition the counters must
     keep. (Version 3 summed from the day's start on: the same at the present moment.)"""
     since = day_start(now)
-    until = since + DAY
+    today = "created_at >= :since AND created_at < :until AND refunded = 0"
+    spent = (
+        "CASE WHEN charged_usd IS NOT NULL THEN charged_usd"
+        " WHEN refunded = 0 THEN reserved_usd ELSE 0 END"
+    )
     conn = sqlite3.connect(str(path))
     try:
-        jobs, seconds = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(duration), 0) FROM jobs"
-            " WHERE user_key = ? AND created_at >= ? AND created_at < ? AND refunded = 0",
-            (who.key, since, until),
-        ).fetchone()
-        [active] = conn.execute(
-            "SELECT COUNT(*) FROM jobs WHERE user_key = ?"
-            " AND state IN ('queued','submitting','running','ready')",
-            (who.key,),
-        ).fetchone()
-        [community] = conn.execute(
-            "SELECT COALESCE(SUM(duration), 0) FROM jobs"
-            " WHERE community_key = ? AND created_at >= ? AND created_at < ? AND refunded = 0",
-            (who.community_key, since, until),
-        ).fetchone()
-        [spend] = conn.execute(
-            "SELECT COALESCE(SUM(CASE WHEN charged_usd IS NOT NULL THEN charged_usd"
-            " WHEN refunded = 0 THEN reserved_usd ELSE 0 END), 0)"
-            " FROM jobs WHERE created_at >= ? AND created_at < ?",
-            (since, until),
+        sums = conn.execute(
+            "SELECT"
+            f" (SELECT COUNT(*) FROM jobs WHERE user_key = :user AND {today}),"
+            f" (SELECT COALESCE(SUM(duration), 0) FROM jobs WHERE user_key = :user AND {today}),"
+            " (SELECT COUNT(*) FROM jobs WHERE user_key = :user"
+            "   AND state IN ('queued','submitting','running','ready')),"
+            " (SELECT COALESCE(SUM(duration), 0) FROM jobs"
+            f"   WHERE community_key = :community AND {today}),"
+            f" (SELECT COALESCE(SUM({spent}), 0) FROM jobs"
+            "   WHERE created_at >= :since AND created_at < :until)",
+            {"user": who.key, "community": who.community_key, "since": since, "until": since + DAY},
         ).fetchone()
     finally:
         conn.close()
-    return int(jobs), float(seconds), int(active), float(community), float(spend)
+    return int(sums[0]), float(sums[1]), int(sums[2]), float(sums[3]), float(sums[4])
 
 
 async def usage_from_counters(
