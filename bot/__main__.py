@@ -512,39 +512,38 @@ def cmd_audio_prune(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     from storage.quota import day_start
 
-    if args.days < 1:
-        print(f"error: days: {args.days} is not valid; 1 or more", file=sys.stderr)
-        return EXIT_USAGE
+    for name in ("days", "top"):
+        if getattr(args, name) < 1:
+            print(f"error: {name}: {getattr(args, name)} is not valid; 1 or more", file=sys.stderr)
+            return EXIT_USAGE
     # Whole UTC days, as the quotas count them: today and the days before it.
     since = day_start(datetime.now(UTC).timestamp()) - (args.days - 1) * 86_400
 
     async def stats(store: Store) -> int:
-        tables = await store.stats(since)
+        found = await store.stats(since, top=args.top)
+        total = found.total
         print(f"Last {args.days} days (since {_when(since)} UTC)")
-        total = tables["provider"]
         print(
-            f"Total: {sum(r.songs for r in total)} songs, "
-            f"{sum(r.seconds for r in total) / 60:.1f} minutes, "
-            f"${sum(r.spend_usd for r in total):.4f} spent, "
-            f"{sum(r.unsuccessful for r in total)} failed or cancelled, "
-            f"{sum(r.jobs for r in total)} admitted"
+            f"Total: {total.songs} songs, {total.seconds / 60:.1f} minutes, "
+            f"${total.spend_usd:.4f} spent, {total.unsuccessful} failed or cancelled, "
+            f"{total.jobs} admitted"
         )
         for group in ("community", "user", "provider"):
-            rows = tables[group]
+            rows, count = found.groups[group], found.counts[group]
             print()
             print(
                 f"{('BY ' + group.upper()):30}  {'SONGS':>6}  {'SECONDS':>8}  "
                 f"{'SPEND USD':>10}  {'FAILED':>6}  {'JOBS':>5}"
             )
-            for row in rows[: args.top]:
+            for row in rows:
                 print(
                     f"{row.key[:30]:30}  {row.songs:>6}  {row.seconds:>8.0f}  "
                     f"{row.spend_usd:>10.4f}  {row.unsuccessful:>6}  {row.jobs:>5}"
                 )
             if not rows:
                 print("(none)")
-            elif len(rows) > args.top:
-                print(f"... and {len(rows) - args.top} more")
+            elif count > len(rows):
+                print(f"... and {count - len(rows)} more")
         return EXIT_OK
 
     return with_store(settings, stats)

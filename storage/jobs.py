@@ -30,7 +30,7 @@ from storage.quota import (
     day_start,
     next_reset,
 )
-from storage.store import Gauges, StatsRow
+from storage.store import Gauges, Stats, StatsRow
 from storage.tally import COLUMNS, NO_COMMUNITY, NO_PROVIDER, JobFacts, Tally, changes, day_number
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "JobStore",
     "Limits",
     "QuotaRefusal",
+    "Stats",
     "StatsRow",
     "Usage",
     "day_start",
@@ -445,36 +446,38 @@ class JobStore:
 
         return await self.db.read(read)
 
-    async def stats(self, since: float) -> dict[str, list[StatsRow]]:
+    async def stats(self, since: float, top: int | None = None) -> Stats:
         """Songs delivered, their seconds and the spend of jobs admitted from the UTC day
-        holding `since` on, grouped by community, user and provider (each list biggest
-        spender first). Read from the per-day counters."""
+        holding `since` on: in all, and by community, user and provider, biggest spender
+        first (the `top` of each). Read from the per-day counters."""
         first_day = day_number(since)
         shown = {"community": NO_COMMUNITY, "user": "", "provider": NO_PROVIDER}
+        sums = (
+            "SUM(delivered), SUM(delivered_seconds), SUM(charged_usd), SUM(failed + cancelled),"
+            " SUM(jobs)"
+        )
 
-        def read(conn: sqlite3.Connection) -> dict[str, list[StatsRow]]:
-            out: dict[str, list[StatsRow]] = {}
+        def read(conn: sqlite3.Connection) -> Stats:
+            [row] = conn.execute(
+                f"SELECT '', {sums} FROM usage_daily WHERE scope = 'all' AND day >= ?",
+                (first_day,),
+            ).fetchall()
+            total = _stats_row(row, "")
+            groups: dict[str, list[StatsRow]] = {}
+            counts: dict[str, int] = {}
             for group, empty in shown.items():
-                rows = [
-                    StatsRow(
-                        str(subject) or empty,
-                        int(songs),
-                        float(seconds),
-                        float(spend),
-                        int(unsuccessful),
-                        int(jobs),
-                    )
-                    for subject, songs, seconds, spend, unsuccessful, jobs in conn.execute(
-                        "SELECT subject, SUM(delivered), SUM(delivered_seconds),"
-                        " SUM(charged_usd), SUM(failed + cancelled), SUM(jobs)"
-                        " FROM usage_daily WHERE scope = ? AND day >= ?"
-                        " GROUP BY subject HAVING SUM(jobs) > 0",
-                        (group, first_day),
-                    )
-                ]
-                rows.sort(key=lambda r: (-round(r.spend_usd, 9), -r.songs, r.key))
-                out[group] = rows
-            return out
+                # COUNT(*) OVER () counts the groups before LIMIT keeps the top ones.
+                rows = conn.execute(
+                    f"SELECT CASE WHEN subject = '' THEN ? ELSE subject END AS name, {sums},"
+                    " COUNT(*) OVER () FROM usage_daily WHERE scope = ? AND day >= ?"
+                    " GROUP BY subject HAVING SUM(jobs) > 0"
+                    " ORDER BY ROUND(SUM(charged_usd), 9) DESC, SUM(delivered) DESC, name"
+                    " LIMIT ?",
+                    (empty, group, first_day, -1 if top is None else top),
+                ).fetchall()
+                groups[group] = [_stats_row(r, empty) for r in rows]
+                counts[group] = int(rows[0][-1]) if rows else 0
+            return Stats(total, groups, counts)
 
         return await self.db.read(read)
 
@@ -574,6 +577,18 @@ class JobStore:
 
 
 # ---- the functions run on the database threads ----------------------------------------
+
+
+def _stats_row(row: Any, empty: str) -> StatsRow:
+    name, songs, seconds, spend, unsuccessful, jobs = row[:6]
+    return StatsRow(
+        str(name) or empty,
+        int(songs or 0),
+        float(seconds or 0),
+        float(spend or 0),
+        int(unsuccessful or 0),
+        int(jobs or 0),
+    )
 
 
 def _facts(conn: sqlite3.Connection, job_id: str) -> JobFacts | None:

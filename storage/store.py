@@ -32,6 +32,17 @@ class StatsRow:
 
 
 @dataclass(frozen=True)
+class Stats:
+    """`acestep-bot stats` for a period: the totals, and the biggest spenders first by
+    community, user and provider (`groups`, at most `top` rows each) with how many there
+    are in all (`counts`)."""
+
+    total: StatsRow
+    groups: dict[str, list[StatsRow]]
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
 class Gauges:
     """What /metrics reads from storage at each scrape."""
 
@@ -103,7 +114,7 @@ class Store(Protocol):
     # operations: health, metrics, stats, retention, checks
     async def check_writable(self, timeout_ms: int = 2000) -> None: ...
     async def gauges(self, now: float | None = None) -> Gauges: ...
-    async def stats(self, since: float) -> dict[str, list[StatsRow]]: ...
+    async def stats(self, since: float, top: int | None = None) -> Stats: ...
     async def expired_jobs(self, job_ids: Iterable[str], cutoff: float) -> set[str]: ...
     async def finished_before(self, before: float, limit: int) -> list[str]: ...
     async def delete_jobs(self, job_ids: list[str], before: float) -> int: ...

@@ -255,6 +255,8 @@ async def test_stats_by_community_user_and_provider(tmp_path: Path) -> None:
     assert code == 0
     assert "Total: 5 songs, 6.0 minutes, $9.5600 spent" in out
     assert "... and 2 more" in out
+    code, _, err = await run_cli(["stats", "--top", "0"], cli_env(tmp_path), tmp_path)
+    assert code == 2 and "top: 0 is not valid; 1 or more" in err
 
 
 # ---- job rows: retention and the counters check --------------------------------------
@@ -344,7 +346,7 @@ async def test_job_retention_runs_in_batches_and_keeps_active_and_recent_rows(
     assert report.jobs == 7
     assert left == {queued.id, fresh.id}
     assert mismatches == []
-    alice = next(row for row in stats["user"] if row.key == ALICE.key)
+    alice = next(row for row in stats.groups["user"] if row.key == ALICE.key)
     assert (alice.songs, alice.jobs) == (7, 7)
 
 

@@ -280,7 +280,7 @@ async def test_reads_answer_while_an_admission_waits_for_the_write_lock(tmp_path
     assert ("running", "fal", 1) in gauges.jobs
     assert [j.state for j in queue] == ["running"]
     assert usage.user_active == 1
-    assert [row.key for row in stats["user"]] == [ALICE.key]
+    assert [row.key for row in stats.groups["user"]] == [ALICE.key]
 
 
 # ---- upgrading a live database --------------------------------------------------------
@@ -386,7 +386,7 @@ async def test_upgrade_builds_the_counters_so_todays_usage_stays_exact(tmp_path:
         gauges = await store.gauges(now=NOON)
     finally:
         await db.close()
-    by_provider = {row.key: row for row in stats["provider"]}
+    by_provider = {row.key: row for row in stats.groups["provider"]}
     assert (by_provider["replicate"].songs, by_provider["fal"].songs) == (1, 1)
     assert by_provider["fal"].seconds == 19.5 and by_provider["fal"].spend_usd == pytest.approx(
         0.008
