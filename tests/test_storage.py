@@ -202,7 +202,7 @@ async def test_db_check_names_a_counter_that_differs_from_the_rows(tmp_path: Pat
 async def test_every_hot_query_is_answered_from_an_index(tmp_path: Path) -> None:
     """Every statement admission, the engine's transitions and reads, /metrics, /queue,
     /history and `stats` run is a keyed search, never a scan of a table (an ordered walk
-    with a LIMIT is fine): their cost does not grow with the history."""
+    of an index that a LIMIT stops is fine): their cost does not grow with the history."""
     path = tmp_path / "bot.sqlite3"
     db = await Database.open(path)
     store = JobStore(db)
@@ -226,7 +226,7 @@ async def test_every_hot_query_is_answered_from_an_index(tmp_path: Path) -> None
         await store.for_user(ALICE.key, ("delivered",), limit=10)
         await store.recent(20)
         await store.gauges()
-        await store.stats(now - 7 * DAY)
+        await store.stats(now - 7 * DAY, top=20)
         await store.expired_jobs(["fresh1", "fresh2"], now)
         await store.check_writable()
     finally:
@@ -240,7 +240,16 @@ async def test_every_hot_query_is_answered_from_an_index(tmp_path: Path) -> None
                 continue
             checked += 1
             plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)]
-            full = [step for step in plan if step.startswith("SCAN") and "LIMIT" not in sql]
+            # A scan of a table is a walk over all of it or of an index; one in index
+            # order that a LIMIT stops (the newest jobs) is the one kind allowed. (A scan
+            # of "(subquery-N)" walks an intermediate result, not stored rows.)
+            full = [
+                step
+                for step in plan
+                if step.startswith("SCAN ")
+                and not step.startswith("SCAN (")
+                and not ("USING" in step and "LIMIT" in sql)
+            ]
             if full:
                 scans[sql] = plan
     finally:
