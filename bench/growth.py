@@ -2,7 +2,7 @@
 
 One SQLite database, made by the project's own migrations, is filled in steps with job
 rows and ledger lines shaped like the bot's own (bulk inserts straight into the schema;
-the per-day counters are then built by migration 0004's own statement, which times the
+the per-day counters are then built by migration 0005's own statement, which times the
 upgrade of a database that size). At each step, against the real store, engine and
 /metrics server:
 
@@ -11,7 +11,7 @@ upgrade of a database that size). At each step, against the real store, engine a
 - a /metrics scrape over HTTP, and the same admission with a scrape fired beside it;
 - `stats` for 7 days;
 - event-loop lag p99 over a window with a scrape every second and admissions between;
-- the database file's size, and the counters' build (migration 0004) time.
+- the database file's size, and the counters' build (migration 0005) time.
 
 Every figure is also printed as a ratio to the empty database's, measured first in the
 same run.
@@ -82,11 +82,11 @@ def typical(n: int) -> Requester:
 
 
 def _counters_statement() -> str:
-    """Migration 0004's statement that builds the counters from the job rows."""
-    for version, _, sql in migrations():
-        if version == 4:
+    """The usage-counters migration's statement that builds them from the job rows."""
+    for _, name, sql in migrations():
+        if name.endswith("_usage_daily.sql"):
             return next(s for s in _statements(sql) if s.startswith("INSERT INTO usage_daily"))
-    raise SystemExit("migration 0004 not found")
+    raise SystemExit("the usage_daily migration was not found")
 
 
 class Filler:
@@ -191,7 +191,7 @@ class Filler:
 
     def grow_to(self, total: int) -> dict[str, float]:
         """Insert rows until there are `total`, then rebuild the counters as migration
-        0004 builds them; returns the seconds each took."""
+        0005 builds them; returns the seconds each took."""
         started = time.perf_counter()
         conn = sqlite3.connect(str(self.path), isolation_level=None)
         try:

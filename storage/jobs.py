@@ -46,7 +46,7 @@ __all__ = [
     "next_reset",
 ]
 
-# Spelled exactly as the partial indexes' WHERE clause (migration 0004): SQLite uses a
+# Spelled exactly as the partial indexes' WHERE clause (migration 0005): SQLite uses a
 # partial index only for a query that states the same condition.
 ACTIVE_SQL = "state IN (" + ", ".join(f"'{s}'" for s in ACTIVE_STATES) + ")"
 _TERMINAL_SQL = "state IN (" + ", ".join(f"'{s}'" for s in TERMINAL_STATES) + ")"

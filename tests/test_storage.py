@@ -42,9 +42,9 @@ def new_job(job_id: str, who: Requester, duration: int = 10, usd: float = 0.002)
 
 
 def usage_from_rows(path: Path, who: Requester, now: float) -> tuple[int, float, int, float, float]:
-    """What schema version 3 summed over the job rows at every admission (storage/jobs.py
-    before the counters), for the UTC day holding `now`: the definition the counters must
-    keep. (Version 3 summed from the day's start on: the same at the present moment.)"""
+    """What the schema before the counters summed over the job rows at every admission
+    (storage/jobs.py before them), for the UTC day holding `now`: the definition the
+    counters must keep. (It summed from the day's start on: the same at the present.)"""
     since = day_start(now)
     today = "created_at >= :since AND created_at < :until AND refunded = 0"
     spent = (
@@ -159,7 +159,7 @@ def test_counters_equal_the_job_rows_after_any_sequence_of_changes(
         store = JobStore(db)
         try:
             await apply_steps(store, steps)
-            # What admission reads equals what version 3 summed from the rows, for
+            # What admission reads equals what was summed from the rows before, for
             # each user, their community and the spend, on both days.
             for who in WHO:
                 for now in (NOON - DAY + 1, NOON + 3600):
@@ -295,15 +295,19 @@ async def test_reads_answer_while_an_admission_waits_for_the_write_lock(tmp_path
 # ---- upgrading a live database --------------------------------------------------------
 
 
-def version_3_database(path: Path, rows: list[dict[str, Any]]) -> None:
-    """A database as schema version 3 left it, with these job rows."""
+# The migration that adds the counters, and so the schema version just before it.
+COUNTERS_VERSION = next(v for v, name, _ in migrations() if name.endswith("_usage_daily.sql"))
+
+
+def database_before_counters(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A database as the schema version before the counters left it, with these job rows."""
     conn = sqlite3.connect(str(path), isolation_level=None)
     conn.execute(
         "CREATE TABLE schema_migrations "
         "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
     for version, name, sql in migrations():
-        if version > 3:
+        if version >= COUNTERS_VERSION:
             break
         for statement in _statements(sql):
             conn.execute(statement)
@@ -316,7 +320,7 @@ def version_3_database(path: Path, rows: list[dict[str, Any]]) -> None:
     conn.close()
 
 
-def v3_row(job_id: str, who: Requester, at: float, state: str, **extra: Any) -> dict[str, Any]:
+def old_row(job_id: str, who: Requester, at: float, state: str, **extra: Any) -> dict[str, Any]:
     request = GenerationRequest.build(
         mode="prompt", prompt="old", duration=extra.get("duration", 20)
     )
@@ -342,11 +346,11 @@ def v3_row(job_id: str, who: Requester, at: float, state: str, **extra: Any) -> 
 async def test_upgrade_builds_the_counters_so_todays_usage_stays_exact(tmp_path: Path) -> None:
     path = tmp_path / "bot.sqlite3"
     result = json.dumps({"duration": 19.5, "audio_file": "x.wav"})
-    version_3_database(
+    database_before_counters(
         path,
         [
             # today: two songs of Alice's, one refunded failure, one in progress
-            v3_row(
+            old_row(
                 "a1",
                 ALICE,
                 NOON - 3600,
@@ -355,14 +359,16 @@ async def test_upgrade_builds_the_counters_so_todays_usage_stays_exact(tmp_path:
                 charged_usd=0.0039,
                 result=result,
             ),
-            v3_row("a2", ALICE, NOON - 1800, "failed", refunded=1, provider="fal"),
-            v3_row("a3", ALICE, NOON - 60, "running", provider="fal", duration=30),
-            v3_row("b1", BOB, NOON - 600, "queued", duration=40),
+            old_row("a2", ALICE, NOON - 1800, "failed", refunded=1, provider="fal"),
+            old_row("a3", ALICE, NOON - 60, "running", provider="fal", duration=30),
+            old_row("b1", BOB, NOON - 600, "queued", duration=40),
             # a song made and billed that could not be posted: refunded, charge kept
-            v3_row("b2", BOB, NOON - 500, "failed", refunded=1, provider="fal", charged_usd=0.0041),
-            v3_row("c1", CAROL, NOON - 100, "cancelled", refunded=1),
+            old_row(
+                "b2", BOB, NOON - 500, "failed", refunded=1, provider="fal", charged_usd=0.0041
+            ),
+            old_row("c1", CAROL, NOON - 100, "cancelled", refunded=1),
             # yesterday: counts in stats, not in today's quotas
-            v3_row(
+            old_row(
                 "y1",
                 ALICE,
                 NOON - DAY,
@@ -374,7 +380,7 @@ async def test_upgrade_builds_the_counters_so_todays_usage_stays_exact(tmp_path:
         ],
     )
     before = {who.key: usage_from_rows(path, who, NOON) for who in WHO}
-    db = await Database.open(path)  # applies 0004 as the bot does at start
+    db = await Database.open(path)  # applies the counters' migration as the bot does at start
     store = JobStore(db)
     try:
         assert await db.schema_version() == len(migrations())
@@ -383,7 +389,7 @@ async def test_upgrade_builds_the_counters_so_todays_usage_stays_exact(tmp_path:
             assert after[key] == pytest.approx(used), key
         assert after[ALICE.key][:2] == (2, 50)  # a1 and a3; a2 was refunded
         assert await store.usage_mismatches() == []
-        # Alice's seconds are where version 3 left them: 10 more fit a 60 s limit, 11 not.
+        # Alice's seconds are where the old schema had them: 10 more fit 60 s, 11 do not.
         limits = Limits(None, 60, None, None, None)
         with pytest.raises(QuotaRefusal) as refused:
             await store.admit(
