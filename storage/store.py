@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from bot.models import Job, Requester
+    from bot.models import FailureKind, Job, Requester, SongResult
     from bot.settings import Settings
     from storage.quota import Limits, Usage
 
@@ -79,7 +79,7 @@ class Store(Protocol):
         job_id: str,
         provider: str,
         charged_usd: float,
-        result: dict[str, Any],
+        result: SongResult,
         now: float | None = None,
     ) -> bool: ...
     async def mark_delivered(self, job_id: str, now: float | None = None) -> bool: ...
@@ -91,6 +91,7 @@ class Store(Protocol):
         error: str,
         now: float | None = None,
         *,
+        failure: FailureKind | None = None,
         charged_usd: float | None = None,
     ) -> bool: ...
 
