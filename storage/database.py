@@ -10,6 +10,7 @@ Two plain `sqlite3` connections to one file in WAL mode, each owned by its own t
 - the reader runs reads (one snapshot per call), beside the writer: WAL lets a reader see
   the last commit while a write is in progress, so a metrics scrape or `stats` never waits
   for an admission and an admission never waits for them.
+- a third connection checkpoints the write-ahead log in the background.
 
 A whole transaction is one hand-off to its thread (about 25 microseconds here) instead of
 one per statement: aiosqlite, used before, handed off every execute, fetch and close, and
@@ -39,6 +40,13 @@ __all__ = ["BackupInfo", "Database", "StorageError", "backup", "migrations"]
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+# WAL checkpoints (copying the log back into the database file, with an fsync) run on a
+# thread of their own every this many writes, instead of inside whichever commit passes
+# SQLite's 1000-page mark: there they took 10-60 ms out of one admission in a hundred
+# (bench/growth.py's p99). The writer still checkpoints by itself past a 64 MB log, should
+# the checkpoint thread fall behind.
+CHECKPOINT_EVERY_WRITES = 100
+WRITER_AUTOCHECKPOINT_PAGES = 16_000
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 T = TypeVar("T")
@@ -121,15 +129,16 @@ class _ConnectionThread:
         self._queue.put(None)
 
 
-def _connect(path: Path, busy_timeout_ms: int, *, query_only: bool) -> sqlite3.Connection:
+def _connect(path: Path, busy_timeout_ms: int, *, role: str) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=busy_timeout_ms / 1000)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    if not query_only:
+    if role == "writer":
         conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
-    if query_only:
+    if role == "reader":
         conn.execute("PRAGMA query_only = ON")
     return conn
 
@@ -143,6 +152,9 @@ class Database:
         self.busy_timeout_ms = busy_timeout_ms
         self._writer = _ConnectionThread("sqlite-writer")
         self._reader = _ConnectionThread("sqlite-reader")
+        self._checkpointer = _ConnectionThread("sqlite-checkpoint")
+        self._writes_since_checkpoint = 0
+        self._checkpoint: asyncio.Future[Any] | None = None
         self._closed = False
 
     @classmethod
@@ -163,16 +175,17 @@ class Database:
         return db
 
     async def _open_connections(self) -> None:
-        def opener(worker: _ConnectionThread, query_only: bool) -> Callable[[], None]:
+        def opener(worker: _ConnectionThread, role: str) -> Callable[[], None]:
             def open_here() -> None:
-                worker.conn = _connect(self.path, self.busy_timeout_ms, query_only=query_only)
+                worker.conn = _connect(self.path, self.busy_timeout_ms, role=role)
 
             return open_here
 
         try:
-            # The writer first: it switches a new file to WAL before the reader opens it.
-            await self._writer.call(opener(self._writer, False))
-            await self._reader.call(opener(self._reader, True))
+            # The writer first: it switches a new file to WAL before the others open it.
+            await self._writer.call(opener(self._writer, "writer"))
+            await self._reader.call(opener(self._reader, "reader"))
+            await self._checkpointer.call(opener(self._checkpointer, "checkpointer"))
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database {self.path}: {exc}") from exc
 
@@ -180,7 +193,10 @@ class Database:
         if self._closed:
             return
         self._closed = True
-        for worker in (self._reader, self._writer):
+        if self._checkpoint is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpoint
+        for worker in (self._checkpointer, self._reader, self._writer):
 
             def close_here(worker: _ConnectionThread = worker) -> None:
                 if worker.conn is not None:
@@ -222,7 +238,30 @@ class Database:
                 raise StorageError(f"could not save to the database: {exc}") from exc
             return result
 
-        return await worker.call(transaction)
+        result = await worker.call(transaction)
+        self._writes_since_checkpoint += 1
+        if self._writes_since_checkpoint >= CHECKPOINT_EVERY_WRITES:
+            self._start_checkpoint()
+        return result
+
+    def _start_checkpoint(self) -> None:
+        """Copy the log into the database file on the checkpoint thread, unless one is
+        already under way. PASSIVE: it never waits for, or blocks, readers or the writer."""
+        if self._checkpoint is not None or self._closed:
+            return
+        self._writes_since_checkpoint = 0
+        worker = self._checkpointer
+
+        def checkpoint() -> None:
+            self._conn(worker).execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+        def done(future: asyncio.Future[Any]) -> None:
+            self._checkpoint = None
+            if not future.cancelled() and future.exception() is not None:
+                log.warning("database checkpoint failed (will retry): %s", future.exception())
+
+        self._checkpoint = worker.call(checkpoint)
+        self._checkpoint.add_done_callback(done)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` on the reader thread, in one read transaction: every statement

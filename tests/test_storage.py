@@ -407,3 +407,31 @@ async def test_upgrade_builds_the_counters_so_todays_usage_stays_exact(tmp_path:
         0.008
     )
     assert ("delivered", "fal", 1) in gauges.jobs and ("queued", "", 2) in gauges.jobs
+
+
+async def test_the_log_is_copied_into_the_database_file_beside_the_writes(
+    tmp_path: Path,
+) -> None:
+    """WAL checkpoints run on their own thread every hundred writes, never inside an
+    admission's commit (where they cost tens of ms): the database file takes the new
+    pages while the writer's own checkpoint threshold is far from reached."""
+    path = tmp_path / "bot.sqlite3"
+    db = await Database.open(path)
+    store = JobStore(db)
+    empty = path.stat().st_size
+    try:
+        for n in range(300):
+            await store.admit(new_job(f"job{n:03d}", ALICE), UNLIMITED, bypass_quotas=True)
+        if db._checkpoint is not None:  # the last one may still be copying
+            await db._checkpoint
+        [(threshold,)] = await db.write(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchall()
+        )
+        [(pages,)] = await db.read(lambda conn: conn.execute("PRAGMA page_count").fetchall())
+        size = path.stat().st_size  # before closing, which checkpoints anyway
+    finally:
+        await db.close()
+    # The writer alone would not have checkpointed: the whole database is far smaller than
+    # its threshold. Yet the file holds the pages.
+    assert threshold > 4 * pages
+    assert size > max(10 * empty, pages * 4096 // 2)
