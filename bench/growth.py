@@ -127,7 +127,9 @@ class Filler:
                     provider = name
                     break
             provider = provider or PROVIDERS[-1][0]
-        job_id = f"{(n * 2_654_435_761 + self.rows) % 2**32:08x}"  # unique, scattered
+        # Unique and scattered like the engine's random ids, but never one of them: the
+        # engine's are 8 hex digits, these start with a "g".
+        job_id = f"g{(n * 2_654_435_761) % 2**28:07x}"
         duration = 60
         reserved = round(0.0002 * duration, 6)
         refunded = int(state in ("failed", "cancelled"))
