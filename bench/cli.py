@@ -2,7 +2,8 @@
 database commands, against a bare interpreter started the same way in the same run.
 
 Each command runs as a fresh process (`python -m bot ...`) on an empty DATA_DIR, several
-times in turn; the table shows the median wall time and its ratio to `python -c pass`.
+times in turn; the table shows the median wall time and its ratio to `python -c pass`,
+and the median CPU time (user + system), which other work on the machine disturbs less.
 
     python bench/cli.py            # 15 runs of each
     python bench/cli.py --quick    # 3 runs of each
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     runs = 3 if args.quick else 15
     times: dict[str, list[float]] = {name: [] for name, _ in COMMANDS}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in COMMANDS}
     with tempfile.TemporaryDirectory(prefix="acestep-cli-") as tmp:
         env = {
             k: v
@@ -51,6 +54,7 @@ def main() -> None:
         for _ in range(runs):  # in turn, so that load changes hit every command alike
             for name, argv in COMMANDS:
                 started = time.perf_counter()
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 subprocess.run(
                     [sys.executable, *argv],
                     env=env,
@@ -60,18 +64,32 @@ def main() -> None:
                     check=False,
                 )
                 times[name].append(time.perf_counter() - started)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu[name].append(
+                    after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                )
     reference = median(times[COMMANDS[0][0]])
     rows = [
-        [name, f"{median(values):.3f}", f"{median(values) / reference:.1f}x"]
+        [
+            name,
+            f"{median(values):.3f}",
+            f"{median(values) / reference:.1f}x",
+            f"{median(cpu[name]):.3f}",
+        ]
         for name, values in times.items()
     ]
-    print(table(["command", "median s", "vs bare python"], rows))
+    print(table(["command", "median s", "vs bare python", "CPU s"], rows))
     for name in ("acestep-bot --help", "acestep-bot config check"):
         got = median(times[name])
         verdict = "OK" if got < TARGET_S else "MISSED"
         print(f"{name}: {got:.3f} s (target < {TARGET_S:g} s) {verdict}")
     path = write_results(
-        "cli", {"runs": runs, "median_s": {k: median(v) for k, v in times.items()}}
+        "cli",
+        {
+            "runs": runs,
+            "median_s": {k: median(v) for k, v in times.items()},
+            "cpu_s": {k: median(v) for k, v in cpu.items()},
+        },
     )
     print(f"machine: {machine()}")
     print(f"wrote {path}")

@@ -1,6 +1,6 @@
 """The SQLite database: connection settings, numbered migrations, one thread hop per call.
 
-Two plain `sqlite3` connections to one file in WAL mode, each owned by its own thread:
+Plain `sqlite3` connections to one file in WAL mode, each owned by a thread of its own:
 
 - the writer runs each write as one function inside `BEGIN IMMEDIATE ... COMMIT`. The
   transaction takes SQLite's write lock up front, so a quota check and the reservation it
