@@ -14,8 +14,9 @@ at every level. At each step, against the real store, engine and
 - event-loop lag p99 over a window with a scrape every second and admissions between;
 - the database file's size, and the counters' build (migration 0005) time.
 
-Each level is measured three times (`--repeat`) and each figure shown is the median of
-the three, also as a ratio to the empty database's, measured first in the same run.
+Each level has its own database. They are measured in turn, three rounds of them
+(`--repeat`), so that other work on the machine weighs on every level alike; each figure
+shown is the median of the three, also as a ratio to the empty database's.
 
     python bench/growth.py                      # 0, 10k, 100k, 1M rows (several minutes)
     python bench/growth.py --levels 0,10000,100000
@@ -342,13 +343,9 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def run(
-    levels: list[int], rounds: int, lag_window: float, repeat: int, keep: Path | None
-) -> list[Any]:
-    tmp = tempfile.TemporaryDirectory(prefix="acestep-growth-", dir=keep)
-    data = Path(tmp.name) / "data"
-    big = 10**9
-    settings = Settings(
+def bench_settings(data: Path) -> Settings:
+    big = 10**9  # quotas are read and checked at every admission but never refuse
+    return Settings(
         _env_file=None,  # type: ignore[call-arg]
         data_dir=data,
         providers=["fal"],
@@ -360,43 +357,57 @@ async def run(
         spend_cap_usd_per_day=big,
         health_port=0,
     )
-    db = await Database.open(settings.db_path)  # the project's migrations make the schema
-    await db.close()
-    filler = Filler(settings.db_path, time.time())
-    results = []
+
+
+async def measure_level(settings: Settings, rounds: int, lag_window: float) -> dict[str, Any]:
+    db = await Database.open(settings.db_path)
+    store = JobStore(db)
+    # Never called: the engine is not started, so nothing is submitted.
+    engine = Engine(settings, store, [FalProvider("bench-key", "http://127.0.0.1:9")])
+    server = HealthServer(settings, engine, [])
+    await server.start()
+    try:
+        return await measure(engine, server, store, rounds, lag_window)
+    finally:
+        await server.stop()
+        await engine.close()
+
+
+async def run(
+    levels: list[int], rounds: int, lag_window: float, repeat: int, keep: Path | None
+) -> list[Any]:
+    """One database per level, filled first; then every level measured in turn, `repeat`
+    rounds of them, so that the load other work puts on the machine falls on each level
+    alike."""
+    tmp = tempfile.TemporaryDirectory(prefix="acestep-growth-", dir=keep)
+    now = time.time()
+    per_level: dict[int, dict[str, Any]] = {}
     try:
         for level in levels:
-            print(f"filling to {level:,} rows ...", flush=True)
-            build = await asyncio.to_thread(filler.grow_to, level)
-            db = await Database.open(settings.db_path)
-            store = JobStore(db)
-            # Never called: the engine is not started, so nothing is submitted.
-            engine = Engine(settings, store, [FalProvider("bench-key", "http://127.0.0.1:9")])
-            server = HealthServer(settings, engine, [])
-            await server.start()
-            try:
-                print(f"measuring at {level:,} rows ...", flush=True)
-                figures = median_of(
-                    [
-                        await measure(engine, server, store, rounds, lag_window)
-                        for _ in range(repeat)
-                    ]
-                )
-            finally:
-                await server.stop()
-                await engine.close()
-            results.append(
-                {
-                    "rows": level,
-                    "db_mb": db_size_mb(settings.db_path),
-                    **build,
-                    **figures,
-                    "load_average_1m": round(os.getloadavg()[0], 2),
-                }
-            )
+            settings = bench_settings(Path(tmp.name) / f"data-{level}")
+            db = await Database.open(settings.db_path)  # the project's migrations
+            await db.close()
+            print(f"filling a database to {level:,} rows ...", flush=True)
+            build = await asyncio.to_thread(Filler(settings.db_path, now).grow_to, level)
+            per_level[level] = {"settings": settings, "build": build, "runs": []}
+        for n in range(repeat):
+            for level in levels:
+                print(f"measuring {level:,} rows ({n + 1} of {repeat}) ...", flush=True)
+                found = per_level[level]
+                found["runs"].append(await measure_level(found["settings"], rounds, lag_window))
+                found["load"] = round(os.getloadavg()[0], 2)
+        return [
+            {
+                "rows": level,
+                "db_mb": db_size_mb(per_level[level]["settings"].db_path),
+                **per_level[level]["build"],
+                **median_of(per_level[level]["runs"]),
+                "load_average_1m": per_level[level]["load"],
+            }
+            for level in levels
+        ]
     finally:
         tmp.cleanup()
-    return results
 
 
 def report(results: list[dict[str, Any]]) -> list[str]:
