@@ -388,6 +388,14 @@ class Engine:
     async def set_community_setting(self, community: str, name: str, value: Any) -> None:
         await self.store.set_community_setting(community, name, value)
 
+    def provider_for(self, job: Job) -> Provider | None:
+        """The provider serving a job, else the one most likely to."""
+        return (
+            self.router.get(job.provider or "")
+            or self.router.pick(job.request)
+            or next(iter(self.router.capable(job.request)), None)
+        )
+
     def song_for(self, job: Job) -> Song:
         return self.runner.song_for(job)
 
