@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     telegram_api_url: str = "https://api.telegram.org"
     telegram_webhook_url: str | None = None  # public HTTPS URL: webhook mode instead of polling
     telegram_webhook_listen: str = "127.0.0.1:8443"
+    # What the bot sends stays within Telegram's limits for bots (bot/frontends/
+    # telegram_pacing.py); raise them only where Telegram allows more (paid broadcasts).
+    telegram_messages_per_second: float = Field(default=30, gt=0)
+    telegram_chat_messages_per_second: float = Field(default=1, gt=0)
+    telegram_group_messages_per_minute: float = Field(default=20, gt=0)
 
     # Providers, in the order they are tried
     providers: CommaList = Field(default_factory=lambda: ["fal"])

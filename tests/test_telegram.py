@@ -30,6 +30,7 @@ from bot.frontends.telegram_frontend import (
     TelegramFrontend,
     upload_limit,
 )
+from bot.frontends.telegram_pacing import PacedSender
 from bot.frontends.telegram_parse import parse_compose, parse_song
 from bot.frontends.telegram_render import CAPTION_LIMIT, caption, split_message
 from bot.models import FailureKind, Job, JobState, Requester
@@ -162,7 +163,14 @@ async def _bot(
             edit_interval=0.05,
             action_interval=0.05,
             poll_timeout=1,
-            flood_sleep=flood_sleep,
+            # Telegram's chat limits at test speed (bench/telegram_overload.py runs the
+            # real ones against a fake that enforces them).
+            pacing=PacedSender(
+                sleep=flood_sleep,
+                private_per_second=100,
+                group_budget=(100, 1.0),
+                global_per_second=1000,
+            ),
         )
         engine.register_delivery(frontend)
         await engine.start()

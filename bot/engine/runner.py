@@ -21,6 +21,7 @@ from bot.metrics import Metrics
 from bot.models import FailureKind, Job, JobState, SongResult
 from bot.redact import Redactor
 from bot.settings import Settings
+from bot.timing import wait_event
 from providers.base import (
     AuthError,
     Busy,
@@ -374,10 +375,7 @@ class JobRunner:
         )
 
     async def _sleep(self, cancel: asyncio.Event, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(cancel.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
+        await wait_event(cancel, seconds)
 
     async def _cancel_requested(self, job_id: str) -> bool:
         job = await self.store.get(job_id)

@@ -3,8 +3,6 @@ FIFO within a user), within each provider's concurrency limit."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -14,6 +12,7 @@ from bot.engine.notify import Notifier
 from bot.engine.runner import EngineOptions, JobRunner
 from bot.engine.tasks import JobTasks
 from bot.models import FailureKind, Job, JobState
+from bot.timing import wait_event
 from providers.router import Router
 from storage.database import StorageError
 from storage.jobs import JobStore
@@ -59,8 +58,7 @@ class Scheduler:
             cooldown = self.router.next_cooldown_end()
             if cooldown is not None:
                 timeout = min(timeout, cooldown + 0.01)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.tasks.wake.wait(), timeout=timeout)
+            await wait_event(self.tasks.wake, timeout)
 
     async def queued(self) -> list[Job]:
         return [j for j in await self.store.in_states((JobState.QUEUED,)) if self.handles(j)]

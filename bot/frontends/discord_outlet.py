@@ -23,6 +23,7 @@ from bot.chat.markup import clip
 from bot.chat.replies import SongCard, StatusView
 from bot.engine.contract import DeliveryError, RenderedSong
 from bot.frontends import discord_render as render
+from bot.timing import within
 
 log = logging.getLogger("acestep.discord")
 
@@ -47,7 +48,7 @@ class DiscordOutlet:
 
     async def ready(self) -> None:
         try:
-            await asyncio.wait_for(self.logged_in.wait(), LOGIN_WAIT_S)
+            await within(self.logged_in.wait(), LOGIN_WAIT_S)
         except TimeoutError:
             raise DeliveryError("the Discord front-end is not connected") from None
 

@@ -10,14 +10,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from telegram import Bot, InputFile, ReplyParameters
+from telegram import InputFile, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.ext import ExtBot
 
 from bot.chat.markup import clip
 from bot.chat.replies import SongCard, StatusView
 from bot.engine.contract import DeliveryError, RenderedSong
 from bot.frontends import telegram_render as render
+from bot.frontends.telegram_pacing import Priority
 
 log = logging.getLogger("acestep.telegram")
 
@@ -50,7 +52,7 @@ class TelegramOutlet:
 
     def __init__(
         self,
-        bot: Callable[[], Bot],
+        bot: Callable[[], ExtBot[Any]],
         ready: Callable[[], Any],
         api_url: str,
         *,
@@ -86,6 +88,8 @@ class TelegramOutlet:
                 message_id=int(status_id),
                 parse_mode=ParseMode.HTML,
                 reply_markup=render.keyboard(view.buttons),
+                # A progress edit may be coalesced or dropped; a final one never.
+                rate_limit_args={"priority": Priority.NOTICE if view.final else Priority.STATUS},
             )
         except BadRequest as exc:
             if _not_modified(exc):
@@ -147,6 +151,7 @@ class TelegramOutlet:
             reply_markup=render.keyboard(view.buttons),
             message_thread_id=target.get("thread_id"),
             reply_parameters=reply_to(target.get("request_message_id")),
+            rate_limit_args={"priority": Priority.NOTICE},
         )
 
     async def close(self) -> None:
@@ -156,7 +161,7 @@ class TelegramOutlet:
 class ChatActions:
     """Repeat the `upload_voice` chat action for each working job until it ends."""
 
-    def __init__(self, bot: Callable[[], Bot], interval: float, max_seconds: float) -> None:
+    def __init__(self, bot: Callable[[], ExtBot[Any]], interval: float, max_seconds: float) -> None:
         self._bot = bot
         self.interval = interval
         # A job always ends in deliver or on_failed; this only bounds a loop whose end
