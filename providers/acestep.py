@@ -42,9 +42,9 @@ from providers.base import (
     Provider,
     ProviderError,
     Queued,
-    Rejected,
     Result,
     Running,
+    Sleep,
     Status,
     Succeeded,
     TaskLost,
@@ -55,6 +55,7 @@ from providers.base import (
     parse_retry_after,
     retry_reads,
 )
+from providers.errors import Stage, http_error
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ _START_TOLERANCE_S = 5.0
 
 _CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg"}
 
-Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
 T = TypeVar("T")
 
@@ -576,23 +576,23 @@ def map_error(
     *,
     envelope: dict[str, Any] | None = None,
 ) -> ProviderError:
-    """The one place an ACE-Step server's refusal becomes one of our typed errors."""
+    """An ACE-Step server's refusal in our terms: FastAPI's `detail` under an HTTP error
+    status, or an envelope whose `code` is not 200 (e.g. "Model not initialized")."""
     if envelope is not None:
         code = _int(envelope.get("code"), 500)
         text = " ".join(str(envelope.get("error") or "error").split())[:300]
     else:
         code = resp.status_code
         text = http_error_text(resp)
-    where = f"{host}: {text}"
-    if code in (401, 403):
-        return AuthError(provider, f"the server refused the API key ({where})", status_code=code)
-    if code in (429, 503):
-        return Busy(
-            provider, f"busy ({where})", status_code=code, retry_after=parse_retry_after(resp)
-        )
-    if code in (400, 413, 415, 422):
-        return Rejected(provider, text, status_code=code)
-    return Unavailable(provider, where, status_code=code)
+    return http_error(
+        provider,
+        code,
+        text,
+        stage=Stage.OTHER,
+        retry_after=parse_retry_after(resp),
+        key_setting="ACESTEP_API_KEY",
+        where=host,
+    )
 
 
 def _result_items(raw: Any) -> list[dict[str, Any]]:

@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
 from bot.requests import ADVANCED_OPTIONS, GenerationRequest, Mode
 from providers.base import (
-    AuthError,
-    BillingError,
-    Busy,
     Cancelled,
     Capabilities,
     Failed,
@@ -29,12 +26,11 @@ from providers.base import (
     Provider,
     ProviderError,
     Queued,
-    Rejected,
     Result,
     Running,
+    Sleep,
     Status,
     Succeeded,
-    TaskLost,
     Unavailable,
     api_client,
     http_error_text,
@@ -43,6 +39,7 @@ from providers.base import (
     retry_reads,
     send,
 )
+from providers.errors import BILLING_WORDS, Stage, has_marker, http_error
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +60,6 @@ _CONTENT_POLICY_MESSAGE = (
 # A Retry-After longer than this goes back to the engine instead of being slept here.
 _MAX_INTERNAL_WAIT_S = 10.0
 _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 class FalProvider(Provider):
@@ -246,42 +241,22 @@ class FalProvider(Provider):
         )
 
     def _error(self, resp: httpx.Response, phase: str) -> ProviderError:
-        """The one place that turns a fal HTTP error into our typed errors."""
-        code = resp.status_code
+        """fal's error answer in our terms: its `detail`, error types and the markers."""
         detail, types = self._detail(resp)
-        if code == 401:
-            return AuthError(
-                self.name, f"fal rejected the API key; check FAL_KEY ({detail})", status_code=code
-            )
-        if code == 403:
-            if re.search(r"balance|locked|billing|credit|payment", detail, re.IGNORECASE):
-                return BillingError(
-                    self.name, f"fal account cannot pay: {detail}", status_code=code
-                )
-            return AuthError(
-                self.name, f"fal refused access; check FAL_KEY ({detail})", status_code=code
-            )
-        if code == 404:
-            if phase == "submit":
-                # A wrong model path is the operator's problem, not the user's input.
-                return Unavailable(
-                    self.name, f"fal has no such endpoint ({detail})", status_code=code
-                )
-            return TaskLost(
-                self.name, f"fal no longer knows this request ({detail})", status_code=code
-            )
-        if code == 429:
-            return Busy(
-                self.name,
-                f"fal is rate limiting ({detail})",
-                status_code=code,
-                retry_after=parse_retry_after(resp),
-            )
-        if code == 408 or code >= 500:
-            return Unavailable(self.name, f"fal server error: {detail}", status_code=code)
-        if any("content_policy" in t for t in types):
-            return Rejected(self.name, _CONTENT_POLICY_MESSAGE, status_code=code)
-        return Rejected(self.name, detail, status_code=code)
+        return http_error(
+            self.name,
+            resp.status_code,
+            detail,
+            stage=Stage.SUBMIT if phase == "submit" else Stage.POLL,
+            retry_after=parse_retry_after(resp),
+            # "User is locked. Reason: Exhausted balance..." comes as a 403.
+            billing=has_marker([detail], BILLING_WORDS),
+            policy=has_marker(types, ("content_policy",)),
+            policy_message=_CONTENT_POLICY_MESSAGE,
+            key_setting="FAL_KEY",
+            # fal queues what is over the account's concurrency: a 503 is its outage.
+            busy_statuses=(429,),
+        )
 
     def _detail(self, resp: httpx.Response) -> tuple[str, list[str]]:
         """fal's `detail` as readable text ("duration: ensure ...") and its error types."""

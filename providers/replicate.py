@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,9 +23,6 @@ import httpx
 
 from bot.requests import GenerationRequest, Mode
 from providers.base import (
-    AuthError,
-    BillingError,
-    Busy,
     Cancelled,
     Capabilities,
     Failed,
@@ -38,9 +34,9 @@ from providers.base import (
     Rejected,
     Result,
     Running,
+    Sleep,
     Status,
     Succeeded,
-    TaskLost,
     Unavailable,
     api_client,
     backoff_delays,
@@ -49,6 +45,7 @@ from providers.base import (
     retry_reads,
     send,
 )
+from providers.errors import BILLING_WORDS, Stage, has_marker, http_error
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +73,6 @@ _CONTENT_TYPES = {
     ".ogg": "audio/ogg",
 }
 _PERCENT = re.compile(r"(\d{1,3})%\|")
-_BILLING_WORDS = ("credit", "billing", "balance", "payment", "spend limit")
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 class ReplicateProvider(Provider):
@@ -268,30 +262,17 @@ class ReplicateProvider(Provider):
 def map_error(
     resp: httpx.Response, provider: str = "replicate", *, stage: str = "submit"
 ) -> ProviderError:
-    """The one place a Replicate error answer becomes one of our typed errors."""
-    code = resp.status_code
+    """A Replicate problem-details answer in our terms (billing words are the marker)."""
     text = _problem_text(resp)
-    retry_after = parse_retry_after(resp)
-    if code == 401:
-        return AuthError(provider, f"the API token was refused: {text}", status_code=code)
-    if code == 402 or (code == 403 and any(w in text.lower() for w in _BILLING_WORDS)):
-        return BillingError(provider, f"billing: {text}", status_code=code)
-    if code == 403:
-        return AuthError(provider, f"forbidden: {text}", status_code=code)
-    if code == 404:
-        if stage == "poll":
-            return TaskLost(provider, "Replicate no longer knows this prediction", status_code=code)
-        # A missing model version is the operator's to fix; another provider can serve.
-        return Unavailable(provider, f"not found: {text}", status_code=code)
-    if code == 429:
-        return Busy(provider, f"rate limited: {text}", status_code=code, retry_after=retry_after)
-    if code == 503:
-        return Busy(
-            provider, f"temporarily unavailable: {text}", status_code=code, retry_after=retry_after
-        )
-    if 400 <= code < 500:
-        return Rejected(provider, text, status_code=code)
-    return Unavailable(provider, f"server error: {text}", status_code=code, retry_after=retry_after)
+    return http_error(
+        provider,
+        resp.status_code,
+        text,
+        stage=Stage.POLL if stage == "poll" else Stage.SUBMIT,
+        retry_after=parse_retry_after(resp),
+        billing=has_marker([text], BILLING_WORDS),
+        key_setting="REPLICATE_API_TOKEN",
+    )
 
 
 def _problem_text(resp: httpx.Response) -> str:

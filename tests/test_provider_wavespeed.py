@@ -225,7 +225,10 @@ async def test_advanced_options_are_reported_as_ignored(make: Factory, fake: Fak
     request = prompt_request(steps=40, scheduler="heun")
     assert provider.capabilities.ignored_options(request) == ["scheduler", "steps"]
     await provider.submit(request, seed=3)
-    assert "steps" not in fake.bodies[0] and "scheduler" not in fake.bodies[0]
+    # Exactly the documented fields: no option under its own name or a wire name.
+    assert fake.bodies == [
+        {"prompt": "lofi piano about rain", "instrumental": False, "duration": 5, "seed": 3}
+    ]
 
 
 async def test_unknown_song_model_is_refused_at_construction() -> None:
