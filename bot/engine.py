@@ -30,6 +30,7 @@ from providers.base import (
     AuthError,
     Busy,
     Cancelled,
+    CannotServe,
     Failed,
     Handle,
     Provider,
@@ -196,6 +197,9 @@ class Song:
     lyrics: str | None
     prompt: str | None
     album: str = "acestep-bot"
+    # False when the provider ignored the seed it was sent: `seed` is what it used, but
+    # asking for it again will not make the same song (front-ends say so).
+    seed_honoured: bool = True
     _cover: bytes | None = field(default=None, repr=False)
 
     async def cover(self) -> bytes:
@@ -486,21 +490,7 @@ class Engine:
         return await self.store.by_source_key(source_key)
 
     def _no_provider_text(self, request: GenerationRequest) -> str:
-        kinds = {"prompt": "a described song (/song)", "song": "a composed song (/compose)"}
-        same_mode = [
-            p for p in self.router.providers.values() if request.mode in p.capabilities.modes
-        ]
-        if not same_mode:
-            return (
-                f"This bot's music services cannot make {kinds[request.mode.value]}; "
-                "try the other command."
-            )
-        longest = max(p.capabilities.max_duration for p in same_mode)
-        shortest = min(p.capabilities.min_duration for p in same_mode)
-        return (
-            f"duration: {request.duration} is not available here; this bot's music "
-            f"services make songs from {shortest} to {longest} seconds."
-        )
+        return self.router.unservable_reason(request)
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -815,6 +805,10 @@ class Engine:
                 job, ("submitting",), messages.rejected(exc.message), f"rejected by {provider.name}"
             )
             return None
+        except CannotServe as exc:
+            self._log_provider_error(job, provider, exc, level=logging.WARNING)
+            await self._requeue(job, provider, exc, tried=True)
+            return None
         except AuthError as exc:
             self._log_provider_error(job, provider, exc)
             self.router.cool_down(
@@ -925,6 +919,7 @@ class Engine:
                 return False
             try:
                 status = await provider.poll(handle)
+                await self._keep_handle(job, handle)
             except TaskLost as exc:
                 self._log_provider_error(job, provider, exc)
                 await self._requeue(job, provider, exc, tried=False)
@@ -997,6 +992,14 @@ class Engine:
                 interval = min(cap, interval * self.options.poll_backoff)
             await self._sleep(cancel, interval)
 
+    async def _keep_handle(self, job: Job, handle: Handle) -> None:
+        """A provider may move its job on to a new task (ACE-Step's described songs are
+        two): store the handle when it changed, so a restart resumes the right one."""
+        current = handle.to_json()
+        if current != job.handle:
+            await self.store.transition(job.id, ("running",), "running", handle=current)
+            job.handle = current
+
     async def _sleep(self, cancel: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(cancel.wait(), timeout=seconds)
@@ -1052,8 +1055,7 @@ class Engine:
         """Download, check and store the audio; running -> ready."""
         try:
             data = await self._download(provider, result)
-            expected = None if result.duration_chosen_by_model else float(job.duration)
-            info = await asyncio.to_thread(audio.check_audio, data, expected)
+            info = await asyncio.to_thread(audio.check_audio, data, float(job.duration))
         except (ProviderFailedDownload, audio.AudioError, ProviderError) as exc:
             reason = exc.message if isinstance(exc, ProviderError) else str(exc)
             log.warning("job %s: result from %s unusable: %s", job.id, provider.name, reason)
@@ -1080,6 +1082,7 @@ class Engine:
             return False
         meta = {
             "seed": result.seed if result.seed is not None else job.seed,
+            "seed_honoured": result.seed_honoured,
             "tags": result.tags,
             "lyrics": result.lyrics,
             "duration": round(info.duration, 3),
@@ -1127,6 +1130,7 @@ class Engine:
             tags=result.get("tags") or (req.tags or None),
             lyrics=result.get("lyrics") or (req.lyrics or None),
             prompt=req.prompt or None,
+            seed_honoured=result.get("seed_honoured", True) is not False,
         )
 
     async def _deliver(self, job: Job) -> None:

@@ -102,6 +102,14 @@ def rejected(reason: str) -> str:
     return f"The music service refused this request: {sentence(reason)} Your quota was refunded."
 
 
+# Shown next to the seed of a song from a provider that ignored the seed it was sent.
+SEED_NOT_HONOURED = "this server does not honour seeds, so it will not make this song again"
+
+
+def seed_note(honoured: bool) -> str:
+    return "" if honoured else SEED_NOT_HONOURED
+
+
 def ignored_options(provider: str, names: list[str]) -> str:
     return (
         f"Note: {provider} ignores {', '.join(names)}; "

@@ -22,6 +22,7 @@ from providers.base import (
     Failed,
     Handle,
     KeyForOrigins,
+    OptionRange,
     Provider,
     ProviderError,
     Queued,
@@ -95,7 +96,7 @@ class AIGatewayProvider(Provider):
         base_url: str = DEFAULT_BASE_URL,
         *,
         model: str = DEFAULT_MODEL,
-        audio_format: str = "wav",
+        audio_format: str = "mp3",
         concurrency: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
         poll_interval: float = MIN_POLL_INTERVAL_S,
@@ -124,7 +125,8 @@ class AIGatewayProvider(Provider):
         self.audio_format = audio_format
         self.capabilities = Capabilities(
             modes=frozenset({Mode.PROMPT}),
-            options=frozenset(),  # the music endpoint takes no diffusion knobs
+            # The music endpoint takes no diffusion knobs; it does let us pick the file.
+            options={"audio_format": OptionRange("format", choices=AUDIO_FORMATS)},
             price_per_second=PRICE_PER_SECOND,
             concurrency=concurrency,
         )
@@ -146,7 +148,9 @@ class AIGatewayProvider(Provider):
             "model": self.model,
             "duration": request.duration,
             "is_instrumental": request.instrumental,
-            "format": self.audio_format,
+            # MP3 unless the user asked otherwise: it is what the chat gets, so a file
+            # that fits the upload limit needs no re-encode.
+            "format": request.audio_format or self.audio_format,
         }
 
     # -- the contract ---------------------------------------------------------------
@@ -171,7 +175,7 @@ class AIGatewayProvider(Provider):
             {
                 "id": job_id,
                 "model": self.model,
-                "format": self.audio_format,
+                "format": request.audio_format or self.audio_format,
                 "duration": request.duration,
             },
         )

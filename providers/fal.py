@@ -16,13 +16,14 @@ from typing import Any
 
 import httpx
 
-from bot.requests import ADVANCED_OPTIONS, GenerationRequest, Mode
+from bot.requests import GenerationRequest, Mode
 from providers.base import (
     Cancelled,
     Capabilities,
     Failed,
     Handle,
     KeyForOrigins,
+    OptionRange,
     Provider,
     ProviderError,
     Queued,
@@ -38,6 +39,7 @@ from providers.base import (
     parse_retry_after,
     retry_reads,
     send,
+    wire_values,
 )
 from providers.errors import BILLING_WORDS, Stage, has_marker, http_error
 
@@ -48,8 +50,19 @@ APP_ID = "fal-ai/ace-step"  # owner/alias: the only part used after submit
 PROMPT_ENDPOINT = "fal-ai/ace-step/prompt-to-audio"
 SONG_ENDPOINT = "fal-ai/ace-step"
 
-# Our option names where fal's differ; every other advanced option keeps its name.
-_FAL_OPTION_NAMES = {"steps": "number_of_steps"}
+# The knobs both ACE-Step endpoints take (PROVIDERS.md), under fal's names and ranges.
+FAL_OPTIONS: dict[str, OptionRange] = {
+    "steps": OptionRange("number_of_steps", 3, 60),
+    "scheduler": OptionRange("scheduler", choices=("euler", "heun")),
+    "guidance_type": OptionRange("guidance_type", choices=("cfg", "apg", "cfg_star")),
+    "granularity_scale": OptionRange("granularity_scale", -100, 100),
+    "guidance_interval": OptionRange("guidance_interval", 0, 1),
+    "guidance_interval_decay": OptionRange("guidance_interval_decay", 0, 1),
+    "guidance_scale": OptionRange("guidance_scale", 0, 200),
+    "minimum_guidance_scale": OptionRange("minimum_guidance_scale", 0, 200),
+    "tag_guidance_scale": OptionRange("tag_guidance_scale", 0, 10),
+    "lyric_guidance_scale": OptionRange("lyric_guidance_scale", 0, 10),
+}
 
 # Error types that mean the input itself was refused: never retried, told to the user.
 _REJECTED_ERROR_TYPES = ("content_policy", "validation", "value_error", "type_error")
@@ -99,7 +112,7 @@ class FalProvider(Provider):
             modes=frozenset({Mode.PROMPT, Mode.SONG}),
             min_duration=5,
             max_duration=240,
-            options=frozenset(ADVANCED_OPTIONS),
+            options=FAL_OPTIONS,
             price_per_second=0.0002,
             concurrency=concurrency,
         )
@@ -188,8 +201,7 @@ class FalProvider(Provider):
             body = {"tags": request.tags, "lyrics": lyrics}
         body["duration"] = request.duration
         body["seed"] = seed
-        for name, value in request.advanced().items():
-            body[_FAL_OPTION_NAMES.get(name, name)] = value
+        body.update(wire_values(FAL_OPTIONS, request))
         return endpoint, body
 
     # ----- HTTP and error mapping --------------------------------------------------------

@@ -28,6 +28,7 @@ from providers.base import (
     Failed,
     Handle,
     KeyForOrigins,
+    OptionRange,
     Provider,
     ProviderError,
     Queued,
@@ -52,18 +53,19 @@ log = logging.getLogger(__name__)
 ACE_STEP_MODEL = "lucataco/ace-step"
 ACE_STEP_VERSION = "280fc4f9ee507577f880a167f639c02622421d8fecf492454320311217b688f1"
 
-# Our option name -> the model's input name (the rest keep their names).
-INPUT_NAMES: dict[str, str] = {
-    "steps": "number_of_steps",
-    "scheduler": "scheduler",
-    "guidance_type": "guidance_type",
-    "granularity_scale": "granularity_scale",
-    "guidance_interval": "guidance_interval",
-    "guidance_interval_decay": "guidance_interval_decay",
-    "guidance_scale": "guidance_scale",
-    "minimum_guidance_scale": "min_guidance_scale",
-    "tag_guidance_scale": "tag_guidance_scale",
-    "lyric_guidance_scale": "lyric_guidance_scale",
+# The model's inputs for our options (its input schema on the model page: steps 10-200,
+# guidance_scale at most 30, min_guidance_scale at most 100; the others as fal's).
+INPUTS: dict[str, OptionRange] = {
+    "steps": OptionRange("number_of_steps", 10, 200),
+    "scheduler": OptionRange("scheduler", choices=("euler", "heun")),
+    "guidance_type": OptionRange("guidance_type", choices=("cfg", "apg", "cfg_star")),
+    "granularity_scale": OptionRange("granularity_scale", -100, 100),
+    "guidance_interval": OptionRange("guidance_interval", 0, 1),
+    "guidance_interval_decay": OptionRange("guidance_interval_decay", 0, 1),
+    "guidance_scale": OptionRange("guidance_scale", 0, 30),
+    "minimum_guidance_scale": OptionRange("min_guidance_scale", 0, 100),
+    "tag_guidance_scale": OptionRange("tag_guidance_scale", 0, 10),
+    "lyric_guidance_scale": OptionRange("lyric_guidance_scale", 0, 10),
 }
 
 _CONTENT_TYPES = {
@@ -110,7 +112,7 @@ class ReplicateProvider(Provider):
             modes=frozenset({Mode.SONG}),
             min_duration=1,
             max_duration=240,
-            options=frozenset(INPUT_NAMES),
+            options=INPUTS,
             price_per_second=price_per_second,
             concurrency=concurrency,
         )
@@ -132,8 +134,7 @@ class ReplicateProvider(Provider):
             "duration": request.duration,
             "seed": seed,
         }
-        for option, value in request.advanced().items():
-            body[INPUT_NAMES[option]] = value
+        body.update(self.capabilities.wire_options(request))
         return body
 
     async def submit(self, request: GenerationRequest, seed: int) -> Handle:

@@ -118,7 +118,7 @@ class WaveSpeedProvider(Provider):
         self.song_model = song_model
         self.capabilities = Capabilities(
             modes=frozenset({Mode.PROMPT, Mode.SONG}),
-            options=frozenset(),  # WaveSpeed takes no knobs beyond duration and seed
+            options={},  # WaveSpeed takes no knobs beyond duration and seed
             # The engine budgets with one figure: the dearest model this instance may use.
             price_per_second=max(PROMPT_PRICE, SONG_MODELS[song_model]),
             concurrency=concurrency,

@@ -149,7 +149,8 @@ async def test_invalid_input_exits_2_and_stores_nothing(tmp_path: Path) -> None:
             env,
             tmp_path,
         )
-        assert code == 2 and "steps: 99 is not valid; a whole number from 3 to 60." in err
+        # Valid for some provider (up to 200), but fal, the only one here, takes 3 to 60.
+        assert code == 2 and "steps: 99 is not available here; fal takes from 3 to 60." in err
     assert fake.submit_count == 0
     db = tmp_path / "data" / "acestep-bot.sqlite3"
     if db.exists():

@@ -209,7 +209,7 @@ async def test_nsfw_flag_is_surfaced(fake: FakeWaveSpeed, make: Factory) -> None
 async def test_capabilities_follow_the_song_model(make: Factory) -> None:
     plain = make(concurrency=3)
     assert plain.capabilities.modes == frozenset({Mode.PROMPT, Mode.SONG})
-    assert plain.capabilities.options == frozenset()
+    assert plain.capabilities.options == {}
     assert plain.capabilities.concurrency == 3
     assert plain.capabilities.price_per_second == pytest.approx(0.0002)
     assert plain.price_per_second_for(song_request()) == pytest.approx(0.0002)

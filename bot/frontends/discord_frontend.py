@@ -711,6 +711,7 @@ class DiscordFrontend:
             description=description or "",
             duration=rendered.duration,
             seed=song.seed,
+            seed_note=messages.seed_note(song.seed_honoured),
             provider=song.provider,
             job_id=job.id,
             cover_name=cover_name,
@@ -967,6 +968,8 @@ def _option_annotation(spec: OptionSpec) -> Any:
         return Optional[bool]  # noqa: UP045
     if spec.choices:
         return Optional[Literal[spec.choices]]  # noqa: UP045
+    if spec.kind is str:  # free text the engine normalizes and checks (e.g. key_scale)
+        return Optional[str]  # noqa: UP045
     kind: Any = int if spec.kind is int else float
     return Optional[app_commands.Range[kind, spec.minimum, spec.maximum]]  # noqa: UP045
 

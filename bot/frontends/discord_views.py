@@ -220,6 +220,7 @@ def song_embed(
     job_id: str,
     cover_name: str | None,
     requester_id: str | None = None,
+    seed_note: str = "",
 ) -> discord.Embed:
     """The result embed: title, prompt or tags, duration, seed, provider and cover art."""
     embed = discord.Embed(
@@ -229,7 +230,7 @@ def song_embed(
         timestamp=datetime.now(UTC),
     )
     embed.add_field(name="Duration", value=f"{duration:.0f} s")
-    embed.add_field(name="Seed", value=f"`{seed}`")
+    embed.add_field(name="Seed", value=f"`{seed}`" + (f" ({seed_note})" if seed_note else ""))
     embed.add_field(name="Provider", value=provider or "?")
     if requester_id:
         embed.add_field(name="Requested by", value=f"<@{requester_id}>")

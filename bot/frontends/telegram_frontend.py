@@ -537,6 +537,7 @@ class TelegramFrontend:
                 else (song.tags or job.request.tags),
                 label="Prompt" if prompt_mode else "Tags",
                 seed=song.seed,
+                seed_note=messages.seed_note(song.seed_honoured),
                 duration=rendered.duration or song.duration,
                 provider=song.provider,
             )

@@ -68,6 +68,8 @@ def _option_usage(spec: OptionSpec) -> str:
         return spec.name
     if spec.choices:
         return f"{spec.name}={'|'.join(spec.choices)}"
+    if spec.kind is str:
+        return f"{spec.name}=<{spec.usage or 'text'}>"
     lo = _num(spec.minimum)
     hi = _num(spec.maximum)
     return f"{spec.name}={lo}..{hi}"
@@ -159,10 +161,17 @@ def final_html(job_id: str, title: str, state: str, message: str | None = None) 
 
 
 def caption_html(
-    *, text: str, seed: int, duration: float, provider: str, label: str = "Prompt"
+    *,
+    text: str,
+    seed: int,
+    duration: float,
+    provider: str,
+    label: str = "Prompt",
+    seed_note: str = "",
 ) -> str:
     """The song's caption: prompt or tags, seed, duration, provider; at most 1024 chars."""
-    tail = f"\n<b>Seed</b> <code>{seed}</code> · {_clock(duration)} · {escape(provider)}"
+    note = f" ({escape(seed_note)})" if seed_note else ""
+    tail = f"\n<b>Seed</b> <code>{seed}</code>{note} · {_clock(duration)} · {escape(provider)}"
     head = f"<b>{escape(label)}</b> "
     room = CAPTION_LIMIT - len(head) - len(tail)
     body = escape(text)
