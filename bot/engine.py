@@ -918,7 +918,10 @@ class Engine:
                 )
                 return False
             try:
-                status = await provider.poll(handle)
+                found = await self._next_status(provider, handle, last, cancel)
+                if found is None:
+                    continue  # cancelled while waiting for news
+                status = found
                 await self._keep_handle(job, handle)
             except TaskLost as exc:
                 self._log_provider_error(job, provider, exc)
@@ -982,15 +985,41 @@ class Engine:
                 last = status
             else:
                 cap = self.options.poll_max_interval
-                if isinstance(status, Running):
-                    # A queued job may wait long, so back off; a running song is done within
-                    # a minute or so, and each second between polls is a second the user
-                    # waits for it (backing off to 10 s made that 2.9 s median, 8 s at
-                    # worst: bench/detect.py). fal's 1 s is what a job whose logs change
-                    # already costs.
+                if isinstance(status, Running) or (
+                    isinstance(status, Queued) and status.position is not None
+                ):
+                    # A running song is done within a minute or so, and each second
+                    # between polls is a second the user waits for it (backing off to 10 s
+                    # made that 2.9 s median, 8 s at worst: bench/detect.py); a queue that
+                    # reports a position is moving too (a song leaving a 35 s queue was
+                    # noticed 4 s late). Only a queue that says nothing backs off to 10 s.
                     cap = min(cap, max(base, self.options.running_poll_max_interval))
                 interval = min(cap, interval * self.options.poll_backoff)
-            await self._sleep(cancel, interval)
+            if not provider.streams_status:
+                await self._sleep(cancel, interval)
+
+    async def _next_status(
+        self, provider: Provider, handle: Handle, last: Status | None, cancel: asyncio.Event
+    ) -> Status | None:
+        """The next status: one poll, or for a provider that streams its status, the
+        next change (at most CANCEL_FLAG_CHECK_S away); None when a cancel came first."""
+        if not provider.streams_status:
+            return await provider.poll(handle)
+        waiting = asyncio.ensure_future(provider.wait_status(handle, last, CANCEL_FLAG_CHECK_S))
+        stop = asyncio.ensure_future(cancel.wait())
+        try:
+            await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            waiting.cancel()
+            stop.cancel()
+            raise
+        stop.cancel()
+        if not waiting.done():  # the user cancelled first
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            return None
+        return waiting.result()
 
     async def _keep_handle(self, job: Job, handle: Handle) -> None:
         """A provider may move its job on to a new task (ACE-Step's described songs are

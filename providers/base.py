@@ -246,6 +246,18 @@ class Provider(ABC):
         it was too late."""
         return False
 
+    @property
+    def streams_status(self) -> bool:
+        """True while `wait_status` returns as soon as the status changes (a status
+        stream): the engine then waits on it instead of sleeping between polls."""
+        return False
+
+    async def wait_status(self, handle: Handle, since: Status | None, timeout: float) -> Status:
+        """The job's status once it differs from `since`, or whatever it is after
+        `timeout` seconds. Providers that can be told of a change override this; the
+        default asks once."""
+        return await self.poll(handle)
+
     async def fetch_audio(self, result: Result) -> bytes:
         """Download the finished audio at once (result URLs expire)."""
         return await download(self.client, self.name, result.audio_url)

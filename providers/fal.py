@@ -9,12 +9,15 @@ them. A submit is never retried here: one that timed out may exist and be billed
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import httpx
+from httpx_sse import SSEError, aconnect_sse
 
 from bot.requests import GenerationRequest, Mode
 from providers.base import (
@@ -73,10 +76,22 @@ _CONTENT_POLICY_MESSAGE = (
 # A Retry-After longer than this goes back to the engine instead of being slept here.
 _MAX_INTERNAL_WAIT_S = 10.0
 _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
+# After the status stream failed, plain polls for this long before it is tried again.
+_STREAM_RETRY_S = 300.0
+
+
+class _NoStream(Exception):
+    """The queue does not offer the status stream here."""
 
 
 class FalProvider(Provider):
-    """ACE-Step on fal.ai through the queue API; prompt-to-audio and composed songs."""
+    """ACE-Step on fal.ai through the queue API; prompt-to-audio and composed songs.
+
+    Status comes from fal's status stream (`GET .../requests/{id}/status/stream`, server-
+    sent events whose `data` is the same JSON as a status GET, as @fal-ai/client's
+    `streamStatus` reads it; the stream ends after COMPLETED), so a finished song is
+    known at once; a plain status GET is the fallback where the stream is unavailable.
+    """
 
     name = "fal"
 
@@ -99,6 +114,7 @@ class FalProvider(Provider):
         self._poll_interval = poll_interval
         self._retry_delays = tuple(retry_delays)
         self._sleep = sleep
+        self._stream_off_until = 0.0
         auth = KeyForOrigins(f"Key {api_key}", [self.queue_url])
         super().__init__(
             api_client(
@@ -157,7 +173,63 @@ class FalProvider(Provider):
         )
         if resp.status_code >= 300:
             raise self._error(resp, "poll")
-        body = _json_object(resp)
+        return await self._status(handle, urls, _json_object(resp))
+
+    @property
+    def streams_status(self) -> bool:
+        return self._stream_off_until <= time.monotonic()
+
+    async def wait_status(self, handle: Handle, since: Status | None, timeout: float) -> Status:
+        """Read fal's status stream until the status differs from `since` (or COMPLETED),
+        at most `timeout` s; fall back to one status GET when the stream fails."""
+        if self._stream_off_until > time.monotonic():
+            return await self.poll(handle)
+        urls = self._urls(handle)
+        latest: Status | None = None
+        completed: dict[str, Any] | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                async with aconnect_sse(
+                    self.client,
+                    "GET",
+                    urls["status_url"] + "/stream",
+                    params={"logs": "1"},
+                    headers={"Accept": "text/event-stream"},
+                    timeout=httpx.Timeout(timeout + 5.0, connect=10.0),
+                ) as source:
+                    resp = source.response
+                    if resp.status_code in (404, 405, 501):
+                        # Not offered here (a proxy, an older queue): poll instead.
+                        raise _NoStream(f"status stream answered {resp.status_code}")
+                    if resp.status_code >= 300:
+                        await resp.aread()
+                        raise self._error(resp, "poll")
+                    async for event in source.aiter_sse():
+                        try:
+                            body = json.loads(event.data)
+                        except ValueError:
+                            continue  # a keep-alive or a broken line: wait for the next
+                        if not isinstance(body, dict):
+                            continue
+                        if body.get("status") == "COMPLETED":
+                            completed = body
+                            break
+                        latest = await self._status(handle, urls, body)
+                        if latest != since:
+                            return latest
+            if completed is not None:  # the result GET is not held to the stream's timeout
+                return await self._status(handle, urls, completed)
+        except TimeoutError:
+            if latest is not None:
+                return latest
+        except (_NoStream, SSEError, httpx.TransportError) as exc:
+            log.info("fal: no status stream (%s); polling for %.0f s", exc, _STREAM_RETRY_S)
+            self._stream_off_until = time.monotonic() + _STREAM_RETRY_S
+        # The stream ended or timed out without news: one plain status GET.
+        return await self.poll(handle)
+
+    async def _status(self, handle: Handle, urls: dict[str, str], body: dict[str, Any]) -> Status:
+        """A status body (from a GET or a stream event) in our terms."""
         state = body.get("status")
         if state == "IN_QUEUE":
             position = body.get("queue_position")

@@ -54,6 +54,7 @@ class SilentFal(FakeFal):
 
 async def test_unchanged_running_status_is_polled_at_the_provider_interval(tmp_path: Path) -> None:
     fake = SilentFal(silent_polls=10)
+    fake.streams = False  # a queue without the status stream: polling is the fallback
     # Backing off x3 up to 5 s, as a long-queued job may: ten silent polls would take over
     # ten seconds. While running, the cap (below fal's interval here) must hold them at
     # the provider's own interval instead, and never closer.
@@ -73,7 +74,41 @@ async def test_unchanged_running_status_is_polled_at_the_provider_interval(tmp_p
             await wait_for_state(engine, adm.job_id, ("delivered",), timeout=4)
         finally:
             await engine.close()
+    assert len(fake.stream_paths) == 1  # tried once, then polled
     assert len(fake.poll_times) == 11  # ten silent answers, then COMPLETED
     gaps = [b - a for a, b in zip(fake.poll_times, fake.poll_times[1:], strict=False)]
     assert min(gaps) >= 0.045, gaps  # never faster than the provider asks
     assert max(gaps) < 0.5, gaps  # and no back-off while it runs
+
+
+async def test_a_streamed_status_is_known_at_once_without_polling(tmp_path: Path) -> None:
+    """fal's status stream says COMPLETED as soon as it is: no status GETs, and no
+    back-off while the request waits in fal's queue (it reports its position)."""
+    fake = FakeFal(queue_polls=6, progress_polls=6)
+    fake.stream_interval = 0.02
+    options = replace(FAST, poll_max_interval=10.0, poll_backoff=3.0)
+    delivery = RecordingDelivery(byte_limit=None)
+    async with fake.running() as url:
+        provider = FalProvider(fake.key, url, poll_interval=1.0, retry_delays=(0.01,))
+        engine = await Engine.open(make_settings(tmp_path), [provider], options=options)
+        engine.register_delivery(delivery)
+        await engine.start()
+        try:
+            started = time.monotonic()
+            adm = await engine.submit(
+                GenerationRequest.build(mode="prompt", prompt="rain on a tin roof", duration=5),
+                Requester("discord", "1"),
+                {},
+            )
+            await wait_for_state(engine, adm.job_id, ("ready", "delivered"), timeout=4)
+            took = time.monotonic() - started
+            await wait_for_state(engine, adm.job_id, ("delivered",), timeout=4)
+        finally:
+            await engine.close()
+    assert fake.status_paths == []  # every status came over the stream
+    assert fake.stream_paths  # opened at least once
+    # Twelve status steps 0.02 s apart: well under one poll interval (1 s) in all, where
+    # polling would have taken 12 s or more.
+    assert took < 1.5, took
+    positions = [p.position for _, p in delivery.progress if p.position is not None]
+    assert positions and positions == sorted(positions, reverse=True)
