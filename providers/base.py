@@ -65,6 +65,22 @@ class OptionRange:
         return "any value"
 
 
+# The knobs of the ACE-Step v1 pipeline as fal documents them (PROVIDERS.md); hosts of the
+# same model start from these and change what they name or bound differently.
+ACE_STEP_V1_OPTIONS: dict[str, OptionRange] = {
+    "steps": OptionRange("number_of_steps", 3, 60),
+    "scheduler": OptionRange("scheduler", choices=("euler", "heun")),
+    "guidance_type": OptionRange("guidance_type", choices=("cfg", "apg", "cfg_star")),
+    "granularity_scale": OptionRange("granularity_scale", -100, 100),
+    "guidance_interval": OptionRange("guidance_interval", 0, 1),
+    "guidance_interval_decay": OptionRange("guidance_interval_decay", 0, 1),
+    "guidance_scale": OptionRange("guidance_scale", 0, 200),
+    "minimum_guidance_scale": OptionRange("minimum_guidance_scale", 0, 200),
+    "tag_guidance_scale": OptionRange("tag_guidance_scale", 0, 10),
+    "lyric_guidance_scale": OptionRange("lyric_guidance_scale", 0, 10),
+}
+
+
 def wire_values(options: Mapping[str, OptionRange], request: GenerationRequest) -> dict[str, Any]:
     """The options the user set that a provider takes, under the provider's field names."""
     return {options[k].wire: v for k, v in request.advanced().items() if k in options}

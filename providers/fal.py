@@ -21,12 +21,12 @@ from httpx_sse import SSEError, aconnect_sse
 
 from bot.requests import GenerationRequest, Mode
 from providers.base import (
+    ACE_STEP_V1_OPTIONS,
     Cancelled,
     Capabilities,
     Failed,
     Handle,
     KeyForOrigins,
-    OptionRange,
     Provider,
     ProviderError,
     Queued,
@@ -54,18 +54,7 @@ PROMPT_ENDPOINT = "fal-ai/ace-step/prompt-to-audio"
 SONG_ENDPOINT = "fal-ai/ace-step"
 
 # The knobs both ACE-Step endpoints take (PROVIDERS.md), under fal's names and ranges.
-FAL_OPTIONS: dict[str, OptionRange] = {
-    "steps": OptionRange("number_of_steps", 3, 60),
-    "scheduler": OptionRange("scheduler", choices=("euler", "heun")),
-    "guidance_type": OptionRange("guidance_type", choices=("cfg", "apg", "cfg_star")),
-    "granularity_scale": OptionRange("granularity_scale", -100, 100),
-    "guidance_interval": OptionRange("guidance_interval", 0, 1),
-    "guidance_interval_decay": OptionRange("guidance_interval_decay", 0, 1),
-    "guidance_scale": OptionRange("guidance_scale", 0, 200),
-    "minimum_guidance_scale": OptionRange("minimum_guidance_scale", 0, 200),
-    "tag_guidance_scale": OptionRange("tag_guidance_scale", 0, 10),
-    "lyric_guidance_scale": OptionRange("lyric_guidance_scale", 0, 10),
-}
+FAL_OPTIONS = ACE_STEP_V1_OPTIONS
 
 # Error types that mean the input itself was refused: never retried, told to the user.
 _REJECTED_ERROR_TYPES = ("content_policy", "validation", "value_error", "type_error")

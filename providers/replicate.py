@@ -23,6 +23,7 @@ import httpx
 
 from bot.requests import GenerationRequest, Mode
 from providers.base import (
+    ACE_STEP_V1_OPTIONS,
     Cancelled,
     Capabilities,
     Failed,
@@ -56,16 +57,10 @@ ACE_STEP_VERSION = "280fc4f9ee507577f880a167f639c02622421d8fecf492454320311217b6
 # The model's inputs for our options (its input schema on the model page: steps 10-200,
 # guidance_scale at most 30, min_guidance_scale at most 100; the others as fal's).
 INPUTS: dict[str, OptionRange] = {
+    **ACE_STEP_V1_OPTIONS,
     "steps": OptionRange("number_of_steps", 10, 200),
-    "scheduler": OptionRange("scheduler", choices=("euler", "heun")),
-    "guidance_type": OptionRange("guidance_type", choices=("cfg", "apg", "cfg_star")),
-    "granularity_scale": OptionRange("granularity_scale", -100, 100),
-    "guidance_interval": OptionRange("guidance_interval", 0, 1),
-    "guidance_interval_decay": OptionRange("guidance_interval_decay", 0, 1),
     "guidance_scale": OptionRange("guidance_scale", 0, 30),
     "minimum_guidance_scale": OptionRange("min_guidance_scale", 0, 100),
-    "tag_guidance_scale": OptionRange("tag_guidance_scale", 0, 10),
-    "lyric_guidance_scale": OptionRange("lyric_guidance_scale", 0, 10),
 }
 
 _CONTENT_TYPES = {

@@ -85,41 +85,19 @@ class Router:
         ends = [s.cooldown_until - now for s in self.state.values() if s.cooldown_until > now]
         return min(ends) if ends else None
 
-    def unservable_reason(self, request: GenerationRequest) -> str:
-        """Why no configured provider can serve this request, naming the limits that
-        applied (the user can fix the mode, the duration or an option's value)."""
-        same_mode = [p for p in self.providers.values() if request.mode in p.capabilities.modes]
-        if not same_mode:
-            kind = (
-                "a described song (/song)"
-                if request.mode.value == "prompt"
-                else ("a composed song (/compose)")
-            )
-            return f"This bot's music services cannot make {kind}; try the other command."
-        fits = [
-            p
-            for p in same_mode
-            if p.capabilities.min_duration <= request.duration <= p.capabilities.max_duration
-        ]
-        if not fits:
-            longest = max(p.capabilities.max_duration for p in same_mode)
-            shortest = min(p.capabilities.min_duration for p in same_mode)
-            return (
-                f"duration: {request.duration} is not available here; this bot's music "
-                f"services make songs from {shortest} to {longest} seconds."
-            )
-        limits: dict[str, list[str]] = {}
-        for provider in fits:
-            for name, allowed in provider.capabilities.out_of_range(request):
-                limits.setdefault(name, []).append(f"{provider.name} takes {allowed.describe()}")
-        if not limits:
-            return "No music service configured here can make this song right now."
-        name, which = next(iter(limits.items()))
-        value = request.advanced()[name]
-        return (
-            f"{name}: {value} is not available here; {'; '.join(which)}. "
-            "Choose a value in one of those ranges, or leave it out."
-        )
+    def option_limits(self, request: GenerationRequest) -> dict[str, list[tuple[str, str]]]:
+        """For each option whose value rules providers out: (provider, what it takes),
+        among the providers that could otherwise serve the request."""
+        limits: dict[str, list[tuple[str, str]]] = {}
+        for provider in self.providers.values():
+            caps = provider.capabilities
+            if request.mode not in caps.modes or not (
+                caps.min_duration <= request.duration <= caps.max_duration
+            ):
+                continue
+            for name, allowed in caps.out_of_range(request):
+                limits.setdefault(name, []).append((provider.name, allowed.describe()))
+        return limits
 
     def price_for(self, request: GenerationRequest) -> float:
         """The highest price per second among providers that could serve it: the

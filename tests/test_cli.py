@@ -177,7 +177,9 @@ async def test_provider_failure_exits_1_with_the_reason(tmp_path: Path) -> None:
             tmp_path,
         )
     assert code == 1
-    assert "error: The music service refused this request:" in err
+    assert "error: The music service refused this request" in err
+    # The operator running the CLI also sees the provider's own reason.
+    assert "content policy" in err
     assert "Your quota was refunded." in err
     assert not (tmp_path / "a.mp3").exists()
 
@@ -213,3 +215,19 @@ async def test_config_check_masks_secrets_and_run_explains_what_is_missing(tmp_p
     assert code == 2
     assert "cannot start: nothing usable is configured" in err
     assert "DISCORD_TOKEN" in err and "FAL_KEY" in err
+
+
+async def test_config_check_says_which_gpu_server_cannot_make_described_songs(
+    tmp_path: Path,
+) -> None:
+    from tests.fakes.acestep import FakeAceStep
+
+    small = FakeAceStep(lm=False, health_reports_lm=True)  # a GPU under 12 GB
+    async with small.running() as url:
+        env = cli_env(tmp_path, PROVIDERS="acestep", ACESTEP_SERVER_URLS=url)
+        code, out, _ = await run_cli(["config", "check"], env, tmp_path)
+    assert code == 1  # no chat front-end configured here
+    assert "Providers say:" in out
+    assert f"ACE-Step server {url} cannot be relied on for described songs" in out
+    assert "ACESTEP_INIT_LLM=true" in out
+    assert small.submit_count == 0  # it only asked /health

@@ -339,7 +339,7 @@ async def test_quota_refusal_is_ephemeral_with_what_remains_and_the_reset(
         # The public "thinking" message is replaced by a message only the user sees.
         visible = bot.messages_of(second)
         assert len(visible) == 1 and visible[0].ephemeral
-        assert "You have used your 1 songs for today (0 left)" in visible[0].content
+        assert "You have reached today's limit of 1 song." in visible[0].content
         assert "It resets at 00:00 UTC" in visible[0].content
         assert len(bot.submitted()) == 1
     finally:
@@ -365,7 +365,9 @@ async def test_failed_provider_tells_the_user_ephemerally_and_refunds(bot: Bot) 
     job_id = job_id_in(bot.original(payload).content)
     texts = await bot.fake.wait_until(lambda: ephemeral_texts(bot, payload))
     assert f"Your song `{job_id}`" in texts[0]
-    assert "the model ran out of memory" in texts[0]
+    # The provider's raw error is for the operator, never shown in the channel.
+    assert "The music service could not make this song." in texts[0]
+    assert "the model ran out of memory" not in texts[0]
     assert "refunded" in texts[0]
     status = await bot.fake.wait_until(
         lambda: (m := bot.original(payload)) and "Failed" in m.content and m

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import time
 import wave
@@ -474,7 +475,7 @@ async def test_the_status_stream_reports_each_change_and_the_result(
     # Each change once, in order (a step that passes while no stream is open is skipped,
     # as with fal's own time-driven queue).
     assert seen[0] == Queued(position=2)
-    assert len(seen) >= 3 and all(a != b for a, b in zip(seen, seen[1:], strict=False))
+    assert len(seen) >= 3 and all(a != b for a, b in itertools.pairwise(seen))
     positions = [s.position for s in seen if isinstance(s, Queued)]
     assert positions == sorted(positions, reverse=True)
     progress = [s.progress for s in seen if isinstance(s, Running)]

@@ -35,7 +35,7 @@ from bot.frontends.telegram_text import (
     parse_song,
     split_message,
 )
-from bot.models import Job, Requester
+from bot.models import FailureKind, Job, JobState, Requester
 from bot.requests import GenerationRequest, InvalidRequest
 from providers.fal import FalProvider
 from tests.conftest import make_settings
@@ -309,9 +309,7 @@ async def test_quota_refusal_is_shown_and_nothing_is_generated(tmp_path: Path) -
         second = h.fake.send_text(PRIVATE, ANN, "/song second song duration=5")
         status = await h.reply_to(PRIVATE, second)
         refusal = await h.final_text(status)
-        assert refusal.startswith(
-            "<b>second song</b>\nYou have used your 1 songs for today (0 left)."
-        )
+        assert refusal.startswith("<b>second song</b>\nYou have reached today's limit of 1 song.")
         assert "It resets at 00:00 UTC" in refusal
         await asyncio.sleep(0.1)
         assert h.fal.submit_count == 1
@@ -614,16 +612,17 @@ async def test_a_failure_found_before_the_front_end_started_is_still_told(tmp_pa
             },
             request=GenerationRequest.build(mode="prompt", prompt="lost in a crash"),
             seed=1,
-            state="failed",
+            state=JobState.FAILED,
+            failure=FailureKind.INTERNAL,
         )
         try:
-            await frontend.on_failed(job, "Something went wrong while making your song.")
+            await frontend.on_failed(job, engine.failure_of(job))
         finally:
             await frontend.stop()
             await engine.close()
     told = [m for m in fake.bot_messages(GROUP) if m.kind == "text"]
     assert len(told) == 1 and told[0].reply_to == request_id  # status 999 was gone
-    assert "Something went wrong while making your song." in told[0].text
+    assert "Something went wrong on the bot's side" in told[0].text
     assert "0badf00d" in told[0].text
 
 

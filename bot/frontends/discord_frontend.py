@@ -50,7 +50,7 @@ from bot.requests import (
 from storage.jobs import COMMUNITY_KEYS
 
 if TYPE_CHECKING:
-    from bot.engine import Engine, Progress, Song
+    from bot.engine import Engine, Failure, Progress, Song
     from bot.models import Job
     from bot.settings import Settings
 
@@ -457,8 +457,8 @@ class DiscordFrontend:
                 lines.append(f"**{line.label}**: {_num(line.used)} {line.unit} used, no limit")
             else:
                 lines.append(
-                    f"**{line.label}**: {_num(line.used)} of {_num(line.limit)} "
-                    f"{line.unit} used, {_num(line.remaining)} left"
+                    f"**{line.label}**: {_num(line.used)} of "
+                    f"{messages.plural(line.limit, line.unit)} used, {_num(line.remaining)} left"
                 )
         lines.append(
             f"Resets {ui.timestamp(status.resets_at)} ({ui.timestamp(status.resets_at, 'f')})."
@@ -628,7 +628,7 @@ class DiscordFrontend:
         job = await self.engine.get_job(job_id)
         lyrics = ""
         if job is not None:
-            lyrics = str((job.result or {}).get("lyrics") or job.request.lyrics or "")
+            lyrics = job.lyrics
         if is_instrumental_lyrics(lyrics):
             await send_ephemeral(interaction, "This song has no lyrics (instrumental).")
             return
@@ -689,13 +689,12 @@ class DiscordFrontend:
         text = ui.status_text(
             job.id,
             job.request.title(),
-            progress.state,
+            progress.phase,
             position=progress.position,
-            progress=progress.progress,
-            message=progress.message,
+            progress=progress.fraction,
         )
         await self.status.update(
-            job.id, job.reply_target, text, cancellable=progress.state != "uploading"
+            job.id, job.reply_target, text, cancellable=progress.phase != "uploading"
         )
 
     async def deliver(self, job: Job, song: Song) -> None:
@@ -749,7 +748,7 @@ class DiscordFrontend:
         url = jump_url(target.get("guild_id") if in_place else None, message.channel.id, message.id)
         try:
             await self.engine.update_reply_target(
-                job.id, {**target, "result_url": url, "result_message_id": str(message.id)}
+                job.id, result_url=url, result_message_id=str(message.id)
             )
         except Exception:
             log.warning("job %s: could not store the Discord result link", job.id, exc_info=True)
@@ -765,7 +764,10 @@ class DiscordFrontend:
         except Exception:
             log.warning("job %s: could not show the final Discord status", job.id, exc_info=True)
 
-    async def on_failed(self, job: Job, message: str) -> None:
+    async def on_failed(self, job: Job, failure: Failure) -> None:
+        message = messages.failure_text(
+            failure.kind, failure.quota_refunded, failure.timeout_seconds
+        )
         await self._wait_logged_in()
         target = job.reply_target
         cancelled = job.state == "cancelled"

@@ -184,13 +184,13 @@ def status_text(
 ) -> str:
     """The status message of an active job."""
     head = f"**{clip(title, 120)}** \N{MIDDLE DOT} job `{job_id}`\n"
-    if state == "queued":
+    if state == "waiting":
         line = "\N{HOURGLASS WITH FLOWING SAND} Queued"
         if position:
             line += " (next up)" if position == 1 else f", position {position}"
-    elif state == "submitting":
+    elif state in ("starting", "provider_queue"):
         line = "\N{HOURGLASS WITH FLOWING SAND} Starting the generation"
-    elif state == "running":
+    elif state == "generating":
         line = "\N{MUSICAL NOTE} Generating"
         if progress is not None:
             line += f" {round(max(0.0, min(1.0, progress)) * 100)}%"

@@ -40,7 +40,16 @@ from telegram.ext import (
 from telegram.request import HTTPXRequest
 
 from bot import messages
-from bot.engine import DeliveryError, Engine, EngineError, Job, Progress, Requester, Song
+from bot.engine import (
+    DeliveryError,
+    Engine,
+    EngineError,
+    Failure,
+    Job,
+    Progress,
+    Requester,
+    Song,
+)
 from bot.frontends.telegram_flood import RetryAfterLimiter
 from bot.frontends.telegram_status import ChatActions, StatusBoard
 from bot.frontends.telegram_text import (
@@ -467,7 +476,7 @@ class TelegramFrontend:
                 admission.provider or "the music service", admission.ignored_options
             )
             self._notes[admission.job_id] = note
-            await self.engine.update_reply_target(admission.job_id, {**target, "note": note})
+            await self.engine.update_reply_target(admission.job_id, note=note)
         self.status.show(
             admission.job_id,
             chat_id,
@@ -504,22 +513,28 @@ class TelegramFrontend:
         await self._ready()
         target = job.reply_target
         chat_id = int(target["chat_id"])
-        if progress.state in ("submitting", "running", "uploading"):
+        if progress.phase != "waiting":
             self.actions.start(job.id, chat_id, target.get("thread_id"))
         status_id = target.get("status_message_id")
         if status_id is None:
             return
-        markup = None if progress.state == "uploading" else _cancel_markup(job.id)
+        markup = None if progress.phase == "uploading" else _cancel_markup(job.id)
         note = self._notes.get(job.id) or target.get("note")
         text = status_html(
             job.id,
             job.request.title(),
-            progress.state,
+            {
+                "waiting": "queued",
+                "starting": "submitting",
+                "provider_queue": "running",
+                "generating": "running",
+                "uploading": "uploading",
+            }[progress.phase],
             position=progress.position,
-            progress=progress.progress,
+            progress=progress.fraction,
             note=note,
         )
-        self.status.show(job.id, chat_id, int(status_id), text, progress.state, markup)
+        self.status.show(job.id, chat_id, int(status_id), text, str(progress.phase), markup)
 
     async def deliver(self, job: Job, song: Song) -> None:
         """Send the song with sendAudio (MP3, cover thumbnail, caption, buttons)."""
@@ -583,7 +598,10 @@ class TelegramFrontend:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def on_failed(self, job: Job, message: str) -> None:
+    async def on_failed(self, job: Job, failure: Failure) -> None:
+        message = messages.failure_text(
+            failure.kind, failure.quota_refunded, failure.timeout_seconds
+        )
         """Failure or cancel: the status message shows why (or a new reply does)."""
         await self._ready()
         await self.actions.stop(job.id)
@@ -630,7 +648,7 @@ class TelegramFrontend:
                 self._source_key(update),
             )
         elif kind == "lyr":
-            lyrics = str((job.result or {}).get("lyrics") or job.request.lyrics or "")
+            lyrics = job.lyrics
             if not lyrics.strip() or is_instrumental_lyrics(lyrics):
                 await query.answer(NO_LYRICS, show_alert=True)
                 return
@@ -710,8 +728,8 @@ class TelegramFrontend:
                 lines.append(f"• {escape(line.label)}: {line.used:g}{unit} used (no limit)")
             else:
                 lines.append(
-                    f"• {escape(line.label)}: {line.used:g} of {line.limit:g}{unit} "
-                    f"used, {line.remaining:g} left"
+                    f"• {escape(line.label)}: {line.used:g} of "
+                    f"{messages.plural(line.limit, line.unit)} used, {line.remaining:g} left"
                 )
         lines.append(f"Daily limits reset {when(status.resets_at)}.")
         await self._reply(message, "\n".join(lines))

@@ -24,7 +24,7 @@ from telegram.error import BadRequest, TelegramError
 log = logging.getLogger(__name__)
 
 # Order of the states a status message shows; an update of a lower rank is stale.
-RANKS = {"queued": 0, "submitting": 1, "running": 2, "uploading": 3, "ready": 3}
+RANKS = {"waiting": 0, "starting": 1, "provider_queue": 2, "generating": 3, "uploading": 4}
 
 
 @dataclass

@@ -321,23 +321,22 @@ class FakeFal:
             return answer
         if fault == "malformed":
             return _malformed()
-        refused = self._gate(request)
-        if refused is not None:
-            return refused
-        found = self._lookup(request)
+        found = self._gated_lookup(request)
         if isinstance(found, web.Response):
             return found
         body, status = self._status_body(request, found)
         return json_response(body, status=status)
 
+    def _gated_lookup(self, request: web.Request) -> FakeRequest | web.Response:
+        """The request a status call is about, after the checks every queue call shares."""
+        refused = self._gate(request)
+        return refused if refused is not None else self._lookup(request)
+
     async def _status_stream(self, request: web.Request) -> web.StreamResponse:
         self.stream_paths.append(request.path)
         if not self.streams:
             return json_response({"detail": "Not Found"}, status=404)
-        refused = self._gate(request)
-        if refused is not None:
-            return refused
-        found = self._lookup(request)
+        found = self._gated_lookup(request)
         if isinstance(found, web.Response):
             return found
         stream = web.StreamResponse(
