@@ -27,6 +27,7 @@ import asyncio
 import itertools
 import json
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -122,6 +123,10 @@ class FakeRequest:
     cancelled: bool = False
     audio: bytes | None = None
     logs: list[dict[str, str]] = field(default_factory=list)
+    # The stream moves a request on in time, as fal's queue does: one step per
+    # `stream_interval`, however often a client reconnects.
+    streamed: dict[str, Any] | None = None
+    stream_step_at: float = 0.0
 
 
 class FakeFal:
@@ -354,7 +359,11 @@ class FakeFal:
     ) -> None:
         sent, previous = 0, None
         while True:
-            body, _ = self._status_body(request, found)
+            now = time.monotonic()
+            if found.streamed is None or now - found.stream_step_at >= self.stream_interval:
+                found.streamed, _ = self._status_body(request, found)
+                found.stream_step_at = now
+            body = found.streamed
             if body != previous:  # an event only when something changed
                 previous = body
                 logs = body.get("logs")
