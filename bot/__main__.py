@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bot import logs, messages
-from bot.engine import Engine, EngineError, Failure, Phase, Progress, Song
+from bot.engine import Engine, EngineError, Failure, NoProvider, Phase, Progress, Song
 from bot.models import Job, Requester
 from bot.requests import GenerationRequest, InvalidRequest
 from bot.settings import (
@@ -311,6 +311,9 @@ async def _generate(
         await engine.start()
         try:
             admission = await engine.submit(request, Requester("cli", "cli"), {"out": str(out)})
+        except NoProvider as exc:  # mode, duration or an option no provider here takes
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         except EngineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -360,6 +363,15 @@ def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
     if found:
         print("Missing:")
         for line in found:
+            print(f"  - {line}")
+    notes: list[str] = []
+    if "acestep" in provs:  # it can tell whether its GPU servers can do prompt mode
+        from providers.registry import provider_notes
+
+        notes = asyncio.run(provider_notes(settings))
+    if notes:
+        print("Providers say:")
+        for line in notes:
             print(f"  - {line}")
     return EXIT_OK if fronts and provs else EXIT_FAILED
 

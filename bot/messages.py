@@ -170,6 +170,23 @@ def no_provider_for_duration(duration: int, shortest: int, longest: int) -> str:
     )
 
 
+def no_provider_for_option(name: str, value: object, limits: list[tuple[str, str]]) -> str:
+    """No provider here takes this option's value: which one takes what."""
+    which = "; ".join(f"{provider} takes {allowed}" for provider, allowed in limits)
+    return (
+        f"{name}: {value} is not available here; {which}. "
+        "Choose a value in one of those ranges, or leave it out."
+    )
+
+
+# Shown next to the seed of a song from a provider that ignored the seed it was sent.
+SEED_NOT_HONOURED = "this server does not honour seeds, so it will not make this song again"
+
+
+def seed_note(honoured: bool) -> str:
+    return "" if honoured else SEED_NOT_HONOURED
+
+
 def ignored_options(provider: str, names: list[str]) -> str:
     return (
         f"Note: {provider} ignores {', '.join(names)}; "

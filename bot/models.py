@@ -81,6 +81,9 @@ class SongResult:
     channels: int | None = None
     tags: str | None = None  # as the provider wrote or used them
     lyrics: str | None = None
+    # False when the provider ignored the seed it was sent: `seed` is the one it used,
+    # but asking for it again will not make the same song.
+    seed_honoured: bool = True
     provider_metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -244,6 +244,16 @@ def test_the_song_card_shows_the_same_facts_on_both_platforms() -> None:
     assert caption == "Prompt lofi piano about rain\nSeed 7 \N{MIDDLE DOT} 1:05 \N{MIDDLE DOT} fal"
     assert card.file_name == f"rain-on-tin-{JOB}.mp3"
     assert [b.action for b in card.buttons] == [Action.NEW, Action.SAME, Action.LYRICS]
+    # A provider that ignored the seed: both platforms say so next to it.
+    unseeded = replies.song_card(
+        made, title="x", duration=5, seed=3, provider="acestep", seed_honoured=False
+    )
+    note = "(this server does not honour seeds, so it will not make this song again)"
+    assert note in telegram_words(telegram_render.caption(unseeded))
+    seed_field = next(f.value for f in discord_render.song_embed(unseeded, None).fields)
+    assert seed_field == f"`3` {note}" or note in str(
+        discord_render.song_embed(unseeded, None).fields
+    )
     instrumental = replies.song_card(
         job(JobState.DELIVERED, lyrics="[inst]"), title="x", duration=5, seed=1, provider="fal"
     )

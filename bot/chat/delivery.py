@@ -94,6 +94,7 @@ class ChatDelivery:
                 duration=rendered.duration or song.duration,
                 seed=song.seed,
                 provider=song.provider,
+                seed_honoured=song.seed_honoured,
             )
             kept = await self.outlet.post_song(target, card, rendered)
         finally:

@@ -157,14 +157,16 @@ class SongCard:
     requester_id: str
     buttons: tuple[Button, ...]
     notes: tuple[str, ...] = ()
+    seed_note: str = ""  # e.g. the provider ignored the seed, so it will not repeat
 
     def numbers(self) -> tuple[Span, ...]:
         """Seed, length and provider: what it takes to make the same song again."""
+        note = f" ({self.seed_note})" if self.seed_note else ""
         return (
             Bold("Seed"),
             " ",
             Code(str(self.seed)),
-            f" \N{MIDDLE DOT} {messages.clock(self.duration)} \N{MIDDLE DOT} {self.provider}",
+            f"{note} \N{MIDDLE DOT} {messages.clock(self.duration)} \N{MIDDLE DOT} {self.provider}",
         )
 
 
@@ -265,7 +267,15 @@ def file_name(title: str, job_id: str, fmt: str = "mp3") -> str:
     return f"{slug(title)}-{job_id}.{fmt}"
 
 
-def song_card(job: Job, *, title: str, duration: float, seed: int, provider: str) -> SongCard:
+def song_card(
+    job: Job,
+    *,
+    title: str,
+    duration: float,
+    seed: int,
+    provider: str,
+    seed_honoured: bool = True,
+) -> SongCard:
     prompt_mode = job.request.mode is Mode.PROMPT
     return SongCard(
         job_id=job.id,
@@ -278,6 +288,7 @@ def song_card(job: Job, *, title: str, duration: float, seed: int, provider: str
         provider=provider,
         requester_id=job.requester.user_id,
         buttons=song_buttons(job.id, has_lyrics(job)),
+        seed_note=messages.seed_note(seed_honoured),
     )
 
 
@@ -469,6 +480,8 @@ def option_range(spec: OptionSpec) -> str:
         return "yes or no"
     if spec.choices:
         return " | ".join(spec.choices)
+    if spec.kind is str:
+        return spec.usage or "text"
     high = MAX_SEED if spec.name == "seed" else spec.maximum
     return f"{messages.num(spec.minimum or 0)} to {messages.num(high or 0)}"
 

@@ -91,6 +91,9 @@ class Song:
     lyrics: str | None
     prompt: str | None
     album: str = "acestep-bot"
+    # False when the provider ignored the seed it was sent: `seed` is what it used, but
+    # asking for it again will not make the same song (front-ends say so).
+    seed_honoured: bool = True
     _cover: bytes | None = field(default=None, repr=False)
 
     async def cover(self) -> bytes:

@@ -317,6 +317,10 @@ class Engine:
         ]
         if not same_mode:
             return messages.no_provider_for_mode(request.mode.value)
+        limits = self.router.option_limits(request)
+        if limits:  # the mode and length are served, an option's value is not
+            name, which = next(iter(limits.items()))
+            return messages.no_provider_for_option(name, request.advanced()[name], which)
         longest = max(p.capabilities.max_duration for p in same_mode)
         shortest = min(p.capabilities.min_duration for p in same_mode)
         return messages.no_provider_for_duration(request.duration, shortest, longest)

@@ -154,7 +154,8 @@ def song_embed(card: SongCard, cover_name: str | None) -> discord.Embed:
         timestamp=datetime.now(UTC),
     )
     embed.add_field(name="Duration", value=messages.clock(card.duration))
-    embed.add_field(name="Seed", value=f"`{card.seed}`")
+    note = f" ({card.seed_note})" if card.seed_note else ""
+    embed.add_field(name="Seed", value=f"`{card.seed}`{note}")
     embed.add_field(name="Provider", value=card.provider or "?")
     embed.add_field(name="Requested by", value=f"<@{card.requester_id}>")
     for note in card.notes:
