@@ -577,7 +577,7 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
             print(
                 f"{job.id:8}  {job.state:10}  {_when(job.created_at):19}  "
                 f"{job.requester.key[:22]:22}  {(job.provider or '-'):9}  "
-                f"{job.duration:>4}  {job.request.title()}"
+                f"{job.duration:>4}  {job.title}"
             )
         return EXIT_OK
 

@@ -25,6 +25,7 @@ MAX_SEED = 2_147_483_647
 MAX_PROMPT_CHARS = 500
 MAX_TAGS_CHARS = 300
 MAX_LYRICS_CHARS = 3000
+MAX_TITLE_CHARS = 100
 
 INSTRUMENTAL_MARKERS = ("[inst]", "[instrumental]")
 
@@ -74,6 +75,8 @@ class OptionSpec:
     def allowed(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
+        if self.kind is str:
+            return f"text of at most {_num(self.maximum)} characters"
         noun = "a whole number" if self.kind is int else "a number"
         return f"{noun} from {_num(self.minimum)} to {_num(self.maximum)}"
 
@@ -159,6 +162,9 @@ BASIC_OPTIONS: dict[str, OptionSpec] = {
         "seed", int, -1, MAX_SEED, default=-1, help="-1 for random; reuse one to repeat a song"
     ),
     "instrumental": OptionSpec("instrumental", bool, default=False, help="no vocals"),
+    "title": OptionSpec(
+        "title", str, 1, MAX_TITLE_CHARS, help="the song's title (default: from its words)"
+    ),
 }
 
 ALL_OPTIONS: dict[str, OptionSpec] = {**BASIC_OPTIONS, **ADVANCED_OPTIONS}
@@ -173,6 +179,7 @@ class GenerationRequest(BaseModel):
     prompt: str = ""
     tags: str = ""
     lyrics: str = ""
+    title: str = ""  # empty: bot.titles derives one
     instrumental: bool = False
     duration: int = DEFAULT_DURATION
     seed: int = -1
@@ -193,6 +200,11 @@ class GenerationRequest(BaseModel):
         if isinstance(value, str):
             return value.replace("\r\n", "\n").strip()
         return value
+
+    @field_validator("title", mode="before")
+    @classmethod
+    def _one_line(cls, value: Any) -> Any:
+        return " ".join(value.split()) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> GenerationRequest:
@@ -236,12 +248,6 @@ class GenerationRequest(BaseModel):
         """The advanced options the user set (provider defaults apply to the rest)."""
         return {k: getattr(self, k) for k in ADVANCED_OPTIONS if getattr(self, k) is not None}
 
-    def title(self) -> str:
-        """A short human title: the prompt, or the tags."""
-        text = self.prompt if self.mode is Mode.PROMPT else self.tags
-        text = " ".join(text.split())
-        return text if len(text) <= 80 else text[:77].rstrip() + "..."
-
     def with_seed(self, seed: int) -> GenerationRequest:
         return self.model_copy(update={"seed": seed})
 
@@ -275,6 +281,7 @@ def _check_text(req: GenerationRequest) -> None:
         ("prompt", MAX_PROMPT_CHARS),
         ("tags", MAX_TAGS_CHARS),
         ("lyrics", MAX_LYRICS_CHARS),
+        ("title", MAX_TITLE_CHARS),
     ):
         value = getattr(req, field)
         if len(value) > limit:
@@ -344,6 +351,8 @@ def parse_option_value(name: str, raw: str) -> Any:
         if text.lower() in spec.choices:
             return text.lower()
         raise InvalidRequest(name, raw, spec.allowed())
+    if spec.kind is str:
+        return text
     try:
         number: float = int(text) if spec.kind is int else float(text)
     except ValueError:

@@ -145,7 +145,7 @@ CASES: list[tuple[str, StatusView | Reply, str, tuple[Action, ...]]] = [
         replies.queue_reply(
             [(job(JobState.QUEUED), 2), (job(JobState.RUNNING), None), (job(JobState.READY), None)]
         ),
-        f"{JOB} lofi piano about rain \N{EM DASH} waiting, position 2",
+        f"{JOB} Lofi Piano About Rain \N{EM DASH} waiting, position 2",
         (),
     ),
     (
@@ -193,13 +193,13 @@ CASES: list[tuple[str, StatusView | Reply, str, tuple[Action, ...]]] = [
     (
         "lyrics",
         replies.lyrics_reply(job(lyrics="x")),
-        "Lyrics: lofi piano about rain",
+        "Lyrics: Lofi Piano About Rain",
         (),
     ),
     (
         "cancelled",
         replies.cancelled_reply(job(JobState.CANCELLED, refunded=True)),
-        f"Cancelled {JOB} (lofi piano about rain). Your quota was refunded.",
+        f"Cancelled {JOB} (Lofi Piano About Rain). Your quota was refunded.",
         (),
     ),
 ]

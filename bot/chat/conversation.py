@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bot import titles
 from bot.chat import replies
 from bot.chat.delivery import ChatDelivery
 from bot.chat.markup import Span
@@ -108,7 +109,7 @@ class Conversation:
         if refusal is not None:
             await place.answer(refusal)
             return
-        slot = await place.open_status(replies.provisional_view(request.title()))
+        slot = await place.open_status(replies.provisional_view(titles.song_title(request)))
         target = {**place.reply_target(), **slot}
         try:
             admission = await self.engine.submit(

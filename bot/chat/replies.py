@@ -469,6 +469,8 @@ def option_range(spec: OptionSpec) -> str:
         return "yes or no"
     if spec.choices:
         return " | ".join(spec.choices)
+    if spec.kind is str:
+        return f"up to {messages.num(spec.maximum or 0)} characters"
     high = MAX_SEED if spec.name == "seed" else spec.maximum
     return f"{messages.num(spec.minimum or 0)} to {messages.num(high or 0)}"
 

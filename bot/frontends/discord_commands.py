@@ -318,6 +318,8 @@ def _option_annotation(spec: OptionSpec) -> Any:
         return Optional[bool]  # noqa: UP045
     if spec.choices:
         return Optional[Literal[spec.choices]]  # noqa: UP045
+    if spec.kind is str:
+        return Optional[app_commands.Range[str, 1, int(spec.maximum or 100)]]  # noqa: UP045
     kind: Any = int if spec.kind is int else float
     return Optional[app_commands.Range[kind, spec.minimum, spec.maximum]]  # noqa: UP045
 

@@ -12,15 +12,22 @@ from bot.requests import InvalidRequest, Mode, OptionSpec, parse_options
 
 # A token that looks like `name=value`; anything else is part of the prompt or tags.
 _OPTION_TOKEN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
+# `title="Night Drive"`: a value of several words in quotes (phones type curly ones).
+_QUOTED_OPTION = re.compile(
+    r"(?<!\S)([A-Za-z_][A-Za-z0-9_]*)=[\"\u201c\u201d\u00ab]([^\"\u201c\u201d\u00bb]*)[\"\u201c\u201d\u00bb]"
+)
 INSTRUMENTAL_WORD = "instrumental"
 
 
-def _split_options(words: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """Separate plain words from `name=value` options and the bare `instrumental` flag."""
+def _split_options(text: str) -> tuple[list[str], dict[str, Any]]:
+    """Separate plain words from `name=value` options (a value in quotes may hold
+    spaces) and the bare `instrumental` flag."""
     plain: list[str] = []
     pairs: dict[str, str] = {}
     flag = False
-    for word in words:
+    for quoted in _QUOTED_OPTION.finditer(text):
+        pairs[quoted.group(1).lower()] = quoted.group(2)
+    for word in _QUOTED_OPTION.sub(" ", text).split():
         match = _OPTION_TOKEN.match(word)
         if match:
             pairs[match.group(1).lower()] = match.group(2)
@@ -36,7 +43,7 @@ def _split_options(words: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 def parse_song(args: str) -> dict[str, Any]:
     """`/song <prompt words> [name=value ...] [instrumental]` -> request fields."""
-    words, fields = _split_options(args.split())
+    words, fields = _split_options(args)
     return {"mode": Mode.PROMPT, "prompt": " ".join(words), **fields}
 
 
@@ -44,7 +51,7 @@ def parse_compose(args: str, replied_text: str | None) -> dict[str, Any]:
     """`/compose <tags> [options]` with lyrics on the following lines (or the replied-to
     message) -> request fields. Lyrics are kept line for line."""
     first, _, rest = args.partition("\n")
-    words, fields = _split_options(first.split())
+    words, fields = _split_options(first)
     tags = ", ".join(t.strip() for t in " ".join(words).split(",") if t.strip())
     lyrics = rest if rest.strip() else (replied_text or "")
     return {"mode": Mode.SONG, "tags": tags, "lyrics": lyrics, **fields}

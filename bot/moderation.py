@@ -1,0 +1,73 @@
+"""Ban lists: words and phrases a request may not contain (the operator's BANNED_WORDS
+and each community's own list).
+
+Matching is on whole words after normalising both sides the same way: Unicode
+compatibility forms folded (full-width letters, ligatures), case folded, accents and
+invisible characters dropped, punctuation read as a space. A request is also checked
+with spaced-out letters joined ("b a d" -> "bad") and common digit-for-letter swaps
+undone ("b4d" -> "bad"), the usual ways around a word filter.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+
+from bot.requests import GenerationRequest
+
+MAX_PHRASE_CHARS = 100
+_NOT_WORD = re.compile(r"[\W_]+")
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a"})
+
+
+def normalize(text: str) -> str:
+    """The form phrases are stored and compared in: lower case, no accents or
+    invisible characters, words separated by single spaces."""
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
+    kept = "".join(ch for ch in folded if unicodedata.category(ch) not in ("Mn", "Me", "Cf", "Cc"))
+    return " ".join(_NOT_WORD.sub(" ", kept).split())
+
+
+def _joined_singles(words: list[str]) -> list[str]:
+    """Runs of one-letter words joined: ["b", "a", "d", "song"] -> ["bad", "song"]."""
+    out: list[str] = []
+    run = ""
+    for word in words:
+        if len(word) == 1:
+            run += word
+            continue
+        if run:
+            out.append(run)
+            run = ""
+        out.append(word)
+    if run:
+        out.append(run)
+    return out
+
+
+def _variants(text: str) -> set[str]:
+    plain = normalize(text)
+    leet = normalize(text.translate(_LEET))
+    forms = {plain, leet}
+    forms |= {" ".join(_joined_singles(form.split())) for form in (plain, leet)}
+    return {f" {form} " for form in forms}
+
+
+def request_text(request: GenerationRequest) -> str:
+    """Every text of a request a ban list applies to."""
+    parts = [request.prompt, request.tags, request.lyrics]
+    title = getattr(request, "title", "")
+    if isinstance(title, str):
+        parts.append(title)
+    return "\n".join(p for p in parts if p)
+
+
+def first_banned(text: str, phrases: Iterable[str]) -> str | None:
+    """The first listed phrase `text` contains as whole words, or None."""
+    variants = _variants(text)
+    for phrase in phrases:
+        wanted = normalize(phrase)
+        if wanted and any(f" {wanted} " in form for form in variants):
+            return wanted
+    return None
