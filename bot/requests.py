@@ -180,6 +180,8 @@ class GenerationRequest(BaseModel):
     tags: str = ""
     lyrics: str = ""
     title: str = ""  # empty: bot.titles derives one
+    # The provider to try first (a user's or community's preference), if it can serve.
+    provider: str | None = None
     instrumental: bool = False
     duration: int = DEFAULT_DURATION
     seed: int = -1
@@ -199,6 +201,15 @@ class GenerationRequest(BaseModel):
     def _strip(cls, value: Any) -> Any:
         if isinstance(value, str):
             return value.replace("\r\n", "\n").strip()
+        return value
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str | None) -> str | None:
+        from bot.settings import PROVIDER_NAMES
+
+        if value is not None and value not in PROVIDER_NAMES:
+            raise InvalidRequest("provider", value, "one of " + ", ".join(PROVIDER_NAMES))
         return value
 
     @field_validator("title", mode="before")

@@ -65,14 +65,16 @@ def from_lyrics(lyrics: str | None) -> str | None:
     return first
 
 
+def style_tags(tags: str) -> list[str]:
+    """The tags that say what the music is (genre, instruments, mood), in order:
+    "lofi, 80 bpm, female vocals, piano" -> ["lofi", "piano"]."""
+    return [t.strip() for t in tags.split(",") if t.strip() and not _TECHNICAL.search(t)]
+
+
 def from_tags(tags: str | None) -> str | None:
-    """The first two style tags that are not tempo, key or vocals, capitalised."""
-    if not tags:
-        return None
-    style = [t.strip() for t in tags.split(",") if t.strip() and not _TECHNICAL.search(t)]
-    if not style:
-        return None
-    return _clip(" ".join(_capitalise(t) for t in style[:2]))
+    """The first two style tags, capitalised."""
+    style = style_tags(tags or "")
+    return _clip(" ".join(_capitalise(t) for t in style[:2])) if style else None
 
 
 def from_prompt(prompt: str | None) -> str | None:

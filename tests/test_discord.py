@@ -227,16 +227,18 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
     song = await bot.song_message(payload)
     assert not song.ephemeral
     mp3 = next(a for a in song.attachments if a.filename.endswith(".mp3"))
-    assert mp3.filename == f"lofi-piano-about-rain-{job_id}.mp3"
+    assert mp3.filename == f"lofi-piano-about-rain-{job_id}.mp3"  # from the title
     assert len(mp3.data) <= payload["attachment_size_limit"]
     assert decode_mp3(mp3.data) == pytest.approx(6, abs=0.2)
     cover = next(a for a in song.attachments if a.filename == "cover.jpg")
     assert cover.data[:3] == b"\xff\xd8\xff"  # a JPEG
 
     embed = song.embeds[0]
-    assert embed["title"] == "lofi piano about rain"
+    # Titled from the first line of the lyrics fal wrote; its tags shown too.
+    assert embed["title"] == "Lofi piano about rain"
     assert "lofi piano about rain" in embed["description"]
     fields = {f["name"]: f["value"] for f in embed["fields"]}
+    assert fields["Tags"] == "lofi, piano, about, rain"
     assert fields["Duration"] == "0:06"
     assert fields["Seed"] == "`42`"
     assert fields["Provider"] == "fal"
@@ -246,6 +248,8 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
         f"acestep:new:{job_id}",
         f"acestep:same:{job_id}",
         f"acestep:lyrics:{job_id}",
+        f"acestep:tags:{job_id}",
+        f"acestep:delete:{job_id}",
     ]
 
     # The provider got the user's seed. A song costs one lasting message: the status
@@ -369,7 +373,7 @@ async def test_failed_provider_is_told_once_briefly_with_a_retry_button(bot: Bot
         lambda: (m := bot.original(payload)) and "could not make" in m.content and m
     )
     assert status.content == (
-        f"**doomed** \N{MIDDLE DOT} job `{job_id}`\n\N{CROSS MARK} The music service could "
+        f"**Doomed** \N{MIDDLE DOT} job `{job_id}`\n\N{CROSS MARK} The music service could "
         "not make this song. Your quota was refunded."
     )
     # The provider's raw error is for the operator (`jobs show`), never for the channel.
@@ -500,7 +504,7 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
     click = fake.button(f"acestep:cancel:{job_id}", status)
     await bot.feed(click)
     assert ephemeral_texts(bot, click) == [
-        f"Cancelled `{job_id}` (never ending). Your quota was refunded."
+        f"Cancelled `{job_id}` (Never Ending). Your quota was refunded."
     ]
     await bot.job_state(job_id, "cancelled")
     status = await fake.wait_until(
@@ -515,7 +519,7 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
     command = fake.slash("cancel", {})
     await bot.feed(command)
     assert ephemeral_texts(bot, command) == [
-        f"Cancelled `{second_id}` (second). Your quota was refunded."
+        f"Cancelled `{second_id}` (Second). Your quota was refunded."
     ]
     await bot.job_state(second_id, "cancelled")
     assert not [m for m in fake.visible() if m.attachments]
@@ -660,14 +664,14 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     queue = fake.slash("queue")
     await bot.feed(queue)
     [text] = ephemeral_texts(bot, queue)
-    assert f"`{waiting_id}` waiting tune \N{EM DASH} generating" in text
+    assert f"`{waiting_id}` Waiting Tune \N{EM DASH} generating" in text
     assert done_id not in text
 
     # /cancel suggests the user's active jobs as they type.
     await bot.feed(fake.autocomplete("cancel", "job", waiting_id[:3]))
     assert fake.callbacks[-1] == {
         "type": 8,
-        "data": {"choices": [{"name": f"{waiting_id} waiting tune", "value": waiting_id}]},
+        "data": {"choices": [{"name": f"{waiting_id} Waiting Tune", "value": waiting_id}]},
     }
 
     quota = fake.slash("quota")
@@ -680,7 +684,7 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     await bot.feed(history)
     [text] = ephemeral_texts(bot, history)
     assert (
-        f"`{done_id}` [finished tune](<https://discord.com/channels/{GUILD}/{CHANNEL}/"
+        f"`{done_id}` [Finished tune](<https://discord.com/channels/{GUILD}/{CHANNEL}/"
         f"{song.id}>)" in text
     )
 
@@ -751,6 +755,8 @@ async def test_commands_sync_once_and_only_when_changed(tmp_path: Path, servers:
         "history",
         "help",
         "limits",
+        "settings",
+        "banlist",
     }
     song = {o["name"]: o for o in by_name["song"]["options"]}
     assert set(song) == {"prompt", *BASIC_OPTIONS, *ADVANCED_OPTIONS}

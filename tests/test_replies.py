@@ -243,11 +243,16 @@ def test_the_song_card_shows_the_same_facts_on_both_platforms() -> None:
     caption = telegram_words(telegram_render.caption(card))
     assert caption == "Prompt lofi piano about rain\nSeed 7 \N{MIDDLE DOT} 1:05 \N{MIDDLE DOT} fal"
     assert card.file_name == f"rain-on-tin-{JOB}.mp3"
-    assert [b.action for b in card.buttons] == [Action.NEW, Action.SAME, Action.LYRICS]
+    assert [b.action for b in card.buttons] == [
+        Action.NEW,
+        Action.SAME,
+        Action.LYRICS,
+        Action.DELETE,
+    ]
     instrumental = replies.song_card(
         job(JobState.DELIVERED, lyrics="[inst]"), title="x", duration=5, seed=1, provider="fal"
     )
-    assert [b.action for b in instrumental.buttons] == [Action.NEW, Action.SAME]
+    assert [b.action for b in instrumental.buttons] == [Action.NEW, Action.SAME, Action.DELETE]
 
 
 def test_help_lists_each_option_once_on_both_platforms() -> None:

@@ -259,15 +259,27 @@ async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
         fmt, seconds = decode_mp3(audio.data)
         assert fmt == "mp3" and 5.5 < seconds < 6.5
         assert song.files["thumbnail"].data[:3] == b"\xff\xd8\xff"  # JPEG cover
-        assert song.params["title"] == "lofi piano <about> rain"
+        # Titled from the lyrics fal wrote ("[verse]" and the prompt): its first line.
+        assert song.params["title"] == "Lofi piano <about> rain"
         assert song.params["performer"] == "ACE-Step" and song.params["duration"] == 6
         assert song.params["parse_mode"] == "HTML"
+        # The tags fal wrote for the description are shown under it.
         assert song.caption == (
-            "<b>Prompt</b> lofi piano &lt;about&gt; rain\n<b>Seed</b> <code>7</code> · 0:06 · fal"
+            "<b>Prompt</b> lofi piano &lt;about&gt; rain\n"
+            "<b>Tags</b> lofi, piano, &lt;about&gt;, rain\n"
+            "<b>Seed</b> <code>7</code> · 0:06 · fal"
         )
         job_id = song.button_data()[0].split(":")[1]
-        # The same buttons as on Discord: new take, same seed, lyrics.
-        assert song.button_data() == [f"new:{job_id}", f"same:{job_id}", f"lyrics:{job_id}"]
+        # The same buttons as on Discord, three to a row.
+        assert song.button_data() == [
+            f"new:{job_id}",
+            f"same:{job_id}",
+            f"lyrics:{job_id}",
+            f"tags:{job_id}",
+            f"delete:{job_id}",
+        ]
+        assert song.reply_markup is not None
+        assert [len(row) for row in song.reply_markup["inline_keyboard"]] == [3, 2]
 
         # A song costs one lasting message: the status message goes once it is posted.
         status = next(m for m in h.fake.sent if m.kind == "text")
@@ -323,7 +335,7 @@ async def test_quota_refusal_is_shown_and_nothing_is_generated(tmp_path: Path) -
         second = h.fake.send_text(PRIVATE, ANN, "/song second song duration=5")
         status = await h.reply_to(PRIVATE, second)
         refusal = await h.final_text(status)
-        assert refusal.startswith("<b>second song</b>\nYou have reached today's limit of 1 song.")
+        assert refusal.startswith("<b>Second Song</b>\nYou have reached today's limit of 1 song.")
         assert "It resets at 00:00 UTC" in refusal
         await asyncio.sleep(0.1)
         assert h.fal.submit_count == 1
@@ -376,12 +388,12 @@ async def test_new_take_and_lyrics_buttons(tmp_path: Path) -> None:
     async with running_bot(tmp_path) as h:
         h.fake.send_text(PRIVATE, ANN, "/song rainy day duration=5 seed=11")
         first = await h.song_message(PRIVATE)
-        new_data, same_data, lyrics_data = first.button_data()
+        new_data, same_data, lyrics_data, _tags, _delete = first.button_data()
 
         h.fake.press(PRIVATE, first.message_id, ANN, lyrics_data)
         lyrics = await h.reply_to(PRIVATE, first.message_id)
         # What fal wrote for the prompt, under a title.
-        assert lyrics.text == "<b>Lyrics: rainy day</b>\n[verse]\nrainy day"
+        assert lyrics.text == "<b>Lyrics: Rainy day</b>\n[verse]\nrainy day"
         assert h.fake.calls_of("answerCallbackQuery")
 
         h.fake.press(PRIVATE, first.message_id, ANN, new_data)
@@ -475,7 +487,7 @@ async def test_buttons_work_after_a_restart(tmp_path: Path) -> None:
     async with running_bot(tmp_path, fake=fake) as h2:
         h2.fake.press(PRIVATE, song.message_id, ANN, song.button_data()[2])
         reply = await h2.reply_to(PRIVATE, song.message_id)
-        assert reply.text == "<b>Lyrics: before restart</b>\n[verse]\nbefore restart"
+        assert reply.text == "<b>Lyrics: Before restart</b>\n[verse]\nbefore restart"
 
 
 # python-telegram-bot itself reads the deprecated int `retry_after` when it builds the error.

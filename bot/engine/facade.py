@@ -33,7 +33,7 @@ from bot.engine.errors import (
 )
 from bot.engine.notify import Notifier
 from bot.engine.runner import EngineOptions, JobRunner
-from bot.engine.scheduler import Scheduler
+from bot.engine.scheduler import Scheduler, pick_for
 from bot.engine.tasks import JobTasks
 from bot.metrics import Metrics
 from bot.models import ACTIVE_STATES, FailureKind, Job, JobState, Requester
@@ -286,7 +286,7 @@ class Engine:
             seed,
             requester.key,
         )
-        likely = self.router.pick(request) or capable[0]
+        likely = pick_for(self.router, request) or capable[0]
         position = await self._position_of(job.id)
         self.tasks.wake.set()
         return Admission(
@@ -422,6 +422,18 @@ class Engine:
     async def clear_song_defaults(self, scope: str, subject: str) -> None:
         await self.community.clear_defaults(scope, subject)
 
+    async def banned(self, community: str) -> list[str]:
+        return await self.community.banned(community)
+
+    async def ban(self, community: str, phrases: list[str], by: Requester) -> list[str]:
+        added = await self.community.ban(community, phrases, by.key)
+        if added:
+            log.info("%s added %d phrases to the ban list of %s", by.key, len(added), community)
+        return added
+
+    async def unban(self, community: str, phrases: list[str]) -> list[str]:
+        return await self.community.unban(community, phrases)
+
     async def delete_song(self, job_id: str, by: Requester) -> Job:
         """Remove a posted song: mark the job deleted (the row stays, it is the ledger)
         and remove its audio files at once. Who may is the caller's rule."""
@@ -441,7 +453,7 @@ class Engine:
         """The provider serving a job, else the one most likely to."""
         return (
             self.router.get(job.provider or "")
-            or self.router.pick(job.request)
+            or pick_for(self.router, job.request)
             or next(iter(self.router.capable(job.request)), None)
         )
 

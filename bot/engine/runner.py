@@ -518,6 +518,7 @@ class JobRunner:
             tags=result.tags or (req.tags or None),
             lyrics=result.lyrics or (req.lyrics or None),
             prompt=req.prompt or None,
+            made_at=job.finished_at or job.created_at or None,
         )
 
     async def deliver(self, job: Job) -> None:

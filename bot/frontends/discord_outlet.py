@@ -57,6 +57,10 @@ class DiscordOutlet:
     def working(self, target: dict[str, Any], job_id: str, active: bool) -> None:
         """Discord shows the status message; no typing indicator is needed."""
 
+    def bot_name(self) -> str | None:
+        user = self.client.user
+        return user.name if user is not None else None
+
     # ---- the status message ----
 
     async def edit_status(self, target: dict[str, Any], view: StatusView) -> bool:
@@ -125,7 +129,38 @@ class DiscordOutlet:
         )
         in_place = str(message.channel.id) == str(target.get("channel_id"))  # else a DM
         url = jump_url(target.get("guild_id") if in_place else None, message.channel.id, message.id)
-        return {"result_url": url, "result_message_id": str(message.id)}
+        return {
+            "result_url": url,
+            "result_message_id": str(message.id),
+            "result_channel_id": str(message.channel.id),
+        }
+
+    async def remove_song(self, target: dict[str, Any]) -> bool:
+        """Delete the posted song: through the interaction while its token lives (a
+        followup), else through its channel (the bot's own message)."""
+        message_id = target.get("result_message_id")
+        channel_id = target.get("result_channel_id") or target.get("channel_id")
+        if not message_id:
+            return False
+        try:
+            if self.token_usable(target):
+                try:
+                    await self.webhook(target).delete_message(int(message_id))
+                    return True
+                except discord.NotFound:
+                    pass  # posted through the channel after all: try there
+            if not channel_id:
+                return False
+            channel = self.client.get_partial_messageable(int(channel_id))
+            await channel.get_partial_message(int(message_id)).delete()
+            return True
+        except discord.NotFound:
+            return True  # already gone
+        except discord.HTTPException as exc:
+            log.warning("Could not delete a posted Discord song: %s", http_text(exc))
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("Could not delete a posted Discord song: %s", type(exc).__name__)
+        return False
 
     async def post_notice(self, target: dict[str, Any], view: StatusView) -> None:
         content, buttons = render.status_content(view)

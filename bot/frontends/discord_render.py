@@ -17,7 +17,7 @@ import discord
 
 from bot import messages
 from bot.chat.markup import Bold, Code, Link, Mention, Muted, Span, Text, When, clip
-from bot.chat.replies import Action, Button, Reply, SongCard, StatusView, Style
+from bot.chat.replies import TAGS_LABEL, Action, Button, Reply, SongCard, StatusView, Style
 from bot.requests import MAX_LYRICS_CHARS, MAX_TAGS_CHARS
 
 EMBED_DESCRIPTION_LIMIT = 4096
@@ -153,6 +153,8 @@ def song_embed(card: SongCard, cover_name: str | None) -> discord.Embed:
         colour=discord.Colour.blurple(),
         timestamp=datetime.now(UTC),
     )
+    if card.tags:
+        embed.add_field(name=TAGS_LABEL, value=clip(card.tags, 1024), inline=False)
     embed.add_field(name="Duration", value=messages.clock(card.duration))
     embed.add_field(name="Seed", value=f"`{card.seed}`")
     embed.add_field(name="Provider", value=card.provider or "?")
@@ -177,7 +179,7 @@ def long_embed(reply: Reply) -> discord.Embed:
 class ComposeModal(discord.ui.Modal, title="Compose a song"):
     """Style tags and a lyrics paragraph (slash options cannot hold line breaks)."""
 
-    def __init__(self, fields: dict[str, Any], tags: str = "") -> None:
+    def __init__(self, fields: dict[str, Any], tags: str = "", lyrics: str = "") -> None:
         super().__init__(timeout=15 * 60)
         self.fields = fields
         self.tags: discord.ui.TextInput[ComposeModal] = discord.ui.TextInput(
@@ -189,6 +191,7 @@ class ComposeModal(discord.ui.Modal, title="Compose a song"):
         )
         self.lyrics: discord.ui.TextInput[ComposeModal] = discord.ui.TextInput(
             custom_id="lyrics",
+            default=lyrics or None,
             required=False,
             max_length=MAX_LYRICS_CHARS,
             style=discord.TextStyle.paragraph,
