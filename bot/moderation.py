@@ -29,29 +29,26 @@ def normalize(text: str) -> str:
     return " ".join(_NOT_WORD.sub(" ", kept).split())
 
 
-def _joined_singles(words: list[str]) -> list[str]:
-    """Runs of one-letter words joined: ["b", "a", "d", "song"] -> ["bad", "song"]."""
-    out: list[str] = []
+def _spelled_out(words: list[str]) -> list[str]:
+    """Runs of one-letter words, joined: "a b a d w o r d" -> "abadword"."""
+    runs: list[str] = []
     run = ""
-    for word in words:
+    for word in [*words, ""]:
         if len(word) == 1:
             run += word
             continue
-        if run:
-            out.append(run)
-            run = ""
-        out.append(word)
-    if run:
-        out.append(run)
-    return out
+        if len(run) > 1:
+            runs.append(run)
+        run = ""
+    return runs
 
 
-def _variants(text: str) -> set[str]:
-    plain = normalize(text)
-    leet = normalize(text.translate(_LEET))
-    forms = {plain, leet}
-    forms |= {" ".join(_joined_singles(form.split())) for form in (plain, leet)}
-    return {f" {form} " for form in forms}
+def _forms(text: str) -> tuple[set[str], list[str]]:
+    """The request's words (plain and with digits read as letters), and the runs of
+    spelled-out letters in them."""
+    words = {normalize(text), normalize(text.translate(_LEET))}
+    runs = [run for form in words for run in _spelled_out(form.split())]
+    return {f" {form} " for form in words}, runs
 
 
 def request_text(request: GenerationRequest) -> str:
@@ -65,9 +62,14 @@ def request_text(request: GenerationRequest) -> str:
 
 def first_banned(text: str, phrases: Iterable[str]) -> str | None:
     """The first listed phrase `text` contains as whole words, or None."""
-    variants = _variants(text)
+    words, runs = _forms(text)
     for phrase in phrases:
         wanted = normalize(phrase)
-        if wanted and any(f" {wanted} " in form for form in variants):
+        if not wanted:
+            continue
+        if any(f" {wanted} " in form for form in words):
+            return wanted
+        # Spelled out, the word edges are gone: "a b a d w o r d" holds "bad word".
+        if any(wanted.replace(" ", "") in run for run in runs):
             return wanted
     return None
