@@ -695,3 +695,162 @@ async def test_updates_are_confirmed_only_after_they_were_handled(tmp_path: Path
         held.set()
         await h.song_message(PRIVATE)
         await h.fake.wait_for(lambda: max(h.fake.offsets) > update["update_id"], within=10)
+
+
+# --- community controls: defaults, ban list, delete, topics, titles --------------------
+
+
+async def test_settings_defaults_apply_with_their_precedence(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        denied = h.fake.send_text(GROUP, BOB, "/settings group duration=9")
+        assert "administrators" in (await h.reply_to(GROUP, denied)).text
+        group = h.fake.send_text(GROUP, ANN, '/settings group duration=9 style="dreamy, lo-fi"')
+        shown = (await h.reply_to(GROUP, group)).text
+        assert "Duration: <code>9 s</code> (community)" in shown
+        assert "Style suffix: <code>dreamy, lo-fi</code> (community)" in shown
+
+        mine = h.fake.send_text(GROUP, BOB, "/settings duration=6 instrumental=on")
+        shown = (await h.reply_to(GROUP, mine)).text
+        assert "Duration: <code>6 s</code> (yours)" in shown
+        assert "Instrumental: <code>yes</code> (yours)" in shown
+
+        h.fake.send_text(GROUP, BOB, "/song rain")
+        await h.song_message(GROUP)
+        h.fake.send_text(GROUP, ANN, "/song sun")
+        await h.song_message(GROUP, 2)
+        h.fake.send_text(GROUP, BOB, "/song snow duration=5")
+        await h.song_message(GROUP, 3)
+        bob, ann, snow = h.submitted()
+        assert (bob["duration"], bob["instrumental"], bob["prompt"]) == (
+            6,
+            True,
+            "rain, dreamy, lo-fi",
+        )
+        assert (ann["duration"], ann["instrumental"]) == (9, False)
+        assert snow["duration"] == 5  # the command's own option wins
+
+        bad = h.fake.send_text(PRIVATE, ANN, "/settings duration=999")
+        assert (await h.reply_to(PRIVATE, bad)).text.startswith("duration: 999 is not valid")
+        reset = h.fake.send_text(GROUP, BOB, "/settings reset=all")
+        assert "Duration: <code>9 s</code> (community)" in (await h.reply_to(GROUP, reset)).text
+        assert await h.engine.song_defaults("user", f"telegram:{BOB['id']}") == {}
+
+
+async def test_banlist_refuses_at_admission_and_is_listed_privately(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        denied = h.fake.send_text(GROUP, BOB, "/banlist add rude")
+        assert "administrators" in (await h.reply_to(GROUP, denied)).text
+        h.fake.send_text(GROUP, ANN, "/banlist add Rude, very bad")
+        # The list goes to the admin's private chat, not to the group.
+        listed = await h.fake.wait_for(
+            lambda: next((m for m in h.fake.bot_messages(ANN["id"]) if "Banned" in m.text), None)
+        )
+        assert "Banned: rude, very bad" in listed.text
+
+        refused = h.fake.send_text(GROUP, BOB, "/song a RÜDE song")
+        status = await h.reply_to(GROUP, refused)
+        assert (await h.final_text(status)).endswith(
+            "I can't make a song from this request here. Please try other words."
+        )
+        # In a private chat the group's list does not apply.
+        h.fake.send_text(PRIVATE, ANN, "/song a rude song duration=5")
+        await h.song_message(PRIVATE)
+        assert [b["prompt"] for b in h.submitted()] == ["a rude song"]
+        assert len(await h.engine.store.recent(10)) == 1  # nothing stored for the refusal
+        assert 'list="community"} 1.0' in h.engine.metrics.render().decode()
+
+
+async def test_delete_button_removes_the_posted_song(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        h.fake.send_text(GROUP, BOB, "/song oops duration=5")
+        song = await h.song_message(GROUP)
+        job_id = song.button_data()[0].split(":")[1]
+        assert list(h.engine.settings.audio_dir.glob(f"{job_id}.*"))
+
+        h.fake.press(GROUP, song.message_id, FakeTelegram.user(44, "Cy"), f"delete:{job_id}")
+        answer = await h.fake.wait_call("answerCallbackQuery")
+        assert answer[-1].params["text"] == "You can only delete your own songs."
+        assert not song.deleted
+
+        h.fake.press(GROUP, song.message_id, ANN, f"delete:{job_id}")  # a group admin
+        await h.fake.wait_for(lambda: song.deleted)
+        answers = await h.fake.wait_call("answerCallbackQuery", 2)
+        assert answers[-1].params["text"] == f"Deleted {job_id} (Oops)."
+        assert h.fake.calls_of("deleteMessage")[-1].params["message_id"] == song.message_id
+        assert list(h.engine.settings.audio_dir.glob(f"{job_id}.*")) == []
+        job = await h.engine.get_job(job_id)
+        assert job is not None and job.deleted and job.deleted_by == f"telegram:{ANN['id']}"
+        history = h.fake.send_text(GROUP, BOB, "/history")
+        assert "deleted" in (await h.reply_to(GROUP, history)).text
+
+
+async def test_use_these_tags_goes_on_in_song_mode(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        await h.reply_to(PRIVATE, h.fake.send_text(PRIVATE, ANN, "/settings provider=fal"))
+        h.fake.send_text(PRIVATE, ANN, "/song salty shanty duration=5")
+        song = await h.song_message(PRIVATE)
+        tags_button = next(d for d in song.button_data() if d.startswith("tags:"))
+        h.fake.press(PRIVATE, song.message_id, ANN, tags_button)
+        await h.song_message(PRIVATE, 2)
+        described, composed = h.fal.submits
+        assert described.path == "/fal-ai/ace-step/prompt-to-audio"
+        assert composed.path == "/fal-ai/ace-step"
+        assert composed.body["tags"] == "salty, shanty"
+        assert composed.body["lyrics"] == "[verse]\nsalty shanty"
+        assert composed.body["duration"] == 5
+
+
+async def test_group_switches_songs_off_and_picks_forum_topics(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        h.fake.admins[FORUM] = {ANN["id"]}
+        off = h.fake.send_text(GROUP, ANN, "/limits songs=off")
+        assert "songs <code>off</code>" in (await h.reply_to(GROUP, off)).text
+        refused = h.fake.send_text(GROUP, BOB, "/song anything duration=5")
+        assert "switched off" in (await h.reply_to(GROUP, refused)).text
+        on = h.fake.send_text(GROUP, ANN, "/limits songs=on")
+        await h.reply_to(GROUP, on)
+        h.fake.send_text(GROUP, BOB, "/song anything duration=5")
+        await h.song_message(GROUP)
+
+        # In a forum, songs only in the topics the admins pick, from inside each.
+        h.fake.topic(FORUM, 77, "Music")
+        here = h.fake.send_text(FORUM, ANN, "/limits topics=here", thread_id=77)
+        assert "topics: #Music" in (await h.reply_to(FORUM, here)).text
+        elsewhere = h.fake.send_text(FORUM, BOB, "/song chat tune duration=5", thread_id=88)
+        assert "I make songs in #Music here." in (await h.reply_to(FORUM, elsewhere)).text
+        general = h.fake.send_text(FORUM, BOB, "/song general tune duration=5")
+        assert "#Music" in (await h.reply_to(FORUM, general)).text
+        h.fake.send_text(FORUM, BOB, "/song topic tune duration=5", thread_id=77)
+        await h.song_message(FORUM)
+        everywhere = h.fake.send_text(FORUM, ANN, "/limits topics=all")
+        assert "topics: all" in (await h.reply_to(FORUM, everywhere)).text
+        h.fake.send_text(FORUM, BOB, "/song general tune duration=5")
+        await h.song_message(FORUM, 2)
+        assert [b["prompt"] for b in h.submitted()] == ["anything", "topic tune", "general tune"]
+
+        outside = h.fake.send_text(GROUP, ANN, "/limits topics=here")
+        assert "forum" in (await h.reply_to(GROUP, outside)).text
+
+
+async def test_title_option_names_the_audio_and_its_file(tmp_path: Path) -> None:
+    from mutagen.id3 import ID3
+    from PIL import Image
+
+    async with running_bot(tmp_path) as h:
+        h.fake.send_text(PRIVATE, ANN, '/song city lights title="Night Drive" duration=5')
+        song = await h.song_message(PRIVATE)
+        job_id = song.button_data()[0].split(":")[1]
+        assert song.params["title"] == "Night Drive"
+        audio = song.files["audio"]
+        assert audio.filename == f"night-drive-{job_id}.mp3"
+        id3 = ID3(io.BytesIO(audio.data))
+        assert id3["TIT2"].text == ["Night Drive"]
+        assert id3["TALB"].text == [h.frontend.app.bot.first_name]
+        with Image.open(io.BytesIO(id3.getall("APIC")[0].data)) as cover:
+            assert cover.size == (640, 640)
+        with Image.open(io.BytesIO(song.files["thumbnail"].data)) as thumb:
+            assert max(thumb.size) <= 320  # Telegram's thumbnail limit

@@ -162,7 +162,7 @@ class Conversation:
                 return Reply.say(replies.SONGS_OFF)
             allowed = await self.engine.get_community_setting(community, CHANNELS_SETTING)
             if isinstance(allowed, list) and allowed and place.channel_id not in allowed:
-                return replies.only_in_channels(allowed)
+                return replies.only_in_channels(allowed, await self._channel_names(community))
         if not await place.can_post_songs():
             return Reply.say(replies.CANNOT_ATTACH)
         return None
@@ -239,7 +239,8 @@ class Conversation:
         if job.state != JobState.DELIVERED:
             await place.answer(Reply.say(replies.ONLY_POSTED))
             return
-        await place.working("Deleting\N{HORIZONTAL ELLIPSIS}")
+        # Quick (a row, a few files, one platform call): answered without a deferral, so
+        # a Telegram button press gets the outcome in its one popup.
         deleted = await self.engine.delete_song(job.id, place.requester)
         removed = await self.delivery.outlet.remove_song(deleted.reply_target)
         if not removed:

@@ -345,8 +345,8 @@ def no_such_job(job_id: str) -> str:
     return messages.no_such_job(job_id)
 
 
-def only_in_channels(channels: list[str]) -> Reply:
-    return Reply(Text.of("I make songs in ", *_channel_list(channels), " here."))
+def only_in_channels(channels: list[str], names: dict[str, str] | None = None) -> Reply:
+    return Reply(Text.of("I make songs in ", *_channel_list(channels, names), " here."))
 
 
 def limit_changed(key: str, value: float | None) -> tuple[Span, ...]:
