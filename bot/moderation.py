@@ -25,7 +25,12 @@ def normalize(text: str) -> str:
     """The form phrases are stored and compared in: lower case, no accents or
     invisible characters, words separated by single spaces."""
     folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
-    kept = "".join(ch for ch in folded if unicodedata.category(ch) not in ("Mn", "Me", "Cf", "Cc"))
+    # Line breaks and tabs separate words; other control, format and combining marks go.
+    kept = "".join(
+        " " if ch.isspace() else ch
+        for ch in folded
+        if ch.isspace() or unicodedata.category(ch) not in ("Mn", "Me", "Cf", "Cc")
+    )
     return " ".join(_NOT_WORD.sub(" ", kept).split())
 
 

@@ -612,7 +612,7 @@ def settings_reply(
     for name, value, source in rows:
         word = _DEFAULT_WORDS.get(name, name)
         if value is None:
-            lines.append((f"{word}: ", Muted("not set")))
+            lines.append((f"{word}: not set",))
         else:
             where = f" ({source})" if source else ""
             lines.append((f"{word}: ", Code(_shown(name, value)), where))
