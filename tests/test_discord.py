@@ -86,6 +86,14 @@ class Bot:
         assert len(found) == 1
         return found[0]
 
+    async def posted(self, payload: dict[str, Any]) -> tuple[FakeMessage, str]:
+        """Wait for the song of this interaction to be posted and recorded delivered;
+        the song's message and its job id."""
+        song = await self.song_message(payload)
+        job_id = job_id_in(self.original(payload).content)
+        await self.job_state(job_id, "delivered")
+        return song, job_id
+
     async def job_state(self, job_id: str, *states: str) -> None:
         async def reached() -> bool:
             job = await self.engine.get_job(job_id)
@@ -652,9 +660,7 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     fake = bot.fake
     done = fake.slash("song", {"prompt": "finished tune", "duration": 5})
     await bot.feed(done)
-    song = await bot.song_message(done)
-    done_id = job_id_in(bot.original(done).content)
-    await bot.job_state(done_id, "delivered")
+    song, done_id = await bot.posted(done)
     hold(bot.fal)
     waiting = fake.slash("song", {"prompt": "waiting tune", "duration": 5})
     await bot.feed(waiting)
@@ -915,9 +921,7 @@ async def test_delete_button_removes_the_song_for_its_requester_or_an_admin(bot:
     fake = bot.fake
     payload = fake.slash("song", {"prompt": "oops", "duration": 5})
     await bot.feed(payload)
-    song = await bot.song_message(payload)
-    job_id = job_id_in(bot.original(payload).content)
-    await bot.job_state(job_id, "delivered")
+    song, job_id = await bot.posted(payload)
     audio_dir = bot.engine.settings.audio_dir
     assert list(audio_dir.glob(f"{job_id}.*"))
 
@@ -946,9 +950,7 @@ async def test_delete_button_removes_the_song_for_its_requester_or_an_admin(bot:
     # After the interaction token expired, an admin deletes another's song via the channel.
     other = fake.slash("song", {"prompt": "bobs", "duration": 5}, user_id=OTHER_USER)
     await bot.feed(other)
-    bobs_song = await bot.song_message(other)
-    bobs_id = job_id_in(bot.original(other).content)
-    await bot.job_state(bobs_id, "delivered")
+    bobs_song, bobs_id = await bot.posted(other)
     fake.expire_tokens()
     bot.frontend.discord._clock = lambda: time.time() + 3600
     by_admin = fake.button(f"acestep:delete:{bobs_id}", bobs_song, member_permissions=ADMIN)
@@ -966,8 +968,7 @@ async def test_title_option_names_the_embed_the_file_and_the_tags(bot: Bot) -> N
         "song", {"prompt": "city lights at night", "duration": 5, "title": "Night Drive"}
     )
     await bot.feed(payload)
-    song = await bot.song_message(payload)
-    job_id = job_id_in(bot.original(payload).content)
+    song, job_id = await bot.posted(payload)
     assert song.embeds[0]["title"] == "Night Drive"
     mp3 = next(a for a in song.attachments if a.filename.endswith(".mp3"))
     assert mp3.filename == f"night-drive-{job_id}.mp3"
@@ -985,8 +986,7 @@ async def test_use_these_tags_opens_the_compose_form_filled_in(bot: Bot) -> None
     fake = bot.fake
     payload = fake.slash("song", {"prompt": "salty shanty", "duration": 5})
     await bot.feed(payload)
-    song = await bot.song_message(payload)
-    job_id = job_id_in(bot.original(payload).content)
+    song, job_id = await bot.posted(payload)
     assert song.embeds[0]["fields"][0] == {
         "name": "Tags",
         "value": "salty, shanty",

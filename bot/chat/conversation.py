@@ -316,14 +316,12 @@ class Conversation:
         from where the admin writes) and whether songs are made here at all. Admins may
         only lower a limit below the operator's default; the operator raises limits
         with `acestep-bot quota set`."""
-        community = place.requester.community_key
+        community = await self._admin_community(
+            place, replies.LIMITS_COMMUNITY_ONLY, "this community's limits"
+        )
         if community is None:
-            await place.answer(Reply.say(replies.LIMITS_COMMUNITY_ONLY))
             return
         bot_admin = self.engine.is_admin(place.requester)
-        if not await self._is_community_admin(place):
-            await place.answer(Reply.say(replies.admins_only(place.admins)))
-            return
         done: list[tuple[Span, ...]] = []
         for change in changes:
             value = self._limit_value(change, bot_admin)
@@ -391,16 +389,12 @@ class Conversation:
         the community's (its admins only). Every value is checked before any is stored."""
         requester = place.requester
         if community:
-            subject = requester.community_key
-            if subject is None:
-                await place.answer(Reply.say(replies.SETTINGS_COMMUNITY_ONLY))
+            admin_of = await self._admin_community(
+                place, replies.SETTINGS_COMMUNITY_ONLY, "this community's defaults"
+            )
+            if admin_of is None:
                 return
-            if not await self._is_community_admin(place):
-                await place.answer(
-                    Reply.say(replies.admins_only_for(place.admins, "this community's defaults"))
-                )
-                return
-            scope, words = "community", "this community"
+            scope, subject, words = "community", admin_of, "this community"
         else:
             scope, subject, words = "user", requester.key, "you"
         providers = list(self.engine.router.providers)
@@ -419,14 +413,10 @@ class Conversation:
     async def banlist(self, place: Place, add: list[str], remove: list[str]) -> None:
         """Show, add to or remove from the community's banned words and phrases (its
         admins only). The list is answered to the admin alone."""
-        community = place.requester.community_key
+        community = await self._admin_community(
+            place, replies.BANLIST_COMMUNITY_ONLY, "this community's ban list"
+        )
         if community is None:
-            await place.answer(Reply.say(replies.BANLIST_COMMUNITY_ONLY))
-            return
-        if not await self._is_community_admin(place):
-            await place.answer(
-                Reply.say(replies.admins_only_for(place.admins, "this community's ban list"))
-            )
             return
         adding = [_phrase(p) for p in add]
         removing = [_phrase(p) for p in remove]
@@ -443,8 +433,17 @@ class Conversation:
         listed = await self.engine.banned(community)
         await place.answer_long(replies.banlist_reply(listed, added, removed))
 
-    async def _is_community_admin(self, place: Place) -> bool:
-        return self.engine.is_admin(place.requester) or await place.is_community_admin()
+    async def _admin_community(self, place: Place, alone: str, what: str) -> str | None:
+        """The community the asker administers here (a bot admin counts), else None
+        after telling them why: `alone` outside a community, else who may change `what`."""
+        community = place.requester.community_key
+        if community is None:
+            await place.answer(Reply.say(alone))
+            return None
+        if not (self.engine.is_admin(place.requester) or await place.is_community_admin()):
+            await place.answer(Reply.say(replies.admins_only(place.admins, what)))
+            return None
+        return community
 
     def _limit_value(self, change: LimitChange, bot_admin: bool) -> float | None:
         if change.key not in COMMUNITY_KEYS:

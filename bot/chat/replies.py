@@ -322,8 +322,8 @@ CANNOT_ATTACH = (
 LIMITS_COMMUNITY_ONLY = "/limits works in a server or group: it shows and sets its quotas."
 
 
-def admins_only(admins: str) -> str:
-    return f"Only {admins} can change this community's limits."
+def admins_only(admins: str, what: str = "this community's limits") -> str:
+    return f"Only {admins} can change {what}."
 
 
 NOT_KNOWN = "I no longer know that song."
@@ -575,10 +575,6 @@ def song_deleted(job: Job, message_removed: bool) -> Reply:
             "(Telegram allows that for 48 hours); an admin can delete it.",
         )
     )
-
-
-def admins_only_for(admins: str, what: str) -> str:
-    return f"Only {admins} can change {what}."
 
 
 _DEFAULT_WORDS = {

@@ -197,36 +197,36 @@ class DiscordCommands:
             tree.add_command(
                 app_commands.Command(name=name, description=description, callback=_plain(method))
             )
-        cancel: app_commands.Command[Any, ..., None] = app_commands.Command(
-            name="cancel", description="Cancel one of your songs", callback=_plain(self.cancel)
+        suggesting: list[tuple[str, str, Any, str, Any]] = [
+            ("cancel", "Cancel one of your songs", _plain(self.cancel), "job", self.cancel_choices),
+            (
+                "settings",
+                "Your defaults for new songs (or, for admins, the server's)",
+                _settings_callback(self.settings),
+                "provider",
+                self.provider_choices,
+            ),
+        ]
+        for name, description, callback, option, choices in suggesting:
+            command: app_commands.Command[Any, ..., None] = app_commands.Command(
+                name=name, description=description, callback=callback
+            )
+            command.autocomplete(option)(choices)
+            tree.add_command(command)
+        tree.add_command(
+            _for_server_admins(
+                name="limits",
+                description="View or set this server's quotas and channels",
+                callback=_plain(self.limits),
+            )
         )
-        cancel.autocomplete("job")(self.cancel_choices)
-        tree.add_command(cancel)
-        limits: app_commands.Command[Any, ..., None] = app_commands.Command(
-            name="limits",
-            description="View or set this server's quotas and channels",
-            callback=_plain(self.limits),
+        tree.add_command(
+            _for_server_admins(
+                name="banlist",
+                description="Words and phrases songs may not contain in this server",
+                callback=_plain(self.banlist),
+            )
         )
-        limits = app_commands.guild_only()(limits)
-        limits = app_commands.allowed_installs(guilds=True, users=False)(limits)
-        limits = app_commands.default_permissions(manage_guild=True)(limits)
-        tree.add_command(limits)
-        settings: app_commands.Command[Any, ..., None] = app_commands.Command(
-            name="settings",
-            description="Your defaults for new songs (or, for admins, the server's)",
-            callback=_settings_callback(self.settings),
-        )
-        settings.autocomplete("provider")(self.provider_choices)
-        tree.add_command(settings)
-        banlist: app_commands.Command[Any, ..., None] = app_commands.Command(
-            name="banlist",
-            description="Words and phrases songs may not contain in this server",
-            callback=_plain(self.banlist),
-        )
-        banlist = app_commands.guild_only()(banlist)
-        banlist = app_commands.allowed_installs(guilds=True, users=False)(banlist)
-        banlist = app_commands.default_permissions(manage_guild=True)(banlist)
-        tree.add_command(banlist)
 
     async def _run(
         self, interaction: discord.Interaction, what: str, step: Callable[[DiscordPlace], Any]
@@ -358,6 +358,15 @@ SETTINGS_USAGE = (
     "Change one with /settings duration: instrumental: style: provider: "
     "(scope:server for the server's, by its admins; reset: to clear)."
 )
+
+
+def _for_server_admins(**kwargs: Any) -> app_commands.Command[Any, ..., None]:
+    """A command of servers only, shown to members with Manage Server (Discord hides it
+    from others; the shared layer checks again, since a payload can claim anything)."""
+    command: app_commands.Command[Any, ..., None] = app_commands.Command(**kwargs)
+    command = app_commands.guild_only()(command)
+    command = app_commands.allowed_installs(guilds=True, users=False)(command)
+    return app_commands.default_permissions(manage_guild=True)(command)
 
 
 def split_phrases(text: str | None) -> list[str]:
