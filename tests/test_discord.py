@@ -1006,3 +1006,23 @@ async def test_use_these_tags_opens_the_compose_form_filled_in(bot: Bot) -> None
     sent = bot.fal.submits[-1]
     assert sent.path == "/fal-ai/ace-step"  # song mode now
     assert sent.body["tags"] == "salty, shanty, accordion" and sent.body["duration"] == 5
+
+
+async def test_settings_quick_picks_set_the_pressers_own_defaults(bot: Bot) -> None:
+    fake = bot.fake
+    show = fake.slash("settings")
+    await bot.feed(show)
+    [panel] = [m for m in bot.messages_of(show) if m.ephemeral]
+    assert "Duration: not set" in panel.content
+    assert panel.custom_ids[:5] == [
+        "acestep:set:duration=30",
+        "acestep:set:duration=60",
+        "acestep:set:duration=120",
+        "acestep:set:instrumental=no",
+        "acestep:set:instrumental=yes",
+    ]
+    press = fake.button("acestep:set:duration=120", panel)
+    await bot.feed(press)
+    assert fake.callbacks[-1]["type"] == 7  # the panel itself is updated
+    assert "Duration: `120 s` (yours)" in panel.content
+    assert await bot.engine.song_defaults("user", f"discord:{USER}") == {"duration": 120}

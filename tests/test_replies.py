@@ -241,6 +241,14 @@ CASES: list[tuple[str, StatusView | Reply, str, tuple[Action, ...]]] = [
         (),
     ),
     (
+        "settings with quick picks",
+        replies.settings_reply(
+            "you", [], [("duration", None, None)], (), replies.settings_buttons(["fal"])
+        ),
+        "Duration: not set",
+        (Action.SET,) * 5,
+    ),
+    (
         "ban list",
         replies.banlist_reply(["bad word", "spam"], ["spam"], []),
         "Banned: spam\nBanned in this community (2)\nbad word, spam",
@@ -372,3 +380,20 @@ def test_channels_show_as_mentions_on_discord_and_by_name_on_telegram() -> None:
     reply = replies.only_in_channels(["77", "88"], {"77": "Music"})
     assert discord_render.reply_content(reply) == "I make songs in <#77>, <#88> here."
     assert telegram_render.html(reply.text) == "I make songs in #Music, #88 here."
+
+
+@pytest.mark.parametrize(
+    ("payload", "parsed"),
+    [
+        ("set:duration=30", (Action.SET, "duration=30")),
+        ("set:provider=any", (Action.SET, "provider=any")),
+        ("set:0badf00d", None),  # a SET carries a choice, not a job
+        ("new:duration=30", None),  # and a job button a job id
+        ("set:duration=30;drop", None),
+        ("set:" + "x" * 30 + "=1", None),
+    ],
+)
+def test_button_payloads_are_checked_by_their_shape(
+    payload: str, parsed: tuple[Action, str] | None
+) -> None:
+    assert replies.parse_payload(payload) == parsed

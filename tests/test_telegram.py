@@ -854,3 +854,33 @@ async def test_title_option_names_the_audio_and_its_file(tmp_path: Path) -> None
             assert cover.size == (640, 640)
         with Image.open(io.BytesIO(song.files["thumbnail"].data)) as thumb:
             assert max(thumb.size) <= 320  # Telegram's thumbnail limit
+
+
+async def test_settings_keyboard_sets_the_pressers_own_defaults(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        asked = h.fake.send_text(PRIVATE, ANN, "/settings")
+        panel = await h.reply_to(PRIVATE, asked)
+        assert "Instrumental: not set" in panel.text
+        assert panel.button_data()[3:5] == ["set:instrumental=no", "set:instrumental=yes"]
+        h.fake.press(PRIVATE, panel.message_id, ANN, "set:instrumental=yes")
+        await h.fake.wait_for(lambda: "Instrumental: <code>yes</code> (yours)" in panel.text)
+        assert panel.button_data()[3] == "set:instrumental=no"  # the keyboard stays
+        saved = await h.fake.wait_call("answerCallbackQuery")
+        assert saved[-1].params["text"] == "Saved."
+        assert await h.engine.song_defaults("user", f"telegram:{ANN['id']}") == {
+            "instrumental": True
+        }
+        # Telegram passes any callback data a client sends: a forged value is refused
+        # like a typed one, and changes nothing.
+        h.fake.press(PRIVATE, panel.message_id, ANN, "set:duration=999")
+        refused = await h.fake.wait_call("answerCallbackQuery", 2)
+        assert refused[-1].params["text"].startswith("duration: 999 is not valid")
+        h.fake.press(PRIVATE, panel.message_id, ANN, "set:colour=red")
+        refused = await h.fake.wait_call("answerCallbackQuery", 3)
+        assert refused[-1].params["text"].startswith("setting: 'colour' is not valid")
+        assert await h.engine.song_defaults("user", f"telegram:{ANN['id']}") == {
+            "instrumental": True
+        }
+        h.fake.send_text(PRIVATE, ANN, "/song quiet night duration=5")
+        await h.song_message(PRIVATE)
+        assert h.submitted()[0]["instrumental"] is True

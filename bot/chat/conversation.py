@@ -47,6 +47,7 @@ class Place(Protocol):
     channel_id: str | None  # where it was asked (a channel, a topic), for channel rules
     channel_name: str  # its name where the platform cannot show a channel by id, or ""
     admins: str  # who administers a community here, e.g. "this group's administrators"
+    settings_usage: str  # how /settings is typed here
 
     def reply_target(self) -> dict[str, Any]:
         """Where a job asked here posts its status and song (stored with the job)."""
@@ -74,6 +75,10 @@ class Place(Protocol):
 
     async def working(self, note: str) -> None:
         """The answer will take a few seconds (a deferral, a "Cancelling…" popup)."""
+
+    async def answer_panel(self, reply: Reply) -> None:
+        """An answer with buttons (the /settings quick picks); when a press of one of
+        them asked, it replaces the message pressed."""
 
     async def offer_compose(self, fields: dict[str, Any]) -> bool:
         """Let the asker edit a song-mode request before it is made (Discord: the
@@ -172,6 +177,11 @@ class Conversation:
     async def press(self, place: Place, payload: str) -> None:
         """A job button was pressed; its payload is untrusted."""
         parsed = replies.parse_payload(payload)
+        if parsed is not None and parsed[0] is Action.SET:
+            # The presser's own default, whoever's panel it was pressed on.
+            name, _, value = parsed[1].partition("=")
+            await self.settings(place, {name: value})
+            return
         job = await self.engine.get_job(parsed[1]) if parsed else None
         if parsed is None or job is None:
             await place.answer(Reply.say(replies.NOT_KNOWN))
@@ -383,7 +393,6 @@ class Conversation:
         *,
         community: bool = False,
         reset_all: bool = False,
-        extras: tuple[str, ...] = (),
     ) -> None:
         """Show or change defaults for new songs: the asker's own, or with `community`
         the community's (its admins only). Every value is checked before any is stored."""
@@ -408,7 +417,12 @@ class Conversation:
             found = defaults.Defaults({}, found.community)
         rows = [(name, *found.value(name)) for name in defaults.offered()]
         changed = (["all reset"] if reset_all else []) + list(parsed)
-        await place.answer(replies.settings_reply(words, changed, rows, extras))
+        extras = (place.settings_usage,)
+        if community:
+            await place.answer(replies.settings_reply(words, changed, rows, extras))
+            return
+        buttons = replies.settings_buttons(providers)
+        await place.answer_panel(replies.settings_reply(words, changed, rows, extras, buttons))
 
     async def banlist(self, place: Place, add: list[str], remove: list[str]) -> None:
         """Show, add to or remove from the community's banned words and phrases (its

@@ -44,6 +44,7 @@ class Action(StrEnum):
     RETRY = "retry"  # a failed song, asked again with its seed
     TAGS = "tags"  # a prompt-mode song's tags (and lyrics) as a new song-mode request
     DELETE = "delete"  # remove a posted song: its requester, a community or bot admin
+    SET = "set"  # one of the presser's own /settings defaults: `set:<name>=<value>`
 
 
 class Style(StrEnum):
@@ -68,15 +69,26 @@ _BUTTONS: dict[Action, tuple[str, str, Style]] = {
     ),
     Action.TAGS: ("\N{LABEL}", "Use these tags", Style.SECONDARY),
     Action.DELETE: ("\N{WASTEBASKET}", "Delete", Style.DANGER),
+    Action.SET: ("", "", Style.SECONDARY),
 }
+# What a SET button carries instead of a job id: one default and the value it picks.
+CHOICE = re.compile(r"^(?P<name>[a-z_]{1,20})=(?P<value>[a-z0-9_-]{1,24})$")
 # Older Telegram messages carry these short names in their buttons.
 LEGACY_ACTIONS = {"lyr": Action.LYRICS, "cxl": Action.CANCEL}
 
 
 @dataclass(frozen=True)
 class Button:
+    """A button: what it does and the job it does it to (a SET button: the choice,
+    `name=value`, with its own `text`)."""
+
     action: Action
     job_id: str
+    text: str = ""
+
+    @classmethod
+    def choice(cls, name: str, value: str, text: str) -> Button:
+        return cls(Action.SET, f"{name}={value}", text)
 
     @property
     def emoji(self) -> str:
@@ -84,7 +96,7 @@ class Button:
 
     @property
     def label(self) -> str:
-        return _BUTTONS[self.action][1]
+        return self.text or _BUTTONS[self.action][1]
 
     @property
     def style(self) -> Style:
@@ -97,7 +109,8 @@ class Button:
 
 
 def parse_payload(payload: str) -> tuple[Action, str] | None:
-    """A button payload from a platform (untrusted) -> (action, job id), or None."""
+    """A button payload from a platform (untrusted) -> (action, job id or, for SET, the
+    choice), or None."""
     kind, _, job_id = payload.partition(":")
     action = LEGACY_ACTIONS.get(kind)
     if action is None:
@@ -105,7 +118,8 @@ def parse_payload(payload: str) -> tuple[Action, str] | None:
             action = Action(kind)
         except ValueError:
             return None
-    return (action, job_id) if JOB_ID.match(job_id) else None
+    shape = CHOICE if action is Action.SET else JOB_ID
+    return (action, job_id) if shape.match(job_id) else None
 
 
 def song_buttons(job_id: str, has_lyrics: bool, offers_tags: bool = False) -> tuple[Button, ...]:
@@ -594,11 +608,28 @@ def _shown(name: str, value: object) -> str:
     return str(value)
 
 
+QUICK_DURATIONS = (30, 60, 120)
+
+
+def settings_buttons(providers: list[str]) -> tuple[Button, ...]:
+    """One press sets one of the presser's own defaults."""
+    buttons = [Button.choice("duration", str(s), f"{s} s") for s in QUICK_DURATIONS]
+    buttons += [
+        Button.choice("instrumental", "no", "With vocals"),
+        Button.choice("instrumental", "yes", "Instrumental"),
+    ]
+    if len(providers) > 1:
+        buttons += [Button.choice("provider", p, p) for p in providers]
+        buttons.append(Button.choice("provider", "any", "Any provider"))
+    return tuple(buttons)
+
+
 def settings_reply(
     scope_words: str,
     changed: list[str],
     rows: list[tuple[str, object, str | None]],
     extras: tuple[str, ...] = (),
+    buttons: tuple[Button, ...] = (),
 ) -> Reply:
     """Defaults for new songs: (name, value or None, "yours" | "community" | None)."""
     head: list[Span] = [Bold(f"Defaults for new songs ({scope_words})")]
@@ -616,7 +647,7 @@ def settings_reply(
         ("An option in the command wins, then your default, then the community's, then the bot's.",)
     )
     lines += [(extra,) for extra in extras]
-    return Reply(Text.from_lines(lines))
+    return Reply(Text.from_lines(lines), buttons)
 
 
 def banlist_reply(phrases: list[str], added: list[str], removed: list[str]) -> Reply:

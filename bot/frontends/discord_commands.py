@@ -92,6 +92,7 @@ class DiscordPlace:
         self.channel_id = str(interaction.channel_id) if interaction.channel_id else None
         self.channel_name = ""  # Discord shows a channel by its id
         self.admins = "members with the Manage Server permission"
+        self.settings_usage = SETTINGS_USAGE
 
     def reply_target(self) -> dict[str, Any]:
         i = self.interaction
@@ -140,6 +141,14 @@ class DiscordPlace:
     async def working(self, note: str) -> None:
         if not self.interaction.response.is_done():
             await self.interaction.response.defer(ephemeral=True, thinking=True)
+
+    async def answer_panel(self, reply: Reply) -> None:
+        content, view = render.reply_content(reply), render.view_of(reply.buttons)
+        i = self.interaction
+        if i.type is discord.InteractionType.component and not i.response.is_done():
+            await i.response.edit_message(content=content, view=view)  # the panel pressed
+            return
+        await send_ephemeral(i, content, **({"view": view} if view else {}))
 
     async def offer_compose(self, fields: dict[str, Any]) -> bool:
         if self.interaction.response.is_done():
@@ -326,7 +335,6 @@ class DiscordCommands:
                 changes,
                 community=scope == "server",
                 reset_all=reset == "all",
-                extras=(SETTINGS_USAGE,),
             )
 
         await self._run(interaction, "/settings", step)

@@ -22,7 +22,8 @@ from bot.requests import MAX_LYRICS_CHARS, MAX_TAGS_CHARS
 
 EMBED_DESCRIPTION_LIMIT = 4096
 MESSAGE_LIMIT = 2000
-JOB_ID = r"(?P<job_id>[0-9a-f]{8})"
+# A job id, or what a /settings quick pick sets (replies.CHOICE).
+JOB_ID = r"(?P<job_id>[0-9a-f]{8}|[a-z_]{1,20}=[a-z0-9_-]{1,24})"
 
 
 # ---- text ----------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class JobButton(
         super().__init__(
             discord.ui.Button(
                 label=button.label,
-                emoji=button.emoji,
+                emoji=button.emoji or None,
                 style=_STYLES[button.style],
                 custom_id=f"acestep:{button.payload}",
             )

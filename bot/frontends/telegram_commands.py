@@ -100,6 +100,7 @@ class TelegramPlace:
     """One update (a command message or a button press), as the shared layer's Place."""
 
     admins = "this group's administrators"
+    settings_usage = SETTINGS_USAGE
 
     def __init__(self, bot: Bot, update: Update) -> None:
         message, user, chat = update.effective_message, update.effective_user, update.effective_chat
@@ -205,6 +206,35 @@ class TelegramPlace:
 
     async def working(self, note: str) -> None:
         await self.toast(note)
+
+    async def answer_panel(self, reply: Reply) -> None:
+        """Pressed on the panel: edit it in place (a popup would cut it off at 200
+        characters); else a reply with the keyboard."""
+        text, keyboard = render.html(reply.text), render.keyboard(reply.buttons)
+        if self.query is not None:
+            try:
+                await self.bot.edit_message_text(
+                    text,
+                    chat_id=self.chat.id,
+                    message_id=self.message.message_id,
+                    parse_mode=ParseMode.HTML,
+                    reply_markup=keyboard,
+                )
+                await self.toast("Saved.")
+                return
+            except TelegramError as exc:
+                if "not modified" in str(exc).lower():
+                    await self.toast("Saved.")
+                    return
+                log.info("telegram: settings panel not edited: %s", exc)
+        await self.bot.send_message(
+            self.chat.id,
+            text,
+            parse_mode=ParseMode.HTML,
+            reply_markup=keyboard,
+            message_thread_id=self.thread_id,
+            reply_parameters=reply_to(self.message.message_id),
+        )
 
     async def offer_compose(self, fields: dict[str, Any]) -> bool:
         return False  # no forms on Telegram: the song is made at once
@@ -347,7 +377,6 @@ class TelegramCommands:
                 dict(parsed.changes),
                 community=parsed.community,
                 reset_all=parsed.reset_all,
-                extras=(SETTINGS_USAGE,),
             )
 
         await self._run(update, "/settings", step)

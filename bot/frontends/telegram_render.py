@@ -70,7 +70,10 @@ def relative(at: float, now: float | None = None) -> str:
 def keyboard(buttons: tuple[Button, ...]) -> InlineKeyboardMarkup | None:
     if not buttons:
         return None
-    keys = [InlineKeyboardButton(f"{b.emoji} {b.label}", callback_data=b.payload) for b in buttons]
+    keys = [
+        InlineKeyboardButton(f"{b.emoji} {b.label}".strip(), callback_data=b.payload)
+        for b in buttons
+    ]
     # Phones fit about three labelled buttons across.
     return InlineKeyboardMarkup(
         [keys[i : i + KEYS_PER_ROW] for i in range(0, len(keys), KEYS_PER_ROW)]
