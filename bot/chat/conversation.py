@@ -139,6 +139,8 @@ class Conversation:
         if refusal is not None:
             await place.answer(refusal)
             return
+        # Before the status message, so a refused request is never echoed in public.
+        await self.engine.check_banned(request, place.requester)
         slot = await place.open_status(replies.provisional_view(titles.song_title(request)))
         target = {**place.reply_target(), **slot}
         try:

@@ -231,7 +231,7 @@ class Engine:
             raise EngineClosed(messages.RESTARTING)
         if not isinstance(request, GenerationRequest):
             raise InvalidRequest("request", type(request).__name__, "a GenerationRequest")
-        await self._moderate(request, requester)
+        await self.check_banned(request, requester)
         capable = self.router.capable(request)
         if not capable:
             raise NoProvider(self._no_provider_text(request))
@@ -297,8 +297,9 @@ class Engine:
             provider=likely.name,
         )
 
-    async def _moderate(self, request: GenerationRequest, requester: Requester) -> None:
-        """Refuse a request a ban list names (nothing is stored or charged)."""
+    async def check_banned(self, request: GenerationRequest, requester: Requester) -> None:
+        """Raise Refused for a request a ban list names (nothing is stored or charged).
+        `submit` checks it; a front-end may check first, before it shows anything."""
         text = moderation.request_text(request)
         lists = [("operator", self.settings.banned_words)]
         if requester.community_key:
