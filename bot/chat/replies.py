@@ -515,7 +515,7 @@ def option_range(spec: OptionSpec) -> str:
     if spec.choices:
         return " | ".join(spec.choices)
     if spec.kind is str:
-        return f"up to {messages.num(spec.maximum or 0)} characters"
+        return f"up to {messages.num(spec.maximum)} characters" if spec.maximum else "text"
     high = MAX_SEED if spec.name == "seed" else spec.maximum
     return f"{messages.num(spec.minimum or 0)} to {messages.num(high or 0)}"
 
