@@ -143,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     j_list = j_sub.add_parser("list", help="recent jobs")
     j_list.add_argument("--state", help="only jobs in this state")
     j_list.add_argument("--user", help="only this user (platform:id)")
+    j_list.add_argument(
+        "--search", metavar="TEXT", help="only jobs whose prompt, tags, lyrics or title hold TEXT"
+    )
     j_list.add_argument("--limit", type=int, default=20)
     j_list.set_defaults(handler=cmd_jobs_list)
     j_show = j_sub.add_parser("show", help="one job in full")
@@ -572,7 +575,9 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
         try:
             store = JobStore(db)
             states = (args.state,) if args.state else None
-            if args.user:
+            if args.search:
+                jobs = await store.search(args.search, args.limit, states, args.user)
+            elif args.user:
                 jobs = await store.for_user(args.user, states, limit=args.limit)
             else:
                 jobs = await store.recent(args.limit, states)
@@ -589,7 +594,7 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
             print(
                 f"{job.id:8}  {job.state:10}  {_when(job.created_at):19}  "
                 f"{job.requester.key[:22]:22}  {(job.provider or '-'):9}  "
-                f"{job.duration:>4}  {job.request.title()}"
+                f"{job.duration:>4}  {job.title}" + ("  (deleted)" if job.deleted else "")
             )
         return EXIT_OK
 
@@ -644,6 +649,8 @@ def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
                 f"  audio:     {path}{exists} ({job.result.format}, "
                 f"{job.result.duration} s, seed {job.result.seed})"
             )
+        if job.deleted:
+            print(f"  deleted:   {_when(job.deleted_at)} by {job.deleted_by}")
         if job.failure:
             print(f"  failure:   {job.failure}")
         if job.error:

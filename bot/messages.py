@@ -103,6 +103,8 @@ QUOTA_NAMES = {
     "spend_cap_usd_per_day": "Bot budget today (USD)",
 }
 
+# Neutral on purpose: it neither repeats the phrase nor says which list refused it.
+REFUSED_BY_BAN_LIST = "I can't make a song from this request here. Please try other words."
 RESTARTING = "The bot is restarting and not taking new songs right now; try again in a minute."
 NOT_YOURS = "You can only cancel your own songs."
 
@@ -147,6 +149,10 @@ def already_finished(job_id: str, state: str) -> str:
         "ready": "made and being posted",
     }.get(state, state)
     return f"Song {job_id} is already {word}."
+
+
+def not_posted_yet(job_id: str) -> str:
+    return f"Song {job_id} is not posted yet; cancel it instead."
 
 
 def finished_before_cancel(job_id: str) -> str:

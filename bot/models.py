@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+from bot import titles
 from bot.requests import GenerationRequest
 
 
@@ -132,6 +133,13 @@ class Job:
     finished_at: float | None = None
     delivered_at: float | None = None
     source_key: str | None = None  # the platform event that asked for it (idempotency)
+    # A posted song its requester or an admin removed: the row stays for the ledger.
+    deleted_at: float | None = None
+    deleted_by: str | None = None  # "platform:user_id"
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
     @property
     def active(self) -> bool:
@@ -146,7 +154,7 @@ class Job:
         """The song's title: the stored result's, else the one derived from the request."""
         if self.result is not None and self.result.title:
             return self.result.title
-        return self.request.title()
+        return titles.song_title(self.request)
 
     @property
     def lyrics(self) -> str:

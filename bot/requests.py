@@ -26,6 +26,7 @@ MAX_SEED = 2_147_483_647
 MAX_PROMPT_CHARS = 500
 MAX_TAGS_CHARS = 300
 MAX_LYRICS_CHARS = 3000
+MAX_TITLE_CHARS = 100
 
 INSTRUMENTAL_MARKERS = ("[inst]", "[instrumental]")
 
@@ -93,6 +94,8 @@ class OptionSpec:
             return self.usage
         if self.choices:
             return "one of " + ", ".join(self.choices)
+        if self.kind is str:
+            return f"text of at most {_num(self.maximum)} characters"
         noun = "a whole number" if self.kind is int else "a number"
         return f"{noun} from {_num(self.minimum)} to {_num(self.maximum)}"
 
@@ -215,6 +218,9 @@ BASIC_OPTIONS: dict[str, OptionSpec] = {
         "seed", int, -1, MAX_SEED, default=-1, help="-1 for random; reuse one to repeat a song"
     ),
     "instrumental": OptionSpec("instrumental", bool, default=False, help="no vocals"),
+    "title": OptionSpec(
+        "title", str, 1, MAX_TITLE_CHARS, help="the song's title (default: from its words)"
+    ),
 }
 
 ALL_OPTIONS: dict[str, OptionSpec] = {**BASIC_OPTIONS, **ADVANCED_OPTIONS}
@@ -229,6 +235,9 @@ class GenerationRequest(BaseModel):
     prompt: str = ""
     tags: str = ""
     lyrics: str = ""
+    title: str = ""  # empty: bot.titles derives one
+    # The provider to try first (a user's or community's preference), if it can serve.
+    provider: str | None = None
     instrumental: bool = False
     duration: int = DEFAULT_DURATION
     seed: int = -1
@@ -263,6 +272,20 @@ class GenerationRequest(BaseModel):
         if isinstance(value, str) and spec.normalize is not None:
             return spec.normalize(value) or value  # an invalid one is refused in _check
         return value
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str | None) -> str | None:
+        from bot.settings import PROVIDER_NAMES
+
+        if value is not None and value not in PROVIDER_NAMES:
+            raise InvalidRequest("provider", value, "one of " + ", ".join(PROVIDER_NAMES))
+        return value
+
+    @field_validator("title", mode="before")
+    @classmethod
+    def _one_line(cls, value: Any) -> Any:
+        return " ".join(value.split()) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> GenerationRequest:
@@ -310,12 +333,6 @@ class GenerationRequest(BaseModel):
         """The advanced options the user set (provider defaults apply to the rest)."""
         return {k: getattr(self, k) for k in ADVANCED_OPTIONS if getattr(self, k) is not None}
 
-    def title(self) -> str:
-        """A short human title: the prompt, or the tags."""
-        text = self.prompt if self.mode is Mode.PROMPT else self.tags
-        text = " ".join(text.split())
-        return text if len(text) <= 80 else text[:77].rstrip() + "..."
-
     def with_seed(self, seed: int) -> GenerationRequest:
         return self.model_copy(update={"seed": seed})
 
@@ -349,6 +366,7 @@ def _check_text(req: GenerationRequest) -> None:
         ("prompt", MAX_PROMPT_CHARS),
         ("tags", MAX_TAGS_CHARS),
         ("lyrics", MAX_LYRICS_CHARS),
+        ("title", MAX_TITLE_CHARS),
     ):
         value = getattr(req, field)
         if len(value) > limit:
@@ -423,6 +441,8 @@ def parse_option_value(name: str, raw: str) -> Any:
         if value is None:
             raise InvalidRequest(name, raw, spec.allowed())
         return value
+    if spec.kind is str:
+        return text
     try:
         number: float = int(text) if spec.kind is int else float(text)
     except ValueError:

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     quota_community_seconds_per_day: int = Field(default=7200, ge=0)
     spend_cap_usd_per_day: float = Field(default=5.0, ge=0)
     admin_ids: CommaList = Field(default_factory=list)
+    # Words and phrases no request may contain, anywhere (communities add their own).
+    banned_words: CommaList = Field(default_factory=list)
 
     # Engine
     job_timeout_seconds: int = Field(default=900, ge=1)
@@ -92,7 +94,12 @@ class Settings(BaseSettings):
     log_format: str = "text"
 
     @field_validator(
-        "discord_guild_ids", "providers", "acestep_server_urls", "admin_ids", mode="before"
+        "discord_guild_ids",
+        "providers",
+        "acestep_server_urls",
+        "admin_ids",
+        "banned_words",
+        mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:

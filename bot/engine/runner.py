@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot import audio
+from bot import audio, titles
 from bot.engine.contract import DeliveryError, Failure, Phase, Progress, Song
 from bot.engine.eta import GenerationTimes
 from bot.engine.notify import Notifier
@@ -508,7 +508,12 @@ class JobRunner:
             duration=round(info.duration, 3),
             seed=result.seed if result.seed is not None else job.seed,
             provider=provider.name,
-            title=job.request.title(),
+            title=titles.song_title(
+                job.request,
+                provider_metadata=result.metadata,
+                tags=result.tags,
+                lyrics=result.lyrics,
+            ),
             sample_rate=info.sample_rate,
             channels=info.channels,
             tags=result.tags,
@@ -556,6 +561,7 @@ class JobRunner:
             lyrics=result.lyrics or (req.lyrics or None),
             prompt=req.prompt or None,
             seed_honoured=result.seed_honoured,
+            made_at=job.finished_at or job.created_at or None,
         )
 
     async def deliver(self, job: Job) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from bot.engine.contract import Phase, Progress
 from bot.engine.notify import Notifier
@@ -13,11 +13,31 @@ from bot.engine.runner import EngineOptions, JobRunner
 from bot.engine.tasks import JobTasks
 from bot.models import FailureKind, Job, JobState
 from bot.timing import wait_event
+from bot.requests import GenerationRequest
+from providers.base import Provider
 from providers.router import Router
 from storage.database import StorageError
 from storage.jobs import JobStore
 
 log = logging.getLogger("acestep.engine")
+
+
+def pick_for(
+    router: Router, request: GenerationRequest, exclude: Iterable[str] = ()
+) -> Provider | None:
+    """The provider to start a request on now: the one it prefers (a user's or
+    community's default) when that one can take it now, else the configured order."""
+    skip = set(exclude)
+    preferred = router.get(request.provider or "")
+    if (
+        preferred is not None
+        and preferred.name not in skip
+        and preferred.capabilities.can_serve(request)
+        and router.available(preferred)
+        and router.has_capacity(preferred)
+    ):
+        return preferred
+    return router.pick(request, exclude=skip)
 
 
 class Scheduler:
@@ -102,7 +122,7 @@ class Scheduler:
                     state=JobState.CANCELLED,
                 )
                 continue
-            provider = self.router.pick(job.request, exclude=job.tried_providers)
+            provider = pick_for(self.router, job.request, job.tried_providers)
             if provider is None:
                 await self._fail_if_unservable(job)
                 continue

@@ -61,7 +61,9 @@ MENU = [
     BotCommand("cancel", "stop a song"),
     BotCommand("quota", "what you have left today"),
     BotCommand("history", "your recent songs"),
-    BotCommand("limits", "this group's quotas (admins)"),
+    BotCommand("settings", "your defaults for new songs"),
+    BotCommand("limits", "this group's quotas, topics and songs switch (admins)"),
+    BotCommand("banlist", "words this group's songs may not contain (admins)"),
     BotCommand("help", "how to use the bot"),
 ]
 

@@ -15,6 +15,7 @@ from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, Forbidden, TelegramError
 from telegram.ext import ExtBot
 
+from bot import audio
 from bot.chat.markup import clip
 from bot.chat.replies import SongCard, StatusView
 from bot.engine.contract import DeliveryError, RenderedSong
@@ -70,6 +71,12 @@ class TelegramOutlet:
     def upload_limit(self, target: dict[str, Any]) -> int:
         return self.limit
 
+    def bot_name(self) -> str | None:
+        try:
+            return self._bot().first_name
+        except RuntimeError:  # not initialised yet
+            return None
+
     def working(self, target: dict[str, Any], job_id: str, active: bool) -> None:
         if active:
             self.actions.start(job_id, int(target["chat_id"]), target.get("thread_id"))
@@ -116,15 +123,16 @@ class TelegramOutlet:
         self, target: dict[str, Any], card: SongCard, song: RenderedSong
     ) -> dict[str, Any]:
         chat_id = int(target["chat_id"])
-        audio = await asyncio.to_thread(song.path.read_bytes)
+        audio_bytes = await asyncio.to_thread(song.path.read_bytes)
+        thumb = await asyncio.to_thread(audio.thumbnail, song.cover) if song.cover else None
         try:
             message = await self._bot().send_audio(
                 chat_id,
-                InputFile(audio, filename=card.file_name),
+                InputFile(audio_bytes, filename=card.file_name),
                 title=clip(card.title, 64),
                 performer="ACE-Step",
                 duration=round(song.duration or card.duration),
-                thumbnail=InputFile(song.cover, filename="cover.jpg") if song.cover else None,
+                thumbnail=InputFile(thumb, filename="cover.jpg") if thumb else None,
                 caption=render.caption(card),
                 parse_mode=ParseMode.HTML,
                 reply_markup=render.keyboard(card.buttons),
@@ -142,6 +150,22 @@ class TelegramOutlet:
         if message.link:
             kept["result_url"] = message.link
         return kept
+
+    async def remove_song(self, target: dict[str, Any]) -> bool:
+        message_id = target.get("result_message_id")
+        if message_id is None:
+            return False
+        chat_id = int(target["chat_id"])
+        try:
+            # Telegram lets a bot delete its messages for 48 hours only.
+            return bool(await self._bot().delete_message(chat_id, int(message_id)))
+        except BadRequest as exc:
+            if "not found" in str(exc).lower():
+                return True  # already gone
+            log.warning("song message %s in chat %s not deleted: %s", message_id, chat_id, exc)
+        except TelegramError as exc:
+            log.warning("song message %s in chat %s not deleted: %s", message_id, chat_id, exc)
+        return False
 
     async def post_notice(self, target: dict[str, Any], view: StatusView) -> None:
         await self._bot().send_message(
