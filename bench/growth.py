@@ -2,7 +2,7 @@
 
 One SQLite database, made by the project's own migrations, is filled in steps with
 finished job rows and their ledger lines shaped like the bot's own (bulk inserts straight
-into the schema; the per-day counters are then built by migration 0005's own statement,
+into the schema; the per-day counters are then built by migration 0007's own statement,
 which times the upgrade of a database that size), beside the same 30 songs in progress
 at every level. At each step, against the real store, engine and
 /metrics server:
@@ -12,7 +12,7 @@ at every level. At each step, against the real store, engine and
 - a /metrics scrape over HTTP, and the same admission with a scrape fired beside it;
 - `stats` for 7 days;
 - event-loop lag p99 over a window with a scrape every second and admissions between;
-- the database file's size, and the counters' build (migration 0005) time.
+- the database file's size, and the counters' build (migration 0007) time.
 
 Each level has its own database. They are measured in turn, three rounds of them
 (`--repeat`), so that other work on the machine weighs on every level alike; each figure
@@ -198,7 +198,7 @@ class Filler:
 
     def grow_to(self, history: int) -> dict[str, float]:
         """Insert finished rows until there are `history` (beside the songs in
-        progress), then rebuild the counters as migration 0005 builds them; returns the
+        progress), then rebuild the counters as migration 0007 builds them; returns the
         seconds each took."""
         total = ACTIVE_ROWS + history
         started = time.perf_counter()

@@ -173,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     j_list = j_sub.add_parser("list", help="recent jobs")
     j_list.add_argument("--state", help="only jobs in this state")
     j_list.add_argument("--user", help="only this user (platform:id)")
+    j_list.add_argument(
+        "--search", metavar="TEXT", help="only jobs whose prompt, tags, lyrics or title hold TEXT"
+    )
     j_list.add_argument("--limit", type=int, default=20)
     j_list.set_defaults(handler=cmd_jobs_list)
     j_show = j_sub.add_parser("show", help="one job in full")
@@ -348,7 +351,7 @@ async def _generate(
     import asyncio
 
     from bot import messages
-    from bot.engine import Engine, EngineError
+    from bot.engine import Engine, EngineError, NoProvider
     from bot.models import Requester
     from bot.settings import problems
     from providers.registry import build_providers
@@ -365,6 +368,9 @@ async def _generate(
         await engine.start()
         try:
             admission = await engine.submit(request, Requester("cli", "cli"), {"out": str(out)})
+        except NoProvider as exc:  # mode, duration or an option no provider here takes
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         except EngineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -416,6 +422,17 @@ def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
     if found:
         print("Missing:")
         for line in found:
+            print(f"  - {line}")
+    notes: list[str] = []
+    if "acestep" in provs:  # it can tell whether its GPU servers can do prompt mode
+        import asyncio
+
+        from providers.registry import provider_notes
+
+        notes = asyncio.run(provider_notes(settings))
+    if notes:
+        print("Providers say:")
+        for line in notes:
             print(f"  - {line}")
     return EXIT_OK if fronts and provs else EXIT_FAILED
 
@@ -642,7 +659,9 @@ def _when(ts: float | None) -> str:
 def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
     async def list_jobs(store: Store) -> int:
         states = (args.state,) if args.state else None
-        if args.user:
+        if args.search:
+            jobs = await store.search(args.search, args.limit, states, args.user)
+        elif args.user:
             jobs = await store.for_user(args.user, states, limit=args.limit)
         else:
             jobs = await store.recent(args.limit, states)
@@ -657,7 +676,7 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
             print(
                 f"{job.id:8}  {job.state:10}  {_when(job.created_at):19}  "
                 f"{job.requester.key[:22]:22}  {(job.provider or '-'):9}  "
-                f"{job.duration:>4}  {job.request.title()}"
+                f"{job.duration:>4}  {job.title}" + ("  (deleted)" if job.deleted else "")
             )
         return EXIT_OK
 
@@ -715,6 +734,8 @@ def _print_job(settings: Settings, job: Job, ledger: list[dict[str, Any]]) -> No
             f"  audio:     {path}{exists} ({job.result.format}, "
             f"{job.result.duration} s, seed {job.result.seed})"
         )
+    if job.deleted:
+        print(f"  deleted:   {_when(job.deleted_at)} by {job.deleted_by}")
     if job.failure:
         print(f"  failure:   {job.failure}")
     if job.error:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from bot.models import (
     SongResult,
 )
 from bot.requests import GenerationRequest
+from storage.community import CommunityStore
 from storage.database import Database
 from storage.quota import (
     COMMUNITY_KEYS,
@@ -54,7 +56,7 @@ __all__ = [
     "next_reset",
 ]
 
-# Spelled exactly as the partial indexes' WHERE clause (migration 0005): SQLite uses a
+# Spelled exactly as the partial indexes' WHERE clause (migration 0007): SQLite uses a
 # partial index only for a query that states the same condition.
 ACTIVE_SQL = "state IN (" + ", ".join(f"'{s}'" for s in ACTIVE_STATES) + ")"
 _TERMINAL_SQL = "state IN (" + ", ".join(f"'{s}'" for s in TERMINAL_STATES) + ")"
@@ -99,6 +101,7 @@ class JobStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.community = CommunityStore(db)  # song defaults and ban lists, same database
 
     async def close(self) -> None:
         await self.db.close()
@@ -364,6 +367,46 @@ class JobStore:
                 (*params, limit),
             )
         return await self._select("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
+
+    async def search(
+        self,
+        text: str,
+        limit: int = 50,
+        states: tuple[str, ...] | None = None,
+        user_key: str | None = None,
+    ) -> list[Job]:
+        """Jobs whose prompt, tags, lyrics or title contain `text` (any case), newest
+        first: for operators finding who asked for what (it reads every row)."""
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", text.lower()) + "%"
+        where = ["(lower(request) LIKE ? ESCAPE '\\' OR lower(result) LIKE ? ESCAPE '\\')"]
+        params: list[Any] = [pattern, pattern]
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            params += states
+        if user_key:
+            where.append("user_key = ?")
+            params.append(user_key)
+        jobs = await self._select(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at DESC LIMIT ?",
+            (*params, limit * 4),
+        )
+        # The LIKE above also matches JSON keys and escapes; keep the real text matches.
+        needle = text.lower()
+        return [job for job in jobs if needle in _searchable(job)][:limit]
+
+    async def mark_deleted(self, job_id: str, by: str, now: float | None = None) -> bool:
+        """Record that a posted song was removed (once); False if it already was."""
+        at = time.time() if now is None else now
+        return await self.db.write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE jobs SET deleted_at = ?, deleted_by = ?, updated_at = ?"
+                    " WHERE id = ? AND deleted_at IS NULL",
+                    (at, by, at, job_id),
+                ).rowcount
+                == 1
+            )
+        )
 
     async def _select(self, sql: str, params: tuple[Any, ...]) -> list[Job]:
         return await self.db.read(lambda conn: [_job(r) for r in conn.execute(sql, params)])
@@ -755,6 +798,16 @@ def _encode(name: str, value: Any) -> Any:
     return value
 
 
+def _searchable(job: Job) -> str:
+    """The words of a job an operator searches: what was asked and what was made."""
+    req = job.request
+    made = job.result
+    parts = [req.prompt, req.tags, req.lyrics, job.title]
+    if made is not None:
+        parts += [made.tags or "", made.lyrics or ""]
+    return "\n".join(parts).lower()
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
@@ -788,4 +841,6 @@ def _job(row: sqlite3.Row) -> Job:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         delivered_at=row["delivered_at"],
+        deleted_at=row["deleted_at"],
+        deleted_by=row["deleted_by"],
     )

@@ -51,8 +51,23 @@ class Gauges:
     spend_today_usd: float  # charged or reserved since 00:00 UTC
 
 
+class CommunityData(Protocol):
+    """Song defaults per user and community (`/settings`) and community ban lists."""
+
+    async def defaults(self, scope: str, subject: str) -> dict[str, Any]: ...
+    async def set_defaults(self, scope: str, subject: str, values: dict[str, Any]) -> None: ...
+    async def clear_defaults(self, scope: str, subject: str) -> None: ...
+    async def banned(self, community: str) -> list[str]: ...
+    async def ban(self, community: str, phrases: list[str], by: str) -> list[str]: ...
+    async def unban(self, community: str, phrases: list[str]) -> list[str]: ...
+
+
 class Store(Protocol):
-    """Jobs, quotas, the ledger and the per-day counters."""
+    """Jobs, quotas, the ledger and the per-day counters; `community` holds song defaults
+    and ban lists in the same database."""
+
+    @property
+    def community(self) -> CommunityData: ...
 
     # admission and quota
     async def admit(
@@ -102,6 +117,14 @@ class Store(Protocol):
         self, user_key: str, states: tuple[str, ...] | None = None, limit: int = 50
     ) -> list[Job]: ...
     async def recent(self, limit: int = 50, states: tuple[str, ...] | None = None) -> list[Job]: ...
+    async def search(
+        self,
+        text: str,
+        limit: int = 50,
+        states: tuple[str, ...] | None = None,
+        user_key: str | None = None,
+    ) -> list[Job]: ...
+    async def mark_deleted(self, job_id: str, by: str, now: float | None = None) -> bool: ...
     async def ledger(self, job_id: str | None = None) -> list[dict[str, Any]]: ...
 
     # overrides and community settings

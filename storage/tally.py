@@ -2,7 +2,7 @@
 
 Backend-neutral: a store reads a job's ledger fields before and after a change, in the
 same transaction, and adds `changes(before, after)` to its counters. The definitions
-mirror the view `usage_daily_from_jobs` (storage/migrations/0005_usage_daily.sql), which
+mirror the view `usage_daily_from_jobs` (storage/migrations/0007_usage_daily.sql), which
 computes the same totals from the job rows; `acestep-bot db check` compares the two.
 """
 

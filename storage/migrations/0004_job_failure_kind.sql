@@ -4,3 +4,6 @@
 ALTER TABLE jobs ADD COLUMN failure TEXT;
 UPDATE jobs SET failure = 'cancelled' WHERE state = 'cancelled';
 UPDATE jobs SET failure = 'internal' WHERE state = 'failed';
+-- The channels a community allows songs in are a shared setting now (Discord had it
+-- first under its own name).
+UPDATE community_settings SET name = 'channels' WHERE name = 'discord_channels';

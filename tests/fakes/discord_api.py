@@ -141,6 +141,7 @@ class FakeInteraction:
     responded: int | None = None  # callback type used
     original_id: str | None = None
     expired: bool = False
+    message_id: str | None = None  # a component's message (UPDATE_MESSAGE edits it)
 
 
 @dataclass
@@ -272,7 +273,9 @@ class FakeDiscord:
         iid = snowflake(created_at)
         token = "itok-" + secrets.token_urlsafe(24)
         limit = attachment_size_limit or self.upload_limit
-        self.interactions[iid] = FakeInteraction(iid, token, channel_id, limit)
+        self.interactions[iid] = FakeInteraction(
+            iid, token, channel_id, limit, message_id=message["id"] if message else None
+        )
         user = user_payload(user_id, user_name)
         payload: dict[str, Any] = {
             "id": iid,
@@ -341,6 +344,7 @@ class FakeDiscord:
         r.add_post("/api/v10/users/@me/channels", self._open_dm)
         r.add_post("/api/v10/channels/{cid}/messages", self._channel_post)
         r.add_patch("/api/v10/channels/{cid}/messages/{mid}", self._channel_edit)
+        r.add_delete("/api/v10/channels/{cid}/messages/{mid}", self._channel_delete)
         r.add_get("/gateway", self._gateway)
         return app
 
@@ -489,6 +493,9 @@ class FakeDiscord:
                 response_message_ephemeral=msg.ephemeral,
             )
             resource["message"] = msg.payload(self.bot, self.app_id)
+        elif kind == 7 and inter.message_id in self.messages:
+            # UPDATE_MESSAGE: a component's interaction edits the message it is on.
+            _apply(self.messages[inter.message_id], data, files, keep_flags=True)
         elif kind == 9:
             self.modals.append(data)
         return json_response({"interaction": answer, "resource": resource})
@@ -614,6 +621,16 @@ class FakeDiscord:
         _apply(msg, body, files, keep_flags=True)
         msg.edits.append(time.monotonic())
         return json_response(msg.payload(self.bot, self.app_id))
+
+    async def _channel_delete(self, request: web.Request) -> web.Response:
+        """DELETE /channels/{id}/messages/{id}: a bot may delete its own messages."""
+        msg = self.messages.get(request.match_info["mid"])
+        if msg is None or msg.deleted or msg.channel_id != request.match_info["cid"]:
+            return _error(404, 10008, "Unknown Message")
+        if msg.ephemeral:
+            return _error(404, 10008, "Unknown Message")
+        msg.deleted = True
+        return web.Response(status=204)
 
 
 def _error(status: int, code: int, message: str) -> web.Response:

@@ -57,6 +57,7 @@ class FakeMessage:
     caption: str | None = None
     files: dict[str, UploadedFile] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    deleted: bool = False
 
     @property
     def text(self) -> str:
@@ -95,8 +96,10 @@ class FakeTelegram:
         self.username = username
         self.calls: list[Call] = []
         self.messages: dict[tuple[int, int], FakeMessage] = {}
+        self.sent: list[FakeMessage] = []  # everything the bot posted, deleted ones too
         self.chats: dict[int, dict[str, Any]] = {}
         self.admins: dict[int, set[int]] = {}
+        self.topics: dict[tuple[int, int], str] = {}  # (forum chat, thread id) -> name
         self.webhook: dict[str, Any] | None = None
         self.commands: list[dict[str, Any]] = []
         self._updates: list[dict[str, Any]] = []
@@ -126,6 +129,11 @@ class FakeTelegram:
             info["is_forum"] = True
         self.chats[chat_id] = info
         return info
+
+    def topic(self, chat_id: int, thread_id: int, name: str) -> None:
+        """A forum topic: its messages reply to the service message that opened it
+        (Bot API `Message.forum_topic_created`), unless they reply to another message."""
+        self.topics[(chat_id, thread_id)] = name
 
     @staticmethod
     def user(user_id: int, first_name: str = "Ann", username: str | None = None) -> dict[str, Any]:
@@ -168,6 +176,19 @@ class FakeTelegram:
             msg["is_topic_message"] = True
         if reply_to is not None:
             msg["reply_to_message"] = self._message_json(chat_id, reply_to)
+        elif thread_id is not None and (chat_id, thread_id) in self.topics:
+            msg["reply_to_message"] = {
+                "message_id": thread_id,
+                "date": int(time.time()),
+                "chat": chat,
+                "from": user,
+                "message_thread_id": thread_id,
+                "is_topic_message": True,
+                "forum_topic_created": {
+                    "name": self.topics[(chat_id, thread_id)],
+                    "icon_color": 7322096,
+                },
+            }
         self._record_user_message(chat_id, message_id, text, thread_id)
         return {"update_id": next(self._update_ids), "message": msg}
 
@@ -476,6 +497,7 @@ class FakeTelegram:
     def _m_deleteMessage(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
         msg = self._existing(params)
         del self.messages[(msg.chat_id, msg.message_id)]
+        msg.deleted = True
         return True
 
     def _m_getChatMember(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
@@ -516,6 +538,9 @@ class FakeTelegram:
         except (KeyError, ValueError, TypeError):
             raise _ApiError(400, "Bad Request: chat_id is empty") from None
         chat = self.chats.get(chat_id)
+        if chat is None and chat_id > 0:
+            # A user who never opened a private chat with the bot cannot be written to.
+            raise _ApiError(403, "Forbidden: bot can't initiate conversation with a user")
         if chat is None:
             raise _ApiError(400, "Bad Request: chat not found")
         return chat
@@ -545,7 +570,7 @@ class FakeTelegram:
             raise _ApiError(400, "Bad Request: message thread not found")
         message_id = next(self._message_ids)
         markup = params.get("reply_markup")
-        self.messages[(chat["id"], message_id)] = FakeMessage(
+        self.messages[(chat["id"], message_id)] = message = FakeMessage(
             chat["id"],
             message_id,
             [text] if kind == "text" else [],
@@ -557,6 +582,7 @@ class FakeTelegram:
             files=files or {},
             params=params,
         )
+        self.sent.append(message)
         out = self._message_json(chat["id"], message_id)
         if kind == "audio":
             out["audio"]["file_size"] = len(files["audio"].data) if files else 0
