@@ -483,13 +483,10 @@ def cmd_db_check(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_db_prune(settings: Settings, args: argparse.Namespace) -> int:
     from bot.retention import prune_jobs
 
-    def said(report: PruneReport, days: int) -> str:
-        return (
-            f"removed {report.jobs} finished job rows admitted more than {days} days ago "
-            f"(and {report.files} audio files, {report.bytes / 1e6:.1f} MB); "
-            "their totals stay in stats"
-        )
-
+    said = (
+        "removed {jobs} finished job rows admitted more than {days} days ago "
+        "(and {files} audio files, {mb:.1f} MB); their totals stay in stats"
+    )
     return _prune(settings, args.days, "job_retention_days", prune_jobs, said)
 
 
@@ -498,10 +495,11 @@ def _prune(
     asked: int | None,
     setting: str,
     prune: Callable[..., Awaitable[PruneReport]],
-    said: Callable[[PruneReport, int], str],
+    said: str,
 ) -> int:
-    """A retention command: `prune` over `asked` days (--days) or the `setting`'s, with
-    what was removed `said`; 0 days keeps everything, --days below 1 is refused."""
+    """A retention command: `prune` over `asked` days (--days) or the `setting`'s, then
+    what was removed, `said` (a format of jobs, files, mb and days); 0 days keeps
+    everything, --days below 1 is refused."""
     if asked is not None and asked <= 0:
         print(f"error: days: {asked} is not valid; 1 or more", file=sys.stderr)
         return EXIT_USAGE
@@ -511,7 +509,8 @@ def _prune(
         return EXIT_OK
 
     async def run(store: Store) -> int:
-        print(said(await prune(settings, store, days=days), days))
+        report = await prune(settings, store, days=days)
+        print(said.format(jobs=report.jobs, files=report.files, mb=report.bytes / 1e6, days=days))
         return EXIT_OK
 
     return with_store(settings, run)
@@ -523,12 +522,7 @@ def _prune(
 def cmd_audio_prune(settings: Settings, args: argparse.Namespace) -> int:
     from bot.retention import prune_audio
 
-    def said(report: PruneReport, days: int) -> str:
-        return (
-            f"removed {report.files} files ({report.bytes / 1e6:.1f} MB) of {report.jobs} "
-            f"jobs finished more than {days} days ago"
-        )
-
+    said = "removed {files} files ({mb:.1f} MB) of {jobs} jobs finished more than {days} days ago"
     return _prune(settings, args.days, "audio_retention_days", prune_audio, said)
 
 
