@@ -12,8 +12,8 @@ from bot.engine.notify import Notifier
 from bot.engine.runner import EngineOptions, JobRunner
 from bot.engine.tasks import JobTasks
 from bot.models import FailureKind, Job, JobState
-from bot.timing import wait_event
 from bot.requests import GenerationRequest
+from bot.timing import wait_event
 from providers.base import Provider
 from providers.router import Router
 from storage.database import StorageError
