@@ -43,7 +43,7 @@ from providers.base import (
     Unavailable,
 )
 from providers.router import Router, price_of
-from storage.jobs import JobStore
+from storage.store import Store
 
 log = logging.getLogger("acestep.engine")
 
@@ -83,7 +83,7 @@ class JobRunner:
     def __init__(
         self,
         settings: Settings,
-        store: JobStore,
+        store: Store,
         router: Router,
         options: EngineOptions,
         tasks: JobTasks,
