@@ -118,6 +118,7 @@ FAILURE_TEXTS = {
     FailureKind.UNAVAILABLE: "The music services are unavailable right now; try again later.",
     FailureKind.NOT_POSTED: "The song was made but could not be posted here.",
     FailureKind.INTERNAL: "Something went wrong on the bot's side; the operator has been told.",
+    FailureKind.BUDGET: "The bot has reached today's budget set by its operator; try tomorrow.",
 }
 
 

@@ -47,6 +47,7 @@ class FailureKind(StrEnum):
     UNAVAILABLE = "unavailable"  # no provider could take it (down, busy, keys)
     NOT_POSTED = "not_posted"  # made, but the platform would not take it
     INTERNAL = "internal"  # our own fault: disk, database, a crash
+    BUDGET = "budget"  # another run would pass the operator's daily spend cap
 
 
 @dataclass(frozen=True)

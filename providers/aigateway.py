@@ -18,6 +18,7 @@ import httpx
 from bot.requests import GenerationRequest, Mode
 from providers.base import (
     Cancelled,
+    CancelOutcome,
     Capabilities,
     Failed,
     Handle,
@@ -168,7 +169,7 @@ class AIGatewayProvider(Provider):
         record = self._record(resp)
         job_id = record.get("id")
         if not isinstance(job_id, str) or not job_id:
-            raise Unavailable(self.name, "submit answer carried no job id")
+            raise Unavailable(self.name, "submit answer carried no job id", maybe_accepted=True)
         log.info("aigateway: submitted job %s", job_id)
         return Handle(
             self.name,
@@ -197,15 +198,16 @@ class AIGatewayProvider(Provider):
         self._last[job_id] = status
         return status
 
-    async def cancel(self, handle: Handle) -> bool:
-        """DELETE the job: True if accepted, False if it had already ended or is gone."""
+    async def cancel(self, handle: Handle) -> CancelOutcome:
+        """DELETE the job (REFUSED when it had already ended or is gone). The gateway does
+        not say whether it had started, so the run may be billed."""
         job_id = self._job_id(handle)
         try:
             await self._send("DELETE", f"/v1/jobs/{job_id}", polling=True)
         except (Rejected, TaskLost):
-            return False  # 400/409: finished already; 404: the gateway forgot it
+            return CancelOutcome.REFUSED  # 400/409: finished already; 404: forgotten
         self._last[job_id] = Cancelled()
-        return True
+        return CancelOutcome.REQUESTED
 
     def poll_interval(self) -> float:
         return self._poll_interval

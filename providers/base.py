@@ -14,6 +14,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, TypeVar
 
 import httpx
@@ -176,6 +177,9 @@ class Failed:
     reason: str  # safe to show a user
     # True when the model refused the input (content policy, validation): never retried.
     rejected: bool = False
+    # False only where the provider documents that this failure is not billed (fal: a
+    # server error); the spend keeps the run's charge otherwise.
+    billed: bool = True
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,18 @@ class Cancelled:
 
 
 Status = Queued | Running | Succeeded | Failed | Cancelled
+
+
+class CancelOutcome(Enum):
+    """What a provider said to a cancel. Only REMOVED says the job never ran (so it is
+    not billed); REQUESTED stops it, but the provider may bill what it did."""
+
+    REFUSED = "refused"  # too late (it finished), unknown, or the provider has no cancel
+    REQUESTED = "requested"  # it will stop
+    REMOVED = "removed"  # taken out of the provider's queue before it ran
+
+    def __bool__(self) -> bool:
+        return self is not CancelOutcome.REFUSED
 
 
 class ProviderError(Exception):
@@ -196,11 +212,14 @@ class ProviderError(Exception):
         *,
         status_code: int | None = None,
         retry_after: float | None = None,
+        maybe_accepted: bool = False,
     ) -> None:
         self.provider = provider
         self.message = message
         self.status_code = status_code
         self.retry_after = retry_after
+        # A submit that timed out may have been queued at the provider (and billed).
+        self.maybe_accepted = maybe_accepted
         code = f" (HTTP {status_code})" if status_code else ""
         super().__init__(f"{provider}{code}: {message}")
 
@@ -257,10 +276,9 @@ class Provider(ABC):
     async def poll(self, handle: Handle) -> Status:
         """Ask once how the job is doing. Safe to retry."""
 
-    async def cancel(self, handle: Handle) -> bool:
-        """Ask the provider to stop. True if it accepted; False if it has no cancel or
-        it was too late."""
-        return False
+    async def cancel(self, handle: Handle) -> CancelOutcome:
+        """Ask the provider to stop; what it answered (REFUSED where it has no cancel)."""
+        return CancelOutcome.REFUSED
 
     @property
     def streams_status(self) -> bool:
@@ -335,7 +353,7 @@ async def send(
         return await client.request(method, url, **kwargs)
     except httpx.TimeoutException:
         extra = "; the request may still have been queued (and billed)" if submit else ""
-        raise Unavailable(provider, f"{what} timed out{extra}") from None
+        raise Unavailable(provider, f"{what} timed out{extra}", maybe_accepted=submit) from None
     except httpx.TransportError as exc:
         raise Unavailable(provider, f"{what}: connection failed ({type(exc).__name__})") from None
 

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -23,6 +24,7 @@ from bot.requests import GenerationRequest, Mode
 from providers.base import (
     ACE_STEP_V1_OPTIONS,
     Cancelled,
+    CancelOutcome,
     Capabilities,
     Failed,
     Handle,
@@ -139,6 +141,7 @@ class FalProvider(Provider):
                 "fal accepted the submit but its answer had no "
                 "request id; the request may still run at fal",
                 status_code=resp.status_code,
+                maybe_accepted=True,
             ) from None
         handle_data: dict[str, Any] = {"request_id": request_id, "endpoint": endpoint}
         for key in ("status_url", "response_url", "cancel_url"):
@@ -227,20 +230,31 @@ class FalProvider(Provider):
             return _running(body.get("logs"))
         if state == "COMPLETED":
             if body.get("error"):
-                return self._failed_run(str(body["error"]), str(body.get("error_type") or ""))
+                failed = self._failed_run(str(body["error"]), str(body.get("error_type") or ""))
+                if isinstance(failed, Failed) and not failed.rejected:
+                    # The result's HTTP status says whether fal bills the failed run.
+                    return await self._fetch_result(handle, urls, body, run_failed=True)
+                return failed
             return await self._fetch_result(handle, urls, body)
         # fal documents no other status; report it as running rather than failing a job.
         log.warning("fal request %s has an unknown status %r", urls["request_id"], state)
         return Running(message=str(state) if state else None)
 
-    async def cancel(self, handle: Handle) -> bool:
-        """Ask fal to drop the request: True if accepted, False if it already finished."""
+    async def cancel(self, handle: Handle) -> CancelOutcome:
+        """Ask fal to drop the request. fal answers OK when it removed it from the queue
+        (it never ran), CANCELLATION_REQUESTED when it signalled a runner already working
+        on it, ALREADY_COMPLETED (400) when it was too late
+        (fal.ai/docs/inference-api/queue/cancel)."""
         urls = self._urls(handle)
         resp = await self._send("PUT", urls["cancel_url"], phase="cancel")
         if 200 <= resp.status_code < 300:
-            return True
-        if resp.status_code in (400, 409):
-            return False
+            try:
+                answer = resp.json().get("status")
+            except (ValueError, AttributeError):
+                answer = None
+            return CancelOutcome.REMOVED if answer == "OK" else CancelOutcome.REQUESTED
+        if resp.status_code in (400, 404, 409):
+            return CancelOutcome.REFUSED
         raise self._error(resp, "cancel")
 
     def poll_interval(self) -> float:
@@ -382,8 +396,16 @@ class FalProvider(Provider):
         return Failed(reason, rejected=rejected)
 
     async def _fetch_result(
-        self, handle: Handle, urls: dict[str, str], status_body: dict[str, Any]
+        self,
+        handle: Handle,
+        urls: dict[str, str],
+        status_body: dict[str, Any],
+        *,
+        run_failed: bool = False,
     ) -> Status:
+        """The finished request's output. `run_failed`: the status said the run failed;
+        its result then answers with the error, and a 5xx means fal does not bill it (a
+        5xx for a run the status called a success is only the fetch failing)."""
         # 502-504 are the gateway's and pass; any other error answer is the run's outcome.
         resp = await self._get(urls["response_url"], "result", transient=(502, 503, 504))
         if resp.status_code in (401, 403, 404, 429):
@@ -393,7 +415,12 @@ class FalProvider(Provider):
             kind = " ".join(types)
             if resp.status_code == 422 and not kind:
                 kind = "validation"
-            return self._failed_run(detail, kind)
+            failed = self._failed_run(detail, kind)
+            if isinstance(failed, Failed) and run_failed and resp.status_code >= 500:
+                # "Failed requests that return 5xx status codes are not billed."
+                # (docs.fal.ai/model-apis/model-endpoints/reliability)
+                return replace(failed, billed=False)
+            return failed
         output = _json_object(resp)
         audio = output.get("audio")
         url = audio.get("url") if isinstance(audio, dict) else None

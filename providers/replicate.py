@@ -25,6 +25,7 @@ from bot.requests import GenerationRequest, Mode
 from providers.base import (
     ACE_STEP_V1_OPTIONS,
     Cancelled,
+    CancelOutcome,
     Capabilities,
     Failed,
     Handle,
@@ -139,10 +140,14 @@ class ReplicateProvider(Provider):
         resp = await self._send("POST", "/v1/predictions", json=payload)
         if resp.status_code >= 400:
             raise map_error(resp, self.name, stage="submit")
-        prediction = _json_object(resp, self.name)
+        try:
+            prediction = _json_object(resp, self.name)
+        except Unavailable as exc:  # a created (2xx) prediction we cannot read
+            exc.maybe_accepted = True
+            raise
         prediction_id = prediction.get("id")
         if not isinstance(prediction_id, str) or not prediction_id:
-            raise Unavailable(self.name, "the prediction answer had no id")
+            raise Unavailable(self.name, "the prediction answer had no id", maybe_accepted=True)
         urls = prediction.get("urls") or {}
         return Handle(
             self.name,
@@ -164,18 +169,21 @@ class ReplicateProvider(Provider):
         prediction = await self._get_with_retries(path)
         return self._status(handle, prediction)
 
-    async def cancel(self, handle: Handle) -> bool:
-        """Cancel the prediction; False when it had already finished or is unknown."""
+    async def cancel(self, handle: Handle) -> CancelOutcome:
+        """Cancel the prediction (REFUSED when it had already finished or is unknown). The
+        answer does not say whether it had started, so the run may be billed."""
         resp = await self._send("POST", f"/v1/predictions/{handle.data['id']}/cancel")
         if resp.status_code in (400, 404, 409, 422):
-            return False
+            return CancelOutcome.REFUSED
         if resp.status_code >= 400:
             raise map_error(resp, self.name, stage="cancel")
         try:
             status = resp.json().get("status")
         except (ValueError, AttributeError):
             status = None
-        return status not in ("succeeded", "failed")
+        if status in ("succeeded", "failed"):
+            return CancelOutcome.REFUSED
+        return CancelOutcome.REQUESTED
 
     def poll_interval(self) -> float:
         return self._poll_interval

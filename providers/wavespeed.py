@@ -17,6 +17,7 @@ import httpx
 from bot.requests import GenerationRequest, Mode, is_instrumental_lyrics
 from providers.base import (
     Cancelled,
+    CancelOutcome,
     Capabilities,
     Failed,
     Handle,
@@ -171,7 +172,9 @@ class WaveSpeedProvider(Provider):
         )
         job_id = data.get("id")
         if not isinstance(job_id, str) or not job_id:
-            raise Unavailable(self.name, "submit answer carried no prediction id")
+            raise Unavailable(
+                self.name, "submit answer carried no prediction id", maybe_accepted=True
+            )
         log.info("wavespeed: submitted prediction %s to %s", job_id, model)
         return Handle(
             self.name, {"id": job_id, "model": model, "seed": seed, "duration": request.duration}
@@ -182,10 +185,10 @@ class WaveSpeedProvider(Provider):
         data = await self._fetch_prediction(str(handle.data["id"]))
         return self._status_from(data, handle)
 
-    async def cancel(self, handle: Handle) -> bool:
+    async def cancel(self, handle: Handle) -> CancelOutcome:
         """WaveSpeed has no cancel endpoint: the run finishes (and is billed) anyway."""
         self._check_handle(handle)
-        return False
+        return CancelOutcome.REFUSED
 
     def poll_interval(self) -> float:
         return self._poll_interval

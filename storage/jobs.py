@@ -62,6 +62,9 @@ ACTIVE_SQL = "state IN (" + ", ".join(f"'{s}'" for s in ACTIVE_STATES) + ")"
 _TERMINAL_SQL = "state IN (" + ", ".join(f"'{s}'" for s in TERMINAL_STATES) + ")"
 
 # Columns a transition or update may set (names go into SQL: never from user input).
+# Dollar amounts are rounded to the micro-dollar; below this they are zero.
+MONEY_EPSILON = 1e-9
+
 _SETTABLE = frozenset(
     {
         "provider",
@@ -249,6 +252,70 @@ class JobStore:
 
         await self.db.write(update)
 
+    async def start_run(
+        self,
+        job_id: str,
+        provider: str,
+        usd: float,
+        spend_cap_usd: float | None,
+        now: float | None = None,
+        **fields: Any,
+    ) -> bool:
+        """queued -> submitting, charging this run's price at once: from here on the
+        provider may bill it, so the spend counts it until the provider confirms it did
+        not (`credit_run`). A job's first run takes the place of its admission's
+        reservation; a later one (after a billed failure, a crash mid-submit, a lost task)
+        needs room under the day's spend cap, or QuotaRefusal is raised and nothing moves.
+        False when the job is no longer queued."""
+        at = time.time() if now is None else now
+
+        def start(conn: sqlite3.Connection) -> bool:
+            before = _facts(conn, job_id)
+            if before is None or before.state != "queued":
+                return False
+            charged = before.charged_usd or 0.0
+            if charged > MONEY_EPSILON:
+                spend = _usage_spend(conn, at)
+                if spend_cap_usd is not None and spend + usd > spend_cap_usd + MONEY_EPSILON:
+                    raise QuotaRefusal("spend_cap_usd_per_day", spend_cap_usd, spend, usd)
+            moved = _transition(
+                conn,
+                job_id,
+                ("queued",),
+                "submitting",
+                at,
+                {**fields, "provider": provider, "charged_usd": round(charged + usd, 6)},
+            )
+            assert moved is not None
+            _ledger(conn, job_id, moved, "charge", usd, provider, at)
+            return True
+
+        return await self.db.write(start)
+
+    async def credit_run(
+        self, job_id: str, usd: float, provider: str | None, now: float | None = None
+    ) -> None:
+        """Take back a run's charge: the provider confirmed it will not bill it (a refused
+        submit, a cancel accepted before the run started, a failure it does not bill). A
+        job with no charge left counts its reservation again while it waits."""
+        at = time.time() if now is None else now
+
+        def credit(conn: sqlite3.Connection) -> None:
+            before = _facts(conn, job_id)
+            if before is None or not before.charged_usd:
+                return
+            left = round(before.charged_usd - usd, 6)
+            conn.execute(
+                "UPDATE jobs SET charged_usd = ?, updated_at = ? WHERE id = ?",
+                (left if left > MONEY_EPSILON else None, at, job_id),
+            )
+            after = _facts(conn, job_id)
+            assert after is not None
+            _count(conn, before, after)
+            _ledger(conn, job_id, after, "credit", min(usd, before.charged_usd), provider, at)
+
+        await self.db.write(credit)
+
     async def finish_success(
         self,
         job_id: str,
@@ -257,20 +324,22 @@ class JobStore:
         result: SongResult,
         now: float | None = None,
     ) -> bool:
-        """running -> ready: the provider made the song; record the charge."""
+        """running -> ready: the provider made the song. Its charge was recorded when the
+        run started; `charged_usd` is used only for a job that started before charges
+        were (an upgrade mid-run)."""
         at = time.time() if now is None else now
-        fields = {
-            "charged_usd": charged_usd,
-            "result": result,
-            "finished_at": at,
-            "provider": provider,
-        }
 
         def finish(conn: sqlite3.Connection) -> bool:
+            before = _facts(conn, job_id)
+            fields: dict[str, Any] = {"result": result, "finished_at": at, "provider": provider}
+            uncharged = before is not None and before.charged_usd is None
+            if uncharged:
+                fields["charged_usd"] = charged_usd
             after = _transition(conn, job_id, ("running",), "ready", at, fields)
             if after is None:
                 return False
-            _ledger(conn, job_id, after, "charge", charged_usd, provider, at)
+            if uncharged:
+                _ledger(conn, job_id, after, "charge", charged_usd, provider, at)
             return True
 
         return await self.db.write(finish)
@@ -297,32 +366,30 @@ class JobStore:
         now: float | None = None,
         *,
         failure: FailureKind | None = None,
-        charged_usd: float | None = None,
+        refund_quota: bool = True,
     ) -> bool:
-        """-> failed | cancelled with a refund of the user's and community's quota.
+        """-> failed | cancelled. Charges made for runs the provider may bill stay in the
+        spend (the operator pays them); the admission's reservation, if no run was
+        charged, is released. `refund_quota` gives the user's and community's quota back
+        (not for a song the user cancelled after the provider began making it).
 
-        `error` is the operator's detail, `failure` the kind users are told. A charge
-        already made by a provider stays in the spend (the operator paid it);
-        `charged_usd` records one made for a song the bot then could not keep.
+        `error` is the operator's detail, `failure` the kind users are told.
         """
         at = time.time() if now is None else now
         fields: dict[str, Any] = {
             "error": error,
             "failure": failure,
-            "refunded": 1,
+            "refunded": 1 if refund_quota else 0,
             "finished_at": at,
         }
-        if charged_usd is not None:
-            fields["charged_usd"] = charged_usd
 
         def finish(conn: sqlite3.Connection) -> bool:
             after = _transition(conn, job_id, from_states, to_state, at, fields)
             if after is None:
                 return False
-            if charged_usd is not None:
-                _ledger(conn, job_id, after, "charge", charged_usd, after.provider, at)
-            refund_usd = after.reserved_usd if after.charged_usd is None else 0.0
-            _ledger(conn, job_id, after, "refund", refund_usd, after.provider, at)
+            if refund_quota:
+                released = after.reserved_usd if after.charged_usd is None else 0.0
+                _ledger(conn, job_id, after, "refund", released, after.provider, at)
             return True
 
         return await self.db.write(finish)
@@ -731,6 +798,11 @@ def _usage(conn: sqlite3.Connection, requester: Requester, now: float) -> Usage:
         community_seconds=float(community["quota_seconds"]) if community else 0.0,
         spend_usd=max(0.0, float(everyone["spend_usd"])) if everyone else 0.0,
     )
+
+
+def _usage_spend(conn: sqlite3.Connection, now: float) -> float:
+    row = conn.execute(_COUNTER_READ, ("all", day_number(now), "")).fetchone()
+    return max(0.0, float(row["spend_usd"])) if row else 0.0
 
 
 def _overrides(conn: sqlite3.Connection, scope: str, subject: str | None) -> dict[str, float]:

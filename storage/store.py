@@ -89,6 +89,18 @@ class Store(Protocol):
         **fields: Any,
     ) -> bool: ...
     async def update(self, job_id: str, **fields: Any) -> None: ...
+    async def start_run(
+        self,
+        job_id: str,
+        provider: str,
+        usd: float,
+        spend_cap_usd: float | None,
+        now: float | None = None,
+        **fields: Any,
+    ) -> bool: ...
+    async def credit_run(
+        self, job_id: str, usd: float, provider: str | None, now: float | None = None
+    ) -> None: ...
     async def finish_success(
         self,
         job_id: str,
@@ -107,7 +119,7 @@ class Store(Protocol):
         now: float | None = None,
         *,
         failure: FailureKind | None = None,
-        charged_usd: float | None = None,
+        refund_quota: bool = True,
     ) -> bool: ...
 
     # reads

@@ -172,6 +172,16 @@ def job_states(db_path: Path) -> Counter[str]:
         conn.close()
 
 
+TARGETS = ("submitting", "running", "ready")
+
+
+async def until_a_job_is(db_path: Path, state: str, within: float) -> None:
+    for _ in range(int(within / 0.005)):
+        if job_states(db_path)[state]:
+            return
+        await asyncio.sleep(0.005)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: Path) -> None:
     seed = chaos_seed()
@@ -220,10 +230,16 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
                 await asyncio.sleep(rng.uniform(0.0, 0.6))
 
         posting = asyncio.create_task(users_post_songs())
+        killed_in: list[Counter[str]] = []  # the jobs' states at each kill
         try:
             await bot.start()
-            for _ in range(kills):
+            for n in range(kills):
                 await asyncio.sleep(rng.uniform(0.8, 4.0))
+                if n < len(TARGETS):
+                    # The first kills wait for a job caught mid-submit, mid-run, and
+                    # stored but not yet posted, so each of those recoveries is tried.
+                    await until_a_job_is(db_path, TARGETS[n], within=15)
+                killed_in.append(job_states(db_path))
                 await bot.kill9()
                 await bot.start()
             await posting
@@ -259,6 +275,9 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
     )
 
     assert len(bot.kills) == kills and bot.runs == kills + 1
+    # Kills landed while jobs were being submitted, run and posted.
+    for state in TARGETS:
+        assert any(states_then[state] for states_then in killed_in), (state, killed_in, where)
     assert "Traceback" not in logs, logs[-5000:]
     assert fal.key not in logs and telegram.token not in logs
     assert states["delivered"] > 0, where
@@ -282,6 +301,8 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
 
     job_of_prompt = {json.loads(row["request"])["prompt"]: row["id"] for row in jobs}
     fal_runs = Counter(job_of_prompt[r.body["prompt"]] for r in fal.requests.values())
+    fal_billed = Counter(job_of_prompt[r.body["prompt"]] for r in fal.billed())
+    fal_arrived = Counter(job_of_prompt[s.body["prompt"]] for s in fal.submits)
     entries: dict[str, list[sqlite3.Row]] = {}
     for entry in ledger:
         entries.setdefault(entry["job_id"], []).append(entry)
@@ -297,6 +318,20 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
         # The ledger balances: what was reserved was committed or refunded, once.
         assert seconds["reserve"] == seconds["commit"] + seconds["refund"] == 5, what
         assert kinds["reserve"] == 1 and kinds["commit"] + kinds["refund"] == 1, what
+        # Dollars balance: each run is charged when it starts, so the job's charge is fal's
+        # bill for it plus any run a kill cut off before its submit reached fal (the bot
+        # cannot know it never arrived, so the spend keeps it: the cap errs on the safe
+        # side).
+        usd = {
+            k: sum(e["usd"] for e in entries[job_id] if e["kind"] == k)
+            for k in ("charge", "credit")
+        }
+        assert usd["charge"] - usd["credit"] == pytest.approx(row["charged_usd"] or 0.0), what
+        never_arrived = kinds["charge"] - fal_arrived[job_id]
+        assert 0 <= never_arrived <= row["recoveries"], (what, kinds, fal_arrived[job_id])
+        assert (row["charged_usd"] or 0.0) == pytest.approx(
+            0.001 * (fal_billed[job_id] + never_arrived)
+        ), (what, row["charged_usd"], fal_billed[job_id], never_arrived)
         # fal ran it once, or once more after a crash caught it mid-submit (DESIGN.md).
         assert fal_runs[job_id] <= 1 + row["recoveries"], (
             what,

@@ -21,6 +21,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bot import messages
 from bot.engine import AlreadyFinished, RenderedSong, Song
 from bot.models import FailureKind, Job, Requester
@@ -229,6 +231,13 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
             kind: sum(e["seconds"] for e in entries[job_id] if e["kind"] == kind)
             for kind in ("reserve", "commit", "refund")
         }
+        usd = {
+            kind: sum(e["usd"] for e in entries[job_id] if e["kind"] == kind)
+            for kind in ("charge", "credit")
+        }
+        # Dollars balance per job: what was charged for its runs, less what providers
+        # confirmed they did not bill, is the job's charge.
+        assert usd["charge"] - usd["credit"] == pytest.approx(row["charged_usd"] or 0.0), what
         # The user is told exactly once: the song, or why there is none.
         if row["state"] == "delivered":
             assert (delivered[job_id], failed[job_id]) == (1, 0), what
@@ -237,13 +246,19 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
         else:
             assert row["state"] in ("failed", "cancelled"), what
             assert (delivered[job_id], failed[job_id]) == (0, 1), what
-            told = messages.failure_text(FailureKind(row["failure"]), True, None)
+            told = messages.failure_text(FailureKind(row["failure"]), bool(row["refunded"]), None)
             assert failure_text[job_id] == told and row["error"], what
             assert (row["state"] == "cancelled") == (row["failure"] == "cancelled"), what
-            assert row["refunded"] == 1, what
-            assert (kinds["reserve"], kinds["commit"], kinds["refund"]) == (1, 0, 1), what
-        # The ledger balances: what was reserved was either committed or refunded.
-        assert seconds["reserve"] == seconds["commit"] + seconds["refund"] == 5, what
+            if row["state"] == "failed":  # never the user's doing: their quota comes back
+                assert row["refunded"] == 1, what
+            elif not row["refunded"]:  # cancelled while a provider was making it
+                assert row["charged_usd"] is not None, what
+            assert (kinds["reserve"], kinds["commit"]) == (1, 0), what
+            assert kinds["refund"] == row["refunded"], what
+        # The seconds balance: what was reserved was committed, refunded or kept by a
+        # cancel the provider was already working on.
+        kept = 5 if row["state"] == "cancelled" and not row["refunded"] else 0
+        assert seconds["reserve"] == seconds["commit"] + seconds["refund"] + kept == 5, what
         # No provider ran the job twice (nothing was interrupted mid-submit here).
         assert row["recoveries"] == 0, what
         assert fal_runs[job_id] <= 1 and ws_runs[job_id] <= 1, (
@@ -253,6 +268,25 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
         )
         assert row["attempts"] >= fal_runs[job_id] + ws_runs[job_id], what
     assert sum(delivered.values()) + sum(failed.values()) == JOBS, where
+    # And in total: the bot's charges are exactly what the providers would bill.
+    charged = sum(row["charged_usd"] or 0.0 for row in jobs)
+    billed = fal_fake.billed_usd() + ws_fake.billed_usd()
+    fal_billed = Counter(job_of_prompt[r.body["prompt"]] for r in fal_fake.billed())
+    off = {
+        row["id"]: (
+            row["state"],
+            row["failure"],
+            row["error"],
+            row["charged_usd"],
+            fal_billed[row["id"]],
+            ws_runs[row["id"]],
+            [(e["kind"], e["usd"], e["provider"]) for e in entries[row["id"]]],
+        )
+        for row in jobs
+        if abs((row["charged_usd"] or 0) - 0.001 * (fal_billed[row["id"]] + ws_runs[row["id"]]))
+        > 1e-9
+    }
+    assert charged == pytest.approx(billed, abs=1e-9), (charged, billed, off, where)
     # Whatever the chaos did, the usage counters equal the totals of the job rows.
     assert mismatches == [], (mismatches[:5], where)
     # A cancel the engine took ends cancelled, even one answered while the job was still

@@ -511,10 +511,21 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
     await bot.feed(other)
     assert ephemeral_texts(bot, other) == ["You can only cancel your own songs."]
 
+    # fal is already making it: the user is told what a cancel costs before it happens.
     click = fake.button(f"acestep:cancel:{job_id}", status)
     await bot.feed(click)
-    assert ephemeral_texts(bot, click) == [
-        f"Cancelled `{job_id}` (Never Ending). Your quota was refunded."
+    [question] = [m for m in bot.messages_of(click) if m.ephemeral]
+    assert question.content == (
+        f"`{job_id}` (Never Ending). It is already being made: cancelling will not give "
+        "your quota back."
+    )
+    assert question.custom_ids == [f"acestep:stop:{job_id}"]
+    assert (await bot.engine.get_job(job_id)).state == "running"  # type: ignore[union-attr]
+    confirm = fake.button(f"acestep:stop:{job_id}", question)
+    await bot.feed(confirm)
+    assert ephemeral_texts(bot, confirm) == [
+        f"Cancelled `{job_id}` (Never Ending). It still counts against your quota, because "
+        "the music service made it."
     ]
     await bot.job_state(job_id, "cancelled")
     status = await fake.wait_until(
@@ -526,11 +537,14 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
     second = fake.slash("song", {"prompt": "second", "duration": 5})
     await bot.feed(second)
     second_id = job_id_in(bot.original(second).content)
+    await bot.job_state(second_id, "running")
     command = fake.slash("cancel", {})
     await bot.feed(command)
-    assert ephemeral_texts(bot, command) == [
-        f"Cancelled `{second_id}` (Second). Your quota was refunded."
-    ]
+    [question] = [m for m in bot.messages_of(command) if m.ephemeral]
+    assert question.custom_ids == [f"acestep:stop:{second_id}"]
+    confirm = fake.button(f"acestep:stop:{second_id}", question)
+    await bot.feed(confirm)
+    assert ephemeral_texts(bot, confirm)[0].startswith(f"Cancelled `{second_id}` (Second).")
     await bot.job_state(second_id, "cancelled")
     assert not [m for m in fake.visible() if m.attachments]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import av
@@ -140,7 +141,7 @@ async def test_recovery_resubmits_a_job_interrupted_while_submitting(tmp_path: P
     assert job.recoveries == 1
 
 
-async def test_cancel_queued_and_running_jobs_refunds(tmp_path: Path) -> None:
+async def test_cancel_refunds_a_waiting_song_but_not_one_being_made(tmp_path: Path) -> None:
     fake = FakeFal(queue_polls=1, progress_polls=10_000)
     settings = make_settings(tmp_path, quota_user_jobs_per_day=2)
     delivery = RecordingDelivery()
@@ -156,13 +157,16 @@ async def test_cancel_queued_and_running_jobs_refunds(tmp_path: Path) -> None:
                 await engine.cancel(queued.job_id, BOB)
             cancelled = await engine.cancel(queued.job_id, ALICE)
             assert cancelled.state == "cancelled" and cancelled.refunded
+            await asyncio.sleep(0.1)  # fal has moved it on: IN_PROGRESS
             stopped = await engine.cancel(running.job_id, ALICE)
-            assert stopped.state == "cancelled"
+            # fal was making it: it may bill it, so the user's quota stays spent.
+            assert stopped.state == "cancelled" and not stopped.refunded
             with pytest.raises(AlreadyFinished):
                 await engine.cancel(running.job_id, ALICE)
-            # Both refunds free the quota again.
+            # Only the waiting song's refund frees the quota again.
             await engine.submit(prompt("fourth", duration=5), ALICE, {})
-            await engine.submit(prompt("fifth", duration=5), ALICE, {})
+            with pytest.raises(QuotaExceeded):
+                await engine.submit(prompt("fifth", duration=5), ALICE, {})
         finally:
             await engine.close()
     assert len(fake.cancels) == 1
@@ -359,8 +363,45 @@ async def test_cancel_from_another_process_stops_the_running_job(
         finally:
             await operator.store.close()
             await engine.close()
-    assert job.refunded
+    # fal was already making it: the charge stays and so does the user's quota.
+    assert not job.refunded
     assert len(fake.cancels) == 1
+    assert job.charged_usd == pytest.approx(fake.billed_usd()) == pytest.approx(5 * 0.0002)
+    assert delivery.failures == [
+        (
+            adm.job_id,
+            "Cancelled. It still counts against your quota, because the music service made it.",
+        )
+    ]
+
+
+async def test_a_cancel_fal_takes_while_the_song_waits_in_its_queue_costs_nothing(
+    tmp_path: Path,
+) -> None:
+    fake = FakeFal(queue_polls=10_000)  # stays IN_QUEUE at fal
+    settings = make_settings(tmp_path, quota_user_jobs_per_day=1)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            adm = await engine.submit(prompt(duration=5), ALICE, {})
+            await wait_for_state(engine, adm.job_id, ("running",))
+            await asyncio.sleep(0.2)  # polled: fal said IN_QUEUE
+            job = await engine.cancel(adm.job_id, ALICE)
+            ledger = await engine.store.ledger(adm.job_id)
+            spend = await engine.store.spend_since(time.time())
+            # The quota came back: another song fits today.
+            await engine.submit(prompt("again", duration=5), ALICE, {})
+        finally:
+            await engine.close()
+    assert job.state == "cancelled" and job.refunded and job.charged_usd is None
+    assert fake.billed() == []
+    kinds = [e["kind"] for e in ledger]
+    assert kinds == ["reserve", "charge", "credit", "refund"]
+    charged = sum(e["usd"] for e in ledger if e["kind"] == "charge")
+    credited = sum(e["usd"] for e in ledger if e["kind"] == "credit")
+    assert charged - credited == pytest.approx(fake.billed_usd()) == 0
+    assert spend == 0  # nothing billed, nothing held
     assert delivery.failures == [(adm.job_id, "Cancelled. Your quota was refunded.")]
 
 
@@ -382,4 +423,4 @@ async def test_the_same_platform_event_is_admitted_once(tmp_path: Path) -> None:
     assert first.job_id == second.job_id and [first.duplicate, second.duplicate].count(True) == 1
     assert other.job_id != first.job_id and not other.duplicate
     assert len(jobs) == 2
-    assert [e["kind"] for e in ledger] == ["reserve", "reserve"]
+    assert [e["kind"] for e in ledger if e["kind"] == "reserve"] == ["reserve", "reserve"]

@@ -13,6 +13,7 @@ from providers.acestep import AceStepProvider
 from providers.base import (
     AuthError,
     Busy,
+    CancelOutcome,
     CannotServe,
     Failed,
     Handle,
@@ -342,7 +343,7 @@ async def test_cancel_sends_nothing_and_the_task_runs_on(
     engine is told it could not stop the task (which then finishes on the GPU)."""
     handle = await provider.submit(song(), seed=1)
     before = list(fake.requests)
-    assert await provider.cancel(handle) is False
+    assert await provider.cancel(handle) is CancelOutcome.REFUSED
     assert fake.requests == before
     assert isinstance((await run_to_end(provider, handle))[-1], Succeeded)
 

@@ -18,6 +18,7 @@ from providers.base import (
     BillingError,
     Busy,
     Cancelled,
+    CancelOutcome,
     Failed,
     Handle,
     ProviderError,
@@ -264,7 +265,7 @@ async def test_cancel_a_running_job(fake: FakeAIGateway, make: Factory) -> None:
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
     assert await provider.poll(handle) == Queued(None)
-    assert await provider.cancel(handle) is True
+    assert await provider.cancel(handle) is CancelOutcome.REQUESTED
     assert fake.cancels == [handle.data["id"]]
     fake.fail_next("poll", 304)  # polled too soon after the cancel: still cancelled
     assert await provider.poll(handle) == Cancelled()
@@ -277,9 +278,9 @@ async def test_cancel_too_late_or_unknown_is_false(fake: FakeAIGateway, make: Fa
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
     assert isinstance(await provider.poll(handle), Succeeded)
-    assert await provider.cancel(handle) is False  # 409: already completed
+    assert await provider.cancel(handle) is CancelOutcome.REFUSED  # 409: already completed
     fake.forget_jobs()
-    assert await provider.cancel(handle) is False  # 404
+    assert await provider.cancel(handle) is CancelOutcome.REFUSED  # 404
     assert fake.cancels == []
 
 
@@ -455,7 +456,7 @@ async def test_resume_from_stored_handle_in_a_new_adapter(
     # A new instance can cancel a stored job too.
     third_handle = await second.submit(prompt_request(), seed=78)
     third = make()
-    assert await third.cancel(Handle.from_json(third_handle.to_json())) is True
+    assert await third.cancel(Handle.from_json(third_handle.to_json())) is CancelOutcome.REQUESTED
 
 
 async def test_key_is_not_sent_to_the_signed_url_host(fake: FakeAIGateway, make: Factory) -> None:

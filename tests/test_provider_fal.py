@@ -17,6 +17,7 @@ from providers.base import (
     BillingError,
     Busy,
     Cancelled,
+    CancelOutcome,
     Failed,
     Handle,
     ProviderError,
@@ -233,7 +234,7 @@ async def test_stored_urls_on_another_host_are_not_followed(
 
 async def test_cancel_before_completion_is_accepted(fake: FakeFal, provider: FalProvider) -> None:
     handle = await provider.submit(prompt_request(), seed=3)
-    assert await provider.cancel(handle) is True
+    assert await provider.cancel(handle) is CancelOutcome.REMOVED
     assert fake.cancels == [handle.data["request_id"]]
     assert await provider.poll(handle) == Cancelled()
 
@@ -241,7 +242,7 @@ async def test_cancel_before_completion_is_accepted(fake: FakeFal, provider: Fal
 async def test_cancel_after_completion_is_too_late(fake: FakeFal, provider: FalProvider) -> None:
     handle = await provider.submit(prompt_request(), seed=3)
     assert isinstance((await poll_to_end(provider, handle))[-1], Succeeded)
-    assert await provider.cancel(handle) is False
+    assert await provider.cancel(handle) is CancelOutcome.REFUSED
     assert fake.cancels == []
 
 
@@ -396,12 +397,16 @@ async def test_forgotten_request_is_task_lost(fake: FakeFal, provider: FalProvid
         await provider.poll(handle)
 
 
-async def test_completed_with_error_fails_the_job(fake: FakeFal, provider: FalProvider) -> None:
+async def test_completed_with_error_fails_the_job_unbilled_on_a_server_error(
+    fake: FakeFal, provider: FalProvider
+) -> None:
     fake.run_error = ("CUDA out of memory", "runner_server_error")
     handle = await provider.submit(prompt_request(), seed=1)
     final = (await poll_to_end(provider, handle))[-1]
-    assert final == Failed("CUDA out of memory", rejected=False)
-    assert fake.result_paths == []  # the status said it all
+    # The result's 500 says fal does not bill the run (fal: 5xx failures are not billed).
+    assert final == Failed("CUDA out of memory", rejected=False, billed=False)
+    assert len(fake.result_paths) == 1
+    assert fake.billed() == []
 
 
 async def test_completed_with_content_policy_error_is_rejected(

@@ -14,6 +14,7 @@ from providers.base import (
     BillingError,
     Busy,
     Cancelled,
+    CancelOutcome,
     Failed,
     Handle,
     Queued,
@@ -284,7 +285,7 @@ async def test_cancel_stops_a_running_prediction(
 ) -> None:
     handle = await provider.submit(song(), seed=8)
     assert isinstance(await provider.poll(handle), Queued)
-    assert await provider.cancel(handle) is True
+    assert await provider.cancel(handle) is CancelOutcome.REQUESTED
     assert fake.cancels == ["pred0001xyz"]
     assert isinstance(await provider.poll(handle), Cancelled)
 
@@ -294,8 +295,8 @@ async def test_cancel_too_late_or_unknown_is_false(
 ) -> None:
     handle = await provider.submit(song(), seed=9)
     await run_to_end(provider, handle)
-    assert await provider.cancel(handle) is False
-    assert await provider.cancel(Handle("replicate", {"id": "gone"})) is False
+    assert await provider.cancel(handle) is CancelOutcome.REFUSED
+    assert await provider.cancel(Handle("replicate", {"id": "gone"})) is CancelOutcome.REFUSED
 
 
 async def test_resumed_poll_from_a_stored_handle_on_a_new_adapter(

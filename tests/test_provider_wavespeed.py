@@ -15,6 +15,7 @@ from providers.base import (
     BillingError,
     Busy,
     Cancelled,
+    CancelOutcome,
     Failed,
     Handle,
     ProviderError,
@@ -270,7 +271,7 @@ async def test_cancel_is_not_supported_and_sends_nothing(
 ) -> None:
     provider = make()
     handle = await provider.submit(prompt_request(), seed=1)
-    assert await provider.cancel(handle) is False
+    assert await provider.cancel(handle) is CancelOutcome.REFUSED
     assert fake.poll_paths == []
 
 

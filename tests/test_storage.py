@@ -6,6 +6,7 @@ an upgrade that keeps a live database's usage exact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -90,7 +91,19 @@ STEPS = st.lists(
     st.tuples(
         st.integers(min_value=0, max_value=7),
         st.sampled_from(
-            ["admit", "submit", "run", "finish", "deliver", "fail", "cancel", "requeue", "lose"]
+            [
+                "admit",
+                "submit",
+                "run",
+                "finish",
+                "deliver",
+                "fail",
+                "cancel",
+                "requeue",
+                "lose",
+                "credit",
+                "cancel_late",
+            ]
         ),
         st.integers(min_value=0, max_value=40),
     ),
@@ -117,10 +130,9 @@ async def apply_steps(store: JobStore, steps: list[tuple[int, str, int]]) -> Non
                 )
             except (QuotaRefusal, sqlite3.IntegrityError):
                 pass  # refused, or that job number was admitted already
-        elif action == "submit":
-            await store.transition(
-                job_id, ("queued",), "submitting", at, provider="fal", attempts=1
-            )
+        elif action == "submit":  # a run starts, charged at once (under a spend cap)
+            with contextlib.suppress(QuotaRefusal):
+                await store.start_run(job_id, "fal", 0.0005 * (number + 1), 0.02, at, attempts=1)
         elif action == "run":
             await store.transition(job_id, ("submitting",), "running", at, handle="{}")
         elif action == "finish":
@@ -142,7 +154,13 @@ async def apply_steps(store: JobStore, steps: list[tuple[int, str, int]]) -> Non
             )
         elif action == "lose":  # the song was made and billed, but could not be kept
             await store.finish_unsuccessful(
-                job_id, ("running",), "failed", "audio not stored", now=at, charged_usd=0.0007
+                job_id, ("running",), "failed", "audio not stored", now=at
+            )
+        elif action == "credit":  # the provider confirmed it will not bill the run
+            await store.credit_run(job_id, 0.0005 * (number + 1), "fal", now=at)
+        elif action == "cancel_late":  # cancelled after the provider began: quota kept
+            await store.finish_unsuccessful(
+                job_id, ("running",), "cancelled", "cancelled", now=at, refund_quota=False
             )
 
 

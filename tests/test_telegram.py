@@ -448,16 +448,32 @@ async def test_cancel_button_and_information_commands(tmp_path: Path) -> None:
         )
         assert refused[0].params["text"] == "You can only cancel your own songs."
 
+        # fal is already making it: first the bot says what a cancel costs.
         h.fake.press(PRIVATE, status.message_id, ANN, f"cancel:{job_id}")
-        assert "Cancelled. Your quota was refunded." in await h.final_text(status)
+        question = await h.fake.wait_for(
+            lambda: next(
+                (m for m in h.fake.bot_messages(PRIVATE) if f"stop:{job_id}" in m.button_data()),
+                None,
+            )
+        )
+        assert "It is already being made: cancelling will not give your quota back." in (
+            question.text
+        )
+        h.fake.press(PRIVATE, question.message_id, ANN, f"stop:{job_id}")
+        final = await h.final_text(status)
+        assert (
+            "Cancelled. It still counts against your quota, because the music service made it."
+            in final
+        )
         assert not status.reply_markup  # nothing to retry after a cancel
         assert h.fal.cancels
         job = await h.engine.get_job(job_id)
         assert job is not None and job.state == "cancelled"
+        assert job.charged_usd == pytest.approx(h.fal.billed_usd())
 
         quota = h.fake.send_text(PRIVATE, ANN, "/quota")
         text = (await h.reply_to(PRIVATE, quota)).text
-        assert "<b>Songs today</b>: 0 of 20 songs used, 20 left" in text  # refunded
+        assert "<b>Songs today</b>: 1 of 20 songs used, 19 left" in text  # kept
 
         history = h.fake.send_text(PRIVATE, ANN, "/history")
         assert "not made any songs yet" in (await h.reply_to(PRIVATE, history)).text

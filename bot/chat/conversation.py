@@ -81,6 +81,10 @@ class Place(Protocol):
     async def working(self, note: str) -> None:
         """The answer will take a few seconds (a deferral, a "Cancelling…" popup)."""
 
+    async def answer_choice(self, reply: Reply) -> None:
+        """A question for the asker with buttons to answer it (a new message, only to
+        them where the platform can)."""
+
     async def answer_panel(self, reply: Reply) -> None:
         """An answer with buttons (the /settings quick picks); when a press of one of
         them asked, it replaces the message pressed."""
@@ -207,6 +211,9 @@ class Conversation:
         if job.deleted:
             await place.answer(Reply.say(replies.SONG_DELETED))
             return
+        if action is Action.STOP:
+            await self._cancel(place, job, confirmed=True)
+            return
         if action is Action.CANCEL:
             await self._cancel(place, job)
             return
@@ -287,10 +294,14 @@ class Conversation:
                 return
         await self._cancel(place, job)
 
-    async def _cancel(self, place: Place, job: Job) -> None:
+    async def _cancel(self, place: Place, job: Job, *, confirmed: bool = False) -> None:
         is_admin = await self._may_cancel_any(place, job)
         if job.requester.key != place.requester.key and not is_admin:
             await place.answer(Reply.say(replies.NOT_YOURS))
+            return
+        if not confirmed and job.state in (JobState.SUBMITTING, JobState.RUNNING):
+            # The provider may bill it from here on: say so before it is cancelled.
+            await place.answer_choice(replies.confirm_cancel_reply(job))
             return
         # Stopping a running job waits for the provider: longer than platforms wait.
         await place.working("Cancelling\N{HORIZONTAL ELLIPSIS}")

@@ -41,6 +41,7 @@ class Action(StrEnum):
     SAME = "same"  # the same request and seed: the same song again
     LYRICS = "lyrics"  # the full lyrics, shown only to whoever pressed
     CANCEL = "cancel"  # the requester, a community admin or a bot admin
+    STOP = "stop"  # cancel, confirmed after being told the quota will not come back
     RETRY = "retry"  # a failed song, asked again with its seed
     TAGS = "tags"  # a prompt-mode song's tags (and lyrics) as a new song-mode request
     DELETE = "delete"  # remove a posted song: its requester, a community or bot admin
@@ -62,6 +63,7 @@ _BUTTONS: dict[Action, tuple[str, str, Style]] = {
     ),
     Action.LYRICS: ("\N{MEMO}", "Lyrics", Style.SECONDARY),
     Action.CANCEL: ("\N{HEAVY MULTIPLICATION X}", "Cancel", Style.DANGER),
+    Action.STOP: ("\N{HEAVY MULTIPLICATION X}", "Cancel anyway", Style.DANGER),
     Action.RETRY: (
         "\N{ANTICLOCKWISE DOWNWARDS AND UPWARDS OPEN CIRCLE ARROWS}",
         "Retry",
@@ -397,11 +399,24 @@ def _channel_list(channels: list[str], names: dict[str, str] | None = None) -> l
     return spans
 
 
+ALREADY_BEING_MADE = "It is already being made: cancelling will not give your quota back."
+
+
+def confirm_cancel_reply(job: Job) -> Reply:
+    """Asked before a song the music service is already making is cancelled."""
+    text = Text.of(Code(job.id), f" ({clip(job.title, 80)}). {ALREADY_BEING_MADE}")
+    return Reply(text, (Button(Action.STOP, job.id),))
+
+
 def cancelled_reply(job: Job) -> Reply:
     """The answer to whoever cancelled."""
     what = (Code(job.id), f" ({clip(job.title, 80)}).")
     if job.state == JobState.CANCELLED:
-        refund = " Your quota was refunded." if job.refunded else ""
+        refund = (
+            " Your quota was refunded."
+            if job.refunded
+            else " It still counts against your quota, because the music service made it."
+        )
         return Reply(Text.of("Cancelled ", *what, refund))
     return Reply(Text.of("Cancelling ", *what, " It stops as soon as the music service answers."))
 

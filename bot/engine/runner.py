@@ -27,6 +27,7 @@ from providers.base import (
     AuthError,
     Busy,
     Cancelled,
+    CancelOutcome,
     CannotServe,
     Failed,
     Handle,
@@ -43,6 +44,7 @@ from providers.base import (
     Unavailable,
 )
 from providers.router import Router, price_of
+from storage.quota import QuotaRefusal
 from storage.store import Store
 
 log = logging.getLogger("acestep.engine")
@@ -152,15 +154,28 @@ class JobRunner:
 
     async def _submit(self, job: Job, provider: Provider) -> Handle | None:
         now = time.time()
-        moved = await self.store.transition(
-            job.id,
-            (S.QUEUED,),
-            S.SUBMITTING,
-            now,
-            provider=provider.name,
-            attempts=job.attempts + 1,
-            started_at=job.started_at or now,
-        )
+        usd = round(price_of(provider, job.request), 6)
+        try:
+            # The run is charged from the moment it may reach the provider; a later run
+            # of the same job must fit under the day's spend cap.
+            moved = await self.store.start_run(
+                job.id,
+                provider.name,
+                usd,
+                self.settings.spend_cap_usd_per_day,
+                now,
+                attempts=job.attempts + 1,
+                started_at=job.started_at or now,
+            )
+        except QuotaRefusal as refusal:
+            self.metrics.quota_refused(refusal.limit)
+            await self.fail(
+                job,
+                (S.QUEUED,),
+                FailureKind.BUDGET,
+                f"no room under the spend cap for another run at {provider.name}",
+            )
+            return None
         if not moved:
             return None
         job.attempts += 1
@@ -170,38 +185,12 @@ class JobRunner:
         await self.notifier.progress(job, Progress(Phase.STARTING, provider=provider.name))
         try:
             handle = await provider.submit(job.request, job.seed)
-        except Rejected as exc:
-            self._log_provider_error(job, provider, exc)
-            await self.fail(
-                job, (S.SUBMITTING,), FailureKind.REJECTED, f"{provider.name}: {exc.message}"
-            )
-            return None
-        except CannotServe as exc:
-            self._log_provider_error(job, provider, exc, level=logging.WARNING)
-            await self._requeue(job, provider, exc, tried=True)
-            return None
-        except AuthError as exc:
-            self._log_provider_error(job, provider, exc)
-            self.router.cool_down(
-                provider, self.settings.provider_cooldown_seconds, "auth", exc.message
-            )
-            await self._requeue(job, provider, exc, tried=True)
-            return None
-        except (Busy, Unavailable) as exc:
-            self._log_provider_error(job, provider, exc)
-            busy = isinstance(exc, Busy)
-            wait = exc.retry_after or (
-                self.options.busy_cooldown if busy else self.options.unavailable_cooldown
-            )
-            self.router.cool_down(provider, wait, "busy", exc.message)
-            # A busy answer means "not accepted": the same provider may take it later. An
-            # unreachable or timed-out submit may exist (and be billed): never resend it
-            # there; only another provider may take the job.
-            await self._requeue(job, provider, exc, tried=not busy)
-            return None
         except ProviderError as exc:
-            self._log_provider_error(job, provider, exc)
-            await self.fail(job, (S.SUBMITTING,), FailureKind.PROVIDER_FAILED, str(exc))
+            # An answer that refuses the submit means nothing was queued, so nothing is
+            # billed; only a submit that timed out may exist there (and be billed).
+            if not exc.maybe_accepted:
+                await self.store.credit_run(job.id, usd, provider.name)
+            await self._submit_refused(job, provider, exc)
             return None
         except asyncio.CancelledError:
             raise
@@ -215,6 +204,36 @@ class JobRunner:
         job.handle = handle.to_json()
         log.info("job %s accepted by %s", job.id, provider.name)
         return handle
+
+    async def _submit_refused(self, job: Job, provider: Provider, exc: ProviderError) -> None:
+        if isinstance(exc, Rejected):
+            self._log_provider_error(job, provider, exc)
+            await self.fail(
+                job, (S.SUBMITTING,), FailureKind.REJECTED, f"{provider.name}: {exc.message}"
+            )
+        elif isinstance(exc, CannotServe):
+            self._log_provider_error(job, provider, exc, level=logging.WARNING)
+            await self._requeue(job, provider, exc, tried=True)
+        elif isinstance(exc, AuthError):
+            self._log_provider_error(job, provider, exc)
+            self.router.cool_down(
+                provider, self.settings.provider_cooldown_seconds, "auth", exc.message
+            )
+            await self._requeue(job, provider, exc, tried=True)
+        elif isinstance(exc, Busy | Unavailable):
+            self._log_provider_error(job, provider, exc)
+            busy = isinstance(exc, Busy)
+            wait = exc.retry_after or (
+                self.options.busy_cooldown if busy else self.options.unavailable_cooldown
+            )
+            self.router.cool_down(provider, wait, "busy", exc.message)
+            # A busy answer means "not accepted": the same provider may take it later. An
+            # unreachable or timed-out submit may exist (and be billed): never resend it
+            # there; only another provider may take the job.
+            await self._requeue(job, provider, exc, tried=not busy)
+        else:
+            self._log_provider_error(job, provider, exc)
+            await self.fail(job, (S.SUBMITTING,), FailureKind.PROVIDER_FAILED, str(exc))
 
     async def _requeue(
         self, job: Job, provider: Provider, exc: ProviderError, *, tried: bool
@@ -426,31 +445,50 @@ class JobRunner:
         return bool(job and job.cancel_requested)
 
     async def _cancel_at_provider(
-        self, job: Job, provider: Provider, handle: Handle, *, quiet: bool = False
+        self,
+        job: Job,
+        provider: Provider,
+        handle: Handle,
+        *,
+        quiet: bool = False,
     ) -> None:
+        """Stop the job at the provider. Only a provider that says it removed the job from
+        its queue before it ran (so it is not billed) gets the charge taken back and, for
+        a cancel the user asked for, the quota given back; otherwise the provider may bill
+        the run, so the spend keeps it."""
         try:
-            accepted = await provider.cancel(handle)
+            outcome = await provider.cancel(handle)
         except ProviderError as exc:
-            accepted = False
+            outcome = CancelOutcome.REFUSED
             self._log_provider_error(job, provider, exc, level=logging.WARNING)
+        unbilled = outcome is CancelOutcome.REMOVED
+        if unbilled:
+            await self.store.credit_run(
+                job.id, round(price_of(provider, job.request), 6), provider.name
+            )
         if quiet:
             return
         log.info(
             "job %s cancelled (provider %s %s)",
             job.id,
             provider.name,
-            "stopped it" if accepted else "could not stop it",
+            "stopped it before it ran" if unbilled else "may bill it",
         )
         await self.fail(
             job,
             (S.RUNNING, S.SUBMITTING),
             FailureKind.CANCELLED,
-            "cancelled",
+            "cancelled" if unbilled else "cancelled after the provider began; its charge stays",
             state=S.CANCELLED,
+            refund_quota=unbilled,
         )
 
     async def _provider_failed(self, job: Job, provider: Provider, status: Failed) -> None:
         log.warning("job %s failed at %s: %s", job.id, provider.name, self.redact(status.reason))
+        if not status.billed:
+            await self.store.credit_run(
+                job.id, round(price_of(provider, job.request), 6), provider.name
+            )
         self.metrics.provider_error(provider.name, "Rejected" if status.rejected else "Failed")
         detail = f"{provider.name}: {status.reason}"
         if status.rejected:
@@ -494,13 +532,7 @@ class JobRunner:
                 exc,
             )
             # The provider made (and billed) the song: the spend keeps its charge.
-            await self.fail(
-                job,
-                (S.RUNNING,),
-                FailureKind.INTERNAL,
-                "audio not stored",
-                charged_usd=round(price_of(provider, job.request), 6),
-            )
+            await self.fail(job, (S.RUNNING,), FailureKind.INTERNAL, "audio not stored")
             return False
         song = SongResult(
             audio_file=path.name,
@@ -616,20 +648,27 @@ class JobRunner:
         detail: str,
         *,
         state: JobState = S.FAILED,
-        charged_usd: float | None = None,
+        refund_quota: bool = True,
     ) -> bool:
-        """Finish unsuccessfully with a refund, tell the user, log for the operator."""
+        """Finish unsuccessfully (giving the user's quota back unless told not to), tell
+        the user, log for the operator. Charges of runs the provider may bill stay."""
         detail = self.redact(detail)
         moved = await self.store.finish_unsuccessful(
-            job.id, from_states, state, detail, failure=kind, charged_usd=charged_usd
+            job.id, from_states, state, detail, failure=kind, refund_quota=refund_quota
         )
         if not moved:
             return False
-        log.info("job %s %s (%s); quota refunded", job.id, state, detail)
+        log.info(
+            "job %s %s (%s); quota %s",
+            job.id,
+            state,
+            detail,
+            "refunded" if refund_quota else "kept",
+        )
         job.state = state
         job.error = detail
         job.failure = kind
-        job.refunded = True
+        job.refunded = refund_quota
         await self.notifier.failed(job, self.failure_of(job))
         self.tasks.wake.set()
         return True

@@ -143,6 +143,12 @@ class DiscordPlace:
         if not self.interaction.response.is_done():
             await self.interaction.response.defer(ephemeral=True, thinking=True)
 
+    async def answer_choice(self, reply: Reply) -> None:
+        view = render.view_of(reply.buttons)
+        await send_ephemeral(
+            self.interaction, render.reply_content(reply), **({"view": view} if view else {})
+        )
+
     async def answer_panel(self, reply: Reply) -> None:
         content, view = render.reply_content(reply), render.view_of(reply.buttons)
         i = self.interaction

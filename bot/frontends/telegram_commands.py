@@ -191,6 +191,19 @@ class TelegramPlace:
     async def working(self, note: str) -> None:
         await self.toast(note)
 
+    async def answer_choice(self, reply: Reply) -> None:
+        """A reply with the buttons (a popup cannot hold buttons)."""
+        await self.toast("")
+        for chunk in render.split_message(render.html(reply.text)):
+            await self.bot.send_message(
+                self.chat.id,
+                chunk,
+                parse_mode=ParseMode.HTML,
+                reply_markup=render.keyboard(reply.buttons),
+                message_thread_id=self.thread_id,
+                reply_parameters=reply_to(self.message.message_id),
+            )
+
     async def answer_panel(self, reply: Reply) -> None:
         """Pressed on the panel: edit it in place (a popup would cut it off at 200
         characters); else a reply with the keyboard."""

@@ -96,6 +96,10 @@ class Chaos:
     expired: float = 0.0  # file downloads only
     stall_seconds: float = 1.0
     slow_seconds: float = 0.05
+    # Every kind with a chance is drawn at least once within the first calls of the
+    # queue (and of the file downloads), so a test that needs each kind to happen is
+    # never at the mercy of the seed; the rest stays random.
+    _owed: dict[str, list[str]] = field(default_factory=dict)
 
     def draw(self, route: str) -> str | None:
         """The fault for one call on `route` (submit/status/result/cancel/file), if any."""
@@ -104,10 +108,16 @@ class Chaos:
             kinds = ("expired", "server_error", "slow")
         else:
             kinds = ("rate_limit", "server_error", "stall", "malformed", "slow")
+        group = "file" if route == "file" else "queue"
+        owed = self._owed.setdefault(group, [k for k in kinds if getattr(self, k) > 0])
+        if owed and self.rng.random() < 0.2:
+            return owed.pop(0)
         roll = self.rng.random()
         for kind in kinds:
             roll -= getattr(self, kind)
             if roll < 0:
+                if kind in owed:
+                    owed.remove(kind)
                 return kind
         return None
 
@@ -121,6 +131,11 @@ class FakeRequest:
     body: dict[str, Any]
     polls: int = 0
     cancelled: bool = False
+    # fal bills a request that ran, unless it failed with a server error ("Failed
+    # requests that return 5xx status codes are not billed",
+    # docs.fal.ai/model-apis/model-endpoints/reliability); one cancelled while IN_QUEUE
+    # never ran.
+    unbilled: bool = False
     audio: bytes | None = None
     logs: list[dict[str, str]] = field(default_factory=list)
     # The stream moves a request on in time, as fal's queue does: one step per
@@ -436,9 +451,11 @@ class FakeFal:
             return json_response({"detail": "Request is still in progress"}, status=400)
         if self.result_error is not None:
             status, detail = self.result_error
+            req.unbilled = req.unbilled or status >= 500
             return json_response({"detail": detail}, status=status)
         if self.run_error is not None:
             message, error_type = self.run_error
+            req.unbilled = True
             return json_response({"detail": message, "error_type": error_type}, status=500)
         return json_response(
             self._output(request, req), headers={"x-fal-request-id": req.request_id}
@@ -460,6 +477,11 @@ class FakeFal:
             return json_response({"status": "ALREADY_COMPLETED"}, status=400)
         found.cancelled = True
         self.cancels.append(found.request_id)
+        # fal.ai/docs/inference-api/queue/cancel: a request still in the queue is removed
+        # ("OK"); one a runner is working on is sent a cancellation signal.
+        if found.polls < self.queue_polls:
+            found.unbilled = True  # it never ran
+            return json_response({"status": "OK"}, status=200)
         return json_response({"status": "CANCELLATION_REQUESTED"}, status=202)
 
     async def _file(self, request: web.Request) -> web.Response:
@@ -473,6 +495,14 @@ class FakeFal:
         return web.Response(body=req.audio, content_type="audio/wav")
 
     # ----- helpers ---------------------------------------------------------------------
+
+    def billed(self) -> list[FakeRequest]:
+        """The requests fal would bill: every one accepted that ran and did not fail with
+        a server error (fal bills per second of the requested duration)."""
+        return [r for r in self.requests.values() if not r.unbilled]
+
+    def billed_usd(self, price_per_second: float = 0.0002) -> float:
+        return sum(float(r.body.get("duration", 60)) * price_per_second for r in self.billed())
 
     def _completed(self, req: FakeRequest) -> bool:
         return req.polls > self.queue_polls + self.progress_polls

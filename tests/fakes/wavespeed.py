@@ -116,6 +116,12 @@ class FakeWaveSpeed:
     def submit_count(self) -> int:
         return len(self.submits)
 
+    def billed_usd(self, price_per_second: float = 0.0002) -> float:
+        """What WaveSpeed would bill. Its API docs say nothing of failed predictions going
+        unbilled, so the fake bills every accepted one: the cautious reading, which the
+        bot's spend accounting takes too."""
+        return sum(float(s["body"].get("duration", 60)) * price_per_second for s in self.submits)
+
     @property
     def bodies(self) -> list[dict[str, Any]]:
         return [s["body"] for s in self.submits]
