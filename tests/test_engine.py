@@ -375,3 +375,25 @@ async def test_the_same_platform_event_is_admitted_once(tmp_path: Path) -> None:
     assert other.job_id != first.job_id and not other.duplicate
     assert len(jobs) == 2
     assert [e["kind"] for e in ledger] == ["reserve", "reserve"]
+
+
+async def test_a_prompt_with_escape_sequences_is_stored_and_logged_clean(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fake = FakeFal(queue_polls=0, progress_polls=0)
+    settings = make_settings(tmp_path)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], RecordingDelivery())
+        try:
+            admission = await engine.submit(
+                prompt("\x1b[31mred\x1b[0m rain \x9b2Jon roofs", duration=5), ALICE, {}
+            )
+            job = await wait_for_state(engine, admission.job_id, ("delivered",))
+        finally:
+            await engine.close()
+    assert job.request.prompt == "red rain on roofs"
+    assert fake.submits[0].body["prompt"] == "red rain on roofs"
+    admitted = [r.getMessage() for r in caplog.records if "admitted" in r.getMessage()]
+    assert admitted and "red rain on roofs" in admitted[0]
+    assert "\x1b" not in caplog.text and "\x9b" not in caplog.text
