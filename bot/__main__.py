@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,20 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         print(f"warning: {line}", file=sys.stderr)
     from bot.app import run_bot
 
-    return asyncio.run(run_bot(settings))
+    return _holding_data_dir(settings, "run", lambda: asyncio.run(run_bot(settings)))
+
+
+def _holding_data_dir(settings: Settings, command: str, work: Callable[[], int]) -> int:
+    """Run `work` holding DATA_DIR's lock (bot/datalock.py); a second `run` or `generate`
+    on the same data directory exits at once, naming the pid that holds it."""
+    from bot.datalock import DataDirLocked, hold
+
+    try:
+        with hold(settings.data_dir, command):
+            return work()
+    except DataDirLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 # ---- generate --------------------------------------------------------------------------
@@ -289,7 +303,11 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    return asyncio.run(_generate(settings, request, args.out, args.provider))
+    return _holding_data_dir(
+        settings,
+        "generate",
+        lambda: asyncio.run(_generate(settings, request, args.out, args.provider)),
+    )
 
 
 async def _generate(

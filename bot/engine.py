@@ -845,7 +845,20 @@ class Engine:
             await self._fail(job, ("submitting",), messages.FAILED_GENERIC, "submit crashed")
             return None
         self.router.note_ok(provider)
-        await self.store.transition(job.id, ("submitting",), "running", handle=handle.to_json())
+        if not await self.store.transition(
+            job.id, ("submitting",), "running", handle=handle.to_json()
+        ):
+            # Someone else moved the job meanwhile (failed or requeued it: another process
+            # on this database, or recovery). This submit is nobody's: stop it there
+            # rather than poll, deliver or submit the job a second time.
+            log.warning(
+                "job %s changed state while %s accepted it; cancelling that submit",
+                job.id,
+                provider.name,
+            )
+            with contextlib.suppress(ProviderError):
+                await provider.cancel(handle)
+            return None
         job.state = "running"
         job.handle = handle.to_json()
         log.info("job %s accepted by %s", job.id, provider.name)
