@@ -25,6 +25,11 @@ import aiosqlite
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+# synchronous=FULL: in WAL mode every commit is on disk (fsync of the WAL) before COMMIT
+# returns, so an admission a user was told about, or a song marked posted, survives a
+# power cut. NORMAL would lose the last commits before a checkpoint. The cost, measured by
+# bench/quota.py against NORMAL in the same run, is in the README ("Durability").
+SYNCHRONOUS = "FULL"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -52,17 +57,25 @@ class Database:
 
     @classmethod
     async def open(
-        cls, path: Path, *, migrate: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+        cls,
+        path: Path,
+        *,
+        migrate: bool = True,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        synchronous: str = SYNCHRONOUS,
     ) -> Database:
         """Open (creating) the file; a writer waits up to `busy_timeout_ms` for another
-        process's write lock before StorageError."""
+        process's write lock before StorageError. `synchronous` (FULL or NORMAL) is
+        there for bench/quota.py to measure what FULL costs."""
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = await aiosqlite.connect(str(path), isolation_level=None)
             conn.row_factory = aiosqlite.Row
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             await conn.execute("PRAGMA journal_mode = WAL")
-            await conn.execute("PRAGMA synchronous = NORMAL")
+            await conn.execute(f"PRAGMA synchronous = {synchronous}")
             await conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database {path}: {exc}") from exc

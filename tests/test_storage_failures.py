@@ -191,3 +191,20 @@ async def test_unwritable_audio_dir_fails_job_with_refund(
     assert settings.audio_dir.read_bytes() == b"not a directory"
     operator = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(job_id in line and "cannot store audio" in line for line in operator), operator
+
+
+async def test_every_commit_is_synced_to_disk_before_the_user_is_told(tmp_path: Path) -> None:
+    # synchronous=FULL (README "Durability"): an admission the user was told about and a
+    # song marked posted survive a power cut; NORMAL in WAL mode may lose the last commits.
+    settings = make_settings(tmp_path)
+    engine = await Engine.open(settings, [])
+    try:
+        async with engine.store.db.read() as conn:
+            rows = list(await conn.execute_fetchall("PRAGMA synchronous"))
+            mode = list(await conn.execute_fetchall("PRAGMA journal_mode"))
+    finally:
+        await engine.close()
+    assert rows[0][0] == 2  # FULL
+    assert mode[0][0] == "wal"
+    with pytest.raises(ValueError, match="synchronous must be FULL or NORMAL"):
+        await Database.open(tmp_path / "x.sqlite3", synchronous="OFF")
