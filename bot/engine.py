@@ -15,16 +15,16 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from bot import audio, messages
+from bot import audio, messages, render
 from bot.metrics import Metrics
 from bot.models import ACTIVE_STATES, Job, Requester
-from bot.requests import GenerationRequest, InvalidRequest
+from bot.requests import GenerationRequest, InvalidRequest, clean_text
 from bot.settings import Settings
 from providers.base import (
     AuthError,
@@ -34,7 +34,6 @@ from providers.base import (
     Handle,
     Provider,
     ProviderError,
-    ProviderFailedDownload,
     Queued,
     Rejected,
     Result,
@@ -44,6 +43,7 @@ from providers.base import (
     TaskLost,
     Unavailable,
 )
+from providers.download import DownloadTimedOut
 from providers.router import Router, price_of
 from storage.database import Database, StorageError
 from storage.jobs import JobStore, Limits, QuotaRefusal, next_reset
@@ -71,6 +71,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("acestep.engine")
+T = TypeVar("T")
 
 # A job is submitted to providers at most this many times (failover, lost tasks).
 MAX_SUBMITS = 4
@@ -201,12 +202,13 @@ class Song:
     async def cover(self) -> bytes:
         cover = self._cover
         if cover is None:
-            cover = self._cover = await asyncio.to_thread(audio.render_cover, self.original_path)
+            cover = self._cover = await render.shared().cover(self.original_path)
         return cover
 
     async def render(self, byte_limit: int | None, fmt: str = "mp3") -> RenderedSong:
-        """Encode for delivery (in a thread) to fit `byte_limit`, tagged, with cover."""
-        cover = await self.cover()
+        """Encode for delivery to fit `byte_limit`, tagged, with cover: one task for the
+        renderer's worker processes (bot/render.py). An original already in `fmt` that
+        fits is sent as it is, only its tags replaced."""
         limit_tag = f"{byte_limit}" if byte_limit else "any"
         dest = self.original_path.with_name(f"{self.job_id}.{limit_tag}.{fmt}")
         tags = audio.SongTags(
@@ -219,15 +221,16 @@ class Song:
             job_id=self.job_id,
             album=self.album,
         )
-        encoded = await asyncio.to_thread(
-            audio.encode,
+        cover, encoded = await render.shared().render(
             self.original_path,
             dest,
             fmt,
             byte_limit=byte_limit,
             tags=tags,
-            cover=cover,
+            duration=self.duration,  # as the check measured it, whatever a header claims
+            cover=self._cover,
         )
+        self._cover = cover
         return RenderedSong(
             path=encoded.path,
             size=encoded.size,
@@ -968,7 +971,7 @@ class Engine:
                 await self._sleep(cancel, interval)
                 continue
             if isinstance(status, Succeeded):
-                return await self._finish(job, provider, status.result)
+                return await self._finish(job, provider, status.result, deadline, cancel)
             if isinstance(status, Failed):
                 await self._provider_failed(job, provider, status)
                 return False
@@ -1061,40 +1064,69 @@ class Engine:
             job, ("running",), messages.provider_failed(status.reason), f"failed at {provider.name}"
         )
 
-    async def _finish(self, job: Job, provider: Provider, result: Result) -> bool:
-        """Download, check and store the audio; running -> ready."""
+    async def _finish(
+        self,
+        job: Job,
+        provider: Provider,
+        result: Result,
+        deadline: float,
+        cancel: asyncio.Event,
+    ) -> bool:
+        """Download (streamed to a .part file under DATA_DIR, by the job's deadline, and
+        stopped by a cancel), check and keep the audio; running -> ready."""
+        part = self.settings.audio_dir / f"{job.id}.download.part"
+        expected = None if result.duration_chosen_by_model else float(job.duration)
+        price = round(price_of(provider, job.request), 6)
         try:
-            data = await self._download(provider, result)
-            expected = None if result.duration_chosen_by_model else float(job.duration)
-            info = await asyncio.to_thread(audio.check_audio, data, expected)
-        except (ProviderFailedDownload, audio.AudioError, ProviderError) as exc:
+            part.parent.mkdir(parents=True, exist_ok=True)
+            fetched = await _unless_cancelled(
+                self._download(provider, result, part, deadline),
+                cancel,
+                lambda: self._cancel_requested(job.id),
+            )
+            if fetched is None:
+                log.info("job %s cancelled during the download from %s", job.id, provider.name)
+                await self._fail(
+                    job, ("running",), messages.CANCELLED, "cancelled", state="cancelled"
+                )
+                return False
+            info = await render.shared().check(part, expected)
+            path = self.settings.audio_dir / f"{job.id}.{info.format}"
+            part.replace(path)
+        except DownloadTimedOut as exc:
+            log.warning("job %s: download from %s: %s", job.id, provider.name, exc.message)
+            if time.time() >= deadline - 1:  # the job's own time ran out
+                limit = messages.span(self.settings.job_timeout_seconds)
+                await self._fail(
+                    job, ("running",), messages.TIMED_OUT.format(limit=limit), "download timed out"
+                )
+            else:
+                await self._provider_failed(job, provider, Failed(reason=exc.message))
+            return False
+        except (audio.AudioError, ProviderError) as exc:
             reason = exc.message if isinstance(exc, ProviderError) else str(exc)
             log.warning("job %s: result from %s unusable: %s", job.id, provider.name, reason)
             await self._provider_failed(job, provider, Failed(reason=reason))
             return False
-        path = self.settings.audio_dir / f"{job.id}.{info.format}"
-        try:
-            await asyncio.to_thread(_write_file, path, data)
         except OSError as exc:
             log.error(
-                "job %s: cannot store audio at %s: %s (disk full or unwritable DATA_DIR?)",
+                "job %s: cannot store audio in %s: %s (disk full or unwritable DATA_DIR?)",
                 job.id,
-                path,
+                self.settings.audio_dir,
                 exc,
             )
             # The provider made (and billed) the song: the spend keeps its charge.
             await self._fail(
-                job,
-                ("running",),
-                messages.FAILED_GENERIC,
-                "audio not stored",
-                charged_usd=round(price_of(provider, job.request), 6),
+                job, ("running",), messages.FAILED_GENERIC, "audio not stored", charged_usd=price
             )
             return False
+        finally:
+            part.unlink(missing_ok=True)
         meta = {
             "seed": result.seed if result.seed is not None else job.seed,
-            "tags": result.tags,
-            "lyrics": result.lyrics,
+            # Provider text is untrusted too: it goes into captions, tags and logs.
+            "tags": clean_text(result.tags, multiline=False) if result.tags else result.tags,
+            "lyrics": clean_text(result.lyrics, multiline=True) if result.lyrics else result.lyrics,
             "duration": round(info.duration, 3),
             "format": info.format,
             "sample_rate": info.sample_rate,
@@ -1104,9 +1136,7 @@ class Engine:
             "title": job.request.title(),
             "provider_metadata": result.metadata,
         }
-        moved = await self.store.finish_success(
-            job.id, provider.name, round(price_of(provider, job.request), 6), meta
-        )
+        moved = await self.store.finish_success(job.id, provider.name, price, meta)
         if moved:
             self.metrics.job_ready(job, provider.name)
             log.info(
@@ -1114,13 +1144,15 @@ class Engine:
             )
         return moved
 
-    async def _download(self, provider: Provider, result: Result) -> bytes:
+    async def _download(
+        self, provider: Provider, result: Result, dest: Path, deadline: float
+    ) -> int:
         attempts = 3
         for attempt in range(attempts):
             try:
-                return await provider.fetch_audio(result)
+                return await provider.save_audio(result, dest, deadline=deadline)
             except Unavailable:
-                if attempt == attempts - 1:
+                if attempt == attempts - 1 or time.time() >= deadline:
                     raise
                 await asyncio.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
@@ -1258,16 +1290,29 @@ class Engine:
         return text
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
+async def _unless_cancelled(
+    work: Coroutine[Any, Any, T], cancel: asyncio.Event, requested: Callable[[], Awaitable[bool]]
+) -> T | None:
+    """`work`'s result, or None when the job was cancelled first: by this process (the
+    event, at once) or another one (the flag in its row, read every few seconds). A
+    cancel, or this task being cancelled (shutdown), stops `work` where it is."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(cancel.wait())
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError:
-        # A full disk leaves part of the file: remove it rather than keep filling the disk.
-        tmp.unlink(missing_ok=True)
-        raise
+        while True:
+            await asyncio.wait(
+                {task, waiter}, timeout=CANCEL_FLAG_CHECK_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if task.done():
+                return task.result()
+            if cancel.is_set() or await requested():
+                return None
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def _state_word(state: str) -> str:

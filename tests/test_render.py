@@ -1,0 +1,137 @@
+"""The renderer (bot/render.py) and what it means for a song end to end: work in worker
+processes with a CPU budget, a crashed worker replaced, no re-encode the destination does
+not need, and a file judged by what it holds rather than by its header."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from mutagen.id3 import ID3
+
+from bot import render
+from bot.audio import AudioError, SongTags, check_audio
+from bot.models import Requester
+from bot.render import Renderer
+from bot.requests import GenerationRequest
+from providers.fal import FalProvider
+from tests.conftest import make_settings
+from tests.enginekit import RecordingDelivery, open_engine, wait_for_state
+from tests.fakes.audio import claim_flac_samples, make_flac, make_wav, transcode
+from tests.fakes.fal import FakeFal
+
+ALICE = Requester("discord", "100", "guild1", "alice")
+TAGS = SongTags(title="rain", prompt="lofi piano about rain", seed=7, job_id="j1")
+
+
+def prompt(duration: int) -> GenerationRequest:
+    return GenerationRequest.build(mode="prompt", prompt="lofi piano about rain", duration=duration)
+
+
+def fal(fake: FakeFal, url: str) -> FalProvider:
+    return FalProvider(fake.key, url, poll_interval=0.01, retry_delays=(0.01,))
+
+
+def mpeg_frames(data: bytes) -> bytes:
+    from bot.audio import _id3_end
+
+    end = len(data) - (128 if data[-128:-125] == b"TAG" else 0)
+    return data[_id3_end(data) : end]
+
+
+@pytest.fixture(scope="module")
+def song240(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("render") / "song240.wav"
+    path.write_bytes(make_wav(240))
+    return path
+
+
+async def test_work_runs_in_worker_processes_and_one_task_past_its_cpu_budget_stops(
+    tmp_path: Path, song240: Path
+) -> None:
+    renderer = Renderer(workers=1, cpu_seconds=1)  # a 240 s encode needs about 5 s
+    try:
+        with pytest.raises(AudioError, match="took too long to process"):
+            await renderer.render(
+                song240, tmp_path / "out.mp3", "mp3", byte_limit=None, tags=TAGS, duration=240
+            )
+        # The worker is fine afterwards.
+        assert (await renderer.check(song240, 240)).duration == pytest.approx(240)
+    finally:
+        renderer.close()
+    assert not (tmp_path / "out.mp3").exists()
+
+
+async def test_a_worker_that_dies_mid_render_is_replaced_and_the_song_still_renders(
+    tmp_path: Path, song240: Path
+) -> None:
+    others = {p.pid for p in multiprocessing.active_children()}  # e.g. the shared pool
+    renderer = Renderer(workers=1)
+    try:
+        await renderer.check(song240, 240)  # the pool is up
+        ours = {p.pid for p in multiprocessing.active_children()} - others
+        assert len(ours) == 1
+        task = asyncio.ensure_future(
+            renderer.render(
+                song240, tmp_path / "out.mp3", "mp3", byte_limit=None, tags=TAGS, duration=240
+            )
+        )
+        await asyncio.sleep(0.5)  # mid-encode: what a codec crash or the OOM killer does
+        for pid in ours:
+            os.kill(pid, signal.SIGKILL)
+        cover, encoded = await task
+    finally:
+        renderer.close()
+    assert cover[:3] == b"\xff\xd8\xff"
+    assert check_audio(encoded.path, 240).duration == pytest.approx(240, abs=0.1)
+
+
+async def test_a_provider_mp3_that_fits_reaches_the_user_with_its_audio_bytes_unchanged(
+    tmp_path: Path,
+) -> None:
+    provider_file = transcode(make_wav(6), "mp3")
+    fake = FakeFal(queue_polls=0, progress_polls=0)
+    fake.audio = provider_file
+    settings = make_settings(tmp_path)
+    delivery = RecordingDelivery(byte_limit=10 * 1024 * 1024)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            admission = await engine.submit(prompt(6), ALICE, {})
+            await wait_for_state(engine, admission.job_id, ("delivered",))
+        finally:
+            await engine.close()
+    [(_, rendered)] = delivery.delivered
+    sent = rendered.path.read_bytes()
+    assert mpeg_frames(sent) == mpeg_frames(provider_file)  # tagged, not re-encoded
+    assert ID3(rendered.path)["TIT2"].text == ["lofi piano about rain"]
+    assert rendered.bitrate == 128 and rendered.cover[:3] == b"\xff\xd8\xff"
+
+
+async def test_a_flac_whose_header_claims_10_hours_is_delivered_as_the_6_s_it_holds(
+    tmp_path: Path,
+) -> None:
+    fake = FakeFal(queue_polls=0, progress_polls=0)
+    fake.audio = claim_flac_samples(make_flac(6), 10 * 3600 * 8000)
+    settings = make_settings(tmp_path)
+    delivery = RecordingDelivery(byte_limit=10 * 1024 * 1024)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], delivery)
+        try:
+            admission = await engine.submit(prompt(6), ALICE, {})
+            job = await wait_for_state(engine, admission.job_id, ("delivered", "failed"))
+        finally:
+            await engine.close()
+    assert job.state == "delivered", job.error
+    assert job.result is not None and job.result["duration"] == pytest.approx(6)
+    [(_, rendered)] = delivery.delivered
+    assert rendered.bitrate == 192 and rendered.duration == pytest.approx(6, abs=0.05)
+
+
+def test_the_shared_renderer_is_sized_to_the_cores_this_process_may_use() -> None:
+    assert render.shared() is render.shared()
+    assert render.shared().workers == len(os.sched_getaffinity(0))
