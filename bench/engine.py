@@ -45,7 +45,7 @@ from bench._util import (  # noqa: E402
     table,
     write_results,
 )
-from bot.engine import Engine, EngineOptions, Progress, Song  # noqa: E402
+from bot.engine import Engine, EngineOptions, Failure, Progress, Song  # noqa: E402
 from bot.models import Job, Requester  # noqa: E402
 from bot.requests import GenerationRequest, Mode  # noqa: E402
 from bot.settings import Settings  # noqa: E402
@@ -200,10 +200,10 @@ class NullDelivery:
         if not waiter.done():
             waiter.set_result(None)
 
-    async def on_failed(self, job: Job, message: str) -> None:
+    async def on_failed(self, job: Job, failure: Failure) -> None:
         waiter = self._waiter(job.id)
         if not waiter.done():
-            waiter.set_result(message)
+            waiter.set_result(str(failure.kind))
 
 
 async def run_level(in_flight: int, latency_ms: float, total: int) -> dict[str, Any]:

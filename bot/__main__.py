@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bot import logs, messages
-from bot.engine import Engine, EngineError, Progress, Song
+from bot.engine import Engine, EngineError, Failure, Phase, Progress, Song
 from bot.models import Job, Requester
 from bot.requests import GenerationRequest, InvalidRequest
 from bot.settings import (
@@ -225,25 +225,27 @@ class CliDelivery:
         if not self.done.done():
             self.done.set_result(None)
 
-    async def on_failed(self, job: Job, message: str) -> None:
+    async def on_failed(self, job: Job, failure: Failure) -> None:
         if not self.done.done():
-            self.done.set_result(message)
+            self.done.set_result(
+                messages.failure_text(failure.kind, failure.quota_refunded, failure.timeout_seconds)
+                + (f" ({failure.detail})" if failure.detail else "")
+            )
 
 
 def _progress_text(progress: Progress) -> str:
-    if progress.state == "queued":
+    if progress.phase is Phase.WAITING:
         return f"queued (position {progress.position})"
-    if progress.state == "submitting":
-        return "sending to the music service"
-    if progress.state == "uploading":
+    if progress.phase is Phase.STARTING:
+        return f"sending to {progress.provider or 'the music service'}"
+    if progress.phase is Phase.UPLOADING:
         return "writing the file"
+    if progress.phase is Phase.PROVIDER_QUEUE:
+        where = f", position {progress.position}" if progress.position else ""
+        return f"waiting at {progress.provider}{where}"
     parts = ["generating"]
-    if progress.position:
-        parts.append(f"(waiting at the service, position {progress.position})")
-    if progress.progress is not None:
-        parts.append(f"{progress.progress:.0%}")
-    if progress.message and not progress.position:
-        parts.append(f"- {progress.message}")
+    if progress.fraction is not None:
+        parts.append(f"{progress.fraction:.0%}")
     return " ".join(parts)
 
 
@@ -347,7 +349,7 @@ async def _generate(
             print(f"error: {failure}", file=sys.stderr)
             return EXIT_FAILED
         job = await engine.get_job(admission.job_id)
-        seed = (job.result or {}).get("seed") if job else admission.seed
+        seed = job.result.seed if job and job.result else admission.seed
         print(f"wrote {out} (seed {seed}, job {admission.job_id})", file=sys.stderr)
         return EXIT_OK
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -515,8 +517,8 @@ def cmd_quota_show(settings: Settings, args: argparse.Namespace) -> int:
         for line in status.lines:
             if scope == "community" and not line.name.startswith("community"):
                 continue
-            limit = "unlimited" if line.limit is None else f"{line.limit:g}"
-            print(f"  {line.label}: {line.used:g} used of {limit} {line.unit}")
+            limit = "unlimited" if line.limit is None else messages.plural(line.limit, line.unit)
+            print(f"  {line.label}: {messages.num(line.used)} used of {limit}")
         if overrides:
             print("  overrides: " + ", ".join(f"{k}={v:g}" for k, v in overrides.items()))
         return EXIT_OK
@@ -642,12 +644,14 @@ def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
             f"  refunded {'yes' if job.refunded else 'no'}"
         )
         if job.result:
-            path = settings.audio_dir / str(job.result.get("audio_file"))
+            path = settings.audio_dir / job.result.audio_file
             exists = "" if path.exists() else " (removed)"
             print(
-                f"  audio:     {path}{exists} ({job.result.get('format')}, "
-                f"{job.result.get('duration')} s, seed {job.result.get('seed')})"
+                f"  audio:     {path}{exists} ({job.result.format}, "
+                f"{job.result.duration} s, seed {job.result.seed})"
             )
+        if job.failure:
+            print(f"  failure:   {job.failure}")
         if job.error:
             print(f"  error:     {job.error}")
         for entry in ledger:

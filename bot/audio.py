@@ -144,19 +144,6 @@ class EncodedAudio:
     duration: float
 
 
-def song_title(prompt: str | None, tags: str | None = None, limit: int = 80) -> str:
-    """A title from the prompt (or the style tags), cut at a word and at most `limit` long."""
-    for text in (prompt, tags):
-        words = " ".join((text or "").split())
-        if not words:
-            continue
-        if len(words) <= limit:
-            return words
-        cut = words[: limit - 1].rsplit(" ", 1)[0] or words[: limit - 1]
-        return cut.rstrip(" ,;:.-") + "\u2026"
-    return "Untitled song"
-
-
 # --- format detection --------------------------------------------------------------
 
 _MPEG1_L3_KBPS = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -935,5 +922,4 @@ __all__ = [
     "longest_accepted",
     "probe_duration",
     "render_cover",
-    "song_title",
 ]

@@ -8,15 +8,8 @@ import re
 import sys
 import time
 
+from bot.redact import Redactor
 from bot.settings import Settings
-
-# Bot API URLs carry the token (`/bot<token>/`); Discord interaction and webhook URLs
-# carry an interaction token (`/webhooks/<app>/<token>`, `/interactions/<id>/<token>`).
-_TOKEN_PATTERNS = (
-    re.compile(r"/bot\d+:[A-Za-z0-9_-]+"),
-    re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(key|bearer|bot)\s+[^\s'\",}]+"),
-    re.compile(r"/(webhooks|interactions)/(\d+)/[A-Za-z0-9_.-]{20,}"),
-)
 
 
 class RedactingFilter(logging.Filter):
@@ -25,14 +18,7 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
-
-    def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "[redacted]")
-        text = _TOKEN_PATTERNS[0].sub("/bot[redacted]", text)
-        text = _TOKEN_PATTERNS[2].sub(r"/\1/\2/[redacted]", text)
-        return _TOKEN_PATTERNS[1].sub(r"\1\2 [redacted]", text)
+        self.redact = Redactor(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:

@@ -1,8 +1,28 @@
-"""User-facing sentences shared by every front-end: one place for the wording."""
+"""The engine's refusals and the wording helpers every front-end shares: one place for the
+words users read about quotas, jobs and failures (the chat layer, bot/chat/, builds its
+replies from these)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+
+from bot.models import FailureKind
+
+
+def plural(count: float, noun: str, plural_form: str | None = None) -> str:
+    """'1 song', '2 songs', '1.5 s' (units such as "s" never take a plural)."""
+    number = num(count)
+    if noun == "s":
+        return f"{number} s"
+    word = noun if count == 1 else (plural_form or noun + "s")
+    return f"{number} {word}"
+
+
+def num(value: float) -> str:
+    """A number as people write it: 3, 2.5, 0.25."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.2f}".rstrip("0").rstrip(".")
 
 
 def until(moment: datetime, now: datetime | None = None) -> str:
@@ -26,15 +46,30 @@ def seconds(value: float) -> str:
     return f"{int(value)} s" if float(value).is_integer() else f"{value:.1f} s"
 
 
+def clock(total: float) -> str:
+    """0:42, 3:05, 1:02:03."""
+    total = max(0, round(total))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def about(eta: float) -> str:
+    """A rough duration for an estimate: 'about 40 s', 'about 3 min'."""
+    if eta < 5:
+        return "a few seconds"
+    if eta < 90:
+        return f"about {int(round(eta / 5.0) * 5)} s"
+    return f"about {round(eta / 60)} min"
+
+
 def quota_refusal(
     limit: str, limit_value: float, remaining: float, needed: float, resets_at: datetime | None
 ) -> str:
     """Why a request was refused, what remains and when it resets."""
     reset = reset_phrase(resets_at)
     if limit == "user_jobs_per_day":
-        return (
-            f"You have used your {int(limit_value)} songs for today ({int(remaining)} left).{reset}"
-        )
+        return f"You have reached today's limit of {plural(limit_value, 'song')}.{reset}"
     if limit == "user_seconds_per_day":
         return (
             f"This {seconds(needed)} song needs more audio than you have left today: "
@@ -42,9 +77,10 @@ def quota_refusal(
             f"song, or wait.{reset}"
         )
     if limit == "user_concurrent_jobs":
+        in_progress = limit_value - remaining
         return (
-            f"You already have {int(limit_value - remaining)} songs in progress "
-            f"(limit {int(limit_value)}). Wait for one to finish or cancel one."
+            f"You already have {plural(in_progress, 'song')} in progress "
+            f"(at most {num(limit_value)} at once). Wait for one to finish or cancel one."
         )
     if limit == "community_seconds_per_day":
         return (
@@ -67,18 +103,31 @@ QUOTA_NAMES = {
     "spend_cap_usd_per_day": "Bot budget today (USD)",
 }
 
-FAILED_GENERIC = (
-    "Something went wrong while making your song; the operator has been "
-    "told. Your quota was refunded."
-)
-UNAVAILABLE = (
-    "The music service is temporarily unavailable. Your quota was refunded; please try again later."
-)
-TIMED_OUT = (
-    "Your song took too long to make (over {limit}) and was stopped. Your quota was refunded."
-)
-CANCELLED = "Cancelled. Your quota was refunded."
-DELIVERY_FAILED = "Your song was made but could not be posted here. Your quota was refunded."
+RESTARTING = "The bot is restarting and not taking new songs right now; try again in a minute."
+NOT_YOURS = "You can only cancel your own songs."
+
+# What a user reads when a song ends without one, by kind (the provider's own words stay
+# in the log and `acestep-bot jobs show`).
+FAILURE_TEXTS = {
+    FailureKind.CANCELLED: "Cancelled.",
+    FailureKind.TIMED_OUT: "This song took too long to make (over {limit}) and was stopped.",
+    FailureKind.REJECTED: "The music service refused this request; try other words or tags.",
+    FailureKind.PROVIDER_FAILED: "The music service could not make this song.",
+    FailureKind.UNAVAILABLE: "The music services are unavailable right now; try again later.",
+    FailureKind.NOT_POSTED: "The song was made but could not be posted here.",
+    FailureKind.INTERNAL: "Something went wrong on the bot's side; the operator has been told.",
+}
+
+
+def failure_text(kind: FailureKind, quota_refunded: bool, timeout_seconds: int | None) -> str:
+    """One or two sentences: what happened, and whether the quota came back."""
+    text = FAILURE_TEXTS[kind].format(limit=span(timeout_seconds or 0))
+    refund = (
+        "Your quota was refunded."
+        if quota_refunded
+        else "It still counts against your quota, because the music service made it."
+    )
+    return f"{text} {refund}"
 
 
 def span(total_seconds: int) -> str:
@@ -86,20 +135,39 @@ def span(total_seconds: int) -> str:
     return f"{total_seconds // 60} min" if total_seconds >= 120 else f"{total_seconds} s"
 
 
-def sentence(text: str) -> str:
-    """Trimmed text ending with a full stop."""
-    text = " ".join(text.split()) or "no reason given"
-    return text if text[-1] in ".!?" else text + "."
+def no_such_job(job_id: str) -> str:
+    return f"No song with id {job_id!r} was found."
 
 
-def provider_failed(reason: str) -> str:
+def already_finished(job_id: str, state: str) -> str:
+    word = {
+        "delivered": "posted",
+        "failed": "over (it failed)",
+        "cancelled": "cancelled",
+        "ready": "made and being posted",
+    }.get(state, state)
+    return f"Song {job_id} is already {word}."
+
+
+def finished_before_cancel(job_id: str) -> str:
+    return f"Song {job_id} finished before it could be cancelled."
+
+
+MODE_KINDS = {"prompt": "a described song (/song)", "song": "a composed song (/compose)"}
+
+
+def no_provider_for_mode(mode: str) -> str:
     return (
-        f"The music service could not make this song: {sentence(reason)} Your quota was refunded."
+        f"This bot's music services cannot make {MODE_KINDS.get(mode, mode)}; "
+        "try the other command."
     )
 
 
-def rejected(reason: str) -> str:
-    return f"The music service refused this request: {sentence(reason)} Your quota was refunded."
+def no_provider_for_duration(duration: int, shortest: int, longest: int) -> str:
+    return (
+        f"duration: {duration} is not available here; this bot's music services make songs "
+        f"from {shortest} to {longest} seconds."
+    )
 
 
 def ignored_options(provider: str, names: list[str]) -> str:

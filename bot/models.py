@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
 from bot.requests import GenerationRequest
 
-ACTIVE_STATES = ("queued", "submitting", "running", "ready")
-TERMINAL_STATES = ("delivered", "failed", "cancelled")
+
+class JobState(StrEnum):
+    """Where a job stands. `queued -> submitting -> running -> ready -> delivered`, or it
+    ends `failed` / `cancelled`. A StrEnum: stored in the database as its value."""
+
+    QUEUED = "queued"  # admitted, waiting for a provider
+    SUBMITTING = "submitting"  # being sent to a provider (may or may not have arrived)
+    RUNNING = "running"  # the provider accepted it; polled with the stored handle
+    READY = "ready"  # the audio is stored; waiting to be posted
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATES: tuple[JobState, ...] = (
+    JobState.QUEUED,
+    JobState.SUBMITTING,
+    JobState.RUNNING,
+    JobState.READY,
+)
+TERMINAL_STATES: tuple[JobState, ...] = (
+    JobState.DELIVERED,
+    JobState.FAILED,
+    JobState.CANCELLED,
+)
+
+
+class FailureKind(StrEnum):
+    """Why a job ended without a song, as a user is told it (the provider's own words go
+    to the log and `acestep-bot jobs show`, never to a chat). Stored in `jobs.failure`."""
+
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    REJECTED = "rejected"  # the provider refused the input (content policy, validation)
+    PROVIDER_FAILED = "provider_failed"  # the provider could not make it
+    UNAVAILABLE = "unavailable"  # no provider could take it (down, busy, keys)
+    NOT_POSTED = "not_posted"  # made, but the platform would not take it
+    INTERNAL = "internal"  # our own fault: disk, database, a crash
 
 
 @dataclass(frozen=True)
@@ -30,6 +67,40 @@ class Requester:
         return f"{self.platform}:{self.community_id}" if self.community_id else None
 
 
+@dataclass(frozen=True)
+class SongResult:
+    """What a finished job made: the stored audio file and what the provider reported."""
+
+    audio_file: str  # file name under DATA_DIR/audio
+    format: str
+    duration: float
+    seed: int
+    provider: str
+    title: str
+    sample_rate: int | None = None
+    channels: int | None = None
+    tags: str | None = None  # as the provider wrote or used them
+    lyrics: str | None = None
+    provider_metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], job_seed: int = 0) -> SongResult:
+        """Tolerant of rows written by older versions (missing keys get defaults)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        values.setdefault("audio_file", "")
+        values.setdefault("format", "")
+        values["duration"] = float(values.get("duration") or 0.0)
+        values["seed"] = int(values["seed"]) if values.get("seed") is not None else job_seed
+        values["provider"] = str(values.get("provider") or "")
+        values["title"] = str(values.get("title") or "")
+        values["provider_metadata"] = dict(values.get("provider_metadata") or {})
+        return cls(**values)
+
+
 @dataclass
 class Job:
     """One admitted song request and where it stands."""
@@ -39,7 +110,7 @@ class Job:
     reply_target: dict[str, Any]
     request: GenerationRequest
     seed: int
-    state: str
+    state: JobState
     provider: str | None = None
     handle: str | None = None
     attempts: int = 0
@@ -49,8 +120,9 @@ class Job:
     reserved_usd: float = 0.0
     charged_usd: float | None = None
     refunded: bool = False
-    result: dict[str, Any] | None = None
-    error: str | None = None
+    result: SongResult | None = None
+    error: str | None = None  # the operator's detail of a failure (redacted), never shown in chats
+    failure: FailureKind | None = None  # why it failed, as users are told
     created_at: float = 0.0
     updated_at: float = 0.0
     started_at: float | None = None
@@ -65,3 +137,17 @@ class Job:
     @property
     def duration(self) -> int:
         return self.request.duration
+
+    @property
+    def title(self) -> str:
+        """The song's title: the stored result's, else the one derived from the request."""
+        if self.result is not None and self.result.title:
+            return self.result.title
+        return self.request.title()
+
+    @property
+    def lyrics(self) -> str:
+        """The lyrics the song was made with (the provider's, else the user's)."""
+        if self.result is not None and self.result.lyrics:
+            return self.result.lyrics
+        return self.request.lyrics or ""

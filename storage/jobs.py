@@ -16,7 +16,15 @@ from typing import Any
 
 import aiosqlite
 
-from bot.models import ACTIVE_STATES, TERMINAL_STATES, Job, Requester
+from bot.models import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    FailureKind,
+    Job,
+    JobState,
+    Requester,
+    SongResult,
+)
 from bot.requests import GenerationRequest
 from storage.database import Database
 
@@ -272,7 +280,7 @@ class JobStore:
         job_id: str,
         provider: str,
         charged_usd: float,
-        result: dict[str, Any],
+        result: SongResult,
         now: float | None = None,
     ) -> bool:
         """running -> ready: the provider made the song; record the charge."""
@@ -329,15 +337,22 @@ class JobStore:
         error: str,
         now: float | None = None,
         *,
+        failure: FailureKind | None = None,
         charged_usd: float | None = None,
     ) -> bool:
         """-> failed | cancelled with a refund of the user's and community's quota.
 
-        A charge already made by a provider stays in the spend (the operator paid it);
+        `error` is the operator's detail, `failure` the kind users are told. A charge
+        already made by a provider stays in the spend (the operator paid it);
         `charged_usd` records one made for a song the bot then could not keep.
         """
         now = time.time() if now is None else now
-        fields: dict[str, Any] = {"error": error, "refunded": 1, "finished_at": now}
+        fields: dict[str, Any] = {
+            "error": error,
+            "failure": failure,
+            "refunded": 1,
+            "finished_at": now,
+        }
         if charged_usd is not None:
             fields["charged_usd"] = charged_usd
         async with self.db.transaction() as conn:
@@ -620,6 +635,8 @@ _JSON_FIELDS = {"result", "reply_target", "tried_providers"}
 
 
 def _encode(name: str, value: Any) -> Any:
+    if isinstance(value, SongResult):
+        return json.dumps(value.to_dict())
     if name in _JSON_FIELDS and value is not None:
         return json.dumps(value)
     if isinstance(value, bool):
@@ -640,7 +657,7 @@ def _job(row: aiosqlite.Row) -> Job:
         reply_target=json.loads(row["reply_target"]),
         request=GenerationRequest.model_validate_json(row["request"]),
         seed=row["seed"],
-        state=row["state"],
+        state=JobState(row["state"]),
         provider=row["provider"],
         handle=row["handle"],
         attempts=row["attempts"],
@@ -650,8 +667,11 @@ def _job(row: aiosqlite.Row) -> Job:
         reserved_usd=row["reserved_usd"],
         charged_usd=row["charged_usd"],
         refunded=bool(row["refunded"]),
-        result=json.loads(row["result"]) if row["result"] else None,
+        result=SongResult.from_dict(json.loads(row["result"]), row["seed"])
+        if row["result"]
+        else None,
         error=row["error"],
+        failure=FailureKind(row["failure"]) if row["failure"] else None,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         started_at=row["started_at"],

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bot.engine import Engine, EngineOptions, Progress, RenderedSong, Song
+from bot import messages
+from bot.engine import Engine, EngineOptions, Failure, Progress, RenderedSong, Song
 from bot.models import Job
 from bot.settings import Settings
 from providers.base import Provider
@@ -32,6 +33,7 @@ class RecordingDelivery:
     byte_limit: int | None = 10 * 1024 * 1024
     progress: list[tuple[str, Progress]] = field(default_factory=list)
     delivered: list[tuple[str, RenderedSong]] = field(default_factory=list)
+    # What the user would read: (job id, the failure text a front-end shows).
     failures: list[tuple[str, str]] = field(default_factory=list)
     fail_deliveries: int = 0  # raise on the next N deliveries
 
@@ -45,8 +47,9 @@ class RecordingDelivery:
         rendered = await song.render(self.byte_limit)
         self.delivered.append((job.id, rendered))
 
-    async def on_failed(self, job: Job, message: str) -> None:
-        self.failures.append((job.id, message))
+    async def on_failed(self, job: Job, failure: Failure) -> None:
+        text = messages.failure_text(failure.kind, failure.quota_refunded, failure.timeout_seconds)
+        self.failures.append((job.id, text))
 
     def delivered_ids(self) -> list[str]:
         return [jid for jid, _ in self.delivered]

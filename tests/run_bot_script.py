@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bot import app, logs
-from bot.engine import Engine, Progress, Song
+from bot.engine import Engine, Failure, Progress, Song
 from bot.models import Job
 from bot.settings import Settings
 
@@ -51,8 +51,8 @@ class FileFrontend:
         shutil.copyfile(rendered.path, posted)
         self._append(f"delivered {job.id} {posted}")
 
-    async def on_failed(self, job: Job, message: str) -> None:
-        self._append(f"failed {job.id} {message}")
+    async def on_failed(self, job: Job, failure: Failure) -> None:
+        self._append(f"failed {job.id} {failure.kind}")
 
     def _append(self, line: str) -> None:
         with self.record.open("a", encoding="utf-8") as fh:

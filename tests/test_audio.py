@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from bot.audio import (
     encode,
     estimate_size,
     render_cover,
-    song_title,
 )
+from bot.engine import Song
 from tests.fakes.audio import (
     PROVIDER_CODECS,
     claim_flac_samples,
@@ -434,9 +435,23 @@ def test_flac_and_ogg_carry_vorbis_comments_and_the_cover(
     assert "METADATA_BLOCK_PICTURE" in opus
 
 
-def test_album_is_the_bot_name(tmp_path: Path, song5: Path) -> None:
-    tags = SongTags(title="x", album="rainbot")
-    assert ID3(encode(song5, tmp_path / "s.mp3", tags=tags).path)["TALB"].text == ["rainbot"]
+async def test_album_is_the_bot_name(tmp_path: Path, song5: Path) -> None:
+    # As a front-end renders a finished song: nobody passes an album.
+    original = tmp_path / "0badf00d.wav"
+    shutil.copyfile(song5, original)
+    song = Song(
+        job_id="0badf00d",
+        title="rain",
+        original_path=original,
+        duration=5,
+        seed=1,
+        provider="fal",
+        tags=None,
+        lyrics=None,
+        prompt="rain",
+    )
+    rendered = await song.render(None)
+    assert ID3(rendered.path)["TALB"].text == ["acestep-bot"]
 
 
 @pytest.mark.parametrize("size", [320, 160])
@@ -468,15 +483,6 @@ def test_cover_is_drawn_from_the_song(tmp_path: Path) -> None:
 
     # Rows count from the top: the high tone glows nearer the top than the low one.
     assert brightest_row(high) < brightest_row(low) - 40
-
-
-def test_song_title_comes_from_prompt_then_tags() -> None:
-    assert song_title("  lofi   piano\nabout rain ") == "lofi piano about rain"
-    assert song_title("", "synthwave, 120 bpm") == "synthwave, 120 bpm"
-    assert song_title(None, None) == "Untitled song"
-    long = song_title("a slow ballad about " + "the endless grey rain " * 10)
-    assert len(long) <= 80 and long.endswith("\u2026")
-    assert not long[:-1].endswith(" ")
 
 
 def test_plain_wav_check_agrees_with_the_decoder(monkeypatch: pytest.MonkeyPatch) -> None:

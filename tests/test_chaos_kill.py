@@ -33,7 +33,9 @@ from typing import Any
 
 import pytest
 
-from bot.frontends.telegram_text import escape
+from bot.frontends.telegram_render import escape
+from bot.messages import failure_text
+from bot.models import FailureKind
 from tests.fakes.fal import FakeFal
 from tests.fakes.http import serve
 from tests.fakes.telegram_api import FakeTelegram, UploadedFile
@@ -328,9 +330,10 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
             shown = [
                 m.text
                 for m in telegram.bot_messages(chat)
-                if f"Job <code>{job_id}</code>" in m.text
+                if f"job <code>{job_id}</code>" in m.text
             ]
-            assert any(escape(row["error"]) in text for text in shown), (what, shown)
+            told = failure_text(FailureKind(row["failure"]), True, None)
+            assert any(escape(told) in text for text in shown), (what, shown)
     print(
         f"{repeats} songs posted again after a kill mid-upload; {len(lost)} /song "
         "messages cut off by a kill before admission"

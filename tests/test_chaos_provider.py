@@ -22,7 +22,7 @@ from typing import Any
 
 from bot import messages
 from bot.engine import AlreadyFinished, RenderedSong, Song
-from bot.models import Job, Requester
+from bot.models import FailureKind, Job, Requester
 from bot.requests import GenerationRequest
 from providers.fal import FalProvider
 from providers.wavespeed import WaveSpeedProvider
@@ -234,8 +234,9 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
         else:
             assert row["state"] in ("failed", "cancelled"), what
             assert (delivered[job_id], failed[job_id]) == (0, 1), what
-            assert failure_text[job_id] == row["error"] and row["error"], what
-            assert (row["state"] == "cancelled") == (row["error"] == messages.CANCELLED), what
+            told = messages.failure_text(FailureKind(row["failure"]), True, None)
+            assert failure_text[job_id] == told and row["error"], what
+            assert (row["state"] == "cancelled") == (row["failure"] == "cancelled"), what
             assert row["refunded"] == 1, what
             assert (kinds["reserve"], kinds["commit"], kinds["refund"]) == (1, 0, 1), what
         # The ledger balances: what was reserved was either committed or refunded.

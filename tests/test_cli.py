@@ -176,7 +176,9 @@ async def test_provider_failure_exits_1_with_the_reason(tmp_path: Path) -> None:
             tmp_path,
         )
     assert code == 1
-    assert "error: The music service refused this request:" in err
+    assert "error: The music service refused this request" in err
+    # The operator running the CLI also sees the provider's own reason.
+    assert "content policy" in err
     assert "Your quota was refunded." in err
     assert not (tmp_path / "a.mp3").exists()
 

@@ -237,7 +237,7 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
     assert embed["title"] == "lofi piano about rain"
     assert "lofi piano about rain" in embed["description"]
     fields = {f["name"]: f["value"] for f in embed["fields"]}
-    assert fields["Duration"] == "6 s"
+    assert fields["Duration"] == "0:06"
     assert fields["Seed"] == "`42`"
     assert fields["Provider"] == "fal"
     assert embed["thumbnail"]["url"] == "attachment://cover.jpg"
@@ -248,15 +248,14 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
         f"acestep:lyrics:{job_id}",
     ]
 
-    # The provider got the user's seed; the status message ends on the link to the song.
+    # The provider got the user's seed. A song costs one lasting message: the status
+    # message goes once the song is posted, and the job keeps the link to the song.
     assert bot.submitted()[0]["seed"] == 42
-    status = await fake.wait_until(
-        lambda: (m := bot.original(payload)) and "Done" in m.content and m
-    )
-    assert f"/channels/{GUILD}/{CHANNEL}/{song.id}" in status.content
-    assert status.custom_ids == []  # no cancel button on a finished job
+    status = await fake.wait_until(lambda: (m := bot.original(payload)) and m.deleted and m)
+    assert any("Queued" in text for text in status.history)
     job = await bot.engine.get_job(job_id)
     assert job is not None and job.state == "delivered"
+    assert job.reply_target["result_url"].endswith(f"/channels/{GUILD}/{CHANNEL}/{song.id}")
 
 
 async def test_song_fits_the_upload_limit_the_interaction_reports(bot: Bot) -> None:
@@ -297,12 +296,10 @@ async def test_status_edits_are_throttled_and_end_in_the_final_state(
         payload = server.slash("song", {"prompt": "busy drums", "duration": 5})
         await bot.feed(payload)
         await bot.song_message(payload)
-        status = await server.wait_until(
-            lambda: (m := bot.original(payload)) and "Done" in m.content and m
-        )
+        status = await server.wait_until(lambda: (m := bot.original(payload)) and m.deleted and m)
         assert any("Generating" in text for text in status.history)
-        # The first edit shows the queue; all but the final one are spaced by the interval.
-        gaps = [b - a for a, b in zip(status.edits[:-2], status.edits[1:-1], strict=True)]
+        # The first edit shows the queue; every later one waits out the interval.
+        gaps = [b - a for a, b in zip(status.edits[:-1], status.edits[1:], strict=True)]
         assert all(gap >= 0.12 for gap in gaps), gaps
         assert len(status.edits) < servers.fal.progress_polls + 3
     finally:
@@ -315,13 +312,17 @@ async def test_out_of_range_option_is_answered_ephemerally_naming_the_field(bot:
     await bot.feed(payload)
     assert bot.fake.callbacks[-1]["type"] == 4
     texts = ephemeral_texts(bot, payload)
-    assert texts == ["duration: 999 is not valid; a whole number of seconds from 5 to 240."]
+    assert texts == [
+        "duration: 999 is not valid; a whole number of seconds from 5 to 240. "
+        "See /help for every option."
+    ]
     assert bot.submitted() == []
 
     payload = bot.fake.slash("song", {"prompt": "x", "guidance_scale": 500.0})
     await bot.feed(payload)
-    assert ephemeral_texts(bot, payload) == [
-        "guidance_scale: 500.0 is not valid; a number from 0 to 200."
+    # What the user reads (underscores are escaped in Discord markdown).
+    assert [t.replace("\\_", "_") for t in ephemeral_texts(bot, payload)] == [
+        "guidance_scale: 500.0 is not valid; a number from 0 to 200. See /help for every option."
     ]
 
 
@@ -339,7 +340,7 @@ async def test_quota_refusal_is_ephemeral_with_what_remains_and_the_reset(
         # The public "thinking" message is replaced by a message only the user sees.
         visible = bot.messages_of(second)
         assert len(visible) == 1 and visible[0].ephemeral
-        assert "You have used your 1 songs for today (0 left)" in visible[0].content
+        assert "You have reached today's limit of 1 song." in visible[0].content
         assert "It resets at 00:00 UTC" in visible[0].content
         assert len(bot.submitted()) == 1
     finally:
@@ -352,29 +353,42 @@ async def test_missing_attach_files_permission_is_explained(bot: Bot) -> None:
     )
     await bot.feed(payload)
     texts = ephemeral_texts(bot, payload)
-    assert len(texts) == 1 and "Attach Files" in texts[0]
+    assert len(texts) == 1 and "can't post files in this channel" in texts[0]
     assert bot.submitted() == []
 
 
-async def test_failed_provider_tells_the_user_ephemerally_and_refunds(bot: Bot) -> None:
+async def test_failed_provider_is_told_once_briefly_with_a_retry_button(bot: Bot) -> None:
     from bot.models import Requester
 
     bot.fal.run_error = ("the model ran out of memory", "internal_server_error")
-    payload = bot.fake.slash("song", {"prompt": "doomed", "duration": 5})
+    payload = bot.fake.slash("song", {"prompt": "doomed", "duration": 5, "seed": 77})
     await bot.feed(payload)
     job_id = job_id_in(bot.original(payload).content)
-    texts = await bot.fake.wait_until(lambda: ephemeral_texts(bot, payload))
-    assert f"Your song `{job_id}`" in texts[0]
-    assert "the model ran out of memory" in texts[0]
-    assert "refunded" in texts[0]
+    # The status message itself becomes the failure notice: one message, in public.
     status = await bot.fake.wait_until(
-        lambda: (m := bot.original(payload)) and "Failed" in m.content and m
+        lambda: (m := bot.original(payload)) and "could not make" in m.content and m
     )
-    assert status.custom_ids == []
+    assert status.content == (
+        f"**doomed** \N{MIDDLE DOT} job `{job_id}`\n\N{CROSS MARK} The music service could "
+        "not make this song. Your quota was refunded."
+    )
+    # The provider's raw error is for the operator (`jobs show`), never for the channel.
+    assert all("out of memory" not in m.content for m in bot.fake.visible())
+    job = await bot.engine.get_job(job_id)
+    assert job is not None and "out of memory" in (job.error or "")
+    assert status.custom_ids == [f"acestep:retry:{job_id}"]
+    assert ephemeral_texts(bot, payload) == []  # not told twice
     quota = await bot.engine.quota_status(Requester("discord", USER, GUILD))
     used = {line.name: line.used for line in quota.lines}
     assert used["user_jobs_per_day"] == 0
     assert used["user_seconds_per_day"] == 0
+
+    # Retry asks again with the same request and seed.
+    bot.fal.run_error = None
+    retry = bot.fake.button(f"acestep:retry:{job_id}", status)
+    await bot.feed(retry)
+    await bot.song_message(retry)
+    assert [s["seed"] for s in bot.submitted()] == [77, 77]
 
 
 # ---- /compose ---------------------------------------------------------------------------
@@ -485,7 +499,9 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
 
     click = fake.button(f"acestep:cancel:{job_id}", status)
     await bot.feed(click)
-    assert ephemeral_texts(bot, click) == [f"Cancelled `{job_id}` (never ending)."]
+    assert ephemeral_texts(bot, click) == [
+        f"Cancelled `{job_id}` (never ending). Your quota was refunded."
+    ]
     await bot.job_state(job_id, "cancelled")
     status = await fake.wait_until(
         lambda: (m := bot.original(payload)) and "Cancelled" in m.content and m
@@ -498,7 +514,9 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
     second_id = job_id_in(bot.original(second).content)
     command = fake.slash("cancel", {})
     await bot.feed(command)
-    assert ephemeral_texts(bot, command) == [f"Cancelled `{second_id}` (second)."]
+    assert ephemeral_texts(bot, command) == [
+        f"Cancelled `{second_id}` (second). Your quota was refunded."
+    ]
     await bot.job_state(second_id, "cancelled")
     assert not [m for m in fake.visible() if m.attachments]
 
@@ -541,9 +559,9 @@ async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
         job = await bot.engine.get_job(job_id)
         assert job is not None
         assert job.reply_target["result_url"].endswith(f"/{CHANNEL}/{song.id}")
-        # The status message is edited through the channel now that the token is dead.
+        # The status message is removed through the channel now that the token is dead.
         status = server.messages[job.reply_target["status_message_id"]]
-        assert "Done" in status.content and status.custom_ids == []
+        await server.wait_until(lambda: status.deleted)
     finally:
         await stop_bot(bot)
 
@@ -642,7 +660,7 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     queue = fake.slash("queue")
     await bot.feed(queue)
     [text] = ephemeral_texts(bot, queue)
-    assert f"`{waiting_id}` waiting tune" in text and "running" in text
+    assert f"`{waiting_id}` waiting tune \N{EM DASH} generating" in text
     assert done_id not in text
 
     # /cancel suggests the user's active jobs as they type.
@@ -687,7 +705,7 @@ async def test_limits_needs_manage_server_and_sets_quotas_and_channels(bot: Bot)
     )
     await bot.feed(change)
     [text] = ephemeral_texts(bot, change)
-    assert "seconds_per_day = 60" in text and f"<#{OTHER_CHANNEL}>" in text
+    assert "`seconds_per_day` = 60" in text and f"<#{OTHER_CHANNEL}>" in text
     assert await bot.engine.get_limits("community", f"discord:{GUILD}") == {"seconds_per_day": 60.0}
 
     elsewhere = fake.slash("song", {"prompt": "x", "duration": 5})
@@ -706,7 +724,7 @@ async def test_limits_needs_manage_server_and_sets_quotas_and_channels(bot: Bot)
     )
     await bot.feed(undo)
     [text] = ephemeral_texts(bot, undo)
-    assert "seconds_per_day back to the default" in text and "Channels: all" in text
+    assert "`seconds_per_day` back to the default" in text and "Channels: all" in text
     assert await bot.engine.get_limits("community", f"discord:{GUILD}") == {}
     anywhere = fake.slash("song", {"prompt": "y", "duration": 5})
     await bot.feed(anywhere)

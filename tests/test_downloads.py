@@ -21,8 +21,9 @@ import pytest
 from aiohttp import web
 
 import bot.engine
+import bot.engine.runner
 from bot import messages
-from bot.models import Requester
+from bot.models import FailureKind, Requester
 from bot.requests import GenerationRequest
 from providers.base import ProviderFailedDownload
 from providers.download import AddressPolicy, DownloadRefused, DownloadTimedOut, download
@@ -87,9 +88,10 @@ async def test_a_dripping_result_file_cannot_hold_a_job_past_its_timeout(tmp_pat
             await wait_for_state(engine, second.job_id, ("delivered",))
         finally:
             await engine.close()
-    limit = messages.span(3)
-    assert job.error == messages.TIMED_OUT.format(limit=limit) and job.refunded
-    assert delivery.failures == [(first.job_id, job.error)]
+    assert job.failure is FailureKind.TIMED_OUT and job.refunded
+    assert job.error == "fal: result download timed out"
+    told = messages.failure_text(FailureKind.TIMED_OUT, True, 3)
+    assert delivery.failures == [(first.job_id, told)] and "took too long" in told
     assert not [p for p in audio_files(settings) if p.name.startswith(first.job_id)]
 
 
@@ -108,7 +110,8 @@ async def test_cancel_stops_a_download_in_progress(tmp_path: Path) -> None:
         finally:
             await engine.close()
     assert final.state == "cancelled" and job is not None and job.state == "cancelled"
-    assert delivery.failures == [(admission.job_id, messages.CANCELLED)]
+    told = messages.failure_text(FailureKind.CANCELLED, True, None)
+    assert delivery.failures == [(admission.job_id, told)]
     assert delivery.delivered == []
     assert not [p for p in audio_files(settings) if p.name.startswith(admission.job_id)]
 
@@ -116,7 +119,7 @@ async def test_cancel_stops_a_download_in_progress(tmp_path: Path) -> None:
 async def test_a_cancel_from_another_process_stops_a_download_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bot.engine, "CANCEL_FLAG_CHECK_S", 0.05)
+    monkeypatch.setattr(bot.engine.runner, "CANCEL_FLAG_CHECK_S", 0.05)
     fake = FakeFal(queue_polls=0, progress_polls=0)
     fake.file_drip = 2.0
     settings = make_settings(tmp_path)
@@ -141,7 +144,8 @@ async def test_a_cancel_from_another_process_stops_a_download_too(
 async def run_to_failure(
     tmp_path: Path, fake: FakeFal, caplog: pytest.LogCaptureFixture
 ) -> tuple[str, list[str]]:
-    """One song with the fake as it is set up; the error the user saw, and log lines."""
+    """One song with the fake as it is set up; the operator's detail of its failure
+    (`jobs show`), and the log lines. The user is told the provider could not make it."""
     caplog.set_level(logging.INFO)
     settings = make_settings(tmp_path)
     delivery = RecordingDelivery()
@@ -153,7 +157,9 @@ async def run_to_failure(
         finally:
             await engine.close()
     assert job.state == "failed", "the download was made"
-    assert delivery.failures == [(job.id, job.error)]
+    assert job.failure is FailureKind.PROVIDER_FAILED
+    told = messages.failure_text(FailureKind.PROVIDER_FAILED, True, None)
+    assert delivery.failures == [(job.id, told)]
     return str(job.error), [r.getMessage() for r in caplog.records]
 
 
@@ -165,8 +171,7 @@ async def test_a_result_url_on_another_loopback_port_is_refused(
         fake.audio_url = f"{other}/admin/export.wav"
         error, lines = await run_to_failure(tmp_path, fake, caplog)
     assert seen == []  # never asked
-    assert error.startswith("The music service could not make this song: result URL host")
-    assert "127.0.0.1 is a private or local address" in error
+    assert error.startswith("fal: result URL host 127.0.0.1 is a private or local address")
     assert any("unusable" in line and "private or local address" in line for line in lines)
 
 

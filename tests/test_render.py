@@ -127,7 +127,7 @@ async def test_a_flac_whose_header_claims_10_hours_is_delivered_as_the_6_s_it_ho
         finally:
             await engine.close()
     assert job.state == "delivered", job.error
-    assert job.result is not None and job.result["duration"] == pytest.approx(6)
+    assert job.result is not None and job.result.duration == pytest.approx(6)
     [(_, rendered)] = delivery.delivered
     assert rendered.bitrate == 192 and rendered.duration == pytest.approx(6, abs=0.05)
 

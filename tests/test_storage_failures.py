@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from bot.engine import Engine
-from bot.messages import FAILED_GENERIC
-from bot.models import Requester
+from bot.messages import failure_text
+from bot.models import FailureKind, Requester
 from bot.requests import GenerationRequest
 from providers.fal import FalProvider
 from storage.database import Database, StorageError
@@ -155,8 +155,8 @@ async def test_disk_full_while_writing_audio_fails_job_with_refund_and_no_partia
         finally:
             await engine.close()
     assert job is not None and job.state == "failed" and job.refunded
-    assert job.result is None and job.error == FAILED_GENERIC
-    assert delivery.failures == [(job_id, FAILED_GENERIC)]
+    assert job.result is None and job.failure == FailureKind.INTERNAL
+    assert delivery.failures == [(job_id, failure_text(FailureKind.INTERNAL, True, None))]
     # The user's quota is back; fal was paid for the song, so the spend keeps the charge.
     assert (usage.user_jobs, usage.user_seconds) == (0, 0)
     kinds = [e["kind"] for e in ledger]
@@ -195,7 +195,7 @@ async def test_unwritable_audio_dir_fails_job_with_refund(
         finally:
             await engine.close()
     assert job is not None and job.state == "failed" and job.refunded
-    assert delivery.failures == [(job_id, FAILED_GENERIC)]
+    assert delivery.failures == [(job_id, failure_text(FailureKind.INTERNAL, True, None))]
     assert (usage.user_jobs, usage.user_seconds) == (0, 0)
     assert settings.audio_dir.read_bytes() == b"not a directory"
     operator = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -341,6 +341,7 @@ class FakeDiscord:
         r.add_post("/api/v10/users/@me/channels", self._open_dm)
         r.add_post("/api/v10/channels/{cid}/messages", self._channel_post)
         r.add_patch("/api/v10/channels/{cid}/messages/{mid}", self._channel_edit)
+        r.add_delete("/api/v10/channels/{cid}/messages/{mid}", self._channel_delete)
         r.add_get("/gateway", self._gateway)
         return app
 
@@ -614,6 +615,16 @@ class FakeDiscord:
         _apply(msg, body, files, keep_flags=True)
         msg.edits.append(time.monotonic())
         return json_response(msg.payload(self.bot, self.app_id))
+
+    async def _channel_delete(self, request: web.Request) -> web.Response:
+        """DELETE /channels/{id}/messages/{id}: a bot may delete its own messages."""
+        msg = self.messages.get(request.match_info["mid"])
+        if msg is None or msg.deleted or msg.channel_id != request.match_info["cid"]:
+            return _error(404, 10008, "Unknown Message")
+        if msg.ephemeral:
+            return _error(404, 10008, "Unknown Message")
+        msg.deleted = True
+        return web.Response(status=204)
 
 
 def _error(status: int, code: int, message: str) -> web.Response:

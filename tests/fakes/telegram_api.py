@@ -60,6 +60,7 @@ class FakeMessage:
     caption: str | None = None
     files: dict[str, UploadedFile] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    deleted: bool = False
 
     @property
     def text(self) -> str:
@@ -98,6 +99,7 @@ class FakeTelegram:
         self.username = username
         self.calls: list[Call] = []
         self.messages: dict[tuple[int, int], FakeMessage] = {}
+        self.sent: list[FakeMessage] = []  # everything the bot posted, deleted ones too
         self.chats: dict[int, dict[str, Any]] = {}
         self.admins: dict[int, set[int]] = {}
         self.webhook: dict[str, Any] | None = None
@@ -529,6 +531,7 @@ class FakeTelegram:
     def _m_deleteMessage(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
         msg = self._existing(params)
         del self.messages[(msg.chat_id, msg.message_id)]
+        msg.deleted = True
         return True
 
     def _m_getChatMember(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
@@ -569,6 +572,9 @@ class FakeTelegram:
         except (KeyError, ValueError, TypeError):
             raise _ApiError(400, "Bad Request: chat_id is empty") from None
         chat = self.chats.get(chat_id)
+        if chat is None and chat_id > 0:
+            # A user who never opened a private chat with the bot cannot be written to.
+            raise _ApiError(403, "Forbidden: bot can't initiate conversation with a user")
         if chat is None:
             raise _ApiError(400, "Bad Request: chat not found")
         return chat
@@ -598,7 +604,7 @@ class FakeTelegram:
             raise _ApiError(400, "Bad Request: message thread not found")
         message_id = next(self._message_ids)
         markup = params.get("reply_markup")
-        self.messages[(chat["id"], message_id)] = FakeMessage(
+        self.messages[(chat["id"], message_id)] = message = FakeMessage(
             chat["id"],
             message_id,
             [text] if kind == "text" else [],
@@ -610,6 +616,7 @@ class FakeTelegram:
             files=files or {},
             params=params,
         )
+        self.sent.append(message)
         out = self._message_json(chat["id"], message_id)
         if kind == "audio":
             out["audio"]["file_size"] = len(files["audio"].data) if files else 0

@@ -1,0 +1,440 @@
+"""The engine's face to front-ends and the CLI: admission, queries, cancel, lifecycle.
+
+Every state change is one database transaction (storage/). The engine keeps only what
+can be rebuilt in memory: which tasks run, each provider's in-flight count, and the
+round-robin order of users. A new engine on the same database resumes every job that was
+not finished: queued -> schedule; submitting -> resubmit once; running -> poll again with
+the stored handle; ready -> deliver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from bot import messages
+from bot.engine.contract import Delivery, Failure, Song
+from bot.engine.errors import (
+    AlreadyFinished,
+    EngineClosed,
+    JobNotFound,
+    NoProvider,
+    NotAllowed,
+    QuotaExceeded,
+)
+from bot.engine.notify import Notifier
+from bot.engine.runner import EngineOptions, JobRunner
+from bot.engine.scheduler import Scheduler
+from bot.engine.tasks import JobTasks
+from bot.metrics import Metrics
+from bot.models import ACTIVE_STATES, FailureKind, Job, JobState, Requester
+from bot.redact import Redactor
+from bot.requests import GenerationRequest, InvalidRequest
+from bot.settings import Settings
+from providers.base import Provider
+from providers.router import Router
+from storage.database import Database, StorageError
+from storage.jobs import JobStore, Limits, QuotaRefusal, next_reset
+
+log = logging.getLogger("acestep.engine")
+
+
+@dataclass(frozen=True)
+class Admission:
+    job_id: str
+    position: int
+    seed: int
+    ignored_options: list[str]
+    provider: str | None = None  # the provider the job will most likely run on
+    duplicate: bool = False  # the same platform event was admitted before: this is that job
+
+
+@dataclass(frozen=True)
+class QuotaLine:
+    name: str
+    label: str
+    used: float
+    limit: float | None  # None = unlimited
+    unit: str  # "song" or "s"
+
+    @property
+    def remaining(self) -> float | None:
+        return None if self.limit is None else max(0.0, self.limit - self.used)
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    lines: list[QuotaLine]
+    resets_at: datetime
+    bypass: bool
+
+
+class Engine:
+    """Admits, schedules, runs and delivers songs; survives restarts."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        providers: Iterable[Provider],
+        *,
+        platforms: Iterable[str] | None = None,
+        options: EngineOptions | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.router = Router(providers)
+        self.options = options or EngineOptions()
+        # Which platforms' jobs this engine runs: the bot runs chat jobs, the CLI its own.
+        self.platforms = set(platforms) if platforms is not None else None
+        self.metrics = Metrics()  # ops: counters/histograms for /metrics (bot/health.py)
+        self.redact = Redactor(settings.secrets())
+        self.tasks = JobTasks()
+        self.notifier = Notifier()
+        self.runner = JobRunner(
+            settings,
+            store,
+            self.router,
+            self.options,
+            self.tasks,
+            self.notifier,
+            self.metrics,
+            self.redact,
+        )
+        self.scheduler = Scheduler(
+            store, self.router, self.runner, self.tasks, self.notifier, self.options, self._handles
+        )
+        self._scheduler_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._started = False
+
+    # ---- construction ----------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, settings: Settings, providers: Iterable[Provider], **kwargs: Any) -> Engine:
+        """Open the database under DATA_DIR (migrating it) and build an engine."""
+        db = await Database.open(settings.db_path)
+        return cls(settings, JobStore(db), providers, **kwargs)
+
+    def register_delivery(self, delivery: Delivery) -> None:
+        self.notifier.register(delivery)
+        if self._started:
+            asyncio.get_running_loop().create_task(self._resume_ready(delivery.platform))
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume unfinished jobs and start scheduling."""
+        if self._started:
+            return
+        self._started = True
+        self._closing = self.scheduler.closing = False
+        await self._recover()
+        self._scheduler_task = asyncio.create_task(self.scheduler.loop(), name="engine-scheduler")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop admitting and scheduling; let running deliveries finish within the grace
+        period, then stop every task. Job states stay as they are for the next start."""
+        self._closing = self.scheduler.closing = True
+        await self._stop_scheduler()
+        grace = self.options.stop_grace if grace is None else grace
+        uploading = self.tasks.uploading()
+        if uploading and grace > 0:
+            await asyncio.wait(uploading, timeout=grace)
+        await self.abort()
+        self._started = False
+
+    async def abort(self) -> None:
+        """Stop every task at once, writing nothing more (what a crash would leave)."""
+        await self._stop_scheduler()
+        await self.tasks.cancel_all()
+        self._closing = self.scheduler.closing = True
+        self._started = False
+
+    async def _stop_scheduler(self) -> None:
+        if self._scheduler_task is not None:
+            self._scheduler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler_task
+            self._scheduler_task = None
+
+    async def close(self) -> None:
+        """Stop, close providers' HTTP clients and the database."""
+        await self.stop()
+        for provider in self.router.providers.values():
+            with contextlib.suppress(Exception):
+                await provider.aclose()
+        await self.store.db.close()
+
+    def _handles(self, job: Job) -> bool:
+        return self.platforms is None or job.requester.platform in self.platforms
+
+    async def _recover(self) -> None:
+        found = await self.store.in_states((JobState.SUBMITTING, JobState.RUNNING))
+        for job in found:
+            if self._handles(job):
+                await self.runner.resume(job)
+        for platform in self.notifier.deliveries:
+            await self._resume_ready(platform)
+
+    async def _resume_ready(self, platform: str) -> None:
+        for job in await self.store.in_states((JobState.READY,)):
+            if (
+                job.requester.platform == platform
+                and self._handles(job)
+                and not self.tasks.running(job.id)
+            ):
+                self.tasks.spawn(job.id, self.runner.deliver(job), "deliver")
+
+    # ---- admission -------------------------------------------------------------------
+
+    def is_admin(self, requester: Requester) -> bool:
+        return requester.key in self.settings.admin_ids
+
+    def limits(self) -> Limits:
+        s = self.settings
+        return Limits(
+            s.quota_user_jobs_per_day,
+            s.quota_user_seconds_per_day,
+            s.quota_user_concurrent_jobs,
+            s.quota_community_seconds_per_day,
+            s.spend_cap_usd_per_day,
+        )
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        requester: Requester,
+        reply_target: dict[str, Any],
+        *,
+        source_key: str | None = None,
+    ) -> Admission:
+        """Reserve quota and queue a validated request; answers with its queue position.
+
+        `source_key` names the platform event that asked (e.g. a Telegram update): the
+        same event is never admitted twice; a repeat answers with the first job and
+        `duplicate=True`. Raises NoProvider or QuotaExceeded (nothing stored),
+        EngineClosed when stopping.
+        """
+        if self._closing:
+            raise EngineClosed(messages.RESTARTING)
+        if not isinstance(request, GenerationRequest):
+            raise InvalidRequest("request", type(request).__name__, "a GenerationRequest")
+        capable = self.router.capable(request)
+        if not capable:
+            raise NoProvider(self._no_provider_text(request))
+        seed = request.seed if request.seed >= 0 else secrets.randbelow(2_147_483_648)
+        job = Job(
+            id="",
+            requester=requester,
+            reply_target=reply_target,
+            request=request,
+            seed=seed,
+            state=JobState.QUEUED,
+            source_key=source_key,
+            reserved_usd=round(self.router.price_for(request) * request.duration, 6),
+        )
+        now = time.time()
+        for _ in range(5):
+            job.id = secrets.token_hex(4)
+            try:
+                existing = await self.store.admit(
+                    job, self.limits(), bypass_quotas=self.is_admin(requester), now=now
+                )
+                if existing is not None:
+                    return await self._repeat_admission(existing)
+                break
+            except QuotaRefusal as refusal:
+                self.metrics.quota_refused(refusal.limit)
+                resets = None if refusal.limit == "user_concurrent_jobs" else next_reset(now)
+                raise QuotaExceeded(
+                    refusal.limit,
+                    refusal.remaining,
+                    refusal.limit_value,
+                    resets,
+                    messages.quota_refusal(
+                        refusal.limit,
+                        refusal.limit_value,
+                        refusal.remaining,
+                        refusal.needed,
+                        resets,
+                    ),
+                ) from None
+            except StorageError:
+                raise
+            except Exception as exc:  # an id collision: draw another
+                if "UNIQUE" not in str(exc):
+                    raise
+        log.info(
+            "job %s admitted: %s %s %ss seed %s for %s",
+            job.id,
+            request.mode.value,
+            request.title(),
+            request.duration,
+            seed,
+            requester.key,
+        )
+        likely = self.router.pick(request) or capable[0]
+        position = await self._position_of(job.id)
+        self.tasks.wake.set()
+        return Admission(
+            job_id=job.id,
+            position=position,
+            seed=seed,
+            ignored_options=likely.capabilities.ignored_options(request),
+            provider=likely.name,
+        )
+
+    async def _repeat_admission(self, job_id: str) -> Admission:
+        job = await self.store.get(job_id)
+        assert job is not None
+        log.info(
+            "job %s: its request arrived again (%s); not admitted twice", job_id, job.source_key
+        )
+        return Admission(
+            job_id=job.id,
+            position=await self._position_of(job.id),
+            seed=job.seed,
+            ignored_options=[],
+            provider=job.provider,
+            duplicate=True,
+        )
+
+    async def admitted_for(self, source_key: str) -> Job | None:
+        """The job a platform event already created, if any."""
+        return await self.store.by_source_key(source_key)
+
+    def _no_provider_text(self, request: GenerationRequest) -> str:
+        same_mode = [
+            p for p in self.router.providers.values() if request.mode in p.capabilities.modes
+        ]
+        if not same_mode:
+            return messages.no_provider_for_mode(request.mode.value)
+        longest = max(p.capabilities.max_duration for p in same_mode)
+        shortest = min(p.capabilities.min_duration for p in same_mode)
+        return messages.no_provider_for_duration(request.duration, shortest, longest)
+
+    # ---- queries ---------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        return await self.store.get(job_id.strip().lower())
+
+    async def queue_for(self, requester: Requester) -> list[tuple[Job, int | None]]:
+        jobs = await self.store.for_user(requester.key, ACTIVE_STATES)
+        positions = await self.scheduler.positions()
+        return [(job, positions.get(job.id)) for job in reversed(jobs)]
+
+    async def latest_active(self, requester: Requester) -> Job | None:
+        """The requester's most recently admitted job still in progress, if any."""
+        active = await self.store.for_user(requester.key, ACTIVE_STATES, limit=1)
+        return active[0] if active else None
+
+    async def history(self, requester: Requester, limit: int = 10) -> list[Job]:
+        return await self.store.for_user(requester.key, (JobState.DELIVERED,), limit=limit)
+
+    async def quota_status(self, requester: Requester) -> QuotaStatus:
+        now = time.time()
+        usage, eff = await self.store.usage(requester, self.limits(), now)
+        bypass = self.is_admin(requester)
+
+        def line(name: str, used: float, limit: float | None, unit: str) -> QuotaLine:
+            return QuotaLine(
+                name, messages.QUOTA_NAMES[name], used, None if bypass else limit, unit
+            )
+
+        lines = [
+            line("user_jobs_per_day", usage.user_jobs, eff.user_jobs_per_day, "song"),
+            line("user_seconds_per_day", usage.user_seconds, eff.user_seconds_per_day, "s"),
+            line("user_concurrent_jobs", usage.user_active, eff.user_concurrent_jobs, "song"),
+        ]
+        if requester.community_key:
+            lines.append(
+                line(
+                    "community_seconds_per_day",
+                    usage.community_seconds,
+                    eff.community_seconds_per_day,
+                    "s",
+                )
+            )
+        return QuotaStatus(lines=lines, resets_at=next_reset(now), bypass=bypass)
+
+    async def update_reply_target(self, job_id: str, **changes: Any) -> dict[str, Any]:
+        """Merge `changes` into a job's stored reply target (the one place it is
+        rewritten after admission); returns the new target."""
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(messages.no_such_job(job_id))
+        target = {**job.reply_target, **changes}
+        await self.store.update(job_id, reply_target=target)
+        return target
+
+    async def get_limits(self, scope: str, subject: str) -> dict[str, float]:
+        return await self.store.get_overrides(scope, subject)
+
+    async def set_limit(self, scope: str, subject: str, key: str, value: float | None) -> None:
+        await self.store.set_override(scope, subject, key, value)
+        log.info("limit %s %s %s set to %s", scope, subject, key, value)
+
+    async def get_community_setting(self, community: str, name: str) -> Any:
+        return await self.store.get_community_setting(community, name)
+
+    async def set_community_setting(self, community: str, name: str, value: Any) -> None:
+        await self.store.set_community_setting(community, name, value)
+
+    def provider_for(self, job: Job) -> Provider | None:
+        """The provider serving a job, else the one most likely to."""
+        return (
+            self.router.get(job.provider or "")
+            or self.router.pick(job.request)
+            or next(iter(self.router.capable(job.request)), None)
+        )
+
+    def song_for(self, job: Job) -> Song:
+        return self.runner.song_for(job)
+
+    def failure_of(self, job: Job) -> Failure:
+        return self.runner.failure_of(job)
+
+    # ---- cancel ----------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, requester: Requester, *, is_admin: bool = False) -> Job:
+        """Cancel a job of one's own (or any, for an admin). Refunds its quota."""
+        job_id = job_id.strip().lower()
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(messages.no_such_job(job_id))
+        if job.requester.key != requester.key and not (is_admin or self.is_admin(requester)):
+            raise NotAllowed(messages.NOT_YOURS)
+        if not job.active or job.state == JobState.READY:
+            raise AlreadyFinished(messages.already_finished(job_id, job.state))
+        if await self.runner.fail(
+            job,
+            (JobState.QUEUED,),
+            FailureKind.CANCELLED,
+            f"cancelled while queued by {requester.key}",
+            state=JobState.CANCELLED,
+        ):
+            cancelled = await self.store.get(job_id)
+            assert cancelled is not None
+            return cancelled
+        # Submitting or running: the job's task stops it at the provider.
+        await self.store.update(job_id, cancel_requested=True)
+        self.tasks.signal_cancel(job_id)
+        await self.tasks.wait_for(job_id, timeout=10)
+        # Without a task here (another process runs it, or it is not resumed yet) the flag
+        # stays set and whichever engine runs the job stops it at the provider.
+        final = await self.store.get(job_id)
+        assert final is not None
+        if final.state in (JobState.READY, JobState.DELIVERED):
+            raise AlreadyFinished(messages.finished_before_cancel(job_id))
+        return final
+
+    async def _position_of(self, job_id: str) -> int:
+        return (await self.scheduler.positions()).get(job_id, 1)

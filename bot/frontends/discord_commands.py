@@ -1,0 +1,370 @@
+"""Discord's slash commands, one method each, over the shared conversation layer.
+
+Each interaction becomes a `DiscordPlace` (the shared layer's `Place`): who asked, where,
+and the Discord ways to answer there (a public deferral that becomes the status message,
+ephemeral answers). Commands parse Discord's typed options and call `Conversation`; the
+rules and the words are not here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+import discord
+from discord import app_commands
+
+from bot.chat.conversation import Conversation, LimitChange
+from bot.chat.markup import clip
+from bot.chat.replies import HelpStyle, Reply, StatusView
+from bot.frontends import discord_render as render
+from bot.frontends.discord_outlet import DEFAULT_UPLOAD_LIMIT, TOKEN_LIFETIME_S
+from bot.models import Requester
+from bot.requests import (
+    ALL_OPTIONS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_TAGS_CHARS,
+    GenerationRequest,
+    InvalidRequest,
+    Mode,
+    OptionSpec,
+)
+from storage.jobs import COMMUNITY_KEYS
+
+if TYPE_CHECKING:
+    from bot.engine import Engine
+
+log = logging.getLogger("acestep.discord")
+
+PLATFORM = "discord"
+LIMIT_KEYS: tuple[str, ...] = COMMUNITY_KEYS
+
+
+def _discord_option(spec: OptionSpec) -> str:
+    return f"{spec.name}:"
+
+
+HELP_STYLE = HelpStyle(
+    song="/song prompt:",
+    compose="/compose (a form for tags and lyrics)",
+    option=_discord_option,
+)
+
+
+def requester_of(interaction: discord.Interaction) -> Requester:
+    """Who is asking, in the engine's terms (community = guild; None in DMs)."""
+    user = interaction.user
+    return Requester(
+        platform=PLATFORM,
+        user_id=str(user.id),
+        community_id=str(interaction.guild_id) if interaction.guild_id else None,
+        display_name=user.display_name,
+    )
+
+
+async def send_ephemeral(interaction: discord.Interaction, content: str, **kwargs: Any) -> None:
+    """Answer only the user, whatever state the interaction is in."""
+    if not interaction.response.is_done():
+        await interaction.response.send_message(content, ephemeral=True, **kwargs)
+        return
+    if interaction.extras.pop("public_defer", False):
+        # A public "thinking..." message cannot turn ephemeral: replace it.
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException:
+            pass
+    await interaction.followup.send(content, ephemeral=True, **kwargs)
+
+
+class DiscordPlace:
+    """One interaction, as the shared layer's Place."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+        self.requester = requester_of(interaction)
+        self.source_key: str | None = f"discord:{interaction.id}"
+        self.channel_id = str(interaction.channel_id) if interaction.channel_id else None
+        self.admins = "members with the Manage Server permission"
+
+    def reply_target(self) -> dict[str, Any]:
+        i = self.interaction
+        return {
+            "application_id": str(i.application_id),
+            "interaction_id": str(i.id),
+            "interaction_token": i.token,
+            "token_expires_at": i.created_at.timestamp() + TOKEN_LIFETIME_S,
+            "channel_id": self.channel_id,
+            "guild_id": str(i.guild_id) if i.guild_id else None,
+            "user_id": str(i.user.id),
+            "upload_limit": int(i.filesize_limit or DEFAULT_UPLOAD_LIMIT),
+        }
+
+    async def can_post_songs(self) -> bool:
+        return self.interaction.guild_id is None or self.interaction.app_permissions.attach_files
+
+    async def is_community_admin(self) -> bool:
+        return self.interaction.guild_id is not None and self.interaction.permissions.manage_guild
+
+    async def open_status(self, view: StatusView) -> dict[str, Any]:
+        # Admission touches the database: acknowledge first, within Discord's 3 seconds.
+        # The public "thinking" response becomes the status message.
+        deferred = await self.interaction.response.defer(thinking=True)
+        self.interaction.extras["public_defer"] = True
+        if deferred is not None and deferred.message_id is not None:
+            # Editable through the channel once the token expires.
+            return {"status_message_id": str(deferred.message_id)}
+        return {}
+
+    async def retract_status(self, reply: Reply) -> None:
+        await self.answer(reply)
+
+    async def drop_status(self) -> None:
+        try:
+            await self.interaction.delete_original_response()
+        except discord.HTTPException:
+            log.info("Could not remove a repeated Discord status message")
+
+    async def answer(self, reply: Reply) -> None:
+        await send_ephemeral(self.interaction, render.reply_content(reply))
+
+    async def answer_long(self, reply: Reply) -> None:
+        await send_ephemeral(self.interaction, "", embed=render.long_embed(reply))
+
+    async def working(self, note: str) -> None:
+        if not self.interaction.response.is_done():
+            await self.interaction.response.defer(ephemeral=True, thinking=True)
+
+
+class DiscordCommands:
+    """The slash commands; `register` puts them on the command tree."""
+
+    def __init__(self, engine: Engine, conversation: Conversation) -> None:
+        self.engine = engine
+        self.conversation = conversation
+
+    def register(self, tree: app_commands.CommandTree[Any]) -> None:
+        tree.add_command(
+            app_commands.Command(
+                name="song",
+                description="Make a song from a description",
+                callback=_options_callback(
+                    self.song,
+                    first=(
+                        "prompt",
+                        app_commands.Range[str, 1, MAX_PROMPT_CHARS],
+                        "what the song is like, e.g. lofi piano about rain",
+                    ),
+                ),
+            )
+        )
+        tree.add_command(
+            app_commands.Command(
+                name="compose",
+                description="Write lyrics and style tags for a song (opens a form)",
+                callback=_options_callback(
+                    self.compose,
+                    first=(
+                        "tags",
+                        Optional[app_commands.Range[str, 1, MAX_TAGS_CHARS]],  # noqa: UP045
+                        "style tags, e.g. lofi, piano, 80 bpm (editable in the form)",
+                    ),
+                ),
+            )
+        )
+        for name, description, method in (
+            ("queue", "Your songs in the queue and their positions", self.queue),
+            ("quota", "What you have left and when it resets", self.quota),
+            ("history", "Your last songs", self.history),
+            ("help", "How to use the song bot", self.help),
+        ):
+            tree.add_command(
+                app_commands.Command(name=name, description=description, callback=_plain(method))
+            )
+        cancel: app_commands.Command[Any, ..., None] = app_commands.Command(
+            name="cancel", description="Cancel one of your songs", callback=_plain(self.cancel)
+        )
+        cancel.autocomplete("job")(self.cancel_choices)
+        tree.add_command(cancel)
+        limits: app_commands.Command[Any, ..., None] = app_commands.Command(
+            name="limits",
+            description="View or set this server's quotas and channels",
+            callback=_plain(self.limits),
+        )
+        limits = app_commands.guild_only()(limits)
+        limits = app_commands.allowed_installs(guilds=True, users=False)(limits)
+        limits = app_commands.default_permissions(manage_guild=True)(limits)
+        tree.add_command(limits)
+
+    async def _run(
+        self, interaction: discord.Interaction, what: str, step: Callable[[DiscordPlace], Any]
+    ) -> None:
+        place = DiscordPlace(interaction)
+        await self.conversation.run(place, what, lambda: step(place))
+
+    # ---- songs ----
+
+    async def song(self, interaction: discord.Interaction, **options: Any) -> None:
+        fields = {k: v for k, v in options.items() if v is not None}
+        await self.submit(interaction, {"mode": Mode.PROMPT.value, **fields})
+
+    async def compose(self, interaction: discord.Interaction, **options: Any) -> None:
+        tags = options.pop("tags", None) or ""
+        fields = {k: v for k, v in options.items() if v is not None}
+        fields["mode"] = Mode.SONG.value
+        await interaction.response.send_modal(render.ComposeModal(fields, tags=tags))
+
+    async def submit(self, interaction: discord.Interaction, fields: dict[str, Any]) -> None:
+        """Validate the fields, then admit the job; refusals are answered ephemerally."""
+
+        async def step(place: DiscordPlace) -> None:
+            await self.conversation.song(place, GenerationRequest.build(**fields))
+
+        await self._run(interaction, "/song", step)
+
+    # ---- your jobs ----
+
+    @app_commands.describe(job="the job id (default: your latest active job)")
+    async def cancel(
+        self, interaction: discord.Interaction, job: app_commands.Range[str, 1, 16] | None = None
+    ) -> None:
+        await self._run(interaction, "/cancel", lambda p: self.conversation.cancel(p, job))
+
+    async def cancel_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        active = await self.engine.queue_for(requester_of(interaction))
+        return [
+            app_commands.Choice(name=clip(f"{j.id} {j.title}", 100), value=j.id)
+            for j, _ in active
+            if j.id.startswith(current.lower())
+        ][:25]
+
+    async def queue(self, interaction: discord.Interaction) -> None:
+        await self._run(interaction, "/queue", self.conversation.queue)
+
+    async def quota(self, interaction: discord.Interaction) -> None:
+        await self._run(interaction, "/quota", self.conversation.quota)
+
+    async def history(self, interaction: discord.Interaction) -> None:
+        await self._run(interaction, "/history", self.conversation.history)
+
+    async def help(self, interaction: discord.Interaction) -> None:
+        await self._run(interaction, "/help", lambda p: self.conversation.help(p, HELP_STYLE))
+
+    # ---- server admins ----
+
+    @app_commands.describe(
+        setting="the quota to set",
+        value="new value (with setting): at most the bot's default",
+        reset="drop this server's override of the setting",
+        channels="channels the bot answers in: mention them, or 'all'",
+    )
+    async def limits(
+        self,
+        interaction: discord.Interaction,
+        setting: Literal[LIMIT_KEYS] | None = None,  # type: ignore[valid-type]
+        value: app_commands.Range[int, 0, 1000000] | None = None,
+        reset: bool = False,
+        channels: str | None = None,
+    ) -> None:
+        async def step(place: DiscordPlace) -> None:
+            changes = []
+            if setting is not None:
+                if not reset and value is None:
+                    raise InvalidRequest("value", None, "give a value, or reset:True")
+                changes.append(LimitChange(setting, None if reset else float(value or 0)))
+            ids = parse_channel_list(channels) if channels is not None else None
+            await self.conversation.limits(place, changes, ids, has_channels=True)
+
+        await self._run(interaction, "/limits", step)
+
+
+def parse_channel_list(text: str) -> list[str]:
+    """Channel ids from mentions (`<#123>`) or bare ids; 'all' or nothing = every channel."""
+    if text.strip().lower() in ("", "all", "any", "*"):
+        return []
+    ids = re.findall(r"\d{15,22}", text)
+    if not ids:
+        raise InvalidRequest("channels", text, "mention channels like #music, or write 'all'")
+    return list(dict.fromkeys(ids))
+
+
+# ---- building callbacks discord.py accepts from methods ----
+
+
+def _plain(method: Callable[..., Awaitable[None]]) -> Any:
+    """A free function with the method's signature (discord.py reads a callback's
+    parameters, and takes a method defined in a class for one needing `self`)."""
+
+    async def callback(interaction: discord.Interaction, **kwargs: Any) -> None:
+        await method(interaction, **kwargs)
+
+    callback.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
+    callback.__name__ = callback.__qualname__ = method.__name__
+    described = getattr(method, "__discord_app_commands_param_description__", None)
+    if described:
+        callback.__discord_app_commands_param_description__ = described  # type: ignore[attr-defined]
+    return callback
+
+
+def _option_annotation(spec: OptionSpec) -> Any:
+    """The discord.py annotation that makes Discord enforce the option's range or choices."""
+    # typing.Optional: discord.py's Range is no type, so `Range[...] | None` fails.
+    if spec.kind is bool:
+        return Optional[bool]  # noqa: UP045
+    if spec.choices:
+        return Optional[Literal[spec.choices]]  # noqa: UP045
+    kind: Any = int if spec.kind is int else float
+    return Optional[app_commands.Range[kind, spec.minimum, spec.maximum]]  # noqa: UP045
+
+
+def _options_callback(handler: Callable[..., Awaitable[None]], first: tuple[str, Any, str]) -> Any:
+    """A command callback whose signature lists the shared request options.
+
+    discord.py reads the options from the callback's signature; building it from
+    bot.requests keeps names, ranges and choices in one place.
+    """
+
+    async def callback(interaction: discord.Interaction, **options: Any) -> None:
+        await handler(interaction, **options)
+
+    name, annotation, description = first
+    required = type(None) not in getattr(annotation, "__args__", ())
+    params = [
+        inspect.Parameter(
+            "interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction
+        ),
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=annotation,
+            default=inspect.Parameter.empty if required else None,
+        ),
+    ]
+    descriptions = {name: description}
+    for spec in ALL_OPTIONS.values():
+        params.append(
+            inspect.Parameter(
+                spec.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=_option_annotation(spec),
+                default=None,
+            )
+        )
+        descriptions[spec.name] = _describe(spec)
+    callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    callback.__discord_app_commands_param_description__ = descriptions  # type: ignore[attr-defined]
+    return callback
+
+
+def _describe(spec: OptionSpec) -> str:
+    text = spec.help
+    if spec.name == "seed":
+        text = f"{spec.help} (-1 to {MAX_SEED})"
+    elif spec.default is not None and spec.kind is not bool:
+        text = f"{spec.help} (default {spec.default})"
+    return clip(text, 100)

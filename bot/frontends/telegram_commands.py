@@ -1,0 +1,311 @@
+"""Telegram's commands and buttons, one handler each, over the shared conversation layer.
+
+Each update becomes a `TelegramPlace` (the shared layer's `Place`): who asked, in which
+chat and forum topic, and the Telegram ways to answer there (a reply, a popup for a
+button press, a private message). The rules and the words are not here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from telegram import Bot, CallbackQuery, Chat, Message, Update, User
+from telegram.constants import ChatMemberStatus, ChatType, ParseMode
+from telegram.error import Forbidden, TelegramError
+from telegram.ext import ContextTypes
+
+from bot.chat.conversation import Conversation
+from bot.chat.markup import Text
+from bot.chat.replies import HelpStyle, Reply, StatusView, welcome_reply
+from bot.frontends import telegram_render as render
+from bot.frontends.telegram_outlet import reply_to
+from bot.frontends.telegram_parse import (
+    command_args,
+    option_usage,
+    parse_compose,
+    parse_limits,
+    parse_song,
+)
+from bot.models import Requester
+from bot.requests import GenerationRequest
+
+log = logging.getLogger("acestep.telegram")
+
+HELP_STYLE = HelpStyle(
+    song="/song <description> [options]",
+    compose="/compose <tags> [options], lyrics on the next lines (or reply to them)",
+    option=option_usage,
+    extras=("In groups address me as /song@<my name>; forum topics work.",),
+)
+SONG_USAGE = "Describe the song after /song, e.g. /song lofi piano about rain duration=30."
+COMPOSE_USAGE = (
+    "Give style tags after /compose and the lyrics on the next lines, e.g.\n"
+    "/compose synthpop, female vocals\n[verse]\nNeon rain on the window"
+)
+START_PRIVATELY = "Start a private chat with me to read the whole lyrics."
+
+Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Coroutine[Any, Any, None]]
+
+
+def thread_of(message: Message) -> int | None:
+    """The forum topic a message is in; non-forum reply threads must not be targeted."""
+    return message.message_thread_id if message.is_topic_message else None
+
+
+def requester_of(user: User, chat: Chat, sender_chat: Chat | None) -> Requester:
+    """Who asked. An anonymous group admin or a channel posting in a group arrives as one
+    fixed placeholder user: such a sender is its `sender_chat` (ids of chats are negative,
+    so they never collide with users), with its own quota and its own songs."""
+    community = None if chat.type == ChatType.PRIVATE else str(chat.id)
+    if sender_chat is not None:
+        return Requester(
+            platform="telegram",
+            user_id=str(sender_chat.id),
+            community_id=community,
+            display_name=sender_chat.title or sender_chat.username or str(sender_chat.id),
+        )
+    name = user.full_name or user.username or str(user.id)
+    return Requester(
+        platform="telegram", user_id=str(user.id), community_id=community, display_name=name
+    )
+
+
+class TelegramPlace:
+    """One update (a command message or a button press), as the shared layer's Place."""
+
+    admins = "this group's administrators"
+
+    def __init__(self, bot: Bot, update: Update) -> None:
+        message, user, chat = update.effective_message, update.effective_user, update.effective_chat
+        if message is None or user is None or chat is None:
+            raise ValueError("an update without a message, user or chat")
+        self.bot = bot
+        self.query: CallbackQuery | None = update.callback_query
+        self.message = message
+        self.user = user
+        self.chat = chat
+        # A button press is made by its user, never by the message's sender chat.
+        sender = None if self.query is not None else message.sender_chat
+        self.requester = requester_of(user, chat, sender)
+        self.source_key: str | None = f"telegram:{bot.id}:{update.update_id}"
+        self.thread_id = thread_of(message)
+        self.channel_id = str(self.thread_id) if self.thread_id is not None else None
+        self._status_id: int | None = None
+        self._status_head: Text | None = None
+        self._answered = False
+
+    def reply_target(self) -> dict[str, Any]:
+        return {
+            "chat_id": self.chat.id,
+            "thread_id": self.thread_id,
+            "request_message_id": self.message.message_id,
+        }
+
+    async def can_post_songs(self) -> bool:
+        return True
+
+    async def is_community_admin(self) -> bool:
+        if self.chat.type == ChatType.PRIVATE:
+            return False
+        if self.message.sender_chat is not None and self.message.sender_chat.id == self.chat.id:
+            return True  # an anonymous admin posts as the group itself
+        member = await self.bot.get_chat_member(self.chat.id, self.user.id)
+        return member.status in (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
+
+    async def open_status(self, view: StatusView) -> dict[str, Any]:
+        # The status message exists before the job does, so the stored reply target is
+        # complete from the start and progress can never race ahead of it.
+        await self.toast("On its way\N{HORIZONTAL ELLIPSIS}")
+        status = await self.bot.send_message(
+            self.chat.id,
+            render.html(view.text),
+            parse_mode=ParseMode.HTML,
+            message_thread_id=self.thread_id,
+            reply_parameters=reply_to(self.message.message_id),
+        )
+        self._status_id = status.message_id
+        self._status_head = Text(view.text.lines[:1])
+        return {"status_message_id": status.message_id}
+
+    async def retract_status(self, reply: Reply) -> None:
+        if self._status_id is None:
+            await self.answer(reply)
+            return
+        text = (self._status_head or Text()) + reply.text
+        try:
+            await self.bot.edit_message_text(
+                render.html(text),
+                chat_id=self.chat.id,
+                message_id=self._status_id,
+                parse_mode=ParseMode.HTML,
+            )
+        except TelegramError:
+            await self._send(reply)
+
+    async def drop_status(self) -> None:
+        if self._status_id is None:
+            return
+        try:
+            await self.bot.delete_message(self.chat.id, self._status_id)
+        except TelegramError:
+            log.info("could not remove a repeated status message in %s", self.chat.id)
+
+    async def answer(self, reply: Reply) -> None:
+        """A popup for a button press, else a reply to the message."""
+        if self.query is not None and not self._answered:
+            self._answered = True
+            await self.query.answer(render.alert(reply.text), show_alert=True)
+            return
+        await self._send(reply)
+
+    async def answer_long(self, reply: Reply) -> None:
+        """In a private chat, there; in a group, a private message to the presser (when
+        they have started the bot), else a popup with the start of it."""
+        if self.chat.type == ChatType.PRIVATE:
+            await self.toast("")
+            await self._send(reply, reply_to_message=self.message.message_id)
+            return
+        try:
+            for chunk in render.split_message(render.html(reply.text)):
+                await self.bot.send_message(self.user.id, chunk, parse_mode=ParseMode.HTML)
+        except Forbidden:
+            # The user never started a private chat with the bot: Telegram refuses it.
+            short = render.alert(reply.text)
+            room = render.ALERT_LIMIT - len(START_PRIVATELY) - 2
+            await self.answer(Reply.say(f"{short[:room]}\N{HORIZONTAL ELLIPSIS} {START_PRIVATELY}"))
+            return
+        await self.toast("Sent to you privately.")
+
+    async def working(self, note: str) -> None:
+        await self.toast(note)
+
+    async def toast(self, text: str) -> None:
+        """Answer a button press with a short notice (once; later answers are replies)."""
+        if self.query is not None and not self._answered:
+            self._answered = True
+            await self.query.answer(text or None)
+
+    async def finish(self) -> None:
+        """A button press must be answered, or the user's client keeps spinning."""
+        await self.toast("")
+
+    async def _send(self, reply: Reply, reply_to_message: int | None = None) -> None:
+        for chunk in render.split_message(render.html(reply.text)):
+            await self.bot.send_message(
+                self.chat.id,
+                chunk,
+                parse_mode=ParseMode.HTML,
+                message_thread_id=self.thread_id,
+                reply_parameters=reply_to(reply_to_message or self.message.message_id),
+            )
+
+
+class TelegramCommands:
+    """The handlers python-telegram-bot calls; each builds a Place and a use-case."""
+
+    def __init__(self, bot: Callable[[], Bot], conversation: Conversation) -> None:
+        self._bot = bot
+        self.conversation = conversation
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "song": self.song,
+            "compose": self.compose,
+            "queue": self.queue,
+            "cancel": self.cancel,
+            "quota": self.quota,
+            "history": self.history,
+            "help": self.help,
+            "start": self.start,
+            "limits": self.limits,
+        }
+
+    async def _run(
+        self, update: Update, what: str, step: Callable[[TelegramPlace], Awaitable[None]]
+    ) -> None:
+        try:
+            place = TelegramPlace(self._bot(), update)
+        except ValueError:
+            log.info("telegram: update %s has no message, user or chat", update.update_id)
+            return
+        try:
+            await self.conversation.run(place, what, lambda: step(place))
+        finally:
+            try:
+                await place.finish()
+            except TelegramError as exc:
+                log.info("telegram: could not answer a button press: %s", exc)
+
+    # ---- songs ----
+
+    async def song(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        async def step(place: TelegramPlace) -> None:
+            args = _args(place.message)
+            if not args.strip():
+                await place.answer(Reply.say(f"{SONG_USAGE} See /help for every option."))
+                return
+            await self.conversation.song(place, GenerationRequest.build(**parse_song(args)))
+
+        await self._run(update, "/song", step)
+
+    async def compose(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        async def step(place: TelegramPlace) -> None:
+            args = _args(place.message)
+            if not args.strip():
+                await place.answer(Reply.say(COMPOSE_USAGE))
+                return
+            replied = place.message.reply_to_message
+            replied_text = (replied.text or replied.caption) if replied is not None else None
+            fields = parse_compose(args, replied_text)
+            await self.conversation.song(place, GenerationRequest.build(**fields))
+
+        await self._run(update, "/compose", step)
+
+    async def button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        payload = update.callback_query.data if update.callback_query else None
+
+        async def step(place: TelegramPlace) -> None:
+            await self.conversation.press(place, str(payload or ""))
+
+        await self._run(update, f"button {payload}", step)
+
+    # ---- your jobs ----
+
+    async def cancel(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        job_id = context.args[0] if context.args else None
+        await self._run(update, "/cancel", lambda p: self.conversation.cancel(p, job_id))
+
+    async def queue(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._run(update, "/queue", self.conversation.queue)
+
+    async def quota(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._run(update, "/quota", self.conversation.quota)
+
+    async def history(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._run(update, "/history", self.conversation.history)
+
+    async def help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._run(update, "/help", lambda p: self.conversation.help(p, HELP_STYLE))
+
+    async def start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._run(update, "/start", lambda p: p.answer(welcome_reply()))
+
+    # ---- group admins ----
+
+    async def limits(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        args = list(context.args or [])
+
+        async def step(place: TelegramPlace) -> None:
+            await self.conversation.limits(place, parse_limits(args))
+
+        await self._run(update, "/limits", step)
+
+
+def _args(message: Message) -> str:
+    text = message.text or ""
+    length = next(
+        (e.length for e in message.entities if e.type == "bot_command" and e.offset == 0), None
+    )
+    return command_args(text, length)
