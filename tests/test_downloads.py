@@ -166,13 +166,32 @@ async def run_to_failure(
 async def test_a_result_url_on_another_loopback_port_is_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with other_server() as (other, seen):
-        fake = FakeFal(queue_polls=0, progress_polls=0)
-        fake.audio_url = f"{other}/admin/export.wav"
-        error, lines = await run_to_failure(tmp_path, fake, caplog)
-    assert seen == []  # never asked
+    error, lines, other = await refused(tmp_path, caplog, "audio_url", "/admin/export.wav")
+    assert other == []  # never asked
     assert error.startswith("fal: result URL host 127.0.0.1 is a private or local address")
     assert any("unusable" in line and "private or local address" in line for line in lines)
+
+
+async def test_a_redirect_from_the_provider_to_a_loopback_address_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    error, _, other = await refused(tmp_path, caplog, "file_redirect", "/internal/secret.wav")
+    assert other == []  # the hop the provider's own origin pointed to was not asked
+    assert "127.0.0.1 is a private or local address" in error
+
+
+async def refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, switch: str, path: str
+) -> tuple[str, list[str], list[web.Request]]:
+    """A song whose result URL (or the redirect its file answers with) leads to another
+    loopback service: the failure detail, the log lines, and what that service saw."""
+    async with other_server() as (other, seen):
+        fake = FakeFal(queue_polls=0, progress_polls=0)
+        setattr(fake, switch, other + path)
+        error, lines = await run_to_failure(tmp_path, fake, caplog)
+    if switch == "file_redirect":
+        assert len(fake.downloads) == 1  # the provider's own origin was asked
+    return error, lines, seen
 
 
 async def test_the_cloud_metadata_address_is_refused_without_a_connection(
@@ -182,18 +201,6 @@ async def test_the_cloud_metadata_address_is_refused_without_a_connection(
     fake.audio_url = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
     error, _ = await run_to_failure(tmp_path, fake, caplog)
     assert "169.254.169.254 is a private or local address" in error
-
-
-async def test_a_redirect_from_the_provider_to_a_loopback_address_is_refused(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with other_server() as (other, seen):
-        fake = FakeFal(queue_polls=0, progress_polls=0)
-        fake.file_redirect = f"{other}/internal/secret.wav"
-        error, _ = await run_to_failure(tmp_path, fake, caplog)
-    assert len(fake.downloads) == 1  # the provider's own origin was asked...
-    assert seen == []  # ...and the hop it pointed to was not
-    assert "127.0.0.1 is a private or local address" in error
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,14 @@ import multiprocessing
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mutagen.id3 import ID3
 
 from bot import render
 from bot.audio import AudioError, SongTags, check_audio
-from bot.models import Requester
+from bot.models import Job, Requester
 from bot.render import Renderer
 from bot.requests import GenerationRequest
 from providers.fal import FalProvider
@@ -90,22 +91,28 @@ async def test_a_worker_that_dies_mid_render_is_replaced_and_the_song_still_rend
     assert check_audio(encoded.path, 240).duration == pytest.approx(240, abs=0.1)
 
 
+async def deliver_from_fal(tmp_path: Path, audio: bytes, seconds: int) -> tuple[Job, Any]:
+    """One song whose result file is `audio`, delivered for a 10 MiB upload limit: the
+    job as it ended and the file the platform was handed (None when it failed)."""
+    fake = FakeFal(queue_polls=0, progress_polls=0)
+    fake.audio = audio
+    delivery = RecordingDelivery(byte_limit=10 * 1024 * 1024)
+    async with fake.running() as url:
+        engine = await open_engine(make_settings(tmp_path), [fal(fake, url)], delivery)
+        try:
+            admission = await engine.submit(prompt(seconds), ALICE, {})
+            job = await wait_for_state(engine, admission.job_id, ("delivered", "failed"))
+        finally:
+            await engine.close()
+    return job, (delivery.delivered[0][1] if delivery.delivered else None)
+
+
 async def test_a_provider_mp3_that_fits_reaches_the_user_with_its_audio_bytes_unchanged(
     tmp_path: Path,
 ) -> None:
     provider_file = transcode(make_wav(6), "mp3")
-    fake = FakeFal(queue_polls=0, progress_polls=0)
-    fake.audio = provider_file
-    settings = make_settings(tmp_path)
-    delivery = RecordingDelivery(byte_limit=10 * 1024 * 1024)
-    async with fake.running() as url:
-        engine = await open_engine(settings, [fal(fake, url)], delivery)
-        try:
-            admission = await engine.submit(prompt(6), ALICE, {})
-            await wait_for_state(engine, admission.job_id, ("delivered",))
-        finally:
-            await engine.close()
-    [(_, rendered)] = delivery.delivered
+    job, rendered = await deliver_from_fal(tmp_path, provider_file, 6)
+    assert job.state == "delivered", job.error
     sent = rendered.path.read_bytes()
     assert mpeg_frames(sent) == mpeg_frames(provider_file)  # tagged, not re-encoded
     assert ID3(rendered.path)["TIT2"].text == ["lofi piano about rain"]
@@ -115,20 +122,10 @@ async def test_a_provider_mp3_that_fits_reaches_the_user_with_its_audio_bytes_un
 async def test_a_flac_whose_header_claims_10_hours_is_delivered_as_the_6_s_it_holds(
     tmp_path: Path,
 ) -> None:
-    fake = FakeFal(queue_polls=0, progress_polls=0)
-    fake.audio = claim_flac_samples(make_flac(6), 10 * 3600 * 8000)
-    settings = make_settings(tmp_path)
-    delivery = RecordingDelivery(byte_limit=10 * 1024 * 1024)
-    async with fake.running() as url:
-        engine = await open_engine(settings, [fal(fake, url)], delivery)
-        try:
-            admission = await engine.submit(prompt(6), ALICE, {})
-            job = await wait_for_state(engine, admission.job_id, ("delivered", "failed"))
-        finally:
-            await engine.close()
+    lying = claim_flac_samples(make_flac(6), 10 * 3600 * 8000)
+    job, rendered = await deliver_from_fal(tmp_path, lying, 6)
     assert job.state == "delivered", job.error
     assert job.result is not None and job.result.duration == pytest.approx(6)
-    [(_, rendered)] = delivery.delivered
     assert rendered.bitrate == 192 and rendered.duration == pytest.approx(6, abs=0.05)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import wave
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -66,13 +68,18 @@ def transcode(wav: bytes, kind: str) -> bytes:
         if codec == "vorbis":
             # FFmpeg's own Vorbis encoder is flagged experimental; libvorbis is not built in.
             stream.codec_context.options = {"strict": "experimental"}
-        for frame in src.decode(audio=0):
-            frame.pts = None
-            for packet in stream.encode(frame):
-                dst.mux(packet)
-        for packet in stream.encode(None):
-            dst.mux(packet)
+        encode_all(dst, stream, src.decode(audio=0))
     return out.getvalue()
+
+
+def encode_all(dst: Any, stream: Any, frames: Iterable[Any]) -> None:
+    """Encode every frame into `stream` of the open container `dst`, then flush."""
+    for frame in frames:
+        frame.pts = None
+        for packet in stream.encode(frame):
+            dst.mux(packet)
+    for packet in stream.encode(None):
+        dst.mux(packet)
 
 
 def make_flac(duration: float, sample_rate: int = 8000, channels: int = 1) -> bytes:
@@ -86,15 +93,15 @@ def make_flac(duration: float, sample_rate: int = 8000, channels: int = 1) -> by
         stream = dst.add_stream("flac", rate=sample_rate)
         stream.layout = layout
         stream.format = "s16"
-        step = 4096
-        for start in range(0, len(pcm), step):
-            block = np.ascontiguousarray(pcm[start : start + step].reshape(1, -1))
-            frame = av.AudioFrame.from_ndarray(block, format="s16", layout=layout)
-            frame.sample_rate = sample_rate
-            for packet in stream.encode(frame):
-                dst.mux(packet)
-        for packet in stream.encode(None):
-            dst.mux(packet)
+
+        def frames() -> Iterator[av.AudioFrame]:
+            for start in range(0, len(pcm), 4096):
+                block = np.ascontiguousarray(pcm[start : start + 4096].reshape(1, -1))
+                frame = av.AudioFrame.from_ndarray(block, format="s16", layout=layout)
+                frame.sample_rate = sample_rate
+                yield frame
+
+        encode_all(dst, stream, frames())
     return out.getvalue()
 
 
