@@ -87,6 +87,11 @@ async def measure(name: str, sources: list[Path], out: Path, job: Any, duration:
     }
 
 
+async def warm_up(renderer: Renderer, song: Path) -> None:
+    """One cover per worker: every worker has started and imported bot.audio."""
+    await asyncio.gather(*(renderer.cover(song) for _ in range(renderer.workers)))
+
+
 async def run(songs: int, duration: float) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="acestep-render-") as tmp:
         base = Path(tmp)
@@ -106,7 +111,7 @@ async def run(songs: int, duration: float) -> list[dict]:
         # counted as rendering: workers' CPU shows only once they exit.
         before = cpu_seconds()
         idle = Renderer()
-        await idle.check(wavs[0], duration)
+        await warm_up(idle, wavs[0])
         idle.close()
         startup = cpu_seconds() - before
         for name, sources in (("renderer", wavs), ("renderer, provider MP3", mp3s)):
@@ -117,12 +122,12 @@ async def run(songs: int, duration: float) -> list[dict]:
             ) -> None:
                 await r.render(src, dest, "mp3", byte_limit=LIMIT, tags=tags, duration=d)
 
-            await renderer.check(sources[0], duration)  # start the workers before the clock
+            await warm_up(renderer, wavs[0])  # the workers are up before the clock starts
             cpu_started = cpu_seconds()
             figures = await measure(name, sources, base, by_renderer, duration)
             renderer.close()  # workers exit: their CPU time now counts
             figures.pop("cpu0")
-            # The warm-up check counts in `startup` too, so it cancels out.
+            # The warm-up counts in `startup` too, so it cancels out.
             figures["cpu_per_song_s"] = (cpu_seconds() - cpu_started - startup) / songs
             results.append(figures)
         return results

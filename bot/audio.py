@@ -404,6 +404,16 @@ def _pcm_wav_reader(source: bytes | Path) -> wave.Wave_read | None:
     return reader
 
 
+def is_plain_wav(source: bytes | Path) -> bool:
+    """True for the 16-bit PCM WAV `check_audio` reads with numpy, not a decoder: cheap
+    and bounded enough to check in a thread (what ACE-Step providers return)."""
+    reader = _pcm_wav_reader(source)
+    if reader is None:
+        return False
+    reader.close()
+    return True
+
+
 def _pcm_blocks(reader: wave.Wave_read) -> Iterator[np.ndarray]:
     """Whole frames of interleaved int16 samples, a bounded block at a time, until the
     data ends (whatever length the header states)."""
@@ -919,6 +929,7 @@ __all__ = [
     "encode",
     "estimate_size",
     "id3_tag_size",
+    "is_plain_wav",
     "longest_accepted",
     "probe_duration",
     "render_cover",

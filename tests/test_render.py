@@ -8,6 +8,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,9 @@ async def test_work_runs_in_worker_processes_and_one_task_past_its_cpu_budget_st
                 song240, tmp_path / "out.mp3", "mp3", byte_limit=None, tags=TAGS, duration=240
             )
         # The worker is fine afterwards.
-        assert (await renderer.check(song240, 240)).duration == pytest.approx(240)
+        short = tmp_path / "short.wav"
+        short.write_bytes(make_wav(2))
+        assert (await renderer.cover(short))[:3] == b"\xff\xd8\xff"
     finally:
         renderer.close()
     assert not (tmp_path / "out.mp3").exists()
@@ -73,7 +76,7 @@ async def test_a_worker_that_dies_mid_render_is_replaced_and_the_song_still_rend
     others = {p.pid for p in multiprocessing.active_children()}  # e.g. the shared pool
     renderer = Renderer(workers=1)
     try:
-        await renderer.check(song240, 240)  # the pool is up
+        renderer.start()
         ours = {p.pid for p in multiprocessing.active_children()} - others
         assert len(ours) == 1
         task = asyncio.ensure_future(
@@ -132,3 +135,46 @@ async def test_a_flac_whose_header_claims_10_hours_is_delivered_as_the_6_s_it_ho
 def test_the_shared_renderer_is_sized_to_the_cores_this_process_may_use() -> None:
     assert render.shared() is render.shared()
     assert render.shared().workers == len(os.sched_getaffinity(0))
+
+
+ROOT = str(Path(__file__).resolve().parents[1])
+BOT_DIES_AT_ONCE = """
+import multiprocessing, os, sys
+from bot import render
+if __name__ == "__main__":
+    render.shared().start()
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    os.kill(os.getpid(), 9)  # killed while its workers are still starting up
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+async def test_workers_of_a_bot_killed_while_they_start_do_not_outlive_it(tmp_path: Path) -> None:
+    script = tmp_path / "dying_bot.py"
+    script.write_text(BOT_DIES_AT_ONCE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        env={**os.environ, "PYTHONPATH": ROOT},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    # Not communicate(): workers inherit the pipe, and one left alive would hold it open.
+    out = await asyncio.wait_for(proc.stdout.readline(), 60)
+    await asyncio.wait_for(proc.wait(), 60)
+    workers = [int(pid) for pid in out.split()]
+    assert len(workers) == render.default_workers()
+    for _ in range(200):  # they notice within a second of starting
+        if not any(_alive(pid) for pid in workers):
+            break
+        await asyncio.sleep(0.05)
+    assert not [pid for pid in workers if _alive(pid)]

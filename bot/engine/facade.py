@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bot import messages
+from bot import messages, render
 from bot.engine.contract import Delivery, Failure, Song
 from bot.engine.errors import (
     AlreadyFinished,
@@ -136,6 +136,7 @@ class Engine:
             return
         self._started = True
         self._closing = self.scheduler.closing = False
+        render.shared().start()  # the renderer's workers get ready while jobs resume
         await self._recover()
         self._scheduler_task = asyncio.create_task(self.scheduler.loop(), name="engine-scheduler")
 
