@@ -72,10 +72,10 @@ async def test_a_second_instance_is_refused_while_operator_commands_keep_working
         env = cli_env(tmp_path, FAL_KEY=fake.key, FAL_QUEUE_URL=url, PROVIDERS="fal")
         first = await start_generate(env, tmp_path, tmp_path / "first.mp3")
         try:
-            await until(lambda: fake.submit_count == 1, "the first song to reach fal")
+            db = data_dir / "acestep-bot.sqlite3"
+            await until(lambda: [s for _, s in job_rows(db)] == ["running"], "the song at fal")
             assert lock.read_text().split()[0] == str(first.pid)
-            [(job_id, state)] = job_rows(data_dir / "acestep-bot.sqlite3")
-            assert state == "running"
+            [(job_id, _)] = job_rows(db)
 
             code, out, err = await run_cli(
                 ["generate", "--prompt", "second", "--duration", "5", "--out", "x.mp3"],
