@@ -45,7 +45,6 @@ from bot.requests import GenerationRequest  # noqa: E402
 from bot.settings import Settings  # noqa: E402
 from providers.fal import FalProvider  # noqa: E402
 from tests.fakes.fal import FakeFal, FakeRequest  # noqa: E402
-from tests.fakes.http import json_response  # noqa: E402
 
 TARGET_MEDIAN_S = 1.0
 SONG_SECONDS = 5  # audio length; generation time is set separately
@@ -82,20 +81,19 @@ class TimedFal(FakeFal):
             self.finish_at[request_id] = time.monotonic() + took
         return response
 
-    async def _status(self, request: web.Request) -> web.Response:
-        found = self._lookup(request)
-        if isinstance(found, FakeRequest) and self._gate(request) is None:
-            now = time.monotonic()
-            self.status_polls[found.request_id] += 1
-            finish = self.finish_at[found.request_id]
-            if now < finish:
-                return self._in_progress(request, found, now, finish)
-            self.known_at.setdefault(found.request_id, now)
-        return await super()._status(request)
+    def _status_body(self, request: web.Request, found: FakeRequest) -> tuple[dict[str, Any], int]:
+        # Both the status GET and the status stream ask here, so both are timed.
+        now = time.monotonic()
+        self.status_polls[found.request_id] += 1
+        finish = self.finish_at[found.request_id]
+        if now < finish:
+            return self._in_progress(request, found, now, finish), 202
+        self.known_at.setdefault(found.request_id, now)
+        return super()._status_body(request, found)
 
     def _in_progress(
         self, request: web.Request, found: FakeRequest, now: float, finish: float
-    ) -> web.Response:
+    ) -> dict[str, Any]:
         took = self.generation[found.request_id]
         started = finish - took
         logs = [_log("Loading ACE-Step model")]
@@ -105,15 +103,12 @@ class TimedFal(FakeFal):
                 _log(f"Generating: {min(99, round(100 * (i + 1) * self.log_every / took))}%")
                 for i in range(lines)
             ]
-        return json_response(
-            {
-                "request_id": found.request_id,
-                "status": "IN_PROGRESS",
-                "logs": logs,
-                **self._urls(request, found.request_id),
-            },
-            status=202,
-        )
+        return {
+            "request_id": found.request_id,
+            "status": "IN_PROGRESS",
+            "logs": logs,
+            **self._urls(request, found.request_id),
+        }
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bot import logs, messages
-from bot.engine import Engine, EngineError, Failure, Phase, Progress, Song
+from bot.engine import Engine, EngineError, Failure, NoProvider, Phase, Progress, Song
 from bot.models import Job, Requester
 from bot.requests import GenerationRequest, InvalidRequest
 from bot.settings import (
@@ -23,6 +23,7 @@ from bot.settings import (
     Settings,
     configured_frontends,
     describe,
+    mask_url_passwords,
     problems,
     usable_providers,
 )
@@ -144,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     j_list = j_sub.add_parser("list", help="recent jobs")
     j_list.add_argument("--state", help="only jobs in this state")
     j_list.add_argument("--user", help="only this user (platform:id)")
+    j_list.add_argument(
+        "--search", metavar="TEXT", help="only jobs whose prompt, tags, lyrics or title hold TEXT"
+    )
     j_list.add_argument("--limit", type=int, default=20)
     j_list.set_defaults(handler=cmd_jobs_list)
     j_show = j_sub.add_parser("show", help="one job in full")
@@ -329,6 +333,9 @@ async def _generate(
         await engine.start()
         try:
             admission = await engine.submit(request, Requester("cli", "cli"), {"out": str(out)})
+        except NoProvider as exc:  # mode, duration or an option no provider here takes
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         except EngineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -379,6 +386,20 @@ def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
         print("Missing:")
         for line in found:
             print(f"  - {line}")
+    notes: list[str] = []
+    if "acestep" in provs:  # it can tell whether its GPU servers can do prompt mode
+        from providers.registry import provider_notes
+
+        notes = asyncio.run(provider_notes(settings))
+    if notes:
+        from bot.redact import Redactor
+
+        # A server's own words may quote its URL, password included (Settings.secrets()
+        # lists passwords inside URL settings).
+        redact = Redactor(settings.secrets())
+        print("Providers say:")
+        for line in notes:
+            print(f"  - {mask_url_passwords(redact(line))}")
     return EXIT_OK if fronts and provs else EXIT_FAILED
 
 
@@ -578,7 +599,9 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
         try:
             store = JobStore(db)
             states = (args.state,) if args.state else None
-            if args.user:
+            if args.search:
+                jobs = await store.search(args.search, args.limit, states, args.user)
+            elif args.user:
                 jobs = await store.for_user(args.user, states, limit=args.limit)
             else:
                 jobs = await store.recent(args.limit, states)
@@ -595,7 +618,7 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
             print(
                 f"{job.id:8}  {job.state:10}  {_when(job.created_at):19}  "
                 f"{job.requester.key[:22]:22}  {(job.provider or '-'):9}  "
-                f"{job.duration:>4}  {job.request.title()}"
+                f"{job.duration:>4}  {job.title}" + ("  (deleted)" if job.deleted else "")
             )
         return EXIT_OK
 
@@ -650,6 +673,8 @@ def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
                 f"  audio:     {path}{exists} ({job.result.format}, "
                 f"{job.result.duration} s, seed {job.result.seed})"
             )
+        if job.deleted:
+            print(f"  deleted:   {_when(job.deleted_at)} by {job.deleted_by}")
         if job.failure:
             print(f"  failure:   {job.failure}")
         if job.error:

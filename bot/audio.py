@@ -19,6 +19,8 @@ bot/render.py, in worker processes.
 from __future__ import annotations
 
 import base64
+import functools
+import importlib.util
 import io
 import itertools
 import math
@@ -34,10 +36,10 @@ import av
 import lameenc
 import numpy as np
 from mutagen.flac import FLAC, Picture
-from mutagen.id3 import APIC, COMM, ID3, TALB, TIT2, TPE1, TXXX, USLT, PictureType
+from mutagen.id3 import APIC, COMM, ID3, TALB, TCON, TDRC, TIT2, TPE1, TXXX, USLT, PictureType
 from mutagen.mp3 import MP3
 from mutagen.oggopus import OggOpus
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 FORMATS = ("mp3", "wav", "flac", "ogg")
 STANDARD_BITRATES = (320, 256, 224, 192, 160, 128, 112, 96, 80, 64, 48, 32)  # kbps
@@ -66,8 +68,9 @@ DURATION_TOLERANCE = 0.10
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 MAX_CHANNELS = 8
 
-MAX_COVER_BYTES = 200 * 1024  # Telegram's thumbnail limit
-COVER_SIZE = 320  # Telegram's thumbnail side limit; also a fine Discord embed image
+MAX_COVER_BYTES = 200 * 1024  # Telegram's thumbnail limit (and plenty for a cover)
+COVER_SIZE = 640  # the cover in the file and the Discord embed: at least 600 px
+THUMBNAIL_SIZE = 320  # Telegram's thumbnail side limit
 
 NOT_AUDIO = "The provider returned a file that is not audio."
 DAMAGED = "The provider returned a damaged audio file."
@@ -109,6 +112,8 @@ class SongTags:
     job_id: str | None = None
     artist: str = "ACE-Step"
     album: str = "acestep-bot"
+    genre: str | None = None  # from the style tags
+    date: str | None = None  # "YYYY-MM-DD", when the song was made
 
     def comment(self) -> str:
         """One readable comment with everything needed to reproduce the song."""
@@ -522,6 +527,11 @@ def _id3(tags: SongTags | None, cover: bytes | None) -> ID3:
         id3.add(TIT2(encoding=3, text=tags.title))
         id3.add(TPE1(encoding=3, text=tags.artist))
         id3.add(TALB(encoding=3, text=tags.album))
+        if tags.genre:
+            id3.add(TCON(encoding=3, text=tags.genre))
+        if tags.date:
+            # Saved as ID3v2.3's TYER + TDAT (mutagen converts it).
+            id3.add(TDRC(encoding=3, text=tags.date))
         if tags.lyrics:
             id3.add(USLT(encoding=3, lang="eng", desc="", text=tags.lyrics))
         if tags.comment():
@@ -562,6 +572,8 @@ def _vorbis_comments(tags: SongTags | None) -> dict[str, str]:
         "TITLE": tags.title,
         "ARTIST": tags.artist,
         "ALBUM": tags.album,
+        "GENRE": tags.genre,
+        "DATE": tags.date,
         "LYRICS": tags.lyrics,
         "COMMENT": tags.comment(),
         **tags.extra(),
@@ -869,8 +881,9 @@ def _colorize(level: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def render_cover(src: Path, size: int = COVER_SIZE) -> bytes:
-    """A square JPEG (< 200 kB) of the song's spectrogram with its loudness outline."""
+def render_cover(src: Path, size: int = COVER_SIZE, title: str | None = None) -> bytes:
+    """A square JPEG (< 200 kB) of the song's spectrogram with its loudness outline and,
+    when given, its title written across the bottom."""
     if not 16 <= size <= 2048:
         raise ValueError("cover size must be between 16 and 2048 pixels")
     bands, energies = _song_bands(src)
@@ -885,12 +898,105 @@ def render_cover(src: Path, size: int = COVER_SIZE) -> bytes:
     pixels = _colorize(level.T[::-1])  # low frequencies at the bottom
     image = Image.fromarray(pixels, "RGB").resize((size, size), Image.Resampling.BICUBIC)
     _draw_outline(image, np.add.reduceat(energies, edges[:-1]) / counts)
+    if title:
+        _draw_title(image, title)
+    return _jpeg(image)
+
+
+def thumbnail(cover: bytes, size: int = THUMBNAIL_SIZE) -> bytes:
+    """The cover made small, for a platform's thumbnail (Telegram: at most 320 px)."""
+    with Image.open(io.BytesIO(cover)) as image:
+        if max(image.size) <= size:
+            return cover
+        small = image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    return _jpeg(small)
+
+
+def _jpeg(image: Image.Image) -> bytes:
     for quality in (90, 80, 70, 55, 40):
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=quality, optimize=True)
         if buf.tell() < MAX_COVER_BYTES:
             return buf.getvalue()
     raise AssertionError("a cover image could not be compressed under 200 kB")
+
+
+# The title is drawn in DejaVu Sans Bold as matplotlib ships it (Latin, Greek, Cyrillic
+# and more): no font installed on the host is assumed. Characters it lacks (CJK, emoji)
+# are left out rather than drawn as boxes.
+_FONT_FILE = "mpl-data/fonts/ttf/DejaVuSans-Bold.ttf"
+
+
+@functools.lru_cache(maxsize=1)
+def _font_path() -> Path:
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("matplotlib (the cover font) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / _FONT_FILE
+
+
+@functools.lru_cache(maxsize=1)
+def _font_chars() -> frozenset[int]:
+    from fontTools.ttLib import TTFont
+
+    with TTFont(_font_path(), lazy=True) as font:
+        return frozenset(font.getBestCmap())
+
+
+def drawable(text: str) -> str:
+    """`text` without the characters the cover font cannot draw, spaces tidied."""
+    chars = _font_chars()
+    return " ".join("".join(ch for ch in text if ord(ch) in chars or ch.isspace()).split())
+
+
+def _wrap(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int
+) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _draw_title(image: Image.Image, title: str) -> None:
+    """The title in white on a dark band across the bottom: at most two lines, the font
+    shrunk until they fit (a longer title is cut with an ellipsis)."""
+    text = drawable(title)
+    if not text:
+        return
+    width, height = image.size
+    margin = width // 16
+    room = width - 2 * margin
+    draw = ImageDraw.Draw(image)
+    size = max(12, width // 11)
+    while True:
+        font = ImageFont.truetype(str(_font_path()), size)
+        lines = _wrap(draw, text, font, room)
+        fits = all(draw.textlength(line, font=font) <= room for line in lines)
+        if (len(lines) <= 2 and fits) or size <= max(12, width // 24):
+            break
+        size = int(size * 0.9)
+    dropped = len(lines) > 2
+    lines = lines[:2]
+    for i, line in enumerate(lines):
+        mark = "\N{HORIZONTAL ELLIPSIS}" if dropped and i == len(lines) - 1 else ""
+        if draw.textlength(line + mark, font=font) > room:
+            mark = "\N{HORIZONTAL ELLIPSIS}"
+            while line and draw.textlength(line + mark, font=font) > room:
+                line = line[:-1]
+        lines[i] = line.rstrip() + mark
+    line_height = int(size * 1.25)
+    band = line_height * len(lines) + margin
+    veil = Image.new("L", (width, band), 150)
+    image.paste(Image.new("RGB", (width, band), (8, 4, 20)), (0, height - band), veil)
+    y = height - band + margin // 2
+    for line in lines:
+        x = (width - draw.textlength(line, font=font)) / 2
+        draw.text((x, y), line, font=font, fill=(255, 255, 255))
+        y += line_height
 
 
 def _draw_outline(image: Image.Image, loudness: np.ndarray) -> None:
@@ -933,4 +1039,5 @@ __all__ = [
     "longest_accepted",
     "probe_duration",
     "render_cover",
+    "thumbnail",
 ]

@@ -101,8 +101,22 @@ class HealthServer:
             "problems": problems,
             "database": database,
             "frontends": fronts,
-            "providers": self.providers(),
+            "providers": await self.provider_details(),
         }
+
+    async def provider_details(self) -> dict[str, dict[str, Any]]:
+        """`providers()` plus what each provider says about itself (e.g. ACE-Step
+        servers that cannot make described songs, and why)."""
+        out = self.providers()
+        for name, entry in out.items():
+            provider = self.engine.router.get(name)
+            if provider is None:
+                continue
+            try:
+                entry.update(await provider.health())
+            except Exception:  # a report must never fail because a provider did
+                log.warning("health: %s could not describe itself", name, exc_info=True)
+        return out
 
     def providers(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()  # the router's clock for cool-downs

@@ -103,6 +103,8 @@ QUOTA_NAMES = {
     "spend_cap_usd_per_day": "Bot budget today (USD)",
 }
 
+# Neutral on purpose: it neither repeats the phrase nor says which list refused it.
+REFUSED_BY_BAN_LIST = "I can't make a song from this request here. Please try other words."
 RESTARTING = "The bot is restarting and not taking new songs right now; try again in a minute."
 NOT_YOURS = "You can only cancel your own songs."
 
@@ -149,6 +151,10 @@ def already_finished(job_id: str, state: str) -> str:
     return f"Song {job_id} is already {word}."
 
 
+def not_posted_yet(job_id: str) -> str:
+    return f"Song {job_id} is not posted yet; cancel it instead."
+
+
 def finished_before_cancel(job_id: str) -> str:
     return f"Song {job_id} finished before it could be cancelled."
 
@@ -168,6 +174,23 @@ def no_provider_for_duration(duration: int, shortest: int, longest: int) -> str:
         f"duration: {duration} is not available here; this bot's music services make songs "
         f"from {shortest} to {longest} seconds."
     )
+
+
+def no_provider_for_option(name: str, value: object, limits: list[tuple[str, str]]) -> str:
+    """No provider here takes this option's value: which one takes what."""
+    which = "; ".join(f"{provider} takes {allowed}" for provider, allowed in limits)
+    return (
+        f"{name}: {value} is not available here; {which}. "
+        "Choose a value in one of those ranges, or leave it out."
+    )
+
+
+# Shown next to the seed of a song from a provider that ignored the seed it was sent.
+SEED_NOT_HONOURED = "this server does not honour seeds, so it will not make this song again"
+
+
+def seed_note(honoured: bool) -> str:
+    return "" if honoured else SEED_NOT_HONOURED
 
 
 def ignored_options(provider: str, names: list[str]) -> str:

@@ -36,6 +36,12 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.moderation_refusals = Counter(
+            "acestep_moderation_refusals",
+            "Requests refused at admission by a ban list (operator or community)",
+            ["list"],
+            registry=r,
+        )
         self.provider_errors = Counter(
             "acestep_provider_errors",
             "Errors from provider APIs, by provider and error "
@@ -89,6 +95,9 @@ class Metrics:
 
     def quota_refused(self, limit: str) -> None:
         self.quota_refusals.labels(limit=limit).inc()
+
+    def moderation_refused(self, listed_by: str) -> None:
+        self.moderation_refusals.labels(list=listed_by).inc()
 
     def provider_error(self, provider: str, error_type: str) -> None:
         self.provider_errors.labels(provider=provider, type=error_type).inc()

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+from bot import titles
 from bot.requests import GenerationRequest
 
 
@@ -81,6 +82,9 @@ class SongResult:
     channels: int | None = None
     tags: str | None = None  # as the provider wrote or used them
     lyrics: str | None = None
+    # False when the provider ignored the seed it was sent: `seed` is the one it used,
+    # but asking for it again will not make the same song.
+    seed_honoured: bool = True
     provider_metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +133,13 @@ class Job:
     finished_at: float | None = None
     delivered_at: float | None = None
     source_key: str | None = None  # the platform event that asked for it (idempotency)
+    # A posted song its requester or an admin removed: the row stays for the ledger.
+    deleted_at: float | None = None
+    deleted_by: str | None = None  # "platform:user_id"
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
     @property
     def active(self) -> bool:
@@ -143,7 +154,7 @@ class Job:
         """The song's title: the stored result's, else the one derived from the request."""
         if self.result is not None and self.result.title:
             return self.result.title
-        return self.request.title()
+        return titles.song_title(self.request)
 
     @property
     def lyrics(self) -> str:

@@ -111,8 +111,8 @@ def _check(cpu: int, path: Path, expected: float | None) -> audio.AudioInfo:
     return _within_budget(cpu, audio.check_audio, path, expected)
 
 
-def _cover(cpu: int, path: Path) -> bytes:
-    return _within_budget(cpu, audio.render_cover, path)
+def _cover(cpu: int, path: Path, title: str | None) -> bytes:
+    return _within_budget(cpu, audio.render_cover, path, audio.COVER_SIZE, title)
 
 
 def _render(
@@ -126,7 +126,8 @@ def _render(
     duration: float | None,
 ) -> tuple[bytes, audio.EncodedAudio]:
     def both() -> tuple[bytes, audio.EncodedAudio]:
-        art = cover if cover is not None else audio.render_cover(src)
+        title = tags.title if tags is not None else None
+        art = cover if cover is not None else audio.render_cover(src, audio.COVER_SIZE, title)
         encoded = audio.encode(
             src, dest, fmt, byte_limit=byte_limit, tags=tags, cover=art, duration=duration
         )
@@ -196,9 +197,9 @@ class Renderer:
         for _ in range(self.workers):
             pool.submit(os.getpid)
 
-    async def cover(self, path: Path) -> bytes:
-        """audio.render_cover in a worker."""
-        return await self._run(_cover, path)
+    async def cover(self, path: Path, title: str | None = None) -> bytes:
+        """audio.render_cover (with the title drawn on it, when given) in a worker."""
+        return await self._run(_cover, path, title)
 
     async def render(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -25,8 +26,21 @@ MAX_SEED = 2_147_483_647
 MAX_PROMPT_CHARS = 500
 MAX_TAGS_CHARS = 300
 MAX_LYRICS_CHARS = 3000
+MAX_TITLE_CHARS = 100
 
 INSTRUMENTAL_MARKERS = ("[inst]", "[instrumental]")
+
+# Vocal languages the ACE-Step 1.5 model knows (upstream acestep/constants.py
+# VALID_LANGUAGES; "unknown" there means "let the model tell", i.e. leave it unset).
+VOCAL_LANGUAGES = (
+    "ar", "az", "bg", "bn", "ca", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fr", "he",
+    "hi", "hr", "ht", "hu", "id", "is", "it", "ja", "ko", "la", "lt", "ms", "ne", "nl", "no",
+    "pa", "pl", "pt", "ro", "ru", "sa", "sk", "sr", "sv", "sw", "ta", "te", "th", "tl", "tr",
+    "uk", "ur", "vi", "yue", "zh",
+)  # fmt: skip
+TIME_SIGNATURES = ("2", "3", "4", "6")  # 2/4, 3/4, 4/4 and 6/8, as upstream spells them
+AUDIO_FORMATS = ("mp3", "wav", "flac")
+_KEY = re.compile(r"([a-g])([#b\u266f\u266d]?)\s*(m|min|minor|maj|major)?", re.IGNORECASE)
 
 
 class Mode(StrEnum):
@@ -70,10 +84,18 @@ class OptionSpec:
     choices: tuple[str, ...] = ()
     default: object = None
     help: str = ""
+    # A text option without fixed choices: turns what the user wrote into the one
+    # spelling we store and send, or None when it is not valid; `usage` says what is.
+    normalize: Callable[[str], str | None] | None = None
+    usage: str = ""
 
     def allowed(self) -> str:
+        if self.usage:
+            return self.usage
         if self.choices:
             return "one of " + ", ".join(self.choices)
+        if self.kind is str:
+            return f"text of at most {_num(self.maximum)} characters"
         noun = "a whole number" if self.kind is int else "a number"
         return f"{noun} from {_num(self.minimum)} to {_num(self.maximum)}"
 
@@ -84,12 +106,31 @@ def _num(value: float | None) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-# The advanced options, with the ranges fal documents for ACE-Step; `default` is the
-# provider's default, used only for help texts (None in a request = provider default).
+def normalize_key_scale(text: str) -> str | None:
+    """'Am', 'f#m', 'Bb major', 'C' -> upstream's spelling ('A minor', 'F# minor',
+    'Bb major', 'C major'); None for anything else."""
+    match = _KEY.fullmatch(text.strip())
+    if match is None:
+        return None
+    note, accidental, mode = match.groups()
+    accidental = {"\u266f": "#", "\u266d": "b", "B": "b"}.get(accidental, accidental)
+    minor = (mode or "").lower() in ("m", "min", "minor")
+    return f"{note.upper()}{accidental} {'minor' if minor else 'major'}"
+
+
+def normalize_language(text: str) -> str | None:
+    code = text.strip().lower()
+    return code if code in VOCAL_LANGUAGES else None
+
+
+# The advanced options. Each provider takes its own range of each (its Capabilities say
+# which, and routing skips a provider whose range excludes a value); the bounds here are
+# the widest any provider takes. `default` is only for help texts (None in a request =
+# the provider's default).
 ADVANCED_OPTIONS: dict[str, OptionSpec] = {
     spec.name: spec
     for spec in (
-        OptionSpec("steps", int, 3, 60, default=27, help="diffusion steps"),
+        OptionSpec("steps", int, 1, 200, help="diffusion steps (the provider's default)"),
         OptionSpec("scheduler", str, choices=("euler", "heun"), default="euler", help="sampler"),
         OptionSpec(
             "guidance_type",
@@ -117,7 +158,7 @@ ADVANCED_OPTIONS: dict[str, OptionSpec] = {
             default=0,
             help="how guidance fades over the interval",
         ),
-        OptionSpec("guidance_scale", float, 0, 200, default=15, help="overall guidance"),
+        OptionSpec("guidance_scale", float, 0, 200, help="overall guidance"),
         OptionSpec(
             "minimum_guidance_scale",
             float,
@@ -142,6 +183,24 @@ ADVANCED_OPTIONS: dict[str, OptionSpec] = {
             default=1.5,
             help="how closely the lyrics are followed",
         ),
+        OptionSpec("thinking", bool, default=False, help="the model plans the song first"),
+        OptionSpec(
+            "vocal_language",
+            str,
+            help="language of the lyrics",
+            normalize=normalize_language,
+            usage="a language code such as en, zh, ja, es, fr or de (50 are known)",
+        ),
+        OptionSpec("bpm", int, 30, 300, help="tempo in beats per minute"),
+        OptionSpec(
+            "key_scale",
+            str,
+            help="key, e.g. C, Am, F#m or Bb major",
+            normalize=normalize_key_scale,
+            usage="a key such as C, Am, F#m or Bb major",
+        ),
+        OptionSpec("time_signature", str, choices=TIME_SIGNATURES, help="beats per bar (6 = 6/8)"),
+        OptionSpec("audio_format", str, choices=AUDIO_FORMATS, help="file the provider makes"),
     )
 }
 
@@ -159,6 +218,9 @@ BASIC_OPTIONS: dict[str, OptionSpec] = {
         "seed", int, -1, MAX_SEED, default=-1, help="-1 for random; reuse one to repeat a song"
     ),
     "instrumental": OptionSpec("instrumental", bool, default=False, help="no vocals"),
+    "title": OptionSpec(
+        "title", str, 1, MAX_TITLE_CHARS, help="the song's title (default: from its words)"
+    ),
 }
 
 ALL_OPTIONS: dict[str, OptionSpec] = {**BASIC_OPTIONS, **ADVANCED_OPTIONS}
@@ -173,6 +235,9 @@ class GenerationRequest(BaseModel):
     prompt: str = ""
     tags: str = ""
     lyrics: str = ""
+    title: str = ""  # empty: bot.titles derives one
+    # The provider to try first (a user's or community's preference), if it can serve.
+    provider: str | None = None
     instrumental: bool = False
     duration: int = DEFAULT_DURATION
     seed: int = -1
@@ -186,6 +251,12 @@ class GenerationRequest(BaseModel):
     minimum_guidance_scale: float | None = None
     tag_guidance_scale: float | None = None
     lyric_guidance_scale: float | None = None
+    thinking: bool | None = None
+    vocal_language: str | None = None
+    bpm: int | None = None
+    key_scale: str | None = None
+    time_signature: Literal["2", "3", "4", "6"] | None = None
+    audio_format: Literal["mp3", "wav", "flac"] | None = None
 
     @field_validator("prompt", "tags", mode="before")
     @classmethod
@@ -197,6 +268,30 @@ class GenerationRequest(BaseModel):
     def _lines(cls, value: Any) -> Any:
         return clean_text(value, multiline=True) if isinstance(value, str) else value
 
+    @field_validator("vocal_language", "key_scale", mode="before")
+    @classmethod
+    def _normalize(cls, value: Any, info: Any) -> Any:
+        spec = ADVANCED_OPTIONS[info.field_name]
+        if isinstance(value, str) and spec.normalize is not None:
+            return spec.normalize(value) or value  # an invalid one is refused in _check
+        return value
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str | None) -> str | None:
+        from bot.settings import PROVIDER_NAMES
+
+        if value is not None and value not in PROVIDER_NAMES:
+            raise InvalidRequest("provider", value, "one of " + ", ".join(PROVIDER_NAMES))
+        return value
+
+    @field_validator("title", mode="before")
+    @classmethod
+    def _title(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return " ".join(clean_text(value, multiline=False).split())
+
     @model_validator(mode="after")
     def _check(self) -> GenerationRequest:
         _check_text(self)
@@ -206,7 +301,11 @@ class GenerationRequest(BaseModel):
         _check_range("seed", self.seed, -1, MAX_SEED, "a whole number (-1 = random)")
         for name, spec in ADVANCED_OPTIONS.items():
             value = getattr(self, name)
-            if value is None or spec.choices:
+            if value is None or spec.choices or spec.kind is bool:
+                continue
+            if spec.normalize is not None:
+                if spec.normalize(value) != value:
+                    raise InvalidRequest(name, value, spec.allowed())
                 continue
             if isinstance(value, float) and value != value:  # NaN
                 raise InvalidRequest(name, value, spec.allowed())
@@ -238,12 +337,6 @@ class GenerationRequest(BaseModel):
     def advanced(self) -> dict[str, Any]:
         """The advanced options the user set (provider defaults apply to the rest)."""
         return {k: getattr(self, k) for k in ADVANCED_OPTIONS if getattr(self, k) is not None}
-
-    def title(self) -> str:
-        """A short human title: the prompt, or the tags."""
-        text = self.prompt if self.mode is Mode.PROMPT else self.tags
-        text = " ".join(text.split())
-        return text if len(text) <= 80 else text[:77].rstrip() + "..."
 
     def with_seed(self, seed: int) -> GenerationRequest:
         return self.model_copy(update={"seed": seed})
@@ -303,6 +396,7 @@ def _check_text(req: GenerationRequest) -> None:
         ("prompt", MAX_PROMPT_CHARS),
         ("tags", MAX_TAGS_CHARS),
         ("lyrics", MAX_LYRICS_CHARS),
+        ("title", MAX_TITLE_CHARS),
     ):
         value = getattr(req, field)
         if len(value) > limit:
@@ -370,6 +464,13 @@ def parse_option_value(name: str, raw: str) -> Any:
         if text.lower() in spec.choices:
             return text.lower()
         raise InvalidRequest(name, raw, spec.allowed())
+    if spec.normalize is not None:
+        value = spec.normalize(text)
+        if value is None:
+            raise InvalidRequest(name, raw, spec.allowed())
+        return value
+    if spec.kind is str:
+        return text
     try:
         number: float = int(text) if spec.kind is int else float(text)
     except ValueError:

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     telegram_api_url: str = "https://api.telegram.org"
     telegram_webhook_url: str | None = None  # public HTTPS URL: webhook mode instead of polling
     telegram_webhook_listen: str = "127.0.0.1:8443"
+    # What the bot sends stays within Telegram's limits for bots (bot/frontends/
+    # telegram_pacing.py); raise them only where Telegram allows more (paid broadcasts).
+    telegram_messages_per_second: float = Field(default=30, gt=0)
+    telegram_chat_messages_per_second: float = Field(default=1, gt=0)
+    telegram_group_messages_per_minute: float = Field(default=20, gt=0)
 
     # Providers, in the order they are tried
     providers: CommaList = Field(default_factory=lambda: ["fal"])
@@ -71,6 +76,8 @@ class Settings(BaseSettings):
     quota_community_seconds_per_day: int = Field(default=7200, ge=0)
     spend_cap_usd_per_day: float = Field(default=5.0, ge=0)
     admin_ids: CommaList = Field(default_factory=list)
+    # Words and phrases no request may contain, anywhere (communities add their own).
+    banned_words: CommaList = Field(default_factory=list)
 
     # Engine
     job_timeout_seconds: int = Field(default=900, ge=1)
@@ -88,7 +95,12 @@ class Settings(BaseSettings):
     log_format: str = "text"
 
     @field_validator(
-        "discord_guild_ids", "providers", "acestep_server_urls", "admin_ids", mode="before"
+        "discord_guild_ids",
+        "providers",
+        "acestep_server_urls",
+        "admin_ids",
+        "banned_words",
+        mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:

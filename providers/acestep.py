@@ -16,6 +16,22 @@ with status 0 and an empty result, like a queued task, and a task that was runni
 its last on-disk progress entry. `poll` therefore checks `/v1/stats` before each query
 and raises `TaskLost` when the task cannot still be pending there (see `_loss_evidence`).
 `TaskLost` means "resubmit": call `submit` again with the same request and seed.
+
+A described song (prompt mode) is two tasks, so the length the user asked for is kept:
+upstream's `sample_query` lets the language model (LM) pick the duration and replaces
+`audio_duration` with it. First a "write" task (`sample_query` with `analysis_only`: the
+LM writes caption and lyrics, no audio), then a "render" task (text2music with that
+caption and lyrics and the user's duration and seed). `poll` submits the second when the
+first succeeds and records it in the handle, which the engine stores again.
+
+Prompt mode (and `thinking`) need the LM, which upstream does not load on GPUs under
+12 GB. A server whose `/health` says `llm_initialized: false` (newer builds), or whose
+write task failed, is not used for them; when no server can, the capabilities drop
+prompt mode so routing falls back to the next provider (`health()` says why).
+
+Checked against ace-step/ACE-Step-1.5 `acestep/api_server.py` at commit f30aee4
+(2026-02-08) and the newer `acestep/api/` modules in the public index (see
+docs/providers.md).
 """
 
 from __future__ import annotations
@@ -25,26 +41,35 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from bot.requests import GenerationRequest, Mode
+from bot.requests import (
+    AUDIO_FORMATS,
+    TIME_SIGNATURES,
+    GenerationRequest,
+    Mode,
+    normalize_key_scale,
+    normalize_language,
+)
 from providers.base import (
     AuthError,
     Busy,
+    CannotServe,
     Capabilities,
     Failed,
     Handle,
     KeyForOrigins,
+    OptionRange,
     Provider,
     ProviderError,
     Queued,
-    Rejected,
     Result,
     Running,
+    Sleep,
     Status,
     Succeeded,
     TaskLost,
@@ -54,7 +79,9 @@ from providers.base import (
     http_error_text,
     parse_retry_after,
     retry_reads,
+    whole_number,
 )
+from providers.errors import Stage, http_error
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +93,36 @@ DEFAULT_MAX_DURATION = 240
 # within that window.
 STORE_MEMORY_S = 24 * 3600
 _START_TOLERANCE_S = 5.0
+# How long a server that failed a language-model task is kept out of prompt mode before
+# it is given another chance (an operator may have loaded the LM meanwhile).
+LM_RECHECK_S = 600.0
+NO_LM = (
+    "its language model (LM) is not loaded, which described songs need; start it with "
+    "ACESTEP_INIT_LLM=true (GPUs under 12 GB skip it by default)"
+)
+
+TURBO_MAX_STEPS = 20  # upstream: turbo 1-20 (8 recommended), base 1-200
+
+
+def server_options(max_steps: int = TURBO_MAX_STEPS) -> dict[str, OptionRange]:
+    """Our request options under the server's field names, with the ranges upstream
+    documents (docs/en/API.md, acestep/constants.py); key and language arrive already
+    in upstream's spelling (bot/requests.py)."""
+    return {
+        "steps": OptionRange("inference_steps", 1, max_steps),
+        # Upstream's own UI offers 1-15; it only affects the base model.
+        "guidance_scale": OptionRange("guidance_scale", 1, 15),
+        "thinking": OptionRange("thinking"),
+        "vocal_language": OptionRange("vocal_language"),
+        "bpm": OptionRange("bpm", 30, 300),
+        "key_scale": OptionRange("key_scale"),
+        "time_signature": OptionRange("time_signature", choices=TIME_SIGNATURES),
+        "audio_format": OptionRange("audio_format", choices=AUDIO_FORMATS),
+    }
+
 
 _CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg"}
 
-Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
 T = TypeVar("T")
 
@@ -89,7 +142,10 @@ class ServerStats:
 
     @property
     def pending(self) -> int:
-        return self.queued + self.running
+        """Jobs really waiting or running. Not `jobs.queued`: upstream creates the job
+        record before it checks the queue, so every refused submit leaves a record that
+        stays "queued" for ever; the queue's own size does not count those."""
+        return self.queue_size + self.running
 
     @property
     def load(self) -> int:
@@ -131,6 +187,12 @@ class _Server:
     last_stats: ServerStats | None = None
     last_stats_at: float = 0.0
     tasks: set[str] = field(default_factory=set)  # ours, not yet seen finished
+    # Whether the server has its language model: None until known (older builds do not
+    # say; a failed LM task tells), with why and since when.
+    lm: bool | None = None
+    lm_reason: str = ""
+    lm_known_at: float = 0.0
+    honours_seeds: bool | None = None  # False once it reported another seed than ours
 
     @property
     def host(self) -> str:
@@ -155,6 +217,7 @@ class AceStepProvider(Provider):
         concurrency: int | None = None,
         prompt_mode: bool = True,
         max_duration: int = DEFAULT_MAX_DURATION,
+        max_steps: int = TURBO_MAX_STEPS,
         extra_fields: Mapping[str, Any] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         poll_interval: float = 2.0,
@@ -168,7 +231,8 @@ class AceStepProvider(Provider):
     ) -> None:
         """`concurrency` defaults to two tasks per server (one running, one waiting), so
         each GPU stays busy. `prompt_mode` needs the server's language model loaded.
-        `extra_fields` go into every task, e.g. {"model": "acestep-v15-turbo"}."""
+        `max_steps` is 20 for the turbo model (200 for the base model). `extra_fields` go
+        into every task, e.g. {"model": "acestep-v15-turbo"}."""
         urls = [u.strip().rstrip("/") for u in server_urls if u.strip()]
         if not urls:
             raise ValueError("AceStepProvider needs at least one server URL")
@@ -182,12 +246,13 @@ class AceStepProvider(Provider):
         self._servers: dict[str, _Server] = {}
         for url in urls:
             self._server(url)
-        modes = {Mode.SONG, Mode.PROMPT} if prompt_mode else {Mode.SONG}
+        self._prompt_mode = prompt_mode
+        self._all_options = server_options(max_steps)
         self.capabilities = Capabilities(
-            modes=frozenset(modes),
+            modes=frozenset({Mode.SONG, Mode.PROMPT} if prompt_mode else {Mode.SONG}),
             min_duration=SERVER_MIN_DURATION,
             max_duration=min(max_duration, DEFAULT_MAX_DURATION),
-            options=frozenset({"steps", "guidance_scale"}),
+            options=self._all_options,
             price_per_second=price_per_second,
             concurrency=concurrency if concurrency is not None else 2 * len(urls),
         )
@@ -209,72 +274,115 @@ class AceStepProvider(Provider):
     # -- the contract -------------------------------------------------------------------
 
     def build_body(self, request: GenerationRequest, seed: int) -> dict[str, Any]:
-        """The `/release_task` JSON for one request (exactly what the server receives).
-
-        Prompt mode uses `sample_query`: the server's language model writes the caption
-        and lyrics and, upstream, also picks the duration (it replaces `audio_duration`
-        with its own); `Result.metadata["duration"]` reports what was made.
-        """
+        """The `/release_task` JSON of the task that makes the audio (for a described
+        song: everything but the caption and lyrics, which the write task supplies)."""
         body: dict[str, Any] = dict(self._extra)
         if request.mode is Mode.SONG:
             body["prompt"] = request.tags
             body["lyrics"] = request.lyrics if request.wants_vocals else "[Instrumental]"
         else:
-            query = request.prompt
-            # The server reads "instrumental" in the description as "no vocals".
-            if request.instrumental and "instrumental" not in query.lower():
-                query = f"{query}, instrumental"
-            body["sample_query"] = query
+            # The LM already wrote the caption: do not have it rewrite its own words.
+            body["use_cot_caption"] = False
         body.update(
             {
                 "audio_duration": request.duration,
-                "batch_size": 1,
+                "batch_size": 1,  # the server's default is 2 songs
+                # With use_random_seed false, upstream uses `seed` (newer builds through
+                # _resolve_generation_seeds; f30aee4 still drew a random one).
                 "use_random_seed": False,
                 "seed": seed,
+                # MP3 unless asked otherwise: what the chat gets, so it need not be
+                # re-encoded when it fits the upload limit.
                 "audio_format": "mp3",
             }
         )
-        if request.steps is not None:
-            body["inference_steps"] = request.steps
-        if request.guidance_scale is not None:
-            body["guidance_scale"] = request.guidance_scale
+        body.update(self.capabilities.wire_options(request))
         return body
 
+    def write_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The write task of a described song: the LM turns the description into a
+        caption and lyrics (`analysis_only`: no audio is made)."""
+        query = request.prompt
+        # The server reads "instrumental" in the description as "no vocals".
+        if request.instrumental and "instrumental" not in query.lower():
+            query = f"{query}, instrumental"
+        body: dict[str, Any] = {
+            **self._extra,
+            "sample_query": query,
+            "analysis_only": True,
+            "use_cot_caption": False,
+            "use_cot_language": False,
+            "batch_size": 1,
+        }
+        if request.vocal_language:
+            body["vocal_language"] = request.vocal_language
+        return body
+
+    def _needs_lm(self, request: GenerationRequest) -> bool:
+        return request.mode is Mode.PROMPT or bool(request.thinking)
+
     async def submit(self, request: GenerationRequest, seed: int) -> Handle:
-        """Queue one task on the least loaded server that answers."""
-        body = self.build_body(request, seed)
+        """Queue one task on the least loaded server that answers (for a described song,
+        its write task, on a server with the language model)."""
+        render = self.build_body(request, seed)
         async with self._dispatch_lock:
-            ranked = await self._rank_servers()
+            ranked = await self._rank_servers(needs_lm=self._needs_lm(request))
+            if request.mode is Mode.PROMPT:
+                ranked = [pair for pair in ranked if pair[0].lm is not False]
+                if not ranked:
+                    raise CannotServe(self.name, f"no server can make described songs: {NO_LM}")
+            elif request.thinking:  # first to servers that have (or may have) the LM
+                ranked.sort(key=lambda pair: pair[0].lm is False)
             last_error: ProviderError | None = None
             for server, _stats in ranked:
-                submitted_at = self._clock()
+                body = render
+                if request.thinking and server.lm is False:
+                    body = {k: v for k, v in render.items() if k != "thinking"}
+                    log.info("acestep: %s has no LM; thinking left out", server.host)
+                if request.mode is Mode.PROMPT:
+                    body = self.write_body(request)
                 try:
-                    data = await self._call(server, "POST", "/release_task", json=body)
+                    data = await self._start_task(server, body)
                 except (_Refused, Busy) as exc:
                     # Refused or queue full: no task was created there, so the next
                     # server may take it without risking a duplicate.
                     last_error = exc
                     continue
-                if not isinstance(data, dict) or not data.get("task_id"):
-                    raise Unavailable(self.name, f"{server.host} answered without a task id")
-                task_id = str(data["task_id"])
-                server.tasks.add(task_id)
-                snapshot = await self._snapshot(server)
-                log.info("acestep task %s queued on %s", task_id, server.host)
-                return Handle(
-                    self.name,
-                    {
-                        "server": server.url,
-                        "task_id": task_id,
-                        "submitted_at": submitted_at,
-                        "queue_position": _int(data.get("queue_position"), 1),
-                        "seed": seed,
-                        "mode": request.mode.value,
-                        "snapshot": snapshot,
-                    },
-                )
+                handle_data: dict[str, Any] = {
+                    "server": server.url,
+                    "seed": seed,
+                    "mode": request.mode.value,
+                    **data,
+                }
+                if request.mode is Mode.PROMPT:
+                    handle_data["phase"] = "write"
+                    handle_data["render"] = render
+                    # What the user chose; the LM's choice fills in the rest.
+                    handle_data["fixed"] = sorted(
+                        k
+                        for k in ("bpm", "key_scale", "time_signature", "vocal_language")
+                        if getattr(request, k) is not None
+                    )
+                return Handle(self.name, handle_data)
             assert last_error is not None
             raise last_error
+
+    async def _start_task(self, server: _Server, body: dict[str, Any]) -> dict[str, Any]:
+        """POST one task; the handle fields that track it (id, time, queue, counters)."""
+        submitted_at = self._clock()
+        data = await self._call(server, "POST", "/release_task", json=body)
+        if not isinstance(data, dict) or not data.get("task_id"):
+            raise Unavailable(self.name, f"{server.host} answered without a task id")
+        task_id = str(data["task_id"])
+        server.tasks.add(task_id)
+        snapshot = await self._snapshot(server)
+        log.info("acestep task %s queued on %s", task_id, server.host)
+        return {
+            "task_id": task_id,
+            "submitted_at": submitted_at,
+            "queue_position": _int(data.get("queue_position"), 1),
+            "snapshot": snapshot,
+        }
 
     async def poll(self, handle: Handle) -> Status:
         """Ask the server that took the task how it is doing."""
@@ -283,16 +391,97 @@ class AceStepProvider(Provider):
         # Stats first: a task that is pending when queried was pending then too.
         stats = await self._retrying(lambda: self._stats(server))
         entry = await self._retrying(lambda: self._query(server, task_id))
+        if handle.data.get("phase") == "write":
+            return await self._poll_write(handle, server, stats, entry)
         return self._interpret(handle, server, stats, entry)
+
+    async def _poll_write(
+        self, handle: Handle, server: _Server, stats: ServerStats | None, entry: dict[str, Any]
+    ) -> Status:
+        """The write task of a described song; when it is done, start the render task
+        and move the handle on to it (the engine stores the changed handle)."""
+        task_id = str(handle.data["task_id"])
+        code = _int(entry.get("status"), -1)
+        if code == 2:
+            server.tasks.discard(task_id)
+            item = (_result_items(entry.get("result")) or [{}])[0]
+            if not item.get("error") and item.get("stage") not in (None, "", "failed"):
+                raise TaskLost(self.name, f"{server.host} gave up on the task (it was lost)")
+            # Nothing but the language model works in this task: it is missing or broken.
+            self._set_lm(server, False, f"{NO_LM} (its language model step failed)")
+            raise CannotServe(self.name, f"{server.host} could not write the song: {NO_LM}")
+        if code != 1:
+            status = self._interpret(handle, server, stats, entry)
+            return Running() if isinstance(status, Running) else status
+        server.tasks.discard(task_id)
+        item = (_result_items(entry.get("result")) or [{}])[0]
+        caption = " ".join(str(item.get("prompt") or "").split())
+        if not caption:
+            return Failed("the server's language model wrote no description of the song")
+        self._set_lm(server, True, "")
+        body = self._render_body(handle, item, caption)
+        started = await self._start_task(server, body)
+        handle.data.update(started)
+        handle.data["phase"] = "render"
+        handle.data.pop("render", None)
+        handle.data.pop("fixed", None)
+        return Queued(position=started["queue_position"])
+
+    def _render_body(self, handle: Handle, item: dict[str, Any], caption: str) -> dict[str, Any]:
+        """The render task: the stored body with what the LM wrote, and its choice of
+        tempo, key, metre and language where the user left them open (never duration)."""
+        body = dict(handle.data.get("render") or {})
+        lyrics = str(item.get("lyrics") or "").strip()
+        body["prompt"] = caption
+        body["lyrics"] = lyrics or "[Instrumental]"
+        fixed = set(handle.data.get("fixed") or ())
+        raw = item.get("metas")
+        metas: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        chosen = {
+            "bpm": _int(metas.get("bpm"), 0) or None,
+            "key_scale": normalize_key_scale(str(metas.get("keyscale") or "")),
+            "time_signature": str(metas.get("timesignature") or "") or None,
+            "vocal_language": normalize_language(str(metas.get("language") or "")),
+        }
+        for name, value in chosen.items():
+            if name not in fixed and value is not None and self._all_options[name].admits(value):
+                body[name] = value
+        return body
 
     def poll_interval(self) -> float:
         return self._poll_interval
 
+    async def health(self) -> dict[str, Any]:
+        """Per server: reachable, whether it can make described songs (prompt mode) and
+        why not, whether it honours seeds. Asks `/health` where that is not known yet."""
+        servers: dict[str, dict[str, Any]] = {}
+        for server in [s for s in self._servers.values() if s.dispatch]:
+            entry: dict[str, Any] = {"reachable": True}
+            fresh = server.lm_known_at and self._clock() - server.lm_known_at < LM_RECHECK_S
+            if not fresh or server.unreachable_since is not None:
+                try:
+                    await self._learn_lm(server)
+                except ProviderError as exc:
+                    entry = {"reachable": False, "error": exc.message}
+            entry["prompt_mode"] = server.lm if self._prompt_mode else False
+            if not self._prompt_mode:
+                entry["note"] = "prompt mode is switched off for this provider"
+            elif server.lm is False:
+                entry["note"] = server.lm_reason or NO_LM
+            elif server.lm is None:
+                entry["note"] = (
+                    "this server build does not say whether its language model is loaded; "
+                    "the first described song sent to it finds out"
+                )
+            entry["honours_seeds"] = server.honours_seeds
+            servers[server.url] = entry
+        return {"prompt_mode": Mode.PROMPT in self.capabilities.modes, "servers": servers}
+
     # -- dispatch -----------------------------------------------------------------------
 
-    async def _rank_servers(self) -> list[tuple[_Server, ServerStats]]:
+    async def _rank_servers(self, *, needs_lm: bool = False) -> list[tuple[_Server, ServerStats]]:
         servers = [s for s in self._servers.values() if s.dispatch]
-        answers = await asyncio.gather(*(self._probe(s) for s in servers))
+        answers = await asyncio.gather(*(self._probe(s, needs_lm) for s in servers))
         ranked: list[tuple[_Server, ServerStats]] = []
         errors: list[ProviderError] = []
         for server, answer in zip(servers, answers, strict=True):
@@ -312,18 +501,28 @@ class AceStepProvider(Provider):
                     raise error
         raise Unavailable(self.name, f"no ACE-Step server answered ({len(servers)} configured)")
 
-    async def _probe(self, server: _Server) -> ServerStats | ProviderError | None:
-        """Stats for a server believed up; a down one is asked `/health` first."""
+    async def _probe(self, server: _Server, needs_lm: bool) -> ServerStats | ProviderError | None:
+        """Stats for a server believed up; a down one is asked `/health` first, and so is
+        one whose language model is not known yet when the request needs it."""
+        now = self._clock()
         if server.unreachable_since is not None:
-            now = self._clock()
             if now - server.last_probe < self._recheck_after:
                 return None
             server.last_probe = now
             try:
-                await self._call(server, "GET", "/health", limit_s=self._health_timeout)
+                await self._learn_lm(server)
             except ProviderError as exc:
                 return exc
             log.info("acestep server %s answers again", server.host)
+        elif (
+            needs_lm
+            and server.lm is not True
+            and (not server.lm_known_at or now - server.lm_known_at >= LM_RECHECK_S)
+        ):
+            try:
+                await self._learn_lm(server)
+            except ProviderError as exc:
+                return exc
         try:
             stats = await self._stats(server)
         except ProviderError as exc:
@@ -338,6 +537,40 @@ class AceStepProvider(Provider):
                 total=0,
             )
         return stats
+
+    async def _learn_lm(self, server: _Server) -> None:
+        """Ask `/health`; newer builds say there whether the LM is loaded."""
+        data = await self._call(server, "GET", "/health", limit_s=self._health_timeout)
+        server.lm_known_at = self._clock()
+        loaded = data.get("llm_initialized") if isinstance(data, dict) else None
+        if isinstance(loaded, bool):
+            self._set_lm(server, loaded, "" if loaded else NO_LM)
+        elif server.lm is False:
+            # An older build that says nothing: give it another chance after a while.
+            self._set_lm(server, None, "")
+
+    def _set_lm(self, server: _Server, loaded: bool | None, reason: str) -> None:
+        if server.lm is not loaded:
+            log.log(
+                logging.WARNING if loaded is False else logging.INFO,
+                "acestep server %s: prompt mode %s%s",
+                server.host,
+                {True: "available", False: "unavailable", None: "unknown"}[loaded],
+                f" ({reason})" if reason else "",
+            )
+        server.lm, server.lm_reason = loaded, reason
+        server.lm_known_at = self._clock()
+        self._refresh_capabilities()
+
+    def _refresh_capabilities(self) -> None:
+        """Prompt mode and `thinking` only while some server may have the LM."""
+        dispatch = [s for s in self._servers.values() if s.dispatch]
+        any_lm = any(s.lm is not False for s in dispatch)
+        modes = {Mode.SONG} | ({Mode.PROMPT} if self._prompt_mode and any_lm else set())
+        options = dict(self._all_options)
+        if not any_lm:
+            options.pop("thinking", None)  # told to the user as ignored, never failed
+        self.capabilities = replace(self.capabilities, modes=frozenset(modes), options=options)
 
     async def _snapshot(self, server: _Server) -> dict[str, Any] | None:
         """The server's counters just after a submit, kept in the handle for loss checks."""
@@ -387,14 +620,12 @@ class AceStepProvider(Provider):
             raise TaskLost(self.name, f"{server.host} no longer has the task ({evidence})")
         if item is None or item.get("stage") in (None, "", "queued"):
             position = _int(handle.data.get("queue_position"), 1)
-            waiting = stats.queued if stats is not None and stats.queued else position
+            waiting = stats.queue_size if stats is not None and stats.queue_size else position
             return Queued(position=max(1, min(position, waiting)))
+        # Only this task's own progress figure: `progress_text` is the server's last log
+        # line, whoever's job wrote it (other users' captions among them).
         progress = _float(item.get("progress"))
-        message = entry.get("progress_text") or item.get("stage")
-        return Running(
-            progress=None if progress is None else max(0.0, min(1.0, progress)),
-            message=" ".join(str(message).split())[:200] if message else None,
-        )
+        return Running(progress=None if progress is None else max(0.0, min(1.0, progress)))
 
     def _loss_evidence(
         self,
@@ -463,13 +694,27 @@ class AceStepProvider(Provider):
                 metadata[key] = item[key]
         if item.get("generation_info"):
             metadata["generation_info"] = str(item["generation_info"])[:2000]
+        reported = _first_int(item.get("seed_value"))
+        sent = whole_number(handle.data.get("seed"))
+        if reported is not None and sent is not None:
+            honoured = reported == sent
+            if server.honours_seeds is not honoured and not honoured:
+                log.warning(
+                    "acestep server %s used seed %s instead of %s: it ignores seeds",
+                    server.host,
+                    reported,
+                    sent,
+                )
+            server.honours_seeds = honoured
+        else:
+            honoured = server.honours_seeds is not False
         return Result(
             audio_url=audio_url,
-            seed=_first_int(item.get("seed_value")),
+            seed=reported,
             tags=item.get("prompt") or None,
             lyrics=item.get("lyrics") or None,
             content_type=_content_type(location),
-            duration_chosen_by_model=handle.data.get("mode") == Mode.PROMPT.value,
+            seed_honoured=honoured,
             metadata=metadata,
         )
 
@@ -576,23 +821,23 @@ def map_error(
     *,
     envelope: dict[str, Any] | None = None,
 ) -> ProviderError:
-    """The one place an ACE-Step server's refusal becomes one of our typed errors."""
+    """An ACE-Step server's refusal in our terms: FastAPI's `detail` under an HTTP error
+    status, or an envelope whose `code` is not 200 (e.g. "Model not initialized")."""
     if envelope is not None:
         code = _int(envelope.get("code"), 500)
         text = " ".join(str(envelope.get("error") or "error").split())[:300]
     else:
         code = resp.status_code
         text = http_error_text(resp)
-    where = f"{host}: {text}"
-    if code in (401, 403):
-        return AuthError(provider, f"the server refused the API key ({where})", status_code=code)
-    if code in (429, 503):
-        return Busy(
-            provider, f"busy ({where})", status_code=code, retry_after=parse_retry_after(resp)
-        )
-    if code in (400, 413, 415, 422):
-        return Rejected(provider, text, status_code=code)
-    return Unavailable(provider, where, status_code=code)
+    return http_error(
+        provider,
+        code,
+        text,
+        stage=Stage.OTHER,
+        retry_after=parse_retry_after(resp),
+        key_setting="ACESTEP_API_KEY",
+        where=host,
+    )
 
 
 def _result_items(raw: Any) -> list[dict[str, Any]]:

@@ -11,27 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 
 from bot.requests import GenerationRequest, Mode
 from providers.base import (
-    AuthError,
-    BillingError,
-    Busy,
     Cancelled,
     Capabilities,
     Failed,
     Handle,
     KeyForOrigins,
+    OptionRange,
     Provider,
     ProviderError,
     Queued,
     Rejected,
     Result,
     Running,
+    Sleep,
     Status,
     Succeeded,
     TaskLost,
@@ -43,6 +41,7 @@ from providers.base import (
     send,
     whole_number,
 )
+from providers.errors import BILLING_WORDS, POLICY_WORDS, Stage, has_marker, http_error
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +56,8 @@ MIN_POLL_INTERVAL_S = 3.0
 _QUEUED = {"queued", "pending", "created"}
 _RUNNING = {"processing", "running", "in_progress", "started"}
 _CANCELLED = {"cancelled", "canceled"}
-# Error codes/types meaning the account is out of money rather than the key being wrong.
-_BILLING_MARKERS = (
-    "budget",
-    "billing",
-    "insufficient_quota",
-    "insufficient_funds",
-    "balance",
-    "payment",
-    "credit",
-)
-_POLICY_MARKERS = ("content_policy", "content policy", "moderation", "safety", "nsfw", "flagged")
 _MAX_RETRY_WAIT_S = 30.0
 _MAX_REASON_CHARS = 300
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 def map_error(
@@ -84,28 +70,19 @@ def map_error(
     retry_after: float | None = None,
     polling: bool = False,
 ) -> ProviderError:
-    """The one place AIgateway's HTTP statuses and error bodies become our errors."""
+    """AIgateway's OpenAI-style error in our terms: its type and code are the markers."""
     text = message or "no details given"
-    markers = f"{error_type} {code}".lower()
-    if status == 402 or any(m in markers for m in _BILLING_MARKERS):
-        return BillingError(NAME, f"budget exceeded: {text}", status_code=status)
-    if status in (401, 403):
-        return AuthError(NAME, f"API key refused: {text}", status_code=status)
-    if status == 404:
-        if polling:
-            return TaskLost(NAME, "AIgateway no longer knows this job", status_code=404)
-        return Unavailable(NAME, f"not found: {text}", status_code=404)
-    if status in (429, 503):
-        return Busy(NAME, f"busy: {text}", status_code=status, retry_after=retry_after)
-    if status == 408 or status >= 500:
-        return Unavailable(
-            NAME, f"server error: {text}", status_code=status, retry_after=retry_after
-        )
-    if 400 <= status < 500:
-        if param and param not in text:
-            text = f"{param}: {text}"
-        return Rejected(NAME, text, status_code=status)
-    return Unavailable(NAME, f"unexpected answer (HTTP {status}): {text}", status_code=status)
+    if param and param not in text:
+        text = f"{param}: {text}"  # which field a validation error is about
+    return http_error(
+        NAME,
+        status,
+        text,
+        stage=Stage.POLL if polling else Stage.SUBMIT,
+        retry_after=retry_after,
+        billing=has_marker([error_type, code], BILLING_WORDS),
+        key_setting="AIGATEWAY_API_KEY",
+    )
 
 
 class AIGatewayProvider(Provider):
@@ -119,7 +96,7 @@ class AIGatewayProvider(Provider):
         base_url: str = DEFAULT_BASE_URL,
         *,
         model: str = DEFAULT_MODEL,
-        audio_format: str = "wav",
+        audio_format: str = "mp3",
         concurrency: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
         poll_interval: float = MIN_POLL_INTERVAL_S,
@@ -148,7 +125,8 @@ class AIGatewayProvider(Provider):
         self.audio_format = audio_format
         self.capabilities = Capabilities(
             modes=frozenset({Mode.PROMPT}),
-            options=frozenset(),  # the music endpoint takes no diffusion knobs
+            # The music endpoint takes no diffusion knobs; it does let us pick the file.
+            options={"audio_format": OptionRange("format", choices=AUDIO_FORMATS)},
             price_per_second=PRICE_PER_SECOND,
             concurrency=concurrency,
         )
@@ -170,7 +148,9 @@ class AIGatewayProvider(Provider):
             "model": self.model,
             "duration": request.duration,
             "is_instrumental": request.instrumental,
-            "format": self.audio_format,
+            # MP3 unless the user asked otherwise: it is what the chat gets, so a file
+            # that fits the upload limit needs no re-encode.
+            "format": request.audio_format or self.audio_format,
         }
 
     # -- the contract ---------------------------------------------------------------
@@ -195,7 +175,7 @@ class AIGatewayProvider(Provider):
             {
                 "id": job_id,
                 "model": self.model,
-                "format": self.audio_format,
+                "format": request.audio_format or self.audio_format,
                 "duration": request.duration,
             },
         )
@@ -361,7 +341,7 @@ class AIGatewayProvider(Provider):
         text = self._clean(str(error)) if error else ""
         reason = text or "no reason given"
         markers = f"{code} {text}".lower()
-        return Failed(reason, rejected=any(m in markers for m in _POLICY_MARKERS))
+        return Failed(reason, rejected=has_marker([markers], POLICY_WORDS))
 
 
 def _fraction(value: Any) -> float | None:

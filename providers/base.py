@@ -14,7 +14,7 @@ import io
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,6 +31,63 @@ T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
 
 
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+@dataclass(frozen=True)
+class OptionRange:
+    """How one provider takes one request option: its field name and the values it accepts
+    (a range for numbers, a list for choices; neither = whatever the request allows)."""
+
+    wire: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return str(value) in self.choices
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return True
+        if self.minimum is not None and value < self.minimum:
+            return False
+        return self.maximum is None or value <= self.maximum
+
+    def describe(self) -> str:
+        """'from 3 to 60', 'at most 30', 'one of mp3, wav'."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.minimum is not None and self.maximum is not None:
+            return f"from {_num(self.minimum)} to {_num(self.maximum)}"
+        if self.maximum is not None:
+            return f"at most {_num(self.maximum)}"
+        if self.minimum is not None:
+            return f"at least {_num(self.minimum)}"
+        return "any value"
+
+
+# The knobs of the ACE-Step v1 pipeline as fal documents them (PROVIDERS.md); hosts of the
+# same model start from these and change what they name or bound differently.
+ACE_STEP_V1_OPTIONS: dict[str, OptionRange] = {
+    "steps": OptionRange("number_of_steps", 3, 60),
+    "scheduler": OptionRange("scheduler", choices=("euler", "heun")),
+    "guidance_type": OptionRange("guidance_type", choices=("cfg", "apg", "cfg_star")),
+    "granularity_scale": OptionRange("granularity_scale", -100, 100),
+    "guidance_interval": OptionRange("guidance_interval", 0, 1),
+    "guidance_interval_decay": OptionRange("guidance_interval_decay", 0, 1),
+    "guidance_scale": OptionRange("guidance_scale", 0, 200),
+    "minimum_guidance_scale": OptionRange("minimum_guidance_scale", 0, 200),
+    "tag_guidance_scale": OptionRange("tag_guidance_scale", 0, 10),
+    "lyric_guidance_scale": OptionRange("lyric_guidance_scale", 0, 10),
+}
+
+
+def wire_values(options: Mapping[str, OptionRange], request: GenerationRequest) -> dict[str, Any]:
+    """The options the user set that a provider takes, under the provider's field names."""
+    return {options[k].wire: v for k, v in request.advanced().items() if k in options}
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a provider can do and what it costs."""
@@ -38,8 +95,9 @@ class Capabilities:
     modes: frozenset[Mode]
     max_duration: int = 240
     min_duration: int = 5
-    # Names of GenerationRequest advanced options this provider passes to the model.
-    options: frozenset[str] = frozenset()
+    # The GenerationRequest advanced options this provider passes to the model, each with
+    # its wire name and the range this provider accepts.
+    options: Mapping[str, OptionRange] = field(default_factory=dict)
     price_per_second: float = 0.0002  # USD per second of audio
     concurrency: int = 2  # jobs this bot keeps in flight at the provider at once
 
@@ -47,11 +105,24 @@ class Capabilities:
         return (
             request.mode in self.modes
             and self.min_duration <= request.duration <= self.max_duration
+            and not self.out_of_range(request)
         )
+
+    def out_of_range(self, request: GenerationRequest) -> list[tuple[str, OptionRange]]:
+        """Options the user set that this provider takes, but not with that value."""
+        return [
+            (name, self.options[name])
+            for name, value in request.advanced().items()
+            if name in self.options and not self.options[name].admits(value)
+        ]
 
     def ignored_options(self, request: GenerationRequest) -> list[str]:
         """Advanced options the user set that this provider does not honour."""
-        return sorted(set(request.advanced()) - self.options)
+        return sorted(set(request.advanced()) - set(self.options))
+
+    def wire_options(self, request: GenerationRequest) -> dict[str, Any]:
+        """The honoured options under this provider's field names."""
+        return wire_values(self.options, request)
 
 
 @dataclass(frozen=True)
@@ -79,9 +150,9 @@ class Result:
     tags: str | None = None
     lyrics: str | None = None
     content_type: str | None = None
-    # True when the model chose the length itself (ACE-Step's local prompt mode): the
-    # audio check then does not hold the song to the requested duration.
-    duration_chosen_by_model: bool = False
+    # False when the provider reported another seed than the one it was sent: it ignores
+    # seeds, so `seed` (what it used) cannot make the song again. Users are told so.
+    seed_honoured: bool = True
     # Anything else worth keeping: inference time, NSFW flags, bpm, provider's ids.
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -161,6 +232,12 @@ class TaskLost(ProviderError):
     """The provider no longer knows the task (e.g. the local server restarted)."""
 
 
+class CannotServe(TaskLost):
+    """The provider found it cannot serve this request after all (e.g. no ACE-Step
+    server has the language model that a described song needs). Its capabilities now say
+    so; the job goes back to the queue for another provider, with no cool-down."""
+
+
 class ProviderFailedDownload(ProviderError):
     """The result file cannot be had (expired, gone, too large): the job failed."""
 
@@ -218,6 +295,18 @@ class Provider(ABC):
             if not out.closed:
                 await asyncio.to_thread(out.close)
 
+    @property
+    def streams_status(self) -> bool:
+        """True while `wait_status` returns as soon as the status changes (a status
+        stream): the engine then waits on it instead of sleeping between polls."""
+        return False
+
+    async def wait_status(self, handle: Handle, since: Status | None, timeout: float) -> Status:
+        """The job's status once it differs from `since`, or whatever it is after
+        `timeout` seconds. Providers that can be told of a change override this; the
+        default asks once."""
+        return await self.poll(handle)
+
     async def fetch_audio(self, result: Result) -> bytes:
         """The finished audio in memory, under the same rules as `save_audio` (for tests
         and tools; the engine streams to disk)."""
@@ -243,6 +332,10 @@ class Provider(ABC):
     def poll_interval(self) -> float:
         """The shortest sensible pause between polls, in seconds."""
         return 1.0
+
+    async def health(self) -> dict[str, Any]:
+        """Provider-specific facts for `/healthz` and `config check` (none by default)."""
+        return {}
 
     async def aclose(self) -> None:
         await self.client.aclose()

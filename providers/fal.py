@@ -9,18 +9,19 @@ them. A submit is never retried here: one that timed out may exist and be billed
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
+from httpx_sse import SSEError, aconnect_sse
 
-from bot.requests import ADVANCED_OPTIONS, GenerationRequest, Mode
+from bot.requests import GenerationRequest, Mode
 from providers.base import (
-    AuthError,
-    BillingError,
-    Busy,
+    ACE_STEP_V1_OPTIONS,
     Cancelled,
     Capabilities,
     Failed,
@@ -29,12 +30,11 @@ from providers.base import (
     Provider,
     ProviderError,
     Queued,
-    Rejected,
     Result,
     Running,
+    Sleep,
     Status,
     Succeeded,
-    TaskLost,
     Unavailable,
     api_client,
     http_error_text,
@@ -42,7 +42,9 @@ from providers.base import (
     parse_retry_after,
     retry_reads,
     send,
+    wire_values,
 )
+from providers.errors import BILLING_WORDS, Stage, has_marker, http_error
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,8 @@ APP_ID = "fal-ai/ace-step"  # owner/alias: the only part used after submit
 PROMPT_ENDPOINT = "fal-ai/ace-step/prompt-to-audio"
 SONG_ENDPOINT = "fal-ai/ace-step"
 
-# Our option names where fal's differ; every other advanced option keeps its name.
-_FAL_OPTION_NAMES = {"steps": "number_of_steps"}
+# The knobs both ACE-Step endpoints take (PROVIDERS.md), under fal's names and ranges.
+FAL_OPTIONS = ACE_STEP_V1_OPTIONS
 
 # Error types that mean the input itself was refused: never retried, told to the user.
 _REJECTED_ERROR_TYPES = ("content_policy", "validation", "value_error", "type_error")
@@ -63,12 +65,22 @@ _CONTENT_POLICY_MESSAGE = (
 # A Retry-After longer than this goes back to the engine instead of being slept here.
 _MAX_INTERNAL_WAIT_S = 10.0
 _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
+# After the status stream failed, plain polls for this long before it is tried again.
+_STREAM_RETRY_S = 300.0
 
-Sleep = Callable[[float], Awaitable[None]]
+
+class _NoStream(Exception):
+    """The queue does not offer the status stream here."""
 
 
 class FalProvider(Provider):
-    """ACE-Step on fal.ai through the queue API; prompt-to-audio and composed songs."""
+    """ACE-Step on fal.ai through the queue API; prompt-to-audio and composed songs.
+
+    Status comes from fal's status stream (`GET .../requests/{id}/status/stream`, server-
+    sent events whose `data` is the same JSON as a status GET, as @fal-ai/client's
+    `streamStatus` reads it; the stream ends after COMPLETED), so a finished song is
+    known at once; a plain status GET is the fallback where the stream is unavailable.
+    """
 
     name = "fal"
 
@@ -91,6 +103,7 @@ class FalProvider(Provider):
         self._poll_interval = poll_interval
         self._retry_delays = tuple(retry_delays)
         self._sleep = sleep
+        self._stream_off_until = 0.0
         auth = KeyForOrigins(f"Key {api_key}", [self.queue_url])
         super().__init__(
             api_client(
@@ -104,7 +117,7 @@ class FalProvider(Provider):
             modes=frozenset({Mode.PROMPT, Mode.SONG}),
             min_duration=5,
             max_duration=240,
-            options=frozenset(ADVANCED_OPTIONS),
+            options=FAL_OPTIONS,
             price_per_second=0.0002,
             concurrency=concurrency,
         )
@@ -149,7 +162,63 @@ class FalProvider(Provider):
         )
         if resp.status_code >= 300:
             raise self._error(resp, "poll")
-        body = _json_object(resp)
+        return await self._status(handle, urls, _json_object(resp))
+
+    @property
+    def streams_status(self) -> bool:
+        return self._stream_off_until <= time.monotonic()
+
+    async def wait_status(self, handle: Handle, since: Status | None, timeout: float) -> Status:
+        """Read fal's status stream until the status differs from `since` (or COMPLETED),
+        at most `timeout` s; fall back to one status GET when the stream fails."""
+        if self._stream_off_until > time.monotonic():
+            return await self.poll(handle)
+        urls = self._urls(handle)
+        latest: Status | None = None
+        completed: dict[str, Any] | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                async with aconnect_sse(
+                    self.client,
+                    "GET",
+                    urls["status_url"] + "/stream",
+                    params={"logs": "1"},
+                    headers={"Accept": "text/event-stream"},
+                    timeout=httpx.Timeout(timeout + 5.0, connect=10.0),
+                ) as source:
+                    resp = source.response
+                    if resp.status_code in (404, 405, 501):
+                        # Not offered here (a proxy, an older queue): poll instead.
+                        raise _NoStream(f"status stream answered {resp.status_code}")
+                    if resp.status_code >= 300:
+                        await resp.aread()
+                        raise self._error(resp, "poll")
+                    async for event in source.aiter_sse():
+                        try:
+                            body = json.loads(event.data)
+                        except ValueError:
+                            continue  # a keep-alive or a broken line: wait for the next
+                        if not isinstance(body, dict):
+                            continue
+                        if body.get("status") == "COMPLETED":
+                            completed = body
+                            break
+                        latest = await self._status(handle, urls, body)
+                        if latest != since:
+                            return latest
+            if completed is not None:  # the result GET is not held to the stream's timeout
+                return await self._status(handle, urls, completed)
+        except TimeoutError:
+            if latest is not None:
+                return latest
+        except (_NoStream, SSEError, httpx.TransportError) as exc:
+            log.info("fal: no status stream (%s); polling for %.0f s", exc, _STREAM_RETRY_S)
+            self._stream_off_until = time.monotonic() + _STREAM_RETRY_S
+        # The stream ended or timed out without news: one plain status GET.
+        return await self.poll(handle)
+
+    async def _status(self, handle: Handle, urls: dict[str, str], body: dict[str, Any]) -> Status:
+        """A status body (from a GET or a stream event) in our terms."""
         state = body.get("status")
         if state == "IN_QUEUE":
             position = body.get("queue_position")
@@ -193,8 +262,7 @@ class FalProvider(Provider):
             body = {"tags": request.tags, "lyrics": lyrics}
         body["duration"] = request.duration
         body["seed"] = seed
-        for name, value in request.advanced().items():
-            body[_FAL_OPTION_NAMES.get(name, name)] = value
+        body.update(wire_values(FAL_OPTIONS, request))
         return endpoint, body
 
     # ----- HTTP and error mapping --------------------------------------------------------
@@ -246,42 +314,22 @@ class FalProvider(Provider):
         )
 
     def _error(self, resp: httpx.Response, phase: str) -> ProviderError:
-        """The one place that turns a fal HTTP error into our typed errors."""
-        code = resp.status_code
+        """fal's error answer in our terms: its `detail`, error types and the markers."""
         detail, types = self._detail(resp)
-        if code == 401:
-            return AuthError(
-                self.name, f"fal rejected the API key; check FAL_KEY ({detail})", status_code=code
-            )
-        if code == 403:
-            if re.search(r"balance|locked|billing|credit|payment", detail, re.IGNORECASE):
-                return BillingError(
-                    self.name, f"fal account cannot pay: {detail}", status_code=code
-                )
-            return AuthError(
-                self.name, f"fal refused access; check FAL_KEY ({detail})", status_code=code
-            )
-        if code == 404:
-            if phase == "submit":
-                # A wrong model path is the operator's problem, not the user's input.
-                return Unavailable(
-                    self.name, f"fal has no such endpoint ({detail})", status_code=code
-                )
-            return TaskLost(
-                self.name, f"fal no longer knows this request ({detail})", status_code=code
-            )
-        if code == 429:
-            return Busy(
-                self.name,
-                f"fal is rate limiting ({detail})",
-                status_code=code,
-                retry_after=parse_retry_after(resp),
-            )
-        if code == 408 or code >= 500:
-            return Unavailable(self.name, f"fal server error: {detail}", status_code=code)
-        if any("content_policy" in t for t in types):
-            return Rejected(self.name, _CONTENT_POLICY_MESSAGE, status_code=code)
-        return Rejected(self.name, detail, status_code=code)
+        return http_error(
+            self.name,
+            resp.status_code,
+            detail,
+            stage=Stage.SUBMIT if phase == "submit" else Stage.POLL,
+            retry_after=parse_retry_after(resp),
+            # "User is locked. Reason: Exhausted balance..." comes as a 403.
+            billing=has_marker([detail], BILLING_WORDS),
+            policy=has_marker(types, ("content_policy",)),
+            policy_message=_CONTENT_POLICY_MESSAGE,
+            key_setting="FAL_KEY",
+            # fal queues what is over the account's concurrency: a 503 is its outage.
+            busy_statuses=(429,),
+        )
 
     def _detail(self, resp: httpx.Response) -> tuple[str, list[str]]:
         """fal's `detail` as readable text ("duration: ensure ...") and its error types."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bot.settings import Settings, missing_for_provider
-from providers.base import Provider
+from providers.base import Provider, ProviderError
 
 
 def build_provider(settings: Settings, name: str) -> Provider:
@@ -57,3 +57,26 @@ def build_providers(settings: Settings, only: str | None = None) -> list[Provide
     """Every provider listed in PROVIDERS that has what it needs (or just `only`)."""
     names = [only] if only else settings.providers
     return [build_provider(settings, n) for n in names if not missing_for_provider(settings, n)]
+
+
+async def provider_notes(settings: Settings) -> list[str]:
+    """What the configured providers say about themselves that an operator must know
+    (today: ACE-Step servers that cannot make described songs), one line each."""
+    lines: list[str] = []
+    for provider in build_providers(settings):
+        try:
+            facts = await provider.health()
+        except ProviderError as exc:
+            lines.append(f"Provider {provider.name}: {exc.message}")
+            continue
+        finally:
+            await provider.aclose()
+        for url, server in (facts.get("servers") or {}).items():
+            if not server.get("reachable", True):
+                lines.append(f"ACE-Step server {url} did not answer: {server.get('error')}.")
+            elif server.get("prompt_mode") is not True and server.get("note"):
+                lines.append(
+                    f"ACE-Step server {url} cannot be relied on for described songs "
+                    f"(/song, --prompt): {server['note']}."
+                )
+    return lines

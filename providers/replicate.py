@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,23 +23,22 @@ import httpx
 
 from bot.requests import GenerationRequest, Mode
 from providers.base import (
-    AuthError,
-    BillingError,
-    Busy,
+    ACE_STEP_V1_OPTIONS,
     Cancelled,
     Capabilities,
     Failed,
     Handle,
     KeyForOrigins,
+    OptionRange,
     Provider,
     ProviderError,
     Queued,
     Rejected,
     Result,
     Running,
+    Sleep,
     Status,
     Succeeded,
-    TaskLost,
     Unavailable,
     api_client,
     backoff_delays,
@@ -49,24 +47,20 @@ from providers.base import (
     retry_reads,
     send,
 )
+from providers.errors import BILLING_WORDS, Stage, has_marker, http_error
 
 log = logging.getLogger(__name__)
 
 ACE_STEP_MODEL = "lucataco/ace-step"
 ACE_STEP_VERSION = "280fc4f9ee507577f880a167f639c02622421d8fecf492454320311217b688f1"
 
-# Our option name -> the model's input name (the rest keep their names).
-INPUT_NAMES: dict[str, str] = {
-    "steps": "number_of_steps",
-    "scheduler": "scheduler",
-    "guidance_type": "guidance_type",
-    "granularity_scale": "granularity_scale",
-    "guidance_interval": "guidance_interval",
-    "guidance_interval_decay": "guidance_interval_decay",
-    "guidance_scale": "guidance_scale",
-    "minimum_guidance_scale": "min_guidance_scale",
-    "tag_guidance_scale": "tag_guidance_scale",
-    "lyric_guidance_scale": "lyric_guidance_scale",
+# The model's inputs for our options (its input schema on the model page: steps 10-200,
+# guidance_scale at most 30, min_guidance_scale at most 100; the others as fal's).
+INPUTS: dict[str, OptionRange] = {
+    **ACE_STEP_V1_OPTIONS,
+    "steps": OptionRange("number_of_steps", 10, 200),
+    "guidance_scale": OptionRange("guidance_scale", 0, 30),
+    "minimum_guidance_scale": OptionRange("min_guidance_scale", 0, 100),
 }
 
 _CONTENT_TYPES = {
@@ -76,9 +70,6 @@ _CONTENT_TYPES = {
     ".ogg": "audio/ogg",
 }
 _PERCENT = re.compile(r"(\d{1,3})%\|")
-_BILLING_WORDS = ("credit", "billing", "balance", "payment", "spend limit")
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 class ReplicateProvider(Provider):
@@ -116,7 +107,7 @@ class ReplicateProvider(Provider):
             modes=frozenset({Mode.SONG}),
             min_duration=1,
             max_duration=240,
-            options=frozenset(INPUT_NAMES),
+            options=INPUTS,
             price_per_second=price_per_second,
             concurrency=concurrency,
         )
@@ -138,8 +129,7 @@ class ReplicateProvider(Provider):
             "duration": request.duration,
             "seed": seed,
         }
-        for option, value in request.advanced().items():
-            body[INPUT_NAMES[option]] = value
+        body.update(self.capabilities.wire_options(request))
         return body
 
     async def submit(self, request: GenerationRequest, seed: int) -> Handle:
@@ -268,30 +258,17 @@ class ReplicateProvider(Provider):
 def map_error(
     resp: httpx.Response, provider: str = "replicate", *, stage: str = "submit"
 ) -> ProviderError:
-    """The one place a Replicate error answer becomes one of our typed errors."""
-    code = resp.status_code
+    """A Replicate problem-details answer in our terms (billing words are the marker)."""
     text = _problem_text(resp)
-    retry_after = parse_retry_after(resp)
-    if code == 401:
-        return AuthError(provider, f"the API token was refused: {text}", status_code=code)
-    if code == 402 or (code == 403 and any(w in text.lower() for w in _BILLING_WORDS)):
-        return BillingError(provider, f"billing: {text}", status_code=code)
-    if code == 403:
-        return AuthError(provider, f"forbidden: {text}", status_code=code)
-    if code == 404:
-        if stage == "poll":
-            return TaskLost(provider, "Replicate no longer knows this prediction", status_code=code)
-        # A missing model version is the operator's to fix; another provider can serve.
-        return Unavailable(provider, f"not found: {text}", status_code=code)
-    if code == 429:
-        return Busy(provider, f"rate limited: {text}", status_code=code, retry_after=retry_after)
-    if code == 503:
-        return Busy(
-            provider, f"temporarily unavailable: {text}", status_code=code, retry_after=retry_after
-        )
-    if 400 <= code < 500:
-        return Rejected(provider, text, status_code=code)
-    return Unavailable(provider, f"server error: {text}", status_code=code, retry_after=retry_after)
+    return http_error(
+        provider,
+        resp.status_code,
+        text,
+        stage=Stage.POLL if stage == "poll" else Stage.SUBMIT,
+        retry_after=parse_retry_after(resp),
+        billing=has_marker([text], BILLING_WORDS),
+        key_setting="REPLICATE_API_TOKEN",
+    )
 
 
 def _problem_text(resp: httpx.Response) -> str:

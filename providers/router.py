@@ -85,6 +85,20 @@ class Router:
         ends = [s.cooldown_until - now for s in self.state.values() if s.cooldown_until > now]
         return min(ends) if ends else None
 
+    def option_limits(self, request: GenerationRequest) -> dict[str, list[tuple[str, str]]]:
+        """For each option whose value rules providers out: (provider, what it takes),
+        among the providers that could otherwise serve the request."""
+        limits: dict[str, list[tuple[str, str]]] = {}
+        for provider in self.providers.values():
+            caps = provider.capabilities
+            if request.mode not in caps.modes or not (
+                caps.min_duration <= request.duration <= caps.max_duration
+            ):
+                continue
+            for name, allowed in caps.out_of_range(request):
+                limits.setdefault(name, []).append((provider.name, allowed.describe()))
+        return limits
+
     def price_for(self, request: GenerationRequest) -> float:
         """The highest price per second among providers that could serve it: the
         reservation must cover whichever ends up serving."""

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 
 from bot.requests import GenerationRequest, Mode, is_instrumental_lyrics
 from providers.base import (
-    AuthError,
-    BillingError,
-    Busy,
     Cancelled,
     Capabilities,
     Failed,
@@ -28,9 +24,9 @@ from providers.base import (
     Provider,
     ProviderError,
     Queued,
-    Rejected,
     Result,
     Running,
+    Sleep,
     Status,
     Succeeded,
     TaskLost,
@@ -42,6 +38,7 @@ from providers.base import (
     send,
     whole_number,
 )
+from providers.errors import BILLING_WORDS, POLICY_WORDS, Stage, has_marker, http_error
 
 log = logging.getLogger(__name__)
 
@@ -62,47 +59,23 @@ _QUEUED = {"created", "pending", "queued"}
 _RUNNING = {"processing", "running"}
 _FAILED = {"failed", "timeout", "deleted"}
 _CANCELLED = {"cancelled", "canceled"}
-# Words in a failure or 4xx message that mean the model refused the input itself.
-_POLICY_WORDS = (
-    "nsfw",
-    "content policy",
-    "content_policy",
-    "sensitive",
-    "prohibited",
-    "not allowed",
-    "violat",
-)
-_BALANCE_WORDS = ("balance", "insufficient", "credit", "billing", "payment", "top up")
 _MAX_RETRY_WAIT_S = 30.0
 _MAX_REASON_CHARS = 300
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 def map_error(
     status: int, message: str, *, retry_after: float | None = None, polling: bool = False
 ) -> ProviderError:
-    """The one place WaveSpeed's HTTP statuses and envelope codes become our errors."""
-    name = NAME
-    text = message or "no details given"
-    low = text.lower()
-    if status == 402 or (status in (400, 403) and any(w in low for w in _BALANCE_WORDS)):
-        return BillingError(name, f"account balance exhausted: {text}", status_code=status)
-    if status in (401, 403):
-        return AuthError(name, f"API key refused: {text}", status_code=status)
-    if status == 404:
-        if polling:
-            return TaskLost(name, "WaveSpeed no longer knows this prediction", status_code=404)
-        return Unavailable(name, f"model not found: {text}", status_code=404)
-    if status in (429, 503):
-        return Busy(name, f"busy: {text}", status_code=status, retry_after=retry_after)
-    if status == 408 or status >= 500:
-        return Unavailable(
-            name, f"server error: {text}", status_code=status, retry_after=retry_after
-        )
-    if 400 <= status < 500:
-        return Rejected(name, text, status_code=status)
-    return Unavailable(name, f"unexpected answer (code {status}): {text}", status_code=status)
+    """WaveSpeed's HTTP status or envelope code, with the markers its message carries."""
+    return http_error(
+        NAME,
+        status,
+        message,
+        stage=Stage.POLL if polling else Stage.SUBMIT,
+        retry_after=retry_after,
+        billing=has_marker([message], BILLING_WORDS),
+        key_setting="WAVESPEED_API_KEY",
+    )
 
 
 class WaveSpeedProvider(Provider):
@@ -145,7 +118,7 @@ class WaveSpeedProvider(Provider):
         self.song_model = song_model
         self.capabilities = Capabilities(
             modes=frozenset({Mode.PROMPT, Mode.SONG}),
-            options=frozenset(),  # WaveSpeed takes no knobs beyond duration and seed
+            options={},  # WaveSpeed takes no knobs beyond duration and seed
             # The engine budgets with one figure: the dearest model this instance may use.
             price_per_second=max(PROMPT_PRICE, SONG_MODELS[song_model]),
             concurrency=concurrency,
@@ -307,7 +280,7 @@ class WaveSpeedProvider(Provider):
             else:
                 reason = error or "no reason given"
             low = error.lower()
-            return Failed(reason, rejected=any(w in low for w in _POLICY_WORDS))
+            return Failed(reason, rejected=has_marker([low], POLICY_WORDS))
         if status in _CANCELLED:
             return Cancelled()
         # A status the docs do not list: keep polling rather than give up on a paid job.

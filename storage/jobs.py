@@ -8,6 +8,7 @@ jobs still active, whenever they were admitted.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -433,6 +434,43 @@ class JobStore:
             )
         return await self._select("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
 
+    async def search(
+        self,
+        text: str,
+        limit: int = 50,
+        states: tuple[str, ...] | None = None,
+        user_key: str | None = None,
+    ) -> list[Job]:
+        """Jobs whose prompt, tags, lyrics or title contain `text` (any case), newest
+        first: for operators finding who asked for what."""
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", text.lower()) + "%"
+        where = ["(lower(request) LIKE ? ESCAPE '\\' OR lower(result) LIKE ? ESCAPE '\\')"]
+        params: list[Any] = [pattern, pattern]
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            params += states
+        if user_key:
+            where.append("user_key = ?")
+            params.append(user_key)
+        jobs = await self._select(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at DESC LIMIT ?",
+            (*params, limit * 4),
+        )
+        # The LIKE above also matches JSON keys and escapes; keep the real text matches.
+        needle = text.lower()
+        return [job for job in jobs if needle in _searchable(job)][:limit]
+
+    async def mark_deleted(self, job_id: str, by: str, now: float | None = None) -> bool:
+        """Record that a posted song was removed (once); False if it already was."""
+        now = time.time() if now is None else now
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE jobs SET deleted_at = ?, deleted_by = ?, updated_at = ?"
+                " WHERE id = ? AND deleted_at IS NULL",
+                (now, by, now, job_id),
+            )
+            return cur.rowcount == 1
+
     async def _select(self, sql: str, params: tuple[Any, ...]) -> list[Job]:
         async with self.db.read() as conn:
             rows = await _rows(conn, sql, params)
@@ -644,6 +682,16 @@ def _encode(name: str, value: Any) -> Any:
     return value
 
 
+def _searchable(job: Job) -> str:
+    """The words of a job an operator searches: what was asked and what was made."""
+    req = job.request
+    made = job.result
+    parts = [req.prompt, req.tags, req.lyrics, job.title]
+    if made is not None:
+        parts += [made.tags or "", made.lyrics or ""]
+    return "\n".join(parts).lower()
+
+
 def _job(row: aiosqlite.Row) -> Job:
     return Job(
         id=row["id"],
@@ -677,4 +725,6 @@ def _job(row: aiosqlite.Row) -> Job:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         delivered_at=row["delivered_at"],
+        deleted_at=row["deleted_at"],
+        deleted_by=row["deleted_by"],
     )

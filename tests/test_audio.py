@@ -55,6 +55,8 @@ TAGS = SongTags(
     seed=1234567,
     provider="fal",
     job_id="job-42",
+    genre="lofi, piano",
+    date="2026-11-30",
 )
 
 
@@ -415,6 +417,10 @@ def test_mp3_tags_read_back_with_mutagen(tmp_path: Path, song5: Path, cover5: by
     for fact in ("lofi piano about rain", "lofi, piano, 80 bpm", "1234567", "fal", "job-42"):
         assert fact in comment
     assert id3.getall("TXXX:SEED")[0].text == ["1234567"]
+    # The link back to the job, the genre from the style tags, the day it was made.
+    assert id3.getall("TXXX:JOB_ID")[0].text == ["job-42"]
+    assert id3["TCON"].text == ["lofi, piano"]
+    assert str(id3["TDRC"].text[0]).startswith("2026")
     picture = id3.getall("APIC")[0]
     assert (picture.mime, picture.type, picture.data) == ("image/jpeg", 3, cover5)
 
@@ -427,7 +433,8 @@ def test_flac_and_ogg_carry_vorbis_comments_and_the_cover(
     assert flac["LYRICS"] == [TAGS.lyrics]
     assert flac["SEED"] == ["1234567"]
     assert flac.pictures[0].data == cover5
-    assert (flac.pictures[0].width, flac.pictures[0].height) == (320, 320)
+    assert (flac.pictures[0].width, flac.pictures[0].height) == (640, 640)
+    assert flac["GENRE"] == ["lofi, piano"] and flac["DATE"] == ["2026-11-30"]
     opus = OggOpus(encode(song5, tmp_path / "s.ogg", tags=TAGS, cover=cover5).path)
     assert opus["TITLE"] == [TAGS.title]
     assert opus["ARTIST"] == ["ACE-Step"]
@@ -446,15 +453,22 @@ async def test_album_is_the_bot_name(tmp_path: Path, song5: Path) -> None:
         duration=5,
         seed=1,
         provider="fal",
-        tags=None,
+        tags="lofi, 80 bpm, female vocals, piano",
         lyrics=None,
         prompt="rain",
+        made_at=1_764_547_200.0,  # 2025-12-01 UTC
     )
     rendered = await song.render(None)
-    assert ID3(rendered.path)["TALB"].text == ["acestep-bot"]
+    id3 = ID3(rendered.path)
+    assert id3["TALB"].text == ["acestep-bot"]
+    assert id3["TCON"].text == ["lofi, piano"]  # tempo and vocals are no genre
+    assert str(id3["TDRC"].text[0]) == "2025-12-01"
+    assert id3.getall("TXXX:JOB_ID")[0].text == ["0badf00d"]
+    with Image.open(io.BytesIO(id3.getall("APIC")[0].data)) as cover:
+        assert cover.size == (640, 640)
 
 
-@pytest.mark.parametrize("size", [320, 160])
+@pytest.mark.parametrize("size", [640, 320, 160])
 def test_cover_is_a_small_square_jpeg(song5: Path, size: int) -> None:
     data = render_cover(song5, size)
     assert len(data) < 200 * 1024
@@ -463,10 +477,30 @@ def test_cover_is_a_small_square_jpeg(song5: Path, size: int) -> None:
         assert image.size == (size, size)
 
 
-def test_cover_of_a_full_song_fits_telegram_thumbnail_rules(song240: Path) -> None:
-    data = render_cover(song240)
+def test_cover_of_a_full_song_is_600_px_and_its_thumbnail_fits_telegram(song240: Path) -> None:
+    data = render_cover(song240, title="Hold on, hold on tonight")
     assert len(data) < 200 * 1024
-    assert Image.open(io.BytesIO(data)).size == (320, 320)
+    assert Image.open(io.BytesIO(data)).size == (640, 640)
+    small = audio.thumbnail(data)
+    assert len(small) < 200 * 1024
+    assert Image.open(io.BytesIO(small)).size == (320, 320)
+
+
+def test_the_title_is_written_on_the_cover(song5: Path) -> None:
+    def bottom(data: bytes) -> list[int]:
+        with Image.open(io.BytesIO(data)) as image:
+            grey = image.convert("L")
+            return [grey.getpixel((x, y)) for y in range(560, 640, 2) for x in range(0, 640, 2)]
+
+    plain, titled = bottom(render_cover(song5)), bottom(render_cover(song5, title="Night Drive"))
+    # White letters on a dark band: many pixels near white where there were none.
+    assert sum(v > 230 for v in titled) > 200
+    assert sum(v > 230 for v in titled) > 5 * sum(v > 230 for v in plain)
+
+
+def test_the_cover_font_ships_with_a_package_and_skips_what_it_cannot_draw() -> None:
+    assert "site-packages" in str(audio._font_path()) or "dist-packages" in str(audio._font_path())
+    assert audio.drawable("Café, Ночной дождь, 雨の歌 🌧") == "Café, Ночной дождь,"
 
 
 def test_cover_is_drawn_from_the_song(tmp_path: Path) -> None:

@@ -201,6 +201,9 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
             LOG_LEVEL="INFO",
             SHUTDOWN_GRACE_SECONDS="5",
             AUDIO_RETENTION_DAYS="0",
+            # The fake does not enforce Telegram's limits; pacing is not what this tests.
+            TELEGRAM_CHAT_MESSAGES_PER_SECOND="50",
+            TELEGRAM_GROUP_MESSAGES_PER_MINUTE="3000",
             **HIGH_QUOTAS,
         )
         bot = BotProcess(tmp_path, env)

@@ -149,7 +149,8 @@ async def test_invalid_input_exits_2_and_stores_nothing(tmp_path: Path) -> None:
             env,
             tmp_path,
         )
-        assert code == 2 and "steps: 99 is not valid; a whole number from 3 to 60." in err
+        # Valid for some provider (up to 200), but fal, the only one here, takes 3 to 60.
+        assert code == 2 and "steps: 99 is not available here; fal takes from 3 to 60." in err
     assert fake.submit_count == 0
     db = tmp_path / "data" / "acestep-bot.sqlite3"
     if db.exists():
@@ -225,3 +226,19 @@ async def test_config_check_masks_secrets_and_run_explains_what_is_missing(tmp_p
     assert code == 2
     assert "cannot start: nothing usable is configured" in err
     assert "DISCORD_TOKEN" in err and "FAL_KEY" in err
+
+
+async def test_config_check_says_which_gpu_server_cannot_make_described_songs(
+    tmp_path: Path,
+) -> None:
+    from tests.fakes.acestep import FakeAceStep
+
+    small = FakeAceStep(lm=False, health_reports_lm=True)  # a GPU under 12 GB
+    async with small.running() as url:
+        env = cli_env(tmp_path, PROVIDERS="acestep", ACESTEP_SERVER_URLS=url)
+        code, out, _ = await run_cli(["config", "check"], env, tmp_path)
+    assert code == 1  # no chat front-end configured here
+    assert "Providers say:" in out
+    assert f"ACE-Step server {url} cannot be relied on for described songs" in out
+    assert "ACESTEP_INIT_LLM=true" in out
+    assert small.submit_count == 0  # it only asked /health

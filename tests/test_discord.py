@@ -86,6 +86,14 @@ class Bot:
         assert len(found) == 1
         return found[0]
 
+    async def posted(self, payload: dict[str, Any]) -> tuple[FakeMessage, str]:
+        """Wait for the song of this interaction to be posted and recorded delivered;
+        the song's message and its job id."""
+        song = await self.song_message(payload)
+        job_id = job_id_in(self.original(payload).content)
+        await self.job_state(job_id, "delivered")
+        return song, job_id
+
     async def job_state(self, job_id: str, *states: str) -> None:
         async def reached() -> bool:
             job = await self.engine.get_job(job_id)
@@ -227,16 +235,18 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
     song = await bot.song_message(payload)
     assert not song.ephemeral
     mp3 = next(a for a in song.attachments if a.filename.endswith(".mp3"))
-    assert mp3.filename == f"lofi-piano-about-rain-{job_id}.mp3"
+    assert mp3.filename == f"lofi-piano-about-rain-{job_id}.mp3"  # from the title
     assert len(mp3.data) <= payload["attachment_size_limit"]
     assert decode_mp3(mp3.data) == pytest.approx(6, abs=0.2)
     cover = next(a for a in song.attachments if a.filename == "cover.jpg")
     assert cover.data[:3] == b"\xff\xd8\xff"  # a JPEG
 
     embed = song.embeds[0]
-    assert embed["title"] == "lofi piano about rain"
+    # Titled from the first line of the lyrics fal wrote; its tags shown too.
+    assert embed["title"] == "Lofi piano about rain"
     assert "lofi piano about rain" in embed["description"]
     fields = {f["name"]: f["value"] for f in embed["fields"]}
+    assert fields["Tags"] == "lofi, piano, about, rain"
     assert fields["Duration"] == "0:06"
     assert fields["Seed"] == "`42`"
     assert fields["Provider"] == "fal"
@@ -246,6 +256,8 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
         f"acestep:new:{job_id}",
         f"acestep:same:{job_id}",
         f"acestep:lyrics:{job_id}",
+        f"acestep:tags:{job_id}",
+        f"acestep:delete:{job_id}",
     ]
 
     # The provider got the user's seed. A song costs one lasting message: the status
@@ -369,7 +381,7 @@ async def test_failed_provider_is_told_once_briefly_with_a_retry_button(bot: Bot
         lambda: (m := bot.original(payload)) and "could not make" in m.content and m
     )
     assert status.content == (
-        f"**doomed** \N{MIDDLE DOT} job `{job_id}`\n\N{CROSS MARK} The music service could "
+        f"**Doomed** \N{MIDDLE DOT} job `{job_id}`\n\N{CROSS MARK} The music service could "
         "not make this song. Your quota was refunded."
     )
     # The provider's raw error is for the operator (`jobs show`), never for the channel.
@@ -500,7 +512,7 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
     click = fake.button(f"acestep:cancel:{job_id}", status)
     await bot.feed(click)
     assert ephemeral_texts(bot, click) == [
-        f"Cancelled `{job_id}` (never ending). Your quota was refunded."
+        f"Cancelled `{job_id}` (Never Ending). Your quota was refunded."
     ]
     await bot.job_state(job_id, "cancelled")
     status = await fake.wait_until(
@@ -515,7 +527,7 @@ async def test_cancel_button_and_command(bot: Bot) -> None:
     command = fake.slash("cancel", {})
     await bot.feed(command)
     assert ephemeral_texts(bot, command) == [
-        f"Cancelled `{second_id}` (second). Your quota was refunded."
+        f"Cancelled `{second_id}` (Second). Your quota was refunded."
     ]
     await bot.job_state(second_id, "cancelled")
     assert not [m for m in fake.visible() if m.attachments]
@@ -648,9 +660,7 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     fake = bot.fake
     done = fake.slash("song", {"prompt": "finished tune", "duration": 5})
     await bot.feed(done)
-    song = await bot.song_message(done)
-    done_id = job_id_in(bot.original(done).content)
-    await bot.job_state(done_id, "delivered")
+    song, done_id = await bot.posted(done)
     hold(bot.fal)
     waiting = fake.slash("song", {"prompt": "waiting tune", "duration": 5})
     await bot.feed(waiting)
@@ -660,14 +670,14 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     queue = fake.slash("queue")
     await bot.feed(queue)
     [text] = ephemeral_texts(bot, queue)
-    assert f"`{waiting_id}` waiting tune \N{EM DASH} generating" in text
+    assert f"`{waiting_id}` Waiting Tune \N{EM DASH} generating" in text
     assert done_id not in text
 
     # /cancel suggests the user's active jobs as they type.
     await bot.feed(fake.autocomplete("cancel", "job", waiting_id[:3]))
     assert fake.callbacks[-1] == {
         "type": 8,
-        "data": {"choices": [{"name": f"{waiting_id} waiting tune", "value": waiting_id}]},
+        "data": {"choices": [{"name": f"{waiting_id} Waiting Tune", "value": waiting_id}]},
     }
 
     quota = fake.slash("quota")
@@ -680,7 +690,7 @@ async def test_queue_quota_history_and_help(bot: Bot) -> None:
     await bot.feed(history)
     [text] = ephemeral_texts(bot, history)
     assert (
-        f"`{done_id}` [finished tune](<https://discord.com/channels/{GUILD}/{CHANNEL}/"
+        f"`{done_id}` [Finished tune](<https://discord.com/channels/{GUILD}/{CHANNEL}/"
         f"{song.id}>)" in text
     )
 
@@ -751,6 +761,8 @@ async def test_commands_sync_once_and_only_when_changed(tmp_path: Path, servers:
         "history",
         "help",
         "limits",
+        "settings",
+        "banlist",
     }
     song = {o["name"]: o for o in by_name["song"]["options"]}
     assert set(song) == {"prompt", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
@@ -805,3 +817,212 @@ async def test_gateway_and_rest_urls_come_from_settings(tmp_path: Path, servers:
     finally:
         await stop_bot(bot)
     assert not bot.frontend.is_connected()
+
+
+# ---- community controls: defaults, ban list, delete, titles -----------------------------
+
+ADMIN = MEMBER_PERMISSIONS | MANAGE_GUILD
+
+
+async def test_settings_defaults_apply_to_new_songs_with_their_precedence(bot: Bot) -> None:
+    fake = bot.fake
+    # The server's admins set a community default; a member may not.
+    denied = fake.slash("settings", {"scope": "server", "duration": 9})
+    await bot.feed(denied)
+    assert "Manage Server" in ephemeral_texts(bot, denied)[0]
+    server = fake.slash(
+        "settings", {"scope": "server", "duration": 9, "style": "dreamy"}, member_permissions=ADMIN
+    )
+    await bot.feed(server)
+    assert "Duration: `9 s` (community)" in ephemeral_texts(bot, server)[0]
+
+    # Alice's own default wins over the community's; Bob gets the community's.
+    mine = fake.slash("settings", {"duration": 6, "instrumental": True})
+    await bot.feed(mine)
+    [shown] = ephemeral_texts(bot, mine)
+    assert "Duration: `6 s` (yours)" in shown and "Instrumental: `yes` (yours)" in shown
+    assert "Style suffix: `dreamy` (community)" in shown
+
+    first = fake.slash("song", {"prompt": "rain"})
+    await bot.feed(first)
+    await bot.song_message(first)
+    bobs = fake.slash("song", {"prompt": "sun"}, user_id=OTHER_USER)
+    await bot.feed(bobs)
+    await bot.song_message(bobs)
+    # An option in the command wins over every default.
+    explicit = fake.slash("song", {"prompt": "snow", "duration": 5, "instrumental": False})
+    await bot.feed(explicit)
+    song = await bot.song_message(explicit)
+    alice, bob, snow = bot.submitted()
+    assert (alice["duration"], alice["instrumental"], alice["prompt"]) == (6, True, "rain, dreamy")
+    assert (bob["duration"], bob["instrumental"], bob["prompt"]) == (9, False, "sun, dreamy")
+    assert (snow["duration"], snow["instrumental"]) == (5, False)
+
+    # Buttons make new songs from the stored request: New take is the same request.
+    job_id = job_id_in(bot.original(explicit).content)
+    again = fake.button(f"acestep:new:{job_id}", song)
+    await bot.feed(again)
+    await bot.fake.wait_until(lambda: len(bot.submitted()) == 4)
+    assert bot.submitted()[3]["duration"] == 5
+
+    # A bad value is named and nothing is stored; reset clears one default.
+    bad = fake.slash("settings", {"provider": "nowhere"})
+    await bot.feed(bad)
+    assert ephemeral_texts(bot, bad)[0].startswith("provider: 'nowhere' is not valid; one of fal")
+    reset = fake.slash("settings", {"reset": "duration"})
+    await bot.feed(reset)
+    assert "Duration: `9 s` (community)" in ephemeral_texts(bot, reset)[0]
+    assert await bot.engine.song_defaults("user", f"discord:{USER}") == {"instrumental": True}
+
+
+async def test_banned_words_are_refused_at_admission_and_counted(
+    tmp_path: Path, servers: Servers
+) -> None:
+    bot = await start_bot(tmp_path, servers, banned_words=["forbidden tune"])
+    try:
+        fake = bot.fake
+        member = fake.slash("banlist", {"add": "bad word"})
+        await bot.feed(member)
+        assert "Manage Server" in ephemeral_texts(bot, member)[0]
+        add = fake.slash("banlist", {"add": "Bad Word, Spam"}, member_permissions=ADMIN)
+        await bot.feed(add)
+        # The list is shown to the admin alone.
+        [listed] = [m for m in bot.messages_of(add) if m.ephemeral]
+        assert listed.embeds[0]["title"] == "Banned: bad word, spam"
+        assert "bad word, spam" in listed.embeds[0]["description"]
+
+        for prompt in ("a song with a B.A.D   w o r d in it", "the forbidden tune"):
+            refused = fake.slash("song", {"prompt": prompt, "duration": 5})
+            await bot.feed(refused)
+            assert ephemeral_texts(bot, refused) == [
+                "I can't make a song from this request here. Please try other words."
+            ]
+        # Whole words only: "spammy" is not "spam".
+        fine = fake.slash("song", {"prompt": "spammy disco", "duration": 5})
+        await bot.feed(fine)
+        await bot.song_message(fine)
+        assert [s["prompt"] for s in bot.submitted()] == ["spammy disco"]
+        jobs = await bot.engine.store.recent(10)
+        assert len(jobs) == 1 and len(await bot.engine.store.ledger()) <= 3
+        metrics = bot.engine.metrics.render().decode()
+        assert 'acestep_moderation_refusals_total{list="community"} 1.0' in metrics
+        assert 'acestep_moderation_refusals_total{list="operator"} 1.0' in metrics
+
+        remove = fake.slash("banlist", {"remove": "bad word"}, member_permissions=ADMIN)
+        await bot.feed(remove)
+        [listed] = [m for m in bot.messages_of(remove) if m.ephemeral]
+        assert listed.embeds[0]["title"] == "No longer banned: bad word"
+        assert await bot.engine.banned(f"discord:{GUILD}") == ["spam"]
+    finally:
+        await stop_bot(bot)
+
+
+async def test_delete_button_removes_the_song_for_its_requester_or_an_admin(bot: Bot) -> None:
+    fake = bot.fake
+    payload = fake.slash("song", {"prompt": "oops", "duration": 5})
+    await bot.feed(payload)
+    song, job_id = await bot.posted(payload)
+    audio_dir = bot.engine.settings.audio_dir
+    assert list(audio_dir.glob(f"{job_id}.*"))
+
+    stranger = fake.button(f"acestep:delete:{job_id}", song, user_id=OTHER_USER)
+    await bot.feed(stranger)
+    assert ephemeral_texts(bot, stranger) == ["You can only delete your own songs."]
+    assert not song.deleted
+
+    click = fake.button(f"acestep:delete:{job_id}", song)
+    await bot.feed(click)
+    assert ephemeral_texts(bot, click) == [f"Deleted `{job_id}` (Oops)."]
+    assert song.deleted  # the posted message, through the stored interaction
+    assert list(audio_dir.glob(f"{job_id}.*")) == []
+    job = await bot.engine.get_job(job_id)
+    assert job is not None and job.state == "delivered" and job.deleted
+    assert job.deleted_by == f"discord:{USER}"
+    assert [e["kind"] for e in await bot.engine.store.ledger(job_id)] == [
+        "reserve",
+        "charge",
+        "commit",
+    ]  # the ledger stays as it was: the song was made and paid for
+    replay = fake.button(f"acestep:same:{job_id}", song)
+    await bot.feed(replay)
+    assert ephemeral_texts(bot, replay) == ["That song was deleted."]
+
+    # After the interaction token expired, an admin deletes another's song via the channel.
+    other = fake.slash("song", {"prompt": "bobs", "duration": 5}, user_id=OTHER_USER)
+    await bot.feed(other)
+    bobs_song, bobs_id = await bot.posted(other)
+    fake.expire_tokens()
+    bot.frontend.discord._clock = lambda: time.time() + 3600
+    by_admin = fake.button(f"acestep:delete:{bobs_id}", bobs_song, member_permissions=ADMIN)
+    await bot.feed(by_admin)
+    assert ephemeral_texts(bot, by_admin) == [f"Deleted `{bobs_id}` (Bobs)."]
+    assert bobs_song.deleted
+
+
+async def test_title_option_names_the_embed_the_file_and_the_tags(bot: Bot) -> None:
+    from mutagen.id3 import ID3
+    from PIL import Image
+
+    fake = bot.fake
+    payload = fake.slash(
+        "song", {"prompt": "city lights at night", "duration": 5, "title": "Night Drive"}
+    )
+    await bot.feed(payload)
+    song, job_id = await bot.posted(payload)
+    assert song.embeds[0]["title"] == "Night Drive"
+    mp3 = next(a for a in song.attachments if a.filename.endswith(".mp3"))
+    assert mp3.filename == f"night-drive-{job_id}.mp3"
+    id3 = ID3(io.BytesIO(mp3.data))
+    assert id3["TIT2"].text == ["Night Drive"]
+    assert id3["TALB"].text == [bot.frontend.client.user.name]  # type: ignore[union-attr]
+    assert id3["TCON"].text == ["city, lights"]  # the first tags fal wrote
+    assert id3.getall("TXXX:JOB_ID")[0].text == [job_id]
+    assert str(id3["TDRC"].text[0])[:4] == time.strftime("%Y", time.gmtime())
+    with Image.open(io.BytesIO(id3.getall("APIC")[0].data)) as cover:
+        assert cover.size[0] >= 600
+
+
+async def test_use_these_tags_opens_the_compose_form_filled_in(bot: Bot) -> None:
+    fake = bot.fake
+    payload = fake.slash("song", {"prompt": "salty shanty", "duration": 5})
+    await bot.feed(payload)
+    song, job_id = await bot.posted(payload)
+    assert song.embeds[0]["fields"][0] == {
+        "name": "Tags",
+        "value": "salty, shanty",
+        "inline": False,
+    }
+    await bot.feed(fake.button(f"acestep:tags:{job_id}", song))
+    assert fake.callbacks[-1]["type"] == 9
+    modal = fake.modals[-1]
+    inputs = {c["component"]["custom_id"]: c["component"] for c in modal["components"]}
+    assert inputs["tags"]["value"] == "salty, shanty"
+    assert inputs["lyrics"]["value"] == "[verse]\nsalty shanty"
+    submit = fake.modal_submit(
+        modal["custom_id"], {"tags": "salty, shanty, accordion", "lyrics": ""}
+    )
+    await bot.feed(submit)
+    await bot.song_message(submit)
+    sent = bot.fal.submits[-1]
+    assert sent.path == "/fal-ai/ace-step"  # song mode now
+    assert sent.body["tags"] == "salty, shanty, accordion" and sent.body["duration"] == 5
+
+
+async def test_settings_quick_picks_set_the_pressers_own_defaults(bot: Bot) -> None:
+    fake = bot.fake
+    show = fake.slash("settings")
+    await bot.feed(show)
+    [panel] = [m for m in bot.messages_of(show) if m.ephemeral]
+    assert "Duration: not set" in panel.content
+    assert panel.custom_ids[:5] == [
+        "acestep:set:duration=30",
+        "acestep:set:duration=60",
+        "acestep:set:duration=120",
+        "acestep:set:instrumental=no",
+        "acestep:set:instrumental=yes",
+    ]
+    press = fake.button("acestep:set:duration=120", panel)
+    await bot.feed(press)
+    assert fake.callbacks[-1]["type"] == 7  # the panel itself is updated
+    assert "Duration: `120 s` (yours)" in panel.content
+    assert await bot.engine.song_defaults("user", f"discord:{USER}") == {"duration": 120}

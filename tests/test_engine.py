@@ -403,7 +403,7 @@ async def test_a_prompt_with_escape_sequences_is_stored_and_logged_clean(
     assert job.request.prompt == "red rain on roofs"
     assert fake.submits[0].body["prompt"] == "red rain on roofs"
     admitted = [r.getMessage() for r in caplog.records if "admitted" in r.getMessage()]
-    assert admitted and "red rain on roofs" in admitted[0]
+    assert admitted and "red rain on roofs" in admitted[0].lower()
     assert "\x1b" not in caplog.text and "\x9b" not in caplog.text
 
 

@@ -202,3 +202,86 @@ async def test_local_gpu_restart_losing_the_task_is_resubmitted_and_delivered(
     assert [s["seed"] for s in gpu.submits] == [5, 5]
     assert delivery.delivered_ids() == [adm.job_id]
     assert job.provider == "acestep"
+
+
+# -- issue 13: the local GPU as the real server behaves --------------------------------------
+
+
+async def test_prompt_songs_fall_back_from_a_gpu_server_without_its_language_model(
+    tmp_path: Path,
+) -> None:
+    gpu = FakeAceStep(lm=False)  # f30aee4: /health does not say; the first song finds out
+    cloud = FakeFal(queue_polls=0, progress_polls=0)
+    delivery = RecordingDelivery(platform="telegram")
+    async with gpu.running() as g_url, cloud.running() as f_url:
+        local = AceStepProvider([g_url], poll_interval=0.01, recheck_after=0.0)
+        engine = await open_engine(make_settings(tmp_path), [local, fal(cloud, f_url)], delivery)
+        try:
+            first = await engine.submit(prompt(duration=10), USER, {})
+            job = await wait_for_state(engine, first.job_id, ("delivered", "failed"), timeout=20)
+            # Now known: the next described song goes straight to fal; composed ones
+            # still go to the GPU.
+            second = await engine.submit(prompt(duration=10), USER, {})
+            await wait_for_state(engine, second.job_id, ("delivered",), timeout=20)
+            composed = await engine.submit(
+                GenerationRequest.build(mode="song", tags="ambient", duration=10), USER, {}
+            )
+            done = await wait_for_state(engine, composed.job_id, ("delivered",), timeout=20)
+        finally:
+            await engine.close()
+    assert job.state == "delivered" and job.provider == "fal"
+    assert delivery.failures == []  # the user never saw the GPU's failure
+    assert [b.get("analysis_only") for b in gpu.submits] == [True, None]
+    assert cloud.submit_count == 2
+    assert done.provider == "acestep"
+
+
+async def test_option_ranges_route_and_say_which_provider_limits_applied(
+    tmp_path: Path,
+) -> None:
+    gpu = FakeAceStep(polls_queued=0, polls_running=0)
+    cloud = FakeFal(queue_polls=0, progress_polls=0)
+    delivery = RecordingDelivery(platform="telegram")
+    async with gpu.running() as g_url, cloud.running() as f_url:
+        local = AceStepProvider([g_url], poll_interval=0.01)
+        engine = await open_engine(make_settings(tmp_path), [local, fal(cloud, f_url)], delivery)
+        try:
+            song = {"mode": "song", "tags": "ambient", "duration": 10}
+            # 40 steps: more than ACE-Step 1.5 turbo takes (1-20), within fal's 3-60.
+            adm = await engine.submit(GenerationRequest.build(**song, steps=40), USER, {})
+            job = await wait_for_state(engine, adm.job_id, ("delivered",), timeout=20)
+            with pytest.raises(NoProvider) as refused:
+                await engine.submit(GenerationRequest.build(**song, steps=100), USER, {})
+            stored = await engine.store.recent()
+        finally:
+            await engine.close()
+    assert job.provider == "fal" and cloud.submits[0].body["number_of_steps"] == 40
+    assert gpu.submit_count == 0
+    assert str(refused.value) == (
+        "steps: 100 is not available here; acestep takes from 1 to 20; fal takes from 3 to 60. "
+        "Choose a value in one of those ranges, or leave it out."
+    )
+    assert [j.id for j in stored] == [adm.job_id]  # the refused one stored nothing
+
+
+async def test_a_gpu_server_that_ignores_seeds_is_not_shown_with_a_wrong_seed(
+    tmp_path: Path,
+) -> None:
+    gpu = FakeAceStep(polls_queued=0, polls_running=0, honours_seeds=False)
+    delivery = RecordingDelivery(platform="telegram")
+    async with gpu.running() as url:
+        engine = await open_engine(
+            make_settings(tmp_path), [AceStepProvider([url], poll_interval=0.01)], delivery
+        )
+        try:
+            adm = await engine.submit(
+                GenerationRequest.build(mode="song", tags="ambient", duration=10, seed=42),
+                USER,
+                {},
+            )
+            job = await wait_for_state(engine, adm.job_id, ("delivered",), timeout=20)
+            song = engine.song_for(job)
+        finally:
+            await engine.close()
+    assert gpu.submits[0]["seed"] == 42
+    assert song.seed != 42 and song.seed_honoured is False

@@ -184,3 +184,26 @@ async def test_health_server_binds_configured_host_and_stops(tmp_path: Path) -> 
     with pytest.raises(httpx.ConnectError):
         await get(server, "/healthz")
     await asyncio.sleep(0)
+
+
+async def test_healthz_says_when_a_gpu_server_cannot_do_prompt_mode(tmp_path: Path) -> None:
+    from providers.acestep import AceStepProvider
+    from tests.fakes.acestep import FakeAceStep
+
+    small, big = FakeAceStep(lm=False, health_reports_lm=True), FakeAceStep()
+    settings = make_settings(tmp_path)
+    async with small.running() as s_url, big.running() as b_url:
+        engine = await open_engine(settings, [AceStepProvider([s_url, b_url])], RecordingDelivery())
+        server = await start_health_server(settings, engine, [Connected()])
+        try:
+            health = await get(server, "/healthz")
+        finally:
+            await server.stop()
+            await engine.close()
+    assert health.status_code == 200  # a provider's trouble never fails the check
+    gpu = health.json()["providers"]["acestep"]
+    assert gpu["prompt_mode"] is True  # the other server may still write songs
+    assert gpu["servers"][s_url]["prompt_mode"] is False
+    assert "ACESTEP_INIT_LLM=true" in gpu["servers"][s_url]["note"]
+    assert gpu["servers"][b_url]["prompt_mode"] is None  # f30aee4: /health does not say
+    assert "first described song" in gpu["servers"][b_url]["note"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-import wave
 from collections.abc import AsyncIterator
 
+import av
 import pytest
 
 from bot.requests import GenerationRequest, Mode
@@ -13,6 +13,7 @@ from providers.acestep import AceStepProvider
 from providers.base import (
     AuthError,
     Busy,
+    CannotServe,
     Failed,
     Handle,
     ProviderFailedDownload,
@@ -80,9 +81,10 @@ async def run_to_end(provider: AceStepProvider, handle: Handle) -> list[Status]:
     raise AssertionError(f"never finished: {seen}")
 
 
-def wav_seconds(data: bytes) -> float:
-    with wave.open(io.BytesIO(data)) as w:
-        return w.getnframes() / w.getframerate()
+def audio_seconds(data: bytes) -> float:
+    """The length of a real audio file (WAV, MP3, FLAC), decoded with PyAV."""
+    with av.open(io.BytesIO(data)) as container:
+        return sum(f.samples for f in container.decode(audio=0)) / 48000
 
 
 async def test_song_mode_sends_tags_lyrics_and_a_fixed_seed(
@@ -107,16 +109,16 @@ async def test_song_mode_sends_tags_lyrics_and_a_fixed_seed(
 
     seen = await run_to_end(provider, handle)
     assert seen[0] == Queued(position=1)
-    assert [s.progress for s in seen if isinstance(s, Running)] == [0.33, 0.67]
-    assert isinstance(seen[1], Running) and seen[1].message == "DiT diffusion: 33%"
+    # The task's own progress, never the server's log line ("DiT diffusion: 33%").
+    assert [s for s in seen if isinstance(s, Running)] == [Running(0.33), Running(0.67)]
     done = seen[-1]
     assert isinstance(done, Succeeded)
     result = done.result
     assert result.audio_url.startswith(f"{fake.base_url}/v1/audio?path=")
-    assert result.seed == 31337
+    assert result.seed == 31337 and result.seed_honoured
     assert result.tags == "lofi, piano, rain"
     assert result.lyrics == "[verse]\nrain on the window"
-    assert result.content_type == "audio/wav"
+    assert result.content_type == "audio/mpeg"
     assert result.metadata["bpm"] == 92
     assert result.metadata["keyscale"] == "A minor"
     assert result.metadata["duration"] == 12
@@ -124,34 +126,74 @@ async def test_song_mode_sends_tags_lyrics_and_a_fixed_seed(
     assert "genres" not in result.metadata  # the server left it empty
 
     audio = await provider.fetch_audio(result)
-    assert audio[:4] == b"RIFF"
-    assert wav_seconds(audio) == pytest.approx(12, abs=0.01)
+    assert audio[:3] == b"ID3" or audio[0] == 0xFF  # the MP3 asked for, not a WAV
+    assert audio_seconds(audio) == pytest.approx(12, abs=0.1)
     # Every call, the audio download included, carried the key.
     assert {auth for _, _, auth in fake.requests} == {f"Bearer {KEY}"}
 
 
-async def test_prompt_mode_goes_through_sample_query(
+async def test_prompt_mode_writes_first_then_renders_at_the_asked_length(
     fake: FakeAceStep, provider: AceStepProvider
 ) -> None:
+    """Upstream's sample_query replaces audio_duration with the LM's choice (30 s here):
+    the LM only writes, then a text2music task renders at the user's 12 s."""
     request = GenerationRequest.build(
-        mode="prompt", prompt="a calm song about rain", duration=30, instrumental=True
+        mode="prompt", prompt="a calm song about rain", duration=12, instrumental=True
     )
     handle = await provider.submit(request, seed=5)
     assert fake.submits == [
         {
             "sample_query": "a calm song about rain, instrumental",
-            "audio_duration": 30,
+            "analysis_only": True,
+            "use_cot_caption": False,
+            "use_cot_language": False,
             "batch_size": 1,
-            "use_random_seed": False,
-            "seed": 5,
-            "audio_format": "mp3",
         }
     ]
-    done = (await run_to_end(provider, handle))[-1]
+    seen = await run_to_end(provider, handle)
+    done = seen[-1]
     assert isinstance(done, Succeeded)
-    # The server's language model wrote the caption and lyrics: report those.
-    assert done.result.tags == "a calm song about rain, instrumental; warm analog synths, 92 bpm"
-    assert done.result.lyrics == "[verse]\nwritten by the language model"
+    written = "a calm song about rain, instrumental; warm analog synths, 92 bpm"
+    assert fake.submits[1] == {
+        "prompt": written,
+        "lyrics": "[Instrumental]",
+        "use_cot_caption": False,
+        "audio_duration": 12,
+        "batch_size": 1,
+        "use_random_seed": False,
+        "seed": 5,
+        "audio_format": "mp3",
+        # The LM's choice of tempo, key and metre, since the user chose none.
+        "bpm": 92,
+        "key_scale": "A minor",
+        "time_signature": "4",
+    }
+    assert handle.data["phase"] == "render"  # the engine stores the moved handle
+    assert done.result.tags == written
+    assert done.result.seed == 5
+    audio = await provider.fetch_audio(done.result)
+    assert audio_seconds(audio) == pytest.approx(12, abs=0.1)
+
+
+async def test_prompt_mode_keeps_what_the_user_chose(
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
+    request = GenerationRequest.build(
+        mode="prompt", prompt="a waltz", duration=20, bpm=84, key_scale="F#m",
+        vocal_language="fr", thinking=True, time_signature="3",
+    )  # fmt: skip
+    handle = await provider.submit(request, seed=9)
+    assert fake.submits[0]["vocal_language"] == "fr"
+    await run_to_end(provider, handle)
+    render = fake.submits[1]
+    assert {k: render[k] for k in ("bpm", "key_scale", "time_signature", "vocal_language")} == {
+        "bpm": 84,
+        "key_scale": "F# minor",
+        "time_signature": "3",
+        "vocal_language": "fr",
+    }
+    assert render["thinking"] is True
+    assert render["lyrics"] == "[verse]\nwritten by the language model"
 
 
 async def test_instrumental_song_sends_the_instrumental_marker(
@@ -170,22 +212,32 @@ def test_capabilities() -> None:
     assert caps.ignored_options(song(steps=8, guidance_scale=5, scheduler="heun")) == ["scheduler"]
     assert not caps.can_serve(song(duration=5))  # the server's minimum is 10 s
     assert caps.can_serve(song(duration=240))
+    # Turbo takes 1-20 steps: a request for 27 (fal's default) goes elsewhere.
+    assert caps.can_serve(song(steps=20)) and not caps.can_serve(song(steps=27))
+    assert [n for n, _ in caps.out_of_range(song(steps=27))] == ["steps"]
+    assert AceStepProvider(["http://gpu1:8001"], max_steps=200).capabilities.can_serve(
+        song(steps=64)
+    )
     song_only = AceStepProvider(["http://gpu1:8001"], prompt_mode=False).capabilities
     assert not song_only.can_serve(GenerationRequest.build(mode="prompt", prompt="rain"))
 
 
-async def test_reports_the_seed_the_server_used_not_the_one_sent() -> None:
-    fake = FakeAceStep(KEY, seed_override=777)
+async def test_a_server_that_ignores_seeds_is_reported_as_such() -> None:
+    fake = FakeAceStep(KEY, honours_seeds=False)  # as f30aee4: seeds=None upstream
     async with fake.running():
         adapter = make([fake.base_url])
         try:
             handle = await adapter.submit(song(), seed=1)
             done = (await run_to_end(adapter, handle))[-1]
+            report = await adapter.health()
         finally:
             await adapter.aclose()
     assert isinstance(done, Succeeded)
-    assert done.result.seed == 777
+    # The seed it used, never the one it ignored, and a flag the user is shown.
+    assert done.result.seed != 1 and done.result.seed is not None
+    assert done.result.seed_honoured is False
     assert done.result.metadata["seed_sent"] == 1
+    assert report["servers"][fake.base_url]["honours_seeds"] is False
 
 
 async def test_failure_reports_the_servers_error_text() -> None:
@@ -223,7 +275,7 @@ async def test_without_disk_cache_the_seed_is_unknown() -> None:
             await adapter.aclose()
     assert done.result.seed is None
     assert done.result.metadata["seed_sent"] == 99
-    assert wav_seconds(audio) == pytest.approx(12, abs=0.01)
+    assert audio_seconds(audio) == pytest.approx(12, abs=0.01)
     assert {auth for _, _, auth in fake.requests} == {None}
 
 
@@ -283,9 +335,16 @@ async def test_poll_retries_a_transient_error(fake: FakeAceStep, provider: AceSt
         await provider.poll(handle)
 
 
-async def test_cancel_is_not_offered(fake: FakeAceStep, provider: AceStepProvider) -> None:
+async def test_cancel_sends_nothing_and_the_task_runs_on(
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
+    """Upstream's server has no cancel endpoint: the adapter must not invent one, and the
+    engine is told it could not stop the task (which then finishes on the GPU)."""
     handle = await provider.submit(song(), seed=1)
+    before = list(fake.requests)
     assert await provider.cancel(handle) is False
+    assert fake.requests == before
+    assert isinstance((await run_to_end(provider, handle))[-1], Succeeded)
 
 
 async def test_resumed_poll_from_a_stored_handle_on_a_new_adapter(
@@ -305,7 +364,7 @@ async def test_resumed_poll_from_a_stored_handle_on_a_new_adapter(
         audio = await fresh.fetch_audio(done.result)
     finally:
         await fresh.aclose()
-    assert wav_seconds(audio) == pytest.approx(15, abs=0.01)
+    assert audio_seconds(audio) == pytest.approx(15, abs=0.01)
     assert fake.submit_count == 1
 
 
@@ -482,7 +541,7 @@ async def test_restart_seen_by_the_poller_is_task_lost_and_resubmission_delivers
     done = (await run_to_end(provider, again))[-1]
     assert isinstance(done, Succeeded)
     audio = await provider.fetch_audio(done.result)
-    assert wav_seconds(audio) == pytest.approx(11, abs=0.01)
+    assert audio_seconds(audio) == pytest.approx(11, abs=0.01)
     assert [s["seed"] for s in fake.submits] == [4, 4]
 
 
@@ -506,7 +565,7 @@ async def test_restart_of_a_busy_server_found_when_later_jobs_finish(fake: FakeA
     handle = await adapter.submit(song(), seed=4)
     await adapter.aclose()
     await fake.restart()
-    foreign = fake.add_load(queued=3)
+    fake.add_load(queued=3)
     fresh = make([fake.base_url])
     try:
         # Other jobs are pending: our unknown task might still be queued behind them.
@@ -518,7 +577,6 @@ async def test_restart_of_a_busy_server_found_when_later_jobs_finish(fake: FakeA
     finally:
         await fresh.aclose()
     assert "never started" in str(caught.value)
-    assert len(foreign) == 3
 
 
 async def test_restart_while_running_leaves_a_stale_entry_that_is_task_lost() -> None:
@@ -576,3 +634,114 @@ async def test_a_queued_task_on_a_busy_server_is_not_declared_lost(fake: FakeAce
     finally:
         await adapter.aclose()
     assert isinstance(done, Succeeded)
+
+
+# -- a server without its language model ---------------------------------------------------
+
+
+def prompt(**fields: object) -> GenerationRequest:
+    values: dict[str, object] = {"mode": "prompt", "prompt": "rain at night", "duration": 12}
+    values.update(fields)
+    return GenerationRequest.build(**values)
+
+
+async def test_a_server_that_says_it_has_no_lm_is_not_used_for_prompt_mode() -> None:
+    fake = FakeAceStep(KEY, lm=False, health_reports_lm=True)  # a newer build
+    async with fake.running():
+        adapter = make([fake.base_url])
+        try:
+            with pytest.raises(CannotServe) as caught:
+                await adapter.submit(prompt(), seed=1)
+            # Routing now skips it for described songs; composed songs still go there.
+            assert not adapter.capabilities.can_serve(prompt())
+            assert adapter.capabilities.ignored_options(song(thinking=True)) == ["thinking"]
+            handle = await adapter.submit(song(), seed=2)
+            assert isinstance((await run_to_end(adapter, handle))[-1], Succeeded)
+            report = await adapter.health()
+        finally:
+            await adapter.aclose()
+    assert "ACESTEP_INIT_LLM=true" in str(caught.value)
+    assert fake.submit_count == 1  # nothing was queued that could only fail
+    server = report["servers"][fake.base_url]
+    assert report["prompt_mode"] is False and server["prompt_mode"] is False
+    assert "language model" in server["note"]
+
+
+async def test_an_older_build_without_lm_is_found_out_by_its_first_prompt_song() -> None:
+    fake = FakeAceStep(KEY, lm=False)  # f30aee4: /health does not say
+    async with fake.running():
+        adapter = make([fake.base_url])
+        try:
+            assert (await adapter.health())["servers"][fake.base_url]["prompt_mode"] is None
+            handle = await adapter.submit(prompt(), seed=1)
+            with pytest.raises(CannotServe):
+                await run_to_end(adapter, handle)
+            assert not adapter.capabilities.can_serve(prompt())
+            with pytest.raises(CannotServe):
+                await adapter.submit(prompt(), seed=1)
+        finally:
+            await adapter.aclose()
+    # Only the cheap write task was tried; no audio was made at the LM's length.
+    assert [b.get("analysis_only") for b in fake.submits] == [True]
+
+
+async def test_prompt_songs_go_to_the_server_that_has_the_lm() -> None:
+    small = FakeAceStep(KEY, lm=False, health_reports_lm=True)
+    big = FakeAceStep(KEY, health_reports_lm=True)
+    async with small.running(), big.running():
+        big.add_load(running=2)  # busier, but the only one that can write
+        adapter = make([small.base_url, big.base_url])
+        try:
+            handle = await adapter.submit(prompt(), seed=1)
+            assert isinstance((await run_to_end(adapter, handle))[-1], Succeeded)
+            composed = await adapter.submit(song(), seed=2)
+        finally:
+            await adapter.aclose()
+    assert handle.data["server"] == big.base_url
+    assert composed.data["server"] == small.base_url  # the idle one, for a composed song
+    assert adapter.capabilities.can_serve(prompt())
+
+
+# -- what upstream shares between jobs ------------------------------------------------------
+
+
+async def test_progress_never_shows_the_servers_log_line_of_another_users_song(
+    fake: FakeAceStep, provider: AceStepProvider
+) -> None:
+    mine = await provider.submit(song(), seed=1)
+    theirs = await provider.submit(prompt(prompt="secret birthday song for Alice"), seed=2)
+    await provider.poll(theirs)
+    await provider.poll(theirs)  # its "Creating sample from query: ..." is the last line
+    assert "Alice" in fake.last_log
+    seen = await run_to_end(provider, mine)
+    for status in seen:
+        if isinstance(status, Running):
+            assert status.message is None
+            assert status.progress is not None and 0 < status.progress < 1
+
+
+async def test_a_refused_submit_leaves_a_ghost_that_is_not_counted_as_load() -> None:
+    """Upstream records the job before it finds the queue full: that record stays
+    "queued" in /v1/stats for ever. The real queue size is what counts, for the queue
+    position and for noticing a task that a restart lost."""
+    fake = FakeAceStep(KEY)
+    async with fake.running():
+        first = make([fake.base_url])
+        handle = await first.submit(song(), seed=4)
+        await first.aclose()
+        await fake.restart()  # our task is gone with the process
+        other = make([fake.base_url])  # another client's submit is refused: a ghost
+        fake.release_errors.append("queue_full")
+        with pytest.raises(Busy):
+            await other.submit(song(), seed=5)
+        await other.aclose()
+        assert fake.stats()["jobs"]["queued"] == 1 and fake.stats()["queue_size"] == 0
+        fresh = make([fake.base_url])  # the bot resumes after its own restart
+        try:
+            with pytest.raises(TaskLost) as caught:
+                await fresh.poll(Handle.from_json(handle.to_json()))
+            again = await fresh.submit(song(), seed=4)
+            assert await fresh.poll(again) == Queued(position=1)
+        finally:
+            await fresh.aclose()
+    assert "no queued or running job" in str(caught.value)

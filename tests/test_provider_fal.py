@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import time
 import wave
@@ -460,3 +461,51 @@ async def test_key_stays_on_the_queue_origin_and_out_of_logs(
         await provider.submit(prompt_request(), seed=5)
     assert caplog.records  # the flow did log
     assert "fal-test-secret" not in caplog.text and KEY not in caplog.text
+
+
+# -- the status stream ----------------------------------------------------------------------
+
+
+async def test_the_status_stream_reports_each_change_and_the_result(
+    fake: FakeFal, provider: FalProvider
+) -> None:
+    fake.queue_polls, fake.progress_polls, fake.stream_interval = 2, 2, 0.01
+    handle = await provider.submit(prompt_request(), seed=3)
+    seen: list[Status] = []
+    last: Status | None = None
+    while not isinstance(last, Succeeded):
+        last = await provider.wait_status(handle, last, timeout=2)
+        seen.append(last)
+    # Each change once, in order (a step that passes while no stream is open is skipped,
+    # as with fal's own time-driven queue).
+    assert seen[0] == Queued(position=2)
+    assert len(seen) >= 3 and all(a != b for a, b in itertools.pairwise(seen))
+    positions = [s.position for s in seen if isinstance(s, Queued)]
+    assert positions == sorted(positions, reverse=True)
+    progress = [s.progress for s in seen if isinstance(s, Running)]
+    assert progress == sorted(progress) and all(0 < p < 1 for p in progress if p)
+    assert fake.status_paths == []  # no status GET at all
+    assert (
+        fake.stream_paths[0]
+        == f"/fal-ai/ace-step/requests/{handle.data['request_id']}/status/stream"
+    )
+    assert provider.streams_status
+
+
+async def test_without_a_stream_it_polls_and_says_so(fake: FakeFal, provider: FalProvider) -> None:
+    fake.streams = False
+    fake.queue_polls = 0
+    handle = await provider.submit(prompt_request(), seed=3)
+    status = await provider.wait_status(handle, None, timeout=2)
+    assert isinstance(status, Running)
+    assert len(fake.stream_paths) == 1 and len(fake.status_paths) == 1
+    assert not provider.streams_status  # the engine paces its polls again
+
+
+async def test_an_auth_error_on_the_stream_is_an_auth_error(
+    fake: FakeFal, provider: FalProvider
+) -> None:
+    handle = await provider.submit(prompt_request(), seed=3)
+    fake.exhausted_balance = True
+    with pytest.raises(BillingError):
+        await provider.wait_status(handle, None, timeout=2)

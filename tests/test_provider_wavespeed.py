@@ -210,7 +210,7 @@ async def test_nsfw_flag_is_surfaced(fake: FakeWaveSpeed, make: Factory) -> None
 async def test_capabilities_follow_the_song_model(make: Factory) -> None:
     plain = make(concurrency=3)
     assert plain.capabilities.modes == frozenset({Mode.PROMPT, Mode.SONG})
-    assert plain.capabilities.options == frozenset()
+    assert plain.capabilities.options == {}
     assert plain.capabilities.concurrency == 3
     assert plain.capabilities.price_per_second == pytest.approx(0.0002)
     assert plain.price_per_second_for(song_request()) == pytest.approx(0.0002)
@@ -226,7 +226,10 @@ async def test_advanced_options_are_reported_as_ignored(make: Factory, fake: Fak
     request = prompt_request(steps=40, scheduler="heun")
     assert provider.capabilities.ignored_options(request) == ["scheduler", "steps"]
     await provider.submit(request, seed=3)
-    assert "steps" not in fake.bodies[0] and "scheduler" not in fake.bodies[0]
+    # Exactly the documented fields: no option under its own name or a wire name.
+    assert fake.bodies == [
+        {"prompt": "lofi piano about rain", "instrumental": False, "duration": 5, "seed": 3}
+    ]
 
 
 async def test_unknown_song_model_is_refused_at_construction() -> None:

@@ -118,7 +118,7 @@ async def test_a_provider_mp3_that_fits_reaches_the_user_with_its_audio_bytes_un
     assert job.state == "delivered", job.error
     sent = rendered.path.read_bytes()
     assert mpeg_frames(sent) == mpeg_frames(provider_file)  # tagged, not re-encoded
-    assert ID3(rendered.path)["TIT2"].text == ["lofi piano about rain"]
+    assert job.result is not None and ID3(rendered.path)["TIT2"].text == [job.result.title]
     assert rendered.bitrate == 128 and rendered.cover[:3] == b"\xff\xd8\xff"
 
 

@@ -13,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 import discord
 import pytest
 
+from bot import messages
 from bot.chat import replies
 from bot.chat.markup import Bold, Code, Text, When
 from bot.chat.replies import Action, Button, Reply, StatusView
-from bot.engine import Failure, Phase, Progress, QuotaLine, QuotaStatus
+from bot.engine import Failure, Phase, Progress, QuotaLine, QuotaStatus, Refused
 from bot.frontends import discord_render, telegram_render
 from bot.frontends.discord_commands import HELP_STYLE as DISCORD_HELP
 from bot.frontends.telegram_commands import HELP_STYLE as TELEGRAM_HELP
@@ -145,7 +146,7 @@ CASES: list[tuple[str, StatusView | Reply, str, tuple[Action, ...]]] = [
         replies.queue_reply(
             [(job(JobState.QUEUED), 2), (job(JobState.RUNNING), None), (job(JobState.READY), None)]
         ),
-        f"{JOB} lofi piano about rain \N{EM DASH} waiting, position 2",
+        f"{JOB} Lofi Piano About Rain \N{EM DASH} waiting, position 2",
         (),
     ),
     (
@@ -193,13 +194,76 @@ CASES: list[tuple[str, StatusView | Reply, str, tuple[Action, ...]]] = [
     (
         "lyrics",
         replies.lyrics_reply(job(lyrics="x")),
-        "Lyrics: lofi piano about rain",
+        "Lyrics: Lofi Piano About Rain",
         (),
     ),
     (
         "cancelled",
         replies.cancelled_reply(job(JobState.CANCELLED, refunded=True)),
-        f"Cancelled {JOB} (lofi piano about rain). Your quota was refunded.",
+        f"Cancelled {JOB} (Lofi Piano About Rain). Your quota was refunded.",
+        (),
+    ),
+    (
+        "history of a deleted song",
+        replies.history_reply(
+            [
+                job(
+                    JobState.DELIVERED,
+                    reply_target={"result_url": "https://example.org/gone"},
+                    deleted_at=NOW,
+                )
+            ]
+        ),
+        f"{JOB} Lofi Piano About Rain \N{MIDDLE DOT} deleted \N{MIDDLE DOT} seed 7",
+        (),
+    ),
+    (
+        "song deleted",
+        replies.song_deleted(job(JobState.DELIVERED), message_removed=True),
+        f"Deleted {JOB} (Lofi Piano About Rain).",
+        (),
+    ),
+    (
+        "song deleted, message kept by the platform",
+        replies.song_deleted(job(JobState.DELIVERED), message_removed=False),
+        "its audio is gone, but the message could not be removed",
+        (),
+    ),
+    (
+        "settings",
+        replies.settings_reply(
+            "you",
+            ["duration"],
+            [("duration", 30, "yours"), ("instrumental", True, "community"), ("style", None, None)],
+            ("Change with /settings duration=30",),
+        ),
+        "Duration: 30 s (yours)\nInstrumental: yes (community)\nStyle suffix: not set",
+        (),
+    ),
+    (
+        "settings with quick picks",
+        replies.settings_reply(
+            "you", [], [("duration", None, None)], (), replies.settings_buttons(["fal"])
+        ),
+        "Duration: not set",
+        (Action.SET,) * 5,
+    ),
+    (
+        "ban list",
+        replies.banlist_reply(["bad word", "spam"], ["spam"], []),
+        "Banned: spam\nBanned in this community (2)\nbad word, spam",
+        (),
+    ),
+    (
+        "banned words refused",
+        replies.error_reply(Refused("community", messages.REFUSED_BY_BAN_LIST)),
+        "I can't make a song from this request here. Please try other words.",
+        (),
+    ),
+    (
+        "songs switched off",
+        replies.limits_reply([replies.songs_switched(False)], {}, None, songs_on=False),
+        "Changed songs off",
         (),
     ),
 ]
@@ -243,11 +307,39 @@ def test_the_song_card_shows_the_same_facts_on_both_platforms() -> None:
     caption = telegram_words(telegram_render.caption(card))
     assert caption == "Prompt lofi piano about rain\nSeed 7 \N{MIDDLE DOT} 1:05 \N{MIDDLE DOT} fal"
     assert card.file_name == f"rain-on-tin-{JOB}.mp3"
-    assert [b.action for b in card.buttons] == [Action.NEW, Action.SAME, Action.LYRICS]
+    assert [b.action for b in card.buttons] == [
+        Action.NEW,
+        Action.SAME,
+        Action.LYRICS,
+        Action.DELETE,
+    ]
+    # A provider that ignored the seed: both platforms say so next to it.
+    unseeded = replies.song_card(
+        made, title="x", duration=5, seed=3, provider="acestep", seed_honoured=False
+    )
+    note = "(this server does not honour seeds, so it will not make this song again)"
+    assert note in telegram_words(telegram_render.caption(unseeded))
+    fields = {f.name: f.value for f in discord_render.song_embed(unseeded, None).fields}
+    assert fields["Seed"] == f"`3` {note}"
     instrumental = replies.song_card(
         job(JobState.DELIVERED, lyrics="[inst]"), title="x", duration=5, seed=1, provider="fal"
     )
-    assert [b.action for b in instrumental.buttons] == [Action.NEW, Action.SAME]
+    assert [b.action for b in instrumental.buttons] == [Action.NEW, Action.SAME, Action.DELETE]
+
+
+def test_a_described_song_shows_the_tags_written_for_it_and_offers_them() -> None:
+    made = job(JobState.DELIVERED, lyrics="[verse] rain")
+    assert made.result is not None
+    made.result = SongResult(
+        "x.wav", "wav", 5, 7, "fal", "", tags="lofi,  piano", lyrics="[verse] rain"
+    )
+    card = replies.song_card(made, title="Rain", duration=65, seed=7, provider="fal")
+    fields = {f.name: f.value for f in discord_render.song_embed(card, None).fields}
+    assert fields["Tags"] == "lofi, piano"
+    caption = telegram_words(telegram_render.caption(card))
+    assert caption.splitlines()[1] == "Tags lofi, piano"
+    assert [b.action for b in card.buttons][-2:] == [Action.TAGS, Action.DELETE]
+    assert [b.label for b in card.buttons][-2:] == ["Use these tags", "Delete"]
 
 
 def test_help_lists_each_option_once_on_both_platforms() -> None:
@@ -290,3 +382,26 @@ def test_times_read_as_each_platform_shows_them() -> None:
     text = Text.of("Resets ", When(later))
     assert discord_render.markdown(text) == f"Resets <t:{int(later)}:R>"
     assert telegram_render.html(text) == "Resets in 3 h 2 min"
+
+
+def test_channels_show_as_mentions_on_discord_and_by_name_on_telegram() -> None:
+    reply = replies.only_in_channels(["77", "88"], {"77": "Music"})
+    assert discord_render.reply_content(reply) == "I make songs in <#77>, <#88> here."
+    assert telegram_render.html(reply.text) == "I make songs in #Music, #88 here."
+
+
+@pytest.mark.parametrize(
+    ("payload", "parsed"),
+    [
+        ("set:duration=30", (Action.SET, "duration=30")),
+        ("set:provider=any", (Action.SET, "provider=any")),
+        ("set:0badf00d", None),  # a SET carries a choice, not a job
+        ("new:duration=30", None),  # and a job button a job id
+        ("set:duration=30;drop", None),
+        ("set:" + "x" * 30 + "=1", None),
+    ],
+)
+def test_button_payloads_are_checked_by_their_shape(
+    payload: str, parsed: tuple[Action, str] | None
+) -> None:
+    assert replies.parse_payload(payload) == parsed

@@ -24,7 +24,7 @@ def test_defaults_for_a_plain_prompt() -> None:
     assert req.mode is Mode.PROMPT
     assert (req.duration, req.seed, req.instrumental) == (60, -1, False)
     assert req.advanced() == {}
-    assert req.title() == "lofi piano about rain"
+    assert req.title == ""  # bot.titles derives one when none is given
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_seed_bounds(value: int, ok: bool) -> None:
             build(seed=value)
 
 
-@pytest.mark.parametrize("name", [n for n, s in ADVANCED_OPTIONS.items() if not s.choices])
+@pytest.mark.parametrize("name", [n for n, s in ADVANCED_OPTIONS.items() if s.kind in (int, float)])
 def test_every_numeric_option_bounds(name: str) -> None:
     spec = ADVANCED_OPTIONS[name]
     assert spec.minimum is not None and spec.maximum is not None
@@ -70,8 +70,8 @@ def test_every_numeric_option_bounds(name: str) -> None:
 
 def test_option_messages_name_field_value_and_range() -> None:
     with pytest.raises(InvalidRequest) as err:
-        build(steps=70)
-    assert str(err.value) == "steps: 70 is not valid; a whole number from 3 to 60."
+        build(steps=201)
+    assert str(err.value) == "steps: 201 is not valid; a whole number from 1 to 200."
     with pytest.raises(InvalidRequest) as err:
         build(guidance_interval=1.5)
     assert str(err.value) == "guidance_interval: 1.5 is not valid; a number from 0 to 1."
@@ -125,8 +125,8 @@ def test_instrumental_flag() -> None:
 
 
 def test_unknown_field_and_bad_mode() -> None:
-    with pytest.raises(InvalidRequest, match="^bpm: 120 is not valid; known options are"):
-        build(bpm=120)
+    with pytest.raises(InvalidRequest, match="^tempo: 120 is not valid; known options are"):
+        build(tempo=120)
     with pytest.raises(InvalidRequest, match="^mode: 'remix' is not valid; one of prompt, song"):
         build(mode="remix")
 
@@ -170,7 +170,7 @@ def test_parse_options_text() -> None:
         assert err.value.field == name
     with pytest.raises(
         InvalidRequest,
-        match="^colour: 'red' is not valid; known options are duration, seed, instrumental, steps",
+        match="^colour: .red. is not valid; known options are duration, seed, instrumental, title",
     ):
         parse_options({"colour": "red"})
 
@@ -192,11 +192,42 @@ def test_escape_sequences_and_control_characters_are_stripped_from_every_text() 
     assert song.tags == "lofi, piano , rain"
     # Lyrics keep their line breaks (and tabs); every other control is gone.
     assert song.lyrics == "[verse]\nNeon\train\n[chorus]\nAgain"
-    assert song.title() == "lofi, piano , rain"
-    for text in (prompt.prompt, song.tags, song.lyrics):
+    titled = build(title="\x1b[1mRain\x1b[0m\tsong\x9b")
+    assert titled.title == "Rain song"
+    for text in (prompt.prompt, song.tags, song.lyrics, titled.title):
         assert not any((ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F for c in text)
 
 
 def test_a_text_of_nothing_but_controls_is_empty_and_refused() -> None:
     with pytest.raises(InvalidRequest, match="^prompt: '' is not valid; describe the song"):
         build(prompt="\x1b[2J\x00\x9b")
+
+
+@pytest.mark.parametrize(
+    ("written", "stored"),
+    [("Am", "A minor"), ("f#m", "F# minor"), ("Bb major", "Bb major"), ("C", "C major")],
+)
+def test_key_scale_is_stored_in_the_servers_spelling(written: str, stored: str) -> None:
+    assert parse_options({"key_scale": written}) == {"key_scale": stored}
+    assert build(key_scale=written).key_scale == stored  # the Discord path
+
+
+def test_the_music_options_of_ace_step_15_are_validated() -> None:
+    req = build(thinking=True, vocal_language="JA", bpm=90, time_signature="3")
+    assert req.advanced() == {
+        "thinking": True,
+        "vocal_language": "ja",
+        "bpm": 90,
+        "time_signature": "3",
+    }
+    for field, value, allowed in [
+        ("vocal_language", "xx", "a language code such as en"),
+        ("key_scale", "H minor", "a key such as C, Am"),
+        ("bpm", 400, "a whole number from 30 to 300"),
+        ("time_signature", "5", "one of 2, 3, 4, 6"),
+        ("audio_format", "ogg", "one of mp3, wav, flac"),
+    ]:
+        with pytest.raises(InvalidRequest) as err:
+            build(**{field: value})
+        assert err.value.field == field
+        assert allowed in str(err.value)

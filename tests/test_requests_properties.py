@@ -115,6 +115,10 @@ def _check_valid(req: GenerationRequest) -> None:
             continue
         if spec.choices:
             assert value in spec.choices
+        elif spec.kind is bool:
+            assert isinstance(value, bool)
+        elif spec.normalize is not None:
+            assert spec.normalize(value) == value  # stored in the one spelling we send
         else:
             assert spec.minimum is not None and spec.maximum is not None
             assert not math.isnan(value) and spec.minimum <= value <= spec.maximum

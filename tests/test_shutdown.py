@@ -155,7 +155,8 @@ async def test_sigterm_while_generating_then_restart_delivers_once(tmp_path: Pat
             await first.start()
             await until(
                 lambda: (
-                    state_of(settings.db_path, job_id) == "running" and len(fake.status_paths) > 0
+                    state_of(settings.db_path, job_id) == "running"
+                    and len(fake.status_paths) + len(fake.stream_paths) > 0
                 ),
                 "the job to run at fal",
             )

@@ -30,6 +30,7 @@ from bot.frontends.telegram_frontend import (
     TelegramFrontend,
     upload_limit,
 )
+from bot.frontends.telegram_pacing import PacedSender
 from bot.frontends.telegram_parse import parse_compose, parse_song
 from bot.frontends.telegram_render import CAPTION_LIMIT, caption, split_message
 from bot.models import FailureKind, Job, JobState, Requester
@@ -162,7 +163,14 @@ async def _bot(
             edit_interval=0.05,
             action_interval=0.05,
             poll_timeout=1,
-            flood_sleep=flood_sleep,
+            # Telegram's chat limits at test speed (bench/telegram_overload.py runs the
+            # real ones against a fake that enforces them).
+            pacing=PacedSender(
+                sleep=flood_sleep,
+                private_per_second=100,
+                group_budget=(100, 1.0),
+                global_per_second=1000,
+            ),
         )
         engine.register_delivery(frontend)
         await engine.start()
@@ -259,15 +267,27 @@ async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
         fmt, seconds = decode_mp3(audio.data)
         assert fmt == "mp3" and 5.5 < seconds < 6.5
         assert song.files["thumbnail"].data[:3] == b"\xff\xd8\xff"  # JPEG cover
-        assert song.params["title"] == "lofi piano <about> rain"
+        # Titled from the lyrics fal wrote ("[verse]" and the prompt): its first line.
+        assert song.params["title"] == "Lofi piano <about> rain"
         assert song.params["performer"] == "ACE-Step" and song.params["duration"] == 6
         assert song.params["parse_mode"] == "HTML"
+        # The tags fal wrote for the description are shown under it.
         assert song.caption == (
-            "<b>Prompt</b> lofi piano &lt;about&gt; rain\n<b>Seed</b> <code>7</code> · 0:06 · fal"
+            "<b>Prompt</b> lofi piano &lt;about&gt; rain\n"
+            "<b>Tags</b> lofi, piano, &lt;about&gt;, rain\n"
+            "<b>Seed</b> <code>7</code> · 0:06 · fal"
         )
         job_id = song.button_data()[0].split(":")[1]
-        # The same buttons as on Discord: new take, same seed, lyrics.
-        assert song.button_data() == [f"new:{job_id}", f"same:{job_id}", f"lyrics:{job_id}"]
+        # The same buttons as on Discord, three to a row.
+        assert song.button_data() == [
+            f"new:{job_id}",
+            f"same:{job_id}",
+            f"lyrics:{job_id}",
+            f"tags:{job_id}",
+            f"delete:{job_id}",
+        ]
+        assert song.reply_markup is not None
+        assert [len(row) for row in song.reply_markup["inline_keyboard"]] == [3, 2]
 
         # A song costs one lasting message: the status message goes once it is posted.
         status = next(m for m in h.fake.sent if m.kind == "text")
@@ -323,7 +343,7 @@ async def test_quota_refusal_is_shown_and_nothing_is_generated(tmp_path: Path) -
         second = h.fake.send_text(PRIVATE, ANN, "/song second song duration=5")
         status = await h.reply_to(PRIVATE, second)
         refusal = await h.final_text(status)
-        assert refusal.startswith("<b>second song</b>\nYou have reached today's limit of 1 song.")
+        assert refusal.startswith("<b>Second Song</b>\nYou have reached today's limit of 1 song.")
         assert "It resets at 00:00 UTC" in refusal
         await asyncio.sleep(0.1)
         assert h.fal.submit_count == 1
@@ -376,12 +396,12 @@ async def test_new_take_and_lyrics_buttons(tmp_path: Path) -> None:
     async with running_bot(tmp_path) as h:
         h.fake.send_text(PRIVATE, ANN, "/song rainy day duration=5 seed=11")
         first = await h.song_message(PRIVATE)
-        new_data, same_data, lyrics_data = first.button_data()
+        new_data, same_data, lyrics_data, _tags, _delete = first.button_data()
 
         h.fake.press(PRIVATE, first.message_id, ANN, lyrics_data)
         lyrics = await h.reply_to(PRIVATE, first.message_id)
         # What fal wrote for the prompt, under a title.
-        assert lyrics.text == "<b>Lyrics: rainy day</b>\n[verse]\nrainy day"
+        assert lyrics.text == "<b>Lyrics: Rainy day</b>\n[verse]\nrainy day"
         assert h.fake.calls_of("answerCallbackQuery")
 
         h.fake.press(PRIVATE, first.message_id, ANN, new_data)
@@ -475,7 +495,7 @@ async def test_buttons_work_after_a_restart(tmp_path: Path) -> None:
     async with running_bot(tmp_path, fake=fake) as h2:
         h2.fake.press(PRIVATE, song.message_id, ANN, song.button_data()[2])
         reply = await h2.reply_to(PRIVATE, song.message_id)
-        assert reply.text == "<b>Lyrics: before restart</b>\n[verse]\nbefore restart"
+        assert reply.text == "<b>Lyrics: Before restart</b>\n[verse]\nbefore restart"
 
 
 # python-telegram-bot itself reads the deprecated int `retry_after` when it builds the error.
@@ -683,3 +703,193 @@ async def test_updates_are_confirmed_only_after_they_were_handled(tmp_path: Path
         held.set()
         await h.song_message(PRIVATE)
         await h.fake.wait_for(lambda: max(h.fake.offsets) > update["update_id"], within=10)
+
+
+# --- community controls: defaults, ban list, delete, topics, titles --------------------
+
+
+async def test_settings_defaults_apply_with_their_precedence(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        denied = h.fake.send_text(GROUP, BOB, "/settings group duration=9")
+        assert "administrators" in (await h.reply_to(GROUP, denied)).text
+        group = h.fake.send_text(GROUP, ANN, '/settings group duration=9 style="dreamy, lo-fi"')
+        shown = (await h.reply_to(GROUP, group)).text
+        assert "Duration: <code>9 s</code> (community)" in shown
+        assert "Style suffix: <code>dreamy, lo-fi</code> (community)" in shown
+
+        mine = h.fake.send_text(GROUP, BOB, "/settings duration=6 instrumental=on")
+        shown = (await h.reply_to(GROUP, mine)).text
+        assert "Duration: <code>6 s</code> (yours)" in shown
+        assert "Instrumental: <code>yes</code> (yours)" in shown
+
+        h.fake.send_text(GROUP, BOB, "/song rain")
+        await h.song_message(GROUP)
+        h.fake.send_text(GROUP, ANN, "/song sun")
+        await h.song_message(GROUP, 2)
+        h.fake.send_text(GROUP, BOB, "/song snow duration=5")
+        await h.song_message(GROUP, 3)
+        bob, ann, snow = h.submitted()
+        assert (bob["duration"], bob["instrumental"], bob["prompt"]) == (
+            6,
+            True,
+            "rain, dreamy, lo-fi",
+        )
+        assert (ann["duration"], ann["instrumental"]) == (9, False)
+        assert snow["duration"] == 5  # the command's own option wins
+
+        bad = h.fake.send_text(PRIVATE, ANN, "/settings duration=999")
+        assert (await h.reply_to(PRIVATE, bad)).text.startswith("duration: 999 is not valid")
+        reset = h.fake.send_text(GROUP, BOB, "/settings reset=all")
+        assert "Duration: <code>9 s</code> (community)" in (await h.reply_to(GROUP, reset)).text
+        assert await h.engine.song_defaults("user", f"telegram:{BOB['id']}") == {}
+
+
+async def test_banlist_refuses_at_admission_and_is_listed_privately(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        denied = h.fake.send_text(GROUP, BOB, "/banlist add rude")
+        assert "administrators" in (await h.reply_to(GROUP, denied)).text
+        h.fake.send_text(GROUP, ANN, "/banlist add Rude, very bad")
+        # The list goes to the admin's private chat, not to the group.
+        listed = await h.fake.wait_for(
+            lambda: next((m for m in h.fake.bot_messages(ANN["id"]) if "Banned" in m.text), None)
+        )
+        assert "Banned: rude, very bad" in listed.text
+
+        refused = h.fake.send_text(GROUP, BOB, "/song a RÜDE song")
+        assert (await h.reply_to(GROUP, refused)).text == (
+            "I can't make a song from this request here. Please try other words."
+        )
+        # The bot never repeats the refused words where the group can read them.
+        assert not any("rüde" in m.text.lower() for m in h.fake.bot_messages(GROUP))
+        # In a private chat the group's list does not apply.
+        h.fake.send_text(PRIVATE, ANN, "/song a rude song duration=5")
+        await h.song_message(PRIVATE)
+        assert [b["prompt"] for b in h.submitted()] == ["a rude song"]
+        assert len(await h.engine.store.recent(10)) == 1  # nothing stored for the refusal
+        assert 'list="community"} 1.0' in h.engine.metrics.render().decode()
+
+
+async def test_delete_button_removes_the_posted_song(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        h.fake.send_text(GROUP, BOB, "/song oops duration=5")
+        song = await h.song_message(GROUP)
+        job_id = song.button_data()[0].split(":")[1]
+        assert list(h.engine.settings.audio_dir.glob(f"{job_id}.*"))
+
+        h.fake.press(GROUP, song.message_id, FakeTelegram.user(44, "Cy"), f"delete:{job_id}")
+        answer = await h.fake.wait_call("answerCallbackQuery")
+        assert answer[-1].params["text"] == "You can only delete your own songs."
+        assert not song.deleted
+
+        h.fake.press(GROUP, song.message_id, ANN, f"delete:{job_id}")  # a group admin
+        await h.fake.wait_for(lambda: song.deleted)
+        answers = await h.fake.wait_call("answerCallbackQuery", 2)
+        assert answers[-1].params["text"] == f"Deleted {job_id} (Oops)."
+        assert h.fake.calls_of("deleteMessage")[-1].params["message_id"] == song.message_id
+        assert list(h.engine.settings.audio_dir.glob(f"{job_id}.*")) == []
+        job = await h.engine.get_job(job_id)
+        assert job is not None and job.deleted and job.deleted_by == f"telegram:{ANN['id']}"
+        history = h.fake.send_text(GROUP, BOB, "/history")
+        assert "deleted" in (await h.reply_to(GROUP, history)).text
+
+
+async def test_use_these_tags_goes_on_in_song_mode(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        await h.reply_to(PRIVATE, h.fake.send_text(PRIVATE, ANN, "/settings provider=fal"))
+        h.fake.send_text(PRIVATE, ANN, "/song salty shanty duration=5")
+        song = await h.song_message(PRIVATE)
+        tags_button = next(d for d in song.button_data() if d.startswith("tags:"))
+        h.fake.press(PRIVATE, song.message_id, ANN, tags_button)
+        await h.song_message(PRIVATE, 2)
+        described, composed = h.fal.submits
+        assert described.path == "/fal-ai/ace-step/prompt-to-audio"
+        assert composed.path == "/fal-ai/ace-step"
+        assert composed.body["tags"] == "salty, shanty"
+        assert composed.body["lyrics"] == "[verse]\nsalty shanty"
+        assert composed.body["duration"] == 5
+
+
+async def test_group_switches_songs_off_and_picks_forum_topics(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        h.fake.admins[FORUM] = {ANN["id"]}
+        off = h.fake.send_text(GROUP, ANN, "/limits songs=off")
+        assert "songs <code>off</code>" in (await h.reply_to(GROUP, off)).text
+        refused = h.fake.send_text(GROUP, BOB, "/song anything duration=5")
+        assert "switched off" in (await h.reply_to(GROUP, refused)).text
+        on = h.fake.send_text(GROUP, ANN, "/limits songs=on")
+        await h.reply_to(GROUP, on)
+        h.fake.send_text(GROUP, BOB, "/song anything duration=5")
+        await h.song_message(GROUP)
+
+        # In a forum, songs only in the topics the admins pick, from inside each.
+        h.fake.topic(FORUM, 77, "Music")
+        here = h.fake.send_text(FORUM, ANN, "/limits topics=here", thread_id=77)
+        assert "topics: #Music" in (await h.reply_to(FORUM, here)).text
+        elsewhere = h.fake.send_text(FORUM, BOB, "/song chat tune duration=5", thread_id=88)
+        assert "I make songs in #Music here." in (await h.reply_to(FORUM, elsewhere)).text
+        general = h.fake.send_text(FORUM, BOB, "/song general tune duration=5")
+        assert "#Music" in (await h.reply_to(FORUM, general)).text
+        h.fake.send_text(FORUM, BOB, "/song topic tune duration=5", thread_id=77)
+        await h.song_message(FORUM)
+        everywhere = h.fake.send_text(FORUM, ANN, "/limits topics=all")
+        assert "topics: all" in (await h.reply_to(FORUM, everywhere)).text
+        h.fake.send_text(FORUM, BOB, "/song general tune duration=5")
+        await h.song_message(FORUM, 2)
+        assert [b["prompt"] for b in h.submitted()] == ["anything", "topic tune", "general tune"]
+
+        outside = h.fake.send_text(GROUP, ANN, "/limits topics=here")
+        assert "forum" in (await h.reply_to(GROUP, outside)).text
+
+
+async def test_title_option_names_the_audio_and_its_file(tmp_path: Path) -> None:
+    from mutagen.id3 import ID3
+    from PIL import Image
+
+    async with running_bot(tmp_path) as h:
+        h.fake.send_text(PRIVATE, ANN, '/song city lights title="Night Drive" duration=5')
+        song = await h.song_message(PRIVATE)
+        job_id = song.button_data()[0].split(":")[1]
+        assert song.params["title"] == "Night Drive"
+        audio = song.files["audio"]
+        assert audio.filename == f"night-drive-{job_id}.mp3"
+        id3 = ID3(io.BytesIO(audio.data))
+        assert id3["TIT2"].text == ["Night Drive"]
+        assert id3["TALB"].text == [h.frontend.app.bot.first_name]
+        with Image.open(io.BytesIO(id3.getall("APIC")[0].data)) as cover:
+            assert cover.size == (640, 640)
+        with Image.open(io.BytesIO(song.files["thumbnail"].data)) as thumb:
+            assert max(thumb.size) <= 320  # Telegram's thumbnail limit
+
+
+async def test_settings_keyboard_sets_the_pressers_own_defaults(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        asked = h.fake.send_text(PRIVATE, ANN, "/settings")
+        panel = await h.reply_to(PRIVATE, asked)
+        assert "Instrumental: not set" in panel.text
+        assert panel.button_data()[3:5] == ["set:instrumental=no", "set:instrumental=yes"]
+        h.fake.press(PRIVATE, panel.message_id, ANN, "set:instrumental=yes")
+        await h.fake.wait_for(lambda: "Instrumental: <code>yes</code> (yours)" in panel.text)
+        assert panel.button_data()[3] == "set:instrumental=no"  # the keyboard stays
+        saved = await h.fake.wait_call("answerCallbackQuery")
+        assert saved[-1].params["text"] == "Saved."
+        assert await h.engine.song_defaults("user", f"telegram:{ANN['id']}") == {
+            "instrumental": True
+        }
+        # Telegram passes any callback data a client sends: a forged value is refused
+        # like a typed one, and changes nothing.
+        h.fake.press(PRIVATE, panel.message_id, ANN, "set:duration=999")
+        refused = await h.fake.wait_call("answerCallbackQuery", 2)
+        assert refused[-1].params["text"].startswith("duration: 999 is not valid")
+        h.fake.press(PRIVATE, panel.message_id, ANN, "set:colour=red")
+        refused = await h.fake.wait_call("answerCallbackQuery", 3)
+        assert refused[-1].params["text"].startswith("setting: 'colour' is not valid")
+        assert await h.engine.song_defaults("user", f"telegram:{ANN['id']}") == {
+            "instrumental": True
+        }
+        h.fake.send_text(PRIVATE, ANN, "/song quiet night duration=5")
+        await h.song_message(PRIVATE)
+        assert h.submitted()[0]["instrumental"] is True

@@ -50,6 +50,12 @@ class Outlet(Protocol):
     def working(self, target: dict[str, Any], job_id: str, active: bool) -> None:
         """A job started or stopped working (a platform may show a typing indicator)."""
 
+    def bot_name(self) -> str | None:
+        """The bot's own name on the platform (the album of its songs), once known."""
+
+    async def remove_song(self, target: dict[str, Any]) -> bool:
+        """Delete the posted song's message; False when it could not be deleted."""
+
 
 class ChatDelivery:
     """Delivery for one platform, on top of its Outlet."""
@@ -86,6 +92,7 @@ class ChatDelivery:
         await self.outlet.ready()
         target = job.reply_target
         limit = self.outlet.upload_limit(target)
+        song.album = self.outlet.bot_name() or song.album
         try:
             rendered = await song.render(max(limit - replies.UPLOAD_MARGIN, limit // 2))
             card = replies.song_card(
@@ -94,6 +101,7 @@ class ChatDelivery:
                 duration=rendered.duration or song.duration,
                 seed=song.seed,
                 provider=song.provider,
+                seed_honoured=song.seed_honoured,
             )
             kept = await self.outlet.post_song(target, card, rendered)
         finally:

@@ -42,6 +42,9 @@ class Action(StrEnum):
     LYRICS = "lyrics"  # the full lyrics, shown only to whoever pressed
     CANCEL = "cancel"  # the requester, a community admin or a bot admin
     RETRY = "retry"  # a failed song, asked again with its seed
+    TAGS = "tags"  # a prompt-mode song's tags (and lyrics) as a new song-mode request
+    DELETE = "delete"  # remove a posted song: its requester, a community or bot admin
+    SET = "set"  # one of the presser's own /settings defaults: `set:<name>=<value>`
 
 
 class Style(StrEnum):
@@ -64,15 +67,28 @@ _BUTTONS: dict[Action, tuple[str, str, Style]] = {
         "Retry",
         Style.PRIMARY,
     ),
+    Action.TAGS: ("\N{LABEL}", "Use these tags", Style.SECONDARY),
+    Action.DELETE: ("\N{WASTEBASKET}", "Delete", Style.DANGER),
+    Action.SET: ("", "", Style.SECONDARY),
 }
+# What a SET button carries instead of a job id: one default and the value it picks.
+CHOICE = re.compile(r"^(?P<name>[a-z_]{1,20})=(?P<value>[a-z0-9_-]{1,24})$")
 # Older Telegram messages carry these short names in their buttons.
 LEGACY_ACTIONS = {"lyr": Action.LYRICS, "cxl": Action.CANCEL}
 
 
 @dataclass(frozen=True)
 class Button:
+    """A button: what it does and the job it does it to (a SET button: the choice,
+    `name=value`, with its own `text`)."""
+
     action: Action
     job_id: str
+    text: str = ""
+
+    @classmethod
+    def choice(cls, name: str, value: str, text: str) -> Button:
+        return cls(Action.SET, f"{name}={value}", text)
 
     @property
     def emoji(self) -> str:
@@ -80,7 +96,7 @@ class Button:
 
     @property
     def label(self) -> str:
-        return _BUTTONS[self.action][1]
+        return self.text or _BUTTONS[self.action][1]
 
     @property
     def style(self) -> Style:
@@ -93,7 +109,8 @@ class Button:
 
 
 def parse_payload(payload: str) -> tuple[Action, str] | None:
-    """A button payload from a platform (untrusted) -> (action, job id), or None."""
+    """A button payload from a platform (untrusted) -> (action, job id or, for SET, the
+    choice), or None."""
     kind, _, job_id = payload.partition(":")
     action = LEGACY_ACTIONS.get(kind)
     if action is None:
@@ -101,13 +118,17 @@ def parse_payload(payload: str) -> tuple[Action, str] | None:
             action = Action(kind)
         except ValueError:
             return None
-    return (action, job_id) if JOB_ID.match(job_id) else None
+    shape = CHOICE if action is Action.SET else JOB_ID
+    return (action, job_id) if shape.match(job_id) else None
 
 
-def song_buttons(job_id: str, has_lyrics: bool) -> tuple[Button, ...]:
+def song_buttons(job_id: str, has_lyrics: bool, offers_tags: bool = False) -> tuple[Button, ...]:
     buttons = [Button(Action.NEW, job_id), Button(Action.SAME, job_id)]
     if has_lyrics:
         buttons.append(Button(Action.LYRICS, job_id))
+    if offers_tags:
+        buttons.append(Button(Action.TAGS, job_id))
+    buttons.append(Button(Action.DELETE, job_id))
     return tuple(buttons)
 
 
@@ -139,6 +160,8 @@ class StatusView:
 
 
 FINAL_RANK = 100
+TAGS_LABEL = "Tags"
+MAX_TAGS_SHOWN = 300
 
 
 @dataclass(frozen=True)
@@ -157,14 +180,20 @@ class SongCard:
     requester_id: str
     buttons: tuple[Button, ...]
     notes: tuple[str, ...] = ()
+    seed_note: str = ""  # e.g. the provider ignored the seed, so it will not repeat
+    tags: str = ""  # the tags the provider wrote for a described song ("" = none)
+
+    def tags_line(self) -> tuple[Span, ...]:
+        return (Bold(TAGS_LABEL), " ", clip(self.tags, MAX_TAGS_SHOWN))
 
     def numbers(self) -> tuple[Span, ...]:
         """Seed, length and provider: what it takes to make the same song again."""
+        note = f" ({self.seed_note})" if self.seed_note else ""
         return (
             Bold("Seed"),
             " ",
             Code(str(self.seed)),
-            f" \N{MIDDLE DOT} {messages.clock(self.duration)} \N{MIDDLE DOT} {self.provider}",
+            f"{note} \N{MIDDLE DOT} {messages.clock(self.duration)} \N{MIDDLE DOT} {self.provider}",
         )
 
 
@@ -265,8 +294,24 @@ def file_name(title: str, job_id: str, fmt: str = "mp3") -> str:
     return f"{slug(title)}-{job_id}.{fmt}"
 
 
-def song_card(job: Job, *, title: str, duration: float, seed: int, provider: str) -> SongCard:
+def written_tags(job: Job) -> str:
+    """The tags the provider wrote for a described (prompt mode) song, or ""."""
+    if job.request.mode is not Mode.PROMPT or job.result is None:
+        return ""
+    return " ".join((job.result.tags or "").split())
+
+
+def song_card(
+    job: Job,
+    *,
+    title: str,
+    duration: float,
+    seed: int,
+    provider: str,
+    seed_honoured: bool = True,
+) -> SongCard:
     prompt_mode = job.request.mode is Mode.PROMPT
+    tags = written_tags(job)
     return SongCard(
         job_id=job.id,
         title=title,
@@ -277,7 +322,9 @@ def song_card(job: Job, *, title: str, duration: float, seed: int, provider: str
         seed=seed,
         provider=provider,
         requester_id=job.requester.user_id,
-        buttons=song_buttons(job.id, has_lyrics(job)),
+        buttons=song_buttons(job.id, has_lyrics(job), offers_tags=bool(tags)),
+        tags=tags,
+        seed_note=messages.seed_note(seed_honoured),
     )
 
 
@@ -300,8 +347,8 @@ CANNOT_ATTACH = (
 LIMITS_COMMUNITY_ONLY = "/limits works in a server or group: it shows and sets its quotas."
 
 
-def admins_only(admins: str) -> str:
-    return f"Only {admins} can change this community's limits."
+def admins_only(admins: str, what: str = "this community's limits") -> str:
+    return f"Only {admins} can change {what}."
 
 
 NOT_KNOWN = "I no longer know that song."
@@ -323,8 +370,8 @@ def no_such_job(job_id: str) -> str:
     return messages.no_such_job(job_id)
 
 
-def only_in_channels(channels: list[str]) -> Reply:
-    return Reply(Text.of("I make songs in ", *_channel_list(channels), " here."))
+def only_in_channels(channels: list[str], names: dict[str, str] | None = None) -> Reply:
+    return Reply(Text.of("I make songs in ", *_channel_list(channels, names), " here."))
 
 
 def limit_changed(key: str, value: float | None) -> tuple[Span, ...]:
@@ -333,17 +380,19 @@ def limit_changed(key: str, value: float | None) -> tuple[Span, ...]:
     return (Code(key), f" = {messages.num(value)}")
 
 
-def channels_changed(channels: list[str]) -> tuple[Span, ...]:
-    return ("channels: ", *_channel_list(channels))
+def channels_changed(
+    channels: list[str], word: str = "channels", names: dict[str, str] | None = None
+) -> tuple[Span, ...]:
+    return (f"{word}: ", *_channel_list(channels, names))
 
 
-def _channel_list(channels: list[str]) -> list[Span]:
+def _channel_list(channels: list[str], names: dict[str, str] | None = None) -> list[Span]:
     if not channels:
         return ["all"]
     spans: list[Span] = []
     for i, channel in enumerate(channels):
         spans += [", "] if i else []
-        spans.append(Mention("channel", str(channel)))
+        spans.append(Mention("channel", str(channel), (names or {}).get(str(channel), "")))
     return spans
 
 
@@ -386,16 +435,17 @@ def queue_reply(items: Iterable[tuple[Job, int | None]]) -> Reply:
 def history_reply(jobs: Iterable[Job]) -> Reply:
     lines: list[tuple[Span, ...]] = []
     for job in jobs:
-        url = job.reply_target.get("result_url")
+        url = None if job.deleted else job.reply_target.get("result_url")
         title = clip(job.title, 60)
         shown: Span = Link(title, url) if url else title
         seed = job.result.seed if job.result else job.seed
+        state = "deleted" if job.deleted else state_word(job.state)
         lines.append(
             (
                 Code(job.id),
                 " ",
                 shown,
-                f" \N{MIDDLE DOT} {state_word(job.state)} \N{MIDDLE DOT} seed ",
+                f" \N{MIDDLE DOT} {state} \N{MIDDLE DOT} seed ",
                 Code(str(seed)),
                 " \N{MIDDLE DOT} ",
                 When(job.created_at),
@@ -431,6 +481,10 @@ def limits_reply(
     changed: list[tuple[Span, ...]],
     overrides: dict[str, float],
     channels: list[str] | None,
+    *,
+    channel_word: str = "Channels",
+    names: dict[str, str] | None = None,
+    songs_on: bool = True,
 ) -> Reply:
     """This community's limits; `channels` None = the platform has no channel switch."""
     head: list[Span] = ["This community's settings:"]
@@ -446,8 +500,10 @@ def limits_reply(
         ]
     else:
         lines.append(("No limits of its own: the bot's defaults apply.",))
+    if not songs_on:
+        lines.append((SONGS_OFF,))
     if channels is not None:
-        lines.append(("Channels: ", *_channel_list(channels)))
+        lines.append((f"{channel_word}: ", *_channel_list(channels, names)))
     return Reply(Text.from_lines(lines))
 
 
@@ -469,6 +525,10 @@ def option_range(spec: OptionSpec) -> str:
         return "yes or no"
     if spec.choices:
         return " | ".join(spec.choices)
+    if spec.kind is str:
+        if spec.usage:
+            return spec.usage
+        return f"up to {messages.num(spec.maximum)} characters" if spec.maximum else "text"
     high = MAX_SEED if spec.name == "seed" else spec.maximum
     return f"{messages.num(spec.minimum or 0)} to {messages.num(high or 0)}"
 
@@ -483,14 +543,22 @@ def help_reply(style: HelpStyle) -> Reply:
             " \N{EM DASH} style tags plus your own lyrics ([verse], [chorus]; "
             "empty = instrumental)",
         ),
-        ("Under each song: New take (new seed), Same seed, Lyrics; Cancel while it is made.",),
+        (
+            "Under each song: New take (new seed), Same seed, Lyrics, Use these tags (for a "
+            "described song), Delete; Cancel while it is made.",
+        ),
         (Bold("Your songs"),),
         (
             "/queue in progress \N{MIDDLE DOT} /cancel [job] stop one (your latest by default) "
-            "\N{MIDDLE DOT} /quota what is left today \N{MIDDLE DOT} /history your recent songs",
+            "\N{MIDDLE DOT} /quota what is left today \N{MIDDLE DOT} /history your recent songs "
+            "\N{MIDDLE DOT} /settings your defaults (duration, instrumental, style, provider)",
         ),
         (Bold("Community admins"),),
-        ("/limits shows and lowers this community's daily seconds",),
+        ("/limits shows and lowers this community's daily seconds and picks where songs are made",),
+        (
+            "/banlist keeps words out of this community's songs \N{MIDDLE DOT} /settings for the "
+            "community's defaults \N{MIDDLE DOT} Delete under any song of the community",
+        ),
         *((extra,) for extra in style.extras),
         (Bold("Options"),),
     ]
@@ -508,3 +576,106 @@ def welcome_reply() -> Reply:
             ]
         )
     )
+
+
+# ---- community controls: settings, ban list, deleting songs ------------------------------
+
+SONG_DELETED = "That song was deleted."
+ONLY_POSTED = "Only a posted song can be deleted; cancel one in progress instead."
+NOT_YOURS_TO_DELETE = "You can only delete your own songs."
+SETTINGS_COMMUNITY_ONLY = "Community defaults are set in a server or group."
+BANLIST_COMMUNITY_ONLY = "/banlist works in a server or group: it keeps words out of its songs."
+SONGS_OFF = "Songs are switched off here by this community's admins."
+TOPICS_ONLY_IN_FORUMS = "topics: works in a forum group; write it in the topic to switch."
+NOTHING_CHANGED = "Nothing to change."
+
+
+def song_deleted(job: Job, message_removed: bool) -> Reply:
+    what = (Code(job.id), f" ({clip(job.title, 80)})")
+    if message_removed:
+        return Reply(Text.of("Deleted ", *what, "."))
+    return Reply(
+        Text.of(
+            "Deleted ",
+            *what,
+            ": its audio is gone, but the message could not be removed "
+            "(Telegram allows that for 48 hours); an admin can delete it.",
+        )
+    )
+
+
+_DEFAULT_WORDS = {
+    "duration": "Duration",
+    "instrumental": "Instrumental",
+    "vocal_language": "Vocal language",
+    "style": "Style suffix",
+    "provider": "Provider first",
+}
+
+
+def _shown(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if name == "duration":
+        return f"{value} s"
+    return str(value)
+
+
+QUICK_DURATIONS = (30, 60, 120)
+
+
+def settings_buttons(providers: list[str]) -> tuple[Button, ...]:
+    """One press sets one of the presser's own defaults."""
+    buttons = [Button.choice("duration", str(s), f"{s} s") for s in QUICK_DURATIONS]
+    buttons += [
+        Button.choice("instrumental", "no", "With vocals"),
+        Button.choice("instrumental", "yes", "Instrumental"),
+    ]
+    if len(providers) > 1:
+        buttons += [Button.choice("provider", p, p) for p in providers]
+        buttons.append(Button.choice("provider", "any", "Any provider"))
+    return tuple(buttons)
+
+
+def settings_reply(
+    scope_words: str,
+    changed: list[str],
+    rows: list[tuple[str, object, str | None]],
+    extras: tuple[str, ...] = (),
+    buttons: tuple[Button, ...] = (),
+) -> Reply:
+    """Defaults for new songs: (name, value or None, "yours" | "community" | None)."""
+    head: list[Span] = [Bold(f"Defaults for new songs ({scope_words})")]
+    if changed:
+        head += [" \N{EM DASH} changed ", ", ".join(changed)]
+    lines: list[tuple[Span, ...]] = [tuple(head)]
+    for name, value, source in rows:
+        word = _DEFAULT_WORDS.get(name, name)
+        if value is None:
+            lines.append((f"{word}: not set",))
+        else:
+            where = f" ({source})" if source else ""
+            lines.append((f"{word}: ", Code(_shown(name, value)), where))
+    lines.append(
+        ("An option in the command wins, then your default, then the community's, then the bot's.",)
+    )
+    lines += [(extra,) for extra in extras]
+    return Reply(Text.from_lines(lines), buttons)
+
+
+def banlist_reply(phrases: list[str], added: list[str], removed: list[str]) -> Reply:
+    lines: list[tuple[Span, ...]] = []
+    if added:
+        lines.append(("Banned: ", ", ".join(added)))
+    if removed:
+        lines.append(("No longer banned: ", ", ".join(removed)))
+    if phrases:
+        lines.append((Bold(f"Banned in this community ({len(phrases)})"),))
+        lines.append((", ".join(phrases),))
+    else:
+        lines.append(("Nothing is banned in this community.",))
+    return Reply(Text.from_lines(lines))
+
+
+def songs_switched(on: bool) -> tuple[Span, ...]:
+    return ("songs ", Code("on" if on else "off"))

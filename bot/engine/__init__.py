@@ -23,6 +23,7 @@ from bot.engine.errors import (
     NoProvider,
     NotAllowed,
     QuotaExceeded,
+    Refused,
 )
 from bot.engine.facade import Admission, Engine, QuotaLine, QuotaStatus
 from bot.engine.runner import EngineOptions
@@ -49,6 +50,7 @@ __all__ = [
     "QuotaExceeded",
     "QuotaLine",
     "QuotaStatus",
+    "Refused",
     "RenderedSong",
     "Requester",
     "Song",

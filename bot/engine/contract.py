@@ -9,11 +9,12 @@ answer, even after a restart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from bot import audio, render
+from bot import audio, render, titles
 from bot.models import FailureKind, Job
 
 
@@ -89,13 +90,17 @@ class Song:
     tags: str | None
     lyrics: str | None
     prompt: str | None
-    album: str = "acestep-bot"
+    album: str = "acestep-bot"  # a chat platform puts the bot's own name here
+    made_at: float | None = None  # epoch seconds; the tags' date
+    # False when the provider ignored the seed it was sent: `seed` is what it used, but
+    # asking for it again will not make the same song (front-ends say so).
+    seed_honoured: bool = True
     _cover: bytes | None = field(default=None, repr=False)
 
     async def cover(self) -> bytes:
         cover = self._cover
         if cover is None:
-            cover = self._cover = await render.shared().cover(self.original_path)
+            cover = self._cover = await render.shared().cover(self.original_path, self.title)
         return cover
 
     async def render(self, byte_limit: int | None, fmt: str = "mp3") -> RenderedSong:
@@ -113,6 +118,12 @@ class Song:
             provider=self.provider,
             job_id=self.job_id,
             album=self.album,
+            genre=", ".join(titles.style_tags(self.tags or "")[:2]) or None,
+            date=(
+                datetime.fromtimestamp(self.made_at, UTC).strftime("%Y-%m-%d")
+                if self.made_at
+                else None
+            ),
         )
         cover, encoded = await render.shared().render(
             self.original_path,

@@ -43,3 +43,12 @@ class EngineClosed(EngineError):
 
 class NoProvider(EngineError):
     """No configured provider can serve this request (mode, duration or options)."""
+
+
+class Refused(EngineError):
+    """The request contains a word or phrase a ban list refuses (`listed_by`: which
+    list, "operator" or "community"); the sentence shown is neutral."""
+
+    def __init__(self, listed_by: str, message: str) -> None:
+        self.listed_by = listed_by
+        super().__init__(message)

@@ -17,9 +17,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from bot import messages, render
+from bot import messages, moderation, render, titles
 from bot.engine.contract import Delivery, Failure, Song
 from bot.engine.errors import (
     AlreadyFinished,
@@ -28,10 +29,11 @@ from bot.engine.errors import (
     NoProvider,
     NotAllowed,
     QuotaExceeded,
+    Refused,
 )
 from bot.engine.notify import Notifier
 from bot.engine.runner import EngineOptions, JobRunner
-from bot.engine.scheduler import Scheduler
+from bot.engine.scheduler import Scheduler, pick_for
 from bot.engine.tasks import JobTasks
 from bot.metrics import Metrics
 from bot.models import ACTIVE_STATES, FailureKind, Job, JobState, Requester
@@ -40,6 +42,7 @@ from bot.requests import GenerationRequest, InvalidRequest
 from bot.settings import Settings
 from providers.base import Provider
 from providers.router import Router
+from storage.community import CommunityStore
 from storage.database import Database, StorageError
 from storage.jobs import JobStore, Limits, QuotaRefusal, next_reset
 
@@ -90,6 +93,7 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.store = store
+        self.community = CommunityStore(store.db)  # song defaults and ban lists
         self.router = Router(providers)
         self.options = options or EngineOptions()
         # Which platforms' jobs this engine runs: the bot runs chat jobs, the CLI its own.
@@ -228,6 +232,7 @@ class Engine:
             raise EngineClosed(messages.RESTARTING)
         if not isinstance(request, GenerationRequest):
             raise InvalidRequest("request", type(request).__name__, "a GenerationRequest")
+        await self.check_banned(request, requester)
         capable = self.router.capable(request)
         if not capable:
             raise NoProvider(self._no_provider_text(request))
@@ -277,12 +282,12 @@ class Engine:
             "job %s admitted: %s %s %ss seed %s for %s",
             job.id,
             request.mode.value,
-            request.title(),
+            titles.song_title(request),
             request.duration,
             seed,
             requester.key,
         )
-        likely = self.router.pick(request) or capable[0]
+        likely = pick_for(self.router, request) or capable[0]
         position = await self._position_of(job.id)
         self.tasks.wake.set()
         return Admission(
@@ -292,6 +297,24 @@ class Engine:
             ignored_options=likely.capabilities.ignored_options(request),
             provider=likely.name,
         )
+
+    async def check_banned(self, request: GenerationRequest, requester: Requester) -> None:
+        """Raise Refused for a request a ban list names (nothing is stored or charged).
+        `submit` checks it; a front-end may check first, before it shows anything."""
+        text = moderation.request_text(request)
+        lists = [("operator", self.settings.banned_words)]
+        if requester.community_key:
+            lists.append(("community", await self.community.banned(requester.community_key)))
+        for listed_by, phrases in lists:
+            found = moderation.first_banned(text, phrases)
+            if found is not None:
+                self.metrics.moderation_refused(listed_by)
+                log.info(
+                    "request by %s refused: the %s ban list has a phrase it contains",
+                    requester.key,
+                    listed_by,
+                )
+                raise Refused(listed_by, messages.REFUSED_BY_BAN_LIST)
 
     async def _repeat_admission(self, job_id: str) -> Admission:
         job = await self.store.get(job_id)
@@ -318,6 +341,10 @@ class Engine:
         ]
         if not same_mode:
             return messages.no_provider_for_mode(request.mode.value)
+        limits = self.router.option_limits(request)
+        if limits:  # the mode and length are served, an option's value is not
+            name, which = next(iter(limits.items()))
+            return messages.no_provider_for_option(name, request.advanced()[name], which)
         longest = max(p.capabilities.max_duration for p in same_mode)
         shortest = min(p.capabilities.min_duration for p in same_mode)
         return messages.no_provider_for_duration(request.duration, shortest, longest)
@@ -389,11 +416,50 @@ class Engine:
     async def set_community_setting(self, community: str, name: str, value: Any) -> None:
         await self.store.set_community_setting(community, name, value)
 
+    # ---- community controls: defaults, ban lists, deleting songs ---------------------
+
+    async def song_defaults(self, scope: str, subject: str) -> dict[str, Any]:
+        return await self.community.defaults(scope, subject)
+
+    async def set_song_defaults(self, scope: str, subject: str, values: dict[str, Any]) -> None:
+        await self.community.set_defaults(scope, subject, values)
+        log.info("song defaults of %s %s set: %s", scope, subject, sorted(values))
+
+    async def clear_song_defaults(self, scope: str, subject: str) -> None:
+        await self.community.clear_defaults(scope, subject)
+
+    async def banned(self, community: str) -> list[str]:
+        return await self.community.banned(community)
+
+    async def ban(self, community: str, phrases: list[str], by: Requester) -> list[str]:
+        added = await self.community.ban(community, phrases, by.key)
+        if added:
+            log.info("%s added %d phrases to the ban list of %s", by.key, len(added), community)
+        return added
+
+    async def unban(self, community: str, phrases: list[str]) -> list[str]:
+        return await self.community.unban(community, phrases)
+
+    async def delete_song(self, job_id: str, by: Requester) -> Job:
+        """Remove a posted song: mark the job deleted (the row stays, it is the ledger)
+        and remove its audio files at once. Who may is the caller's rule."""
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(messages.no_such_job(job_id))
+        if job.state != JobState.DELIVERED:
+            raise AlreadyFinished(messages.not_posted_yet(job_id))
+        await self.store.mark_deleted(job.id, by.key)
+        removed = await asyncio.to_thread(_remove_audio, self.settings.audio_dir, job.id)
+        log.info("job %s deleted by %s (%d audio files removed)", job.id, by.key, removed)
+        fresh = await self.store.get(job.id)
+        assert fresh is not None
+        return fresh
+
     def provider_for(self, job: Job) -> Provider | None:
         """The provider serving a job, else the one most likely to."""
         return (
             self.router.get(job.provider or "")
-            or self.router.pick(job.request)
+            or pick_for(self.router, job.request)
             or next(iter(self.router.capable(job.request)), None)
         )
 
@@ -439,3 +505,12 @@ class Engine:
 
     async def _position_of(self, job_id: str) -> int:
         return (await self.scheduler.positions()).get(job_id, 1)
+
+
+def _remove_audio(audio_dir: Path, job_id: str) -> int:
+    """Delete every stored file of a job (`<job_id>.*`); returns how many."""
+    removed = 0
+    for path in audio_dir.glob(f"{job_id}.*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bot import audio, render
+from bot import audio, render, titles
 from bot.engine.contract import DeliveryError, Failure, Phase, Progress, Song
 from bot.engine.eta import GenerationTimes
 from bot.engine.notify import Notifier
@@ -25,10 +25,12 @@ from bot.models import FailureKind, Job, JobState, SongResult
 from bot.redact import Redactor
 from bot.requests import clean_text
 from bot.settings import Settings
+from bot.timing import wait_event
 from providers.base import (
     AuthError,
     Busy,
     Cancelled,
+    CannotServe,
     Failed,
     Handle,
     Provider,
@@ -178,6 +180,10 @@ class JobRunner:
                 job, (S.SUBMITTING,), FailureKind.REJECTED, f"{provider.name}: {exc.message}"
             )
             return None
+        except CannotServe as exc:
+            self._log_provider_error(job, provider, exc, level=logging.WARNING)
+            await self._requeue(job, provider, exc, tried=True)
+            return None
         except AuthError as exc:
             self._log_provider_error(job, provider, exc)
             self.router.cool_down(
@@ -302,7 +308,11 @@ class JobRunner:
                 )
                 return False
             try:
-                status = await provider.poll(handle)
+                found = await self._next_status(provider, handle, last, cancel)
+                if found is None:
+                    continue  # cancelled while waiting for news
+                status = found
+                await self._keep_handle(job, handle)
             except TaskLost as exc:
                 self._log_provider_error(job, provider, exc)
                 await self._requeue(job, provider, exc, tried=False)
@@ -359,15 +369,49 @@ class JobRunner:
                 last = status
             else:
                 cap = self.options.poll_max_interval
-                if isinstance(status, Running):
-                    # A queued job may wait long, so back off; a running song is done within
-                    # a minute or so, and each second between polls is a second the user
-                    # waits for it (backing off to 10 s made that 2.9 s median, 8 s at
-                    # worst: bench/detect.py). fal's 1 s is what a job whose logs change
-                    # already costs.
+                if isinstance(status, Running) or (
+                    isinstance(status, Queued) and status.position is not None
+                ):
+                    # A running song is done within a minute or so, and each second
+                    # between polls is a second the user waits for it (backing off to 10 s
+                    # made that 2.9 s median, 8 s at worst: bench/detect.py); a queue that
+                    # reports a position is moving too (a song leaving a 35 s queue was
+                    # noticed 4 s late). Only a queue that says nothing backs off to 10 s.
                     cap = min(cap, max(base, self.options.running_poll_max_interval))
                 interval = min(cap, interval * self.options.poll_backoff)
-            await self._sleep(cancel, interval)
+            if not provider.streams_status:
+                await self._sleep(cancel, interval)
+
+    async def _next_status(
+        self, provider: Provider, handle: Handle, last: Status | None, cancel: asyncio.Event
+    ) -> Status | None:
+        """The next status: one poll, or for a provider that streams its status, the
+        next change (at most CANCEL_FLAG_CHECK_S away); None when a cancel came first."""
+        if not provider.streams_status:
+            return await provider.poll(handle)
+        waiting = asyncio.ensure_future(provider.wait_status(handle, last, CANCEL_FLAG_CHECK_S))
+        stop = asyncio.ensure_future(cancel.wait())
+        try:
+            await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            waiting.cancel()
+            stop.cancel()
+            raise
+        stop.cancel()
+        if not waiting.done():  # the user cancelled first
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            return None
+        return waiting.result()
+
+    async def _keep_handle(self, job: Job, handle: Handle) -> None:
+        """A provider may move its job on to a new task (ACE-Step's described songs are
+        two): store the handle when it changed, so a restart resumes the right one."""
+        current = handle.to_json()
+        if current != job.handle:
+            await self.store.transition(job.id, (S.RUNNING,), S.RUNNING, handle=current)
+            job.handle = current
 
     def _progress_of(
         self, job: Job, provider: Provider, status: Status, generating_since: float | None
@@ -392,10 +436,7 @@ class JobRunner:
         )
 
     async def _sleep(self, cancel: asyncio.Event, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(cancel.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
+        await wait_event(cancel, seconds)
 
     async def _cancel_requested(self, job_id: str) -> bool:
         job = await self.store.get(job_id)
@@ -458,7 +499,7 @@ class JobRunner:
         """Download (streamed to a .part file under DATA_DIR, by the job's deadline, and
         stopped by a cancel), check and keep the audio; running -> ready."""
         part = self.settings.audio_dir / f"{job.id}.download.part"
-        expected = None if result.duration_chosen_by_model else float(job.duration)
+        expected = float(job.duration)
         price = round(price_of(provider, job.request), 6)
         try:
             part.parent.mkdir(parents=True, exist_ok=True)
@@ -515,12 +556,18 @@ class JobRunner:
             duration=round(info.duration, 3),
             seed=result.seed if result.seed is not None else job.seed,
             provider=provider.name,
-            title=job.request.title(),
+            title=titles.song_title(
+                job.request,
+                provider_metadata=result.metadata,
+                tags=clean_text(result.tags, multiline=False) if result.tags else None,
+                lyrics=clean_text(result.lyrics, multiline=True) if result.lyrics else None,
+            ),
             sample_rate=info.sample_rate,
             channels=info.channels,
             # Provider text is untrusted too: it goes into captions, tags and logs.
             tags=clean_text(result.tags, multiline=False) if result.tags else result.tags,
             lyrics=clean_text(result.lyrics, multiline=True) if result.lyrics else result.lyrics,
+            seed_honoured=result.seed_honoured,
             provider_metadata=result.metadata,
         )
         moved = await self.store.finish_success(job.id, provider.name, price, song)
@@ -562,6 +609,8 @@ class JobRunner:
             tags=result.tags or (req.tags or None),
             lyrics=result.lyrics or (req.lyrics or None),
             prompt=req.prompt or None,
+            seed_honoured=result.seed_honoured,
+            made_at=job.finished_at or job.created_at or None,
         )
 
     async def deliver(self, job: Job) -> None:

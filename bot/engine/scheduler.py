@@ -3,22 +3,41 @@ FIFO within a user), within each provider's concurrency limit."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from bot.engine.contract import Phase, Progress
 from bot.engine.notify import Notifier
 from bot.engine.runner import EngineOptions, JobRunner
 from bot.engine.tasks import JobTasks
 from bot.models import FailureKind, Job, JobState
+from bot.requests import GenerationRequest
+from bot.timing import wait_event
+from providers.base import Provider
 from providers.router import Router
 from storage.database import StorageError
 from storage.jobs import JobStore
 
 log = logging.getLogger("acestep.engine")
+
+
+def pick_for(
+    router: Router, request: GenerationRequest, exclude: Iterable[str] = ()
+) -> Provider | None:
+    """The provider to start a request on now: the one it prefers (a user's or
+    community's default) when that one can take it now, else the configured order."""
+    skip = set(exclude)
+    preferred = router.get(request.provider or "")
+    if (
+        preferred is not None
+        and preferred.name not in skip
+        and preferred.capabilities.can_serve(request)
+        and router.available(preferred)
+        and router.has_capacity(preferred)
+    ):
+        return preferred
+    return router.pick(request, exclude=skip)
 
 
 class Scheduler:
@@ -59,8 +78,7 @@ class Scheduler:
             cooldown = self.router.next_cooldown_end()
             if cooldown is not None:
                 timeout = min(timeout, cooldown + 0.01)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.tasks.wake.wait(), timeout=timeout)
+            await wait_event(self.tasks.wake, timeout)
 
     async def queued(self) -> list[Job]:
         return [j for j in await self.store.in_states((JobState.QUEUED,)) if self.handles(j)]
@@ -104,7 +122,7 @@ class Scheduler:
                     state=JobState.CANCELLED,
                 )
                 continue
-            provider = self.router.pick(job.request, exclude=job.tried_providers)
+            provider = pick_for(self.router, job.request, job.tried_providers)
             if provider is None:
                 await self._fail_if_unservable(job)
                 continue

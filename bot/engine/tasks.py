@@ -54,8 +54,7 @@ class JobTasks:
     async def wait_for(self, job_id: str, timeout: float) -> None:
         task = self.tasks.get(job_id)
         if task is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), timeout=timeout)
+            await asyncio.wait({task}, timeout=timeout)
 
     async def cancel_all(self) -> None:
         tasks = list(self.tasks.values())

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 import discord
 from discord import app_commands
 
+from bot.chat import defaults
 from bot.chat.conversation import Conversation, LimitChange
 from bot.chat.markup import clip
 from bot.chat.replies import HelpStyle, Reply, StatusView
@@ -25,10 +26,11 @@ from bot.frontends.discord_outlet import DEFAULT_UPLOAD_LIMIT, TOKEN_LIFETIME_S
 from bot.models import Requester
 from bot.requests import (
     ALL_OPTIONS,
+    MAX_DURATION,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_TAGS_CHARS,
-    GenerationRequest,
+    MIN_DURATION,
     InvalidRequest,
     Mode,
     OptionSpec,
@@ -88,7 +90,9 @@ class DiscordPlace:
         self.requester = requester_of(interaction)
         self.source_key: str | None = f"discord:{interaction.id}"
         self.channel_id = str(interaction.channel_id) if interaction.channel_id else None
+        self.channel_name = ""  # Discord shows a channel by its id
         self.admins = "members with the Manage Server permission"
+        self.settings_usage = SETTINGS_USAGE
 
     def reply_target(self) -> dict[str, Any]:
         i = self.interaction
@@ -138,6 +142,24 @@ class DiscordPlace:
         if not self.interaction.response.is_done():
             await self.interaction.response.defer(ephemeral=True, thinking=True)
 
+    async def answer_panel(self, reply: Reply) -> None:
+        content, view = render.reply_content(reply), render.view_of(reply.buttons)
+        i = self.interaction
+        if i.type is discord.InteractionType.component and not i.response.is_done():
+            await i.response.edit_message(content=content, view=view)  # the panel pressed
+            return
+        await send_ephemeral(i, content, **({"view": view} if view else {}))
+
+    async def offer_compose(self, fields: dict[str, Any]) -> bool:
+        if self.interaction.response.is_done():
+            return False
+        rest = {k: v for k, v in fields.items() if k not in ("tags", "lyrics")}
+        modal = render.ComposeModal(
+            rest, tags=fields.get("tags", ""), lyrics=fields.get("lyrics", "")
+        )
+        await self.interaction.response.send_modal(modal)
+        return True
+
 
 class DiscordCommands:
     """The slash commands; `register` puts them on the command tree."""
@@ -184,20 +206,36 @@ class DiscordCommands:
             tree.add_command(
                 app_commands.Command(name=name, description=description, callback=_plain(method))
             )
-        cancel: app_commands.Command[Any, ..., None] = app_commands.Command(
-            name="cancel", description="Cancel one of your songs", callback=_plain(self.cancel)
+        suggesting: list[tuple[str, str, Any, str, Any]] = [
+            ("cancel", "Cancel one of your songs", _plain(self.cancel), "job", self.cancel_choices),
+            (
+                "settings",
+                "Your defaults for new songs (or, for admins, the server's)",
+                _settings_callback(self.settings),
+                "provider",
+                self.provider_choices,
+            ),
+        ]
+        for name, description, callback, option, choices in suggesting:
+            command: app_commands.Command[Any, ..., None] = app_commands.Command(
+                name=name, description=description, callback=callback
+            )
+            command.autocomplete(option)(choices)
+            tree.add_command(command)
+        tree.add_command(
+            _for_server_admins(
+                name="limits",
+                description="View or set this server's quotas and channels",
+                callback=_plain(self.limits),
+            )
         )
-        cancel.autocomplete("job")(self.cancel_choices)
-        tree.add_command(cancel)
-        limits: app_commands.Command[Any, ..., None] = app_commands.Command(
-            name="limits",
-            description="View or set this server's quotas and channels",
-            callback=_plain(self.limits),
+        tree.add_command(
+            _for_server_admins(
+                name="banlist",
+                description="Words and phrases songs may not contain in this server",
+                callback=_plain(self.banlist),
+            )
         )
-        limits = app_commands.guild_only()(limits)
-        limits = app_commands.allowed_installs(guilds=True, users=False)(limits)
-        limits = app_commands.default_permissions(manage_guild=True)(limits)
-        tree.add_command(limits)
 
     async def _run(
         self, interaction: discord.Interaction, what: str, step: Callable[[DiscordPlace], Any]
@@ -221,7 +259,7 @@ class DiscordCommands:
         """Validate the fields, then admit the job; refusals are answered ephemerally."""
 
         async def step(place: DiscordPlace) -> None:
-            await self.conversation.song(place, GenerationRequest.build(**fields))
+            await self.conversation.make(place, fields)
 
         await self._run(interaction, "/song", step)
 
@@ -282,6 +320,125 @@ class DiscordCommands:
 
         await self._run(interaction, "/limits", step)
 
+    # ---- defaults and the ban list ----
+
+    async def settings(self, interaction: discord.Interaction, **options: Any) -> None:
+        scope = options.pop("scope", None) or "mine"
+        reset = options.pop("reset", None)
+        changes = {k: v for k, v in options.items() if v is not None}
+        if reset and reset != "all":
+            changes[reset] = "default"
+
+        async def step(place: DiscordPlace) -> None:
+            await self.conversation.settings(
+                place,
+                changes,
+                community=scope == "server",
+                reset_all=reset == "all",
+            )
+
+        await self._run(interaction, "/settings", step)
+
+    async def provider_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        names = [*self.engine.router.providers, "any"]
+        return [app_commands.Choice(name=n, value=n) for n in names if n.startswith(current)][:25]
+
+    @app_commands.describe(
+        add="words or phrases to ban, separated by commas",
+        remove="words or phrases to allow again, separated by commas",
+    )
+    async def banlist(
+        self,
+        interaction: discord.Interaction,
+        add: app_commands.Range[str, 1, 1000] | None = None,
+        remove: app_commands.Range[str, 1, 1000] | None = None,
+    ) -> None:
+        await self._run(
+            interaction,
+            "/banlist",
+            lambda p: self.conversation.banlist(p, split_phrases(add), split_phrases(remove)),
+        )
+
+
+SETTINGS_USAGE = (
+    "Change one with /settings duration: instrumental: style: provider: "
+    "(scope:server for the server's, by its admins; reset: to clear)."
+)
+
+
+def _for_server_admins(**kwargs: Any) -> app_commands.Command[Any, ..., None]:
+    """A command of servers only, shown to members with Manage Server (Discord hides it
+    from others; the shared layer checks again, since a payload can claim anything)."""
+    command: app_commands.Command[Any, ..., None] = app_commands.Command(**kwargs)
+    command = app_commands.guild_only()(command)
+    command = app_commands.allowed_installs(guilds=True, users=False)(command)
+    return app_commands.default_permissions(manage_guild=True)(command)
+
+
+def split_phrases(text: str | None) -> list[str]:
+    """Comma-separated words and phrases."""
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def _settings_callback(handler: Callable[..., Awaitable[None]]) -> Any:
+    """/settings' callback: one option per default this build offers, plus scope and
+    reset (built from bot.chat.defaults, so a new default appears here by itself)."""
+
+    async def callback(interaction: discord.Interaction, **options: Any) -> None:
+        await handler(interaction, **options)
+
+    kinds: dict[str, tuple[Any, str]] = {
+        "duration": (
+            Optional[app_commands.Range[int, MIN_DURATION, MAX_DURATION]],  # noqa: UP045
+            f"length in seconds ({MIN_DURATION} to {MAX_DURATION})",
+        ),
+        "instrumental": (Optional[bool], "no vocals"),  # noqa: UP045
+        "vocal_language": (
+            Optional[app_commands.Range[str, 1, 16]],  # noqa: UP045
+            "language of the lyrics, e.g. en",
+        ),
+        "style": (
+            Optional[app_commands.Range[str, 1, defaults.MAX_STYLE_CHARS]],  # noqa: UP045
+            "tags added to every song, e.g. dreamy, lo-fi ('none' to clear)",
+        ),
+        "provider": (Optional[str], "the music service tried first"),  # noqa: UP045
+    }
+    offered = [n for n in defaults.offered() if n in kinds]
+    params = [
+        inspect.Parameter(
+            "interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction
+        ),
+        inspect.Parameter(
+            "scope",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[Literal["mine", "server"]],  # noqa: UP045
+            default=None,
+        ),
+    ]
+    descriptions = {"scope": "mine (default) or the server's (admins)"}
+    for name in offered:
+        annotation, description = kinds[name]
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None
+            )
+        )
+        descriptions[name] = description
+    params.append(
+        inspect.Parameter(
+            "reset",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[Literal[(*offered, "all")]],  # noqa: UP045
+            default=None,
+        )
+    )
+    descriptions["reset"] = "clear one default, or all"
+    callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    callback.__discord_app_commands_param_description__ = descriptions  # type: ignore[attr-defined]
+    return callback
+
 
 def parse_channel_list(text: str) -> list[str]:
     """Channel ids from mentions (`<#123>`) or bare ids; 'all' or nothing = every channel."""
@@ -318,6 +475,8 @@ def _option_annotation(spec: OptionSpec) -> Any:
         return Optional[bool]  # noqa: UP045
     if spec.choices:
         return Optional[Literal[spec.choices]]  # noqa: UP045
+    if spec.kind is str:  # free text the engine normalizes and checks (e.g. key_scale)
+        return Optional[app_commands.Range[str, 1, int(spec.maximum or 100)]]  # noqa: UP045
     kind: Any = int if spec.kind is int else float
     return Optional[app_commands.Range[kind, spec.minimum, spec.maximum]]  # noqa: UP045
 

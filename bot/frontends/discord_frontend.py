@@ -36,7 +36,7 @@ from bot.engine.errors import EngineError
 from bot.frontends import discord_render as render
 from bot.frontends.discord_commands import DiscordCommands, DiscordPlace
 from bot.frontends.discord_outlet import DiscordOutlet, http_text
-from bot.requests import GenerationRequest, InvalidRequest
+from bot.requests import InvalidRequest
 
 if TYPE_CHECKING:
     from bot.engine import Engine
@@ -192,10 +192,9 @@ class DiscordFrontend(ChatDelivery):
     ) -> None:
         place = DiscordPlace(interaction)
 
-        async def step() -> None:
-            await self.conversation.song(place, GenerationRequest.build(**fields))
-
-        await self.conversation.run(place, "/compose", step)
+        await self.conversation.run(
+            place, "/compose", lambda: self.conversation.make(place, fields)
+        )
 
     # ---- errors discord.py reports (checks, transformers) ----
 

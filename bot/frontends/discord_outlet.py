@@ -23,6 +23,7 @@ from bot.chat.markup import clip
 from bot.chat.replies import SongCard, StatusView
 from bot.engine.contract import DeliveryError, RenderedSong
 from bot.frontends import discord_render as render
+from bot.timing import within
 
 log = logging.getLogger("acestep.discord")
 
@@ -47,7 +48,7 @@ class DiscordOutlet:
 
     async def ready(self) -> None:
         try:
-            await asyncio.wait_for(self.logged_in.wait(), LOGIN_WAIT_S)
+            await within(self.logged_in.wait(), LOGIN_WAIT_S)
         except TimeoutError:
             raise DeliveryError("the Discord front-end is not connected") from None
 
@@ -56,6 +57,10 @@ class DiscordOutlet:
 
     def working(self, target: dict[str, Any], job_id: str, active: bool) -> None:
         """Discord shows the status message; no typing indicator is needed."""
+
+    def bot_name(self) -> str | None:
+        user = self.client.user
+        return user.name if user is not None else None
 
     # ---- the status message ----
 
@@ -82,21 +87,46 @@ class DiscordOutlet:
         return False
 
     async def remove_status(self, target: dict[str, Any]) -> bool:
+        return await self._delete(
+            target, ORIGINAL, target.get("channel_id"), target.get("status_message_id"), "status"
+        )
+
+    async def remove_song(self, target: dict[str, Any]) -> bool:
+        message_id = target.get("result_message_id")
+        if not message_id:
+            return False
+        channel_id = target.get("result_channel_id") or target.get("channel_id")
+        return await self._delete(target, int(message_id), channel_id, message_id, "song")
+
+    async def _delete(
+        self,
+        target: dict[str, Any],
+        via_webhook: Any,
+        channel_id: str | None,
+        message_id: str | None,
+        what: str,
+    ) -> bool:
+        """Delete a message: through the interaction while its token lives, else through
+        its channel (the bot's own message). True when it is gone."""
         try:
             if self.token_usable(target):
-                await self.webhook(target).delete_message(ORIGINAL)
-                return True
-            message = self._status_message(target)
-            if message is None:
-                return False
-            await message.delete()
+                try:
+                    await self.webhook(target).delete_message(via_webhook)
+                    return True
+                except discord.NotFound:
+                    pass  # gone, or posted through the channel after all: look there
+            if not (channel_id and message_id):
+                # Nowhere else to look: an interaction's original it said is gone, is.
+                return via_webhook is ORIGINAL and self.token_usable(target)
+            channel = self.client.get_partial_messageable(int(channel_id))
+            await channel.get_partial_message(int(message_id)).delete()
             return True
         except discord.NotFound:
             return True  # already gone
         except discord.HTTPException as exc:
-            log.info("Could not remove a Discord status message: %s", http_text(exc))
+            log.info("Could not delete a Discord %s message: %s", what, http_text(exc))
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.info("Could not remove a Discord status message: %s", type(exc).__name__)
+            log.info("Could not delete a Discord %s message: %s", what, type(exc).__name__)
         return False
 
     def _status_message(self, target: dict[str, Any]) -> discord.PartialMessage | None:
@@ -125,7 +155,11 @@ class DiscordOutlet:
         )
         in_place = str(message.channel.id) == str(target.get("channel_id"))  # else a DM
         url = jump_url(target.get("guild_id") if in_place else None, message.channel.id, message.id)
-        return {"result_url": url, "result_message_id": str(message.id)}
+        return {
+            "result_url": url,
+            "result_message_id": str(message.id),
+            "result_channel_id": str(message.channel.id),
+        }
 
     async def post_notice(self, target: dict[str, Any], view: StatusView) -> None:
         content, buttons = render.status_content(view)

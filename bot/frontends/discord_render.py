@@ -17,12 +17,13 @@ import discord
 
 from bot import messages
 from bot.chat.markup import Bold, Code, Link, Mention, Muted, Span, Text, When, clip
-from bot.chat.replies import Action, Button, Reply, SongCard, StatusView, Style
+from bot.chat.replies import TAGS_LABEL, Action, Button, Reply, SongCard, StatusView, Style
 from bot.requests import MAX_LYRICS_CHARS, MAX_TAGS_CHARS
 
 EMBED_DESCRIPTION_LIMIT = 4096
 MESSAGE_LIMIT = 2000
-JOB_ID = r"(?P<job_id>[0-9a-f]{8})"
+# A job id, or what a /settings quick pick sets (replies.CHOICE).
+JOB_ID = r"(?P<job_id>[0-9a-f]{8}|[a-z_]{1,20}=[a-z0-9_-]{1,24})"
 
 
 # ---- text ----------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class JobButton(
         super().__init__(
             discord.ui.Button(
                 label=button.label,
-                emoji=button.emoji,
+                emoji=button.emoji or None,
                 style=_STYLES[button.style],
                 custom_id=f"acestep:{button.payload}",
             )
@@ -153,8 +154,11 @@ def song_embed(card: SongCard, cover_name: str | None) -> discord.Embed:
         colour=discord.Colour.blurple(),
         timestamp=datetime.now(UTC),
     )
+    if card.tags:
+        embed.add_field(name=TAGS_LABEL, value=clip(card.tags, 1024), inline=False)
     embed.add_field(name="Duration", value=messages.clock(card.duration))
-    embed.add_field(name="Seed", value=f"`{card.seed}`")
+    note = f" ({card.seed_note})" if card.seed_note else ""
+    embed.add_field(name="Seed", value=f"`{card.seed}`{note}")
     embed.add_field(name="Provider", value=card.provider or "?")
     embed.add_field(name="Requested by", value=f"<@{card.requester_id}>")
     for note in card.notes:
@@ -177,7 +181,7 @@ def long_embed(reply: Reply) -> discord.Embed:
 class ComposeModal(discord.ui.Modal, title="Compose a song"):
     """Style tags and a lyrics paragraph (slash options cannot hold line breaks)."""
 
-    def __init__(self, fields: dict[str, Any], tags: str = "") -> None:
+    def __init__(self, fields: dict[str, Any], tags: str = "", lyrics: str = "") -> None:
         super().__init__(timeout=15 * 60)
         self.fields = fields
         self.tags: discord.ui.TextInput[ComposeModal] = discord.ui.TextInput(
@@ -189,6 +193,7 @@ class ComposeModal(discord.ui.Modal, title="Compose a song"):
         )
         self.lyrics: discord.ui.TextInput[ComposeModal] = discord.ui.TextInput(
             custom_id="lyrics",
+            default=lyrics or None,
             required=False,
             max_length=MAX_LYRICS_CHARS,
             style=discord.TextStyle.paragraph,

@@ -24,12 +24,13 @@ from bot.frontends.telegram_outlet import reply_to
 from bot.frontends.telegram_parse import (
     command_args,
     option_usage,
+    parse_banlist,
     parse_compose,
     parse_limits,
+    parse_settings,
     parse_song,
 )
 from bot.models import Requester
-from bot.requests import GenerationRequest
 
 log = logging.getLogger("acestep.telegram")
 
@@ -45,6 +46,11 @@ COMPOSE_USAGE = (
     "/compose synthpop, female vocals\n[verse]\nNeon rain on the window"
 )
 START_PRIVATELY = "Start a private chat with me to read the whole lyrics."
+GENERAL_TOPIC = "general"
+SETTINGS_USAGE = (
+    'Change with /settings duration=30 instrumental=on style="dreamy, lofi" provider=fal '
+    "(reset=duration or reset=all; /settings group ... for the group's, by its admins)."
+)
 
 Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Coroutine[Any, Any, None]]
 
@@ -52,6 +58,24 @@ Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Coroutine[Any, Any, None
 def thread_of(message: Message) -> int | None:
     """The forum topic a message is in; non-forum reply threads must not be targeted."""
     return message.message_thread_id if message.is_topic_message else None
+
+
+def topic_of(message: Message, chat: Chat) -> str | None:
+    """Where in a chat a message is, for /limits topics: its forum topic's id, "general"
+    for a forum's General topic, None outside forums."""
+    thread = thread_of(message)
+    if thread is not None:
+        return str(thread)
+    return GENERAL_TOPIC if chat.is_forum else None
+
+
+def topic_name(message: Message) -> str:
+    """The forum topic's name, from the service message that opened it (every message
+    in a topic replies to it)."""
+    opened = message.reply_to_message.forum_topic_created if message.reply_to_message else None
+    if opened is not None:
+        return opened.name
+    return "General" if message.chat.is_forum and thread_of(message) is None else ""
 
 
 def requester_of(user: User, chat: Chat, sender_chat: Chat | None) -> Requester:
@@ -76,6 +100,7 @@ class TelegramPlace:
     """One update (a command message or a button press), as the shared layer's Place."""
 
     admins = "this group's administrators"
+    settings_usage = SETTINGS_USAGE
 
     def __init__(self, bot: Bot, update: Update) -> None:
         message, user, chat = update.effective_message, update.effective_user, update.effective_chat
@@ -91,7 +116,8 @@ class TelegramPlace:
         self.requester = requester_of(user, chat, sender)
         self.source_key: str | None = f"telegram:{bot.id}:{update.update_id}"
         self.thread_id = thread_of(message)
-        self.channel_id = str(self.thread_id) if self.thread_id is not None else None
+        self.channel_id = topic_of(message, chat)
+        self.channel_name = topic_name(message)
         self._status_id: int | None = None
         self._status_head: Text | None = None
         self._answered = False
@@ -181,6 +207,38 @@ class TelegramPlace:
     async def working(self, note: str) -> None:
         await self.toast(note)
 
+    async def answer_panel(self, reply: Reply) -> None:
+        """Pressed on the panel: edit it in place (a popup would cut it off at 200
+        characters); else a reply with the keyboard."""
+        text, keyboard = render.html(reply.text), render.keyboard(reply.buttons)
+        if self.query is not None:
+            try:
+                await self.bot.edit_message_text(
+                    text,
+                    chat_id=self.chat.id,
+                    message_id=self.message.message_id,
+                    parse_mode=ParseMode.HTML,
+                    reply_markup=keyboard,
+                )
+                await self.toast("Saved.")
+                return
+            except TelegramError as exc:
+                if "not modified" in str(exc).lower():
+                    await self.toast("Saved.")
+                    return
+                log.info("telegram: settings panel not edited: %s", exc)
+        await self.bot.send_message(
+            self.chat.id,
+            text,
+            parse_mode=ParseMode.HTML,
+            reply_markup=keyboard,
+            message_thread_id=self.thread_id,
+            reply_parameters=reply_to(self.message.message_id),
+        )
+
+    async def offer_compose(self, fields: dict[str, Any]) -> bool:
+        return False  # no forms on Telegram: the song is made at once
+
     async def toast(self, text: str) -> None:
         """Answer a button press with a short notice (once; later answers are replies)."""
         if self.query is not None and not self._answered:
@@ -220,6 +278,8 @@ class TelegramCommands:
             "help": self.help,
             "start": self.start,
             "limits": self.limits,
+            "settings": self.settings,
+            "banlist": self.banlist,
         }
 
     async def _run(
@@ -246,7 +306,7 @@ class TelegramCommands:
             if not args.strip():
                 await place.answer(Reply.say(f"{SONG_USAGE} See /help for every option."))
                 return
-            await self.conversation.song(place, GenerationRequest.build(**parse_song(args)))
+            await self.conversation.make(place, parse_song(args))
 
         await self._run(update, "/song", step)
 
@@ -258,8 +318,7 @@ class TelegramCommands:
                 return
             replied = place.message.reply_to_message
             replied_text = (replied.text or replied.caption) if replied is not None else None
-            fields = parse_compose(args, replied_text)
-            await self.conversation.song(place, GenerationRequest.build(**fields))
+            await self.conversation.make(place, parse_compose(args, replied_text))
 
         await self._run(update, "/compose", step)
 
@@ -298,9 +357,36 @@ class TelegramCommands:
         args = list(context.args or [])
 
         async def step(place: TelegramPlace) -> None:
-            await self.conversation.limits(place, parse_limits(args))
+            parsed = parse_limits(args)
+            await self.conversation.limits(
+                place,
+                parsed.changes,
+                has_channels=bool(place.chat.is_forum),
+                songs=parsed.songs,
+                here=parsed.here,
+                channel_word="Topics",
+            )
 
         await self._run(update, "/limits", step)
+
+    async def settings(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        async def step(place: TelegramPlace) -> None:
+            parsed = parse_settings(_args(place.message))
+            await self.conversation.settings(
+                place,
+                dict(parsed.changes),
+                community=parsed.community,
+                reset_all=parsed.reset_all,
+            )
+
+        await self._run(update, "/settings", step)
+
+    async def banlist(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        async def step(place: TelegramPlace) -> None:
+            add, remove = parse_banlist(_args(place.message))
+            await self.conversation.banlist(place, add, remove)
+
+        await self._run(update, "/banlist", step)
 
 
 def _args(message: Message) -> str:

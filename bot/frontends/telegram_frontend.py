@@ -35,15 +35,16 @@ from bot.chat.delivery import ChatDelivery
 from bot.chat.replies import LEGACY_ACTIONS, UPLOAD_MARGIN, Action
 from bot.engine import DeliveryError, Engine
 from bot.frontends.telegram_commands import TelegramCommands
-from bot.frontends.telegram_flood import RetryAfterLimiter
 from bot.frontends.telegram_outlet import (
     CLOUD_UPLOAD_BYTES,
     LOCAL_UPLOAD_BYTES,
     TelegramOutlet,
     upload_limit,
 )
+from bot.frontends.telegram_pacing import PacedSender
 from bot.frontends.telegram_webhook import WebhookReceiver, webhook_secret
 from bot.settings import Settings
+from bot.timing import within
 
 __all__ = ["CLOUD_UPLOAD_BYTES", "LOCAL_UPLOAD_BYTES", "TelegramFrontend", "upload_limit"]
 
@@ -60,7 +61,9 @@ MENU = [
     BotCommand("cancel", "stop a song"),
     BotCommand("quota", "what you have left today"),
     BotCommand("history", "your recent songs"),
-    BotCommand("limits", "this group's quotas (admins)"),
+    BotCommand("settings", "your defaults for new songs"),
+    BotCommand("limits", "this group's quotas, topics and songs switch (admins)"),
+    BotCommand("banlist", "words this group's songs may not contain (admins)"),
     BotCommand("help", "how to use the bot"),
 ]
 
@@ -87,7 +90,7 @@ class ConfirmAfterHandling(HTTPXRequest):
     ) -> tuple[int, bytes]:
         if self.update_queue is not None and url.endswith("/getUpdates"):
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.update_queue.join(), self.max_wait)
+                await within(self.update_queue.join(), self.max_wait)
         return await super().do_request(url, method, *args, **kwargs)
 
 
@@ -103,6 +106,7 @@ class TelegramFrontend(ChatDelivery):
         action_interval: float = 4.5,
         poll_timeout: int = 30,
         flood_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        pacing: PacedSender | None = None,
     ) -> None:
         token = settings.secret("telegram_token")
         if not token:
@@ -112,6 +116,12 @@ class TelegramFrontend(ChatDelivery):
         self.poll_timeout = poll_timeout
         self._webhook_url = settings.telegram_webhook_url
         self._updates_request = ConfirmAfterHandling()
+        self.pacing = pacing or PacedSender(
+            sleep=flood_sleep,
+            global_per_second=settings.telegram_messages_per_second,
+            private_per_second=settings.telegram_chat_messages_per_second,
+            group_budget=(settings.telegram_group_messages_per_minute, 60.0),
+        )
         builder = (
             ApplicationBuilder()
             .token(token)
@@ -119,7 +129,7 @@ class TelegramFrontend(ChatDelivery):
             .base_url(f"{self.api_url}/bot")
             .base_file_url(f"{self.api_url}/file/bot")
             .concurrent_updates(True)
-            .rate_limiter(RetryAfterLimiter(sleep=flood_sleep))
+            .rate_limiter(self.pacing)
             .read_timeout(30.0)
             .write_timeout(30.0)
             .media_write_timeout(300.0)

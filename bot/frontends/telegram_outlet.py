@@ -10,14 +10,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from telegram import Bot, InputFile, ReplyParameters
+from telegram import InputFile, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.ext import ExtBot
 
+from bot import audio
 from bot.chat.markup import clip
 from bot.chat.replies import SongCard, StatusView
 from bot.engine.contract import DeliveryError, RenderedSong
 from bot.frontends import telegram_render as render
+from bot.frontends.telegram_pacing import Priority
 
 log = logging.getLogger("acestep.telegram")
 
@@ -50,7 +53,7 @@ class TelegramOutlet:
 
     def __init__(
         self,
-        bot: Callable[[], Bot],
+        bot: Callable[[], ExtBot[Any]],
         ready: Callable[[], Any],
         api_url: str,
         *,
@@ -67,6 +70,12 @@ class TelegramOutlet:
 
     def upload_limit(self, target: dict[str, Any]) -> int:
         return self.limit
+
+    def bot_name(self) -> str | None:
+        try:
+            return self._bot().first_name
+        except RuntimeError:  # not initialised yet
+            return None
 
     def working(self, target: dict[str, Any], job_id: str, active: bool) -> None:
         if active:
@@ -86,6 +95,8 @@ class TelegramOutlet:
                 message_id=int(status_id),
                 parse_mode=ParseMode.HTML,
                 reply_markup=render.keyboard(view.buttons),
+                # A progress edit may be coalesced or dropped; a final one never.
+                rate_limit_args={"priority": Priority.NOTICE if view.final else Priority.STATUS},
             )
         except BadRequest as exc:
             if _not_modified(exc):
@@ -112,15 +123,16 @@ class TelegramOutlet:
         self, target: dict[str, Any], card: SongCard, song: RenderedSong
     ) -> dict[str, Any]:
         chat_id = int(target["chat_id"])
-        audio = await asyncio.to_thread(song.path.read_bytes)
+        audio_bytes = await asyncio.to_thread(song.path.read_bytes)
+        thumb = await asyncio.to_thread(audio.thumbnail, song.cover) if song.cover else None
         try:
             message = await self._bot().send_audio(
                 chat_id,
-                InputFile(audio, filename=card.file_name),
+                InputFile(audio_bytes, filename=card.file_name),
                 title=clip(card.title, 64),
                 performer="ACE-Step",
                 duration=round(song.duration or card.duration),
-                thumbnail=InputFile(song.cover, filename="cover.jpg") if song.cover else None,
+                thumbnail=InputFile(thumb, filename="cover.jpg") if thumb else None,
                 caption=render.caption(card),
                 parse_mode=ParseMode.HTML,
                 reply_markup=render.keyboard(card.buttons),
@@ -139,6 +151,22 @@ class TelegramOutlet:
             kept["result_url"] = message.link
         return kept
 
+    async def remove_song(self, target: dict[str, Any]) -> bool:
+        message_id = target.get("result_message_id")
+        if message_id is None:
+            return False
+        chat_id = int(target["chat_id"])
+        try:
+            # Telegram lets a bot delete its messages for 48 hours only.
+            return bool(await self._bot().delete_message(chat_id, int(message_id)))
+        except BadRequest as exc:
+            if "not found" in str(exc).lower():
+                return True  # already gone
+            log.warning("song message %s in chat %s not deleted: %s", message_id, chat_id, exc)
+        except TelegramError as exc:
+            log.warning("song message %s in chat %s not deleted: %s", message_id, chat_id, exc)
+        return False
+
     async def post_notice(self, target: dict[str, Any], view: StatusView) -> None:
         await self._bot().send_message(
             int(target["chat_id"]),
@@ -147,6 +175,7 @@ class TelegramOutlet:
             reply_markup=render.keyboard(view.buttons),
             message_thread_id=target.get("thread_id"),
             reply_parameters=reply_to(target.get("request_message_id")),
+            rate_limit_args={"priority": Priority.NOTICE},
         )
 
     async def close(self) -> None:
@@ -156,7 +185,7 @@ class TelegramOutlet:
 class ChatActions:
     """Repeat the `upload_voice` chat action for each working job until it ends."""
 
-    def __init__(self, bot: Callable[[], Bot], interval: float, max_seconds: float) -> None:
+    def __init__(self, bot: Callable[[], ExtBot[Any]], interval: float, max_seconds: float) -> None:
         self._bot = bot
         self.interval = interval
         # A job always ends in deliver or on_failed; this only bounds a loop whose end

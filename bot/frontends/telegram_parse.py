@@ -5,6 +5,7 @@ so options are `name=value` words anywhere after the command (the shared
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from bot.chat.conversation import LimitChange
@@ -12,15 +13,22 @@ from bot.requests import InvalidRequest, Mode, OptionSpec, parse_options
 
 # A token that looks like `name=value`; anything else is part of the prompt or tags.
 _OPTION_TOKEN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
+# `title="Night Drive"`: a value of several words in quotes (phones type curly ones).
+_QUOTED_OPTION = re.compile(
+    r"(?<!\S)([A-Za-z_][A-Za-z0-9_]*)=[\"\u201c\u201d\u00ab]([^\"\u201c\u201d\u00bb]*)[\"\u201c\u201d\u00bb]"
+)
 INSTRUMENTAL_WORD = "instrumental"
 
 
-def _split_options(words: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """Separate plain words from `name=value` options and the bare `instrumental` flag."""
+def _split_options(text: str) -> tuple[list[str], dict[str, Any]]:
+    """Separate plain words from `name=value` options (a value in quotes may hold
+    spaces) and the bare `instrumental` flag."""
     plain: list[str] = []
     pairs: dict[str, str] = {}
     flag = False
-    for word in words:
+    for quoted in _QUOTED_OPTION.finditer(text):
+        pairs[quoted.group(1).lower()] = quoted.group(2)
+    for word in _QUOTED_OPTION.sub(" ", text).split():
         match = _OPTION_TOKEN.match(word)
         if match:
             pairs[match.group(1).lower()] = match.group(2)
@@ -36,7 +44,7 @@ def _split_options(words: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 def parse_song(args: str) -> dict[str, Any]:
     """`/song <prompt words> [name=value ...] [instrumental]` -> request fields."""
-    words, fields = _split_options(args.split())
+    words, fields = _split_options(args)
     return {"mode": Mode.PROMPT, "prompt": " ".join(words), **fields}
 
 
@@ -44,7 +52,7 @@ def parse_compose(args: str, replied_text: str | None) -> dict[str, Any]:
     """`/compose <tags> [options]` with lyrics on the following lines (or the replied-to
     message) -> request fields. Lyrics are kept line for line."""
     first, _, rest = args.partition("\n")
-    words, fields = _split_options(first.split())
+    words, fields = _split_options(first)
     tags = ", ".join(t.strip() for t in " ".join(words).split(",") if t.strip())
     lyrics = rest if rest.strip() else (replied_text or "")
     return {"mode": Mode.SONG, "tags": tags, "lyrics": lyrics, **fields}
@@ -64,21 +72,99 @@ def command_args(text: str, command_length: int | None) -> str:
     return text.partition(" ")[2]
 
 
-def parse_limits(args: list[str]) -> list[LimitChange]:
-    """`/limits seconds_per_day=3600 ...` (or `=default`) -> changes to validate."""
+@dataclass(frozen=True)
+class LimitsArgs:
+    """`/limits` as typed: quota changes, the chat's songs switch, a topic edit."""
+
+    changes: list[LimitChange] = field(default_factory=list)
+    songs: bool | None = None  # songs=on|off: the whole chat
+    here: str | None = None  # topics=here|-here|all: the topic it is written in
+
+
+_SWITCH = {"on": True, "yes": True, "off": False, "no": False}
+
+
+def parse_limits(args: list[str]) -> LimitsArgs:
+    """`/limits seconds_per_day=3600 songs=off topics=here` -> what to validate."""
     changes = []
+    songs: bool | None = None
+    here: str | None = None
     for arg in args:
         key, sep, raw = arg.partition("=")
+        key, raw = key.lower(), raw.strip().lower()
         if not sep or not key:
             raise InvalidRequest(
                 "limits", arg, "write name=value or name=default, e.g. seconds_per_day=3600"
             )
-        if raw.strip().lower() in ("default", "none", "reset"):
-            changes.append(LimitChange(key.lower(), None))
+        if key == "songs":
+            if raw not in _SWITCH:
+                raise InvalidRequest("songs", raw, "on or off")
+            songs = _SWITCH[raw]
+            continue
+        if key == "topics":
+            if raw not in ("here", "-here", "all"):
+                raise InvalidRequest(
+                    "topics", raw, "here (add this topic), -here (remove it) or all"
+                )
+            here = raw
+            continue
+        if raw in ("default", "none", "reset"):
+            changes.append(LimitChange(key, None))
             continue
         try:
             value = float(raw)
         except ValueError:
             raise InvalidRequest(key, raw, "a whole number of seconds, or default") from None
-        changes.append(LimitChange(key.lower(), value))
-    return changes
+        changes.append(LimitChange(key, value))
+    return LimitsArgs(changes, songs, here)
+
+
+@dataclass(frozen=True)
+class SettingsArgs:
+    """`/settings` as typed: whose defaults, the changes, whether all are reset."""
+
+    community: bool = False
+    changes: dict[str, str] = field(default_factory=dict)
+    reset_all: bool = False
+
+
+COMMUNITY_WORDS = ("group", "chat", "community", "server")
+
+
+def parse_settings(args: str) -> SettingsArgs:
+    """`/settings [group] duration=30 instrumental=on style="dreamy, lofi" provider=fal
+    reset=duration|all` -> what to validate (bot.chat.defaults checks each value)."""
+    pairs: dict[str, str] = {}
+    for quoted in _QUOTED_OPTION.finditer(args):
+        pairs[quoted.group(1).lower()] = quoted.group(2)
+    community = False
+    for word in _QUOTED_OPTION.sub(" ", args).split():
+        match = _OPTION_TOKEN.match(word)
+        if match:
+            pairs[match.group(1).lower()] = match.group(2)
+        elif word.lower() in COMMUNITY_WORDS:
+            community = True
+        else:
+            raise InvalidRequest(
+                "settings", word, 'write name=value, e.g. duration=30 or style="dreamy, lofi"'
+            )
+    reset = pairs.pop("reset", None)
+    if reset and reset.lower() != "all":
+        pairs.setdefault(reset.lower(), "default")
+    return SettingsArgs(community, pairs, (reset or "").lower() == "all")
+
+
+BANLIST_ACTIONS = ("add", "remove")
+
+
+def parse_banlist(args: str) -> tuple[list[str], list[str]]:
+    """`/banlist add word, a phrase` / `/banlist remove word` -> (to add, to remove)."""
+    action, _, rest = args.strip().partition(" ")
+    if not action:
+        return [], []
+    if action.lower() not in BANLIST_ACTIONS:
+        raise InvalidRequest("banlist", action, "add or remove, then words separated by commas")
+    phrases = [p.strip() for p in rest.split(",") if p.strip()]
+    if not phrases:
+        raise InvalidRequest(action.lower(), "", "words or phrases separated by commas")
+    return (phrases, []) if action.lower() == "add" else ([], phrases)

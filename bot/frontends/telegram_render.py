@@ -16,6 +16,7 @@ from bot.chat.replies import Button, SongCard
 CAPTION_LIMIT = 1024
 MESSAGE_LIMIT = 4096
 ALERT_LIMIT = 200  # answerCallbackQuery text
+KEYS_PER_ROW = 3
 
 
 def escape(text: str) -> str:
@@ -69,15 +70,21 @@ def relative(at: float, now: float | None = None) -> str:
 def keyboard(buttons: tuple[Button, ...]) -> InlineKeyboardMarkup | None:
     if not buttons:
         return None
+    keys = [
+        InlineKeyboardButton(f"{b.emoji} {b.label}".strip(), callback_data=b.payload)
+        for b in buttons
+    ]
+    # Phones fit about three labelled buttons across.
     return InlineKeyboardMarkup(
-        [[InlineKeyboardButton(f"{b.emoji} {b.label}", callback_data=b.payload) for b in buttons]]
+        [keys[i : i + KEYS_PER_ROW] for i in range(0, len(keys), KEYS_PER_ROW)]
     )
 
 
 def caption(card: SongCard) -> str:
     """The song's caption: what it was made from, seed, duration, provider; at most 1024
     characters (the text is cut before escaping, so no entity is split)."""
-    tail = html(Text.from_lines([card.numbers(), *((Muted(n),) for n in card.notes)]))
+    written = [card.tags_line()] if card.tags else []
+    tail = html(Text.from_lines([*written, card.numbers(), *((Muted(n),) for n in card.notes)]))
     head = f"<b>{escape(card.label)}</b> "
     room = CAPTION_LIMIT - len(head) - len(tail) - 1
     body = escape(card.description)

@@ -1,5 +1,10 @@
 """A fake ACE-Step 1.5 REST server (`acestep-api`), shaped after upstream api_server.py.
 
+Checked line by line against ace-step/ACE-Step-1.5 `acestep/api_server.py` at commit
+f30aee4c186c33b7b8a6ea59a4b7fc36f795b49f (2026-02-08) and, for what newer builds changed,
+`acestep/api/http/model_service_routes.py` and `acestep/api/job_generation_setup.py`
+(docs/providers.md lists what was verified). Upstream's code is not copied here.
+
 Endpoints: `POST /release_task`, `POST /query_result`, `GET /v1/audio?path=...`,
 `GET /v1/stats`, `GET /health`; every success wrapped in `{data, code, error, timestamp,
 extra}`, refusals as FastAPI's `{"detail": ...}`. Like the real server it keeps its job
@@ -7,9 +12,24 @@ store in memory and, when `disk_cache` is on, a progress/result entry per starte
 "disk" that survives a restart. After `restart()` an unknown task id answers status 0 with
 result "[]", exactly like upstream.
 
+What upstream does that the bot must cope with, each reproducible here:
+- `lm=False`: no 5Hz language model (upstream skips it on GPUs under 12 GB). A task that
+  needs it (`sample_query`, `thinking`, `use_format`, `sample_mode`) fails with status 2;
+  its cache entry carries no error text. `/health` reports `llm_initialized` only when
+  `health_reports_lm` (newer builds); f30aee4 answers just `{status, service, version}`.
+- `sample_query` makes the LM pick the length: `audio_duration` is replaced by
+  `lm_duration`. With `analysis_only` the task writes caption and lyrics and no audio.
+- `honours_seeds=False`: f30aee4 passes `seeds=None`, so `use_random_seed=false` + `seed`
+  still draws a random seed per song; newer builds use the seed sent.
+- `progress_text` is the server's global last log line, whichever job wrote it (the
+  "Creating sample from query: ..." line of another user's song, for instance).
+- A refused submit (queue full, 429) first creates a job record that stays "queued" for
+  ever: `jobs.queued` in `/v1/stats` counts it, `queue_size` (the real queue) does not.
+- `batch_size` defaults to 2 songs; `audio_format` (default mp3) picks the file's format.
+
 A task is queued for `polls_queued` queries of it, running for `polls_running` more, then
-succeeded (or failed when `fail_with` is set). The audio is a real WAV of the requested
-duration (the fake has no MP3 encoder; the bot detects the format from the bytes).
+succeeded (or failed when `fail_with` is set). The audio is real: WAV, FLAC or MP3 of the
+length the server decided, encoded with PyAV.
 
 Drive it through plain attributes and methods:
     fake.release_errors.append("queue_full")  # the next /release_task answers 429
@@ -22,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +52,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from tests.fakes.audio import make_wav
+from tests.fakes.audio import make_wav, transcode
 from tests.fakes.http import json_response
 
 AUDIO_DIR = "/srv/acestep/.cache/acestep/tmp/api_audio"
@@ -63,7 +84,14 @@ class FakeTask:
     progress: float = 0.0
     error: str | None = None
     foreign: bool = False  # another client's job: moves only through finish_load()
+    ghost: bool = False  # the record a refused submit left behind: never runs
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_lm(self) -> bool:
+        return any(
+            self.body.get(k) for k in ("sample_query", "thinking", "use_format", "sample_mode")
+        )
 
 
 class FakeAceStep:
@@ -78,8 +106,11 @@ class FakeAceStep:
         queue_maxsize: int = 200,
         disk_cache: bool = True,
         report_uptime: bool = False,
-        seed_override: int | None = None,
         has_stats: bool = True,
+        lm: bool = True,
+        health_reports_lm: bool = False,
+        honours_seeds: bool = True,
+        lm_duration: float = 30.0,
     ) -> None:
         self.api_key = api_key
         self.polls_queued = polls_queued
@@ -87,8 +118,11 @@ class FakeAceStep:
         self.queue_maxsize = queue_maxsize
         self.disk_cache = disk_cache
         self.report_uptime = report_uptime
-        self.seed_override = seed_override  # report this seed, as builds that ignored it
         self.has_stats = has_stats  # False: an older build without /v1/stats (404)
+        self.lm = lm
+        self.health_reports_lm = health_reports_lm
+        self.honours_seeds = honours_seeds
+        self.lm_duration = lm_duration  # the length the LM picks for a sample_query
         self.task_timeout = 3600.0  # upstream TASK_TIMEOUT_SECONDS for stale cache entries
         self.fail_with: str | None = None
         self.release_errors: list[str] = []
@@ -101,7 +135,8 @@ class FakeAceStep:
         self.started_at = time.time()
         self.restarts = 0
         self.port = 0
-        self.last_log = ""
+        self.last_log = "Waiting"  # upstream's LogBuffer starts with this
+        self._rng = random.Random(7)
         self._ids = (f"{n:08d}-0000-4000-8000-{n:012d}" for n in itertools.count(1))
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
@@ -179,13 +214,17 @@ class FakeAceStep:
         for task in foreign[:count]:
             task.status = "succeeded"
 
+    def queue_size(self) -> int:
+        """The real queue (upstream's asyncio.Queue): queued records minus the ghosts."""
+        return sum(1 for t in self.jobs.values() if t.status == "queued" and not t.ghost)
+
     def stats(self) -> dict[str, Any]:
         counts = {"total": len(self.jobs), "queued": 0, "running": 0, "succeeded": 0, "failed": 0}
         for task in self.jobs.values():
             counts[task.status] += 1
         data: dict[str, Any] = {
             "jobs": counts,
-            "queue_size": counts["queued"],
+            "queue_size": self.queue_size(),
             "queue_maxsize": self.queue_maxsize,
             "avg_job_seconds": 8.5,
         }
@@ -228,7 +267,17 @@ class FakeAceStep:
 
     async def _health(self, request: web.Request) -> web.Response:
         self.requests.append((request.method, request.path, request.headers.get("Authorization")))
-        return self._envelope({"status": "ok", "service": "ACE-Step API", "version": "1.0"})
+        data: dict[str, Any] = {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
+        if self.health_reports_lm:  # newer builds (acestep/api/http/model_service_routes.py)
+            data.update(
+                {
+                    "models_initialized": True,
+                    "llm_initialized": self.lm,
+                    "loaded_model": "acestep-v15-turbo",
+                    "loaded_lm_model": "acestep-5Hz-lm-0.6B" if self.lm else None,
+                }
+            )
+        return self._envelope(data)
 
     async def _stats(self, request: web.Request) -> web.Response:
         if not self.has_stats:
@@ -241,17 +290,22 @@ class FakeAceStep:
             return denied
         body = await request.json()
         if self.release_errors:
-            return self._refusal(self.release_errors.pop(0))
+            name = self.release_errors.pop(0)
+            if name == "queue_full":  # the record is made before the queue is checked
+                ghost = FakeTask(next(self._ids), {}, time.time(), ghost=True)
+                self.jobs[ghost.task_id] = ghost
+            return self._refusal(name)
         if not isinstance(body, dict):
             return self._refusal("bad_request")
-        queued = sum(1 for t in self.jobs.values() if t.status == "queued")
-        if queued >= self.queue_maxsize:
-            return self._refusal("queue_full")
+        # Upstream creates the record before it looks at the queue (a ghost if refused).
         task = FakeTask(next(self._ids), body, time.time())
         self.jobs[task.task_id] = task
+        if self.queue_size() > self.queue_maxsize:
+            task.ghost = True
+            return self._refusal("queue_full")
         self.submits.append(body)
         return self._envelope(
-            {"task_id": task.task_id, "status": "queued", "queue_position": queued + 1}
+            {"task_id": task.task_id, "status": "queued", "queue_position": self.queue_size()}
         )
 
     async def _query(self, request: web.Request) -> web.Response:
@@ -284,7 +338,7 @@ class FakeAceStep:
         if task is None:
             return {"task_id": task_id, "result": "[]", "status": 0}
         code = {"queued": 0, "running": 0, "succeeded": 1, "failed": 2}[task.status]
-        item = self._item(task, code)
+        item = self._item(task, code, (task.extra.get("paths") or [""])[0])
         if task.status != "succeeded":  # the store path has no seed or models
             item = {
                 k: item[k]
@@ -326,37 +380,72 @@ class FakeAceStep:
         if task.polls <= self.polls_queued:
             return
         step = task.polls - self.polls_queued
+        if step == 1 and task.body.get("sample_query"):
+            # Every job's log lines land in the one global buffer progress_text shows.
+            self.last_log = f"Creating sample from query: {task.body['sample_query'][:100]}..."
+        if task.needs_lm and not self.lm:
+            self._fail(
+                task,
+                "5Hz LM init failed: LLM not initialized at startup. To enable LLM, "
+                "set ACESTEP_INIT_LLM=true in .env or environment variables.",
+            )
+            return
         if step <= self.polls_running:
             task.status = "running"
             task.progress = round(step / (self.polls_running + 1), 2)
-            self.last_log = f"DiT diffusion: {int(task.progress * 100)}%"
+            if not task.body.get("sample_query"):
+                self.last_log = f"DiT diffusion: {int(task.progress * 100)}%"
             self._write_cache(task, 0, stage="running")
             return
         if self.fail_with is not None:
-            task.status = "failed"
-            task.error = (
-                'Traceback (most recent call last):\n  File "api_server.py", '
-                f"line 1771, in _run_one_job\nRuntimeError: {self.fail_with}\n"
-            )
-            self._write_cache(task, 2, stage="failed")
+            self._fail(task, self.fail_with)
             return
         task.status, task.progress = "succeeded", 1.0
-        path = f"{AUDIO_DIR}/{task.task_id}.wav"
-        self.files[path] = self._duration(task)
+        count = int(task.body.get("batch_size") or 2)  # upstream's default: two songs
+        task.extra["seeds"] = self._seeds(task, count)
+        if not task.body.get("analysis_only"):
+            fmt = str(task.body.get("audio_format") or "mp3")
+            task.extra["paths"] = [f"{AUDIO_DIR}/{task.task_id}_{n}.{fmt}" for n in range(count)]
+            for path in task.extra["paths"]:
+                self.files[path] = self._duration(task)
         self._write_cache(task, 1, stage="succeeded")
 
+    def _fail(self, task: FakeTask, error: str) -> None:
+        task.status = "failed"
+        task.error = (
+            'Traceback (most recent call last):\n  File "api_server.py", '
+            f"line 1771, in _run_one_job\nRuntimeError: {error}\n"
+        )
+        self._write_cache(task, 2, stage="failed")
+
+    def _seeds(self, task: FakeTask, count: int) -> list[int]:
+        """Newer builds use the seed sent (then random ones for the rest of the batch);
+        f30aee4 draws every seed at random whatever it was sent."""
+        seed = task.body.get("seed")
+        honoured = (
+            self.honours_seeds
+            and task.body.get("use_random_seed") is False
+            and isinstance(seed, int)
+            and seed >= 0
+        )
+        first = [seed] if honoured else []
+        return first + [self._rng.randrange(2**32) for _ in range(count - len(first))]
+
     def _duration(self, task: FakeTask) -> float:
+        if task.body.get("sample_query"):
+            return self.lm_duration  # the LM's choice replaces audio_duration
         return float(task.body.get("audio_duration") or 30)
 
-    def _item(self, task: FakeTask, code: int) -> dict[str, Any]:
+    def _item(self, task: FakeTask, code: int, path: str = "") -> dict[str, Any]:
         body = task.body
         query = body.get("sample_query")
         caption = f"{query}; warm analog synths, 92 bpm" if query else body.get("prompt", "")
         lyrics = "[verse]\nwritten by the language model" if query else body.get("lyrics", "")
-        seed = self.seed_override if self.seed_override is not None else body.get("seed")
-        path = f"{AUDIO_DIR}/{task.task_id}.wav"
+        if query and "instrumental" in query.lower():
+            lyrics = "[Instrumental]"
+        seeds = task.extra.get("seeds") or []
         return {
-            "file": f"/v1/audio?path={quote(path, safe='')}" if code == 1 else "",
+            "file": f"/v1/audio?path={quote(path, safe='')}" if path else "",
             "wave": "",
             "status": code,
             "create_time": int(task.created_at),
@@ -364,25 +453,30 @@ class FakeAceStep:
             "prompt": caption,
             "lyrics": lyrics,
             "metas": {
-                "bpm": 92,
+                "bpm": body.get("bpm") or 92,
                 "duration": self._duration(task),
                 "genres": "",
-                "keyscale": "A minor",
-                "timesignature": "4",
+                "keyscale": body.get("key_scale") or "A minor",
+                "timesignature": body.get("time_signature") or "4",
                 "prompt": body.get("prompt", ""),
                 "lyrics": body.get("lyrics", ""),
             },
-            "generation_info": "**Steps:** 8",
-            "seed_value": str(seed),
+            "generation_info": "Analysis Only Mode Complete"
+            if body.get("analysis_only")
+            else "**Steps:** 8",
+            "seed_value": "" if body.get("analysis_only") else ",".join(map(str, seeds)),
             "lm_model": "acestep-5Hz-lm-0.6B",
-            "dit_model": "acestep-v15-turbo",
+            "dit_model": "None (Analysis Only)"
+            if body.get("analysis_only")
+            else "acestep-v15-turbo",
             "progress": task.progress,
             "stage": task.status,
         }
 
     def _write_cache(self, task: FakeTask, code: int, stage: str) -> None:
-        if code == 1:
-            self.cache[task.task_id] = [self._item(task, 1)]
+        if code == 1:  # one item per song; one without a file for an analysis-only task
+            paths = task.extra.get("paths") or [""]
+            self.cache[task.task_id] = [self._item(task, 1, path) for path in paths]
             return
         self.cache[task.task_id] = [
             {
@@ -416,4 +510,9 @@ class FakeAceStep:
             )
         if path not in self.files:
             return json_response({"detail": "Audio file not found"}, status=404)
-        return web.Response(body=make_wav(self.files[path]), content_type="audio/wav")
+        wav = make_wav(self.files[path])
+        ext = path.rsplit(".", 1)[-1]
+        if ext in ("mp3", "flac"):
+            media = "audio/mpeg" if ext == "mp3" else "audio/flac"
+            return web.Response(body=transcode(wav, ext), content_type=media)
+        return web.Response(body=wav, content_type="audio/wav")

@@ -141,6 +141,7 @@ class FakeInteraction:
     responded: int | None = None  # callback type used
     original_id: str | None = None
     expired: bool = False
+    message_id: str | None = None  # a component's message (UPDATE_MESSAGE edits it)
 
 
 @dataclass
@@ -272,7 +273,9 @@ class FakeDiscord:
         iid = snowflake(created_at)
         token = "itok-" + secrets.token_urlsafe(24)
         limit = attachment_size_limit or self.upload_limit
-        self.interactions[iid] = FakeInteraction(iid, token, channel_id, limit)
+        self.interactions[iid] = FakeInteraction(
+            iid, token, channel_id, limit, message_id=message["id"] if message else None
+        )
         user = user_payload(user_id, user_name)
         payload: dict[str, Any] = {
             "id": iid,
@@ -490,6 +493,9 @@ class FakeDiscord:
                 response_message_ephemeral=msg.ephemeral,
             )
             resource["message"] = msg.payload(self.bot, self.app_id)
+        elif kind == 7 and inter.message_id in self.messages:
+            # UPDATE_MESSAGE: a component's interaction edits the message it is on.
+            _apply(self.messages[inter.message_id], data, files, keep_flags=True)
         elif kind == 9:
             self.modals.append(data)
         return json_response({"interaction": answer, "resource": resource})

@@ -8,6 +8,12 @@ number of status polls. Switches reproduce each documented error shape; `chaos` 
 random faults (429, 5xx, stalls past the client's timeout, slow answers, malformed JSON,
 expired file URLs) drawn from a seeded generator, so a failing run can be replayed.
 
+The status stream (`GET .../requests/{id}/status/stream`) is served the way fal does for
+@fal-ai/client's `streamStatus` (fal-ai/fal-js libs/client/src/queue.ts, streaming.ts):
+`text/event-stream`, one `data: <status JSON>` event per change, each carrying the log
+lines new since the previous one, closed after COMPLETED. Each event moves the request on
+as a status GET would, `stream_interval` seconds apart; `streams = False` answers 404.
+
 Usage:
     fake = FakeFal(queue_polls=2, progress_polls=1)
     async with fake.running() as url:   # FalProvider(fake.key, url, ...)
@@ -19,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -115,6 +123,10 @@ class FakeRequest:
     cancelled: bool = False
     audio: bytes | None = None
     logs: list[dict[str, str]] = field(default_factory=list)
+    # The stream moves a request on in time, as fal's queue does: one step per
+    # `stream_interval`, however often a client reconnects.
+    streamed: dict[str, Any] | None = None
+    stream_step_at: float = 0.0
 
 
 class FakeFal:
@@ -148,6 +160,8 @@ class FakeFal:
         self.result_error: tuple[int, str] | None = None  # result GET -> (status, detail)
         self.forget = False  # status / result / cancel: 404, as if fal lost the request
         self.chaos: Chaos | None = None  # random faults on every call (see Chaos)
+        self.streams = True  # False: the status stream answers 404 (clients must poll)
+        self.stream_interval = 0.05  # seconds between the stream's status events
         # Host for audio URLs; e.g. "localhost" puts the file on another origin than
         # 127.0.0.1 (same server), to check that the key is not sent with downloads.
         self.file_host: str | None = None
@@ -160,6 +174,7 @@ class FakeFal:
         self.submits: list[Submit] = []
         self.requests: dict[str, FakeRequest] = {}
         self.status_paths: list[str] = []  # path of every status GET
+        self.stream_paths: list[str] = []  # path of every status stream opened
         self.result_paths: list[str] = []
         self.cancels: list[str] = []  # request ids whose cancel was accepted
         self.downloads: list[dict[str, str]] = []  # request headers of each file GET
@@ -186,6 +201,9 @@ class FakeFal:
         app.router.add_post("/{owner}/{alias}", self._submit)
         app.router.add_post("/{owner}/{alias}/{subpath}", self._submit)
         app.router.add_get("/{owner}/{alias}/requests/{request_id}/status", self._status)
+        app.router.add_get(
+            "/{owner}/{alias}/requests/{request_id}/status/stream", self._status_stream
+        )
         app.router.add_get("/{owner}/{alias}/requests/{request_id}", self._result)
         app.router.add_put("/{owner}/{alias}/requests/{request_id}/cancel", self._cancel)
         # Anything else (e.g. a status URL that kept the subpath) is fal's JSON 404.
@@ -313,18 +331,63 @@ class FakeFal:
             return answer
         if fault == "malformed":
             return _malformed()
-        refused = self._gate(request)
-        if refused is not None:
-            return refused
-        found = self._lookup(request)
+        found = self._gated_lookup(request)
         if isinstance(found, web.Response):
             return found
-        req = found
+        body, status = self._status_body(request, found)
+        return json_response(body, status=status)
+
+    def _gated_lookup(self, request: web.Request) -> FakeRequest | web.Response:
+        """The request a status call is about, after the checks every queue call shares."""
+        refused = self._gate(request)
+        return refused if refused is not None else self._lookup(request)
+
+    async def _status_stream(self, request: web.Request) -> web.StreamResponse:
+        self.stream_paths.append(request.path)
+        if not self.streams:
+            return json_response({"detail": "Not Found"}, status=404)
+        found = self._gated_lookup(request)
+        if isinstance(found, web.Response):
+            return found
+        stream = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await stream.prepare(request)
+        try:
+            await self._stream_events(request, found, stream)
+        except ConnectionResetError:  # the client had what it wanted and hung up
+            pass
+        return stream
+
+    async def _stream_events(
+        self, request: web.Request, found: FakeRequest, stream: web.StreamResponse
+    ) -> None:
+        sent, previous = 0, None
+        while True:
+            now = time.monotonic()
+            if found.streamed is None or now - found.stream_step_at >= self.stream_interval:
+                found.streamed, _ = self._status_body(request, found)
+                found.stream_step_at = now
+            body = found.streamed
+            if body != previous:  # an event only when something changed
+                previous = body
+                logs = body.get("logs")
+                if isinstance(logs, list):  # only what is new since the last event
+                    body = {**body, "logs": logs[sent:]}
+                    sent = len(logs)
+                await stream.write(f"data: {json.dumps(body)}\n\n".encode())
+            if body["status"] == "COMPLETED":
+                break
+            await asyncio.sleep(self.stream_interval)
+        await stream.write_eof()
+
+    def _status_body(self, request: web.Request, req: FakeRequest) -> tuple[dict[str, Any], int]:
+        """The status JSON and HTTP status for the next look at a request (GET or stream)."""
         poll = req.polls
         req.polls += 1
         base: dict[str, Any] = {"request_id": req.request_id, **self._urls(request, req.request_id)}
         if req.cancelled:
-            return json_response(
+            return (
                 {
                     **base,
                     "status": "COMPLETED",
@@ -332,20 +395,19 @@ class FakeFal:
                     "metrics": {},
                     "error": "Request was cancelled by the client",
                     "error_type": "client_cancelled",
-                }
+                },
+                200,
             )
         if poll < self.queue_polls:
             position = max(0, self.queue_position - poll)
-            return json_response(
-                {**base, "status": "IN_QUEUE", "queue_position": position, "logs": None}, status=202
-            )
+            return {**base, "status": "IN_QUEUE", "queue_position": position, "logs": None}, 202
         step = poll - self.queue_polls
         if step < self.progress_polls:
             if not req.logs:
                 req.logs.append(_log("Loading ACE-Step model"))
             pct = round(100 * (step + 1) / (self.progress_polls + 1))
             req.logs.append(_log(f"Generating: {pct}%| {step + 1}/{self.progress_polls + 1}"))
-            return json_response({**base, "status": "IN_PROGRESS", "logs": req.logs}, status=202)
+            return {**base, "status": "IN_PROGRESS", "logs": list(req.logs)}, 202
         done: dict[str, Any] = {
             **base,
             "status": "COMPLETED",
@@ -354,7 +416,7 @@ class FakeFal:
         }
         if self.run_error is not None:
             done["error"], done["error_type"] = self.run_error
-        return json_response(done)
+        return done, 200
 
     async def _result(self, request: web.Request) -> web.Response:
         self.result_paths.append(request.path)

@@ -102,6 +102,7 @@ class FakeTelegram:
         self.sent: list[FakeMessage] = []  # everything the bot posted, deleted ones too
         self.chats: dict[int, dict[str, Any]] = {}
         self.admins: dict[int, set[int]] = {}
+        self.topics: dict[tuple[int, int], str] = {}  # (forum chat, thread id) -> name
         self.webhook: dict[str, Any] | None = None
         self.commands: list[dict[str, Any]] = []
         self._updates: list[dict[str, Any]] = []
@@ -134,6 +135,11 @@ class FakeTelegram:
             info["is_forum"] = True
         self.chats[chat_id] = info
         return info
+
+    def topic(self, chat_id: int, thread_id: int, name: str) -> None:
+        """A forum topic: its messages reply to the service message that opened it
+        (Bot API `Message.forum_topic_created`), unless they reply to another message."""
+        self.topics[(chat_id, thread_id)] = name
 
     @staticmethod
     def user(user_id: int, first_name: str = "Ann", username: str | None = None) -> dict[str, Any]:
@@ -176,6 +182,19 @@ class FakeTelegram:
             msg["is_topic_message"] = True
         if reply_to is not None:
             msg["reply_to_message"] = self._message_json(chat_id, reply_to)
+        elif thread_id is not None and (chat_id, thread_id) in self.topics:
+            msg["reply_to_message"] = {
+                "message_id": thread_id,
+                "date": int(time.time()),
+                "chat": chat,
+                "from": user,
+                "message_thread_id": thread_id,
+                "is_topic_message": True,
+                "forum_topic_created": {
+                    "name": self.topics[(chat_id, thread_id)],
+                    "icon_color": 7322096,
+                },
+            }
         self._record_user_message(chat_id, message_id, text, thread_id)
         return {"update_id": next(self._update_ids), "message": msg}
 

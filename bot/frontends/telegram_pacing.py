@@ -1,0 +1,342 @@
+"""Pacing of everything the bot sends to Telegram, so it stays inside the Bot API limits
+instead of running into 429s: about 30 messages a second overall, one a second in a
+private chat, 20 a minute in a group (core.telegram.org/bots/faq, "My bot is hitting
+limits, how do I avoid this?").
+
+Plugged into python-telegram-bot as its rate limiter, so every Bot API call passes here.
+One scheduler for the whole bot:
+- each chat has a queue; a chat's budget (aiolimiter leaky buckets) decides when its next
+  message may go, and the global budget is handed out by priority across chats;
+- priorities: replies to commands first, then songs, then final notices, then status
+  edits; a final song or notice is never dropped;
+- status edits are coalesced: a newer edit of the same message replaces one still
+  waiting (only the latest state is sent), and an edit that waited too long is dropped;
+- chat actions ("uploading a voice message...") are sent only when the chat is idle;
+- a 429 that still happens (RetryAfter) holds that chat for the time Telegram asks and
+  retries, up to `max_retries` (a chat action is not retried: it would be stale).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import IntEnum
+from typing import Any
+
+from aiolimiter import AsyncLimiter
+from telegram.error import RetryAfter
+from telegram.ext import BaseRateLimiter
+
+from bot.timing import wait_event
+
+log = logging.getLogger("acestep.telegram")
+
+Result = bool | dict[str, Any] | list[dict[str, Any]]
+Callback = Callable[..., Coroutine[Any, Any, Result]]
+
+# Telegram's limits for bots.
+GLOBAL_PER_SECOND = 30
+PRIVATE_PER_SECOND = 1
+GROUP_PER_MINUTE = 20
+# A status edit older than this is stale: a newer state will follow, or the song.
+STATUS_MAX_WAIT_S = 60.0
+
+
+class Priority(IntEnum):
+    """Lower goes first."""
+
+    REPLY = 0  # an answer to a command or a button press
+    SONG = 1  # a finished song (never dropped)
+    NOTICE = 2  # a final status, a failure notice (never dropped)
+    STATUS = 3  # a progress edit (coalesced, dropped when stale)
+    ACTION = 4  # a chat action (only when the chat is idle)
+
+
+# Calls that are not messages in a chat: Telegram's chat limits do not apply.
+UNPACED = frozenset(
+    {
+        "answerCallbackQuery",
+        "deleteMessage",
+        "getMe",
+        "getChatMember",
+        "setMyCommands",
+        "setWebhook",
+        "deleteWebhook",
+        "getFile",
+        "getChat",
+        "logOut",
+        "close",
+    }
+)
+# Calls that change a message the bot sent before.
+MESSAGE_CHANGES = frozenset({"editMessageText", "editMessageReplyMarkup", "deleteMessage"})
+_DEFAULTS = {
+    "sendAudio": Priority.SONG,
+    "sendDocument": Priority.SONG,
+    "editMessageText": Priority.STATUS,
+    "editMessageReplyMarkup": Priority.STATUS,
+    "deleteMessage": Priority.NOTICE,
+    "sendChatAction": Priority.ACTION,
+}
+
+
+def retry_after_seconds(exc: RetryAfter) -> float:
+    """The wait Telegram asked for, in seconds (PTB gives int or timedelta)."""
+    value = exc._retry_after  # the timedelta behind the deprecated int property
+    if isinstance(value, timedelta):
+        return max(0.0, value.total_seconds())
+    return max(0.0, float(value))
+
+
+@dataclass(order=True)
+class _Item:
+    priority: int
+    seq: int
+    callback: Callback = field(compare=False)
+    args: Any = field(compare=False)
+    kwargs: dict[str, Any] = field(compare=False)
+    endpoint: str = field(compare=False)
+    queued_at: float = field(compare=False)
+    done: asyncio.Future[Result] = field(compare=False)
+    key: tuple[Any, ...] | None = field(compare=False, default=None)  # an edited message
+
+
+class _Chat:
+    """One chat's queue and budget."""
+
+    def __init__(self, limiter: AsyncLimiter) -> None:
+        self.limiter = limiter
+        self.queue: list[_Item] = []
+        self.edits: dict[tuple[Any, ...], _Item] = {}
+        self.wake = asyncio.Event()
+        self.worker: asyncio.Task[None] | None = None
+
+
+class PacedSender(BaseRateLimiter[dict[str, Any]]):
+    """python-telegram-bot's rate limiter: one paced, prioritised queue per chat."""
+
+    def __init__(
+        self,
+        max_retries: int = 5,
+        *,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        global_per_second: float = GLOBAL_PER_SECOND,
+        private_per_second: float = PRIVATE_PER_SECOND,
+        group_budget: tuple[float, float] = (GROUP_PER_MINUTE, 60.0),  # (messages, seconds)
+        status_max_wait: float = STATUS_MAX_WAIT_S,
+    ) -> None:
+        self.max_retries = max_retries
+        self._sleep = sleep
+        self._global_rate = global_per_second
+        self._private_rate = private_per_second
+        self._group_budget = group_budget  # (messages, per seconds): a burst, then steady
+        self.status_max_wait = status_max_wait
+        self._global: AsyncLimiter | None = None
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._pump: asyncio.Task[None] | None = None
+        self._pump_wake: asyncio.Event | None = None
+        self._chats: dict[int, _Chat] = {}
+        self._seq = itertools.count()
+        self.sent: dict[str, int] = defaultdict(int)  # by endpoint, for benchmarks
+        self.dropped: dict[str, int] = defaultdict(int)
+
+    async def initialize(self) -> None:
+        """Nothing to open: queues start on first use."""
+
+    async def shutdown(self) -> None:
+        tasks = [c.worker for c in self._chats.values() if c.worker] + (
+            [self._pump] if self._pump else []
+        )
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._chats.clear()
+        self._pump = None
+
+    async def process_request(
+        self,
+        callback: Callback,
+        args: Any,
+        kwargs: dict[str, Any],
+        endpoint: str,
+        data: dict[str, Any],
+        rate_limit_args: dict[str, Any] | None,
+    ) -> Result:
+        chat_id = _chat_id(data.get("chat_id"))
+        if chat_id is not None and endpoint in MESSAGE_CHANGES:
+            self._supersede(self._chat(chat_id), data.get("message_id"))
+        if endpoint in UNPACED or chat_id is None:
+            return await self._call_with_retries(callback, args, kwargs, endpoint)
+        wanted = (rate_limit_args or {}).get("priority")
+        priority = (
+            Priority(wanted) if wanted is not None else _DEFAULTS.get(endpoint, Priority.REPLY)
+        )
+        chat = self._chat(chat_id)
+        if priority is Priority.ACTION and (chat.queue or not chat.limiter.has_capacity()):
+            self.dropped[endpoint] += 1
+            return True  # a chat action only matters now; the chat is busy anyway
+        loop = asyncio.get_running_loop()
+        item = _Item(
+            int(priority),
+            next(self._seq),
+            callback,
+            args,
+            kwargs,
+            endpoint,
+            loop.time(),
+            loop.create_future(),
+        )
+        if priority is Priority.STATUS and endpoint in MESSAGE_CHANGES:
+            item.key = (data.get("message_id"),)
+            chat.edits[item.key] = item
+        heapq.heappush(chat.queue, item)
+        chat.wake.set()
+        if chat.worker is None or chat.worker.done():
+            chat.worker = loop.create_task(self._serve(chat_id, chat), name=f"tg-pace-{chat_id}")
+        return await item.done
+
+    def _supersede(self, chat: _Chat, message_id: Any) -> None:
+        """Only the latest state of a message is worth sending: a newer edit (or its final
+        state, or its deletion) replaces a progress edit of it still waiting."""
+        older = chat.edits.pop((message_id,), None)
+        if older is not None and not older.done.done():
+            chat.queue.remove(older)
+            heapq.heapify(chat.queue)
+            older.done.set_result(True)
+            self.dropped[older.endpoint] += 1
+
+    # ---- one chat ----
+
+    def _chat(self, chat_id: int) -> _Chat:
+        chat = self._chats.get(chat_id)
+        if chat is None:
+            group = chat_id < 0  # groups and channels have negative ids
+            if group:
+                limiter = window_limiter(*self._group_budget)
+            else:
+                limiter = window_limiter(self._private_rate, 1.0)
+            chat = self._chats[chat_id] = _Chat(limiter)
+        return chat
+
+    async def _serve(self, chat_id: int, chat: _Chat) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not chat.queue:
+                chat.wake.clear()
+                if not await wait_event(chat.wake, 30) and not chat.queue:
+                    self._chats.pop(chat_id, None)
+                    return
+                continue
+            await chat.limiter.acquire()
+            if not chat.queue:
+                continue
+            item = heapq.heappop(chat.queue)
+            if item.key is not None and chat.edits.get(item.key) is item:
+                del chat.edits[item.key]
+            if item.done.done():
+                continue  # its caller gave up (cancelled)
+            if item.priority == Priority.STATUS and (
+                loop.time() - item.queued_at > self.status_max_wait
+            ):
+                self.dropped[item.endpoint] += 1
+                item.done.set_result(True)
+                continue
+            await self._global_permit(item.priority)
+            try:
+                # A 429 is waited out here, holding this chat's queue meanwhile.
+                result = await self._call_with_retries(
+                    item.callback, item.args, item.kwargs, item.endpoint
+                )
+            except BaseException as exc:  # the caller gets the error, the chat goes on
+                if not item.done.done():
+                    item.done.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            if not item.done.done():
+                item.done.set_result(result)
+
+    async def _call_with_retries(
+        self,
+        callback: Callback,
+        args: Any,
+        kwargs: dict[str, Any],
+        endpoint: str,
+    ) -> Result:
+        attempt = 0
+        while True:
+            try:
+                result = await callback(*args, **kwargs)
+                self.sent[endpoint] += 1
+                return result
+            except RetryAfter as exc:
+                attempt += 1
+                if endpoint == "sendChatAction" or attempt > self.max_retries:
+                    raise
+                delay = retry_after_seconds(exc)
+                log.warning(
+                    "Telegram flood control on %s: waiting %.1f s (retry %d of %d)",
+                    endpoint,
+                    delay,
+                    attempt,
+                    self.max_retries,
+                )
+                await self._sleep(delay)
+
+    # ---- the global budget, handed out by priority ----
+
+    async def _global_permit(self, priority: int) -> None:
+        loop = asyncio.get_running_loop()
+        if self._global is None:
+            self._global = window_limiter(self._global_rate, 1.0)
+            self._pump_wake = asyncio.Event()
+        future: asyncio.Future[None] = loop.create_future()
+        heapq.heappush(self._waiters, (priority, next(self._seq), future))
+        assert self._pump_wake is not None
+        self._pump_wake.set()
+        if self._pump is None or self._pump.done():
+            self._pump = loop.create_task(self._pump_permits(), name="tg-pace-global")
+        await future
+
+    async def _pump_permits(self) -> None:
+        assert self._global is not None and self._pump_wake is not None
+        while True:
+            if not self._waiters:
+                self._pump_wake.clear()
+                await self._pump_wake.wait()
+                continue
+            await self._global.acquire()
+            while self._waiters:
+                _, _, future = heapq.heappop(self._waiters)
+                if not future.done():
+                    future.set_result(None)
+                    break
+
+
+def window_limiter(messages: float, window: float) -> AsyncLimiter:
+    """A leaky bucket that lets at most about `messages` through in any `window` seconds.
+
+    A bucket of capacity C leaking at r per second passes C + r * window in a window, so
+    a quarter of the budget is the burst and the rest drips; a budget under 4 keeps a
+    burst of one (aiolimiter needs room for one) and drips at messages / window.
+    """
+    burst = max(1.0, messages / 4)
+    rest = messages - burst
+    rate = rest / window if rest > 0 else messages / window
+    return AsyncLimiter(burst, burst / rate)
+
+
+def _chat_id(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None  # a channel username or nothing: not paced per chat
