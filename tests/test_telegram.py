@@ -519,13 +519,10 @@ async def test_flood_control_is_waited_out_and_nothing_is_lost(tmp_path: Path) -
 async def test_two_users_run_concurrently(tmp_path: Path) -> None:
     fal = FakeFal(queue_polls=0, progress_polls=10_000)  # both run until released
     async with running_bot(tmp_path, fal) as h:
-        # Ann's chat answers slowly; Bob must not wait behind her.
+        # Ann's chat answers slowly: neither her song nor Bob's waits for it.
         slow = h.fake.hold("sendMessage", chat_id=PRIVATE)
         h.fake.send_text(PRIVATE, ANN, "/song ann's song duration=5")
         h.fake.send_text(BOB["id"], BOB, "/song bob's song duration=5")
-        await h.fake.wait_for(lambda: h.fal.submit_count == 1 or None)
-        assert h.submitted()[0]["prompt"] == "bob's song"
-        slow.set()
         # Both songs are generating at the fake provider at the same time.
         await h.fake.wait_for(
             lambda: (
@@ -533,10 +530,12 @@ async def test_two_users_run_concurrently(tmp_path: Path) -> None:
                 or None
             )
         )
+        assert sorted(b["prompt"] for b in h.submitted()) == ["ann's song", "bob's song"]
         assert all(r.polls > 0 and not r.cancelled for r in h.fal.requests.values())
         h.fal.progress_polls = 1
+        await h.song_message(BOB["id"])  # while Ann's chat still holds its status message
+        slow.set()
         await h.song_message(PRIVATE)
-        await h.song_message(BOB["id"])
 
 
 async def test_status_edits_are_throttled_and_the_final_text_is_shown(tmp_path: Path) -> None:
@@ -694,7 +693,14 @@ async def test_an_update_offered_again_is_not_admitted_twice(tmp_path: Path) -> 
 
 async def test_updates_are_confirmed_only_after_they_were_handled(tmp_path: Path) -> None:
     async with running_bot(tmp_path) as h:
-        held = h.fake.hold("sendMessage", PRIVATE)  # the /song handler is still working
+        held = asyncio.Event()  # the /song handler is still admitting the song
+        submit = h.engine.submit
+
+        async def slow_submit(*args: Any, **kwargs: Any) -> Any:
+            await held.wait()
+            return await submit(*args, **kwargs)
+
+        h.engine.submit = slow_submit  # type: ignore[method-assign]
         update = h.fake.message_update(PRIVATE, ANN, "/song slow start duration=5")
         h.fake.resend(update)
         await asyncio.sleep(0.6)

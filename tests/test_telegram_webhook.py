@@ -7,6 +7,7 @@ handling a kill -9 cut off is sent again to the next process, and admitted once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -48,6 +49,7 @@ async def test_a_song_whose_webhook_handling_a_crash_cut_off_is_admitted_once(
     telegram.chat(PRIVATE, "private", "Ann")
     fal = FakeFal(queue_polls=0, progress_polls=1)
     port = free_port()
+    db_path = tmp_path / "data" / "acestep-bot.sqlite3"
     async with serve(telegram.app) as tg_url, fal.running() as fal_url:
         env = cli_env(
             tmp_path,
@@ -64,15 +66,19 @@ async def test_a_song_whose_webhook_handling_a_crash_cut_off_is_admitted_once(
         try:
             await bot.start()
             await telegram.wait_for(lambda: telegram.webhook is not None, within=30)
+            # Another process holds the database's write lock (an operator's command, a
+            # slow disk): the /song handler cannot admit until it is released...
+            blocker = sqlite3.connect(str(db_path), isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
             async with telegram.deliver_webhooks(f"http://127.0.0.1:{port}/tg/hook"):
-                # The /song handler waits on its first message to Telegram ("Received")...
-                held = telegram.hold("sendMessage", PRIVATE)
                 request_id = telegram.send_text(PRIVATE, ANN, "/song rain on a webhook duration=5")
-                await telegram.wait_for(lambda: ("sendMessage", PRIVATE) in telegram.waiting)
+                await telegram.wait_for(lambda: telegram.webhook_sending is not None)
+                await asyncio.sleep(1.0)  # the handler is in there, waiting for the lock
                 # ...when the process is killed: the update is neither admitted nor answered.
                 await bot.kill9()
                 await telegram.wait_for(lambda: len(telegram.webhook_posts) >= 2)
-                held.set()
+                blocker.rollback()
+                blocker.close()
                 await bot.start()
                 await telegram.wait_for(
                     lambda: any(m.kind == "audio" for m in telegram.bot_messages(PRIVATE)),
@@ -81,7 +87,7 @@ async def test_a_song_whose_webhook_handling_a_crash_cut_off_is_admitted_once(
                 assert await bot.sigterm() == 0, bot.logs()[-3000:]
         finally:
             bot.ensure_dead()
-    jobs = jobs_of(tmp_path / "data" / "acestep-bot.sqlite3")
+    jobs = jobs_of(db_path)
     [update_id] = {uid for uid, _ in telegram.webhook_posts}
     outcomes = [outcome for _, outcome in telegram.webhook_posts]
     # The POST cut off by the kill, then the repeats while no bot listened, then the

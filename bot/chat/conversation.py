@@ -48,6 +48,10 @@ class Place(Protocol):
     channel_name: str  # its name where the platform cannot show a channel by id, or ""
     admins: str  # who administers a community here, e.g. "this group's administrators"
     settings_usage: str  # how /settings is typed here
+    # True where the status message must exist before admission (Discord answers an
+    # interaction within 3 s by deferring: that deferral is the status message). False
+    # where it is posted after admission, so admitting never waits for a busy chat.
+    status_first: bool
 
     def reply_target(self) -> dict[str, Any]:
         """Where a job asked here posts its status and song (stored with the job)."""
@@ -61,8 +65,9 @@ class Place(Protocol):
     async def open_status(self, view: StatusView) -> dict[str, Any]:
         """Put up the job's status message; returns reply-target fields to store."""
 
-    async def retract_status(self, reply: Reply) -> None:
-        """Admission was refused after open_status: replace the status with `reply`."""
+    async def retract_status(self, reply: Reply, view: StatusView) -> None:
+        """Admission was refused: answer `reply` (in place of the status message where
+        one was opened; `view` is what it would have shown)."""
 
     async def drop_status(self) -> None:
         """The same event was admitted before: remove the new status message."""
@@ -141,25 +146,32 @@ class Conversation:
             return
         # Before the status message, so a refused request is never echoed in public.
         await self.engine.check_banned(request, place.requester)
-        slot = await place.open_status(replies.provisional_view(titles.song_title(request)))
+        provisional = replies.provisional_view(titles.song_title(request))
+        slot = await place.open_status(provisional) if place.status_first else {}
         target = {**place.reply_target(), **slot}
         try:
             admission = await self.engine.submit(
                 request, place.requester, target, source_key=place.source_key
             )
         except (InvalidRequest, EngineError) as exc:
-            await place.retract_status(replies.error_reply(exc))
+            await place.retract_status(replies.error_reply(exc), provisional)
             return
         except Exception:
             log.exception("admission failed for %s (%s)", place.requester.key, place.source_key)
-            await place.retract_status(replies.error_reply(RuntimeError()))
+            await place.retract_status(replies.error_reply(RuntimeError()), provisional)
             return
         if admission.duplicate:
             await place.drop_status()
             return
         job = await self.engine.get_job(admission.job_id)
-        if job is not None:
+        if job is None:
+            return
+        if place.status_first:
             await self.delivery.show_admitted(job, admission.position)
+        else:
+            # Admitted and durable: the status message may wait for the chat's budget.
+            await place.working(replies.ON_ITS_WAY)
+            self.delivery.post_status_soon(job, place.open_status, admission.position)
 
     async def _refusal(self, place: Place) -> Reply | None:
         """Why songs cannot be made here, or None."""

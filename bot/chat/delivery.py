@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from bot import messages
@@ -18,6 +18,9 @@ from bot.engine.facade import Engine
 from bot.models import Job
 
 log = logging.getLogger("acestep.chat")
+
+# Posts a job's status message; returns the reply-target fields that name it.
+OpenStatus = Callable[[StatusView], Awaitable[dict[str, Any]]]
 
 
 class Outlet(Protocol):
@@ -66,6 +69,9 @@ class ChatDelivery:
         self.platform = outlet.platform
         self.board = StatusBoard(outlet.edit_status, edit_interval)
         self._background: set[asyncio.Task[Any]] = set()
+        # Status messages posted after their job was read by the engine: the job object
+        # it hands back may not have them yet (they are stored as well).
+        self._attached: dict[str, dict[str, Any]] = {}
 
     def note_for(self, job: Job) -> str | None:
         """The line under the status: options the serving provider will ignore."""
@@ -73,24 +79,65 @@ class ChatDelivery:
         ignored = provider.capabilities.ignored_options(job.request) if provider else []
         return messages.ignored_options(provider.name, ignored) if provider and ignored else None
 
-    async def show_admitted(self, job: Job, position: int) -> None:
-        view = replies.status_view(
+    def _admitted_view(self, job: Job, position: int) -> StatusView:
+        return replies.status_view(
             job.id, job.title, Progress(Phase.WAITING, position=position), note=self.note_for(job)
         )
-        await self.board.show_now(job.reply_target, view)
+
+    async def show_admitted(self, job: Job, position: int) -> None:
+        await self.board.show_now(job.reply_target, self._admitted_view(job, position))
+
+    def post_status_soon(
+        self,
+        job: Job,
+        open_status: Callable[[StatusView], Awaitable[dict[str, Any]]],
+        position: int,
+    ) -> None:
+        """Post the status message of a job already admitted, in the background."""
+        self._spawn(self._post_status(job, open_status, position))
+
+    async def _post_status(
+        self,
+        job: Job,
+        open_status: Callable[[StatusView], Awaitable[dict[str, Any]]],
+        position: int,
+    ) -> None:
+        try:
+            fields = await open_status(self._admitted_view(job, position))
+        except Exception:
+            log.warning("job %s: its status message could not be posted", job.id, exc_info=True)
+            return
+        if not fields:
+            return
+        self._attached[job.id] = fields
+        try:
+            await self.engine.update_reply_target(job.id, **fields)
+        except Exception:
+            log.warning("job %s: could not store its status message", job.id, exc_info=True)
+        if self.board.is_finished(job.id):
+            # The song (or its failure) was posted while this was on its way.
+            self._attached.pop(job.id, None)
+            await self.outlet.remove_status(self._target(job, fields))
+
+    def _target(self, job: Job, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        attached = self._attached.get(job.id)
+        if not attached and not extra:
+            return job.reply_target
+        return {**job.reply_target, **(attached or {}), **(extra or {})}
 
     # ---- Delivery ----
 
     async def on_progress(self, job: Job, progress: Progress) -> None:
         await self.outlet.ready()
+        target = self._target(job)
         if progress.phase is not Phase.WAITING:
-            self.outlet.working(job.reply_target, job.id, True)
+            self.outlet.working(target, job.id, True)
         view = replies.status_view(job.id, job.title, progress, note=self.note_for(job))
-        self.board.show(job.reply_target, view)
+        self.board.show(target, view)
 
     async def deliver(self, job: Job, song: Song) -> None:
         await self.outlet.ready()
-        target = job.reply_target
+        target = self._target(job)
         limit = self.outlet.upload_limit(target)
         song.album = self.outlet.bot_name() or song.album
         try:
@@ -116,23 +163,28 @@ class ChatDelivery:
             )
         # Return now so the engine records it delivered at once (a delivery cut short
         # after this point would be posted twice); the status goes in the background.
-        self._spawn(self._after_post(job, kept))
+        self._spawn(self._after_post(job, target, kept))
 
-    async def _after_post(self, job: Job, kept: dict[str, Any]) -> None:
+    async def _after_post(self, job: Job, target: dict[str, Any], kept: dict[str, Any]) -> None:
         await self.board.forget(job.id)
+        target = self._target(job, target)
+        self._attached.pop(job.id, None)
         try:
-            if await self.outlet.remove_status(job.reply_target):
+            if await self.outlet.remove_status(target):
                 return
         except Exception:
             log.info("job %s: status message not removed", job.id, exc_info=True)
-        await self.board.finish(job.reply_target, replies.posted_view(job, kept.get("result_url")))
+        await self.board.finish(target, replies.posted_view(job, kept.get("result_url")))
 
     async def on_failed(self, job: Job, failure: Failure) -> None:
         await self.outlet.ready()
-        self.outlet.working(job.reply_target, job.id, False)
+        target = self._target(job)
+        self.outlet.working(target, job.id, False)
         view = replies.failure_view(job, failure)
-        if not await self.board.finish(job.reply_target, view):
-            await self.outlet.post_notice(job.reply_target, view)
+        shown = await self.board.finish(target, view)
+        self._attached.pop(job.id, None)
+        if not shown:
+            await self.outlet.post_notice(target, view)
 
     # ---- lifetime ----
 

@@ -354,6 +354,7 @@ def admins_only(admins: str, what: str = "this community's limits") -> str:
 NOT_KNOWN = "I no longer know that song."
 NOT_HERE_COMMAND = "You can't use this command here."
 NOT_HERE = "That button belongs to a song made elsewhere; ask for your own with /song."
+ON_ITS_WAY = "On its way\N{HORIZONTAL ELLIPSIS}"
 NOTHING_TO_CANCEL = "You have no songs in progress to cancel."
 
 

@@ -89,6 +89,10 @@ class StatusBoard:
         async with entry.lock:
             return await self._do_edit(entry, target, view)
 
+    def is_finished(self, job_id: str) -> bool:
+        """Whether the job's status is over (a final view shown, or removed)."""
+        return job_id in self._finished
+
     async def forget(self, job_id: str) -> _Entry | None:
         """Stop showing anything more for this job (its status is final or removed)."""
         self._finished[job_id] = None

@@ -92,6 +92,7 @@ class DiscordPlace:
         self.channel_id = str(interaction.channel_id) if interaction.channel_id else None
         self.channel_name = ""  # Discord shows a channel by its id
         self.admins = "members with the Manage Server permission"
+        self.status_first = True
         self.settings_usage = SETTINGS_USAGE
 
     def reply_target(self) -> dict[str, Any]:
@@ -123,7 +124,7 @@ class DiscordPlace:
             return {"status_message_id": str(deferred.message_id)}
         return {}
 
-    async def retract_status(self, reply: Reply) -> None:
+    async def retract_status(self, reply: Reply, view: StatusView) -> None:
         await self.answer(reply)
 
     async def drop_status(self) -> None:

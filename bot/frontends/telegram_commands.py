@@ -100,6 +100,7 @@ class TelegramPlace:
     """One update (a command message or a button press), as the shared layer's Place."""
 
     admins = "this group's administrators"
+    status_first = False
     settings_usage = SETTINGS_USAGE
 
     def __init__(self, bot: Bot, update: Update) -> None:
@@ -118,8 +119,6 @@ class TelegramPlace:
         self.thread_id = thread_of(message)
         self.channel_id = topic_of(message, chat)
         self.channel_name = topic_name(message)
-        self._status_id: int | None = None
-        self._status_head: Text | None = None
         self._answered = False
 
     def reply_target(self) -> dict[str, Any]:
@@ -141,42 +140,27 @@ class TelegramPlace:
         return member.status in (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
 
     async def open_status(self, view: StatusView) -> dict[str, Any]:
-        # The status message exists before the job does, so the stored reply target is
-        # complete from the start and progress can never race ahead of it.
-        await self.toast("On its way\N{HORIZONTAL ELLIPSIS}")
+        """Post the status message of a job already admitted (a busy group may make this
+        wait for its budget: admission never waits for it)."""
         status = await self.bot.send_message(
             self.chat.id,
             render.html(view.text),
             parse_mode=ParseMode.HTML,
+            reply_markup=render.keyboard(view.buttons),
             message_thread_id=self.thread_id,
             reply_parameters=reply_to(self.message.message_id),
         )
-        self._status_id = status.message_id
-        self._status_head = Text(view.text.lines[:1])
         return {"status_message_id": status.message_id}
 
-    async def retract_status(self, reply: Reply) -> None:
-        if self._status_id is None:
+    async def retract_status(self, reply: Reply, view: StatusView) -> None:
+        """A refusal: the answer under the song's title, as its status would have been."""
+        if self.query is not None and not self._answered:
             await self.answer(reply)
             return
-        text = (self._status_head or Text()) + reply.text
-        try:
-            await self.bot.edit_message_text(
-                render.html(text),
-                chat_id=self.chat.id,
-                message_id=self._status_id,
-                parse_mode=ParseMode.HTML,
-            )
-        except TelegramError:
-            await self._send(reply)
+        await self._send(Reply(Text(view.text.lines[:1]) + reply.text))
 
     async def drop_status(self) -> None:
-        if self._status_id is None:
-            return
-        try:
-            await self.bot.delete_message(self.chat.id, self._status_id)
-        except TelegramError:
-            log.info("could not remove a repeated status message in %s", self.chat.id)
+        """No status message is posted before admission here."""
 
     async def answer(self, reply: Reply) -> None:
         """A popup for a button press, else a reply to the message."""

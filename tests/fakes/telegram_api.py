@@ -44,6 +44,7 @@ class Call:
     params: dict[str, Any]
     files: dict[str, UploadedFile] = field(default_factory=dict)
     answered_status: int = 200
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -114,9 +115,10 @@ class FakeTelegram:
         self._failures: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self._holds: list[tuple[str, int | None, asyncio.Event]] = []
         self.offsets: list[int] = []  # the offset of every getUpdates: what it confirmed
-        self.waiting: list[tuple[str, int | None]] = []  # calls that met a hold, as they came
         # Every webhook POST: (update id, HTTP status or the connection error's name).
         self.webhook_posts: list[tuple[int, int | str]] = []
+        self.webhook_sending: int | None = None  # the update whose POST is in flight
+        self.limits: BotApiLimits | None = None  # set to enforce Telegram's limits
         self.app = web.Application(client_max_size=200 * 1024 * 1024)
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
 
@@ -293,11 +295,14 @@ class FakeTelegram:
                 secret = self.webhook.get("secret_token")
                 headers = {"X-Telegram-Bot-Api-Secret-Token": secret} if secret else {}
                 outcome: int | str
+                self.webhook_sending = int(update["update_id"])
+                await self._notify()
                 try:
                     async with session.post(target, json=update, headers=headers) as resp:
                         outcome = resp.status
                 except aiohttp.ClientError as exc:
                     outcome = type(exc).__name__
+                self.webhook_sending = None
                 self.webhook_posts.append((int(update["update_id"]), outcome))
                 delivered = isinstance(outcome, int) and 200 <= outcome < 300
                 if delivered:
@@ -403,12 +408,22 @@ class FakeTelegram:
             return await self._get_updates(params)
         for held_method, held_chat, event in self._holds:
             if held_method == method and held_chat in (None, _int(params.get("chat_id"))):
-                if not event.is_set():
-                    self.waiting.append((method, _int(params.get("chat_id"))))
-                    await self._notify()
                 await event.wait()
         call = Call(method, params, files)
         self.calls.append(call)
+        limited = self.limits.check(method, _int(params.get("chat_id"))) if self.limits else None
+        if limited is not None:
+            call.answered_status = 429
+            await self._notify()
+            return json_response(
+                {
+                    "ok": False,
+                    "error_code": 429,
+                    "description": f"Too Many Requests: retry after {limited}",
+                    "parameters": {"retry_after": limited},
+                },
+                status=429,
+            )
         pending = self._failures.get(method)
         if pending:
             status, body = pending.pop(0)
@@ -641,6 +656,51 @@ class FakeTelegram:
             out["audio"]["file_size"] = len(files["audio"].data) if files else 0
             out["audio"]["file_id"] = f"AUD{next(self._file_ids)}"
         return out
+
+
+class BotApiLimits:
+    """Telegram's flood limits for bots, as the Bot API FAQ states them
+    (core.telegram.org/bots/faq, "My bot is hitting limits, how do I avoid this?"): about
+    30 messages a second overall, no more than about one a second in one chat (short
+    bursts pass), and at most 20 a minute in one group. A call over a limit is answered
+    429 with `retry_after`, the way the Bot API does. Sending and editing messages count;
+    answering button presses, chat actions and reads do not."""
+
+    COUNTED = frozenset(
+        {"sendMessage", "sendAudio", "sendDocument", "editMessageText", "editMessageReplyMarkup"}
+    )
+
+    def __init__(
+        self, per_second: int = 30, per_chat_burst: int = 3, per_group_minute: int = 20
+    ) -> None:
+        self.per_second = per_second
+        self.per_chat_burst = per_chat_burst
+        self.per_group_minute = per_group_minute
+        self._all: list[float] = []
+        self._chats: dict[int, list[float]] = {}
+        self.accepted: list[tuple[float, str, int]] = []  # (time, method, chat) let through
+
+    def check(self, method: str, chat_id: int | None) -> int | None:
+        """None if the call may go through (and count it), else the seconds to wait."""
+        if method not in self.COUNTED or chat_id is None:
+            return None
+        now = time.monotonic()
+        self._all = [t for t in self._all if now - t < 1.0]
+        if len(self._all) >= self.per_second:
+            return 1
+        sent = self._chats.setdefault(chat_id, [])
+        if chat_id < 0:
+            sent[:] = [t for t in sent if now - t < 60.0]
+            if len(sent) >= self.per_group_minute:
+                return max(1, int(60.0 - (now - sent[0])) + 1)
+        else:
+            sent[:] = [t for t in sent if now - t < 1.0]
+            if len(sent) >= self.per_chat_burst:
+                return 1
+        self._all.append(now)
+        sent.append(now)
+        self.accepted.append((now, method, chat_id))
+        return None
 
 
 def _int(value: Any) -> int | None:
