@@ -1,13 +1,15 @@
 """Quota admissions per second: 200 concurrent requesters on one SQLite file.
 
-Every attempt is a real admission (JobStore.admit: BEGIN IMMEDIATE, usage and override
-reads, every limit checked, the job row and its ledger line written). The limits are set
-so that both the per-user and the per-community limits refuse part of the demand, which
-makes the outcome exact whatever the interleaving: each community admits exactly its
-seconds limit, no user passes their jobs limit, and the ledger holds one reservation per
-admitted job and nothing for a refused one. The script checks all of that.
+Every attempt is a real admission (JobStore.admit: one BEGIN IMMEDIATE transaction on the
+database's writer thread reading today's counters and the overrides, every limit checked,
+the job row, its ledger line and the counters written). The limits are set so that both
+the per-user and the per-community limits refuse part of the demand, which makes the
+outcome exact whatever the interleaving: each community admits exactly its seconds
+limit, no user passes their jobs limit, the ledger holds one reservation per admitted
+job and nothing for a refused one, and the per-day counters equal the job rows. The
+script checks all of that.
 
-Two shapes: one process with 200 requesters on its one connection (the bot), and the
+Two shapes: one process with 200 requesters on its one writer (the bot), and the
 same 200 requesters split over 4 processes on the same file (what a CLI or a second bot
 next to the first does: SQLite's file lock and busy timeout arbitrate).
 
@@ -204,7 +206,19 @@ def check_ledger(db_path: Path, plan: Plan, attempts: int) -> list[str]:
             f"users without a community must each get exactly "
             f"{plan.user_jobs} jobs: {sorted(n for (n,) in dm_users)[:5]}..."
         )
+    # The per-day counters admission read equal the job rows, whichever process wrote.
+    mismatches = asyncio.run(_counter_mismatches(db_path))
+    if mismatches:
+        problems.append(f"counters differ from the job rows: {mismatches[:3]}")
     return problems
+
+
+async def _counter_mismatches(path: Path) -> list[str]:
+    db = await Database.open(path)
+    try:
+        return await JobStore(db).usage_mismatches()
+    finally:
+        await db.close()
 
 
 def run_one_process(plan: Plan, synchronous: str = SYNCHRONOUS) -> dict[str, Any]:

@@ -1,34 +1,32 @@
-"""The `acestep-bot` command line: run, generate, config, db, audio, stats, quota, jobs."""
+"""The `acestep-bot` command line: run, generate, config, db, audio, stats, quota, jobs.
+
+Each command imports what it uses when it runs: `--help` needs argparse alone, `config
+check` the settings, the database commands the store, and only `run`, `generate`,
+`quota show` and `jobs cancel` the engine (with its audio libraries).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from storage.quota import COMMUNITY_KEYS, USER_KEYS
 
-from bot import logs, messages
-from bot.engine import Engine, EngineError, Failure, NoProvider, Phase, Progress, Song
-from bot.models import Job, Requester
-from bot.requests import GenerationRequest, InvalidRequest
-from bot.settings import (
-    PROVIDER_NAMES,
-    Settings,
-    configured_frontends,
-    describe,
-    mask_url_passwords,
-    problems,
-    usable_providers,
-)
-from storage.database import Database, StorageError
-from storage.jobs import COMMUNITY_KEYS, USER_KEYS, JobStore
+if TYPE_CHECKING:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from bot.engine import Failure, Progress, Song
+    from bot.models import Job, Requester
+    from bot.requests import GenerationRequest
+    from bot.retention import PruneReport
+    from bot.settings import Settings
+    from storage.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 OUT_FORMATS = ("mp3", "wav", "flac", "ogg")
@@ -40,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
+    from pydantic import ValidationError
+
+    from bot import logs
+    from bot.settings import Settings
+    from storage.errors import StorageError
+
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -53,6 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def with_store(
+    settings: Settings, body: Callable[[Store], Awaitable[int]], *, migrate: bool = True
+) -> int:
+    """Run `body` on the configured store (opened, migrated unless told not to, and
+    closed after): what every database command does."""
+    import asyncio
+
+    from storage.store import open_store
+
+    async def go() -> int:
+        async with open_store(settings, migrate=migrate) as store:
+            return await body(store)
+
+    return asyncio.run(go())
 
 
 def _settings_errors(exc: ValidationError) -> str:
@@ -113,6 +133,14 @@ def _parser() -> argparse.ArgumentParser:
         help="backup file, or an existing directory to write a time-stamped file into",
     )
     db_backup.set_defaults(handler=cmd_db_backup)
+    db_sub.add_parser(
+        "check", help="check the per-day usage counters against the job rows"
+    ).set_defaults(handler=cmd_db_check)
+    db_prune = db_sub.add_parser(
+        "prune", help="delete finished job rows admitted more than JOB_RETENTION_DAYS ago"
+    )
+    db_prune.add_argument("--days", type=int, help="override JOB_RETENTION_DAYS (>= 1)")
+    db_prune.set_defaults(handler=cmd_db_prune)
 
     audio = sub.add_parser("audio", help="stored audio")
     a_sub = audio.add_subparsers(dest="action", required=True)
@@ -169,6 +197,10 @@ def _subject_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bot.settings import configured_frontends, problems, usable_providers
+
     found = problems(settings)
     if not configured_frontends(settings) or not usable_providers(settings):
         print("acestep-bot cannot start: nothing usable is configured.", file=sys.stderr)
@@ -209,6 +241,8 @@ class CliDelivery:
     platform = "cli"
 
     def __init__(self, out: Path) -> None:
+        import asyncio
+
         self.out = out
         self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.written: Path | None = None
@@ -221,6 +255,9 @@ class CliDelivery:
             print(f"[{job.id}] {text}", file=sys.stderr, flush=True)
 
     async def deliver(self, job: Job, song: Song) -> None:
+        import asyncio
+        import shutil
+
         fmt = self.out.suffix.lower().lstrip(".")
         rendered = await song.render(None, fmt)
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +267,8 @@ class CliDelivery:
             self.done.set_result(None)
 
     async def on_failed(self, job: Job, failure: Failure) -> None:
+        from bot import messages
+
         if not self.done.done():
             self.done.set_result(
                 messages.failure_text(failure.kind, failure.quota_refunded, failure.timeout_seconds)
@@ -238,6 +277,8 @@ class CliDelivery:
 
 
 def _progress_text(progress: Progress) -> str:
+    from bot.engine import Phase
+
     if progress.phase is Phase.WAITING:
         return f"queued (position {progress.position})"
     if progress.phase is Phase.STARTING:
@@ -255,7 +296,7 @@ def _progress_text(progress: Progress) -> str:
 
 def build_cli_request(args: argparse.Namespace) -> GenerationRequest:
     """The CLI's arguments as a validated request (InvalidRequest on bad input)."""
-    from bot.requests import parse_options
+    from bot.requests import GenerationRequest, InvalidRequest, parse_options
 
     fields: dict[str, Any] = {
         "instrumental": args.instrumental,
@@ -290,6 +331,11 @@ def build_cli_request(args: argparse.Namespace) -> GenerationRequest:
 
 
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bot.requests import InvalidRequest
+    from bot.settings import PROVIDER_NAMES
+
     fmt = args.out.suffix.lower().lstrip(".")
     try:
         if fmt not in OUT_FORMATS:
@@ -319,6 +365,12 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 async def _generate(
     settings: Settings, request: GenerationRequest, out: Path, only: str | None
 ) -> int:
+    import asyncio
+
+    from bot import messages
+    from bot.engine import Engine, EngineError, NoProvider
+    from bot.models import Requester
+    from bot.settings import problems
     from providers.registry import build_providers
 
     providers = build_providers(settings, only)
@@ -374,6 +426,14 @@ async def _generate(
 
 
 def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.settings import (
+        configured_frontends,
+        describe,
+        mask_url_passwords,
+        problems,
+        usable_providers,
+    )
+
     print("Effective configuration (secrets masked):")
     for line in describe(settings):
         print(f"  {line}")
@@ -388,6 +448,8 @@ def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  - {line}")
     notes: list[str] = []
     if "acestep" in provs:  # it can tell whether its GPU servers can do prompt mode
+        import asyncio
+
         from providers.registry import provider_notes
 
         notes = asyncio.run(provider_notes(settings))
@@ -404,19 +466,15 @@ def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
-    async def go() -> int:
-        db = await Database.open(settings.db_path, migrate=False)
-        try:
-            applied = await db.upgrade()
-            version = await db.schema_version()
-        finally:
-            await db.close()
+    async def upgrade(store: Store) -> int:
+        applied = await store.upgrade()
+        version = await store.schema_version()
         if applied:
             print(f"applied: {', '.join(applied)}")
         print(f"database {settings.db_path} is at schema version {version}")
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, upgrade, migrate=False)
 
 
 def cmd_db_backup(settings: Settings, args: argparse.Namespace) -> int:
@@ -436,75 +494,104 @@ def cmd_db_backup(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db_check(settings: Settings, args: argparse.Namespace) -> int:
+    async def check(store: Store) -> int:
+        problems = await store.usage_mismatches()
+        if not problems:
+            print("usage counters match the job rows")
+            return EXIT_OK
+        print(f"usage counters differ from the job rows in {len(problems)} places:")
+        for line in problems:
+            print(f"  {line}")
+        return EXIT_FAILED
+
+    return with_store(settings, check)
+
+
+def cmd_db_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.retention import prune_jobs
+
+    said = (
+        "removed {jobs} finished job rows admitted more than {days} days ago "
+        "(and {files} audio files, {mb:.1f} MB); their totals stay in stats"
+    )
+    return _prune(settings, args.days, "job_retention_days", prune_jobs, said)
+
+
+def _prune(
+    settings: Settings,
+    asked: int | None,
+    setting: str,
+    prune: Callable[..., Awaitable[PruneReport]],
+    said: str,
+) -> int:
+    """A retention command: `prune` over `asked` days (--days) or the `setting`'s, then
+    what was removed, `said` (a format of jobs, files, mb and days); 0 days keeps
+    everything, --days below 1 is refused."""
+    if asked is not None and asked <= 0:
+        print(f"error: days: {asked} is not valid; 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    days = int(getattr(settings, setting)) if asked is None else asked
+    if days <= 0:
+        print(f"{setting.upper()} is 0: everything is kept; nothing removed")
+        return EXIT_OK
+
+    async def run(store: Store) -> int:
+        report = await prune(settings, store, days=days)
+        print(said.format(jobs=report.jobs, files=report.files, mb=report.bytes / 1e6, days=days))
+        return EXIT_OK
+
+    return with_store(settings, run)
+
+
 # ---- audio / stats ---------------------------------------------------------------------
 
 
 def cmd_audio_prune(settings: Settings, args: argparse.Namespace) -> int:
     from bot.retention import prune_audio
 
-    days = settings.audio_retention_days if args.days is None else args.days
-    if days <= 0:
-        if args.days is not None:
-            print(f"error: days: {args.days} is not valid; 1 or more", file=sys.stderr)
-            return EXIT_USAGE
-        print("AUDIO_RETENTION_DAYS is 0: stored audio is kept; nothing removed")
-        return EXIT_OK
-
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
-        try:
-            report = await prune_audio(settings, JobStore(db), days=days)
-        finally:
-            await db.close()
-        print(
-            f"removed {report.files} files ({report.bytes / 1e6:.1f} MB) of {report.jobs} "
-            f"jobs finished more than {days} days ago"
-        )
-        return EXIT_OK
-
-    return asyncio.run(go())
+    said = "removed {files} files ({mb:.1f} MB) of {jobs} jobs finished more than {days} days ago"
+    return _prune(settings, args.days, "audio_retention_days", prune_audio, said)
 
 
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
-    if args.days < 1:
-        print(f"error: days: {args.days} is not valid; 1 or more", file=sys.stderr)
-        return EXIT_USAGE
-    since = datetime.now(UTC).timestamp() - args.days * 86_400
+    from storage.quota import day_start
 
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
-        try:
-            tables = await JobStore(db).stats(since)
-        finally:
-            await db.close()
+    for name in ("days", "top"):
+        if getattr(args, name) < 1:
+            print(f"error: {name}: {getattr(args, name)} is not valid; 1 or more", file=sys.stderr)
+            return EXIT_USAGE
+    # Whole UTC days, as the quotas count them: today and the days before it.
+    since = day_start(datetime.now(UTC).timestamp()) - (args.days - 1) * 86_400
+
+    async def stats(store: Store) -> int:
+        found = await store.stats(since, top=args.top)
+        total = found.total
         print(f"Last {args.days} days (since {_when(since)} UTC)")
-        total = tables["provider"]
         print(
-            f"Total: {sum(r.songs for r in total)} songs, "
-            f"{sum(r.seconds for r in total) / 60:.1f} minutes, "
-            f"${sum(r.spend_usd for r in total):.4f} spent, "
-            f"{sum(r.unsuccessful for r in total)} failed or cancelled, "
-            f"{sum(r.jobs for r in total)} admitted"
+            f"Total: {total.songs} songs, {total.seconds / 60:.1f} minutes, "
+            f"${total.spend_usd:.4f} spent, {total.unsuccessful} failed or cancelled, "
+            f"{total.jobs} admitted"
         )
         for group in ("community", "user", "provider"):
-            rows = tables[group]
+            rows, count = found.groups[group], found.counts[group]
             print()
             print(
                 f"{('BY ' + group.upper()):30}  {'SONGS':>6}  {'SECONDS':>8}  "
                 f"{'SPEND USD':>10}  {'FAILED':>6}  {'JOBS':>5}"
             )
-            for row in rows[: args.top]:
+            for row in rows:
                 print(
                     f"{row.key[:30]:30}  {row.songs:>6}  {row.seconds:>8.0f}  "
                     f"{row.spend_usd:>10.4f}  {row.unsuccessful:>6}  {row.jobs:>5}"
                 )
             if not rows:
                 print("(none)")
-            elif len(rows) > args.top:
-                print(f"... and {len(rows) - args.top} more")
+            elif count > len(rows):
+                print(f"... and {count - len(rows)} more")
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, stats)
 
 
 # ---- quota -----------------------------------------------------------------------------
@@ -517,6 +604,8 @@ def _subject(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _requester_from(scope: str, subject: str) -> Requester:
+    from bot.models import Requester
+
     platform, _, ident = subject.partition(":")
     if scope == "user":
         return Requester(platform, ident or platform)
@@ -524,16 +613,15 @@ def _requester_from(scope: str, subject: str) -> Requester:
 
 
 def cmd_quota_show(settings: Settings, args: argparse.Namespace) -> int:
+    from bot import messages
+    from bot.engine import Engine
+
     scope, subject = _subject(args)
 
-    async def go() -> int:
-        engine = await Engine.open(settings, [], platforms=set())
-        try:
-            requester = _requester_from(scope, subject)
-            status = await engine.quota_status(requester)
-            overrides = await engine.get_limits(scope, subject)
-        finally:
-            await engine.store.db.close()
+    async def show(store: Store) -> int:
+        engine = Engine(settings, store, [], platforms=set())
+        status = await engine.quota_status(_requester_from(scope, subject))
+        overrides = await engine.get_limits(scope, subject)
         print(f"{scope} {subject}: window resets at {status.resets_at:%Y-%m-%d %H:%M} UTC")
         for line in status.lines:
             if scope == "community" and not line.name.startswith("community"):
@@ -544,7 +632,7 @@ def cmd_quota_show(settings: Settings, args: argparse.Namespace) -> int:
             print("  overrides: " + ", ".join(f"{k}={v:g}" for k, v in overrides.items()))
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, show)
 
 
 def cmd_quota_set(settings: Settings, args: argparse.Namespace) -> int:
@@ -568,20 +656,17 @@ def cmd_quota_set(settings: Settings, args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
 
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
+    async def set_limit(store: Store) -> int:
         try:
-            await JobStore(db).set_override(scope, subject, args.limit, value)
+            await store.set_override(scope, subject, args.limit, value)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        finally:
-            await db.close()
         shown = "default" if value is None else f"{value:g}"
         print(f"{scope} {subject}: {args.limit} set to {shown}")
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, set_limit)
 
 
 # ---- jobs ------------------------------------------------------------------------------
@@ -594,19 +679,14 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
-        try:
-            store = JobStore(db)
-            states = (args.state,) if args.state else None
-            if args.search:
-                jobs = await store.search(args.search, args.limit, states, args.user)
-            elif args.user:
-                jobs = await store.for_user(args.user, states, limit=args.limit)
-            else:
-                jobs = await store.recent(args.limit, states)
-        finally:
-            await db.close()
+    async def list_jobs(store: Store) -> int:
+        states = (args.state,) if args.state else None
+        if args.search:
+            jobs = await store.search(args.search, args.limit, states, args.user)
+        elif args.user:
+            jobs = await store.for_user(args.user, states, limit=args.limit)
+        else:
+            jobs = await store.recent(args.limit, states)
         if not jobs:
             print("no jobs")
             return EXIT_OK
@@ -622,83 +702,84 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
             )
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, list_jobs)
 
 
 def cmd_jobs_show(settings: Settings, args: argparse.Namespace) -> int:
-    async def go() -> int:
-        db = await Database.open(settings.db_path)
-        try:
-            store = JobStore(db)
-            job = await store.get(args.job_id.strip().lower())
-            ledger = await store.ledger(job.id) if job else []
-        finally:
-            await db.close()
+    async def show(store: Store) -> int:
+        job = await store.get(args.job_id.strip().lower())
         if job is None:
             print(f"error: no job {args.job_id!r}", file=sys.stderr)
             return EXIT_FAILED
-        req = job.request
-        print(f"job {job.id}: {job.state}")
-        print(
-            f"  requester: {job.requester.key}"
-            + (f" in {job.requester.community_key}" if job.requester.community_key else "")
-        )
-        print(
-            f"  request:   {req.mode.value} {req.duration}s seed {job.seed}"
-            + (" instrumental" if req.instrumental else "")
-        )
-        for name in ("prompt", "tags", "lyrics"):
-            if getattr(req, name):
-                text = getattr(req, name).replace("\n", " / ")
-                print(f"  {name + ':':10} {text}")
-        if req.advanced():
-            print(f"  options:   {json.dumps(req.advanced())}")
-        print(
-            f"  provider:  {job.provider or '-'}  attempts {job.attempts}"
-            + (f"  tried {','.join(job.tried_providers)}" if job.tried_providers else "")
-        )
-        print(
-            f"  created {_when(job.created_at)}  started {_when(job.started_at)}  "
-            f"finished {_when(job.finished_at)}  delivered {_when(job.delivered_at)}"
-        )
-        print(
-            f"  reserved ${job.reserved_usd:.4f}  charged "
-            f"{'-' if job.charged_usd is None else f'${job.charged_usd:.4f}'}"
-            f"  refunded {'yes' if job.refunded else 'no'}"
-        )
-        if job.result:
-            path = settings.audio_dir / job.result.audio_file
-            exists = "" if path.exists() else " (removed)"
-            print(
-                f"  audio:     {path}{exists} ({job.result.format}, "
-                f"{job.result.duration} s, seed {job.result.seed})"
-            )
-        if job.deleted:
-            print(f"  deleted:   {_when(job.deleted_at)} by {job.deleted_by}")
-        if job.failure:
-            print(f"  failure:   {job.failure}")
-        if job.error:
-            print(f"  error:     {job.error}")
-        for entry in ledger:
-            print(
-                f"  ledger: {_when(entry['at'])} {entry['kind']:7} {entry['seconds']:g}s "
-                f"${entry['usd']:.4f}"
-            )
+        _print_job(settings, job, await store.ledger(job.id))
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, show)
+
+
+def _print_job(settings: Settings, job: Job, ledger: list[dict[str, Any]]) -> None:
+    import json
+
+    req = job.request
+    print(f"job {job.id}: {job.state}")
+    print(
+        f"  requester: {job.requester.key}"
+        + (f" in {job.requester.community_key}" if job.requester.community_key else "")
+    )
+    print(
+        f"  request:   {req.mode.value} {req.duration}s seed {job.seed}"
+        + (" instrumental" if req.instrumental else "")
+    )
+    for name in ("prompt", "tags", "lyrics"):
+        if getattr(req, name):
+            text = getattr(req, name).replace("\n", " / ")
+            print(f"  {name + ':':10} {text}")
+    if req.advanced():
+        print(f"  options:   {json.dumps(req.advanced())}")
+    print(
+        f"  provider:  {job.provider or '-'}  attempts {job.attempts}"
+        + (f"  tried {','.join(job.tried_providers)}" if job.tried_providers else "")
+    )
+    print(
+        f"  created {_when(job.created_at)}  started {_when(job.started_at)}  "
+        f"finished {_when(job.finished_at)}  delivered {_when(job.delivered_at)}"
+    )
+    print(
+        f"  reserved ${job.reserved_usd:.4f}  charged "
+        f"{'-' if job.charged_usd is None else f'${job.charged_usd:.4f}'}"
+        f"  refunded {'yes' if job.refunded else 'no'}"
+    )
+    if job.result:
+        path = settings.audio_dir / job.result.audio_file
+        exists = "" if path.exists() else " (removed)"
+        print(
+            f"  audio:     {path}{exists} ({job.result.format}, "
+            f"{job.result.duration} s, seed {job.result.seed})"
+        )
+    if job.deleted:
+        print(f"  deleted:   {_when(job.deleted_at)} by {job.deleted_by}")
+    if job.failure:
+        print(f"  failure:   {job.failure}")
+    if job.error:
+        print(f"  error:     {job.error}")
+    for entry in ledger:
+        print(
+            f"  ledger: {_when(entry['at'])} {entry['kind']:7} {entry['seconds']:g}s "
+            f"${entry['usd']:.4f}"
+        )
 
 
 def cmd_jobs_cancel(settings: Settings, args: argparse.Namespace) -> int:
-    async def go() -> int:
-        engine = await Engine.open(settings, [], platforms=set())
+    from bot.engine import Engine, EngineError
+    from bot.models import Requester
+
+    async def cancel(store: Store) -> int:
+        engine = Engine(settings, store, [], platforms=set())
         try:
             job = await engine.cancel(args.job_id, Requester("cli", "operator"), is_admin=True)
         except EngineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        finally:
-            await engine.store.db.close()
         if job.state == "cancelled":
             print(f"job {job.id} cancelled; quota refunded")
         else:
@@ -708,7 +789,7 @@ def cmd_jobs_cancel(settings: Settings, args: argparse.Namespace) -> int:
             )
         return EXIT_OK
 
-    return asyncio.run(go())
+    return with_store(settings, cancel)
 
 
 if __name__ == "__main__":

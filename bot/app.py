@@ -59,10 +59,9 @@ async def run_bot(settings: Settings, stop: asyncio.Event | None = None) -> int:
     started: list[Any] = []
     try:
         await engine.start()
-        # AUDIO_RETENTION_DAYS: prune now and daily (returns at once when 0).
-        retention = asyncio.create_task(
-            retention_loop(settings, engine.store), name="audio-retention"
-        )
+        # AUDIO_RETENTION_DAYS and JOB_RETENTION_DAYS: prune now and daily (returns at
+        # once when both are 0).
+        retention = asyncio.create_task(retention_loop(settings, engine.store), name="retention")
         for frontend in frontends:
             await frontend.start()
             started.append(frontend)

@@ -18,7 +18,6 @@ from bot.engine import Engine
 from bot.metrics import CONTENT_TYPE
 from bot.settings import Settings
 from storage.database import StorageError
-from storage.jobs import day_start
 
 log = logging.getLogger("acestep.health")
 
@@ -85,7 +84,7 @@ class HealthServer:
     async def report(self) -> dict[str, Any]:
         problems: list[str] = []
         try:
-            await self.engine.store.db.check_writable(self.db_check_timeout_ms)
+            await self.engine.store.check_writable(self.db_check_timeout_ms)
             database: dict[str, Any] = {"writable": True}
         except StorageError as exc:
             database = {"writable": False, "error": str(exc)}
@@ -142,16 +141,21 @@ class HealthServer:
         return out
 
     async def metrics(self, request: web.Request) -> web.Response:
-        store = self.engine.store
         try:
-            by_state = await store.count_by_state()
-            depth = await store.queue_depth()
-            spend = await store.spend_since(day_start(time.time()))
+            # One read on the reader connection: counters and the partial index of
+            # active jobs, never a scan of the history, never waiting for the writer.
+            gauges = await self.engine.store.gauges()
         except StorageError as exc:
             log.error("metrics: cannot read the database: %s", exc)
             return web.Response(status=503, text=f"database unavailable: {exc}\n")
         m = self.engine.metrics
-        m.refresh(by_state, depth, spend, self.engine.router.state, time.monotonic())
+        m.refresh(
+            gauges.jobs,
+            gauges.queue_depth,
+            gauges.spend_today_usd,
+            self.engine.router.state,
+            time.monotonic(),
+        )
         return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -81,6 +81,6 @@ def setup(settings: Settings) -> None:
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
     # httpx logs every URL at INFO, and Telegram URLs contain the bot token.
-    for noisy in ("httpx", "httpcore", "telegram.ext.Updater", "aiosqlite"):
+    for noisy in ("httpx", "httpcore", "telegram.ext.Updater"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("discord").setLevel(max(logging.INFO, root.level))

@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=0, ge=0, le=65535)
     audio_retention_days: int = Field(default=30, ge=0)  # 0 keeps audio forever
+    job_retention_days: int = Field(default=90, ge=0)  # 0 keeps finished job rows forever
     shutdown_grace_seconds: int = Field(default=20, ge=0)
 
     # Storage and logs

@@ -1,21 +1,22 @@
-"""Job rows, quota reservations and the usage ledger. The only place job SQL lives.
+"""The SQLite store: job rows, quota reservations, the usage ledger and the per-day
+counters. The only place job SQL lives.
 
-Quota windows are UTC days: a user's songs and seconds, a community's seconds and the
-global spend count what was admitted since 00:00 UTC and not refunded. Concurrency counts
-jobs still active, whenever they were admitted.
+Each public method is one function run on the database's writer or reader thread
+(storage/database.py): one thread hop per transaction, however many statements. Every
+change to a job updates the per-day counters (storage/tally.py) in the same transaction,
+so admission reads a few counter rows instead of the day's history, and `stats` and
+/metrics read the counters and partial indexes of active jobs instead of scanning.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import aiosqlite
 
 from bot.models import (
     ACTIVE_STATES,
@@ -27,77 +28,92 @@ from bot.models import (
     SongResult,
 )
 from bot.requests import GenerationRequest
+from storage.community import CommunityStore
 from storage.database import Database
+from storage.quota import (
+    COMMUNITY_KEYS,
+    USER_KEYS,
+    Limits,
+    QuotaRefusal,
+    Usage,
+    check_admission,
+    day_start,
+    next_reset,
+)
+from storage.store import Gauges, Stats, StatsRow
+from storage.tally import COLUMNS, NO_COMMUNITY, NO_PROVIDER, JobFacts, Tally, changes, day_number
 
-_ACTIVE = "('" + "','".join(ACTIVE_STATES) + "')"
+__all__ = [
+    "COMMUNITY_KEYS",
+    "USER_KEYS",
+    "JobStore",
+    "Limits",
+    "QuotaRefusal",
+    "Stats",
+    "StatsRow",
+    "Usage",
+    "day_start",
+    "next_reset",
+]
 
-USER_KEYS = ("jobs_per_day", "seconds_per_day", "concurrent_jobs")
-COMMUNITY_KEYS = ("seconds_per_day",)
+# Spelled exactly as the partial indexes' WHERE clause (migration 0007): SQLite uses a
+# partial index only for a query that states the same condition.
+ACTIVE_SQL = "state IN (" + ", ".join(f"'{s}'" for s in ACTIVE_STATES) + ")"
+_TERMINAL_SQL = "state IN (" + ", ".join(f"'{s}'" for s in TERMINAL_STATES) + ")"
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Quota limits (None = unlimited): the settings' defaults, or those with a user's
-    and community's overrides applied."""
-
-    user_jobs_per_day: float | None
-    user_seconds_per_day: float | None
-    user_concurrent_jobs: float | None
-    community_seconds_per_day: float | None
-    spend_cap_usd: float | None
-
-
-@dataclass(frozen=True)
-class Usage:
-    """What a user, their community and the whole bot have used in the current window."""
-
-    user_jobs: int
-    user_seconds: float
-    user_active: int
-    community_seconds: float
-    spend_usd: float
-
-
-@dataclass(frozen=True)
-class StatsRow:
-    """One line of `acestep-bot stats`: what a community, user or provider used."""
-
-    key: str
-    songs: int  # delivered
-    seconds: float  # of delivered audio
-    spend_usd: float  # provider charges, delivered or not
-    unsuccessful: int  # failed or cancelled
-    jobs: int  # admitted
-
-
-class QuotaRefusal(Exception):
-    """Admission refused: which limit, its value, what is used and what remains."""
-
-    def __init__(self, limit: str, limit_value: float, used: float, needed: float) -> None:
-        self.limit = limit
-        self.limit_value = limit_value
-        self.used = used
-        self.needed = needed
-        self.remaining = max(0.0, limit_value - used)
-        super().__init__(f"{limit}: used {used} of {limit_value}, needed {needed}")
-
-
-def day_start(now: float) -> float:
-    """The start of the UTC day holding `now`."""
-    moment = datetime.fromtimestamp(now, UTC)
-    return moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-
-
-def next_reset(now: float) -> datetime:
-    """When the current quota window ends (next 00:00 UTC)."""
-    return datetime.fromtimestamp(day_start(now), UTC) + timedelta(days=1)
+# Columns a transition or update may set (names go into SQL: never from user input).
+_SETTABLE = frozenset(
+    {
+        "provider",
+        "handle",
+        "attempts",
+        "recoveries",
+        "tried_providers",
+        "cancel_requested",
+        "charged_usd",
+        "refunded",
+        "result",
+        "error",
+        "failure",
+        "reply_target",
+        "started_at",
+        "finished_at",
+        "delivered_at",
+    }
+)
+_JSON_FIELDS = {"result", "reply_target", "tried_providers"}
+_UPSERT_COUNTERS = (
+    f"INSERT INTO usage_daily (scope, day, subject, {', '.join(COLUMNS)})"
+    f" VALUES (?, ?, ?, {', '.join('?' * len(COLUMNS))})"
+    " ON CONFLICT (scope, day, subject) DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in COLUMNS)
+)
+_COUNTER_READ = (
+    "SELECT quota_jobs, quota_seconds, spend_usd FROM usage_daily"
+    " WHERE scope = ? AND day = ? AND subject = ?"
+)
+# SQLite limits bound parameters; chunk well below the lowest default (999).
+_CHUNK = 500
 
 
 class JobStore:
-    """Jobs, quotas and the ledger on one Database."""
+    """Jobs, quotas and the ledger on one SQLite Database (implements storage.store.Store)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.community = CommunityStore(db)  # song defaults and ban lists, same database
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def upgrade(self) -> list[str]:
+        return await self.db.upgrade()
+
+    async def schema_version(self) -> int:
+        return await self.db.schema_version()
+
+    async def check_writable(self, timeout_ms: int = 2000) -> None:
+        await self.db.check_writable(timeout_ms)
 
     # ---- admission -------------------------------------------------------------------
 
@@ -110,31 +126,27 @@ class JobStore:
         job's `source_key` was already admitted, nothing is written and the existing
         job's id is returned.
         """
-        now = time.time() if now is None else now
+        at = time.time() if now is None else now
         requester = job.requester
-        async with self.db.transaction() as conn:
+
+        def admit(conn: sqlite3.Connection) -> str | None:
             if job.source_key:
-                rows = await _rows(
-                    conn, "SELECT id FROM jobs WHERE source_key = ?", (job.source_key,)
-                )
-                if rows:
-                    return str(rows[0][0])
-            eff = await self._effective_limits(conn, requester, limits)
-            usage = await self._usage(conn, requester, now)
-            needed = job.request.duration
-            if not bypass_quotas:
-                _check("user_concurrent_jobs", eff.user_concurrent_jobs, usage.user_active, 1)
-                _check("user_jobs_per_day", eff.user_jobs_per_day, usage.user_jobs, 1)
-                _check("user_seconds_per_day", eff.user_seconds_per_day, usage.user_seconds, needed)
-                if requester.community_key:
-                    _check(
-                        "community_seconds_per_day",
-                        eff.community_seconds_per_day,
-                        usage.community_seconds,
-                        needed,
-                    )
-            _check("spend_cap_usd_per_day", eff.spend_cap_usd, usage.spend_usd, job.reserved_usd)
-            await conn.execute(
+                row = conn.execute(
+                    "SELECT id FROM jobs WHERE source_key = ?", (job.source_key,)
+                ).fetchone()
+                if row:
+                    return str(row[0])
+            effective = _effective_limits(conn, requester, limits)
+            usage = _usage(conn, requester, at)
+            check_admission(
+                effective,
+                usage,
+                seconds=job.request.duration,
+                usd=job.reserved_usd,
+                in_community=requester.community_key is not None,
+                bypass_quotas=bypass_quotas,
+            )
+            conn.execute(
                 "INSERT INTO jobs (id, platform, user_id, user_key, community_key, display_name,"
                 " reply_target, request, duration, seed, state, reserved_usd, created_at,"
                 " updated_at, source_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -151,82 +163,53 @@ class JobStore:
                     job.seed,
                     "queued",
                     job.reserved_usd,
-                    now,
-                    now,
+                    at,
+                    at,
                     job.source_key,
                 ),
             )
-            await self._ledger(
-                conn, job.id, requester, "reserve", needed, job.reserved_usd, None, now
-            )
-        job.created_at = job.updated_at = now
-        return None
+            after = _facts(conn, job.id)
+            assert after is not None
+            _ledger(conn, job.id, after, "reserve", job.reserved_usd, None, at)
+            _count(conn, None, after)
+            return None
+
+        existing = await self.db.write(admit)
+        if existing is None:
+            job.created_at = job.updated_at = at
+        return existing
 
     async def by_source_key(self, source_key: str) -> Job | None:
         """The job a platform event already created, if any."""
-        async with self.db.read() as conn:
-            rows = await _rows(conn, "SELECT * FROM jobs WHERE source_key = ?", (source_key,))
-        return _job(rows[0]) if rows else None
 
-    async def _effective_limits(
-        self, conn: aiosqlite.Connection, requester: Requester, limits: Limits
-    ) -> Limits:
-        user = await _overrides(conn, "user", requester.key)
-        community = (
-            await _overrides(conn, "community", requester.community_key)
-            if requester.community_key
-            else {}
-        )
-        return Limits(
-            user_jobs_per_day=user.get("jobs_per_day", limits.user_jobs_per_day),
-            user_seconds_per_day=user.get("seconds_per_day", limits.user_seconds_per_day),
-            user_concurrent_jobs=user.get("concurrent_jobs", limits.user_concurrent_jobs),
-            community_seconds_per_day=community.get(
-                "seconds_per_day", limits.community_seconds_per_day
-            ),
-            spend_cap_usd=limits.spend_cap_usd,
-        )
+        def read(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute("SELECT * FROM jobs WHERE source_key = ?", (source_key,)).fetchone()
+            return _job(row) if row else None
 
-    async def _usage(self, conn: aiosqlite.Connection, requester: Requester, now: float) -> Usage:
-        since = day_start(now)
-        [(user_jobs, user_seconds)] = await _rows(
-            conn,
-            "SELECT COUNT(*), COALESCE(SUM(duration), 0) FROM jobs"
-            " WHERE user_key = ? AND created_at >= ? AND refunded = 0",
-            (requester.key, since),
-        )
-        [(user_active,)] = await _rows(
-            conn,
-            f"SELECT COUNT(*) FROM jobs WHERE user_key = ? AND state IN {_ACTIVE}",
-            (requester.key,),
-        )
-        community_seconds = 0.0
-        if requester.community_key:
-            [(community_seconds,)] = await _rows(
-                conn,
-                "SELECT COALESCE(SUM(duration), 0) FROM jobs"
-                " WHERE community_key = ? AND created_at >= ? AND refunded = 0",
-                (requester.community_key, since),
-            )
-        spend = await _spend(conn, since)
-        return Usage(
-            int(user_jobs), float(user_seconds), int(user_active), float(community_seconds), spend
-        )
+        return await self.db.read(read)
 
     async def usage(
         self, requester: Requester, limits: Limits, now: float | None = None
     ) -> tuple[Usage, Limits]:
         """Current usage and the limits that apply to this requester."""
-        now = time.time() if now is None else now
-        async with self.db.read() as conn:
-            return (
-                await self._usage(conn, requester, now),
-                await self._effective_limits(conn, requester, limits),
-            )
+        at = time.time() if now is None else now
+        return await self.db.read(
+            lambda conn: (_usage(conn, requester, at), _effective_limits(conn, requester, limits))
+        )
 
     async def spend_since(self, since: float) -> float:
-        async with self.db.read() as conn:
-            return await _spend(conn, since)
+        """Spend (charged, or reserved while not refunded) of jobs admitted on the UTC
+        day holding `since` and after."""
+
+        def read(conn: sqlite3.Connection) -> float:
+            row = conn.execute(
+                "SELECT COALESCE(SUM(spend_usd), 0) FROM usage_daily"
+                " WHERE scope = 'all' AND day >= ? AND subject = ''",
+                (day_number(since),),
+            ).fetchone()
+            return float(row[0])
+
+        return await self.db.read(read)
 
     # ---- transitions -----------------------------------------------------------------
 
@@ -239,42 +222,32 @@ class JobStore:
         **fields: Any,
     ) -> bool:
         """Move a job to `to_state` if it is in one of `from_states`; False otherwise."""
-        now = time.time() if now is None else now
-        async with self.db.transaction() as conn:
-            return await self._transition(conn, job_id, from_states, to_state, now, fields)
-
-    async def _transition(
-        self,
-        conn: aiosqlite.Connection,
-        job_id: str,
-        from_states: tuple[str, ...],
-        to_state: str,
-        now: float,
-        fields: dict[str, Any],
-    ) -> bool:
-        sets = ["state = ?", "updated_at = ?"]
-        values: list[Any] = [to_state, now]
-        for name, value in fields.items():
-            sets.append(f"{name} = ?")
-            values.append(_encode(name, value))
-        marks = ",".join("?" * len(from_states))
-        cur = await conn.execute(
-            f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})",
-            (*values, job_id, *from_states),
+        at = time.time() if now is None else now
+        return await self.db.write(
+            lambda conn: _transition(conn, job_id, from_states, to_state, at, fields) is not None
         )
-        return cur.rowcount == 1
 
     async def update(self, job_id: str, **fields: Any) -> None:
         """Change fields without changing state (reply target, cancel flag)."""
         if not fields:
             return
-        sets = ", ".join(f"{name} = ?" for name in fields)
-        values = [_encode(name, value) for name, value in fields.items()]
-        async with self.db.transaction() as conn:
-            await conn.execute(
+        _check_fields(fields)
+
+        def update(conn: sqlite3.Connection) -> None:
+            before = _facts(conn, job_id)
+            if before is None:
+                return
+            sets = ", ".join(f"{name} = ?" for name in fields)
+            values = [_encode(name, value) for name, value in fields.items()]
+            conn.execute(
                 f"UPDATE jobs SET {sets}, updated_at = ? WHERE id = ?",
                 (*values, time.time(), job_id),
             )
+            after = _facts(conn, job_id)
+            assert after is not None
+            _count(conn, before, after)
+
+        await self.db.write(update)
 
     async def finish_success(
         self,
@@ -285,50 +258,35 @@ class JobStore:
         now: float | None = None,
     ) -> bool:
         """running -> ready: the provider made the song; record the charge."""
-        now = time.time() if now is None else now
-        async with self.db.transaction() as conn:
-            moved = await self._transition(
-                conn,
-                job_id,
-                ("running",),
-                "ready",
-                now,
-                {
-                    "charged_usd": charged_usd,
-                    "result": result,
-                    "finished_at": now,
-                    "provider": provider,
-                },
-            )
-            if moved:
-                job = await self._get(conn, job_id)
-                assert job is not None
-                await self._ledger(
-                    conn, job_id, job.requester, "charge", job.duration, charged_usd, provider, now
-                )
-            return moved
+        at = time.time() if now is None else now
+        fields = {
+            "charged_usd": charged_usd,
+            "result": result,
+            "finished_at": at,
+            "provider": provider,
+        }
+
+        def finish(conn: sqlite3.Connection) -> bool:
+            after = _transition(conn, job_id, ("running",), "ready", at, fields)
+            if after is None:
+                return False
+            _ledger(conn, job_id, after, "charge", charged_usd, provider, at)
+            return True
+
+        return await self.db.write(finish)
 
     async def mark_delivered(self, job_id: str, now: float | None = None) -> bool:
         """ready -> delivered: the user has the song; the reservation is committed."""
-        now = time.time() if now is None else now
-        async with self.db.transaction() as conn:
-            moved = await self._transition(
-                conn, job_id, ("ready",), "delivered", now, {"delivered_at": now}
-            )
-            if moved:
-                job = await self._get(conn, job_id)
-                assert job is not None
-                await self._ledger(
-                    conn,
-                    job_id,
-                    job.requester,
-                    "commit",
-                    job.duration,
-                    job.charged_usd or 0.0,
-                    job.provider,
-                    now,
-                )
-            return moved
+        at = time.time() if now is None else now
+
+        def deliver(conn: sqlite3.Connection) -> bool:
+            after = _transition(conn, job_id, ("ready",), "delivered", at, {"delivered_at": at})
+            if after is None:
+                return False
+            _ledger(conn, job_id, after, "commit", after.charged_usd or 0.0, after.provider, at)
+            return True
+
+        return await self.db.write(deliver)
 
     async def finish_unsuccessful(
         self,
@@ -347,66 +305,42 @@ class JobStore:
         already made by a provider stays in the spend (the operator paid it);
         `charged_usd` records one made for a song the bot then could not keep.
         """
-        now = time.time() if now is None else now
+        at = time.time() if now is None else now
         fields: dict[str, Any] = {
             "error": error,
             "failure": failure,
             "refunded": 1,
-            "finished_at": now,
+            "finished_at": at,
         }
         if charged_usd is not None:
             fields["charged_usd"] = charged_usd
-        async with self.db.transaction() as conn:
-            moved = await self._transition(conn, job_id, from_states, to_state, now, fields)
-            if moved:
-                job = await self._get(conn, job_id)
-                assert job is not None
-                if charged_usd is not None:
-                    await self._ledger(
-                        conn,
-                        job_id,
-                        job.requester,
-                        "charge",
-                        job.duration,
-                        charged_usd,
-                        job.provider,
-                        now,
-                    )
-                refund_usd = job.reserved_usd if job.charged_usd is None else 0.0
-                await self._ledger(
-                    conn,
-                    job_id,
-                    job.requester,
-                    "refund",
-                    job.duration,
-                    refund_usd,
-                    job.provider,
-                    now,
-                )
-            return moved
+
+        def finish(conn: sqlite3.Connection) -> bool:
+            after = _transition(conn, job_id, from_states, to_state, at, fields)
+            if after is None:
+                return False
+            if charged_usd is not None:
+                _ledger(conn, job_id, after, "charge", charged_usd, after.provider, at)
+            refund_usd = after.reserved_usd if after.charged_usd is None else 0.0
+            _ledger(conn, job_id, after, "refund", refund_usd, after.provider, at)
+            return True
+
+        return await self.db.write(finish)
 
     # ---- reads -----------------------------------------------------------------------
 
     async def get(self, job_id: str) -> Job | None:
-        async with self.db.read() as conn:
-            return await self._get(conn, job_id)
+        def read(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return _job(row) if row else None
 
-    async def _get(self, conn: aiosqlite.Connection, job_id: str) -> Job | None:
-        rows = await _rows(conn, "SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return _job(rows[0]) if rows else None
-
-    async def exists(self, job_id: str) -> bool:
-        async with (
-            self.db.read() as conn,
-            conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) as cur,
-        ):
-            return await cur.fetchone() is not None
+        return await self.db.read(read)
 
     async def in_states(self, states: tuple[str, ...]) -> list[Job]:
         """Jobs in these states, oldest first."""
-        marks = ",".join("?" * len(states))
+        source, where, params = _by_states(states, "jobs_active")
         return await self._select(
-            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at, id", states
+            f"SELECT * FROM {source} WHERE {where} ORDER BY created_at, id", tuple(params)
         )
 
     async def for_user(
@@ -414,11 +348,11 @@ class JobStore:
     ) -> list[Job]:
         """A user's jobs, newest first."""
         if states:
-            marks = ",".join("?" * len(states))
+            source, where, params = _by_states(states, "jobs_active_user")
             return await self._select(
-                f"SELECT * FROM jobs WHERE user_key = ? AND state IN ({marks})"
+                f"SELECT * FROM {source} WHERE user_key = ? AND {where}"
                 " ORDER BY created_at DESC LIMIT ?",
-                (user_key, *states, limit),
+                (user_key, *params, limit),
             )
         return await self._select(
             "SELECT * FROM jobs WHERE user_key = ? ORDER BY created_at DESC LIMIT ?",
@@ -427,10 +361,10 @@ class JobStore:
 
     async def recent(self, limit: int = 50, states: tuple[str, ...] | None = None) -> list[Job]:
         if states:
-            marks = ",".join("?" * len(states))
+            source, where, params = _by_states(states, "jobs_active")
             return await self._select(
-                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at DESC LIMIT ?",
-                (*states, limit),
+                f"SELECT * FROM {source} WHERE {where} ORDER BY created_at DESC LIMIT ?",
+                (*params, limit),
             )
         return await self._select("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
 
@@ -442,7 +376,7 @@ class JobStore:
         user_key: str | None = None,
     ) -> list[Job]:
         """Jobs whose prompt, tags, lyrics or title contain `text` (any case), newest
-        first: for operators finding who asked for what."""
+        first: for operators finding who asked for what (it reads every row)."""
         pattern = "%" + re.sub(r"([\\%_])", r"\\\1", text.lower()) + "%"
         where = ["(lower(request) LIKE ? ESCAPE '\\' OR lower(result) LIKE ? ESCAPE '\\')"]
         params: list[Any] = [pattern, pattern]
@@ -462,19 +396,20 @@ class JobStore:
 
     async def mark_deleted(self, job_id: str, by: str, now: float | None = None) -> bool:
         """Record that a posted song was removed (once); False if it already was."""
-        now = time.time() if now is None else now
-        async with self.db.transaction() as conn:
-            cur = await conn.execute(
-                "UPDATE jobs SET deleted_at = ?, deleted_by = ?, updated_at = ?"
-                " WHERE id = ? AND deleted_at IS NULL",
-                (now, by, now, job_id),
+        at = time.time() if now is None else now
+        return await self.db.write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE jobs SET deleted_at = ?, deleted_by = ?, updated_at = ?"
+                    " WHERE id = ? AND deleted_at IS NULL",
+                    (at, by, at, job_id),
+                ).rowcount
+                == 1
             )
-            return cur.rowcount == 1
+        )
 
     async def _select(self, sql: str, params: tuple[Any, ...]) -> list[Job]:
-        async with self.db.read() as conn:
-            rows = await _rows(conn, sql, params)
-        return [_job(row) for row in rows]
+        return await self.db.read(lambda conn: [_job(r) for r in conn.execute(sql, params)])
 
     async def ledger(self, job_id: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM usage_ledger"
@@ -482,14 +417,14 @@ class JobStore:
         if job_id:
             sql += " WHERE job_id = ?"
             params = (job_id,)
-        async with self.db.read() as conn, conn.execute(sql + " ORDER BY id", params) as cur:
-            return [dict(row) for row in await cur.fetchall()]
+        return await self.db.read(
+            lambda conn: [dict(row) for row in conn.execute(sql + " ORDER BY id", params)]
+        )
 
     # ---- overrides and community settings -------------------------------------------
 
     async def get_overrides(self, scope: str, subject: str) -> dict[str, float]:
-        async with self.db.read() as conn:
-            return await _overrides(conn, scope, subject)
+        return await self.db.read(lambda conn: _overrides(conn, scope, subject))
 
     async def set_override(self, scope: str, subject: str, key: str, value: float | None) -> None:
         """Set (or with None, remove) one limit override."""
@@ -498,178 +433,359 @@ class JobStore:
             raise ValueError(
                 f"unknown limit {scope}.{key}; {scope} limits are " + ", ".join(allowed)
             )
-        async with self.db.transaction() as conn:
+
+        def write(conn: sqlite3.Connection) -> None:
             if value is None:
-                await conn.execute(
+                conn.execute(
                     "DELETE FROM limit_overrides WHERE scope = ? AND subject = ? AND key = ?",
                     (scope, subject, key),
                 )
             else:
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO limit_overrides (scope, subject, key, value, updated_at)"
                     " VALUES (?,?,?,?,?) ON CONFLICT (scope, subject, key)"
                     " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                     (scope, subject, key, float(value), time.time()),
                 )
 
+        await self.db.write(write)
+
     async def get_community_setting(self, community: str, name: str) -> Any:
-        async with (
-            self.db.read() as conn,
-            conn.execute(
+        def read(conn: sqlite3.Connection) -> Any:
+            row = conn.execute(
                 "SELECT value FROM community_settings WHERE community = ? AND name = ?",
                 (community, name),
-            ) as cur,
-        ):
-            row = await cur.fetchone()
-        return json.loads(row[0]) if row else None
+            ).fetchone()
+            return json.loads(row[0]) if row else None
+
+        return await self.db.read(read)
 
     async def set_community_setting(self, community: str, name: str, value: Any) -> None:
-        async with self.db.transaction() as conn:
-            await conn.execute(
+        encoded = json.dumps(value)
+        await self.db.write(
+            lambda conn: conn.execute(
                 "INSERT INTO community_settings (community, name, value, updated_at)"
                 " VALUES (?,?,?,?) ON CONFLICT (community, name)"
                 " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                (community, name, json.dumps(value), time.time()),
+                (community, name, encoded, time.time()),
             )
+        )
 
-    # ---- operations (health, metrics, stats, retention): read-only -------------------
+    # ---- operations (health, metrics, stats, retention, checks) ----------------------
 
-    async def count_by_state(self) -> list[tuple[str, str, int]]:
-        """(state, provider or "", count) for every job in the database."""
-        async with (
-            self.db.read() as conn,
-            conn.execute(
-                "SELECT state, COALESCE(provider, ''), COUNT(*) FROM jobs"
-                " GROUP BY state, COALESCE(provider, '')"
-            ) as cur,
-        ):
-            return [(row[0], row[1], int(row[2])) for row in await cur.fetchall()]
+    async def gauges(self, now: float | None = None) -> Gauges:
+        """Jobs by state and provider, queue depth and today's spend, in one snapshot.
 
-    async def queue_depth(self) -> int:
-        """Jobs admitted and waiting for a provider."""
-        async with (
-            self.db.read() as conn,
-            conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'") as cur,
-        ):
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        Active states are counted from the partial index of active jobs; finished states
+        come from the counters (every job ever finished, including rows retention has
+        deleted): nothing here grows with the history but the number of days.
+        """
+        today = day_number(time.time() if now is None else now)
+
+        def read(conn: sqlite3.Connection) -> Gauges:
+            jobs = [
+                (str(state), str(provider), int(n))
+                for state, provider, n in conn.execute(
+                    "SELECT state, COALESCE(provider, ''), COUNT(*)"
+                    f" FROM jobs INDEXED BY jobs_active WHERE {ACTIVE_SQL} GROUP BY 1, 2"
+                )
+            ]
+            for provider, delivered, failed, cancelled in conn.execute(
+                "SELECT subject, SUM(delivered), SUM(failed), SUM(cancelled) FROM usage_daily"
+                " WHERE scope = 'provider' GROUP BY subject"
+            ):
+                for state, n in (("delivered", delivered), ("failed", failed)):
+                    if n:
+                        jobs.append((state, str(provider), int(n)))
+                if cancelled:
+                    jobs.append(("cancelled", str(provider), int(cancelled)))
+            depth = sum(n for state, _, n in jobs if state == "queued")
+            row = conn.execute(_COUNTER_READ, ("all", today, "")).fetchone()
+            return Gauges(jobs, depth, float(row["spend_usd"]) if row else 0.0)
+
+        return await self.db.read(read)
+
+    async def stats(self, since: float, top: int | None = None) -> Stats:
+        """Songs delivered, their seconds and the spend of jobs admitted from the UTC day
+        holding `since` on: in all, and by community, user and provider, biggest spender
+        first (the `top` of each). Read from the per-day counters."""
+        first_day = day_number(since)
+        shown = {"community": NO_COMMUNITY, "user": "", "provider": NO_PROVIDER}
+        sums = (
+            "SUM(delivered), SUM(delivered_seconds), SUM(charged_usd), SUM(failed + cancelled),"
+            " SUM(jobs)"
+        )
+
+        def read(conn: sqlite3.Connection) -> Stats:
+            [row] = conn.execute(
+                f"SELECT '', {sums} FROM usage_daily WHERE scope = 'all' AND day >= ?",
+                (first_day,),
+            ).fetchall()
+            total = _stats_row(row, "")
+            groups: dict[str, list[StatsRow]] = {}
+            counts: dict[str, int] = {}
+            for group, empty in shown.items():
+                # COUNT(*) OVER () counts the groups before LIMIT keeps the top ones.
+                rows = conn.execute(
+                    f"SELECT CASE WHEN subject = '' THEN ? ELSE subject END AS name, {sums},"
+                    " COUNT(*) OVER () FROM usage_daily WHERE scope = ? AND day >= ?"
+                    " GROUP BY subject HAVING SUM(jobs) > 0"
+                    " ORDER BY ROUND(SUM(charged_usd), 9) DESC, SUM(delivered) DESC, name"
+                    " LIMIT ?",
+                    (empty, group, first_day, -1 if top is None else top),
+                ).fetchall()
+                groups[group] = [_stats_row(r, empty) for r in rows]
+                counts[group] = int(rows[0][-1]) if rows else 0
+            return Stats(total, groups, counts)
+
+        return await self.db.read(read)
 
     async def expired_jobs(self, job_ids: Iterable[str], cutoff: float) -> set[str]:
         """Those of `job_ids` whose job is finished for good (delivered, failed or
         cancelled) and was last touched before `cutoff`."""
         ids = sorted(set(job_ids))
-        expired: set[str] = set()
-        terminal = "('" + "','".join(TERMINAL_STATES) + "')"
-        # SQLite limits bound parameters; chunk well below the lowest default (999).
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            async with (
-                self.db.read() as conn,
-                conn.execute(
-                    f"SELECT id FROM jobs WHERE id IN ({marks}) AND state IN {terminal}"
-                    " AND COALESCE(delivered_at, finished_at, updated_at) < ?",
-                    (*chunk, cutoff),
-                ) as cur,
-            ):
-                expired.update(row[0] for row in await cur.fetchall())
-        return expired
 
-    async def stats(self, since: float) -> dict[str, list[StatsRow]]:
-        """Songs delivered, their seconds and the spend since `since`, grouped by
-        community, user and provider (each list biggest spender first)."""
-        out: dict[str, list[StatsRow]] = {}
-        columns = {
-            "community": "COALESCE(community_key, '(direct messages)')",
-            "user": "user_key",
-            "provider": "COALESCE(provider, '(none)')",
-        }
-        for group, column in columns.items():
-            async with (
-                self.db.read() as conn,
-                conn.execute(
-                    f"SELECT {column} AS k,"
-                    " SUM(state = 'delivered'),"
-                    " COALESCE(SUM(CASE WHEN state = 'delivered' THEN"
-                    "   COALESCE(json_extract(result, '$.duration'), duration) END), 0),"
-                    " COALESCE(SUM(charged_usd), 0),"
-                    " SUM(state IN ('failed', 'cancelled')),"
-                    " COUNT(*)"
-                    f" FROM jobs WHERE created_at >= ? GROUP BY k"
-                    " ORDER BY 4 DESC, 2 DESC, k",
-                    (since,),
-                ) as cur,
-            ):
-                out[group] = [
-                    StatsRow(
-                        str(r[0]),
-                        int(r[1] or 0),
-                        float(r[2]),
-                        float(r[3]),
-                        int(r[4] or 0),
-                        int(r[5]),
+        def read(conn: sqlite3.Connection) -> set[str]:
+            expired: set[str] = set()
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                expired.update(
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT id FROM jobs WHERE id IN ({marks}) AND {_TERMINAL_SQL}"
+                        " AND COALESCE(delivered_at, finished_at, updated_at) < ?",
+                        (*chunk, cutoff),
                     )
-                    for r in await cur.fetchall()
+                )
+            return expired
+
+        return await self.db.read(read)
+
+    async def finished_before(self, before: float, limit: int) -> list[str]:
+        """Up to `limit` finished jobs (delivered, failed, cancelled) admitted before
+        `before`, oldest first: what job-row retention deletes next."""
+        return await self.db.read(
+            lambda conn: [
+                str(row[0])
+                for row in conn.execute(
+                    f"SELECT id FROM jobs WHERE created_at < ? AND {_TERMINAL_SQL}"
+                    " ORDER BY created_at LIMIT ?",
+                    (before, limit),
+                )
+            ]
+        )
+
+    async def delete_jobs(self, job_ids: list[str], before: float) -> int:
+        """Delete these job rows and their ledger lines, if finished and admitted before
+        `before`; the per-day counters keep their totals. Returns the rows deleted."""
+        ids = sorted(set(job_ids))
+        first_kept_day = day_number(before)
+
+        def delete(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                gone = [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT id FROM jobs WHERE id IN ({marks}) AND {_TERMINAL_SQL}"
+                        " AND created_at < ?",
+                        (*chunk, before),
+                    )
                 ]
-        return out
+                if not gone:
+                    continue
+                marks = ",".join("?" * len(gone))
+                conn.execute(f"DELETE FROM usage_ledger WHERE job_id IN ({marks})", gone)
+                deleted += conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", gone).rowcount
+            # Days before this one may have lost rows: the counters are their record now.
+            conn.execute(
+                "INSERT INTO storage_state (name, value) VALUES ('pruned_before_day', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)",
+                (first_kept_day,),
+            )
+            return deleted
 
-    # ---- internals -------------------------------------------------------------------
+        return await self.db.write(delete)
 
-    async def _ledger(
-        self,
-        conn: aiosqlite.Connection,
-        job_id: str,
-        requester: Requester,
-        kind: str,
-        seconds: float,
-        usd: float,
-        provider: str | None,
-        now: float,
-    ) -> None:
-        await conn.execute(
-            "INSERT INTO usage_ledger (job_id, user_key, community_key, kind, seconds, usd,"
-            " provider, at) VALUES (?,?,?,?,?,?,?,?)",
-            (job_id, requester.key, requester.community_key, kind, seconds, usd, provider, now),
+    async def usage_mismatches(self) -> list[str]:
+        """Where the per-day counters differ from the totals of the job rows (the ledger
+        of record), for every day whose rows retention has not thinned; [] when they
+        agree. Reads every job row: an operator's check, not a hot path."""
+
+        def read(conn: sqlite3.Connection) -> list[str]:
+            row = conn.execute(
+                "SELECT value FROM storage_state WHERE name = 'pruned_before_day'"
+            ).fetchone()
+            first_day = int(row[0]) if row else -(2**62)
+            counted = _totals(conn, "usage_daily", first_day)
+            ledger = _totals(conn, "usage_daily_from_jobs", first_day)
+            problems = []
+            for key in sorted(set(counted) | set(ledger)):
+                have, want = counted.get(key, Tally()), ledger.get(key, Tally())
+                if not _close(have, want):
+                    scope, day, subject = key
+                    problems.append(
+                        f"{scope} {subject or '-'} on day {day}: counters {have}, job rows {want}"
+                    )
+            return problems
+
+        return await self.db.read(read)
+
+
+# ---- the functions run on the database threads ----------------------------------------
+
+
+def _stats_row(row: Any, empty: str) -> StatsRow:
+    name, songs, seconds, spend, unsuccessful, jobs = row[:6]
+    return StatsRow(
+        str(name) or empty,
+        int(songs or 0),
+        float(seconds or 0),
+        float(spend or 0),
+        int(unsuccessful or 0),
+        int(jobs or 0),
+    )
+
+
+def _facts(conn: sqlite3.Connection, job_id: str) -> JobFacts | None:
+    row = conn.execute(
+        "SELECT created_at, user_key, community_key, provider, state, duration, refunded,"
+        " reserved_usd, charged_usd, result FROM jobs WHERE id = ?",
+        (job_id,),
+    ).fetchone()
+    return JobFacts.from_row(row) if row else None
+
+
+def _count(conn: sqlite3.Connection, before: JobFacts | None, after: JobFacts) -> None:
+    """Move the per-day counters by what the job's change moved."""
+    moved = changes(before, after)
+    if moved:
+        conn.executemany(
+            _UPSERT_COUNTERS,
+            [(scope, day, subject, *delta) for scope, day, subject, delta in moved],
         )
 
 
-def _check(limit: str, value: float | None, used: float, needed: float) -> None:
-    if value is not None and used + needed > value + 1e-9:
-        raise QuotaRefusal(limit, value, used, needed)
+def _transition(
+    conn: sqlite3.Connection,
+    job_id: str,
+    from_states: tuple[str, ...],
+    to_state: str,
+    now: float,
+    fields: dict[str, Any],
+) -> JobFacts | None:
+    """Move the job and its counters; its facts afterwards, or None if it was not in
+    one of `from_states`."""
+    _check_fields(fields)
+    before = _facts(conn, job_id)
+    if before is None or before.state not in from_states:
+        return None
+    sets = ["state = ?", "updated_at = ?"]
+    values: list[Any] = [to_state, now]
+    for name, value in fields.items():
+        sets.append(f"{name} = ?")
+        values.append(_encode(name, value))
+    conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*values, job_id))
+    after = _facts(conn, job_id)
+    assert after is not None
+    _count(conn, before, after)
+    return after
 
 
-async def _spend(conn: aiosqlite.Connection, since: float) -> float:
-    # A provider's charge counts once made; an active job counts its reservation.
-    rows = await _rows(
-        conn,
-        "SELECT COALESCE(SUM(CASE WHEN charged_usd IS NOT NULL THEN charged_usd"
-        " WHEN refunded = 0 THEN reserved_usd ELSE 0 END), 0)"
-        " FROM jobs WHERE created_at >= ?",
-        (since,),
+def _check_fields(fields: dict[str, Any]) -> None:
+    unknown = sorted(set(fields) - _SETTABLE)
+    if unknown:
+        raise ValueError(f"cannot set job field(s) {', '.join(unknown)}")
+
+
+def _effective_limits(conn: sqlite3.Connection, requester: Requester, limits: Limits) -> Limits:
+    community = requester.community_key
+    return limits.with_overrides(
+        _overrides(conn, "user", requester.key),
+        _overrides(conn, "community", community) if community else {},
     )
-    return float(rows[0][0]) if rows else 0.0
 
 
-async def _overrides(
-    conn: aiosqlite.Connection, scope: str, subject: str | None
-) -> dict[str, float]:
-    rows = await _rows(
-        conn,
-        "SELECT key, value FROM limit_overrides WHERE scope = ? AND subject = ?",
-        (scope, subject),
+def _usage(conn: sqlite3.Connection, requester: Requester, now: float) -> Usage:
+    day = day_number(now)
+    user = conn.execute(_COUNTER_READ, ("user", day, requester.key)).fetchone()
+    community = None
+    if requester.community_key:
+        community = conn.execute(
+            _COUNTER_READ, ("community", day, requester.community_key)
+        ).fetchone()
+    everyone = conn.execute(_COUNTER_READ, ("all", day, "")).fetchone()
+    # The partial index of active jobs: as many entries as the user has songs in progress.
+    [(active,)] = conn.execute(
+        "SELECT COUNT(*) FROM jobs INDEXED BY jobs_active_user"
+        f" WHERE user_key = ? AND {ACTIVE_SQL}",
+        (requester.key,),
+    ).fetchall()
+    return Usage(
+        user_jobs=int(user["quota_jobs"]) if user else 0,
+        user_seconds=float(user["quota_seconds"]) if user else 0.0,
+        user_active=int(active),
+        community_seconds=float(community["quota_seconds"]) if community else 0.0,
+        spend_usd=max(0.0, float(everyone["spend_usd"])) if everyone else 0.0,
     )
-    return {row[0]: float(row[1]) for row in rows}
 
 
-async def _rows(
-    conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()
-) -> list[aiosqlite.Row]:
-    """Execute and fetch in one trip to aiosqlite's thread (a cursor costs three: execute,
-    fetch, close). Every trip waits for a thread hand-off, under the database lock."""
-    return list(await conn.execute_fetchall(sql, params))
+def _overrides(conn: sqlite3.Connection, scope: str, subject: str | None) -> dict[str, float]:
+    return {
+        row[0]: float(row[1])
+        for row in conn.execute(
+            "SELECT key, value FROM limit_overrides WHERE scope = ? AND subject = ?",
+            (scope, subject),
+        )
+    }
 
 
-_JSON_FIELDS = {"result", "reply_target", "tried_providers"}
+def _ledger(
+    conn: sqlite3.Connection,
+    job_id: str,
+    job: JobFacts,
+    kind: str,
+    usd: float,
+    provider: str | None,
+    now: float,
+) -> None:
+    conn.execute(
+        "INSERT INTO usage_ledger (job_id, user_key, community_key, kind, seconds, usd,"
+        " provider, at) VALUES (?,?,?,?,?,?,?,?)",
+        (job_id, job.user_key, job.community_key, kind, job.duration, usd, provider, now),
+    )
+
+
+def _by_states(states: tuple[str, ...], active_index: str) -> tuple[str, str, list[str]]:
+    """The table, `state IN (...)` condition and parameters for jobs in these states.
+    When they are all active, the partial index `active_index` answers: the condition
+    then names ACTIVE_SQL too (SQLite requires it), and INDEXED BY keeps the planner from
+    walking a user's whole history through the plain index instead."""
+    where = f"state IN ({','.join('?' * len(states))})"
+    if set(states) <= set(ACTIVE_STATES):
+        return f"jobs INDEXED BY {active_index}", f"{where} AND {ACTIVE_SQL}", list(states)
+    return "jobs", where, list(states)
+
+
+def _totals(
+    conn: sqlite3.Connection, table: str, first_day: int
+) -> dict[tuple[str, int, str], Tally]:
+    """Non-zero totals of `usage_daily` or its view from the job rows, by counter row."""
+    out = {}
+    sql = f"SELECT scope, day, subject, {', '.join(COLUMNS)} FROM {table} WHERE day >= ?"
+    for row in conn.execute(sql, (first_day,)):
+        tally = Tally(*(row[c] or 0 for c in COLUMNS))
+        if not tally.is_zero():
+            out[(str(row["scope"]), int(row["day"]), str(row["subject"]))] = tally
+    return out
+
+
+def _close(a: Tally, b: Tally) -> bool:
+    # Money is summed in floating point in a different order on each side.
+    return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-6) for x, y in zip(a, b, strict=True))
 
 
 def _encode(name: str, value: Any) -> Any:
@@ -692,7 +808,7 @@ def _searchable(job: Job) -> str:
     return "\n".join(parts).lower()
 
 
-def _job(row: aiosqlite.Row) -> Job:
+def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
         source_key=row["source_key"],

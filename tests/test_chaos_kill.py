@@ -4,8 +4,9 @@ The bot is the real process (`python -m bot run`) with its Telegram front-end on
 Bot API server and fal on the fake queue server, both running in this test. Users post
 `/song`s while the bot is killed (SIGKILL, no cleanup) and restarted several times. In the
 end every admitted job is either posted once or failed with its quota refunded (and the
-user told why), the usage ledger balances, and fal ran a job twice only where the design
-allows it (a job caught mid-submit is resubmitted once).
+user told why), the usage ledger balances, the per-day usage counters equal the job rows,
+and fal ran a job twice only where the design allows it (a job caught mid-submit is
+resubmitted once).
 
 One thing a kill -9 can do and nothing else may: post a song again when the kill caught
 its upload in flight (Telegram had it, the bot never heard back; DESIGN.md resumes
@@ -40,7 +41,7 @@ from tests.fakes.fal import FakeFal
 from tests.fakes.http import serve
 from tests.fakes.telegram_api import FakeTelegram, UploadedFile
 from tests.test_chaos_provider import chaos_seed
-from tests.test_cli import cli_env
+from tests.test_cli import cli_env, run_cli
 from tests.test_telegram import decode_mp3
 
 GROUP = -100777
@@ -341,3 +342,7 @@ async def test_kill_9_at_random_moments_every_admitted_song_ends_once(tmp_path: 
         f"{repeats} songs posted again after a kill mid-upload; {len(lost)} /song "
         "messages cut off by a kill before admission"
     )
+    # The per-day usage counters, written in the same transactions the kills cut short,
+    # equal the totals of the job rows: the operator's check says so.
+    code, out, err = await run_cli(["db", "check"], env, tmp_path)
+    assert (code, out.strip()) == (0, "usage counters match the job rows"), (out, err, where)

@@ -4,9 +4,10 @@ fal (the fake queue server) answers with random 429s and 5xx, stalls past the cl
 timeout, slow answers, cut-off JSON and expired result URLs; WaveSpeed (a second fake) is
 there to fail over to and has bad moments too; some users cancel their songs midway.
 Whatever happens, every admitted job ends with the user told once (the song posted, or a
-failure or cancel notice), its quota committed or refunded in the ledger, and no provider
-running the same job twice. The faults come from a seeded generator: the seed
-is printed, and CHAOS_SEED=<seed> replays the same draws.
+failure or cancel notice), its quota committed or refunded in the ledger, the per-day
+usage counters equal to the job rows, and no provider running the same job twice. The
+faults come from a seeded generator: the seed is printed, and CHAOS_SEED=<seed> replays
+the same draws.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.2)  # anything told twice would show up now
             cancel_answers = dict(await asyncio.gather(*cancels))
+            # The per-day counters admission reads, against the job rows.
+            mismatches = await engine.store.usage_mismatches()
         finally:
             for task in cancels:
                 task.cancel()
@@ -250,6 +253,8 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
         )
         assert row["attempts"] >= fal_runs[job_id] + ws_runs[job_id], what
     assert sum(delivered.values()) + sum(failed.values()) == JOBS, where
+    # Whatever the chaos did, the usage counters equal the totals of the job rows.
+    assert mismatches == [], (mismatches[:5], where)
     # A cancel the engine took ends cancelled, even one answered while the job was still
     # being stopped (back in the queue after a busy provider, say). One that came too
     # late, or lost the race to a failure (the user was told that), changes nothing.

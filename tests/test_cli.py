@@ -228,6 +228,44 @@ async def test_config_check_masks_secrets_and_run_explains_what_is_missing(tmp_p
     assert "DISCORD_TOKEN" in err and "FAL_KEY" in err
 
 
+async def imported_by(args: list[str], tmp_path: Path) -> set[str]:
+    """Every module `acestep-bot ARGS` imports, from Python's own import log."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "bot",
+        *args,
+        env=cli_env(tmp_path),
+        cwd=str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    lines = [line for line in err.decode().splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip() for line in lines[1:]}
+
+
+# What makes a command slow to start (the engine brings PyAV, numpy and PIL; the chat
+# libraries and HTTP stacks are large), none of which `--help` or `config check` uses.
+HEAVY = {"bot.engine", "bot.audio", "av", "numpy", "PIL", "discord", "telegram", "httpx"}
+HEAVY |= {"aiohttp", "prometheus_client", "providers.base", "storage.jobs", "sqlite3"}
+
+
+async def test_help_and_config_check_import_only_what_they_use(tmp_path: Path) -> None:
+    helped = await imported_by(["--help"], tmp_path)
+    assert "argparse" in helped  # the log is read right
+    assert not helped & (HEAVY | {"pydantic", "bot.settings"}), sorted(helped & HEAVY)
+    checked = await imported_by(["config", "check"], tmp_path)
+    assert "bot.settings" in checked
+    assert not checked & HEAVY, sorted(checked & HEAVY)
+    # A database command loads the store, still without the engine and its codecs.
+    listed = await imported_by(["jobs", "list"], tmp_path)
+    assert "storage.jobs" in listed
+    assert not listed & {"bot.engine", "bot.audio", "av", "numpy", "PIL", "discord", "telegram"}
+
+
 async def test_config_check_says_which_gpu_server_cannot_make_described_songs(
     tmp_path: Path,
 ) -> None:

@@ -27,6 +27,7 @@ from bot.frontends.discord_frontend import DiscordFrontend
 from bot.requests import ADVANCED_OPTIONS, BASIC_OPTIONS
 from providers.fal import FalProvider
 from tests.conftest import make_settings
+from tests.enginekit import wait_for_state
 from tests.fakes.discord_api import (
     BOT_PERMISSIONS,
     EPHEMERAL,
@@ -265,8 +266,9 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
     assert bot.submitted()[0]["seed"] == 42
     status = await fake.wait_until(lambda: (m := bot.original(payload)) and m.deleted and m)
     assert any("Queued" in text for text in status.history)
-    job = await bot.engine.get_job(job_id)
-    assert job is not None and job.state == "delivered"
+    # The job is marked delivered once the post has returned (reads do not queue behind
+    # that write, so wait for it rather than race it).
+    job = await wait_for_state(bot.engine, job_id, ("delivered",))
     assert job.reply_target["result_url"].endswith(f"/channels/{GUILD}/{CHANNEL}/{song.id}")
 
 
@@ -548,7 +550,7 @@ async def test_song_finished_after_a_restart_is_posted_to_the_channel_once(
     await bot.job_state(job_id, "running")
     await bot.frontend.stop()
     await bot.engine.stop()
-    await bot.engine.store.db.close()
+    await bot.engine.store.close()
 
     # 20 minutes later: the interaction token is dead; the provider has finished.
     server.expire_tokens()

@@ -105,7 +105,7 @@ async def test_recovery_resumes_polling_and_delivers_once(tmp_path: Path) -> Non
         await wait_for_state(engine, admission.job_id, ("running",))
         await asyncio.sleep(0.1)
         await engine.abort()  # a hard stop: no further writes
-        await engine.store.db.close()
+        await engine.store.close()
         fake.progress_polls = 1  # the provider finishes while the bot is down
 
         second_delivery = RecordingDelivery()
@@ -129,7 +129,7 @@ async def test_recovery_resubmits_a_job_interrupted_while_submitting(tmp_path: P
         admission = await engine.submit(prompt(duration=5), ALICE, {})
         # Simulate a crash between "submitting" being saved and the provider answering.
         assert await engine.store.transition(admission.job_id, ("queued",), "submitting")
-        await engine.store.db.close()
+        await engine.store.close()
         delivery = RecordingDelivery()
         engine2 = await open_engine(settings, [fal(fake, url)], delivery)
         try:
@@ -357,7 +357,7 @@ async def test_cancel_from_another_process_stops_the_running_job(
             assert flagged.state == "running" and flagged.cancel_requested
             job = await wait_for_state(engine, adm.job_id, ("cancelled",))
         finally:
-            await operator.store.db.close()
+            await operator.store.close()
             await engine.close()
     assert job.refunded
     assert len(fake.cancels) == 1

@@ -193,8 +193,10 @@ async def test_local_gpu_restart_losing_the_task_is_resubmitted_and_delivered(
             )
             await wait_for_state(engine, adm.job_id, ("running",))
             await asyncio.sleep(0.1)
-            gpu.polls_running = 1
             await gpu.restart()  # its in-memory queue is gone
+            # Only now may a task finish at once: set before the restart, a poll during
+            # it could find the first task done, and nothing would be lost to resubmit.
+            gpu.polls_running = 1
             job = await wait_for_state(engine, adm.job_id, ("delivered",), timeout=20)
         finally:
             await engine.close()

@@ -1,4 +1,5 @@
-"""Operator commands as run from a shell: `db backup`, `audio prune`, `stats`."""
+"""Operator commands as run from a shell: `db backup`, `db prune`, `db check`, `audio prune`,
+`stats`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from pathlib import Path
 
 from bot.models import Requester
-from bot.retention import prune_audio
+from bot.retention import prune_audio, prune_jobs
 from storage.database import Database
 from storage.jobs import JobStore
 from tests.conftest import make_settings
@@ -254,3 +255,115 @@ async def test_stats_by_community_user_and_provider(tmp_path: Path) -> None:
     assert code == 0
     assert "Total: 5 songs, 6.0 minutes, $9.5600 spent" in out
     assert "... and 2 more" in out
+    code, _, err = await run_cli(["stats", "--top", "0"], cli_env(tmp_path), tmp_path)
+    assert code == 2 and "top: 0 is not valid; 1 or more" in err
+
+
+# ---- job rows: retention and the counters check --------------------------------------
+
+
+def table_counts(path: Path) -> tuple[int, int]:
+    """(job rows, ledger lines) in the file, as an operator's sqlite3 shell sees them."""
+    [(jobs,)] = rows(path, "SELECT COUNT(*) FROM jobs")
+    [(ledger,)] = rows(path, "SELECT COUNT(*) FROM usage_ledger")
+    return int(str(jobs)), int(str(ledger))
+
+
+async def test_db_prune_deletes_old_finished_rows_and_stats_still_count_them(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path)
+    now = time.time()
+    db = await Database.open(settings.db_path)
+    try:
+        store = JobStore(db)
+        old = await seed_job(store, ALICE, at=now - 120 * DAY, state="delivered", duration=30)
+        old_failed = await seed_job(store, BOB, at=now - 100 * DAY, state="failed")
+        # Finished long ago but never posted (its front-end was off): still to deliver.
+        unposted = await seed_job(store, BOB, at=now - 100 * DAY, state="ready")
+        recent = await seed_job(store, CAROL, at=now - 10 * DAY, state="delivered")
+    finally:
+        await db.close()
+    write_audio(settings.audio_dir, f"{old.id}.wav", f"{old.id}.any.mp3", f"{unposted.id}.wav")
+    jobs_before, ledger_before = table_counts(settings.db_path)
+    env = cli_env(tmp_path)  # JOB_RETENTION_DAYS defaults to 90
+
+    code, out, err = await run_cli(["db", "prune"], env, tmp_path)
+    assert code == 0, err
+    assert out.strip() == (
+        "removed 2 finished job rows admitted more than 90 days ago "
+        "(and 2 audio files, 0.0 MB); their totals stay in stats"
+    )
+    # The rows and their ledger lines are gone, and so is their audio.
+    jobs_after, ledger_after = table_counts(settings.db_path)
+    assert jobs_after == jobs_before - 2 == 2
+    assert ledger_after < ledger_before
+    assert rows(settings.db_path, "SELECT id FROM jobs ORDER BY id") == sorted(
+        [(unposted.id,), (recent.id,)]
+    )
+    assert sorted(p.name for p in settings.audio_dir.iterdir()) == [f"{unposted.id}.wav"]
+    code, _, err = await run_cli(["jobs", "show", old.id], env, tmp_path)
+    assert code == 1 and f"no job '{old.id}'" in err
+    assert old_failed.id  # gone too, with its row
+
+    # A year of stats still counts the deleted songs: the daily totals keep them.
+    code, out, err = await run_cli(["stats", "--days", "365"], env, tmp_path)
+    assert code == 0, err
+    assert out.splitlines()[1] == (
+        "Total: 2 songs, 0.7 minutes, $0.0100 spent, 1 failed or cancelled, 4 admitted"
+    )
+    # The counters still equal the rows for every day whose rows are all there.
+    code, out, err = await run_cli(["db", "check"], env, tmp_path)
+    assert (code, out.strip()) == (0, "usage counters match the job rows"), err
+
+    code, out, _ = await run_cli(
+        ["db", "prune"], cli_env(tmp_path, JOB_RETENTION_DAYS="0"), tmp_path
+    )
+    assert code == 0 and "JOB_RETENTION_DAYS is 0" in out and "nothing removed" in out
+    code, _, err = await run_cli(["db", "prune", "--days", "0"], env, tmp_path)
+    assert code == 2 and "days: 0 is not valid; 1 or more" in err
+    assert table_counts(settings.db_path)[0] == 2
+
+
+async def test_job_retention_runs_in_batches_and_keeps_active_and_recent_rows(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path, job_retention_days=30)
+    now = time.time()
+    db = await Database.open(settings.db_path)
+    store = JobStore(db)
+    try:
+        for n in range(7):
+            await seed_job(store, ALICE, at=now - (40 + n) * DAY, state="delivered")
+        queued = await seed_job(store, BOB, at=now - 45 * DAY, state="queued")
+        fresh = await seed_job(store, BOB, at=now - 29 * DAY, state="cancelled")
+        report = await prune_jobs(settings, store, now=now, batch=3)
+        left = {job.id for job in await store.recent(100)}
+        mismatches = await store.usage_mismatches()
+        stats = await store.stats(now - 60 * DAY)
+    finally:
+        await db.close()
+    assert report.jobs == 7
+    assert left == {queued.id, fresh.id}
+    assert mismatches == []
+    alice = next(row for row in stats.groups["user"] if row.key == ALICE.key)
+    assert (alice.songs, alice.jobs) == (7, 7)
+
+
+async def test_db_check_fails_naming_counters_that_differ_from_the_rows(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    db = await Database.open(settings.db_path)
+    try:
+        await seed_job(JobStore(db), ALICE, at=time.time(), state="delivered", duration=20)
+    finally:
+        await db.close()
+    conn = sqlite3.connect(str(settings.db_path))
+    conn.execute("UPDATE usage_daily SET quota_jobs = 3 WHERE scope = 'user'")
+    conn.commit()
+    conn.close()
+    code, out, err = await run_cli(["db", "check"], cli_env(tmp_path), tmp_path)
+    assert code == 1, err
+    lines = out.splitlines()
+    assert lines[0] == "usage counters differ from the job rows in 1 places:"
+    assert lines[1].startswith("  user discord:100 on day ")
+    assert "quota_jobs=3" in lines[1] and "quota_jobs=1" in lines[1]

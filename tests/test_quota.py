@@ -1,18 +1,35 @@
-"""Quota reservations on a real SQLite file: atomic admission, refunds, windows."""
+"""Quota reservations on a real SQLite file: atomic admission, refunds, windows.
+
+Every test ends by checking that the per-day counters admission reads equal the totals
+of the job rows (the ledger of record).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from bot.models import Job, Requester
 from bot.requests import GenerationRequest
+from bot.settings import Settings
 from storage.database import Database
 from storage.jobs import JobStore, Limits, QuotaRefusal, day_start, next_reset
 
 NOON = 1_790_000_000.0 - (1_790_000_000.0 % 86400) + 12 * 3600  # a UTC noon
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[JobStore]:
+    db = await Database.open(settings.db_path)
+    checked = JobStore(db)
+    try:
+        yield checked
+        assert await checked.usage_mismatches() == []
+    finally:
+        await db.close()
 
 
 def limits(**kw: float | None) -> Limits:
@@ -84,6 +101,7 @@ async def test_two_connections_to_one_file_still_admit_exactly_k(tmp_path: Path)
         )
         assert sum(1 for r in results if r is None) == 10
         assert all(isinstance(r, QuotaRefusal) for r in results if r is not None)
+        assert await a.usage_mismatches() == []
     finally:
         await first.close()
         await second.close()

@@ -42,9 +42,9 @@ from bot.requests import GenerationRequest, InvalidRequest
 from bot.settings import Settings
 from providers.base import Provider
 from providers.router import Router
-from storage.community import CommunityStore
-from storage.database import Database, StorageError
-from storage.jobs import JobStore, Limits, QuotaRefusal, next_reset
+from storage.database import StorageError
+from storage.quota import Limits, QuotaRefusal, next_reset
+from storage.store import Store, connect_store
 
 log = logging.getLogger("acestep.engine")
 
@@ -85,7 +85,7 @@ class Engine:
     def __init__(
         self,
         settings: Settings,
-        store: JobStore,
+        store: Store,
         providers: Iterable[Provider],
         *,
         platforms: Iterable[str] | None = None,
@@ -93,7 +93,7 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.community = CommunityStore(store.db)  # song defaults and ban lists
+        self.community = store.community  # song defaults and ban lists
         self.router = Router(providers)
         self.options = options or EngineOptions()
         # Which platforms' jobs this engine runs: the bot runs chat jobs, the CLI its own.
@@ -124,8 +124,7 @@ class Engine:
     @classmethod
     async def open(cls, settings: Settings, providers: Iterable[Provider], **kwargs: Any) -> Engine:
         """Open the database under DATA_DIR (migrating it) and build an engine."""
-        db = await Database.open(settings.db_path)
-        return cls(settings, JobStore(db), providers, **kwargs)
+        return cls(settings, await connect_store(settings), providers, **kwargs)
 
     def register_delivery(self, delivery: Delivery) -> None:
         self.notifier.register(delivery)
@@ -176,7 +175,7 @@ class Engine:
         for provider in self.router.providers.values():
             with contextlib.suppress(Exception):
                 await provider.aclose()
-        await self.store.db.close()
+        await self.store.close()
 
     def _handles(self, job: Job) -> bool:
         return self.platforms is None or job.requester.platform in self.platforms

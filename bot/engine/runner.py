@@ -46,7 +46,7 @@ from providers.base import (
 )
 from providers.download import DownloadTimedOut
 from providers.router import Router, price_of
-from storage.jobs import JobStore
+from storage.store import Store
 
 log = logging.getLogger("acestep.engine")
 
@@ -87,7 +87,7 @@ class JobRunner:
     def __init__(
         self,
         settings: Settings,
-        store: JobStore,
+        store: Store,
         router: Router,
         options: EngineOptions,
         tasks: JobTasks,

@@ -17,7 +17,7 @@ from bot.timing import wait_event
 from providers.base import Provider
 from providers.router import Router
 from storage.database import StorageError
-from storage.jobs import JobStore
+from storage.store import Store
 
 log = logging.getLogger("acestep.engine")
 
@@ -45,7 +45,7 @@ class Scheduler:
 
     def __init__(
         self,
-        store: JobStore,
+        store: Store,
         router: Router,
         runner: JobRunner,
         tasks: JobTasks,

@@ -1,0 +1,167 @@
+"""The storage API the engine, front-ends and CLI use, and `open_store()` to get one.
+
+`Store` is what a backend implements: SQLite (`storage.jobs.JobStore`, the embedded
+default) today; a PostgreSQL store can implement the same methods later. Every method is
+one transaction of the backend. Quota rules are shared (storage/quota.py), and so is what
+a job counts in the per-day counters (storage/tally.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from bot.models import FailureKind, Job, Requester, SongResult
+    from bot.settings import Settings
+    from storage.quota import Limits, Usage
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    """One line of `acestep-bot stats`: what a community, user or provider used."""
+
+    key: str
+    songs: int  # delivered
+    seconds: float  # of delivered audio
+    spend_usd: float  # provider charges, delivered or not
+    unsuccessful: int  # failed or cancelled
+    jobs: int  # admitted
+
+
+@dataclass(frozen=True)
+class Stats:
+    """`acestep-bot stats` for a period: the totals, and the biggest spenders first by
+    community, user and provider (`groups`, at most `top` rows each) with how many there
+    are in all (`counts`)."""
+
+    total: StatsRow
+    groups: dict[str, list[StatsRow]]
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """What /metrics reads from storage at each scrape."""
+
+    jobs: list[tuple[str, str, int]]  # (state, provider or "", count)
+    queue_depth: int  # admitted and waiting for a provider
+    spend_today_usd: float  # charged or reserved since 00:00 UTC
+
+
+class CommunityData(Protocol):
+    """Song defaults per user and community (`/settings`) and community ban lists."""
+
+    async def defaults(self, scope: str, subject: str) -> dict[str, Any]: ...
+    async def set_defaults(self, scope: str, subject: str, values: dict[str, Any]) -> None: ...
+    async def clear_defaults(self, scope: str, subject: str) -> None: ...
+    async def banned(self, community: str) -> list[str]: ...
+    async def ban(self, community: str, phrases: list[str], by: str) -> list[str]: ...
+    async def unban(self, community: str, phrases: list[str]) -> list[str]: ...
+
+
+class Store(Protocol):
+    """Jobs, quotas, the ledger and the per-day counters; `community` holds song defaults
+    and ban lists in the same database."""
+
+    @property
+    def community(self) -> CommunityData: ...
+
+    # admission and quota
+    async def admit(
+        self, job: Job, limits: Limits, *, bypass_quotas: bool, now: float | None = None
+    ) -> str | None: ...
+    async def by_source_key(self, source_key: str) -> Job | None: ...
+    async def usage(
+        self, requester: Requester, limits: Limits, now: float | None = None
+    ) -> tuple[Usage, Limits]: ...
+    async def spend_since(self, since: float) -> float: ...
+
+    # transitions
+    async def transition(
+        self,
+        job_id: str,
+        from_states: tuple[str, ...],
+        to_state: str,
+        now: float | None = None,
+        **fields: Any,
+    ) -> bool: ...
+    async def update(self, job_id: str, **fields: Any) -> None: ...
+    async def finish_success(
+        self,
+        job_id: str,
+        provider: str,
+        charged_usd: float,
+        result: SongResult,
+        now: float | None = None,
+    ) -> bool: ...
+    async def mark_delivered(self, job_id: str, now: float | None = None) -> bool: ...
+    async def finish_unsuccessful(
+        self,
+        job_id: str,
+        from_states: tuple[str, ...],
+        to_state: str,
+        error: str,
+        now: float | None = None,
+        *,
+        failure: FailureKind | None = None,
+        charged_usd: float | None = None,
+    ) -> bool: ...
+
+    # reads
+    async def get(self, job_id: str) -> Job | None: ...
+    async def in_states(self, states: tuple[str, ...]) -> list[Job]: ...
+    async def for_user(
+        self, user_key: str, states: tuple[str, ...] | None = None, limit: int = 50
+    ) -> list[Job]: ...
+    async def recent(self, limit: int = 50, states: tuple[str, ...] | None = None) -> list[Job]: ...
+    async def search(
+        self,
+        text: str,
+        limit: int = 50,
+        states: tuple[str, ...] | None = None,
+        user_key: str | None = None,
+    ) -> list[Job]: ...
+    async def mark_deleted(self, job_id: str, by: str, now: float | None = None) -> bool: ...
+    async def ledger(self, job_id: str | None = None) -> list[dict[str, Any]]: ...
+
+    # overrides and community settings
+    async def get_overrides(self, scope: str, subject: str) -> dict[str, float]: ...
+    async def set_override(
+        self, scope: str, subject: str, key: str, value: float | None
+    ) -> None: ...
+    async def get_community_setting(self, community: str, name: str) -> Any: ...
+    async def set_community_setting(self, community: str, name: str, value: Any) -> None: ...
+
+    # operations: health, metrics, stats, retention, checks
+    async def check_writable(self, timeout_ms: int = 2000) -> None: ...
+    async def gauges(self, now: float | None = None) -> Gauges: ...
+    async def stats(self, since: float, top: int | None = None) -> Stats: ...
+    async def expired_jobs(self, job_ids: Iterable[str], cutoff: float) -> set[str]: ...
+    async def finished_before(self, before: float, limit: int) -> list[str]: ...
+    async def delete_jobs(self, job_ids: list[str], before: float) -> int: ...
+    async def usage_mismatches(self) -> list[str]: ...
+    async def upgrade(self) -> list[str]: ...
+    async def schema_version(self) -> int: ...
+    async def close(self) -> None: ...
+
+
+async def connect_store(settings: Settings, *, migrate: bool = True) -> Store:
+    """The configured store, open (and migrated unless `migrate` is False): the SQLite
+    file under DATA_DIR. The caller closes it."""
+    from storage.database import Database
+    from storage.jobs import JobStore
+
+    return JobStore(await Database.open(settings.db_path, migrate=migrate))
+
+
+@asynccontextmanager
+async def open_store(settings: Settings, *, migrate: bool = True) -> AsyncIterator[Store]:
+    """`async with open_store(settings) as store:` the configured store, closed after."""
+    store = await connect_store(settings, migrate=migrate)
+    try:
+        yield store
+    finally:
+        await store.close()
