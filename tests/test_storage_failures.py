@@ -206,14 +206,13 @@ async def test_every_commit_is_synced_to_disk_before_the_user_is_told(tmp_path: 
     # synchronous=FULL (README "Durability"): an admission the user was told about and a
     # song marked posted survive a power cut; NORMAL in WAL mode may lose the last commits.
     settings = make_settings(tmp_path)
-    engine = await Engine.open(settings, [])
+    db = await Database.open(settings.db_path)
     try:
-        async with engine.store.db.read() as conn:
-            rows = list(await conn.execute_fetchall("PRAGMA synchronous"))
-            mode = list(await conn.execute_fetchall("PRAGMA journal_mode"))
+        writer = await db.write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        reader = await db.read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        mode = await db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
     finally:
-        await engine.close()
-    assert rows[0][0] == 2  # FULL
-    assert mode[0][0] == "wal"
+        await db.close()
+    assert (writer, reader, mode) == (2, 2, "wal")  # 2 is FULL
     with pytest.raises(ValueError, match="synchronous must be FULL or NORMAL"):
         await Database.open(tmp_path / "x.sqlite3", synchronous="OFF")
