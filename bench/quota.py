@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 from bench._util import machine, median, percentile, table, write_results  # noqa: E402
 from bot.models import Job, Requester  # noqa: E402
 from bot.requests import GenerationRequest  # noqa: E402
-from storage.database import Database  # noqa: E402
+from storage.database import SYNCHRONOUS, Database  # noqa: E402
 from storage.jobs import JobStore, Limits, QuotaRefusal  # noqa: E402
 
 TARGET_PER_S = 1000.0
@@ -84,10 +84,15 @@ def requester(index: int) -> Requester:
 
 
 async def admit_all(
-    db_path: Path, users: list[int], plan: Plan, now: float, start_at: float | None = None
+    db_path: Path,
+    users: list[int],
+    plan: Plan,
+    now: float,
+    start_at: float | None = None,
+    synchronous: str = SYNCHRONOUS,
 ) -> dict[str, Any]:
     """Each user in `users` makes `plan.attempts` admissions, all users concurrently."""
-    db = await Database.open(db_path)
+    db = await Database.open(db_path, synchronous=synchronous)
     store = JobStore(db)
     request = GenerationRequest.build(mode="prompt", prompt="quota bench", duration=SONG_SECONDS)
     limits = plan.limits()
@@ -216,15 +221,22 @@ async def _counter_mismatches(path: Path) -> list[str]:
         await db.close()
 
 
-def run_one_process(plan: Plan) -> dict[str, Any]:
+def run_one_process(plan: Plan, synchronous: str = SYNCHRONOUS) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="acestep-quota-") as tmp:
         path = Path(tmp) / "quota.sqlite3"
-        result = asyncio.run(admit_all(path, list(range(REQUESTERS)), plan, time.time()))
+        result = asyncio.run(
+            admit_all(path, list(range(REQUESTERS)), plan, time.time(), synchronous=synchronous)
+        )
         problems = check_ledger(path, plan, REQUESTERS * plan.attempts)
-    return _summary("1 process x 200 requesters", [result], result["wall_s"], problems)
+    return _summary(
+        f"1 process x 200 requesters, synchronous={synchronous}",
+        [result],
+        result["wall_s"],
+        problems,
+    )
 
 
-def run_processes(plan: Plan, processes: int) -> dict[str, Any]:
+def run_processes(plan: Plan, processes: int, synchronous: str = SYNCHRONOUS) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="acestep-quota-") as tmp:
         path = Path(tmp) / "quota.sqlite3"
         asyncio.run(_migrate(path))  # once, before the processes race
@@ -246,6 +258,8 @@ def run_processes(plan: Plan, processes: int) -> dict[str, Any]:
                 repr(now),
                 "--start-at",
                 repr(start_at),
+                "--synchronous",
+                synchronous,
             ]
             children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
         results = []
@@ -257,7 +271,10 @@ def run_processes(plan: Plan, processes: int) -> dict[str, Any]:
         wall = max(r["ended_at"] for r in results) - start_at
         problems = check_ledger(path, plan, REQUESTERS * plan.attempts)
     return _summary(
-        f"{processes} processes x {REQUESTERS // processes} requesters", results, wall, problems
+        f"{processes} processes x {REQUESTERS // processes} requesters, synchronous={synchronous}",
+        results,
+        wall,
+        problems,
     )
 
 
@@ -314,7 +331,9 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def _child(args: argparse.Namespace) -> None:
     plan = Plan(args.attempts)
     users = [int(x) for x in args.users.split(",")]
-    result = asyncio.run(admit_all(Path(args.child), users, plan, args.now, args.start_at))
+    result = asyncio.run(
+        admit_all(Path(args.child), users, plan, args.now, args.start_at, args.synchronous)
+    )
     print(json.dumps(result))
 
 
@@ -337,6 +356,7 @@ def main() -> None:
     parser.add_argument("--attempts", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--now", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--synchronous", default=SYNCHRONOUS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
@@ -349,10 +369,35 @@ def main() -> None:
         flush=True,
     )
     runs = args.runs or (1 if args.quick else 3)
-    shapes = [lambda: run_one_process(plan)]
+    # Each shape runs with the shipped synchronous=FULL and with NORMAL as the reference,
+    # the two interleaved run by run so that load from other work hits both alike.
+    shapes: list[tuple[str, Any]] = [("1 process", lambda sync: run_one_process(plan, sync))]
     if args.processes > 1:
-        shapes.append(lambda: run_processes(plan, args.processes))
-    results = [_median_run([shape() for _ in range(runs)]) for shape in shapes]
+        shapes.append(
+            (f"{args.processes} processes", lambda sync: run_processes(plan, args.processes, sync))
+        )
+    modes = ("FULL", "NORMAL")
+    results = []
+    ratios = []
+    for name, shape in shapes:
+        by_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        for _ in range(runs):
+            for mode in modes:
+                by_mode[mode].append(shape(mode))
+        chosen = {mode: _median_run(by_mode[mode]) for mode in modes}
+        results.extend(chosen[mode] for mode in modes)
+        full, normal = chosen["FULL"], chosen["NORMAL"]
+        ratios.append(
+            {
+                "shape": name,
+                "admissions_per_s_full_over_normal": full["admissions_per_s"]
+                / normal["admissions_per_s"],
+                "cpu_full_over_normal": full["cpu_ms_per_admission"]
+                / normal["cpu_ms_per_admission"],
+                "p50_full_over_normal": full["latency_ms"]["p50"] / normal["latency_ms"]["p50"],
+                "p99_full_over_normal": full["latency_ms"]["p99"] / normal["latency_ms"]["p99"],
+            }
+        )
     headers = [
         "shape",
         "attempts",
@@ -394,6 +439,14 @@ def main() -> None:
             print(f"  LEDGER PROBLEM: {problem}")
         for error in r["errors_sample"]:
             print(f"  error: {error}")
+    print()
+    for ratio in ratios:
+        print(
+            f"{ratio['shape']}: synchronous=FULL / NORMAL: admissions/s "
+            f"{ratio['admissions_per_s_full_over_normal']:.2f}x, CPU per admission "
+            f"{ratio['cpu_full_over_normal']:.2f}x, p50 {ratio['p50_full_over_normal']:.2f}x, "
+            f"p99 {ratio['p99_full_over_normal']:.2f}x"
+        )
     path = write_results(
         "quota",
         {
@@ -401,6 +454,7 @@ def main() -> None:
             "requesters": REQUESTERS,
             "attempts_per_requester": plan.attempts,
             "results": results,
+            "synchronous_ratios": ratios,
         },
     )
     print(f"machine: {machine()}")

@@ -216,7 +216,20 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         print(f"warning: {line}", file=sys.stderr)
     from bot.app import run_bot
 
-    return asyncio.run(run_bot(settings))
+    return _holding_data_dir(settings, "run", lambda: asyncio.run(run_bot(settings)))
+
+
+def _holding_data_dir(settings: Settings, command: str, work: Callable[[], int]) -> int:
+    """Run `work` holding DATA_DIR's lock (bot/datalock.py); a second `run` or `generate`
+    on the same data directory exits at once, naming the pid that holds it."""
+    from bot.datalock import DataDirLocked, hold
+
+    try:
+        with hold(settings.data_dir, command):
+            return work()
+    except DataDirLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 # ---- generate --------------------------------------------------------------------------
@@ -342,7 +355,11 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    return asyncio.run(_generate(settings, request, args.out, args.provider))
+    return _holding_data_dir(
+        settings,
+        "generate",
+        lambda: asyncio.run(_generate(settings, request, args.out, args.provider)),
+    )
 
 
 async def _generate(
@@ -409,7 +426,13 @@ async def _generate(
 
 
 def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.settings import configured_frontends, describe, problems, usable_providers
+    from bot.settings import (
+        configured_frontends,
+        describe,
+        mask_url_passwords,
+        problems,
+        usable_providers,
+    )
 
     print("Effective configuration (secrets masked):")
     for line in describe(settings):
@@ -431,9 +454,14 @@ def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
 
         notes = asyncio.run(provider_notes(settings))
     if notes:
+        from bot.redact import Redactor
+
+        # A server's own words may quote its URL, password included (Settings.secrets()
+        # lists passwords inside URL settings).
+        redact = Redactor(settings.secrets())
         print("Providers say:")
         for line in notes:
-            print(f"  - {line}")
+            print(f"  - {mask_url_passwords(redact(line))}")
     return EXIT_OK if fronts and provs else EXIT_FAILED
 
 

@@ -5,7 +5,15 @@ asked for (real audio, not silent, the right length); `encode` turns the stored 
 into what a chat platform accepts (MP3 that fits its upload limit, tagged, with cover art);
 `render_cover` draws that cover from the song itself. Everything streams frame by frame
 through PyAV (FFmpeg's codecs), so a 240 s song never sits in memory as one PCM array.
-All functions are synchronous and CPU-bound: async callers run them in a thread.
+
+Provider files are untrusted, so the work each one can cause is bounded by what a song
+can be, not by what its header claims: decoding stops as soon as a file runs past the
+longest song that could be accepted (the expected length plus tolerance, or 240 s plus
+tolerance when the model chose the length); sample rates and channel counts outside what
+any music file uses are refused before decoding; a file is measured by the samples it
+holds, never by the length its header states; NaN or infinite float samples count as
+silence. All functions are synchronous and CPU-bound: async callers run them through
+bot/render.py, in worker processes.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import io
 import itertools
 import math
 import os
+import shutil
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +37,7 @@ import lameenc
 import numpy as np
 from mutagen.flac import FLAC, Picture
 from mutagen.id3 import APIC, COMM, ID3, TALB, TCON, TDRC, TIT2, TPE1, TXXX, USLT, PictureType
+from mutagen.mp3 import MP3
 from mutagen.oggopus import OggOpus
 from PIL import Image, ImageDraw, ImageFont
 
@@ -49,6 +59,14 @@ SILENCE_RMS = 10 ** (-60 / 20)
 # Share of undecodable packets tolerated before a file counts as damaged: codecs recover
 # from a stray bad frame, but a file that is mostly errors is not the song.
 MAX_BAD_PACKET_SHARE = 0.01
+
+# The longest song any provider makes (bot.requests.MAX_DURATION), and how far a file may
+# stray from the length asked for. Together they bound every decode (see the module doc).
+MAX_SONG_SECONDS = 240
+DURATION_TOLERANCE = 0.10
+# Formats real music comes in; a header outside these is a malformed or hostile file.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
+MAX_CHANNELS = 8
 
 MAX_COVER_BYTES = 200 * 1024  # Telegram's thumbnail limit (and plenty for a cover)
 COVER_SIZE = 640  # the cover in the file and the Discord embed: at least 600 px
@@ -212,13 +230,54 @@ _INT_SCALE = {np.dtype(np.int16): 1 / 32768, np.dtype(np.int32): 1 / 2**31}
 
 
 def _as_float(frame: av.AudioFrame) -> np.ndarray:
-    """A decoded frame's samples as float32 in [-1, 1], all channels flattened."""
+    """A decoded frame's samples as float32 in [-1, 1], all channels flattened. NaN and
+    infinite float samples become 0: a file of them is silence, not a loud song."""
     raw = frame.to_ndarray().reshape(-1)
     if raw.dtype == np.uint8:
         return (raw.astype(np.float32) - 128) / 128
     scale = _INT_SCALE.get(raw.dtype)
-    samples = raw.astype(np.float32, copy=False)
-    return samples * scale if scale else samples
+    if scale:
+        return raw.astype(np.float32) * scale
+    samples = raw.astype(np.float32)  # a copy: never write into the decoder's buffer
+    return np.nan_to_num(samples, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def longest_accepted(expected: float | None, tolerance: float = DURATION_TOLERANCE) -> float:
+    """Seconds past which a file cannot be the song asked for: decoding stops there."""
+    return (expected or MAX_SONG_SECONDS) * (1 + tolerance)
+
+
+# Nothing past this is ever decoded: the check refuses longer files, so the stored
+# originals that get encoded and drawn are never longer.
+MAX_DECODE_SECONDS = longest_accepted(None)
+
+
+def _too_long(limit: float, expected: float | None) -> AudioError:
+    if expected:
+        return AudioError(
+            f"The provider returned more than {_seconds(limit)} s of audio instead of "
+            f"{_seconds(expected)} s."
+        )
+    return AudioError(
+        f"The provider returned more than {_seconds(limit)} s of audio; a song is at most "
+        f"{MAX_SONG_SECONDS} s."
+    )
+
+
+def _check_layout(sample_rate: int, channels: int) -> None:
+    if not (MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE and 1 <= channels <= MAX_CHANNELS):
+        raise AudioError(NOT_AUDIO)
+
+
+def _frames_within(container: Any, max_seconds: float) -> Iterator[av.AudioFrame]:
+    """The decoded frames, ending quietly after `max_seconds` of audio (what the check
+    let through is never longer; this only keeps a bad file from costing more)."""
+    heard = 0.0
+    for frame in _decoded_frames(container):
+        heard += frame.samples / (frame.sample_rate or SAMPLE_RATE)
+        if heard > max_seconds + 1:
+            return
+        yield frame
 
 
 def _open_input(source: bytes | Path) -> tuple[str, Any]:
@@ -266,27 +325,35 @@ def _seconds(value: float) -> str:
 
 
 def check_audio(
-    data: bytes | Path, expected_duration: float | None, tolerance: float = 0.10
+    data: bytes | Path, expected_duration: float | None, tolerance: float = DURATION_TOLERANCE
 ) -> AudioInfo:
-    """Decode the whole file (streaming) and prove it is the requested song; raises AudioError."""
-    plain = _check_pcm_wav(data) if isinstance(data, bytes) else None
+    """Decode the file (streaming) and prove it is the requested song; raises AudioError.
+
+    Decoding stops once the file is longer than any song it could be (`longest_accepted`).
+    """
+    limit = longest_accepted(expected_duration, tolerance)
+    plain = _check_pcm_wav(data, limit, expected_duration)
     if plain is not None:
         duration, sample_rate, channels, rms = plain
         return _judge("wav", duration, sample_rate, channels, rms, expected_duration, tolerance)
     fmt, container = _open_input(data)
     with container:
         stream = container.streams.audio[0]
+        sample_rate = stream.codec_context.sample_rate or stream.rate
+        channels = stream.codec_context.channels
+        _check_layout(sample_rate, channels)
+        most = limit * sample_rate
         samples = 0  # per channel
         sum_squares = 0.0
         values = 0
         for frame in _decoded_frames(container):
             pcm = _as_float(frame)
             samples += frame.samples
+            if samples > most:
+                raise _too_long(limit, expected_duration)
             values += pcm.size
             sum_squares += float(np.dot(pcm, pcm))
-        sample_rate = stream.codec_context.sample_rate or stream.rate
-        channels = stream.codec_context.channels
-    if samples == 0 or not sample_rate:
+    if samples == 0 or not values:
         raise AudioError(NOT_AUDIO)
     return _judge(
         fmt,
@@ -321,45 +388,92 @@ def _judge(
 _PCM_BLOCK = 1 << 20  # samples per step of the loudness sum: bounded extra memory
 
 
-def _check_pcm_wav(data: bytes) -> tuple[float, int, int, float] | None:
+def _pcm_wav_reader(source: bytes | Path) -> wave.Wave_read | None:
+    """A reader for a plain 16-bit PCM WAV within the accepted layouts, else None."""
+    head = source[:64] if isinstance(source, bytes) else _read_head(source)[:64]
+    if detect_format(head) != "wav":
+        return None
+    try:
+        reader = wave.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
+    except Exception:  # the stdlib reader raises several kinds on damage: PyAV decides
+        return None
+    ok = (
+        reader.getsampwidth() == 2
+        and reader.getcomptype() == "NONE"
+        and MIN_SAMPLE_RATE <= reader.getframerate() <= MAX_SAMPLE_RATE
+        and 1 <= reader.getnchannels() <= MAX_CHANNELS
+    )
+    if not ok:
+        reader.close()
+        return None
+    return reader
+
+
+def is_plain_wav(source: bytes | Path) -> bool:
+    """True for the 16-bit PCM WAV `check_audio` reads with numpy, not a decoder: cheap
+    and bounded enough to check in a thread (what ACE-Step providers return)."""
+    reader = _pcm_wav_reader(source)
+    if reader is None:
+        return False
+    reader.close()
+    return True
+
+
+def _pcm_blocks(reader: wave.Wave_read) -> Iterator[np.ndarray]:
+    """Whole frames of interleaved int16 samples, a bounded block at a time, until the
+    data ends (whatever length the header states)."""
+    channels = reader.getnchannels()
+    frame_bytes = 2 * channels
+    while True:
+        try:
+            block = reader.readframes(max(1, _PCM_BLOCK // channels))
+        except Exception:
+            return
+        usable = len(block) - len(block) % frame_bytes
+        if usable <= 0:
+            return
+        yield np.frombuffer(block[:usable], dtype="<i2")
+
+
+def _check_pcm_wav(
+    source: bytes | Path, limit: float, expected: float | None
+) -> tuple[float, int, int, float] | None:
     """Duration, rate, channels and RMS of a plain 16-bit PCM WAV without a decoder.
 
     ACE-Step's usual output; reading it with the standard library and numpy skips
     PyAV's set-up cost. Anything else (float, 24-bit, damaged) returns None and goes
-    through PyAV.
+    through PyAV. The length is what the file holds, not what its header says.
     """
-    if detect_format(data[:64]) != "wav":
+    reader = _pcm_wav_reader(source)
+    if reader is None:
         return None
-    try:
-        with wave.open(io.BytesIO(data)) as reader:
-            if reader.getsampwidth() != 2 or reader.getcomptype() != "NONE":
-                return None
-            rate, channels, frames = (
-                reader.getframerate(),
-                reader.getnchannels(),
-                reader.getnframes(),
-            )
-            pcm = reader.readframes(frames)
-    except Exception:  # the stdlib reader raises several kinds on damage: PyAV decides
+    with reader:
+        rate, channels = reader.getframerate(), reader.getnchannels()
+        most = limit * rate * channels
+        count = 0
+        total = 0.0
+        for samples in _pcm_blocks(reader):
+            count += samples.size
+            if count > most:
+                raise _too_long(limit, expected)
+            block = samples.astype(np.float32) / 32768.0
+            total += float(np.dot(block, block))
+    if count == 0:
         return None
-    samples = np.frombuffer(pcm, dtype="<i2")
-    if not rate or not channels or samples.size == 0 or samples.size % channels:
-        return None
-    total = 0.0
-    for start in range(0, samples.size, _PCM_BLOCK):
-        block = samples[start : start + _PCM_BLOCK].astype(np.float32) / 32768.0
-        total += float(np.dot(block, block))
-    return samples.size / channels / rate, rate, channels, math.sqrt(total / samples.size)
+    return count / channels / rate, rate, channels, math.sqrt(total / count)
 
 
 def probe_duration(src: Path) -> float:
-    """Duration in seconds: from the header where it is exact, else by decoding."""
+    """Duration in seconds: from a WAV or FLAC header when its claim is a plausible song
+    length, else by decoding (what a header claims beyond that is not believed)."""
     fmt, container = _open_input(src)
     with container:
         stream = container.streams.audio[0]
         # WAV and FLAC headers state the sample count; MP3 and Ogg headers only estimate.
         if fmt in ("wav", "flac") and stream.duration and stream.time_base:
-            return float(stream.duration * stream.time_base)
+            claimed = float(stream.duration * stream.time_base)
+            if claimed <= MAX_DECODE_SECONDS:
+                return claimed
     return check_audio(src, None).duration
 
 
@@ -515,14 +629,13 @@ def _tag_overhead(fmt: str, tags: SongTags | None, cover: bytes | None) -> int:
 def _pcm_frames(container: Any) -> Iterator[av.AudioFrame]:
     """The song as 48 kHz stereo s16 frames, converted one decoded frame at a time."""
     resampler = av.AudioResampler(format="s16", layout="stereo", rate=SAMPLE_RATE)
-    for frame in _decoded_frames(container):
+    for frame in _frames_within(container, MAX_DECODE_SECONDS):
         frame.pts = None  # the resampler numbers its output; input timestamps may jump
         yield from resampler.resample(frame)
     yield from resampler.resample(None)  # what the resampler still holds
 
 
-def _encode_mp3(container: Any, dest: Path, bitrate: int) -> int:
-    """Stream PCM through LAME into dest; returns the samples encoded (per channel)."""
+def _lame(bitrate: int) -> lameenc.Encoder:
     encoder = lameenc.Encoder()
     encoder.set_bit_rate(bitrate)
     encoder.set_in_sample_rate(SAMPLE_RATE)
@@ -531,11 +644,36 @@ def _encode_mp3(container: Any, dest: Path, bitrate: int) -> int:
     encoder.set_out_sample_rate(SAMPLE_RATE)
     encoder.set_channels(CHANNELS)
     encoder.set_quality(LAME_QUALITY)
+    return encoder
+
+
+def _encode_mp3(container: Any, dest: Path, bitrate: int) -> int:
+    """Stream PCM through LAME into dest; returns the samples encoded (per channel)."""
+    encoder = _lame(bitrate)
     samples = 0
     with dest.open("wb") as out:
         for frame in _pcm_frames(container):
             samples += frame.samples
             out.write(encoder.encode(frame.to_ndarray().tobytes()))
+        out.write(encoder.flush())
+    return samples
+
+
+def _encode_mp3_from_wav(reader: wave.Wave_read, dest: Path, bitrate: int) -> int:
+    """A 48 kHz stereo 16-bit WAV is already what LAME takes: feed it large blocks
+    straight from the file, with no decoder, resampler or per-frame copies between
+    (ACE-Step's own output; bench/transcode.py measures the gain)."""
+    encoder = _lame(bitrate)
+    samples = 0
+    most = MAX_DECODE_SECONDS * SAMPLE_RATE * CHANNELS
+    with dest.open("wb") as out:
+        for block in _pcm_blocks(reader):
+            if samples * CHANNELS + block.size > most:
+                block = block[: max(0, int(most) - samples * CHANNELS)]
+            samples += block.size // CHANNELS
+            out.write(encoder.encode(block.tobytes()))
+            if samples * CHANNELS >= most:
+                break
         out.write(encoder.flush())
     return samples
 
@@ -561,6 +699,15 @@ def _encode_av(container: Any, dest: Path, fmt: str, bitrate: int | None) -> int
 
 def _transcode(src: Path, dest: Path, fmt: str, bitrate: int | None) -> float:
     """Stream src through the encoder for `fmt` into dest; returns the duration written."""
+    if fmt == "mp3":
+        assert bitrate is not None
+        reader = _pcm_wav_reader(src)
+        if reader is not None:
+            with reader:
+                native = (reader.getframerate(), reader.getnchannels()) == (SAMPLE_RATE, CHANNELS)
+                samples = _encode_mp3_from_wav(reader, dest, bitrate) if native else 0
+            if native and samples:
+                return samples / SAMPLE_RATE
     _, container = _open_input(src)
     with container:
         if fmt == "mp3":
@@ -573,6 +720,36 @@ def _transcode(src: Path, dest: Path, fmt: str, bitrate: int | None) -> float:
     return samples / SAMPLE_RATE
 
 
+# The formats a provider's own file can be sent in as it is, only its tags replaced.
+# (Ogg is left out: a provider's Ogg may be Vorbis, which the Opus tagger cannot write.)
+_PASS_THROUGH = frozenset({"mp3", "flac", "wav"})
+
+
+def _pass_through(
+    src: Path, dest: Path, fmt: str, tags: SongTags | None, cover: bytes | None
+) -> int | None:
+    """Write the provider's file to dest with our tags instead of its own: the audio
+    bytes stay exactly as they were. Returns the MP3's bitrate in kbps, else None."""
+    if fmt == "mp3":
+        data = src.read_bytes()
+        start, end = _id3_end(data), len(data)
+        if data[-128:-125] == b"TAG":  # an ID3v1 tag at the end
+            end -= 128
+        dest.write_bytes(data[start:end])
+    else:
+        shutil.copyfile(src, dest)
+        if fmt == "flac":
+            flac = FLAC(dest)
+            flac.clear_pictures()
+            flac.save()
+            flac.delete()  # the provider's Vorbis comments
+    _write_tags(dest, fmt, tags, cover)
+    if fmt != "mp3":
+        return None
+    info: Any = MP3(dest).info
+    return round(info.bitrate / 1000)
+
+
 def encode(
     src: Path,
     dest: Path,
@@ -582,13 +759,17 @@ def encode(
     bitrate: int | None = None,
     tags: SongTags | None = None,
     cover: bytes | None = None,
+    duration: float | None = None,
 ) -> EncodedAudio:
     """Encode the original at `src` into `dest` (48 kHz stereo), tagged, within byte_limit.
 
-    `fmt` defaults to dest's suffix. For MP3 and Ogg, `bitrate` (kbps, default 192) is the
-    preferred rate; with a byte limit the highest standard rate that fits is used, and a
-    file that still comes out too large is encoded again one step lower. `src` is never
-    modified; dest appears only once complete.
+    `fmt` defaults to dest's suffix. An original already in `fmt` (MP3, FLAC, WAV) that
+    fits is not encoded again: it is copied with its tags replaced. For MP3 and Ogg,
+    `bitrate` (kbps, default 192) is the preferred rate; with a byte limit the highest
+    standard rate that fits is used, and a file that still comes out too large is encoded
+    again one step lower. `duration` is the length `check_audio` measured (else it is
+    probed); a header's claim is never trusted over it. `src` is never modified; dest
+    appears only once complete.
     """
     fmt = (fmt or dest.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
@@ -597,15 +778,23 @@ def encode(
         raise ValueError(f"bitrate must be one of {STANDARD_BITRATES} kbps, not {bitrate}")
     if dest.exists() and dest.resolve() == src.resolve():
         raise ValueError("encode() would overwrite the original file")
-    rate: int | None = None
-    if fmt in _LOSSY:
-        preferred = bitrate or DEFAULT_BITRATE
-        duration = probe_duration(src) if byte_limit is not None else 0.0
-        rate = choose_bitrate(
-            duration, byte_limit, preferred, overhead=_tag_overhead(fmt, tags, cover)
-        )
     partial = dest.with_name(f".{dest.name}.part")
     try:
+        if fmt in _PASS_THROUGH and bitrate is None and detect_format(_read_head(src)) == fmt:
+            kept = _pass_through(src, partial, fmt, tags, cover)
+            size = partial.stat().st_size
+            if byte_limit is None or size <= byte_limit:
+                os.replace(partial, dest)
+                length = duration if duration is not None else probe_duration(src)
+                return EncodedAudio(dest, fmt, kept, size, length)
+        rate: int | None = None
+        if fmt in _LOSSY:
+            preferred = bitrate or DEFAULT_BITRATE
+            if byte_limit is not None and duration is None:
+                duration = probe_duration(src)
+            rate = choose_bitrate(
+                duration or 0.0, byte_limit, preferred, overhead=_tag_overhead(fmt, tags, cover)
+            )
         while True:
             written = _transcode(src, partial, fmt, rate)
             _write_tags(partial, fmt, tags, cover)
@@ -665,7 +854,7 @@ def _song_bands(src: Path) -> tuple[np.ndarray, np.ndarray]:
     carry = np.zeros(0, dtype=np.float32)
     matrix: np.ndarray | None = None
     with container:
-        for frame in _decoded_frames(container):
+        for frame in _frames_within(container, MAX_DECODE_SECONDS):
             frame.pts = None
             if matrix is None:
                 matrix = _band_matrix(frame.sample_rate)
@@ -830,7 +1019,10 @@ def _draw_outline(image: Image.Image, loudness: np.ndarray) -> None:
 __all__ = [
     "CHANNELS",
     "DEFAULT_BITRATE",
+    "DURATION_TOLERANCE",
     "FORMATS",
+    "MAX_DECODE_SECONDS",
+    "MAX_SONG_SECONDS",
     "SAMPLE_RATE",
     "STANDARD_BITRATES",
     "AudioError",
@@ -843,6 +1035,8 @@ __all__ = [
     "encode",
     "estimate_size",
     "id3_tag_size",
+    "is_plain_wav",
+    "longest_accepted",
     "probe_duration",
     "render_cover",
     "thumbnail",

@@ -258,12 +258,15 @@ class GenerationRequest(BaseModel):
     time_signature: Literal["2", "3", "4", "6"] | None = None
     audio_format: Literal["mp3", "wav", "flac"] | None = None
 
-    @field_validator("prompt", "tags", "lyrics", mode="before")
+    @field_validator("prompt", "tags", mode="before")
     @classmethod
-    def _strip(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return value.replace("\r\n", "\n").strip()
-        return value
+    def _one_line(cls, value: Any) -> Any:
+        return clean_text(value, multiline=False) if isinstance(value, str) else value
+
+    @field_validator("lyrics", mode="before")
+    @classmethod
+    def _lines(cls, value: Any) -> Any:
+        return clean_text(value, multiline=True) if isinstance(value, str) else value
 
     @field_validator("vocal_language", "key_scale", mode="before")
     @classmethod
@@ -284,8 +287,10 @@ class GenerationRequest(BaseModel):
 
     @field_validator("title", mode="before")
     @classmethod
-    def _one_line(cls, value: Any) -> Any:
-        return " ".join(value.split()) if isinstance(value, str) else value
+    def _title(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return " ".join(clean_text(value, multiline=False).split())
 
     @model_validator(mode="after")
     def _check(self) -> GenerationRequest:
@@ -337,6 +342,31 @@ class GenerationRequest(BaseModel):
         return self.model_copy(update={"seed": seed})
 
 
+# Terminal escape sequences, removed whole so no "[31m" is left behind: CSI (7-bit
+# `ESC [ ... final` and 8-bit `\x9b ... final`) and OSC (`ESC ] ... BEL|ESC \`, window
+# titles, hyperlinks). Then every other C0/C1 control and DEL.
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, screen clears
+    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC: titles, links
+)
+_SPACES = re.compile(r"[\t\n\v\f\r\x85\u2028\u2029]")
+_LINE_BREAKS = re.compile(r"[\r\v\f\x85\u2028\u2029]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_text(text: str, *, multiline: bool) -> str:
+    """User or provider text made safe to store, log and show: escape sequences and
+    control characters removed, line breaks normalised to "\\n" (kept only when
+    `multiline`, as in lyrics; elsewhere they become spaces), surrounding space trimmed.
+    Tabs survive in lyrics only."""
+    text = _ESCAPES.sub("", text.replace("\r\n", "\n"))
+    if multiline:
+        text = _LINE_BREAKS.sub("\n", text)
+    else:
+        text = _SPACES.sub(" ", text)
+    return _CONTROLS.sub("", text).strip()
+
+
 def is_instrumental_lyrics(lyrics: str) -> bool:
     text = lyrics.strip().lower()
     return text == "" or text in INSTRUMENTAL_MARKERS
@@ -376,8 +406,6 @@ def _check_text(req: GenerationRequest) -> None:
                 f"at most {limit} characters",
                 problem=f"is too long ({len(value)} characters)",
             )
-        if "\x00" in value:
-            raise InvalidRequest(field, value, "plain text without control characters")
 
 
 def _check_range(field: str, value: int, low: int, high: int, what: str) -> None:

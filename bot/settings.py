@@ -6,6 +6,7 @@ them. Secrets are `SecretStr` so they never print by accident.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -147,7 +148,17 @@ class Settings(BaseSettings):
             for n, f in type(self).model_fields.items()
             if f.annotation in (SecretStr | None, SecretStr)
         ]
-        return [s for s in (self.secret(n) for n in names) if s]
+        found = [s for s in (self.secret(n) for n in names) if s]
+        # A password inside a URL setting (`https://user:pass@host`, or a token used as
+        # the user name) is a secret too.
+        for value in self.model_dump().values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str):
+                    found.extend(
+                        m.group("user") if m.group("password") is None else m.group("password")
+                        for m in _URL_USERINFO.finditer(item)
+                    )
+        return [s for s in found if s]
 
 
 # What each provider needs before it can serve.
@@ -188,6 +199,24 @@ def mask(value: str) -> str:
     return f"******** (set, {len(value)} characters)"
 
 
+# The userinfo of a URL: `scheme://user:password@` or `scheme://token@`.
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*)(?::(?P<password>[^@/\s]*))?@"
+)
+
+
+def mask_url_passwords(text: str) -> str:
+    """`https://user:pass@host` -> `https://user:********@host`; a bare `https://token@host`
+    (a token used as the user name) -> `https://********@host`."""
+
+    def masked(match: re.Match[str]) -> str:
+        if match.group("password") is None:
+            return f"{match.group('scheme')}********@"
+        return f"{match.group('scheme')}{match.group('user')}:********@"
+
+    return _URL_USERINFO.sub(masked, text)
+
+
 def describe(settings: Settings) -> list[str]:
     """The effective configuration, one `NAME=value` line each, secrets masked."""
     lines = []
@@ -201,7 +230,7 @@ def describe(settings: Settings) -> list[str]:
             shown = ",".join(value) if value else "(none)"
         else:
             shown = str(value)
-        lines.append(f"{name.upper()}={shown}")
+        lines.append(f"{name.upper()}={mask_url_passwords(shown)}")
     return lines
 
 

@@ -9,25 +9,27 @@ exceptions below in exactly one place per adapter.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from bot.requests import GenerationRequest, Mode
 
+if TYPE_CHECKING:
+    from providers.download import AddressPolicy
+
 log = logging.getLogger("acestep.providers")
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
-
-# A finished song is at most 240 s of 48 kHz stereo WAV (~46 MB); allow some slack.
-MAX_AUDIO_BYTES = 80 * 1024 * 1024
-DOWNLOAD_TIMEOUT_S = 120.0
 
 
 def _num(value: float) -> str:
@@ -264,6 +266,10 @@ class Provider(ABC):
 
     name: str
     capabilities: Capabilities
+    # Where result downloads outside the provider's own origins may connect: None is
+    # public addresses only (providers/download.py). Tests that serve a file from another
+    # loopback origin set AddressPolicy.allowing("127.0.0.0/8").
+    address_policy: AddressPolicy | None = None
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
@@ -280,6 +286,33 @@ class Provider(ABC):
         """Ask the provider to stop; what it answered (REFUSED where it has no cancel)."""
         return CancelOutcome.REFUSED
 
+    async def save_audio(self, result: Result, dest: Path, *, deadline: float | None = None) -> int:
+        """Stream the finished audio into `dest` at once (result URLs expire), by the
+        `time.time()` instant `deadline`; returns its size. Nothing is left at `dest` when
+        it fails. Errors: see providers.download.download."""
+        # Imported here: providers.download builds on this module's errors.
+        from providers.download import PUBLIC_ONLY, download
+
+        out = await asyncio.to_thread(dest.open, "wb")
+        try:
+            return await download(
+                self.client,
+                self.name,
+                result.audio_url,
+                out,
+                trusted=self.trusted_origins(),
+                deadline=deadline,
+                policy=self.address_policy or PUBLIC_ONLY,
+            )
+        except BaseException:
+            # Synchronously: this also runs while the task is being cancelled.
+            out.close()
+            dest.unlink(missing_ok=True)  # noqa: ASYNC240
+            raise
+        finally:
+            if not out.closed:
+                await asyncio.to_thread(out.close)
+
     @property
     def streams_status(self) -> bool:
         """True while `wait_status` returns as soon as the status changes (a status
@@ -293,8 +326,26 @@ class Provider(ABC):
         return await self.poll(handle)
 
     async def fetch_audio(self, result: Result) -> bytes:
-        """Download the finished audio at once (result URLs expire)."""
-        return await download(self.client, self.name, result.audio_url)
+        """The finished audio in memory, under the same rules as `save_audio` (for tests
+        and tools; the engine streams to disk)."""
+        from providers.download import PUBLIC_ONLY, download
+
+        out = io.BytesIO()
+        await download(
+            self.client,
+            self.name,
+            result.audio_url,
+            out,
+            trusted=self.trusted_origins(),
+            policy=self.address_policy or PUBLIC_ONLY,
+        )
+        return out.getvalue()
+
+    def trusted_origins(self) -> set[tuple[str, str, int]]:
+        """The provider's own servers (the origins its key goes to: its configured base
+        URLs): the operator chose them, so downloads from them skip the address check."""
+        auth = self.client.auth
+        return set(auth.origins) if isinstance(auth, KeyForOrigins) else set()
 
     def poll_interval(self) -> float:
         """The shortest sensible pause between polls, in seconds."""
@@ -415,45 +466,6 @@ class KeyForOrigins(httpx.Auth):
         if self._header and origin(request.url) in self.origins:
             request.headers["Authorization"] = self._header
         yield request
-
-
-async def download(
-    client: httpx.AsyncClient,
-    provider: str,
-    url: str,
-    headers: dict[str, str] | None = None,
-    max_bytes: int = MAX_AUDIO_BYTES,
-) -> bytes:
-    """GET a result file with a size cap and a timeout, mapping failures to our errors."""
-    try:
-        async with client.stream("GET", url, headers=headers, timeout=DOWNLOAD_TIMEOUT_S) as resp:
-            if resp.status_code in (403, 404, 410):
-                raise ProviderFailedDownload(
-                    provider,
-                    f"result file is gone ({resp.status_code})",
-                    status_code=resp.status_code,
-                )
-            if resp.status_code >= 400:
-                raise Unavailable(
-                    provider,
-                    f"result download failed ({resp.status_code})",
-                    status_code=resp.status_code,
-                )
-            declared = resp.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise ProviderFailedDownload(provider, f"result file too large ({declared} bytes)")
-            chunks: list[bytes] = []
-            total = 0
-            async for chunk in resp.aiter_bytes():
-                total += len(chunk)
-                if total > max_bytes:
-                    raise ProviderFailedDownload(provider, "result file too large")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.TimeoutException:
-        raise Unavailable(provider, "result download timed out") from None
-    except httpx.TransportError as exc:
-        raise Unavailable(provider, f"result download failed: {type(exc).__name__}") from None
 
 
 def http_error_text(resp: httpx.Response, limit: int = 300) -> str:

@@ -40,6 +40,11 @@ __all__ = ["BackupInfo", "Database", "StorageError", "backup", "migrations"]
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
+# synchronous=FULL: in WAL mode every commit is on disk (fsync of the WAL) before COMMIT
+# returns, so an admission a user was told about, or a song marked posted, survives a
+# power cut. NORMAL would lose the last commits before a checkpoint. The cost, measured by
+# bench/quota.py against NORMAL in the same run, is in the README ("Durability").
+SYNCHRONOUS = "FULL"
 # WAL checkpoints (copying the log back into the database file, with an fsync) run on a
 # thread of their own every this many writes, instead of inside whichever commit passes
 # SQLite's 1000-page mark: there they took 10-60 ms out of one admission in a hundred
@@ -129,14 +134,16 @@ class _ConnectionThread:
         self._queue.put(None)
 
 
-def _connect(path: Path, busy_timeout_ms: int, *, role: str) -> sqlite3.Connection:
+def _connect(
+    path: Path, busy_timeout_ms: int, *, role: str, synchronous: str = SYNCHRONOUS
+) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=busy_timeout_ms / 1000)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     if role == "writer":
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
     if role == "reader":
         conn.execute("PRAGMA query_only = ON")
@@ -147,9 +154,12 @@ class Database:
     """An open SQLite file in WAL mode with migrations applied: `write` and `read` each
     run one function on the writer's or the reader's connection."""
 
-    def __init__(self, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+    def __init__(
+        self, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, synchronous: str = SYNCHRONOUS
+    ) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
+        self.synchronous = synchronous
         self._writer = _ConnectionThread("sqlite-writer")
         self._reader = _ConnectionThread("sqlite-reader")
         self._checkpointer = _ConnectionThread("sqlite-checkpoint")
@@ -159,12 +169,20 @@ class Database:
 
     @classmethod
     async def open(
-        cls, path: Path, *, migrate: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+        cls,
+        path: Path,
+        *,
+        migrate: bool = True,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        synchronous: str = SYNCHRONOUS,
     ) -> Database:
         """Open (creating) the file; a writer waits up to `busy_timeout_ms` for another
-        process's write lock before StorageError."""
+        process's write lock before StorageError. `synchronous` (FULL or NORMAL) is
+        there for bench/quota.py to measure what FULL costs."""
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = cls(path, busy_timeout_ms)
+        db = cls(path, busy_timeout_ms, synchronous)
         try:
             await db._open_connections()
             if migrate:
@@ -177,7 +195,9 @@ class Database:
     async def _open_connections(self) -> None:
         def opener(worker: _ConnectionThread, role: str) -> Callable[[], None]:
             def open_here() -> None:
-                worker.conn = _connect(self.path, self.busy_timeout_ms, role=role)
+                worker.conn = _connect(
+                    self.path, self.busy_timeout_ms, role=role, synchronous=self.synchronous
+                )
 
             return open_here
 

@@ -30,7 +30,15 @@ from bot.audio import (
     render_cover,
 )
 from bot.engine import Song
-from tests.fakes.audio import PROVIDER_CODECS, make_wav, transcode
+from tests.fakes.audio import (
+    PROVIDER_CODECS,
+    claim_flac_samples,
+    claim_wav_frames,
+    float_wav,
+    make_flac,
+    make_wav,
+    transcode,
+)
 
 MiB = 1024 * 1024
 LIMITS = {
@@ -229,7 +237,7 @@ def test_encode_writes_the_format_the_suffix_names(
     assert [p.name for p in tmp_path.iterdir()] == [f"song.{fmt}"]  # no part file left
 
 
-@pytest.mark.parametrize("kind", sorted(PROVIDER_CODECS))
+@pytest.mark.parametrize("kind", sorted(set(PROVIDER_CODECS) - {"mp3"}))  # MP3: passed through
 def test_every_provider_format_becomes_a_192k_mp3(tmp_path: Path, wav5: bytes, kind: str) -> None:
     src = tmp_path / f"original.{container_of(kind)}"
     src.write_bytes(transcode(wav5, kind))
@@ -517,8 +525,182 @@ def test_plain_wav_check_agrees_with_the_decoder(monkeypatch: pytest.MonkeyPatch
 
     data = make_wav(7.5, channels=2)
     fast = audio.check_audio(data, 7.5)
-    monkeypatch.setattr(audio, "_check_pcm_wav", lambda _data: None)
+    monkeypatch.setattr(audio, "_check_pcm_wav", lambda *_args: None)
     decoded = audio.check_audio(data, 7.5)
     assert fast == decoded
     assert (fast.format, fast.sample_rate, fast.channels) == ("wav", 48000, 2)
     assert fast.duration == pytest.approx(7.5)
+
+
+# --- bounded work on provider output (decode bombs, lying headers) ------------------------
+
+
+class DecodeMeter:
+    """Counts the seconds of audio bot.audio decodes (both of its decoding paths)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.seconds = 0.0
+        frames, blocks = audio._decoded_frames, audio._pcm_blocks
+
+        def counted_frames(container):  # type: ignore[no-untyped-def]
+            for frame in frames(container):
+                self.seconds += frame.samples / frame.sample_rate
+                yield frame
+
+        def counted_blocks(reader):  # type: ignore[no-untyped-def]
+            for block in blocks(reader):
+                self.seconds += block.size / reader.getnchannels() / reader.getframerate()
+                yield block
+
+        monkeypatch.setattr(audio, "_decoded_frames", counted_frames)
+        monkeypatch.setattr(audio, "_pcm_blocks", counted_blocks)
+
+
+def test_decoding_stops_once_the_file_is_longer_than_the_song_could_be(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    meter = DecodeMeter(monkeypatch)
+    with pytest.raises(AudioError, match=r"^The provider returned more than 5\.5 s of audio"):
+        check_audio(make_flac(600), 5)
+    assert meter.seconds < 5.5 + 1  # not the 600 s the file holds
+
+
+def test_with_the_length_left_to_the_model_decoding_stops_past_240_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    meter = DecodeMeter(monkeypatch)
+    for data in (make_flac(900), make_wav(900, sample_rate=8000, channels=1)):
+        meter.seconds = 0.0
+        with pytest.raises(AudioError, match=r"more than 264 s of audio; a song is at most 240 s"):
+            check_audio(data, None)
+        assert meter.seconds < 264 + 131  # at most one block past the limit, not 900 s
+    assert check_audio(make_flac(200), None).duration == pytest.approx(200)
+
+
+@pytest.mark.parametrize("kind", ["flac", "wav"])
+def test_a_header_that_claims_10_hours_is_judged_by_the_6_s_it_holds(
+    tmp_path: Path, kind: str
+) -> None:
+    ten_hours = 10 * 3600 * 8000
+    if kind == "flac":
+        data = claim_flac_samples(make_flac(6), ten_hours)
+    else:
+        data = claim_wav_frames(make_wav(6, sample_rate=8000, channels=1), ten_hours)
+    info = check_audio(data, 6)
+    assert info.duration == pytest.approx(6)
+    src = tmp_path / f"original.{kind}"
+    src.write_bytes(data)
+    # Encoding for a 10 MiB upload limit works from the measured length...
+    result = encode(src, tmp_path / "song.mp3", byte_limit=10 * MiB, duration=info.duration)
+    assert result.bitrate == 192 and result.duration == pytest.approx(6, abs=0.05)
+    # ...and without it, the unbelievable header is not trusted either.
+    again = encode(src, tmp_path / "again.mp3", byte_limit=10 * MiB)
+    assert again.bitrate == 192
+
+
+def test_an_all_nan_float_wav_is_silence() -> None:
+    import numpy as np
+
+    with pytest.raises(AudioError, match="silent"):
+        check_audio(float_wav(np.full(48000 * 2 * 5, np.nan)), 5)
+    inf_and_nan = np.tile(np.array([np.inf, -np.inf, np.nan, 0.0]), 48000 * 5 // 2)
+    with pytest.raises(AudioError, match="silent"):
+        check_audio(float_wav(inf_and_nan), 5)
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(1, 1), (400_000, 2), (48000, 64)])
+def test_impossible_sample_rates_and_channel_counts_are_not_audio(rate: int, channels: int) -> None:
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\x10\x20" * channels * 1000)
+    with pytest.raises(AudioError, match="not audio"):
+        check_audio(buf.getvalue(), None)
+
+
+def test_the_cover_of_an_overlong_file_is_drawn_from_its_first_minutes_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "long.flac"
+    src.write_bytes(make_flac(900))
+    meter = DecodeMeter(monkeypatch)
+    assert render_cover(src)[:3] == b"\xff\xd8\xff"
+    assert meter.seconds < audio.MAX_DECODE_SECONDS + 2
+
+
+# --- no work the destination does not need -------------------------------------------
+
+
+def mpeg_frames(data: bytes) -> bytes:
+    """An MP3's audio: what lies between a leading ID3v2 tag and a trailing ID3v1 tag."""
+    start = audio._id3_end(data)
+    end = len(data) - (128 if data[-128:-125] == b"TAG" else 0)
+    return data[start:end]
+
+
+@pytest.fixture
+def provider_mp3(tmp_path: Path, wav5: bytes) -> Path:
+    """An MP3 as a provider returns it, with its own ID3v2 and ID3v1 tags."""
+    from mutagen.id3 import TIT2, TXXX
+
+    path = tmp_path / "original.mp3"
+    path.write_bytes(transcode(wav5, "mp3"))
+    tag = ID3()
+    tag.add(TIT2(encoding=3, text="provider title"))
+    tag.add(TXXX(encoding=3, desc="provider", text="internal job 77"))
+    tag.save(path, v1=2)
+    assert path.read_bytes()[-128:-125] == b"TAG"
+    return path
+
+
+def test_a_provider_mp3_that_fits_is_sent_as_it_is_with_only_its_tags_replaced(
+    tmp_path: Path, provider_mp3: Path, cover5: bytes
+) -> None:
+    original = provider_mp3.read_bytes()
+    result = encode(
+        provider_mp3,
+        tmp_path / "song.mp3",
+        byte_limit=10 * MiB,
+        tags=TAGS,
+        cover=cover5,
+        duration=5.0,
+    )
+    sent = result.path.read_bytes()
+    assert mpeg_frames(sent) == mpeg_frames(original)  # not one audio byte re-encoded
+    assert result.bitrate == 128 and result.duration == 5.0  # the provider's own 128 kbps
+    assert result.size == len(sent) <= 10 * MiB
+    tags = ID3(result.path)
+    assert tags["TIT2"].text == [TAGS.title]
+    assert not [f for f in tags.getall("TXXX") if f.desc == "provider"]
+    assert tags.getall("APIC")[0].data == cover5
+    assert sent[-128:-125] != b"TAG"  # the provider's ID3v1 is gone too
+    assert provider_mp3.read_bytes() == original
+
+
+def test_a_provider_mp3_over_the_limit_is_encoded_down_to_fit(
+    tmp_path: Path, provider_mp3: Path
+) -> None:
+    limit = provider_mp3.stat().st_size // 2
+    result = encode(provider_mp3, tmp_path / "song.mp3", byte_limit=limit, tags=TAGS)
+    assert result.size <= limit and result.bitrate is not None and result.bitrate < 128
+    assert check_audio(result.path.read_bytes(), 5).duration == pytest.approx(5, abs=0.1)
+
+
+def test_a_flac_asked_for_as_flac_keeps_its_audio_and_gets_our_tags(
+    tmp_path: Path, cover5: bytes
+) -> None:
+    src = tmp_path / "original.flac"
+    src.write_bytes(make_flac(5, sample_rate=44100, channels=1))  # not what we would encode
+    theirs = FLAC(src)
+    theirs["COMMENT"] = "provider internals"
+    theirs.save()
+    result = encode(src, tmp_path / "song.flac", tags=TAGS, cover=cover5)
+    ours = FLAC(result.path)
+    assert ours["TITLE"] == [TAGS.title] and ours["COMMENT"] == [TAGS.comment()]
+    assert len(ours.pictures) == 1
+    with av.open(str(src)) as a, av.open(str(result.path)) as b:
+        assert [bytes(p) for p in a.demux(audio=0)] == [bytes(p) for p in b.demux(audio=0)]

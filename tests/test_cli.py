@@ -211,6 +211,17 @@ async def test_config_check_masks_secrets_and_run_explains_what_is_missing(tmp_p
     assert "FAL_KEY=******** (set, 23 characters)" in out
     assert "Provider replicate is listed in PROVIDERS but needs REPLICATE_API_TOKEN." in out
     assert "No chat front-end: set DISCORD_TOKEN and/or TELEGRAM_TOKEN." in out
+    # Passwords inside URLs are masked too (a REST proxy or GPU box behind basic auth).
+    env = cli_env(
+        tmp_path,
+        PROVIDERS="acestep",
+        ACESTEP_SERVER_URLS="http://gpu:pw-in-url-4321@10.0.0.5:8001,http://10.0.0.6:8001",
+        TELEGRAM_API_URL="https://tok-as-user-5678@tg.example.org",
+    )
+    code, out, _ = await run_cli(["config", "check"], env, tmp_path)
+    assert "pw-in-url-4321" not in out and "tok-as-user-5678" not in out
+    assert "ACESTEP_SERVER_URLS=http://gpu:********@10.0.0.5:8001,http://10.0.0.6:8001" in out
+    assert "TELEGRAM_API_URL=https://********@tg.example.org" in out
     code, _, err = await run_cli(["run"], cli_env(tmp_path), tmp_path)
     assert code == 2
     assert "cannot start: nothing usable is configured" in err

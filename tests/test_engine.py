@@ -424,3 +424,56 @@ async def test_the_same_platform_event_is_admitted_once(tmp_path: Path) -> None:
     assert other.job_id != first.job_id and not other.duplicate
     assert len(jobs) == 2
     assert [e["kind"] for e in ledger if e["kind"] == "reserve"] == ["reserve", "reserve"]
+
+
+async def test_a_prompt_with_escape_sequences_is_stored_and_logged_clean(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fake = FakeFal(queue_polls=0, progress_polls=0)
+    settings = make_settings(tmp_path)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [fal(fake, url)], RecordingDelivery())
+        try:
+            admission = await engine.submit(
+                prompt("\x1b[31mred\x1b[0m rain \x9b2Jon roofs", duration=5), ALICE, {}
+            )
+            job = await wait_for_state(engine, admission.job_id, ("delivered",))
+        finally:
+            await engine.close()
+    assert job.request.prompt == "red rain on roofs"
+    assert fake.submits[0].body["prompt"] == "red rain on roofs"
+    admitted = [r.getMessage() for r in caplog.records if "admitted" in r.getMessage()]
+    assert admitted and "red rain on roofs" in admitted[0].lower()
+    assert "\x1b" not in caplog.text and "\x9b" not in caplog.text
+
+
+async def test_a_job_another_engine_took_over_mid_submit_runs_and_posts_once(
+    tmp_path: Path,
+) -> None:
+    # Two engines on one database (what the DATA_DIR lock prevents between processes):
+    # the second one's recovery takes the first one's job, caught mid-submit, and
+    # submits it again. Whichever submit is accepted second must not run the job too.
+    fake = FakeFal(queue_polls=0, progress_polls=1)
+    fake.submit_delay = 0.5
+    settings = make_settings(tmp_path)
+    first, second = RecordingDelivery(), RecordingDelivery()
+    async with fake.running() as url:
+        a = await open_engine(settings, [fal(fake, url)], first)
+        b = None
+        try:
+            admission = await a.submit(prompt(duration=5), ALICE, {})
+            await wait_for_state(a, admission.job_id, ("submitting",))
+            b = await open_engine(settings, [fal(fake, url)], second)
+            job = await wait_for_state(b, admission.job_id, ("delivered",))
+            await asyncio.sleep(1.0)  # the later submit's answer has arrived meanwhile
+            job = await wait_for_state(b, admission.job_id, ("delivered",))
+        finally:
+            await a.close()
+            if b is not None:
+                await b.close()
+    assert fake.submit_count == 2  # the crash-recovery resubmit DESIGN.md allows
+    assert len(first.delivered) + len(second.delivered) == 1
+    assert len(fake.cancels) == 1  # the orphaned submit was stopped at fal...
+    assert len(fake.downloads) == 1  # ...and never polled to the end and downloaded
+    assert job.attempts == 2 and job.recoveries == 1

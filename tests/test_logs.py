@@ -123,3 +123,19 @@ def test_a_bad_format_call_does_not_raise(
     setup(tmp_path, "text")
     logging.getLogger("acestep.x").info("job %s %s", "only-one")
     assert "job %s %s" in capsys.readouterr().err
+
+
+def test_a_password_inside_a_url_setting_is_redacted_from_log_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        providers=["acestep"],
+        acestep_server_urls=["http://gpu:pw-in-url-4321@10.0.0.5:8001"],
+    )
+    logs.setup(settings)
+    logging.getLogger("acestep.providers").warning(
+        "acestep server %s unreachable", settings.acestep_server_urls[0]
+    )
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "pw-in-url-4321" not in err

@@ -31,6 +31,7 @@ from providers.base import (
     TaskLost,
     Unavailable,
 )
+from providers.download import AddressPolicy
 from tests.fakes.aigateway import FakeAIGateway
 from tests.fakes.http import serve
 
@@ -463,6 +464,9 @@ async def test_key_is_not_sent_to_the_signed_url_host(fake: FakeAIGateway, make:
     fake.audio_host = "localhost"
     fake.queued_polls = fake.running_polls = 0
     provider = make()
+    # The fake's "CDN" is another loopback origin: allowed here on purpose (a real bot
+    # downloads from public addresses and the provider's own origin only).
+    provider.address_policy = AddressPolicy.allowing("127.0.0.0/8")
     status = await provider.poll(await provider.submit(prompt_request(), seed=1))
     assert isinstance(status, Succeeded)
     assert status.result.audio_url.startswith("http://localhost:")

@@ -29,6 +29,7 @@ from providers.base import (
     TaskLost,
     Unavailable,
 )
+from providers.download import AddressPolicy
 from providers.fal import FalProvider
 from tests.fakes.fal import FakeFal
 from tests.fakes.http import serve
@@ -450,6 +451,9 @@ async def test_key_stays_on_the_queue_origin_and_out_of_logs(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     fake.file_host = "localhost"  # the same server under another origin, like fal's CDN
+    # The fake's "CDN" is another loopback origin: allowed here on purpose (a real bot
+    # downloads from public addresses and the provider's own origin only).
+    provider.address_policy = AddressPolicy.allowing("127.0.0.0/8")
     handle = await provider.submit(prompt_request(), seed=5)
     final = (await poll_to_end(provider, handle))[-1]
     assert isinstance(final, Succeeded)

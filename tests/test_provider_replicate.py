@@ -24,6 +24,7 @@ from providers.base import (
     TaskLost,
     Unavailable,
 )
+from providers.download import AddressPolicy
 from providers.replicate import ACE_STEP_VERSION, ReplicateProvider
 from tests.fakes.replicate import FakeReplicate
 
@@ -168,6 +169,9 @@ async def test_the_token_goes_to_the_api_but_not_to_the_file_host(
     assert isinstance(done, Succeeded)
     # Serve the file from another origin (localhost vs 127.0.0.1): no token may go there.
     other = done.result.audio_url.replace("127.0.0.1", "localhost")
+    # The fake's "CDN" is another loopback origin: allowed here on purpose (a real bot
+    # downloads from public addresses and the provider's own origin only).
+    provider.address_policy = AddressPolicy.allowing("127.0.0.0/8")
     from dataclasses import replace
 
     await provider.fetch_audio(replace(done.result, audio_url=other))

@@ -28,6 +28,7 @@ from providers.base import (
     TaskLost,
     Unavailable,
 )
+from providers.download import AddressPolicy
 from providers.wavespeed import WaveSpeedProvider
 from tests.fakes.http import serve
 from tests.fakes.wavespeed import FakeWaveSpeed
@@ -453,6 +454,9 @@ async def test_key_is_not_sent_to_another_host(fake: FakeWaveSpeed, make: Factor
     fake.audio_host = "localhost"  # same server, different origin: like a CDN
     fake.queued_polls = fake.running_polls = 0
     provider = make()
+    # The fake's "CDN" is another loopback origin: allowed here on purpose (a real bot
+    # downloads from public addresses and the provider's own origin only).
+    provider.address_policy = AddressPolicy.allowing("127.0.0.0/8")
     status = await provider.poll(await provider.submit(prompt_request(), seed=1))
     assert isinstance(status, Succeeded)
     assert status.result.audio_url.startswith("http://localhost:")

@@ -181,6 +181,28 @@ def test_with_seed_keeps_everything_else() -> None:
     assert (again.seed, again.duration, again.steps, again.prompt) == (1234, 30, 10, req.prompt)
 
 
+def test_escape_sequences_and_control_characters_are_stripped_from_every_text() -> None:
+    prompt = build(prompt="\x1b[31mred\x1b[0m rain\x9b2J on\x07 tin\nroofs\x00")
+    assert prompt.prompt == "red rain on tin roofs"
+    song = GenerationRequest.build(
+        mode="song",
+        tags="lofi,\x1b[1m piano\x85, rain\x7f",
+        lyrics="[verse]\r\n\x1b]0;pwned\x07Neon\train\x9b31m\r[chorus]\x0bAgain\x1b",
+    )
+    assert song.tags == "lofi, piano , rain"
+    # Lyrics keep their line breaks (and tabs); every other control is gone.
+    assert song.lyrics == "[verse]\nNeon\train\n[chorus]\nAgain"
+    titled = build(title="\x1b[1mRain\x1b[0m\tsong\x9b")
+    assert titled.title == "Rain song"
+    for text in (prompt.prompt, song.tags, song.lyrics, titled.title):
+        assert not any((ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F for c in text)
+
+
+def test_a_text_of_nothing_but_controls_is_empty_and_refused() -> None:
+    with pytest.raises(InvalidRequest, match="^prompt: '' is not valid; describe the song"):
+        build(prompt="\x1b[2J\x00\x9b")
+
+
 @pytest.mark.parametrize(
     ("written", "stored"),
     [("Am", "A minor"), ("f#m", "F# minor"), ("Bb major", "Bb major"), ("C", "C major")],

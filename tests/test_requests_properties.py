@@ -77,7 +77,11 @@ values = st.recursive(
 )
 modes = st.sampled_from(["prompt", "song", "PROMPT", "", "other"]) | values
 texts = st.text(max_size=60) | st.sampled_from(
-    ["", "   ", "\x00", "a" * (MAX_LYRICS_CHARS + 1), "lofi, piano", ",,,", "[inst]"]
+    [
+        *("", "   ", "\x00", "a" * (MAX_LYRICS_CHARS + 1), "lofi, piano", ",,,", "[inst]"),
+        # terminal escapes and controls: stripped at parsing
+        *("\x1b[31mred\x1b[0m", "\x9b2J lofi", "a\r\nb\x85c", "\x1b]0;t\x07x"),
+    ]
 )
 field_names = st.sampled_from(FIELDS) | st.text(min_size=1, max_size=12)
 
@@ -98,6 +102,9 @@ def _check_valid(req: GenerationRequest) -> None:
     assert -1 <= req.seed <= 2_147_483_647
     assert len(req.prompt) <= MAX_PROMPT_CHARS and len(req.tags) <= MAX_TAGS_CHARS
     assert len(req.lyrics) <= MAX_LYRICS_CHARS
+    # No terminal control reaches storage, logs or chat (lyrics keep line breaks, tabs).
+    for text, kept in ((req.prompt, ""), (req.tags, ""), (req.lyrics, "\n\t")):
+        assert not any((ord(c) < 32 or 0x7F <= ord(c) <= 0x9F) and c not in kept for c in text)
     if req.mode is Mode.PROMPT:
         assert req.prompt and not req.tags and not req.lyrics
     else:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import logging
 import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,17 +120,24 @@ async def run_until_failed(
 async def test_disk_full_while_writing_audio_fails_job_with_refund_and_no_partial_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real_write_bytes = Path.write_bytes
+    real_open = Path.open
 
-    def fill_disk(self: Path, data: bytes) -> int:  # type: ignore[override]
-        if self.parent.name == "audio":
-            # What a full disk does: part of the file is written, then ENOSPC.
-            with open(self, "wb") as f:
-                f.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return real_write_bytes(self, data)
+    class FillingDisk(io.FileIO):
+        """What a full disk does: the first writes land, then ENOSPC."""
 
-    monkeypatch.setattr(Path, "write_bytes", fill_disk)
+        room = 64 * 1024
+
+        def write(self, data: Any) -> int:
+            if self.tell() + len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+            return super().write(data)
+
+    def full_disk(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if self.parent.name == "audio" and "w" in mode:
+            return FillingDisk(str(self), "w")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_disk)
     caplog.set_level(logging.INFO)
     fake = FakeFal(queue_polls=0, progress_polls=1)
     delivery = RecordingDelivery()
@@ -140,7 +149,7 @@ async def test_disk_full_while_writing_audio_fails_job_with_refund_and_no_partia
             ledger = await engine.store.ledger(job_id)
             usage, _ = await engine.store.usage(ALICE, engine.limits())
             # The disk has room again: the next song goes through.
-            monkeypatch.setattr(Path, "write_bytes", real_write_bytes)
+            monkeypatch.setattr(Path, "open", real_open)
             again = await engine.submit(prompt(), ALICE, {"channel_id": "1"})
             await wait_for_state(engine, again.job_id, ("delivered",))
         finally:
@@ -191,3 +200,19 @@ async def test_unwritable_audio_dir_fails_job_with_refund(
     assert settings.audio_dir.read_bytes() == b"not a directory"
     operator = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(job_id in line and "cannot store audio" in line for line in operator), operator
+
+
+async def test_every_commit_is_synced_to_disk_before_the_user_is_told(tmp_path: Path) -> None:
+    # synchronous=FULL (README "Durability"): an admission the user was told about and a
+    # song marked posted survive a power cut; NORMAL in WAL mode may lose the last commits.
+    settings = make_settings(tmp_path)
+    db = await Database.open(settings.db_path)
+    try:
+        writer = await db.write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        reader = await db.read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        mode = await db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+    finally:
+        await db.close()
+    assert (writer, reader, mode) == (2, 2, "wal")  # 2 is FULL
+    with pytest.raises(ValueError, match="synchronous must be FULL or NORMAL"):
+        await Database.open(tmp_path / "x.sqlite3", synchronous="OFF")

@@ -8,14 +8,13 @@ answer, even after a restart.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from bot import audio, titles
+from bot import audio, render, titles
 from bot.models import FailureKind, Job
 
 
@@ -101,14 +100,13 @@ class Song:
     async def cover(self) -> bytes:
         cover = self._cover
         if cover is None:
-            cover = self._cover = await asyncio.to_thread(
-                audio.render_cover, self.original_path, audio.COVER_SIZE, self.title
-            )
+            cover = self._cover = await render.shared().cover(self.original_path, self.title)
         return cover
 
     async def render(self, byte_limit: int | None, fmt: str = "mp3") -> RenderedSong:
-        """Encode for delivery (in a thread) to fit `byte_limit`, tagged, with cover."""
-        cover = await self.cover()
+        """Encode for delivery to fit `byte_limit`, tagged, with cover: one task for the
+        renderer's worker processes (bot/render.py). An original already in `fmt` that
+        fits is sent as it is, only its tags replaced."""
         limit_tag = f"{byte_limit}" if byte_limit else "any"
         dest = self.original_path.with_name(f"{self.job_id}.{limit_tag}.{fmt}")
         tags = audio.SongTags(
@@ -127,15 +125,16 @@ class Song:
                 else None
             ),
         )
-        encoded = await asyncio.to_thread(
-            audio.encode,
+        cover, encoded = await render.shared().render(
             self.original_path,
             dest,
             fmt,
             byte_limit=byte_limit,
             tags=tags,
-            cover=cover,
+            duration=self.duration,  # as the check measured it, whatever a header claims
+            cover=self._cover,
         )
+        self._cover = cover
         return RenderedSong(
             path=encoded.path,
             size=encoded.size,

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bot import messages, moderation, titles
+from bot import messages, moderation, render, titles
 from bot.engine.contract import Delivery, Failure, Song
 from bot.engine.errors import (
     AlreadyFinished,
@@ -139,6 +139,7 @@ class Engine:
             return
         self._started = True
         self._closing = self.scheduler.closing = False
+        render.shared().start()  # the renderer's workers get ready while jobs resume
         await self._recover()
         self._scheduler_task = asyncio.create_task(self.scheduler.loop(), name="engine-scheduler")
 

@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from bot import audio, titles
+from bot import audio, render, titles
 from bot.engine.contract import DeliveryError, Failure, Phase, Progress, Song
 from bot.engine.eta import GenerationTimes
 from bot.engine.notify import Notifier
@@ -21,6 +23,7 @@ from bot.engine.tasks import JobTasks
 from bot.metrics import Metrics
 from bot.models import FailureKind, Job, JobState, SongResult
 from bot.redact import Redactor
+from bot.requests import clean_text
 from bot.settings import Settings
 from bot.timing import wait_event
 from providers.base import (
@@ -33,7 +36,6 @@ from providers.base import (
     Handle,
     Provider,
     ProviderError,
-    ProviderFailedDownload,
     Queued,
     Rejected,
     Result,
@@ -43,6 +45,7 @@ from providers.base import (
     TaskLost,
     Unavailable,
 )
+from providers.download import DownloadTimedOut
 from providers.router import Router, price_of
 from storage.quota import QuotaRefusal
 from storage.store import Store
@@ -57,6 +60,7 @@ MAX_RECOVERIES = 1
 CANCEL_FLAG_CHECK_S = 5.0
 
 S = JobState
+T = TypeVar("T")
 
 
 @dataclass
@@ -199,7 +203,21 @@ class JobRunner:
             await self.fail(job, (S.SUBMITTING,), FailureKind.INTERNAL, "submit crashed")
             return None
         self.router.note_ok(provider)
-        await self.store.transition(job.id, (S.SUBMITTING,), S.RUNNING, handle=handle.to_json())
+        if not await self.store.transition(
+            job.id, (S.SUBMITTING,), S.RUNNING, handle=handle.to_json()
+        ):
+            # Someone else moved the job meanwhile (failed or requeued it: another process
+            # on this database, or recovery). This submit is nobody's: stop it there
+            # rather than poll, deliver or submit the job a second time.
+            log.warning(
+                "job %s changed state while %s accepted it; cancelling that submit",
+                job.id,
+                provider.name,
+            )
+            with contextlib.suppress(ProviderError):
+                if await provider.cancel(handle) is CancelOutcome.REMOVED:
+                    await self.store.credit_run(job.id, usd, provider.name)
+            return None
         job.state = S.RUNNING
         job.handle = handle.to_json()
         log.info("job %s accepted by %s", job.id, provider.name)
@@ -344,7 +362,7 @@ class JobRunner:
             if isinstance(status, Succeeded):
                 if generating_since is not None:
                     self.times.record(provider.name, time.time() - generating_since)
-                return await self._finish(job, provider, status.result)
+                return await self._finish(job, provider, status.result, deadline, cancel)
             if isinstance(status, Failed):
                 await self._provider_failed(job, provider, status)
                 return False
@@ -509,31 +527,66 @@ class JobRunner:
 
     # ---- storing the result ----------------------------------------------------------
 
-    async def _finish(self, job: Job, provider: Provider, result: Result) -> bool:
-        """Download, check and store the audio; running -> ready."""
+    async def _finish(
+        self,
+        job: Job,
+        provider: Provider,
+        result: Result,
+        deadline: float,
+        cancel: asyncio.Event,
+    ) -> bool:
+        """Download (streamed to a .part file under DATA_DIR, by the job's deadline, and
+        stopped by a cancel), check and keep the audio; running -> ready."""
+        part = self.settings.audio_dir / f"{job.id}.download.part"
+        expected = float(job.duration)
+        price = round(price_of(provider, job.request), 6)
         try:
-            data = await self._download(provider, result)
-            info = await asyncio.to_thread(audio.check_audio, data, float(job.duration))
-        except (ProviderFailedDownload, audio.AudioError, ProviderError) as exc:
+            part.parent.mkdir(parents=True, exist_ok=True)
+            fetched = await _unless_cancelled(
+                self._download(provider, result, part, deadline),
+                cancel,
+                lambda: self._cancel_requested(job.id),
+            )
+            if fetched is None:
+                log.info("job %s cancelled during the download from %s", job.id, provider.name)
+                await self.fail(
+                    job, (S.RUNNING,), FailureKind.CANCELLED, "cancelled", state=S.CANCELLED
+                )
+                return False
+            info = await render.shared().check(part, expected)
+            path = self.settings.audio_dir / f"{job.id}.{info.format}"
+            part.replace(path)
+        except DownloadTimedOut as exc:
+            log.warning("job %s: download from %s: %s", job.id, provider.name, exc.message)
+            if time.time() >= deadline - 1:  # the job's own time ran out
+                await self.fail(
+                    job,
+                    (S.RUNNING,),
+                    FailureKind.TIMED_OUT,
+                    f"{provider.name}: result download timed out",
+                )
+            else:
+                await self._provider_failed(job, provider, Failed(reason=exc.message))
+            return False
+        except (audio.AudioError, ProviderError) as exc:
             reason = exc.message if isinstance(exc, ProviderError) else str(exc)
             log.warning(
                 "job %s: result from %s unusable: %s", job.id, provider.name, self.redact(reason)
             )
             await self._provider_failed(job, provider, Failed(reason=reason))
             return False
-        path = self.settings.audio_dir / f"{job.id}.{info.format}"
-        try:
-            await asyncio.to_thread(_write_file, path, data)
         except OSError as exc:
             log.error(
-                "job %s: cannot store audio at %s: %s (disk full or unwritable DATA_DIR?)",
+                "job %s: cannot store audio in %s: %s (disk full or unwritable DATA_DIR?)",
                 job.id,
-                path,
+                self.settings.audio_dir,
                 exc,
             )
             # The provider made (and billed) the song: the spend keeps its charge.
             await self.fail(job, (S.RUNNING,), FailureKind.INTERNAL, "audio not stored")
             return False
+        finally:
+            part.unlink(missing_ok=True)
         song = SongResult(
             audio_file=path.name,
             format=info.format,
@@ -543,19 +596,18 @@ class JobRunner:
             title=titles.song_title(
                 job.request,
                 provider_metadata=result.metadata,
-                tags=result.tags,
-                lyrics=result.lyrics,
+                tags=clean_text(result.tags, multiline=False) if result.tags else None,
+                lyrics=clean_text(result.lyrics, multiline=True) if result.lyrics else None,
             ),
             sample_rate=info.sample_rate,
             channels=info.channels,
-            tags=result.tags,
-            lyrics=result.lyrics,
+            # Provider text is untrusted too: it goes into captions, tags and logs.
+            tags=clean_text(result.tags, multiline=False) if result.tags else result.tags,
+            lyrics=clean_text(result.lyrics, multiline=True) if result.lyrics else result.lyrics,
             seed_honoured=result.seed_honoured,
             provider_metadata=result.metadata,
         )
-        moved = await self.store.finish_success(
-            job.id, provider.name, round(price_of(provider, job.request), 6), song
-        )
+        moved = await self.store.finish_success(job.id, provider.name, price, song)
         if moved:
             self.metrics.job_ready(job, provider.name)
             log.info(
@@ -563,13 +615,15 @@ class JobRunner:
             )
         return moved
 
-    async def _download(self, provider: Provider, result: Result) -> bytes:
+    async def _download(
+        self, provider: Provider, result: Result, dest: Path, deadline: float
+    ) -> int:
         attempts = 3
         for attempt in range(attempts):
             try:
-                return await provider.fetch_audio(result)
+                return await provider.save_audio(result, dest, deadline=deadline)
             except Unavailable:
-                if attempt == attempts - 1:
+                if attempt == attempts - 1 or time.time() >= deadline:
                     raise
                 await asyncio.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
@@ -708,13 +762,26 @@ class JobRunner:
         )
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
+async def _unless_cancelled(
+    work: Coroutine[Any, Any, T], cancel: asyncio.Event, requested: Callable[[], Awaitable[bool]]
+) -> T | None:
+    """`work`'s result, or None when the job was cancelled first: by this process (the
+    event, at once) or another one (the flag in its row, read every few seconds). A
+    cancel, or this task being cancelled (shutdown), stops `work` where it is."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(cancel.wait())
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError:
-        # A full disk leaves part of the file: remove it rather than keep filling the disk.
-        tmp.unlink(missing_ok=True)
-        raise
+        while True:
+            await asyncio.wait(
+                {task, waiter}, timeout=CANCEL_FLAG_CHECK_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if task.done():
+                return task.result()
+            if cancel.is_set() or await requested():
+                return None
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

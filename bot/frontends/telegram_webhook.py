@@ -3,6 +3,13 @@
 Used instead of long polling when TELEGRAM_WEBHOOK_URL is set. aiohttp is already a
 dependency, so this avoids python-telegram-bot's tornado-based webhook extra. Telegram
 proves each POST with the secret token we registered in setWebhook.
+
+An update is answered only once it has been handled, as long polling confirms a batch
+only once handled (telegram_frontend.ConfirmAfterHandling): a 2xx tells Telegram to
+forget it, and Telegram repeats a POST that got no 2xx. So a crash mid-handling costs
+nothing: the next process is sent the update again, and admission is idempotent per
+update (`source_key`), so a /song whose first handling already admitted it is not
+admitted twice.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 class WebhookReceiver:
-    """Receives Telegram's update POSTs and queues them on the Application."""
+    """Receives Telegram's update POSTs and hands each to the Application's handlers."""
 
     def __init__(
         self,
@@ -90,7 +97,10 @@ class WebhookReceiver:
         except Exception:
             log.warning("telegram: webhook received a body that is not an update")
             return web.Response(status=400)
-        await self.application.update_queue.put(update)
+        app = self.application
+        # Through the update processor, like updates from the queue: the same bound on
+        # updates handled at once. Handler errors go to the error handler, not here.
+        await app.update_processor.process_update(update, app.process_update(update))
         return web.Response(status=200)
 
     async def stop(self) -> None:

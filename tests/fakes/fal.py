@@ -180,6 +180,11 @@ class FakeFal:
         # Host for audio URLs; e.g. "localhost" puts the file on another origin than
         # 127.0.0.1 (same server), to check that the key is not sent with downloads.
         self.file_host: str | None = None
+        # A provider that misbehaves with its result file (issue 12 items 6-8):
+        self.audio: bytes | None = None  # serve these bytes as every result (else a WAV)
+        self.audio_url: str | None = None  # put this URL in results instead of our own
+        self.file_redirect: str | None = None  # answer file GETs with a 302 to here
+        self.file_drip: float | None = None  # send the file a byte at a time, this far apart
         # What happened.
         self.submits: list[Submit] = []
         self.requests: dict[str, FakeRequest] = {}
@@ -484,15 +489,25 @@ class FakeFal:
             return json_response({"status": "OK"}, status=200)
         return json_response({"status": "CANCELLATION_REQUESTED"}, status=202)
 
-    async def _file(self, request: web.Request) -> web.Response:
+    async def _file(self, request: web.Request) -> web.StreamResponse:
         self.downloads.append(dict(request.headers))
         _, answer = await self._chaos("file")
         if answer is not None:
             return answer
+        if self.file_redirect is not None:
+            raise web.HTTPFound(self.file_redirect)
         req = self.requests.get(request.match_info["request_id"])
         if req is None or req.audio is None:
             return json_response({"detail": "Not Found"}, status=404)
-        return web.Response(body=req.audio, content_type="audio/wav")
+        if self.file_drip is None:
+            return web.Response(body=req.audio, content_type="audio/wav")
+        drip = web.StreamResponse(headers={"Content-Type": "audio/wav"})
+        drip.content_length = len(req.audio)
+        await drip.prepare(request)
+        for i in range(len(req.audio)):
+            await drip.write(req.audio[i : i + 1])
+            await asyncio.sleep(self.file_drip)
+        return drip
 
     # ----- helpers ---------------------------------------------------------------------
 
@@ -519,11 +534,11 @@ class FakeFal:
     def _output(self, request: web.Request, req: FakeRequest) -> dict[str, Any]:
         body = req.body
         if req.audio is None:
-            req.audio = make_wav(float(body.get("duration", 60)))
+            req.audio = self.audio or make_wav(float(body.get("duration", 60)))
         host = request.host
         if self.file_host is not None:
             host = f"{self.file_host}:{host.rsplit(':', 1)[-1]}"
-        url = f"{request.scheme}://{host}/files/{req.request_id}/audio.wav"
+        url = self.audio_url or f"{request.scheme}://{host}/files/{req.request_id}/audio.wav"
         seed = body.get("seed")
         if ENDPOINTS[req.endpoint] == "prompt":
             # fal writes tags and lyrics from the prompt.

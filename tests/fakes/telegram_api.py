@@ -2,7 +2,8 @@
 
 It speaks the Bot API's wire shapes: `POST /bot<token>/<method>` with form or multipart
 parameters, answers `{"ok": true, "result": ...}` or `{"ok": false, "error_code": ...,
-"description": ...}`, serves updates through long-polled getUpdates, and answers an
+"description": ...}`, serves updates through long-polled getUpdates (or, once setWebhook
+registered one, POSTs them to the bot's webhook with `deliver_webhooks`), and answers an
 unknown method with 400 naming it (a 404 would surface in the library as InvalidToken).
 Tests push user messages and button presses, then read what the bot sent.
 """
@@ -10,13 +11,15 @@ Tests push user messages and button presses, then read what the bot sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from tests.fakes.http import json_response
@@ -112,6 +115,9 @@ class FakeTelegram:
         self._failures: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self._holds: list[tuple[str, int | None, asyncio.Event]] = []
         self.offsets: list[int] = []  # the offset of every getUpdates: what it confirmed
+        # Every webhook POST: (update id, HTTP status or the connection error's name).
+        self.webhook_posts: list[tuple[int, int | str]] = []
+        self.webhook_sending: int | None = None  # the update whose POST is in flight
         self.limits: BotApiLimits | None = None  # set to enforce Telegram's limits
         self.app = web.Application(client_max_size=200 * 1024 * 1024)
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
@@ -257,6 +263,53 @@ class FakeTelegram:
         event = asyncio.Event()
         self._holds.append((method, chat_id, event))
         return event
+
+    @contextlib.asynccontextmanager
+    async def deliver_webhooks(self, target: str, retry_every: float = 0.2) -> AsyncIterator[None]:
+        """While inside, POST each pending update to the registered webhook, in order.
+
+        `target` is where the registered public URL leads (what a reverse proxy in front
+        of the bot would forward to). As on the real server
+        (https://core.telegram.org/bots/api#setwebhook): the request carries
+        `X-Telegram-Bot-Api-Secret-Token` when a secret was set, and "in case of an
+        unsuccessful request (a request with response HTTP status code different from
+        2XY), we will repeat the request"; an update leaves the queue only once answered
+        2xx. (The real server gives up after "a reasonable amount of attempts"; this one
+        keeps trying while the test runs.)
+        """
+        task = asyncio.get_running_loop().create_task(self._webhook_loop(target, retry_every))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _webhook_loop(self, target: str, retry_every: float) -> None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if self.webhook is None or not self._updates:
+                    await asyncio.sleep(0.02)
+                    continue
+                update = self._updates[0]
+                secret = self.webhook.get("secret_token")
+                headers = {"X-Telegram-Bot-Api-Secret-Token": secret} if secret else {}
+                outcome: int | str
+                self.webhook_sending = int(update["update_id"])
+                await self._notify()
+                try:
+                    async with session.post(target, json=update, headers=headers) as resp:
+                        outcome = resp.status
+                except aiohttp.ClientError as exc:
+                    outcome = type(exc).__name__
+                self.webhook_sending = None
+                self.webhook_posts.append((int(update["update_id"]), outcome))
+                delivered = isinstance(outcome, int) and 200 <= outcome < 300
+                if delivered:
+                    self._updates.remove(update)
+                await self._notify()
+                if not delivered:
+                    await asyncio.sleep(retry_every)
 
     def calls_of(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method and c.answered_status == 200]
