@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from bot import messages
-from bot.engine import AlreadyFinished, RenderedSong, Song
+from bot.engine import AlreadyFinished, QuotaExceeded, RenderedSong, Song
 from bot.models import FailureKind, Job, Requester
 from bot.requests import GenerationRequest
 from providers.fal import FalProvider
@@ -35,6 +35,9 @@ from tests.fakes.fal import Chaos, FakeFal
 from tests.fakes.wavespeed import FakeWaveSpeed
 
 JOBS = 200
+# One user asks for more than their limit at once: some requests are refused.
+GREEDY = Requester("telegram", "999", "-1009", "greedy")
+GREEDY_LIMIT, GREEDY_ASKS = 3, 13
 USERS = [Requester("telegram", str(100 + n), f"-100{n % 3}", f"user{n}") for n in range(8)]
 HIGH_QUOTAS: dict[str, Any] = {
     "quota_user_jobs_per_day": 10_000,
@@ -127,6 +130,9 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
         malformed=0.03,
         slow=0.05,
         expired=0.06,
+        drip=0.05,
+        huge=0.02,
+        drip_seconds=1.0,
         stall_seconds=0.8,
         slow_seconds=0.1,
     )
@@ -162,13 +168,34 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
             except AlreadyFinished:
                 return job_id, "too late"
 
+        job_of_prompt: dict[str, str] = {}
+        user_of_job: dict[str, Requester] = {}
+        mid_download: dict[str, asyncio.Task[Job]] = {}
+
+        def cancel_mid_download(request_id: str) -> None:
+            """A few users cancel while their song is coming down from fal's CDN."""
+            job_id = job_of_prompt.get(fal_fake.requests[request_id].body["prompt"])
+            if job_id is None or job_id in mid_download or len(mid_download) >= 4:
+                return
+            mid_download[job_id] = asyncio.get_running_loop().create_task(
+                engine.cancel(job_id, user_of_job[job_id])
+            )
+
+        fal_fake.on_drip = cancel_mid_download
+        refused = 0
         try:
-            job_of_prompt: dict[str, str] = {}
+            await engine.set_limit("user", GREEDY.key, "jobs_per_day", GREEDY_LIMIT)
             for n in range(JOBS):
                 request = GenerationRequest.build(mode="prompt", prompt=prompt_of(n), duration=5)
-                user = USERS[n % len(USERS)]
-                admission = await engine.submit(request, user, {"chat_id": n})
+                user = GREEDY if n < GREEDY_ASKS else USERS[n % len(USERS)]
+                try:
+                    admission = await engine.submit(request, user, {"chat_id": n})
+                except QuotaExceeded as exc:
+                    assert exc.limit == "user_jobs_per_day", exc
+                    refused += 1
+                    continue
                 job_of_prompt[prompt_of(n)] = admission.job_id
+                user_of_job[admission.job_id] = user
                 if cancel_rng.random() < 0.1:  # this user changes their mind midway
                     cancels.append(
                         asyncio.create_task(
@@ -180,7 +207,7 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
             while True:
                 told = len(platform.delivered) + len(platform.failures)
                 active = await engine.store.in_states(("queued", "submitting", "running", "ready"))
-                if not active and told >= JOBS:
+                if not active and told >= JOBS - refused:
                     break
                 assert time.monotonic() < deadline, (
                     f"seed {seed}: {len(active)} jobs still active, {told} users told; "
@@ -189,10 +216,11 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.2)  # anything told twice would show up now
             cancel_answers = dict(await asyncio.gather(*cancels))
+            cancelled_mid_download = {job_id: await task for job_id, task in mid_download.items()}
             # The per-day counters admission reads, against the job rows.
             mismatches = await engine.store.usage_mismatches()
         finally:
-            for task in cancels:
+            for task in [*cancels, *mid_download.values()]:
                 task.cancel()
             ws_chaos.cancel()
             await engine.close()
@@ -207,7 +235,27 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
     )
     where = f"(seed {seed})"
 
-    assert len(jobs) == JOBS
+    # Refused requests left nothing behind: no job, no ledger line, no provider call.
+    assert refused == GREEDY_ASKS - GREEDY_LIMIT, (refused, where)
+    assert len(jobs) == JOBS - refused
+    assert len(set(job_of_prompt.values())) == len(jobs)
+    asked_providers = {r.body["prompt"] for r in fal_fake.requests.values()} | {
+        s["body"]["prompt"] for s in ws_fake.submits
+    }
+    assert asked_providers <= set(job_of_prompt), where
+    # Slow and impossibly large files happened, and users cancelled during downloads: a
+    # cancel mid-download stops it at once; fal made the song, so it stays charged and
+    # the user's quota stays spent.
+    assert faults.get("file:drip", 0) > 0 and faults.get("file:huge", 0) > 0, (faults, where)
+    assert cancelled_mid_download, where
+    by_id = {row["id"]: row for row in jobs}
+    for job_id, answer in cancelled_mid_download.items():
+        row = by_id[job_id]
+        assert row["state"] in ("cancelled", "delivered", "failed"), (job_id, row["state"])
+        if row["state"] == "cancelled":
+            assert not row["refunded"] and row["charged_usd"], (job_id, where)
+            assert answer.state == "cancelled"
+    assert any(by_id[j]["state"] == "cancelled" for j in cancelled_mid_download), where
     # The chaos really happened, and the bot still got most songs out (failing over).
     for kind in ("rate_limit", "server_error", "stall", "malformed", "slow"):
         assert sum(v for k, v in faults.items() if k.endswith(":" + kind)) > 0, (kind, where)
@@ -267,7 +315,7 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
             ws_runs[job_id],
         )
         assert row["attempts"] >= fal_runs[job_id] + ws_runs[job_id], what
-    assert sum(delivered.values()) + sum(failed.values()) == JOBS, where
+    assert sum(delivered.values()) + sum(failed.values()) == len(jobs), where
     # And in total: the bot's charges are exactly what the providers would bill.
     charged = sum(row["charged_usd"] or 0.0 for row in jobs)
     billed = fal_fake.billed_usd() + ws_fake.billed_usd()
@@ -293,6 +341,8 @@ async def test_two_hundred_songs_survive_a_misbehaving_provider(tmp_path: Path) 
     # being stopped (back in the queue after a busy provider, say). One that came too
     # late, or lost the race to a failure (the user was told that), changes nothing.
     for row in jobs:
+        if row["id"] in cancelled_mid_download:
+            continue  # checked above
         answer = cancel_answers.get(row["id"])
         taken = answer in ("cancelled", "queued", "submitting", "running")
         assert (row["state"] == "cancelled") == taken, (row["id"], answer, row["state"], where)

@@ -110,7 +110,9 @@ async def test_cancel_stops_a_download_in_progress(tmp_path: Path) -> None:
         finally:
             await engine.close()
     assert final.state == "cancelled" and job is not None and job.state == "cancelled"
-    told = messages.failure_text(FailureKind.CANCELLED, True, None)
+    # fal made the song: it bills it, so the charge and the user's quota both stay.
+    assert not job.refunded and job.charged_usd == pytest.approx(fake.billed_usd())
+    told = messages.failure_text(FailureKind.CANCELLED, False, None)
     assert delivery.failures == [(admission.job_id, told)]
     assert delivery.delivered == []
     assert not [p for p in audio_files(settings) if p.name.startswith(admission.job_id)]

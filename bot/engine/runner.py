@@ -549,8 +549,14 @@ class JobRunner:
             )
             if fetched is None:
                 log.info("job %s cancelled during the download from %s", job.id, provider.name)
+                # The provider made the song: it is billed, and the user's quota stays spent.
                 await self.fail(
-                    job, (S.RUNNING,), FailureKind.CANCELLED, "cancelled", state=S.CANCELLED
+                    job,
+                    (S.RUNNING,),
+                    FailureKind.CANCELLED,
+                    "cancelled during the download; the provider made (and bills) it",
+                    state=S.CANCELLED,
+                    refund_quota=False,
                 )
                 return False
             info = await render.shared().check(part, expected)

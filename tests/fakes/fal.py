@@ -30,7 +30,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +94,9 @@ class Chaos:
     malformed: float = 0.0
     slow: float = 0.0
     expired: float = 0.0  # file downloads only
+    drip: float = 0.0  # file downloads only: the file comes in small pieces, slowly
+    huge: float = 0.0  # file downloads only: it says it is bigger than any song can be
+    drip_seconds: float = 1.0  # how long a dripped file takes in all
     stall_seconds: float = 1.0
     slow_seconds: float = 0.05
     # Every kind with a chance is drawn at least once within the first calls of the
@@ -105,7 +108,7 @@ class Chaos:
         """The fault for one call on `route` (submit/status/result/cancel/file), if any."""
         kinds: tuple[str, ...]
         if route == "file":
-            kinds = ("expired", "server_error", "slow")
+            kinds = ("expired", "server_error", "slow", "drip", "huge")
         else:
             kinds = ("rate_limit", "server_error", "stall", "malformed", "slow")
         group = "file" if route == "file" else "queue"
@@ -185,6 +188,9 @@ class FakeFal:
         self.audio_url: str | None = None  # put this URL in results instead of our own
         self.file_redirect: str | None = None  # answer file GETs with a 302 to here
         self.file_drip: float | None = None  # send the file a byte at a time, this far apart
+        # Called with the request id when a dripped (slow) download begins: a test may
+        # cancel the job mid-download.
+        self.on_drip: Callable[[str], None] | None = None
         # What happened.
         self.submits: list[Submit] = []
         self.requests: dict[str, FakeRequest] = {}
@@ -491,14 +497,24 @@ class FakeFal:
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         self.downloads.append(dict(request.headers))
-        _, answer = await self._chaos("file")
+        fault, answer = await self._chaos("file")
         if answer is not None:
             return answer
+        if fault == "huge":  # the CDN claims a file far bigger than a song
+            huge = web.StreamResponse(headers={"Content-Type": "audio/wav"})
+            huge.content_length = 10 * 1024**3
+            await huge.prepare(request)
+            await huge.write(b"RIFF" + b"\0" * 65536)
+            return huge
         if self.file_redirect is not None:
             raise web.HTTPFound(self.file_redirect)
         req = self.requests.get(request.match_info["request_id"])
         if req is None or req.audio is None:
             return json_response({"detail": "Not Found"}, status=404)
+        if fault == "drip" and self.chaos is not None:
+            if self.on_drip is not None:
+                self.on_drip(req.request_id)
+            return await _drip(request, req.audio, pieces=20, seconds=self.chaos.drip_seconds)
         if self.file_drip is None:
             return web.Response(body=req.audio, content_type="audio/wav")
         drip = web.StreamResponse(headers={"Content-Type": "audio/wav"})
@@ -635,3 +651,17 @@ def _log(message: str) -> dict[str, str]:
         "source": "user",
         "timestamp": "2026-01-01T00:00:00.000000",
     }
+
+
+async def _drip(
+    request: web.Request, data: bytes, *, pieces: int, seconds: float
+) -> web.StreamResponse:
+    """Send `data` in `pieces` parts spread over `seconds` (a slow CDN)."""
+    drip = web.StreamResponse(headers={"Content-Type": "audio/wav"})
+    drip.content_length = len(data)
+    await drip.prepare(request)
+    size = -(-len(data) // pieces)
+    for start in range(0, len(data), size):
+        await drip.write(data[start : start + size])
+        await asyncio.sleep(seconds / pieces)
+    return drip
