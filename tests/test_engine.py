@@ -477,3 +477,31 @@ async def test_a_job_another_engine_took_over_mid_submit_runs_and_posts_once(
     assert len(fake.cancels) == 1  # the orphaned submit was stopped at fal...
     assert len(fake.downloads) == 1  # ...and never polled to the end and downloaded
     assert job.attempts == 2 and job.recoveries == 1
+
+
+async def test_a_provider_error_that_echoes_the_key_never_reaches_the_chat_or_the_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from providers.replicate import ReplicateProvider
+    from tests.fakes.replicate import FakeReplicate
+
+    caplog.set_level(logging.DEBUG)
+    fake = FakeReplicate()
+    fake.submit_errors.append("echoes_authorization")
+    settings = make_settings(tmp_path, providers=["replicate"], replicate_api_token=fake.token)
+    delivery = RecordingDelivery()
+    async with fake.running() as url:
+        provider = ReplicateProvider(fake.token, url)
+        engine = await open_engine(settings, [provider], delivery)
+        try:
+            request = GenerationRequest.build(mode="song", tags="lofi", duration=5)
+            adm = await engine.submit(request, ALICE, {})
+            job = await wait_for_state(engine, adm.job_id, ("failed",))
+        finally:
+            await engine.close()
+    [(_, told)] = delivery.failures
+    assert fake.token not in told and "Authorization" not in told
+    assert told.startswith("The music service refused this request")
+    # The operator's copy (jobs show) and every log line have the key removed.
+    assert job.error and "[redacted]" in job.error and fake.token not in job.error
+    assert all(fake.token not in r.getMessage() for r in caplog.records)

@@ -915,3 +915,58 @@ async def test_settings_keyboard_sets_the_pressers_own_defaults(tmp_path: Path) 
         h.fake.send_text(PRIVATE, ANN, "/song quiet night duration=5")
         await h.song_message(PRIVATE)
         assert h.submitted()[0]["instrumental"] is True
+
+
+# --- hostile or unusual senders (issue 12) ---------------------------------------------
+
+# Telegram's placeholder user for messages sent on behalf of a chat.
+ANONYMOUS = FakeTelegram.user(1087968824, "Group", "GroupAnonymousBot")
+
+
+async def test_a_button_from_another_chat_does_not_replay_someone_elses_prompt(
+    tmp_path: Path,
+) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.send_text(PRIVATE, ANN, "/song my secret birthday song duration=5")
+        song = await h.song_message(PRIVATE)
+        job_id = song.button_data()[0].split(":")[1]
+        # Bob presses a forged "new take" of Ann's private song from the group.
+        group_message = h.fake.send_text(GROUP, BOB, "hello")
+        h.fake.press(GROUP, group_message, BOB, f"new:{job_id}")
+        refused = await h.fake.wait_for(
+            lambda: [c for c in h.fake.calls_of("answerCallbackQuery") if c.params.get("text")]
+        )
+        assert "made elsewhere" in refused[-1].params["text"]
+        await asyncio.sleep(0.2)
+        assert len(h.submitted()) == 1  # nothing was made again
+        assert all("birthday" not in m.text for m in h.fake.bot_messages(GROUP))
+
+
+async def test_anonymous_admins_and_channels_each_get_their_own_quota(tmp_path: Path) -> None:
+    async with running_bot(tmp_path, quota_user_jobs_per_day=1) as h:
+        group_chat = h.fake.chats[GROUP]
+        channel = {"id": -100900, "type": "channel", "title": "Our channel"}
+        h.fake.send_text(
+            GROUP, ANONYMOUS, "/song from the admins duration=5", sender_chat=group_chat
+        )
+        await h.song_message(GROUP)
+        h.fake.send_text(GROUP, ANONYMOUS, "/song from the channel duration=5", sender_chat=channel)
+        await h.song_message(GROUP, 2)
+        jobs = await h.engine.store.recent()
+        # Two senders with one song each: neither used the other's quota of one.
+        assert sorted(j.requester.user_id for j in jobs) == ["-100500", "-100900"]
+        assert {j.requester.display_name for j in jobs} == {"Music club", "Our channel"}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5", "1e300", "12.5", "7201"])
+async def test_limits_take_whole_numbers_up_to_the_operators_default_only(
+    tmp_path: Path, value: str
+) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.admins[GROUP] = {ANN["id"]}
+        asked = h.fake.send_text(GROUP, ANN, f"/limits seconds_per_day={value}")
+        reply = (await h.reply_to(GROUP, asked)).text
+        assert reply.startswith("seconds_per_day: ")
+        assert "a whole number of seconds from 0 to 7200" in reply
+        assert "Something went wrong" not in reply
+        assert await h.engine.get_limits("community", f"telegram:{GROUP}") == {}

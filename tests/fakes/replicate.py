@@ -186,7 +186,16 @@ class FakeReplicate:
         body = await request.json()
         self.submits.append(body)
         if self.submit_errors:
-            return self._problem(self.submit_errors.pop(0))
+            name = self.submit_errors.pop(0)
+            if name == "echoes_authorization":
+                # A validation answer that quotes the request back, headers included
+                # (what was seen from a misbehaving proxy in front of the API).
+                return _problem_body(
+                    422,
+                    "Input validation failed",
+                    f"bad request; headers were Authorization: {request.headers['Authorization']}",
+                )
+            return self._problem(name)
         if body.get("version") != self.version:
             return _problem_body(
                 422,

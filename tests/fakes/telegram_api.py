@@ -158,9 +158,12 @@ class FakeTelegram:
         *,
         reply_to: int | None = None,
         thread_id: int | None = None,
+        sender_chat: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """A user's message as an Update object (command entities added as Telegram does);
-        not queued: `send_text` queues it, a webhook test POSTs it."""
+        not queued: `send_text` queues it, a webhook test POSTs it. `sender_chat`: sent
+        on behalf of a chat (an anonymous group admin is the group itself, with the fixed
+        user @GroupAnonymousBot in `from`; core.telegram.org/bots/api#message)."""
         chat = self.chats.get(chat_id) or self.chat(chat_id)
         message_id = next(self._message_ids)
         msg: dict[str, Any] = {
@@ -170,6 +173,8 @@ class FakeTelegram:
             "from": user,
             "text": text,
         }
+        if sender_chat is not None:
+            msg["sender_chat"] = sender_chat
         if text.startswith("/"):
             command = text.split(maxsplit=1)[0]
             msg["entities"] = [
@@ -208,9 +213,12 @@ class FakeTelegram:
         *,
         reply_to: int | None = None,
         thread_id: int | None = None,
+        sender_chat: dict[str, Any] | None = None,
     ) -> int:
         """A user posts `text`; the bot gets it from getUpdates. Returns the message id."""
-        update = self.message_update(chat_id, user, text, reply_to=reply_to, thread_id=thread_id)
+        update = self.message_update(
+            chat_id, user, text, reply_to=reply_to, thread_id=thread_id, sender_chat=sender_chat
+        )
         self._updates.append(update)
         asyncio.get_running_loop().create_task(self._notify())
         return int(update["message"]["message_id"])
