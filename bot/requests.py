@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -48,6 +49,55 @@ class Mode(StrEnum):
 
     PROMPT = "prompt"
     SONG = "song"
+
+
+class Task(StrEnum):
+    """What is done with the music: a new song, or work on an existing one (a source)."""
+
+    GENERATE = "generate"  # a new song from text
+    EXTEND = "extend"  # the source plus new music before and/or after it
+    REMIX = "remix"  # the source re-made in other tags/lyrics (ACE-Step "cover")
+    REPAINT = "repaint"  # one window of the source re-made, the rest kept
+
+
+MAX_TAKES = 4
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SOURCE_FILE = re.compile(r"^[0-9a-f]{64}\.(mp3|wav|flac|ogg|m4a)$")
+
+
+class SourceAudio(BaseModel):
+    """The audio an edit works on: a song the bot posted, or a file a user sent.
+
+    The bytes live at `DATA_DIR/sources/<file>` (named by content hash, so a restart can
+    resubmit and the same file is stored once); `job_id` is the bot's song it came from
+    (lineage), `name` the user's file name, if any.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    sha256: str
+    seconds: float
+    file: str
+    job_id: str | None = None
+    name: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceAudio:
+        if not _SHA256.match(self.sha256):
+            raise InvalidRequest("source", self.sha256, "a lowercase hex SHA-256")
+        if not _SOURCE_FILE.match(self.file) or not self.file.startswith(self.sha256):
+            raise InvalidRequest("source", self.file, "<sha256>.<mp3|wav|flac|ogg|m4a>")
+        if not (0 < self.seconds <= MAX_DURATION) or self.seconds != self.seconds:
+            raise InvalidRequest(
+                "source",
+                self.seconds,
+                f"audio from 1 to {MAX_DURATION} seconds long",
+                problem=f"is {_num(self.seconds)} seconds long",
+            )
+        return self
+
+    def path(self, data_dir: Path) -> Path:
+        return data_dir / "sources" / self.file
 
 
 class InvalidRequest(ValueError):
@@ -257,6 +307,36 @@ class GenerationRequest(BaseModel):
     key_scale: str | None = None
     time_signature: Literal["2", "3", "4", "6"] | None = None
     audio_format: Literal["mp3", "wav", "flac"] | None = None
+    # Work on a song (issue 14). For every task but GENERATE, `source` is required and
+    # `duration` is the length of the result, derived from the source (see _derive).
+    task: Task = Task.GENERATE
+    source: SourceAudio | None = None
+    extend_before: int = 0  # EXTEND: seconds of new music before the source
+    extend_after: int = 0  # EXTEND: seconds of new music after it
+    repaint_start: float | None = None  # REPAINT: the window re-made, in source seconds
+    repaint_end: float | None = None
+    strength: float | None = None  # REMIX: 0 keeps the source, 1 ignores it
+    # How many takes (distinct seeds) the user asked for; each take is its own job.
+    takes: int = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data: Any) -> Any:
+        """An edit's duration is not the user's to choose: it follows from the source."""
+        if not isinstance(data, dict) or data.get("task", Task.GENERATE) == Task.GENERATE:
+            return data
+        source = data.get("source")
+        seconds = source.seconds if isinstance(source, SourceAudio) else None
+        if isinstance(source, dict) and isinstance(source.get("seconds"), int | float):
+            seconds = float(source["seconds"])
+        if seconds is None:
+            return data
+        total = math.ceil(seconds - 1e-6)
+        if data.get("task") == Task.EXTEND:
+            before, after = data.get("extend_before", 0), data.get("extend_after", 0)
+            if isinstance(before, int) and isinstance(after, int):
+                total += before + after
+        return {**data, "duration": total}
 
     @field_validator("prompt", "tags", mode="before")
     @classmethod
@@ -295,6 +375,7 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> GenerationRequest:
         _check_text(self)
+        _check_task(self)
         _check_range(
             "duration", self.duration, MIN_DURATION, MAX_DURATION, "a whole number of seconds"
         )
@@ -406,6 +487,66 @@ def _check_text(req: GenerationRequest) -> None:
                 f"at most {limit} characters",
                 problem=f"is too long ({len(value)} characters)",
             )
+
+
+def _check_task(req: GenerationRequest) -> None:
+    _check_range("takes", req.takes, 1, MAX_TAKES, "a whole number of takes")
+    edits = {
+        "extend_before": req.extend_before or None,
+        "extend_after": req.extend_after or None,
+        "repaint_start": req.repaint_start,
+        "repaint_end": req.repaint_end,
+        "strength": req.strength,
+    }
+    wanted = {
+        Task.GENERATE: (),
+        Task.EXTEND: ("extend_before", "extend_after"),
+        Task.REPAINT: ("repaint_start", "repaint_end"),
+        Task.REMIX: ("strength",),
+    }[req.task]
+    for name, value in edits.items():
+        if value is not None and name not in wanted:
+            raise InvalidRequest(name, value, f"only for {name.split('_')[0]}")
+    if req.task is Task.GENERATE:
+        if req.source is not None:
+            raise InvalidRequest("source", req.source.file, "only for extend, remix or repaint")
+        return
+    source = req.source
+    if source is None:
+        raise InvalidRequest("source", None, "a song to work on (a posted song or your audio)")
+    if req.task is Task.EXTEND:
+        for name in ("extend_before", "extend_after"):
+            _check_range(name, getattr(req, name), 0, MAX_DURATION, "a whole number of seconds")
+        if req.extend_before + req.extend_after < 1:
+            raise InvalidRequest("extend_after", 0, "at least 1 second before or after")
+        if req.duration > MAX_DURATION:
+            raise InvalidRequest(
+                "extend_after",
+                req.extend_before + req.extend_after,
+                f"at most {MAX_DURATION - math.ceil(source.seconds - 1e-6)} seconds in all",
+                problem=(
+                    f"would make the song {req.duration} seconds long; songs are at most "
+                    f"{MAX_DURATION} seconds"
+                ),
+            )
+    elif req.task is Task.REPAINT:
+        start, end = req.repaint_start, req.repaint_end
+        allowed = f"a window inside the song: 0 <= start < end <= {_num(source.seconds)}"
+        if start is None or end is None:
+            raise InvalidRequest(
+                "repaint_end" if start is not None else "repaint_start", None, allowed
+            )
+        if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end <= source.seconds):
+            raise InvalidRequest("repaint_start", f"{_num(start)}-{_num(end)}", allowed)
+    elif req.strength is not None and not (0 <= req.strength <= 1):
+        raise InvalidRequest("strength", req.strength, "a number from 0 to 1")
+    if req.duration < MIN_DURATION:
+        raise InvalidRequest(
+            "source",
+            source.seconds,
+            f"audio of at least {MIN_DURATION} seconds",
+            problem=f"is only {_num(source.seconds)} seconds long",
+        )
 
 
 def _check_range(field: str, value: int, low: int, high: int, what: str) -> None:

@@ -70,6 +70,7 @@ from providers.base import (
     Result,
     Running,
     Sleep,
+    SourceFile,
     Status,
     Succeeded,
     TaskLost,
@@ -321,7 +322,9 @@ class AceStepProvider(Provider):
     def _needs_lm(self, request: GenerationRequest) -> bool:
         return request.mode is Mode.PROMPT or bool(request.thinking)
 
-    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+    async def submit(
+        self, request: GenerationRequest, seed: int, source: SourceFile | None = None
+    ) -> Handle:
         """Queue one task on the least loaded server that answers (for a described song,
         its write task, on a server with the language model)."""
         render = self.build_body(request, seed)

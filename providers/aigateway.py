@@ -31,6 +31,7 @@ from providers.base import (
     Result,
     Running,
     Sleep,
+    SourceFile,
     Status,
     Succeeded,
     TaskLost,
@@ -156,7 +157,9 @@ class AIGatewayProvider(Provider):
 
     # -- the contract ---------------------------------------------------------------
 
-    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+    async def submit(
+        self, request: GenerationRequest, seed: int, source: SourceFile | None = None
+    ) -> Handle:
         """Start a job. `seed` cannot be passed on: AIgateway picks its own."""
         if not self.capabilities.can_serve(request):
             raise ValueError(

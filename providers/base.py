@@ -18,11 +18,11 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, S
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 
-from bot.requests import GenerationRequest, Mode
+from bot.requests import GenerationRequest, Mode, Task
 
 if TYPE_CHECKING:
     from providers.download import AddressPolicy
@@ -94,6 +94,9 @@ class Capabilities:
     """What a provider can do and what it costs."""
 
     modes: frozenset[Mode]
+    # What it can do with music (issue 14): a provider without EXTEND is skipped for an
+    # extend request, as one without a mode is skipped for that mode.
+    tasks: frozenset[Task] = frozenset({Task.GENERATE})
     max_duration: int = 240
     min_duration: int = 5
     # The GenerationRequest advanced options this provider passes to the model, each with
@@ -105,6 +108,7 @@ class Capabilities:
     def can_serve(self, request: GenerationRequest) -> bool:
         return (
             request.mode in self.modes
+            and request.task in self.tasks
             and self.min_duration <= request.duration <= self.max_duration
             and not self.out_of_range(request)
         )
@@ -124,6 +128,43 @@ class Capabilities:
     def wire_options(self, request: GenerationRequest) -> dict[str, Any]:
         """The honoured options under this provider's field names."""
         return wire_values(self.options, request)
+
+
+class UploadCache(Protocol):
+    """Where a provider remembers the source files it already holds (fal storage URLs,
+    WaveSpeed media URLs), so a restart mid-submit does not upload the same file twice.
+    Keyed by provider name and the file's SHA-256; `expires_at` is a `time.time()` instant
+    after which the provider no longer has it."""
+
+    async def get(self, provider: str, sha256: str) -> str | None: ...
+
+    async def put(self, provider: str, sha256: str, ref: str, expires_at: float) -> None: ...
+
+
+class MemoryUploads:
+    """An UploadCache for one process (the CLI's `generate`, tests)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[tuple[str, str], tuple[str, float]] = {}
+
+    async def get(self, provider: str, sha256: str) -> str | None:
+        import time
+
+        found = self._refs.get((provider, sha256))
+        return found[0] if found and found[1] > time.time() else None
+
+    async def put(self, provider: str, sha256: str, ref: str, expires_at: float) -> None:
+        self._refs[(provider, sha256)] = (ref, expires_at)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """The source audio of an edit (request.source), on disk, as handed to `submit`."""
+
+    path: Path
+    sha256: str
+    seconds: float
+    uploads: UploadCache
 
 
 @dataclass(frozen=True)
@@ -275,8 +316,18 @@ class Provider(ABC):
         self.client = client
 
     @abstractmethod
-    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
-        """Start one generation with this concrete seed. Never retried blindly."""
+    async def submit(
+        self, request: GenerationRequest, seed: int, source: SourceFile | None = None
+    ) -> Handle:
+        """Start one generation with this concrete seed. Never retried blindly.
+
+        `source` is given exactly when `request.task` is not GENERATE (only to providers
+        whose capabilities list that task)."""
+
+    def billed_seconds(self, request: GenerationRequest) -> float:
+        """Seconds of audio this provider bills for the request (its documented price
+        for that task: some bill the whole result of an edit, some only what is new)."""
+        return float(request.duration)
 
     @abstractmethod
     async def poll(self, handle: Handle) -> Status:

@@ -35,6 +35,7 @@ from providers.base import (
     Result,
     Running,
     Sleep,
+    SourceFile,
     Status,
     Succeeded,
     Unavailable,
@@ -126,7 +127,9 @@ class FalProvider(Provider):
 
     # ----- the provider contract -------------------------------------------------------
 
-    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+    async def submit(
+        self, request: GenerationRequest, seed: int, source: SourceFile | None = None
+    ) -> Handle:
         """Queue one generation at fal; exactly one POST, never retried."""
         endpoint, body = self.build_input(request, seed)
         resp = await self._send("POST", f"{self.queue_url}/{endpoint}", phase="submit", json=body)

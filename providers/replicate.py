@@ -38,6 +38,7 @@ from providers.base import (
     Result,
     Running,
     Sleep,
+    SourceFile,
     Status,
     Succeeded,
     Unavailable,
@@ -133,7 +134,9 @@ class ReplicateProvider(Provider):
         body.update(self.capabilities.wire_options(request))
         return body
 
-    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+    async def submit(
+        self, request: GenerationRequest, seed: int, source: SourceFile | None = None
+    ) -> Handle:
         """Create one prediction. Never retried: a lost answer may still be billed."""
         model_input = self.build_input(request, seed)
         payload = {"version": self.version, "input": model_input}

@@ -91,8 +91,10 @@ class Router:
         limits: dict[str, list[tuple[str, str]]] = {}
         for provider in self.providers.values():
             caps = provider.capabilities
-            if request.mode not in caps.modes or not (
-                caps.min_duration <= request.duration <= caps.max_duration
+            if (
+                request.mode not in caps.modes
+                or request.task not in caps.tasks
+                or not (caps.min_duration <= request.duration <= caps.max_duration)
             ):
                 continue
             for name, allowed in caps.out_of_range(request):
@@ -115,4 +117,4 @@ def _price(provider: Provider, request: GenerationRequest) -> float:
 
 def price_of(provider: Provider, request: GenerationRequest) -> float:
     """USD this provider charges for this request."""
-    return _price(provider, request) * request.duration
+    return _price(provider, request) * provider.billed_seconds(request)

@@ -28,6 +28,7 @@ from providers.base import (
     Result,
     Running,
     Sleep,
+    SourceFile,
     Status,
     Succeeded,
     TaskLost,
@@ -160,7 +161,9 @@ class WaveSpeedProvider(Provider):
 
     # -- the contract ---------------------------------------------------------------
 
-    async def submit(self, request: GenerationRequest, seed: int) -> Handle:
+    async def submit(
+        self, request: GenerationRequest, seed: int, source: SourceFile | None = None
+    ) -> Handle:
         if not self.capabilities.can_serve(request):
             raise ValueError(
                 f"{self.name} cannot serve a {request.mode} request of {request.duration} s"
