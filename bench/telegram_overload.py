@@ -46,7 +46,7 @@ from tests.fakes.http import serve  # noqa: E402
 from tests.fakes.telegram_api import BotApiLimits, FakeTelegram  # noqa: E402
 
 GROUP = -100777
-REPLY_METHODS = ("sendMessage",)  # replies to commands (and status messages) go out so
+REPLY_METHODS = ("sendMessage",)  # replies to commands (and status posts) go out so
 
 
 async def run(
@@ -138,13 +138,15 @@ async def run(
     waits = [replies_at[m] - t for m, (_, t) in help_asked.items() if m in replies_at]
     unanswered = len(help_asked) - len(waits)
     refused = Counter(c.method for c in fake.calls if c.answered_status == 429)
-    reply_429 = sum(
-        1
+    answered_to = [
+        c.params["reply_parameters"].get("message_id")
         for c in fake.calls
         if c.answered_status == 429
         and c.method == "sendMessage"
-        and c.params.get("reply_parameters")
-    )
+        and isinstance(c.params.get("reply_parameters"), dict)
+    ]
+    reply_429 = sum(1 for m in answered_to if m not in asked)  # /help answers
+    status_429 = sum(1 for m in answered_to if m in asked)  # a /song's first status
     group_attempts = sorted(
         c.at
         for c in fake.calls
@@ -167,7 +169,9 @@ async def run(
         "seconds": round((songs_done_at or time.monotonic()) - started, 1),
         "finished": songs_done_at is not None,
         "429_by_method": dict(refused),
-        "429_on_replies": reply_429,
+        "429_on_replies": reply_429 + status_429,
+        "429_on_help": reply_429,
+        "429_on_status_posts": status_429,
         "help_asked": len(help_asked),
         "help_unanswered": unanswered,
         "help_p50_s": percentile(waits, 50),
@@ -212,7 +216,8 @@ def main() -> None:
         "delivered",
         "lost",
         "429s",
-        "429 on replies",
+        "429 on /help",
+        "429 on status posts",
         "/help p50 s",
         "p99 s",
         "group peak/min",
@@ -227,7 +232,8 @@ def main() -> None:
             r["delivered"],
             r["lost"],
             sum(r["429_by_method"].values()),
-            r["429_on_replies"],
+            r["429_on_help"],
+            r["429_on_status_posts"],
             r["help_p50_s"],
             r["help_p99_s"],
             r["group_peak_attempts_per_minute"],

@@ -21,6 +21,7 @@ from bot.chat.markup import Text
 from bot.chat.replies import HelpStyle, Reply, StatusView, welcome_reply
 from bot.frontends import telegram_render as render
 from bot.frontends.telegram_outlet import reply_to
+from bot.frontends.telegram_pacing import Priority
 from bot.frontends.telegram_parse import (
     command_args,
     option_usage,
@@ -149,6 +150,7 @@ class TelegramPlace:
             reply_markup=render.keyboard(view.buttons),
             message_thread_id=self.thread_id,
             reply_parameters=reply_to(self.message.message_id),
+            rate_limit_args={"priority": Priority.OPEN},
         )
         return {"status_message_id": status.message_id}
 

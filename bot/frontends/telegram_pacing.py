@@ -7,8 +7,9 @@ Plugged into python-telegram-bot as its rate limiter, so every Bot API call pass
 One scheduler for the whole bot:
 - each chat has a queue; a chat's budget (aiolimiter leaky buckets) decides when its next
   message may go, and the global budget is handed out by priority across chats;
-- priorities: replies to commands first, then songs, then final notices, then status
-  edits; a final song or notice is never dropped;
+- priorities: replies to commands first, then the first status message of an admitted
+  song, then songs, then final notices, then status edits; a final song or notice is
+  never dropped;
 - status edits are coalesced: a newer edit of the same message replaces one still
   waiting (only the latest state is sent), and an edit that waited too long is dropped;
 - chat actions ("uploading a voice message...") are sent only when the chat is idle;
@@ -53,10 +54,13 @@ class Priority(IntEnum):
     """Lower goes first."""
 
     REPLY = 0  # an answer to a command or a button press
-    SONG = 1  # a finished song (never dropped)
-    NOTICE = 2  # a final status, a failure notice (never dropped)
-    STATUS = 3  # a progress edit (coalesced, dropped when stale)
-    ACTION = 4  # a chat action (only when the chat is idle)
+    # The first status message of a song already admitted: after the answers, so 500
+    # /song acknowledgements at once do not hold up everyone else's /help (never dropped).
+    OPEN = 1
+    SONG = 2  # a finished song (never dropped)
+    NOTICE = 3  # a final status, a failure notice (never dropped)
+    STATUS = 4  # a progress edit (coalesced, dropped when stale)
+    ACTION = 5  # a chat action (only when the chat is idle)
 
 
 # Calls that are not messages in a chat: Telegram's chat limits do not apply.
