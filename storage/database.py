@@ -57,10 +57,11 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 T = TypeVar("T")
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """The numbered SQL migrations shipped in storage/migrations, in order."""
+def migrations(package: str = "storage.migrations") -> list[tuple[int, str, str]]:
+    """The numbered SQL migrations shipped in storage/migrations (PostgreSQL's in
+    storage/migrations/postgresql, numbered to match), in order."""
     found = []
-    for entry in resources.files("storage.migrations").iterdir():
+    for entry in resources.files(package).iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text("utf-8")))
@@ -80,7 +81,7 @@ class _ConnectionThread:
         self.calls = 0  # hand-offs so far (bench/engine.py reports them per job)
         self.busy_s = 0.0  # wall time spent running calls (waits for the GIL included)
         self.cpu_s = 0.0  # CPU time of the thread
-        self.conn: sqlite3.Connection | None = None
+        self.conn: Any = None  # sqlite3.Connection, or storage.pg.PgConnection
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()

@@ -1,4 +1,4 @@
-"""The SQLite store: job rows, quota reservations, the usage ledger and the per-day
+"""The store, on SQLite or PostgreSQL (storage/pg.py): job rows, quota reservations, the usage ledger and the per-day
 counters. The only place job SQL lives.
 
 Each public method is one function run on the database's writer or reader thread
@@ -30,6 +30,7 @@ from bot.models import (
 from bot.requests import GenerationRequest
 from storage.community import CommunityStore
 from storage.database import Database
+from storage.pg import PgDatabase
 from storage.quota import (
     COMMUNITY_KEYS,
     USER_KEYS,
@@ -89,20 +90,23 @@ _UPSERT_COUNTERS = (
     f"INSERT INTO usage_daily (scope, day, subject, {', '.join(COLUMNS)})"
     f" VALUES (?, ?, ?, {', '.join('?' * len(COLUMNS))})"
     " ON CONFLICT (scope, day, subject) DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in COLUMNS)
+    + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in COLUMNS)
 )
 _COUNTER_READ = (
     "SELECT quota_jobs, quota_seconds, spend_usd FROM usage_daily"
     " WHERE scope = ? AND day = ? AND subject = ?"
 )
+# LIMIT for "all rows" that both SQLite and PostgreSQL take.
+_NO_LIMIT = 2**62
 # SQLite limits bound parameters; chunk well below the lowest default (999).
 _CHUNK = 500
 
 
 class JobStore:
-    """Jobs, quotas and the ledger on one SQLite Database (implements storage.store.Store)."""
+    """Jobs, quotas and the ledger on one SQLite or PostgreSQL database (implements
+    storage.store.Store)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database | PgDatabase) -> None:
         self.db = db
         self.community = CommunityStore(db)  # song defaults and ban lists, same database
 
@@ -597,9 +601,10 @@ class JobStore:
                     f"SELECT CASE WHEN subject = '' THEN ? ELSE subject END AS name, {sums},"
                     " COUNT(*) OVER () FROM usage_daily WHERE scope = ? AND day >= ?"
                     " GROUP BY subject HAVING SUM(jobs) > 0"
-                    " ORDER BY ROUND(SUM(charged_usd), 9) DESC, SUM(delivered) DESC, name"
+                    " ORDER BY ROUND(CAST(SUM(charged_usd) AS NUMERIC), 9) DESC,"
+                    " SUM(delivered) DESC, name"
                     " LIMIT ?",
-                    (empty, group, first_day, -1 if top is None else top),
+                    (empty, group, first_day, _NO_LIMIT if top is None else top),
                 ).fetchall()
                 groups[group] = [_stats_row(r, empty) for r in rows]
                 counts[group] = int(rows[0][-1]) if rows else 0
@@ -670,7 +675,9 @@ class JobStore:
             # Days before this one may have lost rows: the counters are their record now.
             conn.execute(
                 "INSERT INTO storage_state (name, value) VALUES ('pruned_before_day', ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)",
+                " ON CONFLICT (name) DO UPDATE SET value = CASE"
+                " WHEN excluded.value > storage_state.value THEN excluded.value"
+                " ELSE storage_state.value END",
                 (first_kept_day,),
             )
             return deleted

@@ -1,7 +1,8 @@
 """The storage API the engine, front-ends and CLI use, and `open_store()` to get one.
 
-`Store` is what a backend implements: SQLite (`storage.jobs.JobStore`, the embedded
-default) today; a PostgreSQL store can implement the same methods later. Every method is
+`Store` is what `storage.jobs.JobStore` implements, on SQLite (storage/database.py, the
+embedded default) or PostgreSQL (storage/pg.py, DATABASE_URL): one implementation, the
+same SQL, for both. Every method is
 one transaction of the backend. Quota rules are shared (storage/quota.py), and so is what
 a job counts in the per-day counters (storage/tally.py).
 """
@@ -161,11 +162,15 @@ class Store(Protocol):
 
 
 async def connect_store(settings: Settings, *, migrate: bool = True) -> Store:
-    """The configured store, open (and migrated unless `migrate` is False): the SQLite
-    file under DATA_DIR. The caller closes it."""
+    """The configured store, open (and migrated unless `migrate` is False): PostgreSQL
+    when DATABASE_URL is set, else the SQLite file under DATA_DIR. The caller closes it."""
     from storage.database import Database
     from storage.jobs import JobStore
+    from storage.pg import PgDatabase
 
+    url = settings.secret("database_url")
+    if url:
+        return JobStore(await PgDatabase.open(url, label=settings.database_label, migrate=migrate))
     return JobStore(await Database.open(settings.db_path, migrate=migrate))
 
 
