@@ -1,5 +1,6 @@
-"""The store, on SQLite or PostgreSQL (storage/pg.py): job rows, quota reservations, the usage ledger and the per-day
-counters. The only place job SQL lives.
+"""The store, on SQLite or PostgreSQL (storage/pg.py): job rows, quota reservations, the
+usage ledger and the per-day counters. The only place job SQL lives, one implementation
+for both databases.
 
 Each public method is one function run on the database's writer or reader thread
 (storage/database.py): one thread hop per transaction, however many statements. Every

@@ -58,7 +58,7 @@ class Row(tuple[Any, ...]):
 
     _index: dict[str, int] = {}
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             return tuple.__getitem__(self, self._index[key])
         return tuple.__getitem__(self, key)
@@ -177,7 +177,7 @@ class PgDatabase:
             self._connect(worker, read_only=read_only)  # the server restarted: reconnect
             conn = worker.conn
         assert conn is not None
-        return conn  # type: ignore[no-any-return]
+        return conn
 
     # ---- running work ----------------------------------------------------------------
 
@@ -197,6 +197,11 @@ class PgDatabase:
             except psycopg.Error as exc:
                 with contextlib.suppress(psycopg.Error):
                     conn.raw.execute("ROLLBACK")
+                if isinstance(exc, psycopg.errors.LockNotAvailable):
+                    raise StorageError(
+                        "database is busy: locked by another writer past the lock timeout"
+                        f" ({self.lock_timeout_ms} ms)"
+                    ) from None
                 raise StorageError(f"database is busy or unwritable: {_first_line(exc)}") from None
             try:
                 result = fn(conn)

@@ -16,8 +16,8 @@ import pytest
 from bot.models import Job, Requester
 from bot.requests import GenerationRequest
 from bot.settings import Settings
-from tests.conftest import open_db
 from storage.jobs import JobStore, Limits, QuotaRefusal, day_start, next_reset
+from tests.conftest import open_db
 
 NOON = 1_790_000_000.0 - (1_790_000_000.0 % 86400) + 12 * 3600  # a UTC noon
 
