@@ -155,6 +155,8 @@ class Database:
     """An open SQLite file in WAL mode with migrations applied: `write` and `read` each
     run one function on the writer's or the reader's connection."""
 
+    dialect = "sqlite"
+
     def __init__(
         self, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, synchronous: str = SYNCHRONOUS
     ) -> None:
@@ -231,10 +233,11 @@ class Database:
 
     # ---- running work ----------------------------------------------------------------
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, exclusive: bool = True) -> T:
         """Run `fn(conn)` as one write transaction (BEGIN IMMEDIATE ... COMMIT) on the
         writer thread, rolled back if it raises. StorageError when the database is
-        locked by another process past the busy timeout, full or unwritable."""
+        locked by another process past the busy timeout, full or unwritable. Every
+        SQLite write is exclusive (`exclusive` is for PostgreSQL, storage/pg.py)."""
         worker = self._writer
 
         def transaction() -> T:
@@ -334,9 +337,10 @@ class Database:
 
         def apply(conn: sqlite3.Connection) -> list[str]:
             applied = []
-            current = _schema_version(conn)
+            _schema_version(conn)
+            done = _applied_versions(conn)
             for version, name, sql in migrations():
-                if version <= current:
+                if version in done:  # any number missing, not only those above the last
                     continue
                 for statement in _statements(sql):
                     conn.execute(statement)
@@ -379,6 +383,10 @@ class Database:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
 
         await worker.call(probe)
+
+
+def _applied_versions(conn: Any) -> set[int]:
+    return {int(row[0]) for row in conn.execute("SELECT version FROM schema_migrations")}
 
 
 def _schema_version(conn: sqlite3.Connection) -> int:

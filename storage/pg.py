@@ -265,9 +265,10 @@ class PgDatabase:
 
         def apply(conn: PgConnection) -> list[str]:
             applied = []
-            current = _schema_version(conn)
+            _schema_version(conn)
+            done = _applied_versions(conn)
             for version, name, sql in migrations(MIGRATIONS_PACKAGE):
-                if version <= current:
+                if version in done:  # any number missing, not only those above the last
                     continue
                 for statement in _statements(sql):
                     conn.raw.execute(statement)
@@ -308,6 +309,10 @@ class PgDatabase:
                 raise StorageError(f"database is not writable: {_first_line(exc)}") from None
 
         await worker.call(probe)
+
+
+def _applied_versions(conn: Any) -> set[int]:
+    return {int(row[0]) for row in conn.execute("SELECT version FROM schema_migrations")}
 
 
 def _schema_version(conn: PgConnection) -> int:

@@ -97,6 +97,10 @@ class Store(Protocol):
         usd: float,
         spend_cap_usd: float | None,
         now: float | None = None,
+        *,
+        owner: str | None = None,
+        lease_seconds: float | None = None,
+        concurrency: int | None = None,
         **fields: Any,
     ) -> bool: ...
     async def credit_run(
@@ -122,6 +126,29 @@ class Store(Protocol):
         failure: FailureKind | None = None,
         refund_quota: bool = True,
     ) -> bool: ...
+
+    # leases (several processes on one database) and singletons
+    async def claim(
+        self,
+        job_id: str,
+        owner: str,
+        instance: str,
+        states: tuple[str, ...],
+        lease_seconds: float,
+        now: float | None = None,
+    ) -> Job | None: ...
+    async def renew_leases(
+        self, owner: str, lease_seconds: float, now: float | None = None
+    ) -> set[str]: ...
+    async def lapsed(
+        self, states: tuple[str, ...], owner: str, instance: str, now: float | None = None
+    ) -> list[Job]: ...
+    async def in_flight(self, exclude_owner: str | None = None) -> dict[str, int]: ...
+    async def hold_singleton(
+        self, name: str, owner: str, ttl: float, now: float | None = None
+    ) -> bool: ...
+    async def release_singleton(self, name: str, owner: str) -> bool: ...
+    async def singleton_owner(self, name: str, now: float | None = None) -> str | None: ...
 
     # reads
     async def get(self, job_id: str) -> Job | None: ...
