@@ -113,6 +113,12 @@ class JobStore:
         self.db = db
         self.community = CommunityStore(db)  # song defaults and ban lists, same database
 
+    @property
+    def shared(self) -> bool:
+        """Whether several bot processes may work on this database at once (PostgreSQL;
+        a SQLite file has one working process, bot/datalock.py)."""
+        return self.db.dialect == "postgresql"
+
     async def close(self) -> None:
         await self.db.close()
 

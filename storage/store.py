@@ -69,6 +69,8 @@ class Store(Protocol):
 
     @property
     def community(self) -> CommunityData: ...
+    @property
+    def shared(self) -> bool: ...  # several processes may work on it (PostgreSQL)
 
     # admission and quota
     async def admit(

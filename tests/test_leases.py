@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.engine.leases import instance_id, new_owner
 from bot.models import Requester
 from bot.settings import Settings
 from providers.fal import FalProvider
@@ -246,3 +247,21 @@ async def test_a_provider_limit_holds_across_processes(tmp_path: Path, pg_cluste
                 await engine.close()
     assert peak == 1  # one song at a time at fal, from both processes together
     assert sorted(deliveries[0].delivered_ids() + deliveries[1].delivered_ids()) == sorted(ids)
+
+
+def test_an_instance_is_the_data_dir_on_sqlite_and_host_and_data_dir_on_postgresql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lite = make_settings(tmp_path / "a")
+    pg = make_settings(tmp_path / "a", database_url="postgresql://db/bot")
+    monkeypatch.setattr("socket.gethostname", lambda: "container-1")
+    first_lite, first_pg = instance_id(lite), instance_id(pg)
+    monkeypatch.setattr("socket.gethostname", lambda: "container-2")  # recreated
+    # SQLite: the same file, so the same instance: its jobs come back at once.
+    assert instance_id(lite) == first_lite
+    # PostgreSQL: another host may be another machine with its own /data.
+    assert instance_id(pg) != first_pg
+    assert instance_id(make_settings(tmp_path / "b")) != first_lite
+    assert "/" not in first_lite and "/" not in first_pg
+    owner = new_owner(first_pg)
+    assert owner.startswith(first_pg + "/") and owner != new_owner(first_pg)
