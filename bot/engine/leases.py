@@ -6,11 +6,12 @@ lease it holds every third of that. Another process takes a job over only once i
 lease has run out: its owner stopped renewing because it died or lost the database.
 
 The rule for a restart: an owner is "<instance>/<run>", the instance being this host
-and this data directory (on SQLite, the data directory). `acestep-bot run` and `generate` hold the data directory's lock
-(bot/datalock.py), so one process at a time works as an instance; a new run of the same
-instance therefore knows every earlier run of it is dead, and takes their jobs back at
-once, as a restarted single process always has, without waiting for their leases. A
-process on another host or data directory is another instance and waits.
+and this data directory (on SQLite, the data directory). `acestep-bot run` and
+`generate` hold the data directory's lock (bot/datalock.py), so one process at a time
+works as an instance; a new run of the same instance therefore knows every earlier run
+of it is dead, and takes their jobs back at once, as a restarted single process always
+has, without waiting for their leases. A process on another host or data directory is
+another instance and waits.
 """
 
 from __future__ import annotations
