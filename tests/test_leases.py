@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from bot.engine import Engine
 from bot.engine.leases import instance_id, new_owner
 from bot.models import Requester
 from bot.settings import Settings
 from providers.fal import FalProvider
 from storage.jobs import JobStore
 from tests.conftest import make_settings, open_db
-from tests.enginekit import RecordingDelivery, open_engine, wait_for_state
+from tests.enginekit import FAST, RecordingDelivery, open_engine, wait_for_state
 from tests.fakes.fal import FakeFal
 from tests.opskit import seed_job
 from tests.pgcluster import Cluster
@@ -265,3 +266,36 @@ def test_an_instance_is_the_data_dir_on_sqlite_and_host_and_data_dir_on_postgres
     assert "/" not in first_lite and "/" not in first_pg
     owner = new_owner(first_pg)
     assert owner.startswith(first_pg + "/") and owner != new_owner(first_pg)
+
+
+async def test_a_cancel_in_one_process_stops_the_song_another_runs(
+    tmp_path: Path, pg_cluster: Cluster
+) -> None:
+    url = pg_cluster.new_database()
+    fake = FakeFal(queue_polls=10**6)
+    fake.streams = False
+    seen_a = RecordingDelivery()
+    async with fake.running() as fal_url:
+        worker = await open_engine(
+            make_settings(tmp_path / "a", database_url=url), [fal(fake, fal_url)], seen_a
+        )
+        # A process that admits and cancels but runs no jobs (platforms=set()).
+        chat = await Engine.open(
+            make_settings(tmp_path / "b", database_url=url),
+            [fal(fake, fal_url)],
+            options=FAST,
+            platforms=set(),
+        )
+        await chat.start()
+        try:
+            adm = await chat.submit(prompt(), ALICE, {"channel_id": "1"})  # admitted here
+            running = await wait_for_state(worker, adm.job_id, ("running",))  # runs there
+            assert running.owner == worker.owner
+            await chat.cancel(adm.job_id, ALICE)
+            done = await wait_for_state(worker, adm.job_id, ("cancelled",), timeout=15)
+        finally:
+            await worker.close()
+            await chat.close()
+    assert len(fake.cancels) == 1 and fake.submit_count == 1  # stopped at the provider
+    assert [jid for jid, _ in seen_a.failures] == [adm.job_id]
+    assert done.failure is not None and done.failure.value == "cancelled"
