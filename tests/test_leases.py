@@ -58,12 +58,12 @@ async def test_a_job_is_taken_over_only_after_its_lease_runs_out(
     states = ("submitting", "running")
     # B may not take A's live job, however often it asks.
     assert await b.claim(job_id, B, B_INSTANCE, states, 60, now=NOW + 30) is None
-    assert await b.lapsed(states, B_INSTANCE, now=NOW + 30) == []
+    assert await b.lapsed(states, B, B_INSTANCE, now=NOW + 30) == []
     # A renews; B still cannot take it past the first lease's end.
     assert await a.renew_leases(A, 60, now=NOW + 40) == {job_id}
     assert await b.claim(job_id, B, B_INSTANCE, states, 60, now=NOW + 90) is None
     # A stops renewing (it died): once the lease has run out, B takes the job.
-    assert [j.id for j in await b.lapsed(states, B_INSTANCE, now=NOW + 101)] == [job_id]
+    assert [j.id for j in await b.lapsed(states, B, B_INSTANCE, now=NOW + 101)] == [job_id]
     taken = await b.claim(job_id, B, B_INSTANCE, states, 60, now=NOW + 101)
     assert taken is not None and taken.owner == B
     # A, back from a long pause, finds it no longer holds the job.
@@ -82,7 +82,8 @@ async def test_a_restarted_process_takes_its_own_old_jobs_at_once(
         job_id, f"{A_INSTANCE}/run2", A_INSTANCE, ("submitting",), 60, now=NOW + 1
     )
     assert again is not None and again.owner == f"{A_INSTANCE}/run2"
-    assert await a.lapsed(("submitting",), A_INSTANCE, now=NOW + 500) == []  # its own
+    # Once it holds the job, it is not "lapsed" to itself, however late.
+    assert await a.lapsed(("submitting",), f"{A_INSTANCE}/run2", A_INSTANCE, now=NOW + 500) == []
     # A different data directory on the same host is another process: it waits.
     other = ("hostA:/data/x/r", "hostA:/data/x")
     assert await a.claim(job_id, *other, ("submitting",), 60, now=NOW + 2) is None

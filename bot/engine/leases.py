@@ -115,7 +115,7 @@ class LeaseKeeper:
                     job.owner,
                 )
                 task.cancel()
-        for job in await self.store.lapsed(HELD_STATES, self.instance):
+        for job in await self.store.lapsed(HELD_STATES, self.owner, self.instance):
             if self.tasks.running(job.id):
                 continue
             result = self.take_over(job)
