@@ -107,6 +107,7 @@ class TelegramFrontend(ChatDelivery):
         poll_timeout: int = 30,
         flood_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         pacing: PacedSender | None = None,
+        receive: bool = True,
     ) -> None:
         token = settings.secret("telegram_token")
         if not token:
@@ -114,7 +115,9 @@ class TelegramFrontend(ChatDelivery):
         self.settings = settings
         self.api_url = settings.telegram_api_url.rstrip("/")
         self.poll_timeout = poll_timeout
-        self._webhook_url = settings.telegram_webhook_url
+        # A worker (`--role worker`) only sends: no getUpdates, no webhook, no menu.
+        self.receive = receive
+        self._webhook_url = settings.telegram_webhook_url if receive else None
         self._updates_request = ConfirmAfterHandling()
         self.pacing = pacing or PacedSender(
             sleep=flood_sleep,
@@ -134,7 +137,7 @@ class TelegramFrontend(ChatDelivery):
             .write_timeout(30.0)
             .media_write_timeout(300.0)
         )
-        if self._webhook_url:
+        if self._webhook_url or not receive:
             builder = builder.updater(None)
         self.app: TgApp = builder.build()
         self._updates_request.update_queue = self.app.update_queue
@@ -173,10 +176,11 @@ class TelegramFrontend(ChatDelivery):
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("httpcore").setLevel(logging.WARNING)
         await self.app.initialize()
-        try:
-            await self.app.bot.set_my_commands(MENU)
-        except TelegramError as exc:  # only the menu is missing; commands still work
-            log.warning("telegram: could not set the command menu: %s", exc)
+        if self.receive:
+            try:
+                await self.app.bot.set_my_commands(MENU)
+            except TelegramError as exc:  # only the menu is missing; commands still work
+                log.warning("telegram: could not set the command menu: %s", exc)
         await self.app.start()
         if self.webhook is not None:
             await self.webhook.start()
@@ -190,7 +194,7 @@ class TelegramFrontend(ChatDelivery):
         log.info(
             "telegram: running as @%s (%s)",
             self.app.bot.username,
-            "webhook" if self.webhook else "long polling",
+            "webhook" if self.webhook else "long polling" if self.receive else "sending only",
         )
 
     @property
@@ -198,6 +202,8 @@ class TelegramFrontend(ChatDelivery):
         """Receiving updates (polling or the webhook receiver), for the health check."""
         if not self.app.running:
             return False
+        if not self.receive:
+            return True
         if self.webhook is not None:
             return self.webhook.running
         return self.app.updater is not None and self.app.updater.running
