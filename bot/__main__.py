@@ -500,7 +500,7 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
         version = await store.schema_version()
         if applied:
             print(f"applied: {', '.join(applied)}")
-        print(f"database {settings.db_path} is at schema version {version}")
+        print(f"database {settings.database_label} is at schema version {version}")
         return EXIT_OK
 
     return with_store(settings, upgrade, migrate=False)
@@ -509,6 +509,13 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_db_backup(settings: Settings, args: argparse.Namespace) -> int:
     from storage.database import backup
 
+    if settings.secret("database_url"):
+        print(
+            "error: DATABASE_URL is PostgreSQL: back it up with pg_dump"
+            " (db backup copies the SQLite file)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     dest: Path = args.path
     if dest.is_dir():
         dest = dest / f"acestep-bot-{datetime.now(UTC):%Y%m%d-%H%M%S}.sqlite3"

@@ -137,6 +137,8 @@ class Job:
     # A posted song its requester or an admin removed: the row stays for the ledger.
     deleted_at: float | None = None
     deleted_by: str | None = None  # "platform:user_id"
+    owner: str | None = None  # the process working on it (storage JobStore.claim)
+    lease_expires: float | None = None  # until when, unless it renews
 
     @property
     def deleted(self) -> bool:

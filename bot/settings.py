@@ -96,6 +96,10 @@ class Settings(BaseSettings):
 
     # Storage and logs
     data_dir: Path = Path("./data")
+    # Unset: the SQLite file in DATA_DIR. `postgresql://user:password@host/db`: PostgreSQL,
+    # shared by several bot processes (a secret: it may hold a password).
+    database_url: SecretStr | None = None
+    lease_seconds: int = Field(default=60, ge=3, le=3600)  # a process's hold on a job
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -148,6 +152,19 @@ class Settings(BaseSettings):
             )
         return names
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        scheme = value.get_secret_value().split("://", 1)[0].lower()
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                "DATABASE_URL must start with postgresql:// (leave it unset for the SQLite"
+                " file in DATA_DIR)"
+            )
+        return value
+
     @field_validator("log_format")
     @classmethod
     def _log_format(cls, value: str) -> str:
@@ -158,6 +175,13 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "acestep-bot.sqlite3"
+
+    @property
+    def database_label(self) -> str:
+        """Where the data lives, for messages: the SQLite path, or PostgreSQL's URL with
+        its password masked."""
+        url = self.secret("database_url")
+        return mask_url_passwords(url) if url else str(self.db_path)
 
     @property
     def audio_dir(self) -> Path:

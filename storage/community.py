@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from storage.database import Database
+from storage.pg import PgDatabase
 
 SCOPES = ("user", "community")
 # A community's ban list holds at most this many phrases (each checked on every request).
@@ -28,7 +29,7 @@ class CommunityStore:
     """Song defaults per user and community, and each community's banned phrases. Each
     method is one transaction on the database's writer or reader thread."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database | PgDatabase) -> None:
         self.db = db
 
     # ---- song defaults ---------------------------------------------------------------

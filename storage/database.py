@@ -57,10 +57,11 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 T = TypeVar("T")
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """The numbered SQL migrations shipped in storage/migrations, in order."""
+def migrations(package: str = "storage.migrations") -> list[tuple[int, str, str]]:
+    """The numbered SQL migrations shipped in storage/migrations (PostgreSQL's in
+    storage/migrations/postgresql, numbered to match), in order."""
     found = []
-    for entry in resources.files("storage.migrations").iterdir():
+    for entry in resources.files(package).iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text("utf-8")))
@@ -80,7 +81,7 @@ class _ConnectionThread:
         self.calls = 0  # hand-offs so far (bench/engine.py reports them per job)
         self.busy_s = 0.0  # wall time spent running calls (waits for the GIL included)
         self.cpu_s = 0.0  # CPU time of the thread
-        self.conn: sqlite3.Connection | None = None
+        self.conn: Any = None  # sqlite3.Connection, or storage.pg.PgConnection
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -153,6 +154,8 @@ def _connect(
 class Database:
     """An open SQLite file in WAL mode with migrations applied: `write` and `read` each
     run one function on the writer's or the reader's connection."""
+
+    dialect = "sqlite"
 
     def __init__(
         self, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, synchronous: str = SYNCHRONOUS
@@ -230,10 +233,11 @@ class Database:
 
     # ---- running work ----------------------------------------------------------------
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, exclusive: bool = True) -> T:
         """Run `fn(conn)` as one write transaction (BEGIN IMMEDIATE ... COMMIT) on the
         writer thread, rolled back if it raises. StorageError when the database is
-        locked by another process past the busy timeout, full or unwritable."""
+        locked by another process past the busy timeout, full or unwritable. Every
+        SQLite write is exclusive (`exclusive` is for PostgreSQL, storage/pg.py)."""
         worker = self._writer
 
         def transaction() -> T:
@@ -333,9 +337,10 @@ class Database:
 
         def apply(conn: sqlite3.Connection) -> list[str]:
             applied = []
-            current = _schema_version(conn)
+            _schema_version(conn)
+            done = _applied_versions(conn)
             for version, name, sql in migrations():
-                if version <= current:
+                if version in done:  # any number missing, not only those above the last
                     continue
                 for statement in _statements(sql):
                     conn.execute(statement)
@@ -378,6 +383,10 @@ class Database:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
 
         await worker.call(probe)
+
+
+def _applied_versions(conn: Any) -> set[int]:
+    return {int(row[0]) for row in conn.execute("SELECT version FROM schema_migrations")}
 
 
 def _schema_version(conn: sqlite3.Connection) -> int:

@@ -1,5 +1,6 @@
-"""The SQLite store: job rows, quota reservations, the usage ledger and the per-day
-counters. The only place job SQL lives.
+"""The store, on SQLite or PostgreSQL (storage/pg.py): job rows, quota reservations, the
+usage ledger and the per-day counters. The only place job SQL lives, one implementation
+for both databases.
 
 Each public method is one function run on the database's writer or reader thread
 (storage/database.py): one thread hop per transaction, however many statements. Every
@@ -30,6 +31,7 @@ from bot.models import (
 from bot.requests import GenerationRequest
 from storage.community import CommunityStore
 from storage.database import Database
+from storage.pg import PgDatabase
 from storage.quota import (
     COMMUNITY_KEYS,
     USER_KEYS,
@@ -82,6 +84,8 @@ _SETTABLE = frozenset(
         "started_at",
         "finished_at",
         "delivered_at",
+        "owner",
+        "lease_expires",
     }
 )
 _JSON_FIELDS = {"result", "reply_target", "tried_providers"}
@@ -89,20 +93,23 @@ _UPSERT_COUNTERS = (
     f"INSERT INTO usage_daily (scope, day, subject, {', '.join(COLUMNS)})"
     f" VALUES (?, ?, ?, {', '.join('?' * len(COLUMNS))})"
     " ON CONFLICT (scope, day, subject) DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in COLUMNS)
+    + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in COLUMNS)
 )
 _COUNTER_READ = (
     "SELECT quota_jobs, quota_seconds, spend_usd FROM usage_daily"
     " WHERE scope = ? AND day = ? AND subject = ?"
 )
+# LIMIT for "all rows" that both SQLite and PostgreSQL take.
+_NO_LIMIT = 2**62
 # SQLite limits bound parameters; chunk well below the lowest default (999).
 _CHUNK = 500
 
 
 class JobStore:
-    """Jobs, quotas and the ledger on one SQLite Database (implements storage.store.Store)."""
+    """Jobs, quotas and the ledger on one SQLite or PostgreSQL database (implements
+    storage.store.Store)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database | PgDatabase) -> None:
         self.db = db
         self.community = CommunityStore(db)  # song defaults and ban lists, same database
 
@@ -259,6 +266,10 @@ class JobStore:
         usd: float,
         spend_cap_usd: float | None,
         now: float | None = None,
+        *,
+        owner: str | None = None,
+        lease_seconds: float | None = None,
+        concurrency: int | None = None,
         **fields: Any,
     ) -> bool:
         """queued -> submitting, charging this run's price at once: from here on the
@@ -266,12 +277,16 @@ class JobStore:
         not (`credit_run`). A job's first run takes the place of its admission's
         reservation; a later one (after a billed failure, a crash mid-submit, a lost task)
         needs room under the day's spend cap, or QuotaRefusal is raised and nothing moves.
-        False when the job is no longer queued."""
+        False when the job is no longer queued, or when the provider already has
+        `concurrency` jobs in flight (submitting or running) from every process on this
+        database. The job becomes `owner`'s, its lease running `lease_seconds`."""
         at = time.time() if now is None else now
 
         def start(conn: sqlite3.Connection) -> bool:
             before = _facts(conn, job_id)
             if before is None or before.state != "queued":
+                return False
+            if concurrency is not None and _in_flight(conn, provider) >= concurrency:
                 return False
             charged = before.charged_usd or 0.0
             if charged > MONEY_EPSILON:
@@ -284,7 +299,12 @@ class JobStore:
                 ("queued",),
                 "submitting",
                 at,
-                {**fields, "provider": provider, "charged_usd": round(charged + usd, 6)},
+                {
+                    **fields,
+                    "provider": provider,
+                    "charged_usd": round(charged + usd, 6),
+                    **_lease(owner, lease_seconds, at),
+                },
             )
             assert moved is not None
             _ledger(conn, job_id, moved, "charge", usd, provider, at)
@@ -393,6 +413,137 @@ class JobStore:
             return True
 
         return await self.db.write(finish)
+
+    # ---- leases: which process works on a job, and singletons --------------------
+
+    async def claim(
+        self,
+        job_id: str,
+        owner: str,
+        instance: str,
+        states: tuple[str, ...],
+        lease_seconds: float,
+        now: float | None = None,
+    ) -> Job | None:
+        """Make the job `owner`'s for `lease_seconds` if it is in one of `states` and no
+        other live process holds it: it has no owner, its lease ran out, it is already
+        `owner`'s, or its owner was an earlier run of the same `instance` (the one data
+        directory a single process works on at a time: that run is dead). The job as
+        claimed, or None. A row another process is claiming right now is skipped, not
+        waited for (PostgreSQL's FOR UPDATE SKIP LOCKED; SQLite's writer lock)."""
+        at = time.time() if now is None else now
+        lock = " FOR UPDATE SKIP LOCKED" if self.db.dialect == "postgresql" else ""
+
+        def claim(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(f"SELECT * FROM jobs WHERE id = ?{lock}", (job_id,)).fetchone()
+            if row is None or row["state"] not in states:
+                return None
+            if not _claimable(row["owner"], row["lease_expires"], owner, instance, at):
+                return None
+            conn.execute(
+                "UPDATE jobs SET owner = ?, lease_expires = ? WHERE id = ?",
+                (owner, at + lease_seconds, job_id),
+            )
+            job = _job(row)
+            job.owner, job.lease_expires = owner, at + lease_seconds
+            return job
+
+        return await self.db.write(claim, exclusive=False)
+
+    async def renew_leases(
+        self, owner: str, lease_seconds: float, now: float | None = None
+    ) -> set[str]:
+        """Extend every lease `owner` holds on an active job; the ids it still holds (a
+        job missing was taken over after its lease ran out, or finished)."""
+        at = time.time() if now is None else now
+
+        def renew(conn: sqlite3.Connection) -> set[str]:
+            return {
+                str(row[0])
+                for row in conn.execute(
+                    f"UPDATE jobs SET lease_expires = ? WHERE owner = ? AND {ACTIVE_SQL}"
+                    " RETURNING id",
+                    (at + lease_seconds, owner),
+                ).fetchall()
+            }
+
+        return await self.db.write(renew, exclusive=False)
+
+    async def lapsed(
+        self, states: tuple[str, ...], owner: str, instance: str, now: float | None = None
+    ) -> list[Job]:
+        """Jobs in these states that `owner` could claim now (see `claim`), oldest first:
+        left by a process that stopped renewing its leases."""
+        at = time.time() if now is None else now
+        jobs = await self.in_states(states)
+        return [j for j in jobs if _claimable(j.owner, j.lease_expires, owner, instance, at)]
+
+    async def in_flight(self, exclude_owner: str | None = None) -> dict[str, int]:
+        """Jobs in flight (submitting or running) per provider across every process on
+        this database; with `exclude_owner`, those other processes hold."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            sql = (
+                "SELECT provider, COUNT(*) FROM jobs INDEXED BY jobs_active"
+                f" WHERE state IN ('submitting', 'running') AND {ACTIVE_SQL}"
+            )
+            params: tuple[Any, ...] = ()
+            if exclude_owner is not None:
+                sql += " AND (owner IS NULL OR owner <> ?)"
+                params = (exclude_owner,)
+            return {
+                str(p): int(n)
+                for p, n in conn.execute(sql + " GROUP BY provider", params)
+                if p is not None
+            }
+
+        return await self.db.read(read)
+
+    async def hold_singleton(
+        self, name: str, owner: str, ttl: float, now: float | None = None
+    ) -> bool:
+        """Take or keep the hold called `name` for `ttl` seconds: True when `owner` has
+        it now (it was free, had expired, or was already `owner`'s, and is renewed),
+        False while another owner's hold lasts. Call again before `ttl` runs out to
+        keep it."""
+        at = time.time() if now is None else now
+
+        def hold(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "INSERT INTO singletons (name, owner, expires) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                " expires = excluded.expires"
+                " WHERE singletons.owner = excluded.owner OR singletons.expires <= ?"
+                " RETURNING owner",
+                (name, owner, at + ttl, at),
+            ).fetchone()
+            return row is not None
+
+        return await self.db.write(hold, exclusive=False)
+
+    async def release_singleton(self, name: str, owner: str) -> bool:
+        """Give the hold up (only `owner`'s own); True if it was held."""
+        return await self.db.write(
+            lambda conn: (
+                conn.execute(
+                    "DELETE FROM singletons WHERE name = ? AND owner = ?", (name, owner)
+                ).rowcount
+                == 1
+            ),
+            exclusive=False,
+        )
+
+    async def singleton_owner(self, name: str, now: float | None = None) -> str | None:
+        """Who holds `name` now, or None."""
+        at = time.time() if now is None else now
+
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT owner FROM singletons WHERE name = ? AND expires > ?", (name, at)
+            ).fetchone()
+            return str(row[0]) if row else None
+
+        return await self.db.read(read)
 
     # ---- reads -----------------------------------------------------------------------
 
@@ -597,9 +748,10 @@ class JobStore:
                     f"SELECT CASE WHEN subject = '' THEN ? ELSE subject END AS name, {sums},"
                     " COUNT(*) OVER () FROM usage_daily WHERE scope = ? AND day >= ?"
                     " GROUP BY subject HAVING SUM(jobs) > 0"
-                    " ORDER BY ROUND(SUM(charged_usd), 9) DESC, SUM(delivered) DESC, name"
+                    " ORDER BY ROUND(CAST(SUM(charged_usd) AS NUMERIC), 9) DESC,"
+                    " SUM(delivered) DESC, name"
                     " LIMIT ?",
-                    (empty, group, first_day, -1 if top is None else top),
+                    (empty, group, first_day, _NO_LIMIT if top is None else top),
                 ).fetchall()
                 groups[group] = [_stats_row(r, empty) for r in rows]
                 counts[group] = int(rows[0][-1]) if rows else 0
@@ -670,7 +822,9 @@ class JobStore:
             # Days before this one may have lost rows: the counters are their record now.
             conn.execute(
                 "INSERT INTO storage_state (name, value) VALUES ('pruned_before_day', ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)",
+                " ON CONFLICT (name) DO UPDATE SET value = CASE"
+                " WHEN excluded.value > storage_state.value THEN excluded.value"
+                " ELSE storage_state.value END",
                 (first_kept_day,),
             )
             return deleted
@@ -760,6 +914,35 @@ def _transition(
     assert after is not None
     _count(conn, before, after)
     return after
+
+
+def _lease(owner: str | None, lease_seconds: float | None, now: float) -> dict[str, Any]:
+    if owner is None:
+        return {}
+    return {"owner": owner, "lease_expires": now + (lease_seconds or 0.0)}
+
+
+def _claimable(
+    held_by: str | None, expires: float | None, owner: str, instance: str, now: float
+) -> bool:
+    """Whether `owner` (a run of `instance`) may take a job held by `held_by` until
+    `expires`: see JobStore.claim."""
+    return (
+        held_by is None
+        or held_by == owner
+        or held_by.startswith(instance + "/")
+        or expires is None
+        or expires <= now
+    )
+
+
+def _in_flight(conn: sqlite3.Connection, provider: str) -> int:
+    [(n,)] = conn.execute(
+        "SELECT COUNT(*) FROM jobs INDEXED BY jobs_active"
+        f" WHERE state IN ('submitting', 'running') AND provider = ? AND {ACTIVE_SQL}",
+        (provider,),
+    ).fetchall()
+    return int(n)
 
 
 def _check_fields(fields: dict[str, Any]) -> None:
@@ -915,4 +1098,6 @@ def _job(row: sqlite3.Row) -> Job:
         delivered_at=row["delivered_at"],
         deleted_at=row["deleted_at"],
         deleted_by=row["deleted_by"],
+        owner=row["owner"],
+        lease_expires=row["lease_expires"],
     )

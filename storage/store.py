@@ -1,7 +1,8 @@
 """The storage API the engine, front-ends and CLI use, and `open_store()` to get one.
 
-`Store` is what a backend implements: SQLite (`storage.jobs.JobStore`, the embedded
-default) today; a PostgreSQL store can implement the same methods later. Every method is
+`Store` is what `storage.jobs.JobStore` implements, on SQLite (storage/database.py, the
+embedded default) or PostgreSQL (storage/pg.py, DATABASE_URL): one implementation, the
+same SQL, for both. Every method is
 one transaction of the backend. Quota rules are shared (storage/quota.py), and so is what
 a job counts in the per-day counters (storage/tally.py).
 """
@@ -96,6 +97,10 @@ class Store(Protocol):
         usd: float,
         spend_cap_usd: float | None,
         now: float | None = None,
+        *,
+        owner: str | None = None,
+        lease_seconds: float | None = None,
+        concurrency: int | None = None,
         **fields: Any,
     ) -> bool: ...
     async def credit_run(
@@ -121,6 +126,29 @@ class Store(Protocol):
         failure: FailureKind | None = None,
         refund_quota: bool = True,
     ) -> bool: ...
+
+    # leases (several processes on one database) and singletons
+    async def claim(
+        self,
+        job_id: str,
+        owner: str,
+        instance: str,
+        states: tuple[str, ...],
+        lease_seconds: float,
+        now: float | None = None,
+    ) -> Job | None: ...
+    async def renew_leases(
+        self, owner: str, lease_seconds: float, now: float | None = None
+    ) -> set[str]: ...
+    async def lapsed(
+        self, states: tuple[str, ...], owner: str, instance: str, now: float | None = None
+    ) -> list[Job]: ...
+    async def in_flight(self, exclude_owner: str | None = None) -> dict[str, int]: ...
+    async def hold_singleton(
+        self, name: str, owner: str, ttl: float, now: float | None = None
+    ) -> bool: ...
+    async def release_singleton(self, name: str, owner: str) -> bool: ...
+    async def singleton_owner(self, name: str, now: float | None = None) -> str | None: ...
 
     # reads
     async def get(self, job_id: str) -> Job | None: ...
@@ -161,11 +189,15 @@ class Store(Protocol):
 
 
 async def connect_store(settings: Settings, *, migrate: bool = True) -> Store:
-    """The configured store, open (and migrated unless `migrate` is False): the SQLite
-    file under DATA_DIR. The caller closes it."""
+    """The configured store, open (and migrated unless `migrate` is False): PostgreSQL
+    when DATABASE_URL is set, else the SQLite file under DATA_DIR. The caller closes it."""
     from storage.database import Database
     from storage.jobs import JobStore
+    from storage.pg import PgDatabase
 
+    url = settings.secret("database_url")
+    if url:
+        return JobStore(await PgDatabase.open(url, label=settings.database_label, migrate=migrate))
     return JobStore(await Database.open(settings.db_path, migrate=migrate))
 
 

@@ -17,9 +17,8 @@ from bot.requests import GenerationRequest, InvalidRequest
 from providers.fal import FalProvider
 from providers.wavespeed import WaveSpeedProvider
 from storage.community import MAX_BANNED, BanListFull, CommunityStore
-from storage.database import Database
 from storage.jobs import JobStore, Limits
-from tests.conftest import make_settings
+from tests.conftest import make_settings, open_db
 from tests.enginekit import RecordingDelivery, open_engine, wait_for_state
 from tests.fakes.fal import FakeFal
 from tests.fakes.wavespeed import FakeWaveSpeed
@@ -170,8 +169,8 @@ async def test_refused_requests_store_and_charge_nothing_and_are_counted(tmp_pat
             await engine.close()
 
 
-async def test_ban_list_storage(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "db.sqlite3")
+async def test_ban_list_storage(tmp_path: Path, db_url: str | None) -> None:
+    db = await open_db(db_url, tmp_path / "db.sqlite3")
     try:
         store = CommunityStore(db)
         assert await store.ban("c", ["b", "a", "b"], "u") == ["b", "a"]
@@ -243,9 +242,9 @@ async def test_a_preferred_provider_is_tried_first(tmp_path: Path) -> None:
 # ---- jobs list --search -----------------------------------------------------------------
 
 
-async def test_operators_find_who_asked_for_what(tmp_path: Path) -> None:
+async def test_operators_find_who_asked_for_what(tmp_path: Path, db_url: str | None) -> None:
     settings = make_settings(tmp_path)
-    db = await Database.open(settings.db_path)
+    db = await open_db(db_url, settings.db_path)
     store = JobStore(db)
     for i, (who, request) in enumerate(
         [
@@ -261,7 +260,7 @@ async def test_operators_find_who_asked_for_what(tmp_path: Path) -> None:
         await store.admit(job, NO_LIMITS, bypass_quotas=True, now=time.time() + i)
     await db.close()
 
-    env = cli_env(tmp_path)
+    env = cli_env(tmp_path, **({"DATABASE_URL": db_url} if db_url else {}))
     code, out, err = await run_cli(["jobs", "list", "--search", "tokyo"], env, tmp_path)
     assert code == 0, err
     rows = out.splitlines()[1:]

@@ -1,4 +1,5 @@
-"""Quota reservations on a real SQLite file: atomic admission, refunds, windows.
+"""Quota reservations on both backends (a real SQLite file, a real PostgreSQL server):
+atomic admission, refunds, windows.
 
 Every test ends by checking that the per-day counters admission reads equal the totals
 of the job rows (the ledger of record).
@@ -15,15 +16,15 @@ import pytest
 from bot.models import Job, Requester
 from bot.requests import GenerationRequest
 from bot.settings import Settings
-from storage.database import Database
 from storage.jobs import JobStore, Limits, QuotaRefusal, day_start, next_reset
+from tests.conftest import open_db
 
 NOON = 1_790_000_000.0 - (1_790_000_000.0 % 86400) + 12 * 3600  # a UTC noon
 
 
 @pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[JobStore]:
-    db = await Database.open(settings.db_path)
+async def store(settings: Settings, db_url: str | None) -> AsyncIterator[JobStore]:
+    db = await open_db(db_url, settings.db_path)
     checked = JobStore(db)
     try:
         yield checked
@@ -85,9 +86,13 @@ async def test_exactly_k_of_n_concurrent_admissions(store: JobStore) -> None:
     assert [e["kind"] for e in await store.ledger()] == ["reserve"] * 7
 
 
-async def test_two_connections_to_one_file_still_admit_exactly_k(tmp_path: Path) -> None:
+async def test_two_stores_as_two_processes_still_admit_exactly_k(
+    tmp_path: Path, db_url: str | None
+) -> None:
+    """Two Store instances on one database (two connections each, as two processes
+    would have): SQLite's write lock, PostgreSQL's advisory write lock."""
     path = tmp_path / "shared.sqlite3"
-    first, second = await Database.open(path), await Database.open(path)
+    first, second = await open_db(db_url, path), await open_db(db_url, path)
     try:
         a, b = JobStore(first), JobStore(second)
         lim = limits(user_seconds_per_day=100)  # room for 10 ten-second songs

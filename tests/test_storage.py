@@ -21,6 +21,7 @@ from bot.models import Job, Requester
 from bot.requests import GenerationRequest
 from storage.database import Database, _statements, migrations
 from storage.jobs import JobStore, Limits, QuotaRefusal, day_start
+from tests.conftest import open_db
 from tests.opskit import DAY, UNLIMITED, seed_job
 
 NOON = 1_790_000_000.0 - (1_790_000_000.0 % 86400) + 12 * 3600  # a UTC noon
@@ -191,21 +192,30 @@ def test_counters_equal_the_job_rows_after_any_sequence_of_changes(
     assert asyncio.run(run()) == []
 
 
-async def test_db_check_names_a_counter_that_differs_from_the_rows(tmp_path: Path) -> None:
+async def test_db_check_names_a_counter_that_differs_from_the_rows(
+    tmp_path: Path, db_url: str | None
+) -> None:
     path = tmp_path / "bot.sqlite3"
-    db = await Database.open(path)
+    db = await open_db(db_url, path)
     store = JobStore(db)
     try:
         await seed_job(store, ALICE, at=NOON, state="delivered", duration=30)
         assert await store.usage_mismatches() == []
         # Someone edits the counters by hand (or a bug skips one).
-        conn = sqlite3.connect(str(path))
-        conn.execute(
+        edit = (
             "UPDATE usage_daily SET quota_seconds = quota_seconds + 5"
             " WHERE scope = 'user' AND subject = 'discord:100'"
         )
-        conn.commit()
-        conn.close()
+        if db_url:
+            import psycopg
+
+            with psycopg.connect(db_url, autocommit=True) as pg:
+                pg.execute(edit)
+        else:
+            conn = sqlite3.connect(str(path))
+            conn.execute(edit)
+            conn.commit()
+            conn.close()
         problems = await store.usage_mismatches()
     finally:
         await db.close()
