@@ -239,7 +239,7 @@ def role_refusal(settings: Settings, role: Any) -> str | None:
     """Why this process may not take `role` with this configuration, in one line."""
     if role.value == "all":
         return None
-    if not getattr(settings, "database_url", None):
+    if not settings.secret("database_url"):
         return (
             f"--role {role.value} shares the work with other processes, which needs "
             "DATABASE_URL (PostgreSQL); with the SQLite file in DATA_DIR one process does "
@@ -251,12 +251,12 @@ def role_refusal(settings: Settings, role: Any) -> str | None:
 def _holding_data_dir(settings: Settings, command: str, work: Callable[[], int]) -> int:
     """Run `work` holding DATA_DIR's lock (bot/datalock.py); a second `run` or `generate`
     on the same data directory exits at once, naming the pid that holds it."""
-    from bot.datalock import DataDirLocked, hold
+    from bot.datalock import AlreadyRunning, hold
 
     try:
         with hold(settings.data_dir, command):
             return work()
-    except DataDirLocked as exc:
+    except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -23,15 +23,17 @@ import pytest
 
 from bot import app
 from bot.app import Role
+from bot.datalock import SingletonHeld, instance_name
 from bot.engine import Engine
 from bot.settings import Settings
 from providers.fal import FalProvider
+from storage.store import connect_store
 from tests.conftest import make_settings
 from tests.enginekit import FAST
 from tests.fakes.discord_api import FakeDiscord
 from tests.fakes.fal import FakeFal
 from tests.fakes.http import serve
-from tests.fakes.telegram_api import FakeTelegram
+from tests.fakes.telegram_api import BOT_ID, FakeTelegram
 from tests.test_cli import cli_env, run_cli
 from tests.test_discord import _restore_discord_endpoints as _restore  # noqa: F401
 from tests.test_discord import job_id_in
@@ -225,3 +227,47 @@ async def test_an_unknown_role_is_refused(tmp_path: Path) -> None:
     code, _, err = await run_cli(["run", "--role", "both"], cli_env(tmp_path), tmp_path)
     assert code == 2
     assert "invalid choice: 'both' (choose from 'all', 'chat', 'worker')" in err
+
+
+# ---- one Telegram poller ----------------------------------------------------------------
+
+
+async def test_a_second_telegram_poller_is_refused_and_a_restart_takes_its_hold_back(
+    tmp_path: Path,
+) -> None:
+    fake = FakeTelegram()
+    fal = FakeFal()
+    async with serve(fake.app) as url, fal.running() as fal_url:
+        settings = make_settings(
+            tmp_path,
+            telegram_token=fake.token,
+            telegram_api_url=url,
+            fal_key=fal.key,
+            fal_queue_url=fal_url,
+        )
+        bot_id = BOT_ID  # what getMe answers
+        store = await connect_store(settings)
+        try:
+            # Another machine's chat process polls this bot (its hold is in the database).
+            assert await store.hold_singleton(f"telegram-poller:{bot_id}", "elsewhere:/d", 60)
+            stop = asyncio.Event()
+            with pytest.raises(SingletonHeld) as refused:
+                await asyncio.wait_for(app.run_bot(settings, stop, role=Role.CHAT), 20)
+            text = str(refused.value)
+            assert "Telegram long polling (getUpdates)" in text and "elsewhere:/d" in text
+            assert "TELEGRAM_WEBHOOK_URL" in text
+            assert fake.offsets == []  # it never polled
+            # A hold left by this instance's own earlier run (killed -9) is taken back.
+            await store.release_singleton(f"telegram-poller:{bot_id}", "elsewhere:/d")
+            await store.hold_singleton(
+                f"telegram-poller:{bot_id}", instance_name(settings.data_dir), 60
+            )
+            async with role(settings, Role.CHAT):
+                await until(lambda: fake.offsets, "getUpdates")
+                assert await store.singleton_owner(f"telegram-poller:{bot_id}") == (
+                    instance_name(settings.data_dir)
+                )
+            # Stopped: the hold is given up for the next poller.
+            assert await store.singleton_owner(f"telegram-poller:{bot_id}") is None
+        finally:
+            await store.close()
