@@ -20,6 +20,7 @@ class ProviderState:
     """What the bot last knew about a provider (also shown by health checks)."""
 
     in_flight: int = 0
+    elsewhere: int = 0  # in flight from other processes on the same database
     cooldown_until: float = 0.0
     last_error: str | None = None
     last_error_kind: str | None = None
@@ -47,7 +48,8 @@ class Router:
         return self.state[provider.name].cooldown_until <= self._clock()
 
     def has_capacity(self, provider: Provider) -> bool:
-        return self.state[provider.name].in_flight < provider.capabilities.concurrency
+        state = self.state[provider.name]
+        return state.in_flight + state.elsewhere < provider.capabilities.concurrency
 
     def pick(self, request: GenerationRequest, exclude: Iterable[str] = ()) -> Provider | None:
         """The first capable, available provider with room, skipping `exclude`."""

@@ -470,13 +470,21 @@ class JobStore:
         return await self.db.write(renew, exclusive=False)
 
     async def lapsed(
-        self, states: tuple[str, ...], owner: str, instance: str, now: float | None = None
+        self, states: tuple[str, ...], instance: str, now: float | None = None
     ) -> list[Job]:
-        """Jobs in these states that `owner` could claim now (see `claim`), oldest first:
-        left by a process that stopped renewing its leases."""
+        """Jobs in these states whose lease ran out, held by a process of another
+        instance, oldest first: left by a process that stopped renewing (it died, or
+        lost the database). An instance's own old jobs are taken back at its start."""
         at = time.time() if now is None else now
         jobs = await self.in_states(states)
-        return [j for j in jobs if _claimable(j.owner, j.lease_expires, owner, instance, at)]
+        return [
+            j
+            for j in jobs
+            if j.owner is not None
+            and not j.owner.startswith(instance + "/")
+            and j.lease_expires is not None
+            and j.lease_expires <= at
+        ]
 
     async def in_flight(self, exclude_owner: str | None = None) -> dict[str, int]:
         """Jobs in flight (submitting or running) per provider across every process on

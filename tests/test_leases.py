@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 
 from bot.models import Requester
+from bot.settings import Settings
+from providers.fal import FalProvider
 from storage.jobs import JobStore
-from tests.conftest import open_db
+from tests.conftest import make_settings, open_db
+from tests.enginekit import RecordingDelivery, open_engine, wait_for_state
+from tests.fakes.fal import FakeFal
 from tests.opskit import seed_job
+from tests.pgcluster import Cluster
+from tests.test_storage_failures import fal, prompt
 
 NOW = 1_790_000_000.0
 ALICE = Requester("discord", "100", "guild1", "alice")
@@ -50,12 +56,12 @@ async def test_a_job_is_taken_over_only_after_its_lease_runs_out(
     states = ("submitting", "running")
     # B may not take A's live job, however often it asks.
     assert await b.claim(job_id, B, B_INSTANCE, states, 60, now=NOW + 30) is None
-    assert await b.lapsed(states, B, B_INSTANCE, now=NOW + 30) == []
+    assert await b.lapsed(states, B_INSTANCE, now=NOW + 30) == []
     # A renews; B still cannot take it past the first lease's end.
     assert await a.renew_leases(A, 60, now=NOW + 40) == {job_id}
     assert await b.claim(job_id, B, B_INSTANCE, states, 60, now=NOW + 90) is None
     # A stops renewing (it died): once the lease has run out, B takes the job.
-    assert [j.id for j in await b.lapsed(states, B, B_INSTANCE, now=NOW + 101)] == [job_id]
+    assert [j.id for j in await b.lapsed(states, B_INSTANCE, now=NOW + 101)] == [job_id]
     taken = await b.claim(job_id, B, B_INSTANCE, states, 60, now=NOW + 101)
     assert taken is not None and taken.owner == B
     # A, back from a long pause, finds it no longer holds the job.
@@ -74,6 +80,7 @@ async def test_a_restarted_process_takes_its_own_old_jobs_at_once(
         job_id, f"{A_INSTANCE}/run2", A_INSTANCE, ("submitting",), 60, now=NOW + 1
     )
     assert again is not None and again.owner == f"{A_INSTANCE}/run2"
+    assert await a.lapsed(("submitting",), A_INSTANCE, now=NOW + 500) == []  # its own
     # A different data directory on the same host is another process: it waits.
     other = ("hostA:/data/x/r", "hostA:/data/x")
     assert await a.claim(job_id, *other, ("submitting",), 60, now=NOW + 2) is None
@@ -166,3 +173,76 @@ async def test_concurrent_holds_give_a_singleton_to_one(
         *((a if i % 2 else b).hold_singleton("poller", f"p{i}", 30, now=NOW) for i in range(10))
     )
     assert sum(results) == 1
+
+
+# ---- two engines (two processes) on one PostgreSQL database ---------------------------
+
+
+async def test_a_second_process_takes_over_a_dead_ones_song_once_its_lease_runs_out(
+    tmp_path: Path, pg_cluster: Cluster
+) -> None:
+    url = pg_cluster.new_database()
+    fake = FakeFal(queue_polls=10**6)  # stays in the queue until the test lets it go
+    fake.streams = False
+    seen_a, seen_b = RecordingDelivery(), RecordingDelivery()
+    async with fake.running() as fal_url:
+
+        def engine_settings(name: str) -> Settings:
+            return make_settings(tmp_path / name, database_url=url, lease_seconds=3)
+
+        first = await open_engine(engine_settings("a"), [fal(fake, fal_url)], seen_a)
+        second = await open_engine(engine_settings("b"), [fal(fake, fal_url)], seen_b)
+        try:
+            assert first.instance != second.instance
+            adm = await first.submit(prompt(), ALICE, {"channel_id": "1"})
+            job = await wait_for_state(first, adm.job_id, ("running",))
+            assert job.owner == first.owner
+            await first.abort()  # the process dies: nothing more is written
+            fake.queue_polls = 0
+            await asyncio.sleep(1.5)  # within the lease: the other process leaves it
+            held = await second.get_job(adm.job_id)
+            assert held is not None and held.state == "running" and held.owner == first.owner
+            done = await wait_for_state(second, adm.job_id, ("delivered",), timeout=15)
+        finally:
+            await first.close()
+            await second.close()
+    assert done.owner == second.owner
+    assert seen_b.delivered_ids() == [adm.job_id] and seen_a.delivered_ids() == []
+    assert fake.submit_count == 1  # polled where it was, never sent twice
+
+
+async def test_a_provider_limit_holds_across_processes(tmp_path: Path, pg_cluster: Cluster) -> None:
+    url = pg_cluster.new_database()
+    fake = FakeFal(queue_polls=3, progress_polls=3)
+    fake.streams = False
+    deliveries = [RecordingDelivery(), RecordingDelivery()]
+    async with fake.running() as fal_url:
+        engines = [
+            await open_engine(
+                make_settings(tmp_path / name, database_url=url),
+                [FalProvider(fake.key, fal_url, poll_interval=0.01, concurrency=1)],
+                seen,
+            )
+            for name, seen in zip(("a", "b"), deliveries, strict=True)
+        ]
+        try:
+            ids = [
+                (
+                    await engines[i % 2].submit(
+                        prompt(), Requester("discord", str(i), "g"), {"channel_id": "1"}
+                    )
+                ).job_id
+                for i in range(4)
+            ]
+            peak = 0
+            while True:
+                peak = max(peak, sum((await engines[0].store.in_flight()).values()))
+                jobs = [await engines[0].get_job(i) for i in ids]
+                if all(j is not None and j.state == "delivered" for j in jobs):
+                    break
+                await asyncio.sleep(0.005)
+        finally:
+            for engine in engines:
+                await engine.close()
+    assert peak == 1  # one song at a time at fal, from both processes together
+    assert sorted(deliveries[0].delivered_ids() + deliveries[1].delivered_ids()) == sorted(ids)

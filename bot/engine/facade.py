@@ -31,6 +31,7 @@ from bot.engine.errors import (
     QuotaExceeded,
     Refused,
 )
+from bot.engine.leases import LeaseKeeper, instance_id, new_owner
 from bot.engine.notify import Notifier
 from bot.engine.runner import EngineOptions, JobRunner
 from bot.engine.scheduler import Scheduler, pick_for
@@ -115,6 +116,16 @@ class Engine:
         self.scheduler = Scheduler(
             store, self.router, self.runner, self.tasks, self.notifier, self.options, self._handles
         )
+        # Several processes may share the database (PostgreSQL): each job being worked
+        # on is leased to one of them (bot/engine/leases.py).
+        self.instance = instance_id(settings)
+        self.owner = new_owner(self.instance)
+        self.lease_seconds = float(settings.lease_seconds)
+        self.runner.owner = self.scheduler.owner = self.owner
+        self.runner.lease_seconds = self.lease_seconds
+        self.leases = LeaseKeeper(
+            store, self.tasks, self.owner, self.instance, self.lease_seconds, self._take_over
+        )
         self._scheduler_task: asyncio.Task[None] | None = None
         self._closing = False
         self._started = False
@@ -141,6 +152,7 @@ class Engine:
         self._closing = self.scheduler.closing = False
         render.shared().start()  # the renderer's workers get ready while jobs resume
         await self._recover()
+        self.leases.start()
         self._scheduler_task = asyncio.create_task(self.scheduler.loop(), name="engine-scheduler")
 
     async def stop(self, grace: float | None = None) -> None:
@@ -163,6 +175,7 @@ class Engine:
         self._started = False
 
     async def _stop_scheduler(self) -> None:
+        await self.leases.stop()
         if self._scheduler_task is not None:
             self._scheduler_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -180,11 +193,19 @@ class Engine:
     def _handles(self, job: Job) -> bool:
         return self.platforms is None or job.requester.platform in self.platforms
 
+    async def _claim(self, job: Job, states: tuple[str, ...]) -> Job | None:
+        """The job, made this process's, unless another live process holds it."""
+        return await self.store.claim(job.id, self.owner, self.instance, states, self.lease_seconds)
+
     async def _recover(self) -> None:
-        found = await self.store.in_states((JobState.SUBMITTING, JobState.RUNNING))
-        for job in found:
+        """Take back every unfinished job no other live process holds: at a restart,
+        this instance's own old jobs at once (bot/engine/leases.py)."""
+        in_flight = (JobState.SUBMITTING, JobState.RUNNING)
+        for job in await self.store.in_states(in_flight):
             if self._handles(job):
-                await self.runner.resume(job)
+                claimed = await self._claim(job, in_flight)
+                if claimed is not None:
+                    await self.runner.resume(claimed)
         for platform in self.notifier.deliveries:
             await self._resume_ready(platform)
 
@@ -195,7 +216,27 @@ class Engine:
                 and self._handles(job)
                 and not self.tasks.running(job.id)
             ):
-                self.tasks.spawn(job.id, self.runner.deliver(job), "deliver")
+                claimed = await self._claim(job, (JobState.READY,))
+                if claimed is not None:
+                    self.tasks.spawn(job.id, self.runner.deliver(claimed), "deliver")
+
+    async def _take_over(self, job: Job) -> None:
+        """A job whose owner stopped renewing its lease (LeaseKeeper): resume it here."""
+        if self._closing or not self._handles(job) or self.tasks.running(job.id):
+            return
+        if job.state == JobState.READY:
+            if job.requester.platform not in self.notifier.deliveries:
+                return
+            claimed = await self._claim(job, (JobState.READY,))
+        else:
+            claimed = await self._claim(job, (JobState.SUBMITTING, JobState.RUNNING))
+        if claimed is None:
+            return
+        log.warning("job %s: taking it over from %s, whose lease ran out", job.id, job.owner)
+        if claimed.state == JobState.READY:
+            self.tasks.spawn(claimed.id, self.runner.deliver(claimed), "deliver")
+        else:
+            await self.runner.resume(claimed)
 
     # ---- admission -------------------------------------------------------------------
 

@@ -106,6 +106,10 @@ class JobRunner:
         self.metrics = metrics
         self.redact = redact
         self.times = GenerationTimes()
+        # The process's hold on the jobs it starts (bot/engine/leases.py); the engine
+        # sets them.
+        self.owner: str | None = None
+        self.lease_seconds: float | None = None
 
     # ---- entry points ----------------------------------------------------------------
 
@@ -168,6 +172,10 @@ class JobRunner:
                 usd,
                 self.settings.spend_cap_usd_per_day,
                 now,
+                owner=self.owner,
+                lease_seconds=self.lease_seconds,
+                # The provider's concurrency counts every process on the database.
+                concurrency=provider.capabilities.concurrency,
                 attempts=job.attempts + 1,
                 started_at=job.started_at or now,
             )

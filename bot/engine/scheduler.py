@@ -64,6 +64,7 @@ class Scheduler:
         self._last_served: dict[str, int] = {}
         self._serve_counter = 0
         self._positions: dict[str, int] = {}
+        self.owner: str | None = None  # this process (bot/engine/leases.py)
 
     async def loop(self) -> None:
         while not self.closing:
@@ -108,6 +109,11 @@ class Scheduler:
     async def dispatch(self) -> None:
         """Start every queued job a provider has room for, fairly across users."""
         order = self.fair_order(await self.queued())
+        if order and self.owner is not None:
+            # Provider limits are global: count what other processes have in flight.
+            elsewhere = await self.store.in_flight(exclude_owner=self.owner)
+            for name, state in self.router.state.items():
+                state.elsewhere = elsewhere.get(name, 0)
         for job in order:
             if self.closing:
                 return
