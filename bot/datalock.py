@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,10 +80,3 @@ class SingletonHeld(AlreadyRunning):
     def __init__(self, what: str, holder: str, fix: str) -> None:
         self.holder = holder
         super().__init__(f"{what} is already done by another acestep-bot ({holder}): {fix}")
-
-
-def instance_name(data_dir: Path) -> str:
-    """This bot instance in the database: its host and data directory. One process at a
-    time runs on a data directory (the lock above), so a restart after a crash is the
-    same instance and takes its holds back at once."""
-    return f"{socket.gethostname()}:{data_dir.resolve()}"

@@ -23,8 +23,9 @@ import pytest
 
 from bot import app
 from bot.app import Role
-from bot.datalock import SingletonHeld, instance_name
+from bot.datalock import SingletonHeld
 from bot.engine import Engine
+from bot.engine.leases import instance_id
 from bot.settings import Settings
 from providers.fal import FalProvider
 from storage.store import connect_store
@@ -259,13 +260,11 @@ async def test_a_second_telegram_poller_is_refused_and_a_restart_takes_its_hold_
             assert fake.offsets == []  # it never polled
             # A hold left by this instance's own earlier run (killed -9) is taken back.
             await store.release_singleton(f"telegram-poller:{bot_id}", "elsewhere:/d")
-            await store.hold_singleton(
-                f"telegram-poller:{bot_id}", instance_name(settings.data_dir), 60
-            )
+            await store.hold_singleton(f"telegram-poller:{bot_id}", instance_id(settings), 60)
             async with role(settings, Role.CHAT):
                 await until(lambda: fake.offsets, "getUpdates")
                 assert await store.singleton_owner(f"telegram-poller:{bot_id}") == (
-                    instance_name(settings.data_dir)
+                    instance_id(settings)
                 )
             # Stopped: the hold is given up for the next poller.
             assert await store.singleton_owner(f"telegram-poller:{bot_id}") is None

@@ -33,8 +33,9 @@ from telegram.request import HTTPXRequest
 from bot.chat.conversation import Conversation
 from bot.chat.delivery import ChatDelivery
 from bot.chat.replies import LEGACY_ACTIONS, UPLOAD_MARGIN, Action
-from bot.datalock import SingletonHeld, instance_name
+from bot.datalock import SingletonHeld
 from bot.engine import DeliveryError, Engine
+from bot.engine.leases import instance_id
 from bot.frontends.telegram_commands import TelegramCommands
 from bot.frontends.telegram_outlet import (
     CLOUD_UPLOAD_BYTES,
@@ -118,7 +119,8 @@ class TelegramFrontend(ChatDelivery):
         self.poll_timeout = poll_timeout
         # A worker (`--role worker`) only sends: no getUpdates, no webhook, no menu.
         self.receive = receive
-        self._poller_owner = instance_name(settings.data_dir)
+        # This host and data directory: a restart after a crash takes its hold back.
+        self._poller_owner = instance_id(settings)
         self._poller_hold: asyncio.Task[None] | None = None
         self._webhook_url = settings.telegram_webhook_url if receive else None
         self._updates_request = ConfirmAfterHandling()
