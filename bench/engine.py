@@ -7,6 +7,7 @@ every state transition, the audio check and store, and delivery bookkeeping.
 
     python bench/engine.py            # full run, about a minute and a half
     python bench/engine.py --quick    # smoke run, a few seconds
+    python bench/engine.py --database-url postgresql://...   # the same on PostgreSQL
 
 Each in-flight level runs in its own subprocess (fresh event loop, its own peak RSS).
 Figures: added latency (end to end minus the provider's own time) p50/p99, CPU ms per
@@ -186,6 +187,9 @@ async def run_level(in_flight: int, latency_ms: float, total: int) -> dict[str, 
             quota_user_concurrent_jobs=big,
             quota_community_seconds_per_day=big,
             spend_cap_usd_per_day=big,
+            # --database-url: the same run on PostgreSQL (passed in the environment, off
+            # the command line, as it may hold a password).
+            database_url=os.environ.get("BENCH_DATABASE_URL") or None,
         )
         provider = FixedLatencyProvider(latency_ms / 1000, in_flight, timings)
         delivery = NullDelivery()
@@ -360,6 +364,10 @@ def main() -> None:
         default=1,
         help="CPU cores each level may use (default 1, as the targets say; 0 = all)",
     )
+    parser.add_argument(
+        "--database-url",
+        help="run on this PostgreSQL database (postgresql://...) instead of a SQLite file",
+    )
     # One level inside this process (what the parent runs in a subprocess).
     parser.add_argument("--level", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--latency-ms", type=float, help=argparse.SUPPRESS)
@@ -368,6 +376,8 @@ def main() -> None:
     if args.level:
         _child(args)
         return
+    if args.database_url:
+        os.environ["BENCH_DATABASE_URL"] = args.database_url
     plan = QUICK_LEVELS if args.quick else FULL_LEVELS
     if args.levels:
         wanted = {int(x) for x in args.levels.split(",")}
@@ -443,8 +453,9 @@ def main() -> None:
         for error in r["errors"]:
             print(f"error at {r['in_flight']} in flight: {error}")
     path = write_results(
-        "engine",
+        "engine-postgresql" if args.database_url else "engine",
         {
+            "database": "postgresql" if args.database_url else "sqlite",
             "quick": args.quick,
             "cores": args.cores or "all",
             "levels": results,

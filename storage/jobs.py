@@ -113,6 +113,12 @@ class JobStore:
         self.db = db
         self.community = CommunityStore(db)  # song defaults and ban lists, same database
 
+    @property
+    def shared(self) -> bool:
+        """Whether several bot processes may work on this database at once (PostgreSQL;
+        a SQLite file has one working process, bot/datalock.py)."""
+        return self.db.dialect == "postgresql"
+
     async def close(self) -> None:
         await self.db.close()
 
@@ -470,20 +476,16 @@ class JobStore:
         return await self.db.write(renew, exclusive=False)
 
     async def lapsed(
-        self, states: tuple[str, ...], instance: str, now: float | None = None
+        self, states: tuple[str, ...], owner: str, instance: str, now: float | None = None
     ) -> list[Job]:
-        """Jobs in these states whose lease ran out, held by a process of another
-        instance, oldest first: left by a process that stopped renewing (it died, or
-        lost the database). An instance's own old jobs are taken back at its start."""
+        """Jobs in these states that `owner` could claim (see `claim`) and does not hold,
+        oldest first: left by a process that stopped renewing its leases (it died or lost
+        the database), or by an earlier run of this instance."""
         at = time.time() if now is None else now
-        jobs = await self.in_states(states)
         return [
             j
-            for j in jobs
-            if j.owner is not None
-            and not j.owner.startswith(instance + "/")
-            and j.lease_expires is not None
-            and j.lease_expires <= at
+            for j in await self.in_states(states)
+            if j.owner != owner and _claimable(j.owner, j.lease_expires, owner, instance, at)
         ]
 
     async def in_flight(self, exclude_owner: str | None = None) -> dict[str, int]:

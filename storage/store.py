@@ -69,6 +69,8 @@ class Store(Protocol):
 
     @property
     def community(self) -> CommunityData: ...
+    @property
+    def shared(self) -> bool: ...  # several processes may work on it (PostgreSQL)
 
     # admission and quota
     async def admit(
@@ -141,7 +143,7 @@ class Store(Protocol):
         self, owner: str, lease_seconds: float, now: float | None = None
     ) -> set[str]: ...
     async def lapsed(
-        self, states: tuple[str, ...], instance: str, now: float | None = None
+        self, states: tuple[str, ...], owner: str, instance: str, now: float | None = None
     ) -> list[Job]: ...
     async def in_flight(self, exclude_owner: str | None = None) -> dict[str, int]: ...
     async def hold_singleton(

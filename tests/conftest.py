@@ -93,3 +93,8 @@ async def open_db(
     if db_url:
         return await PgDatabase.open(db_url)
     return await Database.open(path, **sqlite_options)  # type: ignore[arg-type]
+
+
+def pg_env(db_url: str | None) -> dict[str, str]:
+    """The environment a CLI subprocess needs to use the test's database."""
+    return {"DATABASE_URL": db_url} if db_url else {}

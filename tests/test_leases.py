@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from bot.engine import Engine
+from bot.engine.leases import instance_id, new_owner
 from bot.models import Requester
 from bot.settings import Settings
 from providers.fal import FalProvider
 from storage.jobs import JobStore
 from tests.conftest import make_settings, open_db
-from tests.enginekit import RecordingDelivery, open_engine, wait_for_state
+from tests.enginekit import FAST, RecordingDelivery, open_engine, wait_for_state
 from tests.fakes.fal import FakeFal
 from tests.opskit import seed_job
 from tests.pgcluster import Cluster
@@ -56,12 +58,12 @@ async def test_a_job_is_taken_over_only_after_its_lease_runs_out(
     states = ("submitting", "running")
     # B may not take A's live job, however often it asks.
     assert await b.claim(job_id, B, B_INSTANCE, states, 60, now=NOW + 30) is None
-    assert await b.lapsed(states, B_INSTANCE, now=NOW + 30) == []
+    assert await b.lapsed(states, B, B_INSTANCE, now=NOW + 30) == []
     # A renews; B still cannot take it past the first lease's end.
     assert await a.renew_leases(A, 60, now=NOW + 40) == {job_id}
     assert await b.claim(job_id, B, B_INSTANCE, states, 60, now=NOW + 90) is None
     # A stops renewing (it died): once the lease has run out, B takes the job.
-    assert [j.id for j in await b.lapsed(states, B_INSTANCE, now=NOW + 101)] == [job_id]
+    assert [j.id for j in await b.lapsed(states, B, B_INSTANCE, now=NOW + 101)] == [job_id]
     taken = await b.claim(job_id, B, B_INSTANCE, states, 60, now=NOW + 101)
     assert taken is not None and taken.owner == B
     # A, back from a long pause, finds it no longer holds the job.
@@ -80,7 +82,8 @@ async def test_a_restarted_process_takes_its_own_old_jobs_at_once(
         job_id, f"{A_INSTANCE}/run2", A_INSTANCE, ("submitting",), 60, now=NOW + 1
     )
     assert again is not None and again.owner == f"{A_INSTANCE}/run2"
-    assert await a.lapsed(("submitting",), A_INSTANCE, now=NOW + 500) == []  # its own
+    # Once it holds the job, it is not "lapsed" to itself, however late.
+    assert await a.lapsed(("submitting",), f"{A_INSTANCE}/run2", A_INSTANCE, now=NOW + 500) == []
     # A different data directory on the same host is another process: it waits.
     other = ("hostA:/data/x/r", "hostA:/data/x")
     assert await a.claim(job_id, *other, ("submitting",), 60, now=NOW + 2) is None
@@ -246,3 +249,54 @@ async def test_a_provider_limit_holds_across_processes(tmp_path: Path, pg_cluste
                 await engine.close()
     assert peak == 1  # one song at a time at fal, from both processes together
     assert sorted(deliveries[0].delivered_ids() + deliveries[1].delivered_ids()) == sorted(ids)
+
+
+def test_an_instance_is_the_data_dir_on_sqlite_and_host_and_data_dir_on_postgresql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lite = make_settings(tmp_path / "a")
+    pg = make_settings(tmp_path / "a", database_url="postgresql://db/bot")
+    monkeypatch.setattr("socket.gethostname", lambda: "container-1")
+    first_lite, first_pg = instance_id(lite), instance_id(pg)
+    monkeypatch.setattr("socket.gethostname", lambda: "container-2")  # recreated
+    # SQLite: the same file, so the same instance: its jobs come back at once.
+    assert instance_id(lite) == first_lite
+    # PostgreSQL: another host may be another machine with its own /data.
+    assert instance_id(pg) != first_pg
+    assert instance_id(make_settings(tmp_path / "b")) != first_lite
+    assert "/" not in first_lite and "/" not in first_pg
+    owner = new_owner(first_pg)
+    assert owner.startswith(first_pg + "/") and owner != new_owner(first_pg)
+
+
+async def test_a_cancel_in_one_process_stops_the_song_another_runs(
+    tmp_path: Path, pg_cluster: Cluster
+) -> None:
+    url = pg_cluster.new_database()
+    fake = FakeFal(queue_polls=10**6)
+    fake.streams = False
+    seen_a = RecordingDelivery()
+    async with fake.running() as fal_url:
+        worker = await open_engine(
+            make_settings(tmp_path / "a", database_url=url), [fal(fake, fal_url)], seen_a
+        )
+        # A process that admits and cancels but runs no jobs (platforms=set()).
+        chat = await Engine.open(
+            make_settings(tmp_path / "b", database_url=url),
+            [fal(fake, fal_url)],
+            options=FAST,
+            platforms=set(),
+        )
+        await chat.start()
+        try:
+            adm = await chat.submit(prompt(), ALICE, {"channel_id": "1"})  # admitted here
+            running = await wait_for_state(worker, adm.job_id, ("running",))  # runs there
+            assert running.owner == worker.owner
+            await chat.cancel(adm.job_id, ALICE)
+            done = await wait_for_state(worker, adm.job_id, ("cancelled",), timeout=15)
+        finally:
+            await worker.close()
+            await chat.close()
+    assert len(fake.cancels) == 1 and fake.submit_count == 1  # stopped at the provider
+    assert [jid for jid, _ in seen_a.failures] == [adm.job_id]
+    assert done.failure is not None and done.failure.value == "cancelled"

@@ -12,7 +12,7 @@ from bot.models import Requester
 from bot.retention import prune_audio, prune_jobs
 from storage.database import Database
 from storage.jobs import JobStore
-from tests.conftest import make_settings
+from tests.conftest import make_settings, open_db, pg_env
 from tests.opskit import DAY, seed_job
 from tests.test_cli import cli_env, run_cli
 
@@ -184,10 +184,10 @@ async def test_backup_refuses_the_live_database_and_a_missing_one(tmp_path: Path
 # ---- stats -----------------------------------------------------------------------------
 
 
-async def test_stats_by_community_user_and_provider(tmp_path: Path) -> None:
+async def test_stats_by_community_user_and_provider(tmp_path: Path, db_url: str | None) -> None:
     settings = make_settings(tmp_path)
     now = time.time()
-    db = await Database.open(settings.db_path)
+    db = await open_db(db_url, settings.db_path)
     try:
         store = JobStore(db)
         await seed_job(store, ALICE, at=now - DAY, state="delivered", duration=30, charged=0.05)
@@ -216,7 +216,9 @@ async def test_stats_by_community_user_and_provider(tmp_path: Path) -> None:
         )  # outside a 7-day window
     finally:
         await db.close()
-    code, out, err = await run_cli(["stats", "--days", "7"], cli_env(tmp_path), tmp_path)
+    code, out, err = await run_cli(
+        ["stats", "--days", "7"], cli_env(tmp_path, **pg_env(db_url)), tmp_path
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("Last 7 days (since ")
@@ -250,12 +252,14 @@ async def test_stats_by_community_user_and_provider(tmp_path: Path) -> None:
         ["(none)", "0", "0", "0.0000", "1", "1"],
     ]
     code, out, _ = await run_cli(
-        ["stats", "--days", "30", "--top", "1"], cli_env(tmp_path), tmp_path
+        ["stats", "--days", "30", "--top", "1"], cli_env(tmp_path, **pg_env(db_url)), tmp_path
     )
     assert code == 0
     assert "Total: 5 songs, 6.0 minutes, $9.5600 spent" in out
     assert "... and 2 more" in out
-    code, _, err = await run_cli(["stats", "--top", "0"], cli_env(tmp_path), tmp_path)
+    code, _, err = await run_cli(
+        ["stats", "--top", "0"], cli_env(tmp_path, **pg_env(db_url)), tmp_path
+    )
     assert code == 2 and "top: 0 is not valid; 1 or more" in err
 
 
@@ -326,11 +330,11 @@ async def test_db_prune_deletes_old_finished_rows_and_stats_still_count_them(
 
 
 async def test_job_retention_runs_in_batches_and_keeps_active_and_recent_rows(
-    tmp_path: Path,
+    tmp_path: Path, db_url: str | None
 ) -> None:
     settings = make_settings(tmp_path, job_retention_days=30)
     now = time.time()
-    db = await Database.open(settings.db_path)
+    db = await open_db(db_url, settings.db_path)
     store = JobStore(db)
     try:
         for n in range(7):

@@ -107,6 +107,8 @@ async def test_reconnects_after_the_server_drops_the_connection(pg_cluster: Clus
         with pytest.raises(StorageError):
             await store.schema_version()
         assert await store.schema_version() == migrations()[-1][0]
+        await store.check_writable()  # what the health check asks
+        assert store.shared  # several processes may work on it
     finally:
         await db.close()
 

@@ -6,11 +6,12 @@ lease it holds every third of that. Another process takes a job over only once i
 lease has run out: its owner stopped renewing because it died or lost the database.
 
 The rule for a restart: an owner is "<instance>/<run>", the instance being this host
-and this data directory. `acestep-bot run` and `generate` hold the data directory's lock
-(bot/datalock.py), so one process at a time works as an instance; a new run of the same
-instance therefore knows every earlier run of it is dead, and takes their jobs back at
-once, as a restarted single process always has, without waiting for their leases. A
-process on another host or data directory is another instance and waits.
+and this data directory (on SQLite, the data directory). `acestep-bot run` and
+`generate` hold the data directory's lock (bot/datalock.py), so one process at a time
+works as an instance; a new run of the same instance therefore knows every earlier run
+of it is dead, and takes their jobs back at once, as a restarted single process always
+has, without waiting for their leases. A process on another host or data directory is
+another instance and waits.
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ HELD_STATES: tuple[str, ...] = (S.SUBMITTING, S.RUNNING, S.READY)
 
 
 def instance_id(settings: Settings) -> str:
-    """This host and data directory: one working process at a time (no "/" in it)."""
+    """This host and data directory: one working process at a time (no "/" in it).
+
+    On SQLite the data directory alone: every process that can open the file works on
+    it one at a time, and a container recreated with a new host name must still take its
+    jobs back at once, as it always has."""
     where = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:12]
+    if not settings.secret("database_url"):
+        return f"sqlite:{where}"
     return f"{socket.gethostname() or 'host'}:{where}"
 
 
@@ -108,7 +115,7 @@ class LeaseKeeper:
                     job.owner,
                 )
                 task.cancel()
-        for job in await self.store.lapsed(HELD_STATES, self.instance):
+        for job in await self.store.lapsed(HELD_STATES, self.owner, self.instance):
             if self.tasks.running(job.id):
                 continue
             result = self.take_over(job)

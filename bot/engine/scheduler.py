@@ -109,8 +109,9 @@ class Scheduler:
     async def dispatch(self) -> None:
         """Start every queued job a provider has room for, fairly across users."""
         order = self.fair_order(await self.queued())
-        if order and self.owner is not None:
-            # Provider limits are global: count what other processes have in flight.
+        if order and self.owner is not None and self.store.shared:
+            # Provider limits are global: count what other processes have in flight (one
+            # read; start_run checks the limit again in its transaction).
             elsewhere = await self.store.in_flight(exclude_owner=self.owner)
             for name, state in self.router.state.items():
                 state.elsewhere = elsewhere.get(name, 0)
