@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run the configured chat front-ends")
+    run.add_argument(
+        "--role",
+        choices=("all", "chat", "worker"),
+        default="all",
+        help="all: everything in this process (default); chat: receive commands and admit "
+        "songs; worker: make and post the songs others admitted (needs DATABASE_URL)",
+    )
     run.set_defaults(handler=cmd_run)
 
     gen = sub.add_parser("generate", help="make one song from the command line")
@@ -212,22 +219,44 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from bot.app import Role, run_bot
+
+    role = Role(getattr(args, "role", "all"))
+    refusal = role_refusal(settings, role)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_USAGE
     for line in found:
         print(f"warning: {line}", file=sys.stderr)
-    from bot.app import run_bot
+    return _holding_data_dir(
+        settings,
+        "run" if role is Role.ALL else f"run --role {role.value}",
+        lambda: asyncio.run(run_bot(settings, role=role)),
+    )
 
-    return _holding_data_dir(settings, "run", lambda: asyncio.run(run_bot(settings)))
+
+def role_refusal(settings: Settings, role: Any) -> str | None:
+    """Why this process may not take `role` with this configuration, in one line."""
+    if role.value == "all":
+        return None
+    if not settings.secret("database_url"):
+        return (
+            f"--role {role.value} shares the work with other processes, which needs "
+            "DATABASE_URL (PostgreSQL); with the SQLite file in DATA_DIR one process does "
+            "everything: run without --role (or --role all)"
+        )
+    return None
 
 
 def _holding_data_dir(settings: Settings, command: str, work: Callable[[], int]) -> int:
     """Run `work` holding DATA_DIR's lock (bot/datalock.py); a second `run` or `generate`
     on the same data directory exits at once, naming the pid that holds it."""
-    from bot.datalock import DataDirLocked, hold
+    from bot.datalock import AlreadyRunning, hold
 
     try:
         with hold(settings.data_dir, command):
             return work()
-    except DataDirLocked as exc:
+    except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

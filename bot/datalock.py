@@ -21,7 +21,11 @@ from pathlib import Path
 LOCK_NAME = "acestep-bot.lock"
 
 
-class DataDirLocked(Exception):
+class AlreadyRunning(Exception):
+    """Work only one process may do is another's; str() says whose and what to do."""
+
+
+class DataDirLocked(AlreadyRunning):
     """Another process holds the data directory; str() says which and what to do."""
 
     def __init__(self, path: Path, holder: str) -> None:
@@ -67,3 +71,12 @@ def hold(data_dir: Path, command: str) -> Iterator[Path]:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
+
+
+class SingletonHeld(AlreadyRunning):
+    """A database-wide hold (`Store.hold_singleton`) is another process's, e.g. the one
+    Telegram getUpdates poller; `what` names the work and `fix` how to share it."""
+
+    def __init__(self, what: str, holder: str, fix: str) -> None:
+        self.holder = holder
+        super().__init__(f"{what} is already done by another acestep-bot ({holder}): {fix}")

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROVIDER_NAMES = ("fal", "wavespeed", "aigateway", "replicate", "acestep")
@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     discord_api_url: str = "https://discord.com/api/v10"
     discord_gateway_url: str | None = None
     discord_guild_ids: CommaList = Field(default_factory=list)
+    # Gateway shards: unset runs every shard of Discord's recommended count in this
+    # process; with several chat processes give each the same count and its own ids.
+    discord_shard_count: int | None = Field(default=None, ge=1)
+    discord_shard_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
 
     # Telegram
     telegram_token: SecretStr | None = None
@@ -110,6 +114,32 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split(value)
+
+    @field_validator("discord_shard_ids", mode="before")
+    @classmethod
+    def _shard_id_list(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("discord_shard_ids")
+    @classmethod
+    def _shard_ids(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        if not value:
+            return value
+        count = info.data.get("discord_shard_count")
+        if count is None:
+            raise ValueError(
+                "DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT (the total over every process)"
+            )
+        wrong = sorted({i for i in value if not 0 <= i < count})
+        if wrong:
+            raise ValueError(
+                f"shard ids {', '.join(map(str, wrong))} are outside 0-{count - 1} "
+                f"(DISCORD_SHARD_COUNT is {count})"
+            )
+        twice = sorted({i for i in value if value.count(i) > 1})
+        if twice:
+            raise ValueError(f"shard ids {', '.join(map(str, twice))} are listed twice")
+        return value
 
     @field_validator("providers")
     @classmethod

@@ -66,7 +66,7 @@ def main() -> int:
         Path(os.environ["OPS_DELIVERIES"]), float(os.environ.get("OPS_UPLOAD_SECONDS", "0"))
     )
 
-    def build_frontends(settings: Settings, engine: Engine) -> list[Any]:
+    def build_frontends(settings: Settings, engine: Engine, role: Any = None) -> list[Any]:
         engine.register_delivery(frontend)
         return [frontend]
 

@@ -85,6 +85,48 @@ def test_compose_file_builds_the_bot_with_env_volume_and_a_gpu_worker() -> None:
     assert grace > Settings.model_fields["shutdown_grace_seconds"].default
 
 
+def test_compose_scale_profile_runs_postgres_two_chat_processes_and_a_worker() -> None:
+    from bot.__main__ import _parser
+
+    services = compose()["services"]
+    scale = {name for name, svc in services.items() if "scale" in svc.get("profiles", [])}
+    assert scale == {"postgres", "chat-a", "chat-b", "worker"}
+    assert services["postgres"]["image"].startswith("postgres:")
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    roles = {}
+    for name in ("chat-a", "chat-b", "worker"):
+        svc = services[name]
+        args = _parser().parse_args(svc["command"])  # what the image's entrypoint gets
+        roles[name] = args.role
+        env = svc["environment"]
+        assert (
+            env["DATABASE_URL"].startswith("postgresql://")
+            and "@postgres:5432/" in env["DATABASE_URL"]
+        )
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert svc["volumes"] != services["bot"]["volumes"]  # not the SQLite bot's data
+        grace = int(svc["stop_grace_period"].rstrip("s"))
+        assert grace > Settings.model_fields["shutdown_grace_seconds"].default
+    assert roles == {"chat-a": "chat", "chat-b": "chat", "worker": "worker"}
+    # The two chat processes split the Discord shards between them, as Settings checks.
+    shards = []
+    for name in ("chat-a", "chat-b"):
+        env = services[name]["environment"]
+        checked = Settings(  # type: ignore[call-arg]
+            _env_file=None,
+            discord_shard_count=env["DISCORD_SHARD_COUNT"],
+            discord_shard_ids=env["DISCORD_SHARD_IDS"],
+        )
+        shards.append((checked.discord_shard_count, checked.discord_shard_ids))
+    assert shards == [(2, [0]), (2, [1])]
+    # Only chat-a long-polls Telegram unless an operator gives chat-b the token.
+    assert services["chat-b"]["environment"]["TELEGRAM_TOKEN"].startswith("${")
+    # The worker opens no gateway: it needs no shards.
+    assert "DISCORD_SHARD_IDS" not in services["worker"]["environment"]
+    # The single bot stays out of the profile (it is how one machine runs).
+    assert "profiles" not in services["bot"]
+
+
 def test_compose_config_with_docker_when_available(tmp_path: Path) -> None:
     docker = shutil.which("docker")
     probe = (
@@ -95,7 +137,7 @@ def test_compose_config_with_docker_when_available(tmp_path: Path) -> None:
     if docker is None or probe is None or probe.returncode != 0:
         pytest.skip("no Docker Compose v2 (`docker compose`) on this machine")
     shutil.copytree(DEPLOY, tmp_path / "deploy")
-    (tmp_path / "deploy" / ".env").write_text("", "utf-8")
+    (tmp_path / "deploy" / ".env").write_text("POSTGRES_PASSWORD=x\n", "utf-8")
     result = subprocess.run(
         [
             docker,
@@ -104,6 +146,8 @@ def test_compose_config_with_docker_when_available(tmp_path: Path) -> None:
             str(tmp_path / "deploy" / "compose.yaml"),
             "--profile",
             "gpu",
+            "--profile",
+            "scale",
             "config",
             "--quiet",
         ],

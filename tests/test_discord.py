@@ -815,8 +815,8 @@ async def test_rate_limited_sync_is_retried(tmp_path: Path, servers: Servers) ->
 
 
 async def test_gateway_and_rest_urls_come_from_settings(tmp_path: Path, servers: Servers) -> None:
-    # DISCORD_GATEWAY_URL must be applied explicitly: discord.py's plain Client never asks
-    # /gateway/bot. The interaction then arrives over that websocket, as in production.
+    # DISCORD_GATEWAY_URL is where the shards connect (a gateway proxy), even though the
+    # shard count comes from /gateway/bot. The interaction arrives over that websocket.
     server = servers.discord
     gateway = servers.discord_url.replace("http://", "ws://") + "/gateway"
     bot = await start_bot(tmp_path, servers, connect_gateway=True, discord_gateway_url=gateway)
@@ -825,7 +825,7 @@ async def test_gateway_and_rest_urls_come_from_settings(tmp_path: Path, servers:
         assert bot.frontend.is_connected()  # what /health reports
         assert server.identifies[0]["token"] == server.token
         assert server.gateway_queries[0]["v"] == "10"
-        assert "/gateway/bot" not in {path for _, path in server.requests}
+        assert server.identifies[0]["shard"] == [0, 1]  # the recommended count: one
         payload = server.slash("song", {"prompt": "over the wire", "duration": 5})
         await server.dispatch("INTERACTION_CREATE", payload)
         song = await bot.song_message(payload)

@@ -5,6 +5,7 @@ The platform supplies an `Outlet`, which only renders the models and sends them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
@@ -72,6 +73,7 @@ class ChatDelivery:
         # Status messages posted after their job was read by the engine: the job object
         # it hands back may not have them yet (they are stored as well).
         self._attached: dict[str, dict[str, Any]] = {}
+        self._reread: set[str] = set()  # jobs whose reply target on_progress re-read
 
     def note_for(self, job: Job) -> str | None:
         """The line under the status: options the serving provider will ignore."""
@@ -119,6 +121,19 @@ class ChatDelivery:
             self._attached.pop(job.id, None)
             await self.outlet.remove_status(self._target(job, fields))
 
+    async def _stored(self, job: Job) -> Job:
+        """The job with its reply target as stored now. With `--role chat` and `--role
+        worker` the status message is posted (and stored) by another process, maybe
+        after this one read the job: read it again before the song or failure is shown."""
+        try:
+            stored = await self.engine.get_job(job.id)
+        except Exception:
+            log.info("job %s: could not re-read its reply target", job.id, exc_info=True)
+            return job
+        if stored is None or stored.reply_target == job.reply_target:
+            return job
+        return dataclasses.replace(job, reply_target={**job.reply_target, **stored.reply_target})
+
     def _target(self, job: Job, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         attached = self._attached.get(job.id)
         if not attached and not extra:
@@ -129,6 +144,11 @@ class ChatDelivery:
 
     async def on_progress(self, job: Job, progress: Progress) -> None:
         await self.outlet.ready()
+        if job.id not in self._attached and job.id not in self._reread:
+            # Once per job: a status message another process posted (see _stored).
+            job = await self._stored(job)
+            self._attached.setdefault(job.id, {}).update(job.reply_target)
+            self._reread.add(job.id)
         target = self._target(job)
         if progress.phase is not Phase.WAITING:
             self.outlet.working(target, job.id, True)
@@ -137,6 +157,7 @@ class ChatDelivery:
 
     async def deliver(self, job: Job, song: Song) -> None:
         await self.outlet.ready()
+        job = await self._stored(job)
         target = self._target(job)
         limit = self.outlet.upload_limit(target)
         song.album = self.outlet.bot_name() or song.album
@@ -169,6 +190,7 @@ class ChatDelivery:
         await self.board.forget(job.id)
         target = self._target(job, target)
         self._attached.pop(job.id, None)
+        self._reread.discard(job.id)
         try:
             if await self.outlet.remove_status(target):
                 return
@@ -178,11 +200,13 @@ class ChatDelivery:
 
     async def on_failed(self, job: Job, failure: Failure) -> None:
         await self.outlet.ready()
+        job = await self._stored(job)
         target = self._target(job)
         self.outlet.working(target, job.id, False)
         view = replies.failure_view(job, failure)
         shown = await self.board.finish(target, view)
         self._attached.pop(job.id, None)
+        self._reread.discard(job.id)
         if not shown:
             await self.outlet.post_notice(target, view)
 

@@ -9,8 +9,14 @@ The front-end is the engine's Delivery for platform "discord" (the caller regist
 `engine.register_delivery(frontend)`, as bot.app does).
 
 Endpoints: `DISCORD_API_URL` replaces `discord.http.Route.BASE` and `DISCORD_GATEWAY_URL`
-replaces discord.py's default gateway (its plain Client never asks `/gateway/bot`). Both
-are class-level settings in discord.py, so they apply process-wide: one bot per process.
+replaces discord.py's default gateway. Both are class-level settings in discord.py, so
+they apply process-wide: one bot per process.
+
+Shards: the client is discord.py's `AutoShardedClient`. Without DISCORD_SHARD_COUNT it asks
+`/gateway/bot` for Discord's recommended count (and gateway URL) and runs every shard;
+with DISCORD_SHARD_COUNT (and DISCORD_SHARD_IDS, this process's share) it runs those on
+DISCORD_GATEWAY_URL or Discord's default gateway. A front-end that does not receive
+(`--role worker`) never connects a gateway: it only logs in for the REST API.
 """
 
 from __future__ import annotations
@@ -61,12 +67,16 @@ class SongCommandTree(app_commands.CommandTree["DiscordClient"]):
         await self.client.frontend.report_error(interaction, error)
 
 
-class DiscordClient(discord.Client):
+class DiscordClient(discord.AutoShardedClient):
     """The discord.py client: one command tree and the persistent job buttons."""
 
     def __init__(self, frontend: DiscordFrontend) -> None:
+        settings = frontend.settings
         # Slash commands and buttons arrive without any privileged intent.
-        super().__init__(intents=discord.Intents(guilds=True))
+        shards: dict[str, Any] = {"shard_count": settings.discord_shard_count}
+        if settings.discord_shard_ids:
+            shards["shard_ids"] = list(settings.discord_shard_ids)
+        super().__init__(intents=discord.Intents(guilds=True), **shards)
         self.frontend = frontend
         self.tree = SongCommandTree(
             self,
@@ -76,8 +86,15 @@ class DiscordClient(discord.Client):
             allowed_installs=app_commands.AppInstallationType(guild=True, user=True),
         )
 
+    # Seconds between two shards' IDENTIFY (Discord allows one per 5 s per bucket).
+    identify_spacing = 5.0
+
     async def setup_hook(self) -> None:
         self.add_dynamic_items(*render.PERSISTENT_ITEMS)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        if not initial:
+            await asyncio.sleep(self.identify_spacing)
 
 
 class DiscordFrontend(ChatDelivery):
@@ -118,7 +135,19 @@ class DiscordFrontend(ChatDelivery):
         self.discord.logged_in.set()
         await self.sync_commands()
         if self.connect_gateway:
+            await self._choose_shard_count()
             self._gateway_task = asyncio.create_task(self._run_gateway(), name="discord-gateway")
+
+    async def _choose_shard_count(self) -> None:
+        """Without DISCORD_SHARD_COUNT, run Discord's recommended count (`/gateway/bot`),
+        still connecting to DISCORD_GATEWAY_URL when one is set (a gateway proxy)."""
+        if self.client.shard_count is not None:
+            return
+        shards, url, _limits = await self.client.http.get_bot_gateway()
+        self.client.shard_count = int(shards)
+        if not self.settings.discord_gateway_url:
+            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
+        log.info("Discord recommends %s shard(s); running them all here", shards)
 
     async def _run_gateway(self) -> None:
         try:
@@ -144,8 +173,8 @@ class DiscordFrontend(ChatDelivery):
             return False
         if not self.connect_gateway:
             return True
-        ws = self.client.ws
-        return ws is not None and ws.open
+        shards = self.client.shards
+        return bool(shards) and not any(shard.is_closed() for shard in shards.values())
 
     # ---- command sync ----
 

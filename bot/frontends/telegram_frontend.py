@@ -33,7 +33,9 @@ from telegram.request import HTTPXRequest
 from bot.chat.conversation import Conversation
 from bot.chat.delivery import ChatDelivery
 from bot.chat.replies import LEGACY_ACTIONS, UPLOAD_MARGIN, Action
+from bot.datalock import SingletonHeld
 from bot.engine import DeliveryError, Engine
+from bot.engine.leases import instance_id
 from bot.frontends.telegram_commands import TelegramCommands
 from bot.frontends.telegram_outlet import (
     CLOUD_UPLOAD_BYTES,
@@ -107,6 +109,7 @@ class TelegramFrontend(ChatDelivery):
         poll_timeout: int = 30,
         flood_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         pacing: PacedSender | None = None,
+        receive: bool = True,
     ) -> None:
         token = settings.secret("telegram_token")
         if not token:
@@ -114,7 +117,12 @@ class TelegramFrontend(ChatDelivery):
         self.settings = settings
         self.api_url = settings.telegram_api_url.rstrip("/")
         self.poll_timeout = poll_timeout
-        self._webhook_url = settings.telegram_webhook_url
+        # A worker (`--role worker`) only sends: no getUpdates, no webhook, no menu.
+        self.receive = receive
+        # This host and data directory: a restart after a crash takes its hold back.
+        self._poller_owner = instance_id(settings)
+        self._poller_hold: asyncio.Task[None] | None = None
+        self._webhook_url = settings.telegram_webhook_url if receive else None
         self._updates_request = ConfirmAfterHandling()
         self.pacing = pacing or PacedSender(
             sleep=flood_sleep,
@@ -134,7 +142,7 @@ class TelegramFrontend(ChatDelivery):
             .write_timeout(30.0)
             .media_write_timeout(300.0)
         )
-        if self._webhook_url:
+        if self._webhook_url or not receive:
             builder = builder.updater(None)
         self.app: TgApp = builder.build()
         self._updates_request.update_queue = self.app.update_queue
@@ -173,10 +181,17 @@ class TelegramFrontend(ChatDelivery):
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("httpcore").setLevel(logging.WARNING)
         await self.app.initialize()
-        try:
-            await self.app.bot.set_my_commands(MENU)
-        except TelegramError as exc:  # only the menu is missing; commands still work
-            log.warning("telegram: could not set the command menu: %s", exc)
+        if self.webhook is None and self.app.updater is not None:
+            try:
+                await self._hold_poller()
+            except BaseException:
+                await self.app.shutdown()
+                raise
+        if self.receive:
+            try:
+                await self.app.bot.set_my_commands(MENU)
+            except TelegramError as exc:  # only the menu is missing; commands still work
+                log.warning("telegram: could not set the command menu: %s", exc)
         await self.app.start()
         if self.webhook is not None:
             await self.webhook.start()
@@ -190,14 +205,63 @@ class TelegramFrontend(ChatDelivery):
         log.info(
             "telegram: running as @%s (%s)",
             self.app.bot.username,
-            "webhook" if self.webhook else "long polling",
+            "webhook" if self.webhook else "long polling" if self.receive else "sending only",
         )
+
+    # --- the one getUpdates poller ---------------------------------------------------
+
+    def _poller_name(self) -> str:
+        return f"telegram-poller:{self.app.bot.id}"
+
+    async def _hold_poller(self) -> None:
+        """Take the database-wide hold on this bot's getUpdates (Telegram serves one
+        poller; a second would take turns with the first and lose updates), and keep it
+        while polling. Raises SingletonHeld when another process polls."""
+        store = self.engine.store
+        name, ttl = self._poller_name(), float(self.settings.lease_seconds)
+        if not await store.hold_singleton(name, self._poller_owner, ttl):
+            holder = await store.singleton_owner(name) or "another process"
+            raise SingletonHeld(
+                "Telegram long polling (getUpdates) for this bot",
+                holder,
+                "Telegram allows one poller. To receive in several chat processes set "
+                "TELEGRAM_WEBHOOK_URL (webhook mode: any of them may receive); or leave "
+                "TELEGRAM_TOKEN empty on all but one.",
+            )
+        self._poller_hold = asyncio.create_task(self._keep_poller(name, ttl), name="tg-poller")
+
+    async def _keep_poller(self, name: str, ttl: float) -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                held = await self.engine.store.hold_singleton(name, self._poller_owner, ttl)
+            except Exception:
+                log.warning("telegram: could not renew the poller hold", exc_info=True)
+                continue
+            if not held:
+                # Another process polls now (this one stalled past the hold): stop, so
+                # the two do not take turns with Telegram's updates.
+                log.error("telegram: another process took over getUpdates; polling stops")
+                if self.app.updater is not None and self.app.updater.running:
+                    await self.app.updater.stop()
+                return
+
+    async def _release_poller(self) -> None:
+        task, self._poller_hold = self._poller_hold, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.engine.store.release_singleton(self._poller_name(), self._poller_owner)
 
     @property
     def is_connected(self) -> bool:
         """Receiving updates (polling or the webhook receiver), for the health check."""
         if not self.app.running:
             return False
+        if not self.receive:
+            return True
         if self.webhook is not None:
             return self.webhook.running
         return self.app.updater is not None and self.app.updater.running
@@ -208,6 +272,7 @@ class TelegramFrontend(ChatDelivery):
             await self.webhook.stop()
         if self.app.updater is not None and self.app.updater.running:
             await self.app.updater.stop()
+        await self._release_poller()
         await self.close()  # status edits after uploads: short, let them land
         if self.app.running:
             await self.app.stop()

@@ -161,8 +161,10 @@ class FakeDiscord:
         token: str = "fake-bot-token",
         app_id: str = "900000000000000001",
         upload_limit: int = 10 * 1024 * 1024,
+        recommended_shards: int = 1,
     ) -> None:
         self.token = token
+        self.recommended_shards = recommended_shards  # what /gateway/bot answers
         self.app_id = app_id
         self.bot = user_payload("900000000000000002", "songbot", bot=True)
         self.upload_limit = upload_limit
@@ -180,7 +182,8 @@ class FakeDiscord:
         # Gateway: what clients sent when connecting, and the open socket.
         self.gateway_queries: list[dict[str, str]] = []
         self.identifies: list[dict[str, Any]] = []
-        self._socket: web.WebSocketResponse | None = None
+        # One socket per shard id (0 without IDENTIFY's `shard`), like Discord's routing.
+        self._sockets: dict[int, web.WebSocketResponse] = {}
         self._sequence = 0
 
     # ---- test controls ----
@@ -346,15 +349,37 @@ class FakeDiscord:
         r.add_patch("/api/v10/channels/{cid}/messages/{mid}", self._channel_edit)
         r.add_delete("/api/v10/channels/{cid}/messages/{mid}", self._channel_delete)
         r.add_get("/gateway", self._gateway)
+        r.add_get("/api/v10/gateway/bot", self._gateway_bot)
         return app
 
     # ---- gateway (JSON text frames; a client's binary-only decompressor is not needed) ----
+
+    async def _gateway_bot(self, request: web.Request) -> web.Response:
+        url = f"ws://{request.host}/gateway"
+        return json_response(
+            {
+                "url": url,
+                "shards": self.recommended_shards,
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 999,
+                    "reset_after": 0,
+                    "max_concurrency": 1,
+                },
+            }
+        )
+
+    def shard_of(self, guild_id: str | None) -> int:
+        """The shard Discord sends a guild's events on: (guild_id >> 22) % num_shards."""
+        identified = [d.get("shard") for d in self.identifies if d.get("shard")]
+        count = identified[-1][1] if identified else 1
+        return (int(guild_id) >> 22) % count if guild_id else 0
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.gateway_queries.append(dict(request.query))
-        self._socket = ws
+        shard_id: int | None = None
         await ws.send_json({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None, "t": None})
         async for frame in ws:
             message = json.loads(frame.data)
@@ -364,30 +389,47 @@ class FakeDiscord:
                 if message["d"].get("token") != self.token:
                     await ws.close(code=4004, message=b"Authentication failed.")
                     break
+                shard = message["d"].get("shard") or [0, 1]
+                if not (isinstance(shard, list) and len(shard) == 2 and 0 <= shard[0] < shard[1]):
+                    await ws.close(code=4010, message=b"Invalid shard.")
+                    break
+                shard_id = int(shard[0])
+                self._sockets[shard_id] = ws
                 url = f"ws://{request.host}/gateway"
-                await self.dispatch(
+                await self.send_to(
+                    ws,
                     "READY",
                     {
                         "v": 10,
                         "user": self.bot,
                         "guilds": [],
-                        "session_id": "fake-session",
+                        "session_id": f"fake-session-{shard_id}",
                         "resume_gateway_url": url,
                         "private_channels": [],
                         "application": {"id": self.app_id, "flags": 0},
+                        "shard": shard,
                     },
                 )
             elif message["op"] == 1:  # HEARTBEAT
                 await ws.send_json({"op": 11, "d": None, "s": None, "t": None})
-        self._socket = None
+        if shard_id is not None and self._sockets.get(shard_id) is ws:
+            del self._sockets[shard_id]
         return ws
 
+    def connected_shards(self) -> list[int]:
+        return sorted(self._sockets)
+
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send a DISPATCH event (e.g. INTERACTION_CREATE) to the connected client."""
-        if self._socket is None:
-            raise AssertionError("no client is connected to the fake gateway")
+        """Send a DISPATCH event (e.g. INTERACTION_CREATE) on the shard its guild is on."""
+        shard = self.shard_of(data.get("guild_id"))
+        socket = self._sockets.get(shard)
+        if socket is None:
+            raise AssertionError(f"no client is connected on shard {shard} of the fake gateway")
+        await self.send_to(socket, event, data)
+
+    async def send_to(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
         self._sequence += 1
-        await self._socket.send_json({"op": 0, "t": event, "s": self._sequence, "d": data})
+        await ws.send_json({"op": 0, "t": event, "s": self._sequence, "d": data})
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
