@@ -170,6 +170,51 @@ def no_provider_for_mode(mode: str) -> str:
     )
 
 
+# Source audio for extend/remix/repaint (bot/sources.py): one line each, nothing stored.
+SOURCE_EMPTY = "source: the file is empty (0 bytes); send an audio file (MP3, WAV, FLAC or OGG)."
+SOURCE_NOT_AUDIO = "source: the file is not audio the bot can read; send MP3, WAV, FLAC or OGG."
+SOURCE_SILENT = "source: the audio is silent; send a song with sound in it."
+SOURCE_UNREACHABLE = "source: the file could not be fetched from the chat; send it again."
+SOURCE_NO_SUCH_SONG = (
+    "source: that song is not one this bot posted (or it was deleted); pick a posted song "
+    "or send your own audio."
+)
+SOURCE_AUDIO_GONE = (
+    "source: that song's audio is no longer kept here; send the file itself as audio."
+)
+
+
+def _megabytes(size: int) -> str:
+    return f"{num(round(size / (1024 * 1024), 1))} MB"
+
+
+def source_too_big(size: int, cap: int) -> str:
+    return f"source: the file is {_megabytes(size)}; files up to {_megabytes(cap)} are allowed."
+
+
+def source_too_long(seconds: float | None, longest: int) -> str:
+    length = f"{num(round(seconds))} seconds long" if seconds is not None else "too long"
+    return f"source: the audio is {length}; songs up to {longest} seconds can be worked on."
+
+
+def source_missing(path: str) -> str:
+    return f"source: {path} is not a file that can be read; give an audio file's path."
+
+
+TASK_KINDS = {
+    "extend": "extend songs",
+    "remix": "remix songs",
+    "repaint": "repaint part of a song",
+}
+
+
+def no_provider_for_task(task: str) -> str:
+    return (
+        f"task: {task} is not available here; none of this bot's music services can "
+        f"{TASK_KINDS.get(task, task)}. Ask for a new song instead."
+    )
+
+
 def no_provider_for_duration(duration: int, shortest: int, longest: int) -> str:
     return (
         f"duration: {duration} is not available here; this bot's music services make songs "

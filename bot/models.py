@@ -137,6 +137,11 @@ class Job:
     # A posted song its requester or an admin removed: the row stays for the ledger.
     deleted_at: float | None = None
     deleted_by: str | None = None  # "platform:user_id"
+    # Takes (issue 14): the jobs one request made share a batch id; this is take `take`
+    # of `takes`. Each has its own seed and a request with takes=1, reproducible alone.
+    batch_id: str | None = None
+    take: int = 1
+    takes: int = 1
 
     @property
     def deleted(self) -> bool:

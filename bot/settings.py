@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     job_retention_days: int = Field(default=90, ge=0)  # 0 keeps finished job rows forever
     shutdown_grace_seconds: int = Field(default=20, ge=0)
 
+    # Work on a song (issue 14): the largest source audio a user may send, checked before
+    # it is downloaded (Telegram's and Discord's declared file size).
+    source_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+
     # Storage and logs
     data_dir: Path = Path("./data")
     log_level: str = "INFO"
@@ -128,6 +132,10 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "acestep-bot.sqlite3"
+
+    @property
+    def sources_dir(self) -> Path:
+        return self.data_dir / "sources"
 
     @property
     def audio_dir(self) -> Path:
