@@ -22,7 +22,7 @@ import httpx
 
 from bot import audio, messages
 from bot.models import Job, JobState
-from bot.requests import MAX_DURATION, SourceAudio
+from bot.requests import MAX_DURATION, MAX_TAGS_CHARS, SourceAudio
 
 CHUNK_BYTES = 256 * 1024
 FETCH_TIMEOUT_S = 60.0
@@ -49,7 +49,14 @@ def _checked(path: Path) -> tuple[str, float]:
     return info.format, info.duration
 
 
-def _store(data_dir: Path, part: Path, name: str, job_id: str | None) -> SourceAudio:
+def _store(
+    data_dir: Path,
+    part: Path,
+    name: str,
+    job_id: str | None,
+    tags: str = "",
+    lyrics: str = "",
+) -> SourceAudio:
     """Check the downloaded file `part` and move it to its content-hash name."""
     try:
         fmt, seconds = _checked(part)
@@ -67,7 +74,13 @@ def _store(data_dir: Path, part: Path, name: str, job_id: str | None) -> SourceA
         else:
             os.replace(part, target)
         return SourceAudio(
-            sha256=sha, seconds=round(seconds, 3), file=file, job_id=job_id, name=name
+            sha256=sha,
+            seconds=round(seconds, 3),
+            file=file,
+            job_id=job_id,
+            name=name,
+            tags=tags,
+            lyrics=lyrics,
         )
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -163,13 +176,16 @@ async def from_job(data_dir: Path, audio_dir: Path, job: Job | None) -> SourceAu
         raise SourceRefused(messages.SOURCE_NO_SUCH_SONG)
     path = audio_dir / job.result.audio_file
     title, job_id = job.title, job.id
+    # What the song is (fal's and WaveSpeed's remix take the source's tags and lyrics).
+    tags = job.result.tags or job.request.tags or job.request.prompt
+    lyrics = job.lyrics
 
     def store() -> SourceAudio:
         if not job.result or not job.result.audio_file or not path.is_file():
             raise SourceRefused(messages.SOURCE_AUDIO_GONE)
         part = _part(data_dir)
         _copy(path, part)
-        return _store(data_dir, part, title, job_id)
+        return _store(data_dir, part, title, job_id, tags[:MAX_TAGS_CHARS], lyrics)
 
     return await asyncio.to_thread(store)
 

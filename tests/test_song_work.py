@@ -9,6 +9,7 @@ does (until the provider helpers' adapters land, that is what exercises the engi
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from bot import messages, sources
 from bot.engine import Engine, NoProvider, QuotaExceeded
 from bot.models import Requester
 from bot.requests import GenerationRequest, SourceAudio, Task
-from providers.base import Capabilities, Handle, Rejected, SourceFile
+from providers.base import Handle, Rejected, SourceFile
 from providers.fal import FalProvider
 from storage.database import Database
 from storage.jobs import JobStore
@@ -31,37 +32,21 @@ CAP = 5 * 1024 * 1024
 
 
 class EditingFal(FalProvider):
-    """fal widened to declare every task; it 'uploads' a source once per file through
-    the upload cache (as fal's storage upload does) and records what it was handed."""
+    """The real fal adapter (its edit endpoints and storage upload on the fake), which
+    records what the engine handed it and refuses the seeds a test names."""
 
     def __init__(self, fake: FakeFal, url: str, *, reject_seeds: tuple[int, ...] = ()) -> None:
-        super().__init__(fake.key, url, concurrency=4, poll_interval=0.01)
-        self.capabilities = Capabilities(
-            modes=self.capabilities.modes,
-            tasks=frozenset(Task),
-            min_duration=5,
-            max_duration=240,
-            options=self.capabilities.options,
-        )
+        super().__init__(fake.key, url, storage_url=url, concurrency=4, poll_interval=0.01)
         self.reject_seeds = reject_seeds
         self.sources: list[SourceFile | None] = []
-        self.uploads = 0
-        self.seeds: list[int] = []
 
     async def submit(
         self, request: GenerationRequest, seed: int, source: SourceFile | None = None
     ) -> Handle:
         self.sources.append(source)
-        self.seeds.append(seed)
         if seed in self.reject_seeds:
             raise Rejected(self.name, "content policy")
-        if source is not None:
-            assert source.path.read_bytes()  # the file is on disk with the job
-            if await source.uploads.get(self.name, source.sha256) is None:
-                self.uploads += 1
-                ref = f"https://storage.example/{source.sha256}"
-                await source.uploads.put(self.name, source.sha256, ref, time.time() + 3600)
-        return await super().submit(request, seed)
+        return await super().submit(request, seed, source)
 
 
 def prompt(**kw: object) -> GenerationRequest:
@@ -202,7 +187,8 @@ async def test_the_same_event_with_takes_is_admitted_once(tmp_path: Path) -> Non
 
 async def test_a_task_no_provider_offers_is_refused_at_once_naming_it(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    plain = FalProvider(FakeFal().key, "http://127.0.0.1:9")  # generate only, as on main
+    plain = FalProvider(FakeFal().key, "http://127.0.0.1:9")
+    plain.capabilities = replace(plain.capabilities, tasks=frozenset({Task.GENERATE}))
     source = await stored_source(settings.data_dir)
     engine = await Engine.open(settings, [plain])
     try:
@@ -267,7 +253,8 @@ async def test_restart_mid_submit_of_an_edit_resumes_without_uploading_again(
         # The first process uploaded the source, then died before the provider answered.
         handed = engine.runner.source_file(job)
         assert handed is not None
-        await handed.uploads.put(first.name, source.sha256, "https://s/x", time.time() + 60)
+        await first.submit(job.request, job.seed, handed)
+        assert len(fake.uploads) == 1
         assert await engine.store.transition(job.id, ("queued",), "submitting")
         await engine.store.close()
 
@@ -278,7 +265,7 @@ async def test_restart_mid_submit_of_an_edit_resumes_without_uploading_again(
             done = await wait_for_state(engine2, job.id, ("delivered",))
         finally:
             await engine2.close()
-    assert second.uploads == 0  # the provider already had the file
+    assert len(fake.uploads) == 1  # the provider already had the file: not sent again
     assert [s.sha256 for s in second.sources if s] == [source.sha256]
     assert done.recoveries == 1 and delivery.delivered_ids() == [job.id]
 
