@@ -850,7 +850,9 @@ def _print_job(settings: Settings, job: Job, ledger: list[dict[str, Any]]) -> No
         + (f" in {job.requester.community_key}" if job.requester.community_key else "")
     )
     print(
-        f"  request:   {req.mode.value} {req.duration}s seed {job.seed}"
+        f"  request:   {req.mode.value}"
+        + (f" {req.task.value}" if req.task.value != "generate" else "")
+        + f" {req.duration}s seed {job.seed}"
         + (" instrumental" if req.instrumental else "")
     )
     for name in ("prompt", "tags", "lyrics"):
@@ -859,6 +861,13 @@ def _print_job(settings: Settings, job: Job, ledger: list[dict[str, Any]]) -> No
             print(f"  {name + ':':10} {text}")
     if req.advanced():
         print(f"  options:   {json.dumps(req.advanced())}")
+    from bot import messages
+
+    source = messages.lineage(req)
+    if source:
+        print(f"  source:    {source} (file {req.source.file if req.source else '-'})")
+    if job.takes > 1:
+        print(f"  takes:     {messages.take_note(job.take, job.takes)} (batch {job.batch_id})")
     print(
         f"  provider:  {job.provider or '-'}  attempts {job.attempts}"
         + (f"  tried {','.join(job.tried_providers)}" if job.tried_providers else "")

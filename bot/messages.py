@@ -5,6 +5,7 @@ replies from these)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from bot.models import FailureKind
 
@@ -199,6 +200,30 @@ def source_too_long(seconds: float | None, longest: int) -> str:
 
 def source_missing(path: str) -> str:
     return f"source: {path} is not a file that can be read; give an audio file's path."
+
+
+LINEAGE_VERBS = {"extend": "extended", "remix": "remixed", "repaint": "repainted"}
+
+
+def lineage(request: Any) -> str:
+    """Where an edit came from: 'extended from “Rain on Glass” (job 1a2b3c4d)', 'remixed
+    from your file “demo.mp3”'; "" for a new song. `request` is a GenerationRequest."""
+    source = request.source
+    verb = LINEAGE_VERBS.get(request.task.value)
+    if verb is None or source is None:
+        return ""
+    name = " ".join(source.name.split())[:80]
+    quoted = f"\N{LEFT DOUBLE QUOTATION MARK}{name}\N{RIGHT DOUBLE QUOTATION MARK}"
+    if source.job_id:
+        return f"{verb} from {quoted + ' ' if name else ''}(job {source.job_id})"
+    if name:
+        return f"{verb} from your file {quoted}"
+    return f"{verb} from your file"
+
+
+def take_note(take: int, takes: int) -> str:
+    """'take 2 of 3' for one of several takes, else ""."""
+    return f"take {take} of {takes}" if takes > 1 else ""
 
 
 TASK_KINDS = {

@@ -79,6 +79,11 @@ async def test_generate_edits_a_file_end_to_end(
     fmt, length = duration_of(out)
     assert fmt == "mp3" and length == pytest.approx(seconds, abs=0.3)
     assert len(sources_stored(tmp_path)) == 1  # kept with the job for a restart
+    job_id = err.rsplit("job ", 1)[1].split(")")[0]
+    code, shown, _ = await run_cli(["jobs", "show", job_id], cli_env(tmp_path), tmp_path)
+    verb = {"--extend": "extended", "--remix": "remixed", "--repaint": "repainted"}[flags[0]]
+    assert code == 0
+    assert f"{verb} from your file \N{LEFT DOUBLE QUOTATION MARK}mine.wav" in shown
 
 
 async def test_takes_write_one_numbered_file_each(tmp_path: Path) -> None:

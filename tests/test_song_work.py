@@ -396,3 +396,36 @@ async def test_a_posted_song_is_a_source_with_its_lineage(tmp_path: Path) -> Non
     with pytest.raises(sources.SourceRefused) as refused:
         await sources.from_job(settings.data_dir, settings.audio_dir, None)
     assert str(refused.value) == messages.SOURCE_NO_SUCH_SONG
+
+
+# ---- lineage ---------------------------------------------------------------------------
+
+
+async def test_an_extended_song_says_where_it_came_from_everywhere(tmp_path: Path) -> None:
+    from mutagen.id3 import ID3
+
+    from bot.chat import replies
+
+    fake = FakeFal(queue_polls=0, progress_polls=1)
+    settings = make_settings(tmp_path)
+    delivery = RecordingDelivery(byte_limit=None)
+    async with fake.running() as url:
+        engine = await open_engine(settings, [EditingFal(fake, url)], delivery)
+        try:
+            first = await engine.submit(prompt(duration=6, title="Rain on Glass"), ALICE, {})
+            original = await wait_for_state(engine, first.job_id, ("delivered",))
+            source = await sources.from_job(settings.data_dir, settings.audio_dir, original)
+            second = await engine.submit(extend(source, after=4), ALICE, {})
+            edited = await wait_for_state(engine, second.job_id, ("delivered",))
+            history = replies.history_reply(await engine.history(ALICE)).text.plain()
+        finally:
+            await engine.close()
+    said = f"extended from \u201cRain on Glass\u201d (job {original.id})"
+    card = replies.song_card(edited, title=edited.title, duration=10, seed=1, provider="fal")
+    assert said in card.notes
+    assert said in history
+    rendered = dict(delivery.delivered)[edited.id]
+    comments = [c.text[0] for c in ID3(rendered.path).getall("COMM")]
+    assert any(f"Source: {said}" in c for c in comments)
+    plain_card = replies.song_card(original, title="x", duration=6, seed=1, provider="fal")
+    assert plain_card.notes == ()

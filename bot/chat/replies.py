@@ -327,6 +327,11 @@ def song_card(
         buttons=song_buttons(job.id, has_lyrics(job), offers_tags=bool(tags)),
         tags=tags,
         seed_note=messages.seed_note(seed_honoured),
+        notes=tuple(
+            note
+            for note in (messages.lineage(job.request), messages.take_note(job.take, job.takes))
+            if note
+        ),
     )
 
 
@@ -465,6 +470,11 @@ def history_reply(jobs: Iterable[Job]) -> Reply:
                 Code(str(seed)),
                 " \N{MIDDLE DOT} ",
                 When(job.created_at),
+                *(
+                    (f" \N{MIDDLE DOT} {source}",)
+                    if (source := messages.lineage(job.request))
+                    else ()
+                ),
             )
         )
     if not lines:

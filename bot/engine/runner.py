@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bot import audio, render, titles
+from bot import audio, messages, render, titles
 from bot.engine.contract import DeliveryError, Failure, Phase, Progress, Song
 from bot.engine.eta import GenerationTimes
 from bot.engine.notify import Notifier
@@ -676,6 +676,7 @@ class JobRunner:
             prompt=req.prompt or None,
             seed_honoured=result.seed_honoured,
             made_at=job.finished_at or job.created_at or None,
+            lineage=messages.lineage(req),
         )
 
     async def deliver(self, job: Job) -> None:
