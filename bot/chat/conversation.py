@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bot import titles
+from bot import sources, titles
 from bot.chat import defaults, replies
 from bot.chat.delivery import ChatDelivery
 from bot.chat.markup import Span
@@ -23,7 +23,15 @@ from bot.engine.errors import EngineError
 from bot.engine.facade import Engine
 from bot.models import Job, JobState, Requester
 from bot.moderation import MAX_PHRASE_CHARS, normalize
-from bot.requests import MAX_LYRICS_CHARS, MAX_TAGS_CHARS, GenerationRequest, InvalidRequest, Mode
+from bot.requests import (
+    MAX_LYRICS_CHARS,
+    MAX_TAGS_CHARS,
+    GenerationRequest,
+    InvalidRequest,
+    Mode,
+    SourceAudio,
+)
+from bot.sources import SourceRefused
 from storage.community import MAX_BANNED, BanListFull
 from storage.jobs import COMMUNITY_KEYS
 
@@ -189,6 +197,47 @@ class Conversation:
         if not await place.can_post_songs():
             return Reply.say(replies.CANNOT_ATTACH)
         return None
+
+    # ---- work on a song (issue 14) ---------------------------------------------------
+
+    async def work_on(
+        self,
+        place: Place,
+        task: str,
+        fields: dict[str, Any],
+        load: Callable[[], Awaitable[SourceAudio]],
+    ) -> None:
+        """`/extend`, `/remix`, `/repaint` on a source `load` fetches (a user's audio or a
+        posted song): where songs may be made, the source is fetched and checked, then
+        the request is made from it. A refused source is answered in one line."""
+        refusal = await self._refusal(place)
+        if refusal is not None:
+            await place.answer(refusal)
+            return
+        if place.source_key and await self.engine.admitted_for(place.source_key) is not None:
+            return
+        try:
+            source = await load()
+        except SourceRefused as exc:
+            await place.answer(Reply.say(str(exc)))
+            return
+        request = {**fields, "mode": Mode.SONG.value, "task": task, "source": source}
+        # The new music's style and words: the asker's, else the source song's own.
+        if not str(request.get("tags") or "").strip():
+            request["tags"] = source.tags
+        if not str(request.get("lyrics") or "").strip():
+            request["lyrics"] = source.lyrics
+        await self.make(place, request)
+
+    async def posted_source(self, place: Place, job_id: str) -> SourceAudio:
+        """A song the bot posted, as the source of an edit asked here. The id comes from
+        a platform (a replied-to message's button, a form): untrusted. Raises SourceRefused
+        for a job that is not a posted song or was made somewhere else."""
+        job = await self.engine.get_job(job_id)
+        if job is not None and not self._same_place(job, place.requester):
+            raise SourceRefused(replies.SOURCE_NOT_HERE)
+        settings = self.engine.settings
+        return await sources.from_job(settings.data_dir, settings.audio_dir, job)
 
     # ---- buttons ---------------------------------------------------------------------
 

@@ -354,12 +354,34 @@ CANNOT_ATTACH = (
 LIMITS_COMMUNITY_ONLY = "/limits works in a server or group: it shows and sets its quotas."
 
 
+EDIT_EXAMPLES = {
+    "extend": "/extend after=30 (new music after the song; before=10 adds an intro)",
+    "remix": "/remix jazz, upright bass strength=0.6 (the song in a new style)",
+    "repaint": "/repaint start=10 end=20 (those seconds made again)",
+}
+
+
+def edit_usage(task: str, how: str) -> str:
+    """How to ask for an edit on a platform: `how` says where the source comes from."""
+    return f"{how}, e.g. {EDIT_EXAMPLES[task]}. Tags and lyrics (next lines) are optional."
+
+
+def edit_usage_refusal() -> str:
+    return (
+        "source: that message has no audio; reply to a song I posted, or to an audio, "
+        "voice or file message."
+    )
+
+
 def admins_only(admins: str, what: str = "this community's limits") -> str:
     return f"Only {admins} can change {what}."
 
 
 NOT_KNOWN = "I no longer know that song."
 NOT_HERE_COMMAND = "You can't use this command here."
+SOURCE_NOT_HERE = (
+    "That song was made in another chat; work on a song posted here or send your own audio."
+)
 NOT_HERE = "That button belongs to a song made elsewhere; ask for your own with /song."
 ON_ITS_WAY = "On its way\N{HORIZONTAL ELLIPSIS}"
 NOTHING_TO_CANCEL = "You have no songs in progress to cancel."
