@@ -154,7 +154,12 @@ async def _bot(
             **overrides,
         )
         provider = FalProvider(
-            fal.key, fal_url, concurrency=2, poll_interval=0.01, retry_delays=(0.01, 0.02)
+            fal.key,
+            fal_url,
+            storage_url=fal_url,  # edits upload their source to the fake's storage
+            concurrency=2,
+            poll_interval=0.01,
+            retry_delays=(0.01, 0.02),
         )
         engine = await Engine.open(settings, [provider], options=FAST)
         frontend = TelegramFrontend(
