@@ -182,6 +182,9 @@ class FakeDiscord:
         self.identifies: list[dict[str, Any]] = []
         self._socket: web.WebSocketResponse | None = None
         self._sequence = 0
+        # Users' attachments by id (served at /attachments/<id>/<name>) and the ids fetched.
+        self.files: dict[str, bytes] = {}
+        self.downloads: list[str] = []
 
     # ---- test controls ----
 
@@ -227,6 +230,48 @@ class FakeDiscord:
         ]
         data = {"id": snowflake(), "name": name, "type": 1, "options": opts}
         return self._interaction(2, data, **kw)
+
+    def slash_with_file(
+        self,
+        name: str,
+        options: dict[str, Any],
+        *,
+        base_url: str,
+        data: bytes,
+        filename: str = "song.mp3",
+        content_type: str = "audio/mpeg",
+        option: str = "audio",
+        declared_size: int | None = None,
+        **kw: Any,
+    ) -> dict[str, Any]:
+        """`/name audio:<file> ...`: an attachment option (type 11) whose value is the
+        attachment id, described in `data.resolved.attachments` as Discord does; the file
+        is served at its `url` (this fake's /attachments/..., standing in for the CDN)."""
+        aid = snowflake()
+        self.files[aid] = data
+        payload = self.slash(name, options, **kw)
+        payload["data"]["options"].append({"name": option, "type": 11, "value": aid})
+        payload["data"]["resolved"] = {
+            "attachments": {
+                aid: {
+                    "id": aid,
+                    "filename": filename,
+                    "size": len(data) if declared_size is None else declared_size,
+                    "url": f"{base_url}/attachments/{aid}/{filename}",
+                    "proxy_url": f"{base_url}/attachments/{aid}/{filename}",
+                    "content_type": content_type,
+                }
+            }
+        }
+        return payload
+
+    async def _attachment(self, request: web.Request) -> web.Response:
+        aid = request.match_info["aid"]
+        self.downloads.append(aid)
+        data = self.files.get(aid)
+        if data is None:
+            return web.Response(status=404)
+        return web.Response(body=data, content_type="application/octet-stream")
 
     def autocomplete(self, name: str, option: str, typed: str, **kw: Any) -> dict[str, Any]:
         """The user is typing `typed` into `/name option:`."""
@@ -346,6 +391,7 @@ class FakeDiscord:
         r.add_patch("/api/v10/channels/{cid}/messages/{mid}", self._channel_edit)
         r.add_delete("/api/v10/channels/{cid}/messages/{mid}", self._channel_delete)
         r.add_get("/gateway", self._gateway)
+        r.add_get("/attachments/{aid}/{name}", self._attachment)
         return app
 
     # ---- gateway (JSON text frames; a client's binary-only decompressor is not needed) ----
@@ -414,9 +460,10 @@ class FakeDiscord:
                             "X-RateLimit-Scope": "user",
                         },
                     )
-            # Interaction webhooks carry their token in the path; the gateway, in IDENTIFY.
+            # Interaction webhooks carry their token in the path; the gateway, in IDENTIFY;
+            # attachment URLs (the CDN's) are signed URLs anyone holding them may fetch.
             needs_bot_auth = not request.path.startswith(
-                ("/api/v10/webhooks/", "/api/v10/interactions/", "/gateway")
+                ("/api/v10/webhooks/", "/api/v10/interactions/", "/gateway", "/attachments/")
             )
             if needs_bot_auth and request.headers.get("Authorization") != f"Bot {self.token}":
                 return _error(401, 0, "401: Unauthorized")

@@ -1,0 +1,89 @@
+"""Discord: /extend, /remix, /repaint with an attachment or a posted song's job id, and
+takes on /song, with the real discord.py against the fake Discord API and the fake fal
+(its edit endpoints and storage upload)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot import messages
+from tests.fakes.audio import make_wav
+from tests.test_discord import Bot, bot, ephemeral_texts, job_id_in, servers  # noqa: F401
+
+
+async def test_extend_an_attached_file_posts_the_longer_song(bot: Bot) -> None:  # noqa: F811
+    fake = bot.fake
+    payload = fake.slash_with_file(
+        "extend",
+        {"after": 4, "tags": "lofi, piano"},
+        base_url=bot.frontend.settings.discord_api_url.removesuffix("/api/v10"),
+        data=make_wav(8),
+        filename="mine.wav",
+        content_type="audio/wav",
+    )
+    await bot.feed(payload)
+    song, job_id = await bot.posted(payload)
+    assert bot.fal.submits[0].path == "/fal-ai/ace-step/audio-outpaint"
+    assert len(fake.downloads) == 1
+    job = await bot.engine.get_job(job_id)
+    assert job is not None and job.duration == 12
+    embed_text = str(song.embeds[0])
+    assert "extended from your file \u201cmine.wav\u201d" in embed_text
+
+
+async def test_remix_a_posted_song_by_its_job_id(bot: Bot) -> None:  # noqa: F811
+    first = bot.fake.slash("song", {"prompt": "lofi piano about rain", "duration": 6})
+    await bot.feed(first)
+    _, first_id = await bot.posted(first)
+    payload = bot.fake.slash("remix", {"song": first_id, "tags": "jazz, upright bass"})
+    await bot.feed(payload)
+    song, _ = await bot.posted(payload)
+    assert bot.fal.submits[1].path == "/fal-ai/ace-step/audio-to-audio"
+    assert f"(job {first_id})" in str(song.embeds[0])
+    assert bot.fake.downloads == []
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"song": "deadbeef", "tags": "jazz"}, messages.SOURCE_NO_SUCH_SONG),
+        ({"tags": "jazz"}, "Attach an audio file (audio:)"),
+    ],
+    ids=["forged-job", "no-source"],
+)
+async def test_a_bad_source_is_one_ephemeral_line(
+    bot: Bot,  # noqa: F811
+    options: dict[str, str],
+    expected: str,
+) -> None:
+    payload = bot.fake.slash("remix", options)
+    await bot.feed(payload)
+    [said] = ephemeral_texts(bot, payload)
+    assert expected in said
+    assert bot.fal.submits == [] and await bot.engine.store.recent(10) == []
+
+
+async def test_an_attachment_over_the_cap_is_refused_before_download(bot: Bot) -> None:  # noqa: F811
+    payload = bot.fake.slash_with_file(
+        "remix",
+        {"tags": "jazz"},
+        base_url=bot.frontend.settings.discord_api_url.removesuffix("/api/v10"),
+        data=make_wav(8),
+        declared_size=50 * 1024 * 1024,
+    )
+    await bot.feed(payload)
+    [said] = ephemeral_texts(bot, payload)
+    assert "files up to 20 MB are allowed" in said
+    assert bot.fake.downloads == [] and bot.fal.submits == []
+
+
+async def test_takes_on_song_make_two_songs(bot: Bot) -> None:  # noqa: F811
+    payload = bot.fake.slash("song", {"prompt": "lofi piano", "duration": 6, "takes": 2})
+    await bot.feed(payload)
+    job_id = job_id_in(bot.original(payload).content)
+    job = await bot.engine.get_job(job_id)
+    assert job is not None and job.takes == 2 and job.batch_id
+    takes = await bot.engine.store.batch(job.batch_id)
+    for take in takes:
+        await bot.job_state(take.id, "delivered")
+    assert len({take.seed for take in takes}) == 2
