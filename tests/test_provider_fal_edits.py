@@ -50,14 +50,18 @@ async def provider(fake: FakeFal) -> AsyncIterator[FalProvider]:
 
 
 def source_file(
-    tmp_path: Path, data: bytes | None = None, uploads: MemoryUploads | None = None
+    tmp_path: Path,
+    data: bytes | None = None,
+    uploads: MemoryUploads | None = None,
+    seconds: float = SOURCE_SECONDS,
 ) -> SourceFile:
-    data = make_wav(SOURCE_SECONDS) if data is None else data
+    """A source as the engine hands it over: a real WAV under sources/, named by hash."""
+    data = make_wav(seconds) if data is None else data
     sha = hashlib.sha256(data).hexdigest()
     path = tmp_path / "sources" / f"{sha}.wav"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return SourceFile(path, sha, SOURCE_SECONDS, uploads or MemoryUploads())
+    return SourceFile(path, sha, seconds, uploads or MemoryUploads())
 
 
 def edit_request(source: SourceFile, task: Task, **fields: object) -> GenerationRequest:
