@@ -217,6 +217,8 @@ async def test_a_source_that_is_not_audio_is_rejected_and_nothing_runs(
 
     assert "fal could not use the source audio" in caught.value.message
     assert "MP3, WAV or FLAC" in caught.value.message
+    assert fake.uploads == [source.path.name]  # a fresh upload refused is not retried
+    assert len(fake.submits) == 1
     assert fake.requests == {}
     assert fake.billed_usd() == 0
 

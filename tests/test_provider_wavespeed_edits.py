@@ -166,6 +166,8 @@ async def test_a_source_that_is_not_audio_is_rejected_and_nothing_is_billed(
 
     assert "WaveSpeed could not use the source audio" in caught.value.message
     assert "not a supported audio format" in caught.value.message
+    assert fake.uploads == [source.path.name]  # a fresh upload refused is not retried
+    assert fake.submit_attempts == 1
     assert fake.submit_count == 0
     assert fake.billed_usd() == 0
 
