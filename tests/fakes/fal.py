@@ -233,6 +233,8 @@ class FakeFal:
         self.stored: dict[str, tuple[str, str, bytes | None]] = {}
         self.uploads: list[str] = []  # file names of every completed upload (PUT)
         self.storage_forget = False  # storage answers 404 for every stored file
+        self.upload_host: str | None = None  # e.g. "localhost": upload URLs on another origin
+        self.upload_headers: list[dict[str, str]] = []  # request headers of every PUT
         self.downloads: list[dict[str, str]] = []  # request headers of each file GET
         self.faults: Counter[str] = Counter()  # "route:kind" -> chaos faults injected
         self.base_url: str | None = None
@@ -587,9 +589,13 @@ class FakeFal:
         kind = str(body.get("content_type") or "application/octet-stream")
         self.stored[token] = (body["file_name"], kind, None)
         base = f"{request.scheme}://{request.host}/storage"
+        put_base = base
+        if self.upload_host is not None:  # a signed URL on another origin, as fal's CDN
+            put_base = f"{request.scheme}://{self.upload_host}:{request.host.rsplit(':', 1)[-1]}"
+            put_base += "/storage"
         return json_response(
             {
-                "upload_url": f"{base}/put/{token}?signature=fake",
+                "upload_url": f"{put_base}/put/{token}?signature=fake",
                 "file_url": f"{base}/files/{token}/{body['file_name']}",
             }
         )
@@ -598,6 +604,7 @@ class FakeFal:
         found = self.stored.get(request.match_info["token"])
         if found is None:
             return web.Response(status=403, text="<Error><Code>AccessDenied</Code></Error>")
+        self.upload_headers.append(dict(request.headers))
         data = await request.read()
         self.stored[request.match_info["token"]] = (found[0], found[1], data)
         self.uploads.append(found[0])
