@@ -21,7 +21,10 @@ three edit endpoints take an `audio_url`, which must be a file this fake's stora
 `/storage/upload/initiate` with `file_name` and `content_type` -> `upload_url` and
 `file_url`; PUT the bytes to `upload_url`). A URL it cannot fetch, or a file that is not
 audio, is a 422 on `audio_url`. The result is as long as the mode makes it (the source;
-the source plus before and after for outpaint) and is billed per second of it.
+the source plus before and after for outpaint) and is billed per second of it. The edit
+endpoints list no `duration`; the fake refuses one (stricter than fal says it is, so an
+adapter that sends one is caught). `upload_host` puts upload URLs on another origin, as
+fal's signed storage URLs are, to check that the key is not sent there.
 
 Usage:
     fake = FakeFal(queue_polls=2, progress_polls=1)
