@@ -289,3 +289,21 @@ async def test_an_extend_resumes_from_its_stored_handle_after_a_restart(
         await restarted.aclose()
     assert wav_seconds(audio) == pytest.approx(SOURCE_SECONDS + 5, abs=0.01)
     assert len(fake.submits) == 1 and fake.uploads == [source.path.name]
+
+
+async def test_fal_storage_url_comes_from_the_settings(fake: FakeFal, tmp_path: Path) -> None:
+    """FAL_STORAGE_URL: a deployment whose queue is elsewhere (a proxy, the fakes) uploads
+    there too, never to fal's public storage by surprise."""
+    from providers.registry import build_provider
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        tmp_path, fal_key=KEY, fal_queue_url=fake.base_url, fal_storage_url=fake.base_url
+    )
+    provider = build_provider(settings, "fal")
+    source = source_file(tmp_path)
+    try:
+        await provider.submit(edit_request(source, Task.REMIX), 1, source)
+    finally:
+        await provider.aclose()
+    assert fake.uploads == [source.path.name]
