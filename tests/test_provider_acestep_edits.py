@@ -127,3 +127,23 @@ async def test_both_ends_at_once_is_left_to_a_provider_that_can(tmp_path: Path) 
     finally:
         await ace.aclose()
         await fal.aclose()
+
+
+async def test_a_full_queue_passes_the_task_and_its_file_to_the_next_server(
+    tmp_path: Path,
+) -> None:
+    first, second = FakeAceStep(KEY), FakeAceStep(KEY)
+    async with first.running(), second.running():
+        first.release_errors.append("queue_full")
+        adapter = make([first.base_url, second.base_url])
+        source = source_file(tmp_path, seconds=SECONDS)
+        try:
+            handle = await adapter.submit(edit_request(source, Task.REMIX), 3, source)
+            final = (await run_to_end(adapter, handle))[-1]
+        finally:
+            await adapter.aclose()
+    assert isinstance(final, Succeeded), final
+    assert handle.data["server"] == second.base_url
+    # The refusal came after the file arrived: each server got it with the task.
+    assert first.uploads == [source.path.name] and first.submits == []
+    assert second.uploads == [source.path.name] and len(second.submits) == 1
