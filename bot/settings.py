@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     providers: CommaList = Field(default_factory=lambda: ["fal"])
     fal_key: SecretStr | None = None
     fal_queue_url: str = "https://queue.fal.run"
+    fal_storage_url: str = "https://rest.fal.ai"  # where a song to edit is uploaded
     fal_concurrency: int = Field(default=2, ge=1)
     wavespeed_api_key: SecretStr | None = None
     wavespeed_base_url: str = "https://api.wavespeed.ai"

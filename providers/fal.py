@@ -158,18 +158,19 @@ class FalProvider(Provider):
         `source.uploads`). When fal refuses a remembered URL as unfetchable (422 on
         `audio_url`: it expired early), the file is uploaded again and the submit sent
         once more; a 422 means fal queued nothing, so nothing runs twice."""
-        audio_url = None
+        audio_url, uploaded = None, False
         if request.task is not Task.GENERATE:
             if source is None:
                 raise ValueError(f"a {request.task} request needs its source file")
-            audio_url = await self._source_url(source)
+            audio_url, uploaded = await self._source_url(source)
         endpoint, body = self.build_input(request, seed, audio_url=audio_url)
         resp = await self._send("POST", f"{self.queue_url}/{endpoint}", phase="submit", json=body)
-        if source is not None and resp.status_code == 422 and self._source_refused(resp):
+        refused = resp.status_code == 422 and self._source_refused(resp)
+        if source is not None and refused and not uploaded:
             log.info(
                 "fal: the stored source %s was refused; uploading it again", source.sha256[:12]
             )
-            body["audio_url"] = await self._source_url(source, fresh=True)
+            body["audio_url"], _ = await self._source_url(source, fresh=True)
             resp = await self._send(
                 "POST", f"{self.queue_url}/{endpoint}", phase="submit", json=body
             )
@@ -336,7 +337,7 @@ class FalProvider(Provider):
 
     # ----- source uploads (fal storage) -------------------------------------------------
 
-    async def _source_url(self, source: SourceFile, *, fresh: bool = False) -> str:
+    async def _source_url(self, source: SourceFile, *, fresh: bool = False) -> tuple[str, bool]:
         return await provider_ref(self.name, source, lambda: self._upload(source), fresh=fresh)
 
     async def _upload(self, source: SourceFile) -> tuple[str, float]:

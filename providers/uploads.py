@@ -42,14 +42,16 @@ async def provider_ref(
     upload: Callable[[], Awaitable[tuple[str, float]]],
     *,
     fresh: bool = False,
-) -> str:
-    """The provider's reference to the source: the remembered one unless `fresh` (or it
-    expired), else `upload()`'s (ref, lifetime in seconds), remembered from now on."""
+) -> tuple[str, bool]:
+    """The provider's reference to the source and whether it was uploaded just now: the
+    remembered one unless `fresh` (or it expired), else `upload()`'s (ref, lifetime in
+    seconds), remembered from now on. A refused remembered reference is worth one new
+    upload; a refused fresh one is the file's fault."""
     if not fresh:
         known = await source.uploads.get(provider, source.sha256)
         if known is not None:
-            return known
+            return known, False
     ref, lifetime = await upload()
     await source.uploads.put(provider, source.sha256, ref, time.time() + lifetime)
     log.info("%s: uploaded source %s (kept %.0f h)", provider, source.sha256[:12], lifetime / 3600)
-    return ref
+    return ref, True

@@ -201,32 +201,32 @@ class WaveSpeedProvider(Provider):
                 f"{self.name} cannot serve a {request.mode} request of {request.duration} s"
             )
         model = self.model_for(request)
-        audio = None
+        audio, uploaded = None, False
         if request.task is not Task.GENERATE:
             if source is None:
                 raise ValueError(f"a {request.task} request needs its source file")
-            audio = await self._source_url(source)
+            audio, uploaded = await self._source_url(source)
         body = self.build_input(request, seed, audio=audio)
         # Never retried blindly: a submit that timed out may exist and be billed. Only a
         # remembered source WaveSpeed says it cannot fetch (a 400: nothing was created)
         # is uploaded again and the submit sent once more.
         try:
-            data = await self._request("POST", f"/api/v3/{model}", json=body, polling=False)
-        except Rejected as exc:
-            if source is None or not _about_audio(exc.message):
-                raise
-            log.info("wavespeed: source %s refused; uploading it again", source.sha256[:12])
-            body["audio"] = await self._source_url(source, fresh=True)
             try:
                 data = await self._request("POST", f"/api/v3/{model}", json=body, polling=False)
-            except Rejected as again:
-                if not _about_audio(again.message):
+            except Rejected as exc:
+                if source is None or uploaded or not _about_audio(exc.message):
                     raise
-                raise Rejected(
-                    self.name,
-                    _SOURCE_REFUSED.format(detail=again.message),
-                    status_code=again.status_code,
-                ) from None
+                log.info("wavespeed: source %s refused; uploading it again", source.sha256[:12])
+                body["audio"], _ = await self._source_url(source, fresh=True)
+                data = await self._request("POST", f"/api/v3/{model}", json=body, polling=False)
+        except Rejected as refused:
+            if source is None or not _about_audio(refused.message):
+                raise
+            raise Rejected(
+                self.name,
+                _SOURCE_REFUSED.format(detail=refused.message),
+                status_code=refused.status_code,
+            ) from None
         job_id = data.get("id")
         if not isinstance(job_id, str) or not job_id:
             raise Unavailable(
@@ -252,7 +252,7 @@ class WaveSpeedProvider(Provider):
 
     # -- source uploads (WaveSpeed media upload) -------------------------------------
 
-    async def _source_url(self, source: SourceFile, *, fresh: bool = False) -> str:
+    async def _source_url(self, source: SourceFile, *, fresh: bool = False) -> tuple[str, bool]:
         return await provider_ref(self.name, source, lambda: self._upload(source), fresh=fresh)
 
     async def _upload(self, source: SourceFile) -> tuple[str, float]:

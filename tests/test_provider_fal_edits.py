@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bot.requests import GenerationRequest, SourceAudio, Task
-from providers.base import MemoryUploads, Rejected, SourceFile, Succeeded
+from providers.aigateway import AIGatewayProvider
+from providers.base import AuthError, Handle, MemoryUploads, Rejected, SourceFile, Succeeded
 from providers.fal import FalProvider
 from providers.replicate import ReplicateProvider
 from providers.router import Router, price_of
@@ -50,14 +51,18 @@ async def provider(fake: FakeFal) -> AsyncIterator[FalProvider]:
 
 
 def source_file(
-    tmp_path: Path, data: bytes | None = None, uploads: MemoryUploads | None = None
+    tmp_path: Path,
+    data: bytes | None = None,
+    uploads: MemoryUploads | None = None,
+    seconds: float = SOURCE_SECONDS,
 ) -> SourceFile:
-    data = make_wav(SOURCE_SECONDS) if data is None else data
+    """A source as the engine hands it over: a real WAV under sources/, named by hash."""
+    data = make_wav(seconds) if data is None else data
     sha = hashlib.sha256(data).hexdigest()
     path = tmp_path / "sources" / f"{sha}.wav"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return SourceFile(path, sha, SOURCE_SECONDS, uploads or MemoryUploads())
+    return SourceFile(path, sha, seconds, uploads or MemoryUploads())
 
 
 def edit_request(source: SourceFile, task: Task, **fields: object) -> GenerationRequest:
@@ -213,6 +218,8 @@ async def test_a_source_that_is_not_audio_is_rejected_and_nothing_runs(
 
     assert "fal could not use the source audio" in caught.value.message
     assert "MP3, WAV or FLAC" in caught.value.message
+    assert fake.uploads == [source.path.name]  # a fresh upload refused is not retried
+    assert len(fake.submits) == 1
     assert fake.requests == {}
     assert fake.billed_usd() == 0
 
@@ -221,15 +228,82 @@ def test_fal_declares_every_edit_but_replicate_does_not(tmp_path: Path) -> None:
     source = source_file(tmp_path)
     fal = FalProvider(KEY)
     replicate = ReplicateProvider("r8_test_token")
+    aigateway = AIGatewayProvider("sk-aig-test")
     for task, fields in (
         (Task.REMIX, {}),
         (Task.REPAINT, {"repaint_start": 1, "repaint_end": 2}),
         (Task.EXTEND, {"extend_before": 3}),
     ):
         request = edit_request(source, task, **fields)
-        assert Router([fal, replicate]).capable(request) == [fal]
-        assert Router([replicate]).capable(request) == []
+        assert Router([aigateway, fal, replicate]).capable(request) == [fal]
+        assert Router([aigateway, replicate]).capable(request) == []
     assert (
         fal.billed_seconds(edit_request(source, Task.EXTEND, extend_before=3, extend_after=5)) == 16
     )
     assert fal.billed_seconds(edit_request(source, Task.REMIX)) == SOURCE_SECONDS
+
+
+async def test_the_key_goes_to_storage_but_not_to_the_signed_upload_url(
+    fake: FakeFal, provider: FalProvider, tmp_path: Path
+) -> None:
+    fake.upload_host = "localhost"  # the same fake, on another origin
+    source = source_file(tmp_path)
+    await provider.submit(edit_request(source, Task.REMIX), 1, source)
+
+    (put,) = fake.upload_headers
+    assert "Authorization" not in put
+    assert put["Content-Type"] == "audio/wav"
+    assert fake.submits[0].authorization == f"Key {KEY}"
+
+
+async def test_a_refused_key_at_upload_queues_nothing(fake: FakeFal, tmp_path: Path) -> None:
+    assert fake.base_url
+    wrong = FalProvider("fal-id:wrong-secret-000000", fake.base_url, storage_url=fake.base_url)
+    source = source_file(tmp_path)
+    try:
+        with pytest.raises(AuthError) as caught:
+            await wrong.submit(edit_request(source, Task.REMIX), 1, source)
+    finally:
+        await wrong.aclose()
+    assert "FAL_KEY" in caught.value.message
+    assert "wrong-secret" not in str(caught.value)
+    assert fake.uploads == [] and fake.submits == []
+    assert await source.uploads.get("fal", source.sha256) is None
+
+
+async def test_an_extend_resumes_from_its_stored_handle_after_a_restart(
+    fake: FakeFal, tmp_path: Path
+) -> None:
+    source = source_file(tmp_path)
+    request = edit_request(source, Task.EXTEND, extend_before=2, extend_after=3)
+    first = make_provider(fake)
+    stored = (await first.submit(request, 5, source)).to_json()  # the job row keeps this
+    await first.aclose()
+
+    restarted = make_provider(fake)
+    try:
+        final = (await poll_to_end(restarted, Handle.from_json(stored)))[-1]
+        assert isinstance(final, Succeeded), final
+        audio = await restarted.fetch_audio(final.result)
+    finally:
+        await restarted.aclose()
+    assert wav_seconds(audio) == pytest.approx(SOURCE_SECONDS + 5, abs=0.01)
+    assert len(fake.submits) == 1 and fake.uploads == [source.path.name]
+
+
+async def test_fal_storage_url_comes_from_the_settings(fake: FakeFal, tmp_path: Path) -> None:
+    """FAL_STORAGE_URL: a deployment whose queue is elsewhere (a proxy, the fakes) uploads
+    there too, never to fal's public storage by surprise."""
+    from providers.registry import build_provider
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        tmp_path, fal_key=KEY, fal_queue_url=fake.base_url, fal_storage_url=fake.base_url
+    )
+    provider = build_provider(settings, "fal")
+    source = source_file(tmp_path)
+    try:
+        await provider.submit(edit_request(source, Task.REMIX), 1, source)
+    finally:
+        await provider.aclose()
+    assert fake.uploads == [source.path.name]

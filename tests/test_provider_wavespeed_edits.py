@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot.requests import GenerationRequest, Task
-from providers.base import MemoryUploads, Rejected, Succeeded
+from providers.base import AuthError, MemoryUploads, Rejected, Succeeded
 from providers.router import Router, price_of
 from providers.wavespeed import WaveSpeedProvider
 from tests.fakes.wavespeed import FakeWaveSpeed
@@ -166,6 +166,8 @@ async def test_a_source_that_is_not_audio_is_rejected_and_nothing_is_billed(
 
     assert "WaveSpeed could not use the source audio" in caught.value.message
     assert "not a supported audio format" in caught.value.message
+    assert fake.uploads == [source.path.name]  # a fresh upload refused is not retried
+    assert fake.submit_attempts == 1
     assert fake.submit_count == 0
     assert fake.billed_usd() == 0
 
@@ -180,3 +182,18 @@ async def test_edits_are_priced_at_the_edit_models_rate(tmp_path: Path) -> None:
         assert price_of(provider, request) == pytest.approx(0.0002 * (SOURCE_SECONDS + 10))
     finally:
         await provider.aclose()
+
+
+async def test_a_refused_key_at_upload_creates_nothing(fake: FakeWaveSpeed, tmp_path: Path) -> None:
+    wrong = WaveSpeedProvider("ws-wrong-key-000000", fake.base_url)
+    source = source_file(tmp_path)
+    try:
+        with pytest.raises(AuthError) as caught:
+            await wrong.submit(
+                edit_request(source, Task.REPAINT, repaint_start=1, repaint_end=2), 1, source
+            )
+    finally:
+        await wrong.aclose()
+    assert "WAVESPEED_API_KEY" in caught.value.message
+    assert "ws-wrong-key" not in str(caught.value)
+    assert fake.uploads == [] and fake.submit_attempts == 0

@@ -21,7 +21,10 @@ three edit endpoints take an `audio_url`, which must be a file this fake's stora
 `/storage/upload/initiate` with `file_name` and `content_type` -> `upload_url` and
 `file_url`; PUT the bytes to `upload_url`). A URL it cannot fetch, or a file that is not
 audio, is a 422 on `audio_url`. The result is as long as the mode makes it (the source;
-the source plus before and after for outpaint) and is billed per second of it.
+the source plus before and after for outpaint) and is billed per second of it. The edit
+endpoints list no `duration`; the fake refuses one (stricter than fal says it is, so an
+adapter that sends one is caught). `upload_host` puts upload URLs on another origin, as
+fal's signed storage URLs are, to check that the key is not sent there.
 
 Usage:
     fake = FakeFal(queue_polls=2, progress_polls=1)
@@ -233,6 +236,8 @@ class FakeFal:
         self.stored: dict[str, tuple[str, str, bytes | None]] = {}
         self.uploads: list[str] = []  # file names of every completed upload (PUT)
         self.storage_forget = False  # storage answers 404 for every stored file
+        self.upload_host: str | None = None  # e.g. "localhost": upload URLs on another origin
+        self.upload_headers: list[dict[str, str]] = []  # request headers of every PUT
         self.downloads: list[dict[str, str]] = []  # request headers of each file GET
         self.faults: Counter[str] = Counter()  # "route:kind" -> chaos faults injected
         self.base_url: str | None = None
@@ -587,9 +592,13 @@ class FakeFal:
         kind = str(body.get("content_type") or "application/octet-stream")
         self.stored[token] = (body["file_name"], kind, None)
         base = f"{request.scheme}://{request.host}/storage"
+        put_base = base
+        if self.upload_host is not None:  # a signed URL on another origin, as fal's CDN
+            put_base = f"{request.scheme}://{self.upload_host}:{request.host.rsplit(':', 1)[-1]}"
+            put_base += "/storage"
         return json_response(
             {
-                "upload_url": f"{base}/put/{token}?signature=fake",
+                "upload_url": f"{put_base}/put/{token}?signature=fake",
                 "file_url": f"{base}/files/{token}/{body['file_name']}",
             }
         )
@@ -598,6 +607,7 @@ class FakeFal:
         found = self.stored.get(request.match_info["token"])
         if found is None:
             return web.Response(status=403, text="<Error><Code>AccessDenied</Code></Error>")
+        self.upload_headers.append(dict(request.headers))
         data = await request.read()
         self.stored[request.match_info["token"]] = (found[0], found[1], data)
         self.uploads.append(found[0])
