@@ -259,6 +259,10 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
         f"acestep:same:{job_id}",
         f"acestep:lyrics:{job_id}",
         f"acestep:tags:{job_id}",
+        f"acestep:extend:{job_id}",
+        f"acestep:remix:{job_id}",
+        f"acestep:repaint:{job_id}",
+        f"acestep:edit:{job_id}",
         f"acestep:delete:{job_id}",
     ]
 

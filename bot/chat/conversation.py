@@ -101,6 +101,45 @@ class Place(Protocol):
         """Let the asker edit a song-mode request before it is made (Discord: the
         /compose form, filled in); False where the platform has no such form."""
 
+    async def offer_form(self, form: replies.EditForm) -> bool:
+        """Open the form of an edit button (Discord: a modal); False where the platform
+        has no forms (then the asker is given the command to copy)."""
+
+    @property
+    def form_how(self) -> str:
+        """How the command of a form is sent here (where there are no forms)."""
+
+
+_FORM_NUMBERS: dict[str, tuple[str, type]] = {
+    "after": ("extend_after", int),
+    "before": ("extend_before", int),
+    "start": ("repaint_start", float),
+    "end": ("repaint_end", float),
+    "strength": ("strength", float),
+    "duration": ("duration", int),
+    "seed": ("seed", int),
+}
+
+
+def form_fields(task: str, values: dict[str, str]) -> dict[str, Any]:
+    """An edit form's text values -> request fields (InvalidRequest naming a value that
+    is not the number it must be); empty numbers are left out."""
+    out: dict[str, Any] = {}
+    for name, raw in values.items():
+        text = raw.strip()
+        if name in _FORM_NUMBERS:
+            if not text:
+                continue
+            field_name, kind = _FORM_NUMBERS[name]
+            try:
+                out[field_name] = kind(text)
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                raise InvalidRequest(name, raw, what) from None
+        elif name in ("tags", "prompt", "lyrics"):
+            out[name] = raw
+    return out
+
 
 @dataclass(frozen=True)
 class LimitChange:
@@ -229,6 +268,33 @@ class Conversation:
             request["lyrics"] = source.lyrics
         await self.make(place, request)
 
+    async def submit_form(
+        self, place: Place, task: str, job_id: str, values: dict[str, str]
+    ) -> None:
+        """An edit form sent back (its values are untrusted text; the job id too)."""
+        fields = form_fields(task, values)
+        if task == "edit":
+            job = await self.engine.get_job(job_id)
+            if job is None or job.deleted or not self._same_place(job, place.requester):
+                await place.answer(Reply.say(replies.NOT_KNOWN))
+                return
+            base = job.request.model_dump(
+                exclude={
+                    "task",
+                    "source",
+                    "extend_before",
+                    "extend_after",
+                    "repaint_start",
+                    "repaint_end",
+                    "strength",
+                    "takes",
+                },
+                exclude_defaults=True,
+            )
+            await self.make(place, {**base, "mode": job.request.mode.value, **fields})
+            return
+        await self.work_on(place, task, fields, lambda: self.posted_source(place, job_id))
+
     async def posted_source(self, place: Place, job_id: str) -> SourceAudio:
         """A song the bot posted, as the source of an edit asked here. The id comes from
         a platform (a replied-to message's button, a form): untrusted. Raises SourceRefused
@@ -276,6 +342,14 @@ class Conversation:
             return
         if action is Action.TAGS:
             await self._use_tags(place, job)
+            return
+        if action in replies.EDIT_ACTIONS:
+            if job.state is not JobState.DELIVERED:
+                await place.answer(Reply.say(replies.ONLY_POSTED))
+                return
+            form = replies.edit_form(job, action.value)
+            if not await place.offer_form(form):
+                await place.answer_choice(replies.form_as_command(form, place.form_how))
             return
         made_seed = job.result.seed if job.result else job.seed
         seed = -1 if action is Action.NEW else made_seed

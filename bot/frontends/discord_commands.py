@@ -22,7 +22,7 @@ from bot import messages, sources
 from bot.chat import defaults
 from bot.chat.conversation import Conversation, LimitChange
 from bot.chat.markup import clip
-from bot.chat.replies import HelpStyle, Reply, StatusView, edit_usage
+from bot.chat.replies import EditForm, HelpStyle, Reply, StatusView, edit_usage
 from bot.frontends import discord_render as render
 from bot.frontends.discord_outlet import DEFAULT_UPLOAD_LIMIT, TOKEN_LIFETIME_S
 from bot.models import Requester
@@ -161,6 +161,14 @@ class DiscordPlace:
             await i.response.edit_message(content=content, view=view)  # the panel pressed
             return
         await send_ephemeral(i, content, **({"view": view} if view else {}))
+
+    form_how = "Send this command:"
+
+    async def offer_form(self, form: EditForm) -> bool:
+        if self.interaction.response.is_done():
+            return False
+        await self.interaction.response.send_modal(render.EditModal(form))
+        return True
 
     async def offer_compose(self, fields: dict[str, Any]) -> bool:
         if self.interaction.response.is_done():

@@ -22,6 +22,7 @@ from bot.chat.conversation import Conversation
 from bot.chat.markup import Text
 from bot.chat.replies import (
     Action,
+    EditForm,
     HelpStyle,
     Reply,
     StatusView,
@@ -61,6 +62,7 @@ COMPOSE_USAGE = (
 )
 START_PRIVATELY = "Start a private chat with me to read the whole lyrics."
 GENERAL_TOPIC = "general"
+FORM_HOW = "Copy this, change what you like, and send it as a reply to the song:"
 EDIT_HOW = "Reply with this to a song I posted, or to an audio, voice or file message"
 SETTINGS_USAGE = (
     'Change with /settings duration=30 instrumental=on style="dreamy, lofi" provider=fal '
@@ -250,6 +252,11 @@ class TelegramPlace:
 
     async def offer_compose(self, fields: dict[str, Any]) -> bool:
         return False  # no forms on Telegram: the song is made at once
+
+    async def offer_form(self, form: EditForm) -> bool:
+        return False  # no forms on Telegram: the command to copy is sent instead
+
+    form_how = FORM_HOW
 
     async def toast(self, text: str) -> None:
         """Answer a button press with a short notice (once; later answers are replies)."""
