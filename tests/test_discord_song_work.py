@@ -87,3 +87,42 @@ async def test_takes_on_song_make_two_songs(bot: Bot) -> None:  # noqa: F811
     for take in takes:
         await bot.job_state(take.id, "delivered")
     assert len({take.seed for take in takes}) == 2
+
+
+async def test_the_remix_button_opens_a_prefilled_form_that_makes_the_remix(
+    bot: Bot,  # noqa: F811
+) -> None:
+    fake = bot.fake
+    first = fake.slash("song", {"prompt": "lofi piano about rain", "duration": 6})
+    await bot.feed(first)
+    song, job_id = await bot.posted(first)
+    assert f"acestep:remix:{job_id}" in song.custom_ids
+    await bot.feed(fake.button(f"acestep:remix:{job_id}", song))
+    assert fake.callbacks[-1]["type"] == 9  # a modal
+    modal = fake.modals[-1]
+    inputs = {c["component"]["custom_id"]: c["component"] for c in modal["components"]}
+    assert inputs["tags"]["value"] == "lofi, piano, about, rain"  # from the song
+    assert inputs["strength"]["value"] == "0.5"
+    submit = fake.modal_submit(
+        modal["custom_id"], {"tags": "jazz", "strength": "0.7", "lyrics": ""}
+    )
+    await bot.feed(submit)
+    remix = await bot.song_message(submit)
+    assert bot.fal.submits[1].path == "/fal-ai/ace-step/audio-to-audio"
+    assert f"(job {job_id})" in str(remix.embeds[0])
+
+
+async def test_a_form_with_a_bad_number_is_one_line_and_nothing_runs(
+    bot: Bot,  # noqa: F811
+) -> None:
+    fake = bot.fake
+    first = fake.slash("song", {"prompt": "lofi piano", "duration": 6})
+    await bot.feed(first)
+    song, job_id = await bot.posted(first)
+    await bot.feed(fake.button(f"acestep:extend:{job_id}", song))
+    modal = fake.modals[-1]
+    submit = fake.modal_submit(modal["custom_id"], {"after": "lots", "before": "0", "tags": ""})
+    await bot.feed(submit)
+    [said] = ephemeral_texts(bot, submit)
+    assert "after: 'lots' is not valid; a whole number" in said
+    assert len(await bot.engine.store.recent(10)) == 1

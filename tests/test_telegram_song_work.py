@@ -93,3 +93,43 @@ async def test_takes_on_song_make_that_many_songs(tmp_path: Path) -> None:
         assert len(seeds) == 2
         notes = sorted([first.caption or "", second.caption or ""])
         assert "take 1 of 2" in notes[0] + notes[1] and "take 2 of 2" in notes[0] + notes[1]
+
+
+async def test_the_extend_button_gives_the_command_to_send_in_reply(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.send_text(PRIVATE, ANN, "/song lofi piano about rain duration=6")
+        song = await h.song_message(PRIVATE)
+        job_id = song.button_data()[0].split(":")[1]
+        assert f"extend:{job_id}" in song.button_data()
+        h.fake.press(PRIVATE, song.message_id, ANN, f"extend:{job_id}")
+        offer = await h.reply_to(PRIVATE, song.message_id)
+        assert "send it as a reply to the song" in offer.text
+        assert "<code>/extend after=30 lofi, piano, about, rain</code>" in offer.text
+        # the command, sent back in reply to the song, makes the longer song
+        h.fake.send_text(PRIVATE, ANN, "/extend after=4 lofi, piano", reply_to=song.message_id)
+        longer = await h.song_message(PRIVATE, count=2)
+        _, seconds = decode_mp3(longer.files["audio"].data)
+        assert 9.5 < seconds < 10.5
+        assert f"(job {job_id})" in (longer.caption or "")
+
+
+async def test_the_edit_button_gives_the_request_with_its_seed(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.send_text(PRIVATE, ANN, "/song lofi piano duration=6 seed=77")
+        song = await h.song_message(PRIVATE)
+        job_id = song.button_data()[0].split(":")[1]
+        h.fake.press(PRIVATE, song.message_id, ANN, f"edit:{job_id}")
+        offer = await h.reply_to(PRIVATE, song.message_id)
+        assert "<code>/song lofi piano duration=6 seed=77</code>" in offer.text
+
+
+async def test_a_forged_edit_button_changes_nothing(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        h.fake.send_text(PRIVATE, ANN, "/song lofi piano duration=6")
+        song = await h.song_message(PRIVATE)
+        h.fake.press(PRIVATE, song.message_id, ANN, "remix:deadbeef")
+        answer = await h.fake.wait_for(
+            lambda: next(iter(h.fake.calls_of("answerCallbackQuery")), None)
+        )
+        assert answer.params.get("text") == "I no longer know that song."
+        assert len(await h.engine.store.recent(10)) == 1
