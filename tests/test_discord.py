@@ -787,7 +787,9 @@ async def test_commands_sync_once_and_only_when_changed(tmp_path: Path, servers:
         "extend",
         "remix",
         "repaint",
+        "Remix this song",
     }
+    assert by_name["Remix this song"]["type"] == 3  # a message context menu
     song = {o["name"]: o for o in by_name["song"]["options"]}
     assert set(song) == {"prompt", "takes", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
     assert (song["takes"]["min_value"], song["takes"]["max_value"]) == (1, 4)

@@ -126,3 +126,33 @@ async def test_a_form_with_a_bad_number_is_one_line_and_nothing_runs(
     [said] = ephemeral_texts(bot, submit)
     assert "after: 'lots' is not valid; a whole number" in said
     assert len(await bot.engine.store.recent(10)) == 1
+
+
+async def test_remix_this_song_on_a_users_audio_message(bot: Bot) -> None:  # noqa: F811
+    fake = bot.fake
+    base = bot.frontend.settings.discord_api_url.removesuffix("/api/v10")
+    message = fake.user_message_with_file(
+        base_url=base, data=make_wav(8), filename="demo.wav", content_type="audio/wav"
+    )
+    await bot.feed(fake.message_command("Remix this song", message))
+    assert fake.callbacks[-1]["type"] == 9  # the remix form
+    modal = fake.modals[-1]
+    submit = fake.modal_submit(modal["custom_id"], {"tags": "jazz", "strength": "", "lyrics": ""})
+    await bot.feed(submit)
+    remix = await bot.song_message(submit)
+    assert bot.fal.submits[0].path == "/fal-ai/ace-step/audio-to-audio"
+    assert "remixed from your file \u201cdemo.wav\u201d" in str(remix.embeds[0])
+    assert len(fake.downloads) == 1
+
+
+async def test_remix_this_song_on_a_message_without_audio_says_so(bot: Bot) -> None:  # noqa: F811
+    fake = bot.fake
+    base = bot.frontend.settings.discord_api_url.removesuffix("/api/v10")
+    message = fake.user_message_with_file(
+        base_url=base, data=b"notes", filename="notes.txt", content_type="text/plain"
+    )
+    payload = fake.message_command("Remix this song", message)
+    await bot.feed(payload)
+    [said] = ephemeral_texts(bot, payload)
+    assert said == "That message has no audio file to remix; use it on a song or an audio file."
+    assert bot.fal.submits == []

@@ -486,6 +486,7 @@ def admins_only(admins: str, what: str = "this community's limits") -> str:
 
 NOT_KNOWN = "I no longer know that song."
 NOT_HERE_COMMAND = "You can't use this command here."
+MENU_NO_AUDIO = "That message has no audio file to remix; use it on a song or an audio file."
 SOURCE_NOT_HERE = (
     "That song was made in another chat; work on a song posted here or send your own audio."
 )

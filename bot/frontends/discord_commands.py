@@ -19,8 +19,8 @@ import httpx
 from discord import app_commands
 
 from bot import messages, sources
-from bot.chat import defaults
-from bot.chat.conversation import Conversation, LimitChange
+from bot.chat import defaults, replies
+from bot.chat.conversation import Conversation, LimitChange, form_fields
 from bot.chat.markup import clip
 from bot.chat.replies import EditForm, HelpStyle, Reply, StatusView, edit_usage
 from bot.frontends import discord_render as render
@@ -223,6 +223,7 @@ class DiscordCommands:
                     name=task, description=description, callback=_edit_callback(self.edit, task)
                 )
             )
+        tree.add_command(app_commands.ContextMenu(name=REMIX_MENU, callback=self._remix_menu))
         for name, description, method in (
             ("queue", "Your songs in the queue and their positions", self.queue),
             ("quota", "What you have left and when it resets", self.quota),
@@ -321,6 +322,50 @@ class DiscordCommands:
             await self.conversation.work_on(place, task, fields, load)
 
         await self._run(interaction, f"/{task}", step)
+
+    async def _remix_menu(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """ "Remix this song" on a message: the bot's own song (its job, from the message's
+        buttons) opens the Remix form; a message with an audio attachment opens a form
+        for that file."""
+        me = interaction.client.user
+        posted = _posted_job(message) if me is not None and message.author.id == me.id else None
+        audio = next(
+            (a for a in message.attachments if (a.content_type or "").startswith("audio/")),
+            None,
+        )
+        if audio is None:
+            audio = next(
+                (a for a in message.attachments if a.filename.lower().endswith(AUDIO_SUFFIXES)),
+                None,
+            )
+
+        async def step(place: DiscordPlace) -> None:
+            if posted is not None:
+                job = await self.engine.get_job(posted)
+                if job is not None:
+                    await self.conversation.press(place, f"remix:{job.id}")
+                    return
+            if audio is None:
+                await place.answer(Reply.say(replies.MENU_NO_AUDIO))
+                return
+            await interaction.response.send_modal(
+                render.FileRemixModal(audio, lambda i, v: self._file_remix(i, audio, v))
+            )
+
+        await self._run(interaction, REMIX_MENU, step)
+
+    async def _file_remix(
+        self, interaction: discord.Interaction, audio: discord.Attachment, values: dict[str, str]
+    ) -> None:
+        fields = form_fields("remix", values)
+
+        async def step(place: DiscordPlace) -> None:
+            async def load() -> SourceAudio:
+                return await self._attachment_source(audio)
+
+            await self.conversation.work_on(place, "remix", fields, load)
+
+        await self._run(interaction, REMIX_MENU, step)
 
     async def _attachment_source(self, attachment: discord.Attachment) -> SourceAudio:
         """A Discord attachment as a source: its declared size checked against
@@ -549,6 +594,21 @@ EDIT_COMMANDS = {
     "remix": "Make a song again in another style (attach audio or give a song's job id)",
     "repaint": "Make some seconds of a song again (attach audio or give a song's job id)",
 }
+REMIX_MENU = "Remix this song"
+AUDIO_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg", ".m4a")
+
+
+def _posted_job(message: discord.Message) -> str | None:
+    """The job id in a bot song message's buttons (`acestep:<action>:<job id>`)."""
+    for row in message.components:
+        for item in getattr(row, "children", []):
+            custom_id = getattr(item, "custom_id", None) or ""
+            parts = custom_id.split(":")
+            if len(parts) == 3 and parts[0] == "acestep" and replies.JOB_ID.match(parts[2]):
+                return parts[2]
+    return None
+
+
 EDIT_HOW = "Attach an audio file (audio:) or give a posted song's job id (song:)"
 # Discord option name -> request field
 EDIT_FIELDS = {

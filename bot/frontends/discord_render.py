@@ -10,6 +10,7 @@ on the client (`interaction.client.frontend`).
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -253,3 +254,34 @@ class EditModal(discord.ui.Modal):
     async def on_submit(self, interaction: discord.Interaction) -> None:
         values = {name: box.value or "" for name, box in self.inputs.items()}
         await actions_of(interaction).on_form_submit(interaction, self.form, values)
+
+
+class FileRemixModal(discord.ui.Modal, title="Remix this song"):
+    """ "Remix this song" on a user's audio file: the remix's tags, strength and lyrics."""
+
+    def __init__(
+        self,
+        audio: discord.Attachment,
+        submit: Callable[[discord.Interaction, dict[str, str]], Awaitable[None]],
+    ) -> None:
+        super().__init__(timeout=15 * 60)
+        self.audio = audio
+        self.submit = submit
+        self.inputs: dict[str, discord.ui.TextInput[FileRemixModal]] = {}
+        for name, label, default, paragraph in (
+            ("tags", "Style tags of the remix", None, False),
+            ("strength", "Strength: 0 keeps the song, 1 ignores it", "0.5", False),
+            ("lyrics", "Lyrics", None, True),
+        ):
+            box: discord.ui.TextInput[FileRemixModal] = discord.ui.TextInput(
+                custom_id=name,
+                default=default,
+                required=name == "tags",
+                max_length=MAX_LYRICS_CHARS if paragraph else MAX_TAGS_CHARS,
+                style=discord.TextStyle.paragraph if paragraph else discord.TextStyle.short,
+            )
+            self.inputs[name] = box
+            self.add_item(discord.ui.Label(text=label, component=box))
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await self.submit(interaction, {n: b.value or "" for n, b in self.inputs.items()})

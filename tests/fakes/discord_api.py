@@ -265,6 +265,60 @@ class FakeDiscord:
         }
         return payload
 
+    def user_message_with_file(
+        self,
+        *,
+        base_url: str,
+        data: bytes,
+        filename: str = "song.mp3",
+        content_type: str = "audio/mpeg",
+        channel_id: str = "300000000000000001",
+        author_id: str = "100000000000000009",
+    ) -> dict[str, Any]:
+        """A message a user posted with one attachment (its file served by this fake), as
+        Discord describes it in an interaction's `resolved.messages`."""
+        mid, aid = snowflake(), snowflake()
+        self.files[aid] = data
+        url = f"{base_url}/attachments/{aid}/{filename}"
+        return {
+            "id": mid,
+            "channel_id": channel_id,
+            "type": 0,
+            "content": "",
+            "embeds": [],
+            "components": [],
+            "flags": 0,
+            "author": user_payload(author_id, "someone"),
+            "attachments": [
+                {
+                    "id": aid,
+                    "filename": filename,
+                    "size": len(data),
+                    "url": url,
+                    "proxy_url": url,
+                    "content_type": content_type,
+                }
+            ],
+            "mentions": [],
+            "mention_roles": [],
+            "mention_everyone": False,
+            "pinned": False,
+            "tts": False,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "edited_timestamp": None,
+        }
+
+    def message_command(self, name: str, message: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        """A message context menu command (type 3) used on `message`."""
+        data = {
+            "id": snowflake(),
+            "name": name,
+            "type": 3,
+            "target_id": message["id"],
+            "resolved": {"messages": {message["id"]: message}},
+        }
+        return self._interaction(2, data, **kw)
+
     async def _attachment(self, request: web.Request) -> web.Response:
         aid = request.match_info["aid"]
         self.downloads.append(aid)
@@ -499,8 +553,15 @@ class FakeDiscord:
             return _error(404, 10002, "Unknown Application")
         commands = await request.json()
         self.syncs.append((request.path, commands))
+        # Discord answers every command with a description ("" for context menus).
         out = [
-            {**c, "id": snowflake(), "application_id": self.app_id, "version": snowflake()}
+            {
+                "description": "",
+                **c,
+                "id": snowflake(),
+                "application_id": self.app_id,
+                "version": snowflake(),
+            }
             for c in commands
         ]
         return json_response(out)
