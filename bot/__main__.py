@@ -464,6 +464,14 @@ async def _edit_request(settings: Settings, args: argparse.Namespace) -> Generat
         raise
 
 
+async def _discard_source(settings: Settings, request: GenerationRequest, engine: Any) -> None:
+    """A refused request keeps no source file that no job works on."""
+    from bot import sources
+
+    if request.source is not None:
+        await sources.discard(settings.data_dir, request.source, engine.store)
+
+
 def _names_in(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir()] if folder.is_dir() else []
 
@@ -505,9 +513,11 @@ async def _generate(
             admission = await engine.submit(request, Requester("cli", "cli"), {"out": str(out)})
         except NoProvider as exc:  # mode, task, duration or an option no provider here takes
             print(f"error: {exc}", file=sys.stderr)
+            await _discard_source(settings, request, engine)
             return EXIT_USAGE
         except EngineError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            await _discard_source(settings, request, engine)
             return EXIT_FAILED
         for job_id, seed in admission.takes or ((admission.job_id, admission.seed),):
             print(

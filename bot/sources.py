@@ -17,12 +17,16 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from bot import audio, messages
 from bot.models import Job, JobState
 from bot.requests import MAX_DURATION, MAX_TAGS_CHARS, SourceAudio
+
+if TYPE_CHECKING:
+    from storage.store import Store
 
 CHUNK_BYTES = 256 * 1024
 FETCH_TIMEOUT_S = 60.0
@@ -188,6 +192,19 @@ async def from_job(data_dir: Path, audio_dir: Path, job: Job | None) -> SourceAu
         return _store(data_dir, part, title, job_id, tags[:MAX_TAGS_CHARS], lyrics)
 
     return await asyncio.to_thread(store)
+
+
+async def discard(data_dir: Path, source: SourceAudio, store: Store) -> bool:
+    """Remove a stored source no job works on (its request was refused), so bad input
+    leaves nothing behind. True when it was removed."""
+    if await store.source_in_use(source.sha256):
+        return False
+    path = source.path(data_dir)
+    try:
+        await asyncio.to_thread(path.unlink)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -210,6 +210,17 @@ class JobStore:
                 job.created_at = job.updated_at = at
         return existing
 
+    async def source_in_use(self, sha256: str) -> bool:
+        """Whether any job works on the source file with this hash."""
+
+        def read(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM jobs WHERE source_sha256 = ? LIMIT 1", (sha256,)
+            ).fetchone()
+            return row is not None
+
+        return await self.db.read(read)
+
     async def batch(self, batch_id: str) -> list[Job]:
         """The takes one request made, in take order."""
         return await self._select(

@@ -4,6 +4,7 @@ downloads included) and the fake fal (its edit endpoints and storage upload)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from bot import messages
@@ -13,6 +14,16 @@ from tests.test_telegram import ANN, PRIVATE, decode_mp3, running_bot
 
 async def jobs(h) -> int:  # type: ignore[no-untyped-def]
     return len(await h.engine.store.recent(100))
+
+
+async def sources_emptied(tmp_path: Path) -> None:
+    """The refused request's source file is removed (right after the refusal is sent)."""
+    folder = tmp_path / "data" / "sources"
+    for _ in range(200):
+        if not list(folder.iterdir()):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"still stored: {list(folder.iterdir())}")
 
 
 async def test_extend_a_users_audio_posts_the_longer_song_with_its_lineage(
@@ -82,6 +93,17 @@ async def test_a_repaint_window_outside_the_song_is_one_line_and_nothing_runs(
         reply = await h.reply_to(PRIVATE, asked)
         assert "a window inside the song" in reply.text
         assert await jobs(h) == 0 and h.fal.submits == []
+        await sources_emptied(tmp_path)  # the file fetched for the refused request goes
+
+
+async def test_an_edit_over_quota_keeps_nothing(tmp_path: Path) -> None:
+    async with running_bot(tmp_path, quota_user_jobs_per_day=0) as h:
+        audio_id = h.fake.send_file(PRIVATE, ANN, make_wav(8), file_name="mine.wav")
+        asked = h.fake.send_text(PRIVATE, ANN, "/extend lofi after=4", reply_to=audio_id)
+        reply = await h.reply_to(PRIVATE, asked)
+        assert "songs" in reply.text.lower()
+        assert await jobs(h) == 0 and h.fal.submits == []
+        await sources_emptied(tmp_path)
 
 
 async def test_takes_on_song_make_that_many_songs(tmp_path: Path) -> None:

@@ -266,7 +266,12 @@ class Conversation:
             request["tags"] = source.tags
         if not str(request.get("lyrics") or "").strip():
             request["lyrics"] = source.lyrics
-        await self.make(place, request)
+        try:
+            await self.make(place, request)
+        finally:
+            # A refused request (bad window, quota, no provider) keeps no source file:
+            # one no job works on is removed.
+            await sources.discard(self.engine.settings.data_dir, source, self.engine.store)
 
     async def submit_form(
         self, place: Place, task: str, job_id: str, values: dict[str, str]

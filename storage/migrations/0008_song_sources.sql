@@ -21,3 +21,5 @@ ALTER TABLE jobs ADD COLUMN take INTEGER NOT NULL DEFAULT 1;   -- 1..takes
 ALTER TABLE jobs ADD COLUMN takes INTEGER NOT NULL DEFAULT 1;  -- how many the request made
 CREATE INDEX jobs_batch ON jobs (batch_id, take) WHERE batch_id IS NOT NULL;
 CREATE INDEX jobs_source_job ON jobs (source_job_id) WHERE source_job_id IS NOT NULL;
+-- Whether a stored source file is still some job's (a refused request's file is removed).
+CREATE INDEX jobs_source_sha256 ON jobs (source_sha256) WHERE source_sha256 IS NOT NULL;
