@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from bot.engine import Failure, Progress, Song
     from bot.models import Job, Requester
-    from bot.requests import GenerationRequest
+    from bot.requests import GenerationRequest, SourceAudio
     from bot.retention import PruneReport
     from bot.settings import Settings
     from storage.store import Store
@@ -116,8 +116,21 @@ def _parser() -> argparse.ArgumentParser:
         help="advanced option, e.g. steps=40 (repeatable)",
     )
     gen.add_argument(
-        "--out", type=Path, required=True, help="output file: .mp3, .wav, .flac or .ogg"
+        "--out",
+        type=Path,
+        required=True,
+        help="output file: .mp3, .wav, .flac or .ogg (with --takes N: NAME-1.mp3 ... NAME-N)",
     )
+    gen.add_argument("--takes", type=int, default=1, help="how many songs (seeds), 1-4")
+    edit = gen.add_mutually_exclusive_group()
+    edit.add_argument("--extend", type=Path, metavar="SRC", help="add music to this audio file")
+    edit.add_argument("--remix", type=Path, metavar="SRC", help="re-make this audio file")
+    edit.add_argument("--repaint", type=Path, metavar="SRC", help="re-make a part of this file")
+    gen.add_argument("--before", type=int, default=0, help="--extend: seconds of new intro")
+    gen.add_argument("--after", type=int, default=0, help="--extend: seconds of new ending")
+    gen.add_argument("--start", type=float, help="--repaint: start of the part, in seconds")
+    gen.add_argument("--end", type=float, help="--repaint: end of the part, in seconds")
+    gen.add_argument("--strength", type=float, help="--remix: 0 keeps the source, 1 ignores it")
     gen.set_defaults(handler=cmd_generate)
 
     cfg = sub.add_parser("config", help="configuration")
@@ -265,22 +278,39 @@ def _holding_data_dir(settings: Settings, command: str, work: Callable[[], int])
 
 
 class CliDelivery:
-    """Writes the finished song to a file and reports progress on stderr."""
+    """Writes each finished song to its file and reports progress on stderr.
+
+    With several takes, take K of `--out NAME.mp3` is written to NAME-K.mp3; `done` is
+    set once every take was written or failed (take -> None or the failure's text)."""
 
     platform = "cli"
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, takes: int = 1) -> None:
         import asyncio
 
         self.out = out
-        self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self.written: Path | None = None
-        self._last = ""
+        self.takes = takes
+        self.done: asyncio.Future[dict[int, str | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.finished: dict[int, str | None] = {}
+        self.written: list[Path] = []
+        self._last: dict[str, str] = {}
+
+    def path_for(self, take: int, takes: int) -> Path:
+        if takes <= 1:
+            return self.out
+        return self.out.with_name(f"{self.out.stem}-{take}{self.out.suffix}")
+
+    def _settle(self, take: int, outcome: str | None) -> None:
+        self.finished[take] = outcome
+        if len(self.finished) >= self.takes and not self.done.done():
+            self.done.set_result(dict(sorted(self.finished.items())))
 
     async def on_progress(self, job: Job, progress: Progress) -> None:
         text = _progress_text(progress)
-        if text != self._last:
-            self._last = text
+        if text != self._last.get(job.id):
+            self._last[job.id] = text
             print(f"[{job.id}] {text}", file=sys.stderr, flush=True)
 
     async def deliver(self, job: Job, song: Song) -> None:
@@ -289,20 +319,20 @@ class CliDelivery:
 
         fmt = self.out.suffix.lower().lstrip(".")
         rendered = await song.render(None, fmt)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(shutil.copyfile, rendered.path, self.out)
-        self.written = self.out
-        if not self.done.done():
-            self.done.set_result(None)
+        target = self.path_for(job.take, job.takes)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.copyfile, rendered.path, target)
+        self.written.append(target)
+        self._settle(job.take, None)
 
     async def on_failed(self, job: Job, failure: Failure) -> None:
         from bot import messages
 
-        if not self.done.done():
-            self.done.set_result(
-                messages.failure_text(failure.kind, failure.quota_refunded, failure.timeout_seconds)
-                + (f" ({failure.detail})" if failure.detail else "")
-            )
+        self._settle(
+            job.take,
+            messages.failure_text(failure.kind, failure.quota_refunded, failure.timeout_seconds)
+            + (f" ({failure.detail})" if failure.detail else ""),
+        )
 
 
 def _progress_text(progress: Progress) -> str:
@@ -323,8 +353,11 @@ def _progress_text(progress: Progress) -> str:
     return " ".join(parts)
 
 
-def build_cli_request(args: argparse.Namespace) -> GenerationRequest:
-    """The CLI's arguments as a validated request (InvalidRequest on bad input)."""
+def build_cli_request(
+    args: argparse.Namespace, source: SourceAudio | None = None
+) -> GenerationRequest:
+    """The CLI's arguments as a validated request (InvalidRequest on bad input);
+    `source` is the stored file of `--extend/--remix/--repaint SRC`."""
     from bot.requests import GenerationRequest, InvalidRequest, parse_options
 
     fields: dict[str, Any] = {
@@ -336,6 +369,8 @@ def build_cli_request(args: argparse.Namespace) -> GenerationRequest:
         fields.update(mode="prompt", prompt=args.prompt)
     else:
         fields.update(mode="song", tags=args.tags)
+    if edit_source_arg(args) is not None:
+        fields.pop("duration")  # an edit's length follows from its source
     if args.lyrics_file:
         if args.prompt is not None:
             raise InvalidRequest(
@@ -356,7 +391,46 @@ def build_cli_request(args: argparse.Namespace) -> GenerationRequest:
             raise InvalidRequest("option", item, "NAME=VALUE, e.g. steps=40")
         pairs[name.strip()] = value
     fields.update(parse_options(pairs))
+    fields.update(_edit_fields(args, source))
     return GenerationRequest.build(**fields)
+
+
+def edit_source_arg(args: argparse.Namespace) -> tuple[str, Path] | None:
+    """The task and source file of `--extend/--remix/--repaint SRC`, if one was given."""
+    for task in ("extend", "remix", "repaint"):
+        path = getattr(args, task, None)
+        if path is not None:
+            return task, path
+    return None
+
+
+def _edit_fields(args: argparse.Namespace, source: SourceAudio | None) -> dict[str, Any]:
+    """The request fields of an edit (and --takes); InvalidRequest for an edit's option
+    given without its edit, so `--after 30` alone is not silently ignored."""
+    from bot.requests import InvalidRequest
+
+    fields: dict[str, Any] = {"takes": args.takes}
+    edit = edit_source_arg(args)
+    task = edit[0] if edit else None
+    for flag, value, owner in (
+        ("before", args.before, "extend"),
+        ("after", args.after, "extend"),
+        ("start", args.start, "repaint"),
+        ("end", args.end, "repaint"),
+        ("strength", args.strength, "remix"),
+    ):
+        if value not in (None, 0) and task != owner:
+            raise InvalidRequest(flag, value, f"only with --{owner} SRC")
+    if task is None or source is None:
+        return fields
+    fields.update(task=task, source=source)
+    if task == "extend":
+        fields.update(extend_before=args.before, extend_after=args.after)
+    elif task == "repaint":
+        fields.update(repaint_start=args.start, repaint_end=args.end)
+    elif args.strength is not None:
+        fields["strength"] = args.strength
+    return fields
 
 
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
@@ -373,7 +447,11 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
                 str(args.out),
                 "a file name ending in " + ", ".join("." + f for f in OUT_FORMATS),
             )
-        request = build_cli_request(args)
+        if edit_source_arg(args) is None:
+            request: GenerationRequest | None = build_cli_request(args)
+        else:  # checked once the source is read (under the data dir's lock)
+            request = None
+            _edit_fields(args, None)
     except InvalidRequest as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -387,44 +465,94 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     return _holding_data_dir(
         settings,
         "generate",
-        lambda: asyncio.run(_generate(settings, request, args.out, args.provider)),
+        lambda: asyncio.run(_generate(settings, request, args, args.out, args.provider)),
     )
 
 
+async def _edit_request(settings: Settings, args: argparse.Namespace) -> GenerationRequest:
+    """Read and store `--extend/--remix/--repaint SRC` and build the request on it.
+    Raises SourceRefused or InvalidRequest; a source stored only for a refused request is
+    removed again, so bad input leaves nothing behind."""
+    import asyncio
+
+    from bot import sources
+    from bot.requests import InvalidRequest
+
+    edit = edit_source_arg(args)
+    assert edit is not None
+    folder = settings.sources_dir
+    before = set(await asyncio.to_thread(_names_in, folder))
+    source = await sources.from_file(
+        settings.data_dir, edit[1], max_bytes=settings.source_max_bytes
+    )
+    try:
+        return build_cli_request(args, source)
+    except InvalidRequest:
+        if source.file not in before:
+            await asyncio.to_thread(source.path(settings.data_dir).unlink, True)
+        raise
+
+
+async def _discard_source(settings: Settings, request: GenerationRequest, engine: Any) -> None:
+    """A refused request keeps no source file that no job works on."""
+    from bot import sources
+
+    if request.source is not None:
+        await sources.discard(settings.data_dir, request.source, engine.store)
+
+
+def _names_in(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir()] if folder.is_dir() else []
+
+
 async def _generate(
-    settings: Settings, request: GenerationRequest, out: Path, only: str | None
+    settings: Settings,
+    request: GenerationRequest | None,
+    args: argparse.Namespace,
+    out: Path,
+    only: str | None,
 ) -> int:
     import asyncio
 
     from bot import messages
     from bot.engine import Engine, EngineError, NoProvider
     from bot.models import Requester
+    from bot.requests import InvalidRequest
     from bot.settings import problems
+    from bot.sources import SourceRefused
     from providers.registry import build_providers
 
+    if request is None:
+        try:
+            request = await _edit_request(settings, args)
+        except (SourceRefused, InvalidRequest) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     providers = build_providers(settings, only)
     if not providers:
         needed = [line for line in problems(settings) if "rovider" in line]
         print("error: no usable provider: " + " ".join(needed), file=sys.stderr)
         return EXIT_USAGE
     engine = await Engine.open(settings, providers, platforms={"cli"})
-    delivery = CliDelivery(out)
+    delivery = CliDelivery(out, request.takes)
     engine.register_delivery(delivery)
     try:
         await engine.start()
         try:
             admission = await engine.submit(request, Requester("cli", "cli"), {"out": str(out)})
-        except NoProvider as exc:  # mode, duration or an option no provider here takes
+        except NoProvider as exc:  # mode, task, duration or an option no provider here takes
             print(f"error: {exc}", file=sys.stderr)
+            await _discard_source(settings, request, engine)
             return EXIT_USAGE
         except EngineError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            await _discard_source(settings, request, engine)
             return EXIT_FAILED
-        print(
-            f"[{admission.job_id}] admitted with seed {admission.seed}, "
-            f"queue position {admission.position}",
-            file=sys.stderr,
-        )
+        for job_id, seed in admission.takes or ((admission.job_id, admission.seed),):
+            print(
+                f"[{job_id}] admitted with seed {seed}, queue position {admission.position}",
+                file=sys.stderr,
+            )
         if admission.ignored_options:
             print(
                 messages.ignored_options(
@@ -432,14 +560,19 @@ async def _generate(
                 ),
                 file=sys.stderr,
             )
-        failure = await delivery.done
-        if failure is not None:
-            print(f"error: {failure}", file=sys.stderr)
-            return EXIT_FAILED
-        job = await engine.get_job(admission.job_id)
-        seed = job.result.seed if job and job.result else admission.seed
-        print(f"wrote {out} (seed {seed}, job {admission.job_id})", file=sys.stderr)
-        return EXIT_OK
+        outcomes = await delivery.done
+        takes = admission.takes or ((admission.job_id, admission.seed),)
+        failed = False
+        for take, (job_id, seed) in enumerate(takes, start=1):
+            failure = outcomes.get(take)
+            target = delivery.path_for(take, len(takes))
+            if failure is not None:
+                failed = True
+                which = f"take {take} (job {job_id}): " if len(takes) > 1 else ""
+                print(f"error: {which}{failure}", file=sys.stderr)
+            else:
+                print(f"wrote {target} (seed {seed}, job {job_id})", file=sys.stderr)
+        return EXIT_FAILED if failed else EXIT_OK
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(
             "interrupted: the job stays queued and resumes at the next "
@@ -763,7 +896,9 @@ def _print_job(settings: Settings, job: Job, ledger: list[dict[str, Any]]) -> No
         + (f" in {job.requester.community_key}" if job.requester.community_key else "")
     )
     print(
-        f"  request:   {req.mode.value} {req.duration}s seed {job.seed}"
+        f"  request:   {req.mode.value}"
+        + (f" {req.task.value}" if req.task.value != "generate" else "")
+        + f" {req.duration}s seed {job.seed}"
         + (" instrumental" if req.instrumental else "")
     )
     for name in ("prompt", "tags", "lyrics"):
@@ -772,6 +907,13 @@ def _print_job(settings: Settings, job: Job, ledger: list[dict[str, Any]]) -> No
             print(f"  {name + ':':10} {text}")
     if req.advanced():
         print(f"  options:   {json.dumps(req.advanced())}")
+    from bot import messages
+
+    source = messages.lineage(req)
+    if source:
+        print(f"  source:    {source} (file {req.source.file if req.source else '-'})")
+    if job.takes > 1:
+        print(f"  takes:     {messages.take_note(job.take, job.takes)} (batch {job.batch_id})")
     print(
         f"  provider:  {job.provider or '-'}  attempts {job.attempts}"
         + (f"  tried {','.join(job.tried_providers)}" if job.tried_providers else "")

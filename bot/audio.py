@@ -114,6 +114,7 @@ class SongTags:
     album: str = "acestep-bot"
     genre: str | None = None  # from the style tags
     date: str | None = None  # "YYYY-MM-DD", when the song was made
+    lineage: str | None = None  # e.g. 'extended from “Rain” (job 1a2b3c4d)' (issue 14)
 
     def comment(self) -> str:
         """One readable comment with everything needed to reproduce the song."""
@@ -123,6 +124,7 @@ class SongTags:
             ("Seed", None if self.seed is None else str(self.seed)),
             ("Provider", self.provider),
             ("Job", self.job_id),
+            ("Source", self.lineage),
         ]
         return "\n".join(f"{name}: {value}" for name, value in fields if value)
 
@@ -134,6 +136,7 @@ class SongTags:
             "SEED": None if self.seed is None else str(self.seed),
             "PROVIDER": self.provider,
             "JOB_ID": self.job_id,
+            "SOURCE": self.lineage,
         }
         return {key: value for key, value in fields.items() if value}
 

@@ -5,6 +5,7 @@ replies from these)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from bot.models import FailureKind
 
@@ -167,6 +168,75 @@ def no_provider_for_mode(mode: str) -> str:
     return (
         f"This bot's music services cannot make {MODE_KINDS.get(mode, mode)}; "
         "try the other command."
+    )
+
+
+# Source audio for extend/remix/repaint (bot/sources.py): one line each, nothing stored.
+SOURCE_EMPTY = "source: the file is empty (0 bytes); send an audio file (MP3, WAV, FLAC or OGG)."
+SOURCE_NOT_AUDIO = "source: the file is not audio the bot can read; send MP3, WAV, FLAC or OGG."
+SOURCE_SILENT = "source: the audio is silent; send a song with sound in it."
+SOURCE_UNREACHABLE = "source: the file could not be fetched from the chat; send it again."
+SOURCE_NO_SUCH_SONG = (
+    "source: that song is not one this bot posted (or it was deleted); pick a posted song "
+    "or send your own audio."
+)
+SOURCE_AUDIO_GONE = (
+    "source: that song's audio is no longer kept here; send the file itself as audio."
+)
+
+
+def _megabytes(size: int) -> str:
+    return f"{num(round(size / (1024 * 1024), 1))} MB"
+
+
+def source_too_big(size: int, cap: int) -> str:
+    return f"source: the file is {_megabytes(size)}; files up to {_megabytes(cap)} are allowed."
+
+
+def source_too_long(seconds: float | None, longest: int) -> str:
+    length = f"{num(round(seconds))} seconds long" if seconds is not None else "too long"
+    return f"source: the audio is {length}; songs up to {longest} seconds can be worked on."
+
+
+def source_missing(path: str) -> str:
+    return f"source: {path} is not a file that can be read; give an audio file's path."
+
+
+LINEAGE_VERBS = {"extend": "extended", "remix": "remixed", "repaint": "repainted"}
+
+
+def lineage(request: Any) -> str:
+    """Where an edit came from: 'extended from “Rain on Glass” (job 1a2b3c4d)', 'remixed
+    from your file “demo.mp3”'; "" for a new song. `request` is a GenerationRequest."""
+    source = request.source
+    verb = LINEAGE_VERBS.get(request.task.value)
+    if verb is None or source is None:
+        return ""
+    name = " ".join(source.name.split())[:80]
+    quoted = f"\N{LEFT DOUBLE QUOTATION MARK}{name}\N{RIGHT DOUBLE QUOTATION MARK}"
+    if source.job_id:
+        return f"{verb} from {quoted + ' ' if name else ''}(job {source.job_id})"
+    if name:
+        return f"{verb} from your file {quoted}"
+    return f"{verb} from your file"
+
+
+def take_note(take: int, takes: int) -> str:
+    """'take 2 of 3' for one of several takes, else ""."""
+    return f"take {take} of {takes}" if takes > 1 else ""
+
+
+TASK_KINDS = {
+    "extend": "extend songs",
+    "remix": "remix songs",
+    "repaint": "repaint part of a song",
+}
+
+
+def no_provider_for_task(task: str) -> str:
+    return (
+        f"task: {task} is not available here; none of this bot's music services can "
+        f"{TASK_KINDS.get(task, task)}. Ask for a new song instead."
     )
 
 

@@ -139,6 +139,11 @@ class Job:
     deleted_by: str | None = None  # "platform:user_id"
     owner: str | None = None  # the process working on it (storage JobStore.claim)
     lease_expires: float | None = None  # until when, unless it renews
+    # Takes (issue 14): the jobs one request made share a batch id; this is take `take`
+    # of `takes`. Each has its own seed and a request with takes=1, reproducible alone.
+    batch_id: str | None = None
+    take: int = 1
+    takes: int = 1
 
     @property
     def deleted(self) -> bool:

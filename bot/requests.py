@@ -80,6 +80,10 @@ class SourceAudio(BaseModel):
     file: str
     job_id: str | None = None
     name: str = ""
+    # What the source is, where known (the bot's own song): fal's and WaveSpeed's remix
+    # endpoints require the source's tags ("original_tags") and take its lyrics.
+    tags: str = ""
+    lyrics: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> SourceAudio:

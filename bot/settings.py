@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     providers: CommaList = Field(default_factory=lambda: ["fal"])
     fal_key: SecretStr | None = None
     fal_queue_url: str = "https://queue.fal.run"
+    fal_storage_url: str = "https://rest.fal.ai"  # where a song to edit is uploaded
     fal_concurrency: int = Field(default=2, ge=1)
     wavespeed_api_key: SecretStr | None = None
     wavespeed_base_url: str = "https://api.wavespeed.ai"
@@ -93,6 +94,10 @@ class Settings(BaseSettings):
     audio_retention_days: int = Field(default=30, ge=0)  # 0 keeps audio forever
     job_retention_days: int = Field(default=90, ge=0)  # 0 keeps finished job rows forever
     shutdown_grace_seconds: int = Field(default=20, ge=0)
+
+    # Work on a song (issue 14): the largest source audio a user may send, checked before
+    # it is downloaded (Telegram's and Discord's declared file size).
+    source_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
 
     # Storage and logs
     data_dir: Path = Path("./data")
@@ -182,6 +187,10 @@ class Settings(BaseSettings):
         its password masked."""
         url = self.secret("database_url")
         return mask_url_passwords(url) if url else str(self.db_path)
+
+    @property
+    def sources_dir(self) -> Path:
+        return self.data_dir / "sources"
 
     @property
     def audio_dir(self) -> Path:

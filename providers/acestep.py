@@ -52,6 +52,7 @@ from bot.requests import (
     TIME_SIGNATURES,
     GenerationRequest,
     Mode,
+    Task,
     normalize_key_scale,
     normalize_language,
 )
@@ -83,6 +84,7 @@ from providers.base import (
     whole_number,
 )
 from providers.errors import Stage, http_error
+from providers.uploads import content_type, read_source
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,29 @@ _CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac",
 
 Clock = Callable[[], float]
 T = TypeVar("T")
+
+# Work on a song (docs/edit-modes.md): upstream's task types ("cover", "repaint"; TASK_TYPES
+# in acestep/constants.py). An extend is a repaint past an end of the source: the handler
+# pads the source where repainting_start < 0 or repainting_end > its length
+# (prepare_padding_info in acestep/handler.py), so one task extends one end.
+UPSTREAM_TASK = {Task.REMIX: "cover", Task.REPAINT: "repaint", Task.EXTEND: "repaint"}
+# The multipart part upstream reads the source from ("ctx_audio" is its other name).
+SOURCE_PART = "src_audio"
+
+
+@dataclass(frozen=True)
+class _AceStepCapabilities(Capabilities):
+    """What upstream's one repaint window cannot do: extend both ends at once (a window
+    from before the start to past the end would re-make the source too). Edits are of
+    composed songs (tags and lyrics) only: a described song's write task has no source."""
+
+    def can_serve(self, request: GenerationRequest) -> bool:
+        if request.task is not Task.GENERATE:
+            if request.mode is not Mode.SONG:
+                return False
+            if request.task is Task.EXTEND and request.extend_before and request.extend_after:
+                return False
+        return super().can_serve(request)
 
 
 @dataclass(frozen=True)
@@ -249,8 +274,9 @@ class AceStepProvider(Provider):
             self._server(url)
         self._prompt_mode = prompt_mode
         self._all_options = server_options(max_steps)
-        self.capabilities = Capabilities(
+        self.capabilities = _AceStepCapabilities(
             modes=frozenset({Mode.SONG, Mode.PROMPT} if prompt_mode else {Mode.SONG}),
+            tasks=frozenset({Task.GENERATE, *UPSTREAM_TASK}),
             min_duration=SERVER_MIN_DURATION,
             max_duration=min(max_duration, DEFAULT_MAX_DURATION),
             options=self._all_options,
@@ -298,7 +324,34 @@ class AceStepProvider(Provider):
             }
         )
         body.update(self.capabilities.wire_options(request))
+        if request.task is not Task.GENERATE:
+            body.update(self._edit_fields(request))
         return body
+
+    @staticmethod
+    def _edit_fields(request: GenerationRequest) -> dict[str, Any]:
+        """The task fields of an edit; the length follows from the source (upstream
+        ignores audio_duration for these tasks, so it is left out)."""
+        source = request.source
+        if source is None:
+            raise ValueError(f"a {request.task} request needs its source")
+        fields: dict[str, Any] = {"task_type": UPSTREAM_TASK[request.task], "audio_duration": None}
+        if request.task is Task.REMIX:
+            # Ours: 0 keeps the source, 1 ignores it; upstream's audio_cover_strength
+            # (default 1.0) is how strongly the source shapes the cover.
+            # Unset: upstream's default.
+            if request.strength is not None:
+                fields["audio_cover_strength"] = round(1.0 - request.strength, 4)
+        elif request.task is Task.REPAINT:
+            fields["repainting_start"] = request.repaint_start
+            fields["repainting_end"] = request.repaint_end
+        elif request.extend_before:
+            fields["repainting_start"] = -float(request.extend_before)
+            fields["repainting_end"] = 0.0
+        else:
+            fields["repainting_start"] = float(source.seconds)
+            fields["repainting_end"] = float(source.seconds) + request.extend_after
+        return fields
 
     def write_body(self, request: GenerationRequest) -> dict[str, Any]:
         """The write task of a described song: the LM turns the description into a
@@ -328,6 +381,13 @@ class AceStepProvider(Provider):
         """Queue one task on the least loaded server that answers (for a described song,
         its write task, on a server with the language model)."""
         render = self.build_body(request, seed)
+        upload: tuple[str, bytes, str] | None = None
+        if request.task is not Task.GENERATE:
+            if source is None:
+                raise ValueError(f"a {request.task} request needs its source file")
+            # The server keeps no uploads (a temp file per task, deleted after it), so the
+            # file goes with each submit; `source.uploads` has nothing to remember here.
+            upload = (source.path.name, await read_source(source), content_type(source))
         async with self._dispatch_lock:
             ranked = await self._rank_servers(needs_lm=self._needs_lm(request))
             if request.mode is Mode.PROMPT:
@@ -345,7 +405,7 @@ class AceStepProvider(Provider):
                 if request.mode is Mode.PROMPT:
                     body = self.write_body(request)
                 try:
-                    data = await self._start_task(server, body)
+                    data = await self._start_task(server, body, upload)
                 except (_Refused, Busy) as exc:
                     # Refused or queue full: no task was created there, so the next
                     # server may take it without risking a duplicate.
@@ -370,10 +430,23 @@ class AceStepProvider(Provider):
             assert last_error is not None
             raise last_error
 
-    async def _start_task(self, server: _Server, body: dict[str, Any]) -> dict[str, Any]:
-        """POST one task; the handle fields that track it (id, time, queue, counters)."""
+    async def _start_task(
+        self,
+        server: _Server,
+        body: dict[str, Any],
+        upload: tuple[str, bytes, str] | None = None,
+    ) -> dict[str, Any]:
+        """POST one task; the handle fields that track it (id, time, queue, counters).
+        With a source file it goes as multipart/form-data, the file in `src_audio` and
+        every other field a form value, as upstream's /release_task parses it."""
         submitted_at = self._clock()
-        data = await self._call(server, "POST", "/release_task", json=body)
+        if upload is None:
+            data = await self._call(server, "POST", "/release_task", json=body)
+        else:
+            form = {k: _form_value(v) for k, v in body.items() if v is not None}
+            data = await self._call(
+                server, "POST", "/release_task", data=form, files={SOURCE_PART: upload}
+            )
         if not isinstance(data, dict) or not data.get("task_id"):
             raise Unavailable(self.name, f"{server.host} answered without a task id")
         task_id = str(data["task_id"])
@@ -771,10 +844,14 @@ class AceStepProvider(Provider):
         path: str,
         *,
         json: Any = None,
+        data: dict[str, str] | None = None,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
         limit_s: float | None = None,
     ) -> Any:
         """One request; returns the envelope's `data` or raises a typed error."""
         extra: dict[str, Any] = {} if limit_s is None else {"timeout": limit_s}
+        if files is not None:
+            extra.update(data=data, files=files)
         try:
             resp = await self.client.request(method, server.url + path, json=json, **extra)
         except httpx.ConnectError:
@@ -853,6 +930,16 @@ def _result_items(raw: Any) -> list[dict[str, Any]]:
     if isinstance(raw, dict):
         raw = [raw]
     return [i for i in raw if isinstance(i, dict)] if isinstance(raw, list) else []
+
+
+def _form_value(value: Any) -> str:
+    """A field as a form value upstream's RequestParser reads back (_to_bool takes
+    "true"/"false", _to_int and _to_float the number's text)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
 
 
 def _failure_reason(error: Any) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
-from bot.requests import GenerationRequest, Mode
+from bot.requests import GenerationRequest, Mode, Task
 from providers.base import (
     ACE_STEP_V1_OPTIONS,
     Cancelled,
@@ -32,6 +32,7 @@ from providers.base import (
     Provider,
     ProviderError,
     Queued,
+    Rejected,
     Result,
     Running,
     Sleep,
@@ -48,13 +49,29 @@ from providers.base import (
     wire_values,
 )
 from providers.errors import BILLING_WORDS, Stage, has_marker, http_error
+from providers.uploads import content_type, provider_ref, read_source
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_URL = "https://queue.fal.run"
+# fal's REST API, where the client's storage upload starts (fal-js libs/client/src/storage.ts).
+DEFAULT_STORAGE_URL = "https://rest.fal.ai"
 APP_ID = "fal-ai/ace-step"  # owner/alias: the only part used after submit
 PROMPT_ENDPOINT = "fal-ai/ace-step/prompt-to-audio"
 SONG_ENDPOINT = "fal-ai/ace-step"
+# Work on a song (docs/edit-modes.md): one endpoint per task.
+TASK_ENDPOINTS = {
+    Task.REMIX: "fal-ai/ace-step/audio-to-audio",
+    Task.REPAINT: "fal-ai/ace-step/audio-inpaint",
+    Task.EXTEND: "fal-ai/ace-step/audio-outpaint",
+}
+# fal states no lifetime for storage uploads; we trust one for a day, and upload again
+# when fal says it cannot fetch a remembered one (see submit).
+UPLOAD_LIFETIME_S = 24 * 3600
+_SOURCE_REFUSED = (
+    "fal could not use the source audio ({detail}); send an MP3, WAV or FLAC song "
+    "of at most 240 seconds"
+)
 
 # The knobs both ACE-Step endpoints take (PROVIDERS.md), under fal's names and ranges.
 FAL_OPTIONS = ACE_STEP_V1_OPTIONS
@@ -92,6 +109,7 @@ class FalProvider(Provider):
         api_key: str,
         queue_url: str = DEFAULT_QUEUE_URL,
         *,
+        storage_url: str = DEFAULT_STORAGE_URL,
         concurrency: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
         poll_interval: float = 1.0,
@@ -103,11 +121,14 @@ class FalProvider(Provider):
             raise ValueError("fal needs an API key (FAL_KEY)")
         self._key = api_key
         self.queue_url = queue_url.rstrip("/")
+        self.storage_url = storage_url.rstrip("/")
         self._poll_interval = poll_interval
         self._retry_delays = tuple(retry_delays)
         self._sleep = sleep
         self._stream_off_until = 0.0
-        auth = KeyForOrigins(f"Key {api_key}", [self.queue_url])
+        # The key goes to the queue and to storage's initiate call, never to the signed
+        # upload URL storage hands back (KeyForOrigins: another origin).
+        auth = KeyForOrigins(f"Key {api_key}", [self.queue_url, self.storage_url])
         super().__init__(
             api_client(
                 transport=transport,
@@ -118,6 +139,7 @@ class FalProvider(Provider):
         )
         self.capabilities = Capabilities(
             modes=frozenset({Mode.PROMPT, Mode.SONG}),
+            tasks=frozenset({Task.GENERATE, *TASK_ENDPOINTS}),
             min_duration=5,
             max_duration=240,
             options=FAL_OPTIONS,
@@ -130,10 +152,32 @@ class FalProvider(Provider):
     async def submit(
         self, request: GenerationRequest, seed: int, source: SourceFile | None = None
     ) -> Handle:
-        """Queue one generation at fal; exactly one POST, never retried."""
-        endpoint, body = self.build_input(request, seed)
+        """Queue one generation at fal; exactly one accepted POST, never retried.
+
+        An edit first puts the source in fal storage (once: the URL is remembered in
+        `source.uploads`). When fal refuses a remembered URL as unfetchable (422 on
+        `audio_url`: it expired early), the file is uploaded again and the submit sent
+        once more; a 422 means fal queued nothing, so nothing runs twice."""
+        audio_url, uploaded = None, False
+        if request.task is not Task.GENERATE:
+            if source is None:
+                raise ValueError(f"a {request.task} request needs its source file")
+            audio_url, uploaded = await self._source_url(source)
+        endpoint, body = self.build_input(request, seed, audio_url=audio_url)
         resp = await self._send("POST", f"{self.queue_url}/{endpoint}", phase="submit", json=body)
+        refused = resp.status_code == 422 and self._source_refused(resp)
+        if source is not None and refused and not uploaded:
+            log.info(
+                "fal: the stored source %s was refused; uploading it again", source.sha256[:12]
+            )
+            body["audio_url"], _ = await self._source_url(source, fresh=True)
+            resp = await self._send(
+                "POST", f"{self.queue_url}/{endpoint}", phase="submit", json=body
+            )
         if resp.status_code >= 300:
+            if source is not None and resp.status_code == 422 and self._source_refused(resp):
+                detail, _ = self._detail(resp)
+                raise Rejected(self.name, _SOURCE_REFUSED.format(detail=detail), status_code=422)
             raise self._error(resp, "submit")
         try:
             data = resp.json()
@@ -265,10 +309,19 @@ class FalProvider(Provider):
 
     # ----- request building ------------------------------------------------------------
 
+    def billed_seconds(self, request: GenerationRequest) -> float:
+        """fal bills "per second of generated audio" on every ACE-Step endpoint; an edit
+        returns the whole song (source, or source plus extension), so that is billed."""
+        return float(request.duration)
+
     @staticmethod
-    def build_input(request: GenerationRequest, seed: int) -> tuple[str, dict[str, Any]]:
+    def build_input(
+        request: GenerationRequest, seed: int, *, audio_url: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """The fal endpoint and JSON input for a request (only options the user set)."""
         body: dict[str, Any]
+        if request.task is not Task.GENERATE:
+            return _edit_input(request, seed, audio_url)
         if request.mode is Mode.PROMPT:
             endpoint = PROMPT_ENDPOINT
             body = {"prompt": request.prompt, "instrumental": request.instrumental}
@@ -281,6 +334,53 @@ class FalProvider(Provider):
         body["seed"] = seed
         body.update(wire_values(FAL_OPTIONS, request))
         return endpoint, body
+
+    # ----- source uploads (fal storage) -------------------------------------------------
+
+    async def _source_url(self, source: SourceFile, *, fresh: bool = False) -> tuple[str, bool]:
+        return await provider_ref(self.name, source, lambda: self._upload(source), fresh=fresh)
+
+    async def _upload(self, source: SourceFile) -> tuple[str, float]:
+        """fal's client upload protocol (fal-js libs/client/src/storage.ts): POST the file
+        name and content type to `{rest}/storage/upload/initiate`, PUT the bytes to the
+        `upload_url` it answers, and use its `file_url` as the model input."""
+        kind = content_type(source)
+        resp = await self._send(
+            "POST",
+            f"{self.storage_url}/storage/upload/initiate",
+            phase="upload",
+            params={"storage_type": "fal-cdn-v3"},
+            json={"content_type": kind, "file_name": source.path.name},
+        )
+        if resp.status_code >= 300:
+            raise self._error(resp, "upload")
+        answer = _json_object(resp)
+        upload_url, file_url = answer.get("upload_url"), answer.get("file_url")
+        if not isinstance(upload_url, str) or not isinstance(file_url, str):
+            raise Unavailable(self.name, "fal storage answered without upload and file URLs")
+        data = await read_source(source)
+        put = await send(
+            self.client,
+            self.name,
+            "PUT",
+            upload_url,
+            what="upload",
+            content=data,
+            headers={"Content-Type": kind},
+        )
+        if put.status_code >= 300:
+            raise self._error(put, "upload")
+        return file_url, UPLOAD_LIFETIME_S
+
+    def _source_refused(self, resp: httpx.Response) -> bool:
+        """A 422 whose detail is about `audio_url`: fal could not fetch or read the file."""
+        try:
+            detail = resp.json().get("detail")
+        except (ValueError, AttributeError):
+            return False
+        return isinstance(detail, list) and any(
+            isinstance(item, dict) and "audio_url" in (item.get("loc") or []) for item in detail
+        )
 
     # ----- HTTP and error mapping --------------------------------------------------------
 
@@ -337,7 +437,7 @@ class FalProvider(Provider):
             self.name,
             resp.status_code,
             detail,
-            stage=Stage.SUBMIT if phase == "submit" else Stage.POLL,
+            stage=Stage.SUBMIT if phase in ("submit", "upload") else Stage.POLL,
             retry_after=parse_retry_after(resp),
             # "User is locked. Reason: Exhausted balance..." comes as a 403.
             billing=has_marker([detail], BILLING_WORDS),
@@ -478,6 +578,35 @@ class FalProvider(Provider):
             return origin(url) == origin(self.queue_url)
         except httpx.InvalidURL:
             return False
+
+
+def _edit_input(
+    request: GenerationRequest, seed: int, audio_url: str | None
+) -> tuple[str, dict[str, Any]]:
+    """The input of fal's audio-to-audio / audio-inpaint / audio-outpaint (field names and
+    ranges: docs/edit-modes.md)."""
+    source = request.source
+    if source is None or audio_url is None:
+        raise ValueError(f"a {request.task} request needs its source file")
+    tags = request.tags or source.tags or request.prompt
+    lyrics = request.lyrics if request.wants_vocals else "[inst]"
+    body: dict[str, Any] = {"audio_url": audio_url, "tags": tags, "lyrics": lyrics}
+    if request.task is Task.REMIX:
+        # fal's remix has no strength knob; its "original_tags" is required.
+        body["edit_mode"] = "remix"
+        body["original_tags"] = source.tags or tags
+        body["original_lyrics"] = source.lyrics
+    elif request.task is Task.REPAINT:
+        body["start_time_relative_to"] = "start"
+        body["start_time"] = request.repaint_start
+        body["end_time_relative_to"] = "start"
+        body["end_time"] = request.repaint_end
+    else:  # EXTEND: both sent, as fal's default for "after" is 30 s
+        body["extend_before_duration"] = request.extend_before
+        body["extend_after_duration"] = request.extend_after
+    body["seed"] = seed
+    body.update(wire_values(FAL_OPTIONS, request))
+    return TASK_ENDPOINTS[request.task], body
 
 
 def _json_object(resp: httpx.Response) -> dict[str, Any]:

@@ -14,6 +14,7 @@ def build_provider(settings: Settings, name: str) -> Provider:
         return FalProvider(
             settings.secret("fal_key") or "",
             settings.fal_queue_url,
+            storage_url=settings.fal_storage_url,
             concurrency=settings.fal_concurrency,
         )
     if name == "wavespeed":

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from bot.requests import GenerationRequest, Mode, is_instrumental_lyrics
+from bot.requests import GenerationRequest, Mode, Task, is_instrumental_lyrics
 from providers.base import (
     Cancelled,
     CancelOutcome,
@@ -25,6 +25,7 @@ from providers.base import (
     Provider,
     ProviderError,
     Queued,
+    Rejected,
     Result,
     Running,
     Sleep,
@@ -41,6 +42,7 @@ from providers.base import (
     whole_number,
 )
 from providers.errors import BILLING_WORDS, POLICY_WORDS, Stage, has_marker, http_error
+from providers.uploads import content_type, provider_ref, read_source
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,22 @@ SONG_MODELS: dict[str, float] = {
     "wavespeed-ai/ace-step-1.5": 0.0003,
 }
 DEFAULT_SONG_MODEL = "wavespeed-ai/ace-step"
+# Work on a song (docs/edit-modes.md): one model per task, each "$0.0002 per second of
+# generated audio".
+EDIT_MODELS: dict[Task, str] = {
+    Task.REMIX: "wavespeed-ai/ace-step/audio-to-audio",
+    Task.REPAINT: "wavespeed-ai/ace-step/audio-inpaint",
+    Task.EXTEND: "wavespeed-ai/ace-step/audio-outpaint",
+}
+EDIT_PRICE = 0.0002
+UPLOAD_PATH = "/api/v3/media/upload/binary"
+# "Uploaded files are stored for 7 days and then automatically deleted"
+# (wavespeed.ai/docs/upload-files); we trust six, to leave a run time to fetch it.
+UPLOAD_LIFETIME_S = 6 * 24 * 3600
+_SOURCE_REFUSED = (
+    "WaveSpeed could not use the source audio ({detail}); send an MP3, WAV or FLAC song "
+    "of at most 240 seconds"
+)
 # How each song model spells "no vocals" in its lyrics field.
 _NO_LYRICS = {"wavespeed-ai/ace-step": "[inst]", "wavespeed-ai/ace-step-1.5": ""}
 
@@ -120,6 +138,7 @@ class WaveSpeedProvider(Provider):
         self.song_model = song_model
         self.capabilities = Capabilities(
             modes=frozenset({Mode.PROMPT, Mode.SONG}),
+            tasks=frozenset({Task.GENERATE, *EDIT_MODELS}),
             options={},  # WaveSpeed takes no knobs beyond duration and seed
             # The engine budgets with one figure: the dearest model this instance may use.
             price_per_second=max(PROMPT_PRICE, SONG_MODELS[song_model]),
@@ -136,16 +155,29 @@ class WaveSpeedProvider(Provider):
 
     def model_for(self, request: GenerationRequest) -> str:
         """The WaveSpeed model id that serves this request."""
+        if request.task is not Task.GENERATE:
+            return EDIT_MODELS[request.task]
         return PROMPT_MODEL if request.mode is Mode.PROMPT else self.song_model
 
     def price_per_second_for(self, request: GenerationRequest) -> float:
         """USD per second of audio for this request's model."""
+        if request.task is not Task.GENERATE:
+            return EDIT_PRICE
         if request.mode is Mode.PROMPT:
             return PROMPT_PRICE
         return SONG_MODELS[self.song_model]
 
-    def build_input(self, request: GenerationRequest, seed: int) -> dict[str, Any]:
+    def billed_seconds(self, request: GenerationRequest) -> float:
+        """Billed "per second of generated audio": an edit returns the whole song (the
+        source's length, plus the extension for outpaint)."""
+        return float(request.duration)
+
+    def build_input(
+        self, request: GenerationRequest, seed: int, *, audio: str | None = None
+    ) -> dict[str, Any]:
         """The flat JSON body WaveSpeed's model takes."""
+        if request.task is not Task.GENERATE:
+            return _edit_input(request, seed, audio)
         if request.mode is Mode.PROMPT:
             return {
                 "prompt": request.prompt,
@@ -169,10 +201,32 @@ class WaveSpeedProvider(Provider):
                 f"{self.name} cannot serve a {request.mode} request of {request.duration} s"
             )
         model = self.model_for(request)
-        # Never retried here: a submit that timed out may exist and be billed.
-        data = await self._request(
-            "POST", f"/api/v3/{model}", json=self.build_input(request, seed), polling=False
-        )
+        audio, uploaded = None, False
+        if request.task is not Task.GENERATE:
+            if source is None:
+                raise ValueError(f"a {request.task} request needs its source file")
+            audio, uploaded = await self._source_url(source)
+        body = self.build_input(request, seed, audio=audio)
+        # Never retried blindly: a submit that timed out may exist and be billed. Only a
+        # remembered source WaveSpeed says it cannot fetch (a 400: nothing was created)
+        # is uploaded again and the submit sent once more.
+        try:
+            try:
+                data = await self._request("POST", f"/api/v3/{model}", json=body, polling=False)
+            except Rejected as exc:
+                if source is None or uploaded or not _about_audio(exc.message):
+                    raise
+                log.info("wavespeed: source %s refused; uploading it again", source.sha256[:12])
+                body["audio"], _ = await self._source_url(source, fresh=True)
+                data = await self._request("POST", f"/api/v3/{model}", json=body, polling=False)
+        except Rejected as refused:
+            if source is None or not _about_audio(refused.message):
+                raise
+            raise Rejected(
+                self.name,
+                _SOURCE_REFUSED.format(detail=refused.message),
+                status_code=refused.status_code,
+            ) from None
         job_id = data.get("id")
         if not isinstance(job_id, str) or not job_id:
             raise Unavailable(
@@ -195,6 +249,23 @@ class WaveSpeedProvider(Provider):
 
     def poll_interval(self) -> float:
         return self._poll_interval
+
+    # -- source uploads (WaveSpeed media upload) -------------------------------------
+
+    async def _source_url(self, source: SourceFile, *, fresh: bool = False) -> tuple[str, bool]:
+        return await provider_ref(self.name, source, lambda: self._upload(source), fresh=fresh)
+
+    async def _upload(self, source: SourceFile) -> tuple[str, float]:
+        """`POST /api/v3/media/upload/binary`, multipart field `file`; the envelope's
+        `data.download_url` is what a model's `audio` field takes
+        (wavespeed.ai/docs-common-api/media-upload)."""
+        data = await read_source(source)
+        files = {"file": (source.path.name, data, content_type(source))}
+        answer = await self._request("POST", UPLOAD_PATH, files=files, polling=False, what="upload")
+        url = answer.get("download_url")
+        if not isinstance(url, str) or not url:
+            raise Unavailable(self.name, "the media upload answered without a download_url")
+        return url, UPLOAD_LIFETIME_S
 
     # -- internals ------------------------------------------------------------------
 
@@ -226,17 +297,26 @@ class WaveSpeedProvider(Provider):
             return data
 
     async def _request(
-        self, method: str, path: str, *, json: Any = None, polling: bool
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
+        polling: bool,
+        what: str | None = None,
     ) -> dict[str, Any]:
         """One HTTP call; returns the envelope's `data` or raises our typed error."""
+        what = what or ("poll" if polling else "submit")
         resp = await send(
             self.client,
             self.name,
             method,
             path,
             json=json,
-            what="poll" if polling else "submit",
-            submit=not polling,
+            files=files,
+            what=what,
+            submit=what == "submit",
         )
         try:
             body: Any = resp.json()
@@ -315,3 +395,35 @@ class WaveSpeedProvider(Provider):
         if seed is None:
             seed = whole_number(handle.data.get("seed"))
         return Succeeded(Result(audio_url=url, seed=seed, metadata=metadata))
+
+
+def _about_audio(message: str) -> bool:
+    """A refusal that is about the `audio` input (unfetchable or not audio)."""
+    return "audio" in message.lower()
+
+
+def _edit_input(request: GenerationRequest, seed: int, audio: str | None) -> dict[str, Any]:
+    """The body of WaveSpeed's audio-to-audio / audio-inpaint / audio-outpaint (field
+    names and ranges: docs/edit-modes.md)."""
+    source = request.source
+    if source is None or audio is None:
+        raise ValueError(f"a {request.task} request needs its source file")
+    tags = request.tags or source.tags or request.prompt
+    no_vocals = request.instrumental or is_instrumental_lyrics(request.lyrics)
+    lyrics = "[inst]" if no_vocals else request.lyrics
+    body: dict[str, Any] = {"audio": audio, "tags": tags, "lyrics": lyrics}
+    if request.task is Task.REMIX:
+        # No strength knob on WaveSpeed's remix; "original_tags" is required.
+        body["edit_mode"] = "remix"
+        body["original_tags"] = source.tags or tags
+        body["original_lyrics"] = source.lyrics
+    elif request.task is Task.REPAINT:
+        body["start_time_relative_to"] = "start"
+        body["start_time"] = request.repaint_start
+        body["end_time_relative_to"] = "start"
+        body["end_time"] = request.repaint_end
+    else:  # EXTEND: both sent, as the default for "after" is 30 s
+        body["extend_before_duration"] = request.extend_before
+        body["extend_after_duration"] = request.extend_after
+    body["seed"] = seed
+    return body

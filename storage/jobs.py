@@ -112,6 +112,7 @@ class JobStore:
     def __init__(self, db: Database | PgDatabase) -> None:
         self.db = db
         self.community = CommunityStore(db)  # song defaults and ban lists, same database
+        self.uploads = UploadStore(db)  # source files providers already hold
 
     @property
     def shared(self) -> bool:
@@ -142,13 +143,28 @@ class JobStore:
         job's `source_key` was already admitted, nothing is written and the existing
         job's id is returned.
         """
+        return await self.admit_takes([job], limits, bypass_quotas=bypass_quotas, now=now)
+
+    async def admit_takes(
+        self, jobs: list[Job], limits: Limits, *, bypass_quotas: bool, now: float | None = None
+    ) -> str | None:
+        """Admit the takes of one request (one job each) in one transaction: every limit
+        is checked for all of them together, and either all are stored or none.
+
+        Raises QuotaRefusal naming the first limit that does not leave room for them
+        all. When the first job's `source_key` was already admitted, nothing is written
+        and that job's id is returned.
+        """
+        if not jobs:
+            raise ValueError("admit_takes needs at least one job")
         at = time.time() if now is None else now
-        requester = job.requester
+        requester = jobs[0].requester
+        first = jobs[0]
 
         def admit(conn: sqlite3.Connection) -> str | None:
-            if job.source_key:
+            if first.source_key:
                 row = conn.execute(
-                    "SELECT id FROM jobs WHERE source_key = ?", (job.source_key,)
+                    "SELECT id FROM jobs WHERE source_key = ?", (first.source_key,)
                 ).fetchone()
                 if row:
                     return str(row[0])
@@ -157,43 +173,72 @@ class JobStore:
             check_admission(
                 effective,
                 usage,
-                seconds=job.request.duration,
-                usd=job.reserved_usd,
+                seconds=sum(job.request.duration for job in jobs),
+                usd=sum(job.reserved_usd for job in jobs),
                 in_community=requester.community_key is not None,
                 bypass_quotas=bypass_quotas,
+                jobs=len(jobs),
             )
-            conn.execute(
-                "INSERT INTO jobs (id, platform, user_id, user_key, community_key, display_name,"
-                " reply_target, request, duration, seed, state, reserved_usd, created_at,"
-                " updated_at, source_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    job.id,
-                    requester.platform,
-                    requester.user_id,
-                    requester.key,
-                    requester.community_key,
-                    requester.display_name,
-                    json.dumps(job.reply_target),
-                    job.request.model_dump_json(),
-                    job.request.duration,
-                    job.seed,
-                    "queued",
-                    job.reserved_usd,
-                    at,
-                    at,
-                    job.source_key,
-                ),
-            )
-            after = _facts(conn, job.id)
-            assert after is not None
-            _ledger(conn, job.id, after, "reserve", job.reserved_usd, None, at)
-            _count(conn, None, after)
+            for job in jobs:
+                source = job.request.source
+                conn.execute(
+                    "INSERT INTO jobs (id, platform, user_id, user_key, community_key,"
+                    " display_name, reply_target, request, duration, seed, state,"
+                    " reserved_usd, created_at, updated_at, source_key, task, source_job_id,"
+                    " source_sha256, batch_id, take, takes)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        job.id,
+                        requester.platform,
+                        requester.user_id,
+                        requester.key,
+                        requester.community_key,
+                        requester.display_name,
+                        json.dumps(job.reply_target),
+                        job.request.model_dump_json(),
+                        job.request.duration,
+                        job.seed,
+                        "queued",
+                        job.reserved_usd,
+                        at,
+                        at,
+                        job.source_key,
+                        job.request.task.value,
+                        source.job_id if source else None,
+                        source.sha256 if source else None,
+                        job.batch_id,
+                        job.take,
+                        job.takes,
+                    ),
+                )
+                after = _facts(conn, job.id)
+                assert after is not None
+                _ledger(conn, job.id, after, "reserve", job.reserved_usd, None, at)
+                _count(conn, None, after)
             return None
 
         existing = await self.db.write(admit)
         if existing is None:
-            job.created_at = job.updated_at = at
+            for job in jobs:
+                job.created_at = job.updated_at = at
         return existing
+
+    async def source_in_use(self, sha256: str) -> bool:
+        """Whether any job works on the source file with this hash."""
+
+        def read(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM jobs WHERE source_sha256 = ? LIMIT 1", (sha256,)
+            ).fetchone()
+            return row is not None
+
+        return await self.db.read(read)
+
+    async def batch(self, batch_id: str) -> list[Job]:
+        """The takes one request made, in take order."""
+        return await self._select(
+            "SELECT * FROM jobs WHERE batch_id = ? ORDER BY take", (batch_id,)
+        )
 
     async def by_source_key(self, source_key: str) -> Job | None:
         """The job a platform event already created, if any."""
@@ -866,6 +911,37 @@ class JobStore:
         return await self.db.read(read)
 
 
+class UploadStore:
+    """The providers' copies of source files, kept across restarts (an UploadCache)."""
+
+    def __init__(self, db: Database | PgDatabase) -> None:
+        self.db = db
+
+    async def get(self, provider: str, sha256: str) -> str | None:
+        at = time.time()
+
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT ref FROM source_uploads WHERE provider = ? AND sha256 = ?"
+                " AND expires_at > ?",
+                (provider, sha256, at),
+            ).fetchone()
+            return str(row[0]) if row else None
+
+        return await self.db.read(read)
+
+    async def put(self, provider: str, sha256: str, ref: str, expires_at: float) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO source_uploads (provider, sha256, ref, expires_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (provider, sha256) DO UPDATE SET"
+                " ref = excluded.ref, expires_at = excluded.expires_at",
+                (provider, sha256, ref, expires_at),
+            )
+
+        await self.db.write(write)
+
+
 # ---- the functions run on the database threads ----------------------------------------
 
 
@@ -1110,4 +1186,7 @@ def _job(row: sqlite3.Row) -> Job:
         deleted_by=row["deleted_by"],
         owner=row["owner"],
         lease_expires=row["lease_expires"],
+        batch_id=row["batch_id"],
+        take=row["take"],
+        takes=row["takes"],
     )

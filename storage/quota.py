@@ -71,12 +71,14 @@ def check_admission(
     usd: float,
     in_community: bool,
     bypass_quotas: bool,
+    jobs: int = 1,
 ) -> None:
-    """Raise QuotaRefusal naming the first limit that leaves no room for a job of
-    `seconds` reserving `usd`. Admins bypass every limit but the spend cap."""
+    """Raise QuotaRefusal naming the first limit that leaves no room for `jobs` jobs
+    (the takes of one request) of `seconds` in all reserving `usd` in all. Admins bypass
+    every limit but the spend cap."""
     if not bypass_quotas:
-        _check("user_concurrent_jobs", limits.user_concurrent_jobs, usage.user_active, 1)
-        _check("user_jobs_per_day", limits.user_jobs_per_day, usage.user_jobs, 1)
+        _check("user_concurrent_jobs", limits.user_concurrent_jobs, usage.user_active, jobs)
+        _check("user_jobs_per_day", limits.user_jobs_per_day, usage.user_jobs, jobs)
         _check("user_seconds_per_day", limits.user_seconds_per_day, usage.user_seconds, seconds)
         if in_community:
             _check(

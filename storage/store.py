@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from bot.models import FailureKind, Job, Requester, SongResult
     from bot.settings import Settings
+    from providers.base import UploadCache
     from storage.quota import Limits, Usage
 
 
@@ -72,10 +73,18 @@ class Store(Protocol):
     @property
     def shared(self) -> bool: ...  # several processes may work on it (PostgreSQL)
 
+    @property
+    def uploads(self) -> UploadCache: ...
+
     # admission and quota
     async def admit(
         self, job: Job, limits: Limits, *, bypass_quotas: bool, now: float | None = None
     ) -> str | None: ...
+    async def admit_takes(
+        self, jobs: list[Job], limits: Limits, *, bypass_quotas: bool, now: float | None = None
+    ) -> str | None: ...
+    async def batch(self, batch_id: str) -> list[Job]: ...
+    async def source_in_use(self, sha256: str) -> bool: ...
     async def by_source_key(self, source_key: str) -> Job | None: ...
     async def usage(
         self, requester: Requester, limits: Limits, now: float | None = None

@@ -146,6 +146,7 @@ async def start_bot(
     provider = FalProvider(
         servers.fal.key,
         servers.fal_url,
+        storage_url=servers.fal_url,  # edits upload their source to the fake's storage
         concurrency=4,
         poll_interval=0.01,
         retry_delays=(0.01, 0.02),
@@ -258,6 +259,10 @@ async def test_song_defers_then_posts_an_mp3_with_embed_and_buttons(bot: Bot) ->
         f"acestep:same:{job_id}",
         f"acestep:lyrics:{job_id}",
         f"acestep:tags:{job_id}",
+        f"acestep:extend:{job_id}",
+        f"acestep:remix:{job_id}",
+        f"acestep:repaint:{job_id}",
+        f"acestep:edit:{job_id}",
         f"acestep:delete:{job_id}",
     ]
 
@@ -779,9 +784,19 @@ async def test_commands_sync_once_and_only_when_changed(tmp_path: Path, servers:
         "limits",
         "settings",
         "banlist",
+        "extend",
+        "remix",
+        "repaint",
+        "Remix this song",
     }
+    assert by_name["Remix this song"]["type"] == 3  # a message context menu
     song = {o["name"]: o for o in by_name["song"]["options"]}
-    assert set(song) == {"prompt", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
+    assert set(song) == {"prompt", "takes", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
+    assert (song["takes"]["min_value"], song["takes"]["max_value"]) == (1, 4)
+    extend = {o["name"]: o for o in by_name["extend"]["options"]}
+    assert set(extend) == {"audio", "song", "after", "before", "tags", "takes"}
+    assert extend["audio"]["type"] == 11  # an attachment
+    assert {o["name"] for o in by_name["repaint"]["options"]} >= {"start", "end"}
     assert song["prompt"]["required"] is True
     assert (song["duration"]["min_value"], song["duration"]["max_value"]) == (5, 240)
     assert [c["value"] for c in song["scheduler"]["choices"]] == ["euler", "heun"]
@@ -790,7 +805,7 @@ async def test_commands_sync_once_and_only_when_changed(tmp_path: Path, servers:
     assert by_name["song"]["integration_types"] == [0, 1]
     assert int(by_name["limits"]["default_member_permissions"]) == MANAGE_GUILD
     compose = {o["name"] for o in by_name["compose"]["options"]}
-    assert compose == {"tags", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
+    assert compose == {"tags", "takes", *BASIC_OPTIONS, *ADVANCED_OPTIONS}
 
     # A restart with the same commands does not sync again.
     bot = await start_bot(tmp_path, servers)

@@ -16,7 +16,7 @@ import pytest
 from bot import messages
 from bot.chat import replies
 from bot.chat.markup import Bold, Code, Text, When
-from bot.chat.replies import Action, Button, Reply, StatusView
+from bot.chat.replies import EDIT_ACTIONS, Action, Button, Reply, StatusView
 from bot.engine import Failure, Phase, Progress, QuotaLine, QuotaStatus, Refused
 from bot.frontends import discord_render, telegram_render
 from bot.frontends.discord_commands import HELP_STYLE as DISCORD_HELP
@@ -311,6 +311,7 @@ def test_the_song_card_shows_the_same_facts_on_both_platforms() -> None:
         Action.NEW,
         Action.SAME,
         Action.LYRICS,
+        *EDIT_ACTIONS,
         Action.DELETE,
     ]
     # A provider that ignored the seed: both platforms say so next to it.
@@ -324,7 +325,12 @@ def test_the_song_card_shows_the_same_facts_on_both_platforms() -> None:
     instrumental = replies.song_card(
         job(JobState.DELIVERED, lyrics="[inst]"), title="x", duration=5, seed=1, provider="fal"
     )
-    assert [b.action for b in instrumental.buttons] == [Action.NEW, Action.SAME, Action.DELETE]
+    assert [b.action for b in instrumental.buttons] == [
+        Action.NEW,
+        Action.SAME,
+        *EDIT_ACTIONS,
+        Action.DELETE,
+    ]
 
 
 def test_a_described_song_shows_the_tags_written_for_it_and_offers_them() -> None:
@@ -338,8 +344,15 @@ def test_a_described_song_shows_the_tags_written_for_it_and_offers_them() -> Non
     assert fields["Tags"] == "lofi, piano"
     caption = telegram_words(telegram_render.caption(card))
     assert caption.splitlines()[1] == "Tags lofi, piano"
-    assert [b.action for b in card.buttons][-2:] == [Action.TAGS, Action.DELETE]
-    assert [b.label for b in card.buttons][-2:] == ["Use these tags", "Delete"]
+    assert [b.action for b in card.buttons][-6:] == [Action.TAGS, *EDIT_ACTIONS, Action.DELETE]
+    assert [b.label for b in card.buttons][-6:] == [
+        "Use these tags",
+        "Extend",
+        "Remix",
+        "Repaint",
+        "Edit",
+        "Delete",
+    ]
 
 
 def test_help_lists_each_option_once_on_both_platforms() -> None:

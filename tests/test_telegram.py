@@ -154,7 +154,12 @@ async def _bot(
             **overrides,
         )
         provider = FalProvider(
-            fal.key, fal_url, concurrency=2, poll_interval=0.01, retry_delays=(0.01, 0.02)
+            fal.key,
+            fal_url,
+            storage_url=fal_url,  # edits upload their source to the fake's storage
+            concurrency=2,
+            poll_interval=0.01,
+            retry_delays=(0.01, 0.02),
         )
         engine = await Engine.open(settings, [provider], options=FAST)
         frontend = TelegramFrontend(
@@ -284,10 +289,14 @@ async def test_song_goes_from_status_message_to_an_mp3(tmp_path: Path) -> None:
             f"same:{job_id}",
             f"lyrics:{job_id}",
             f"tags:{job_id}",
+            f"extend:{job_id}",
+            f"remix:{job_id}",
+            f"repaint:{job_id}",
+            f"edit:{job_id}",
             f"delete:{job_id}",
         ]
         assert song.reply_markup is not None
-        assert [len(row) for row in song.reply_markup["inline_keyboard"]] == [3, 2]
+        assert [len(row) for row in song.reply_markup["inline_keyboard"]] == [3, 3, 3]
 
         # A song costs one lasting message: the status message goes once it is posted.
         status = next(m for m in h.fake.sent if m.kind == "text")
@@ -396,7 +405,7 @@ async def test_new_take_and_lyrics_buttons(tmp_path: Path) -> None:
     async with running_bot(tmp_path) as h:
         h.fake.send_text(PRIVATE, ANN, "/song rainy day duration=5 seed=11")
         first = await h.song_message(PRIVATE)
-        new_data, same_data, lyrics_data, _tags, _delete = first.button_data()
+        new_data, same_data, lyrics_data, *_rest = first.button_data()
 
         h.fake.press(PRIVATE, first.message_id, ANN, lyrics_data)
         lyrics = await h.reply_to(PRIVATE, first.message_id)

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bot import titles
+from bot import sources, titles
 from bot.chat import defaults, replies
 from bot.chat.delivery import ChatDelivery
 from bot.chat.markup import Span
@@ -23,7 +23,15 @@ from bot.engine.errors import EngineError
 from bot.engine.facade import Engine
 from bot.models import Job, JobState, Requester
 from bot.moderation import MAX_PHRASE_CHARS, normalize
-from bot.requests import MAX_LYRICS_CHARS, MAX_TAGS_CHARS, GenerationRequest, InvalidRequest, Mode
+from bot.requests import (
+    MAX_LYRICS_CHARS,
+    MAX_TAGS_CHARS,
+    GenerationRequest,
+    InvalidRequest,
+    Mode,
+    SourceAudio,
+)
+from bot.sources import SourceRefused
 from storage.community import MAX_BANNED, BanListFull
 from storage.jobs import COMMUNITY_KEYS
 
@@ -92,6 +100,45 @@ class Place(Protocol):
     async def offer_compose(self, fields: dict[str, Any]) -> bool:
         """Let the asker edit a song-mode request before it is made (Discord: the
         /compose form, filled in); False where the platform has no such form."""
+
+    async def offer_form(self, form: replies.EditForm) -> bool:
+        """Open the form of an edit button (Discord: a modal); False where the platform
+        has no forms (then the asker is given the command to copy)."""
+
+    @property
+    def form_how(self) -> str:
+        """How the command of a form is sent here (where there are no forms)."""
+
+
+_FORM_NUMBERS: dict[str, tuple[str, type]] = {
+    "after": ("extend_after", int),
+    "before": ("extend_before", int),
+    "start": ("repaint_start", float),
+    "end": ("repaint_end", float),
+    "strength": ("strength", float),
+    "duration": ("duration", int),
+    "seed": ("seed", int),
+}
+
+
+def form_fields(task: str, values: dict[str, str]) -> dict[str, Any]:
+    """An edit form's text values -> request fields (InvalidRequest naming a value that
+    is not the number it must be); empty numbers are left out."""
+    out: dict[str, Any] = {}
+    for name, raw in values.items():
+        text = raw.strip()
+        if name in _FORM_NUMBERS:
+            if not text:
+                continue
+            field_name, kind = _FORM_NUMBERS[name]
+            try:
+                out[field_name] = kind(text)
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                raise InvalidRequest(name, raw, what) from None
+        elif name in ("tags", "prompt", "lyrics"):
+            out[name] = raw
+    return out
 
 
 @dataclass(frozen=True)
@@ -190,6 +237,79 @@ class Conversation:
             return Reply.say(replies.CANNOT_ATTACH)
         return None
 
+    # ---- work on a song (issue 14) ---------------------------------------------------
+
+    async def work_on(
+        self,
+        place: Place,
+        task: str,
+        fields: dict[str, Any],
+        load: Callable[[], Awaitable[SourceAudio]],
+    ) -> None:
+        """`/extend`, `/remix`, `/repaint` on a source `load` fetches (a user's audio or a
+        posted song): where songs may be made, the source is fetched and checked, then
+        the request is made from it. A refused source is answered in one line."""
+        refusal = await self._refusal(place)
+        if refusal is not None:
+            await place.answer(refusal)
+            return
+        if place.source_key and await self.engine.admitted_for(place.source_key) is not None:
+            return
+        try:
+            source = await load()
+        except SourceRefused as exc:
+            await place.answer(Reply.say(str(exc)))
+            return
+        request = {**fields, "mode": Mode.SONG.value, "task": task, "source": source}
+        # The new music's style and words: the asker's, else the source song's own.
+        if not str(request.get("tags") or "").strip():
+            request["tags"] = source.tags
+        if not str(request.get("lyrics") or "").strip():
+            request["lyrics"] = source.lyrics
+        try:
+            await self.make(place, request)
+        finally:
+            # A refused request (bad window, quota, no provider) keeps no source file:
+            # one no job works on is removed.
+            await sources.discard(self.engine.settings.data_dir, source, self.engine.store)
+
+    async def submit_form(
+        self, place: Place, task: str, job_id: str, values: dict[str, str]
+    ) -> None:
+        """An edit form sent back (its values are untrusted text; the job id too)."""
+        fields = form_fields(task, values)
+        if task == "edit":
+            job = await self.engine.get_job(job_id)
+            if job is None or job.deleted or not self._same_place(job, place.requester):
+                await place.answer(Reply.say(replies.NOT_KNOWN))
+                return
+            base = job.request.model_dump(
+                exclude={
+                    "task",
+                    "source",
+                    "extend_before",
+                    "extend_after",
+                    "repaint_start",
+                    "repaint_end",
+                    "strength",
+                    "takes",
+                },
+                exclude_defaults=True,
+            )
+            await self.make(place, {**base, "mode": job.request.mode.value, **fields})
+            return
+        await self.work_on(place, task, fields, lambda: self.posted_source(place, job_id))
+
+    async def posted_source(self, place: Place, job_id: str) -> SourceAudio:
+        """A song the bot posted, as the source of an edit asked here. The id comes from
+        a platform (a replied-to message's button, a form): untrusted. Raises SourceRefused
+        for a job that is not a posted song or was made somewhere else."""
+        job = await self.engine.get_job(job_id)
+        if job is not None and not self._same_place(job, place.requester):
+            raise SourceRefused(replies.SOURCE_NOT_HERE)
+        settings = self.engine.settings
+        return await sources.from_job(settings.data_dir, settings.audio_dir, job)
+
     # ---- buttons ---------------------------------------------------------------------
 
     async def press(self, place: Place, payload: str) -> None:
@@ -227,6 +347,14 @@ class Conversation:
             return
         if action is Action.TAGS:
             await self._use_tags(place, job)
+            return
+        if action in replies.EDIT_ACTIONS:
+            if job.state is not JobState.DELIVERED:
+                await place.answer(Reply.say(replies.ONLY_POSTED))
+                return
+            form = replies.edit_form(job, action.value)
+            if not await place.offer_form(form):
+                await place.answer_choice(replies.form_as_command(form, place.form_how))
             return
         made_seed = job.result.seed if job.result else job.seed
         seed = -1 if action is Action.NEW else made_seed

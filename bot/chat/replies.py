@@ -46,6 +46,11 @@ class Action(StrEnum):
     TAGS = "tags"  # a prompt-mode song's tags (and lyrics) as a new song-mode request
     DELETE = "delete"  # remove a posted song: its requester, a community or bot admin
     SET = "set"  # one of the presser's own /settings defaults: `set:<name>=<value>`
+    # Work on a posted song (issue 14): a form (Discord) or the command to copy (Telegram)
+    EXTEND = "extend"
+    REMIX = "remix"
+    REPAINT = "repaint"
+    EDIT = "edit"  # the request itself, prefilled, seed included
 
 
 class Style(StrEnum):
@@ -72,7 +77,12 @@ _BUTTONS: dict[Action, tuple[str, str, Style]] = {
     Action.TAGS: ("\N{LABEL}", "Use these tags", Style.SECONDARY),
     Action.DELETE: ("\N{WASTEBASKET}", "Delete", Style.DANGER),
     Action.SET: ("", "", Style.SECONDARY),
+    Action.EXTEND: ("\N{BLACK RIGHT-POINTING DOUBLE TRIANGLE}", "Extend", Style.SECONDARY),
+    Action.REMIX: ("\N{CYCLONE}", "Remix", Style.SECONDARY),
+    Action.REPAINT: ("\N{ARTIST PALETTE}", "Repaint", Style.SECONDARY),
+    Action.EDIT: ("\N{PENCIL}", "Edit", Style.SECONDARY),
 }
+EDIT_ACTIONS = (Action.EXTEND, Action.REMIX, Action.REPAINT, Action.EDIT)
 # What a SET button carries instead of a job id: one default and the value it picks.
 CHOICE = re.compile(r"^(?P<name>[a-z_]{1,20})=(?P<value>[a-z0-9_-]{1,24})$")
 # Older Telegram messages carry these short names in their buttons.
@@ -130,8 +140,105 @@ def song_buttons(job_id: str, has_lyrics: bool, offers_tags: bool = False) -> tu
         buttons.append(Button(Action.LYRICS, job_id))
     if offers_tags:
         buttons.append(Button(Action.TAGS, job_id))
+    buttons.extend(Button(action, job_id) for action in EDIT_ACTIONS)
     buttons.append(Button(Action.DELETE, job_id))
     return tuple(buttons)
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One field of an edit form: its request name, label, prefilled value."""
+
+    name: str
+    label: str
+    value: str
+    paragraph: bool = False  # lyrics: several lines
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class EditForm:
+    """The few fields an edit of a posted song needs, prefilled from its job; where the
+    platform has no forms, `command` is the same request as a command to copy."""
+
+    task: str  # extend | remix | repaint | edit
+    job_id: str
+    title: str
+    fields: tuple[FormField, ...]
+    command: str
+
+
+FORM_TITLES = {
+    "extend": "Extend this song",
+    "remix": "Remix this song",
+    "repaint": "Repaint part of this song",
+    "edit": "Edit and make again",
+}
+
+
+def _num_text(value: float) -> str:
+    return messages.num(round(value, 1))
+
+
+def edit_form(job: Job, task: str) -> EditForm:
+    """The form of an edit button, prefilled from the song it was pressed on."""
+    req = job.request
+    made = job.result
+    tags = " ".join(((made.tags if made else None) or req.tags or "").split())[:MAX_TAGS_SHOWN]
+    lyrics = job.lyrics if has_lyrics(job) else ""
+    seconds = float(made.duration if made and made.duration else req.duration)
+    fields: list[FormField]
+    if task == "extend":
+        fields = [
+            FormField("after", "Seconds of new music after it", "30"),
+            FormField("before", "Seconds of new music before it", "0"),
+            FormField("tags", "Style tags of the new music", tags),
+        ]
+        command = f"/extend after=30 {tags}"
+    elif task == "remix":
+        fields = [
+            FormField("tags", "Style tags of the remix", tags, required=True),
+            FormField("strength", "Strength: 0 keeps the song, 1 ignores it", "0.5"),
+            FormField("lyrics", "Lyrics", lyrics, paragraph=True),
+        ]
+        command = f"/remix {tags} strength=0.5"
+    elif task == "repaint":
+        end = min(seconds, 10.0)
+        fields = [
+            FormField("start", "From second", "0"),
+            FormField("end", "To second", _num_text(end)),
+            FormField("tags", "Style tags of the new part", tags),
+            FormField("lyrics", "Lyrics", lyrics, paragraph=True),
+        ]
+        command = f"/repaint start=0 end={_num_text(end)} {tags}"
+    else:
+        seed = made.seed if made else job.seed
+        words = req.prompt if req.mode is Mode.PROMPT else req.tags
+        main = "prompt" if req.mode is Mode.PROMPT else "tags"
+        fields = [
+            FormField(main, main.capitalize(), words, required=True),
+            FormField("duration", "Seconds", str(req.duration)),
+            FormField("seed", "Seed (-1: a new one)", str(seed)),
+        ]
+        if req.mode is not Mode.PROMPT:
+            fields.append(FormField("lyrics", "Lyrics", req.lyrics, paragraph=True))
+        verb = "/song" if req.mode is Mode.PROMPT else "/compose"
+        flags = " instrumental" if req.instrumental else ""
+        command = f"{verb} {words} duration={req.duration} seed={seed}{flags}"
+        if req.mode is not Mode.PROMPT and req.lyrics:
+            command += "\n" + req.lyrics
+    if task in ("remix", "repaint") and lyrics:
+        command += "\n" + lyrics
+    return EditForm(task, job.id, FORM_TITLES[task], tuple(fields), command)
+
+
+def form_as_command(form: EditForm, how: str) -> Reply:
+    """Where a platform has no forms: the exact command to copy, edit and send."""
+    return Reply(
+        Text.from_lines(
+            [(Bold(form.title),), (how,), *((Code(line),) for line in form.command.split("\n"))]
+        )
+    )
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -327,6 +434,11 @@ def song_card(
         buttons=song_buttons(job.id, has_lyrics(job), offers_tags=bool(tags)),
         tags=tags,
         seed_note=messages.seed_note(seed_honoured),
+        notes=tuple(
+            note
+            for note in (messages.lineage(job.request), messages.take_note(job.take, job.takes))
+            if note
+        ),
     )
 
 
@@ -349,12 +461,35 @@ CANNOT_ATTACH = (
 LIMITS_COMMUNITY_ONLY = "/limits works in a server or group: it shows and sets its quotas."
 
 
+EDIT_EXAMPLES = {
+    "extend": "/extend after=30 (new music after the song; before=10 adds an intro)",
+    "remix": "/remix jazz, upright bass strength=0.6 (the song in a new style)",
+    "repaint": "/repaint start=10 end=20 (those seconds made again)",
+}
+
+
+def edit_usage(task: str, how: str) -> str:
+    """How to ask for an edit on a platform: `how` says where the source comes from."""
+    return f"{how}, e.g. {EDIT_EXAMPLES[task]}. Tags and lyrics (next lines) are optional."
+
+
+def edit_usage_refusal() -> str:
+    return (
+        "source: that message has no audio; reply to a song I posted, or to an audio, "
+        "voice or file message."
+    )
+
+
 def admins_only(admins: str, what: str = "this community's limits") -> str:
     return f"Only {admins} can change {what}."
 
 
 NOT_KNOWN = "I no longer know that song."
 NOT_HERE_COMMAND = "You can't use this command here."
+MENU_NO_AUDIO = "That message has no audio file to remix; use it on a song or an audio file."
+SOURCE_NOT_HERE = (
+    "That song was made in another chat; work on a song posted here or send your own audio."
+)
 NOT_HERE = "That button belongs to a song made elsewhere; ask for your own with /song."
 ON_ITS_WAY = "On its way\N{HORIZONTAL ELLIPSIS}"
 NOTHING_TO_CANCEL = "You have no songs in progress to cancel."
@@ -465,6 +600,11 @@ def history_reply(jobs: Iterable[Job]) -> Reply:
                 Code(str(seed)),
                 " \N{MIDDLE DOT} ",
                 When(job.created_at),
+                *(
+                    (f" \N{MIDDLE DOT} {source}",)
+                    if (source := messages.lineage(job.request))
+                    else ()
+                ),
             )
         )
     if not lines:

@@ -95,6 +95,7 @@ class Song:
     # False when the provider ignored the seed it was sent: `seed` is what it used, but
     # asking for it again will not make the same song (front-ends say so).
     seed_honoured: bool = True
+    lineage: str = ""  # where an edit came from ("extended from ..."), "" for a new song
     _cover: bytes | None = field(default=None, repr=False)
 
     async def cover(self) -> bytes:
@@ -117,6 +118,7 @@ class Song:
             seed=self.seed,
             provider=self.provider,
             job_id=self.job_id,
+            lineage=self.lineage or None,
             album=self.album,
             genre=", ".join(titles.style_tags(self.tags or "")[:2]) or None,
             date=(

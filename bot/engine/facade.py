@@ -58,6 +58,8 @@ class Admission:
     ignored_options: list[str]
     provider: str | None = None  # the provider the job will most likely run on
     duplicate: bool = False  # the same platform event was admitted before: this is that job
+    # Every take the request made, (job id, seed) in take order; the first is job_id.
+    takes: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -276,23 +278,40 @@ class Engine:
         capable = self.router.capable(request)
         if not capable:
             raise NoProvider(self._no_provider_text(request))
-        seed = request.seed if request.seed >= 0 else secrets.randbelow(2_147_483_648)
-        job = Job(
-            id="",
-            requester=requester,
-            reply_target=reply_target,
-            request=request,
-            seed=seed,
-            state=JobState.QUEUED,
-            source_key=source_key,
-            reserved_usd=round(self.router.price_for(request) * request.duration, 6),
-        )
+        seeds = _take_seeds(request.seed, request.takes)
+        # Each take is a job of its own: its own concrete seed and a request asking for
+        # one take, so any take can be made again alone.
+        one = request.model_copy(update={"takes": 1}) if request.takes > 1 else request
+        reserved = round(self.router.price_for(one) * one.duration, 6)
+        jobs = [
+            Job(
+                id="",
+                requester=requester,
+                reply_target=reply_target,
+                request=one,
+                seed=seed,
+                state=JobState.QUEUED,
+                source_key=(
+                    source_key if take == 1 or source_key is None else f"{source_key}#{take}"
+                ),
+                reserved_usd=reserved,
+                take=take,
+                takes=len(seeds),
+            )
+            for take, seed in enumerate(seeds, start=1)
+        ]
+        job = jobs[0]
+        seed = job.seed
         now = time.time()
         for _ in range(5):
-            job.id = secrets.token_hex(4)
+            for each in jobs:
+                each.id = secrets.token_hex(4)
+            if len(jobs) > 1:
+                for each in jobs:
+                    each.batch_id = job.id
             try:
-                existing = await self.store.admit(
-                    job, self.limits(), bypass_quotas=self.is_admin(requester), now=now
+                existing = await self.store.admit_takes(
+                    jobs, self.limits(), bypass_quotas=self.is_admin(requester), now=now
                 )
                 if existing is not None:
                     return await self._repeat_admission(existing)
@@ -336,6 +355,7 @@ class Engine:
             seed=seed,
             ignored_options=likely.capabilities.ignored_options(request),
             provider=likely.name,
+            takes=tuple((each.id, each.seed) for each in jobs),
         )
 
     async def check_banned(self, request: GenerationRequest, requester: Requester) -> None:
@@ -362,6 +382,7 @@ class Engine:
         log.info(
             "job %s: its request arrived again (%s); not admitted twice", job_id, job.source_key
         )
+        batch = await self.store.batch(job.batch_id) if job.batch_id else [job]
         return Admission(
             job_id=job.id,
             position=await self._position_of(job.id),
@@ -369,6 +390,7 @@ class Engine:
             ignored_options=[],
             provider=job.provider,
             duplicate=True,
+            takes=tuple((each.id, each.seed) for each in batch),
         )
 
     async def admitted_for(self, source_key: str) -> Job | None:
@@ -381,6 +403,9 @@ class Engine:
         ]
         if not same_mode:
             return messages.no_provider_for_mode(request.mode.value)
+        same_mode = [p for p in same_mode if request.task in p.capabilities.tasks]
+        if not same_mode:
+            return messages.no_provider_for_task(request.task.value)
         limits = self.router.option_limits(request)
         if limits:  # the mode and length are served, an option's value is not
             name, which = next(iter(limits.items()))
@@ -545,6 +570,18 @@ class Engine:
 
     async def _position_of(self, job_id: str) -> int:
         return (await self.scheduler.positions()).get(job_id, 1)
+
+
+def _take_seeds(seed: int, takes: int) -> list[int]:
+    """`takes` distinct concrete seeds: the user's seed and the ones after it, else drawn."""
+    if seed >= 0:
+        return [(seed + i) % 2_147_483_648 for i in range(takes)]
+    seeds: list[int] = []
+    while len(seeds) < takes:
+        drawn = secrets.randbelow(2_147_483_648)
+        if drawn not in seeds:
+            seeds.append(drawn)
+    return seeds
 
 
 def _remove_audio(audio_dir: Path, job_id: str) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bot import audio, render, titles
+from bot import audio, messages, render, titles
 from bot.engine.contract import DeliveryError, Failure, Phase, Progress, Song
 from bot.engine.eta import GenerationTimes
 from bot.engine.notify import Notifier
@@ -23,7 +23,7 @@ from bot.engine.tasks import JobTasks
 from bot.metrics import Metrics
 from bot.models import FailureKind, Job, JobState, SongResult
 from bot.redact import Redactor
-from bot.requests import clean_text
+from bot.requests import Task, clean_text
 from bot.settings import Settings
 from bot.timing import wait_event
 from providers.base import (
@@ -40,6 +40,7 @@ from providers.base import (
     Rejected,
     Result,
     Running,
+    SourceFile,
     Status,
     Succeeded,
     TaskLost,
@@ -195,8 +196,20 @@ class JobRunner:
         job.provider = provider.name
         job.started_at = job.started_at or now
         await self.notifier.progress(job, Progress(Phase.STARTING, provider=provider.name))
+        source = self.source_file(job)
+        if job.request.task is not Task.GENERATE and (source is None or not source.path.is_file()):
+            # The source is stored with the job before admission (bot/sources.py); gone
+            # means someone removed DATA_DIR/sources by hand. Nothing reached the provider.
+            await self.store.credit_run(job.id, usd, provider.name)
+            await self.fail(
+                job, (S.SUBMITTING,), FailureKind.INTERNAL, "the source audio file is missing"
+            )
+            return None
         try:
-            handle = await provider.submit(job.request, job.seed)
+            if source is None:
+                handle = await provider.submit(job.request, job.seed)
+            else:
+                handle = await provider.submit(job.request, job.seed, source=source)
         except ProviderError as exc:
             # An answer that refuses the submit means nothing was queued, so nothing is
             # billed; only a submit that timed out may exist there (and be billed).
@@ -230,6 +243,15 @@ class JobRunner:
         job.handle = handle.to_json()
         log.info("job %s accepted by %s", job.id, provider.name)
         return handle
+
+    def source_file(self, job: Job) -> SourceFile | None:
+        """The job's source audio as a provider takes it (None for a new song)."""
+        found = job.request.source
+        if job.request.task is Task.GENERATE or found is None:
+            return None
+        return SourceFile(
+            found.path(self.settings.data_dir), found.sha256, found.seconds, self.store.uploads
+        )
 
     async def _submit_refused(self, job: Job, provider: Provider, exc: ProviderError) -> None:
         if isinstance(exc, Rejected):
@@ -662,6 +684,7 @@ class JobRunner:
             prompt=req.prompt or None,
             seed_honoured=result.seed_honoured,
             made_at=job.finished_at or job.created_at or None,
+            lineage=messages.lineage(req),
         )
 
     async def deliver(self, job: Job) -> None:

@@ -15,12 +15,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import discord
+import httpx
 from discord import app_commands
 
-from bot.chat import defaults
-from bot.chat.conversation import Conversation, LimitChange
+from bot import messages, sources
+from bot.chat import defaults, replies
+from bot.chat.conversation import Conversation, LimitChange, form_fields
 from bot.chat.markup import clip
-from bot.chat.replies import HelpStyle, Reply, StatusView
+from bot.chat.replies import EditForm, HelpStyle, Reply, StatusView, edit_usage
 from bot.frontends import discord_render as render
 from bot.frontends.discord_outlet import DEFAULT_UPLOAD_LIMIT, TOKEN_LIFETIME_S
 from bot.models import Requester
@@ -30,11 +32,14 @@ from bot.requests import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_TAGS_CHARS,
+    MAX_TAKES,
     MIN_DURATION,
     InvalidRequest,
     Mode,
     OptionSpec,
+    SourceAudio,
 )
+from bot.sources import SourceRefused
 from storage.jobs import COMMUNITY_KEYS
 
 if TYPE_CHECKING:
@@ -157,6 +162,14 @@ class DiscordPlace:
             return
         await send_ephemeral(i, content, **({"view": view} if view else {}))
 
+    form_how = "Send this command:"
+
+    async def offer_form(self, form: EditForm) -> bool:
+        if self.interaction.response.is_done():
+            return False
+        await self.interaction.response.send_modal(render.EditModal(form))
+        return True
+
     async def offer_compose(self, fields: dict[str, Any]) -> bool:
         if self.interaction.response.is_done():
             return False
@@ -204,6 +217,13 @@ class DiscordCommands:
                 ),
             )
         )
+        for task, description in EDIT_COMMANDS.items():
+            tree.add_command(
+                app_commands.Command(
+                    name=task, description=description, callback=_edit_callback(self.edit, task)
+                )
+            )
+        tree.add_command(app_commands.ContextMenu(name=REMIX_MENU, callback=self._remix_menu))
         for name, description, method in (
             ("queue", "Your songs in the queue and their positions", self.queue),
             ("quota", "What you have left and when it resets", self.quota),
@@ -269,6 +289,100 @@ class DiscordCommands:
             await self.conversation.make(place, fields)
 
         await self._run(interaction, "/song", step)
+
+    # ---- work on a song (issue 14) ----
+
+    async def edit(
+        self,
+        interaction: discord.Interaction,
+        task: str,
+        audio: discord.Attachment | None = None,
+        song: str | None = None,
+        **options: Any,
+    ) -> None:
+        """`/extend`, `/remix`, `/repaint` on an attached file or a posted song's job id."""
+        fields = {EDIT_FIELDS.get(k, k): v for k, v in options.items() if v is not None}
+
+        async def step(place: DiscordPlace) -> None:
+            if audio is None and not song:
+                await place.answer(Reply.say(edit_usage(task, EDIT_HOW)))
+                return
+            if song:
+                job_id = song.strip().lower()
+
+                async def load() -> SourceAudio:
+                    return await self.conversation.posted_source(place, job_id)
+
+            else:
+                assert audio is not None
+
+                async def load() -> SourceAudio:
+                    return await self._attachment_source(audio)
+
+            await self.conversation.work_on(place, task, fields, load)
+
+        await self._run(interaction, f"/{task}", step)
+
+    async def _remix_menu(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """ "Remix this song" on a message: the bot's own song (its job, from the message's
+        buttons) opens the Remix form; a message with an audio attachment opens a form
+        for that file."""
+        me = interaction.client.user
+        posted = _posted_job(message) if me is not None and message.author.id == me.id else None
+        audio = next(
+            (a for a in message.attachments if (a.content_type or "").startswith("audio/")),
+            None,
+        )
+        if audio is None:
+            audio = next(
+                (a for a in message.attachments if a.filename.lower().endswith(AUDIO_SUFFIXES)),
+                None,
+            )
+
+        async def step(place: DiscordPlace) -> None:
+            if posted is not None:
+                job = await self.engine.get_job(posted)
+                if job is not None:
+                    await self.conversation.press(place, f"remix:{job.id}")
+                    return
+            if audio is None:
+                await place.answer(Reply.say(replies.MENU_NO_AUDIO))
+                return
+            await interaction.response.send_modal(
+                render.FileRemixModal(audio, lambda i, v: self._file_remix(i, audio, v))
+            )
+
+        await self._run(interaction, REMIX_MENU, step)
+
+    async def _file_remix(
+        self, interaction: discord.Interaction, audio: discord.Attachment, values: dict[str, str]
+    ) -> None:
+        fields = form_fields("remix", values)
+
+        async def step(place: DiscordPlace) -> None:
+            async def load() -> SourceAudio:
+                return await self._attachment_source(audio)
+
+            await self.conversation.work_on(place, "remix", fields, load)
+
+        await self._run(interaction, REMIX_MENU, step)
+
+    async def _attachment_source(self, attachment: discord.Attachment) -> SourceAudio:
+        """A Discord attachment as a source: its declared size checked against
+        SOURCE_MAX_BYTES first, then fetched from its URL with the same cap."""
+        settings = self.engine.settings
+        cap = settings.source_max_bytes
+        if attachment.size > cap:
+            raise SourceRefused(messages.source_too_big(attachment.size, cap))
+        async with httpx.AsyncClient() as client:
+            return await sources.from_url(
+                settings.data_dir,
+                client,
+                attachment.url,
+                declared_size=attachment.size,
+                max_bytes=cap,
+                name=attachment.filename,
+            )
 
     # ---- your jobs ----
 
@@ -475,6 +589,97 @@ def _plain(method: Callable[..., Awaitable[None]]) -> Any:
     return callback
 
 
+EDIT_COMMANDS = {
+    "extend": "Add new music before or after a song (attach audio or give a song's job id)",
+    "remix": "Make a song again in another style (attach audio or give a song's job id)",
+    "repaint": "Make some seconds of a song again (attach audio or give a song's job id)",
+}
+REMIX_MENU = "Remix this song"
+AUDIO_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg", ".m4a")
+
+
+def _posted_job(message: discord.Message) -> str | None:
+    """The job id in a bot song message's buttons (`acestep:<action>:<job id>`)."""
+    for row in message.components:
+        for item in getattr(row, "children", []):
+            custom_id = getattr(item, "custom_id", None) or ""
+            parts = custom_id.split(":")
+            if len(parts) == 3 and parts[0] == "acestep" and replies.JOB_ID.match(parts[2]):
+                return parts[2]
+    return None
+
+
+EDIT_HOW = "Attach an audio file (audio:) or give a posted song's job id (song:)"
+# Discord option name -> request field
+EDIT_FIELDS = {
+    "before": "extend_before",
+    "after": "extend_after",
+    "start": "repaint_start",
+    "end": "repaint_end",
+}
+TAKES_OPTION = (
+    "takes",
+    Optional[app_commands.Range[int, 1, MAX_TAKES]],  # noqa: UP045
+    f"how many songs to make, each with its own seed (1-{MAX_TAKES})",
+)
+
+
+def _edit_callback(handler: Callable[..., Awaitable[None]], task: str) -> Any:
+    """The callback of `/extend`, `/remix` or `/repaint`: the source (an attachment or a
+    posted song's job id), the few fields the task needs, tags, lyrics and takes."""
+
+    async def callback(interaction: discord.Interaction, **options: Any) -> None:
+        await handler(interaction, task, **options)
+
+    seconds = app_commands.Range[int, 0, MAX_DURATION]
+    at = app_commands.Range[float, 0.0, float(MAX_DURATION)]
+    extra: dict[str, list[tuple[str, Any, str]]] = {
+        "extend": [
+            ("after", Optional[seconds], "seconds of new music after the song"),  # noqa: UP045
+            ("before", Optional[seconds], "seconds of new music before it"),  # noqa: UP045
+        ],
+        "remix": [
+            (
+                "strength",
+                Optional[app_commands.Range[float, 0.0, 1.0]],  # noqa: UP045
+                "0 keeps the song, 1 ignores it",
+            )
+        ],
+        "repaint": [
+            ("start", Optional[at], "where the part made again starts, in seconds"),  # noqa: UP045
+            ("end", Optional[at], "where it ends, in seconds"),  # noqa: UP045
+        ],
+    }
+    named: list[tuple[str, Any, str]] = [
+        ("audio", Optional[discord.Attachment], "an audio file to work on"),  # noqa: UP045
+        ("song", Optional[app_commands.Range[str, 8, 8]], "or a posted song's job id"),  # noqa: UP045
+        *extra[task],
+        (
+            "tags",
+            Optional[app_commands.Range[str, 1, MAX_TAGS_CHARS]],  # noqa: UP045
+            "style tags of the new music (default: the song's own)",
+        ),
+        TAKES_OPTION,
+    ]
+    params = [
+        inspect.Parameter(
+            "interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction
+        )
+    ]
+    for name, annotation, _ in named:
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None
+            )
+        )
+    callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    callback.__discord_app_commands_param_description__ = {  # type: ignore[attr-defined]
+        name: description for name, _, description in named
+    }
+    callback.__name__ = callback.__qualname__ = task
+    return callback
+
+
 def _option_annotation(spec: OptionSpec) -> Any:
     """The discord.py annotation that makes Discord enforce the option's range or choices."""
     # typing.Optional: discord.py's Range is no type, so `Range[...] | None` fails.
@@ -512,6 +717,13 @@ def _options_callback(handler: Callable[..., Awaitable[None]], first: tuple[str,
         ),
     ]
     descriptions = {name: description}
+    takes_name, takes_annotation, takes_description = TAKES_OPTION
+    params.append(
+        inspect.Parameter(
+            takes_name, inspect.Parameter.KEYWORD_ONLY, annotation=takes_annotation, default=None
+        )
+    )
+    descriptions[takes_name] = takes_description
     for spec in ALL_OPTIONS.values():
         params.append(
             inspect.Parameter(

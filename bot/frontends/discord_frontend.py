@@ -37,7 +37,7 @@ from discord import app_commands
 from bot.chat import replies
 from bot.chat.conversation import Conversation
 from bot.chat.delivery import ChatDelivery
-from bot.chat.replies import Reply
+from bot.chat.replies import EditForm, Reply
 from bot.engine.errors import EngineError
 from bot.frontends import discord_render as render
 from bot.frontends.discord_commands import DiscordCommands, DiscordPlace
@@ -223,6 +223,16 @@ class DiscordFrontend(ChatDelivery):
 
         await self.conversation.run(
             place, "/compose", lambda: self.conversation.make(place, fields)
+        )
+
+    async def on_form_submit(
+        self, interaction: discord.Interaction, form: EditForm, values: dict[str, str]
+    ) -> None:
+        place = DiscordPlace(interaction)
+        await self.conversation.run(
+            place,
+            f"{form.task} form",
+            lambda: self.conversation.submit_form(place, form.task, form.job_id, values),
         )
 
     # ---- errors discord.py reports (checks, transformers) ----

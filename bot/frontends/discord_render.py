@@ -10,6 +10,7 @@ on the client (`interaction.client.frontend`).
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -17,7 +18,16 @@ import discord
 
 from bot import messages
 from bot.chat.markup import Bold, Code, Link, Mention, Muted, Span, Text, When, clip
-from bot.chat.replies import TAGS_LABEL, Action, Button, Reply, SongCard, StatusView, Style
+from bot.chat.replies import (
+    TAGS_LABEL,
+    Action,
+    Button,
+    EditForm,
+    Reply,
+    SongCard,
+    StatusView,
+    Style,
+)
 from bot.requests import MAX_LYRICS_CHARS, MAX_TAGS_CHARS
 
 EMBED_DESCRIPTION_LIMIT = 4096
@@ -72,6 +82,10 @@ class JobActions(Protocol):
 
     async def on_compose_submit(
         self, interaction: discord.Interaction, fields: dict[str, Any]
+    ) -> None: ...
+
+    async def on_form_submit(
+        self, interaction: discord.Interaction, form: EditForm, values: dict[str, str]
     ) -> None: ...
 
 
@@ -217,3 +231,57 @@ class ComposeModal(discord.ui.Modal, title="Compose a song"):
     async def on_submit(self, interaction: discord.Interaction) -> None:
         fields = {**self.fields, "tags": self.tags.value, "lyrics": self.lyrics.value or ""}
         await actions_of(interaction).on_compose_submit(interaction, fields)
+
+
+class EditModal(discord.ui.Modal):
+    """An edit button's form (Extend, Remix, Repaint, Edit), prefilled from the song."""
+
+    def __init__(self, form: EditForm) -> None:
+        super().__init__(title=form.title, timeout=15 * 60)
+        self.form = form
+        self.inputs: dict[str, discord.ui.TextInput[EditModal]] = {}
+        for spec in form.fields[:5]:  # Discord: at most five inputs
+            box: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
+                custom_id=spec.name,
+                default=spec.value or None,
+                required=spec.required,
+                max_length=MAX_LYRICS_CHARS if spec.paragraph else MAX_TAGS_CHARS,
+                style=discord.TextStyle.paragraph if spec.paragraph else discord.TextStyle.short,
+            )
+            self.inputs[spec.name] = box
+            self.add_item(discord.ui.Label(text=spec.label[:45], component=box))
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        values = {name: box.value or "" for name, box in self.inputs.items()}
+        await actions_of(interaction).on_form_submit(interaction, self.form, values)
+
+
+class FileRemixModal(discord.ui.Modal, title="Remix this song"):
+    """ "Remix this song" on a user's audio file: the remix's tags, strength and lyrics."""
+
+    def __init__(
+        self,
+        audio: discord.Attachment,
+        submit: Callable[[discord.Interaction, dict[str, str]], Awaitable[None]],
+    ) -> None:
+        super().__init__(timeout=15 * 60)
+        self.audio = audio
+        self.submit = submit
+        self.inputs: dict[str, discord.ui.TextInput[FileRemixModal]] = {}
+        for name, label, default, paragraph in (
+            ("tags", "Style tags of the remix", None, False),
+            ("strength", "Strength: 0 keeps the song, 1 ignores it", "0.5", False),
+            ("lyrics", "Lyrics", None, True),
+        ):
+            box: discord.ui.TextInput[FileRemixModal] = discord.ui.TextInput(
+                custom_id=name,
+                default=default,
+                required=name == "tags",
+                max_length=MAX_LYRICS_CHARS if paragraph else MAX_TAGS_CHARS,
+                style=discord.TextStyle.paragraph if paragraph else discord.TextStyle.short,
+            )
+            self.inputs[name] = box
+            self.add_item(discord.ui.Label(text=label, component=box))
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await self.submit(interaction, {n: b.value or "" for n, b in self.inputs.items()})

@@ -11,14 +11,26 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from telegram import Bot, CallbackQuery, Chat, Message, Update, User
+import httpx
+from telegram import CallbackQuery, Chat, Message, Update, User
 from telegram.constants import ChatMemberStatus, ChatType, ParseMode
 from telegram.error import Forbidden, TelegramError
-from telegram.ext import ContextTypes
+from telegram.ext import ContextTypes, ExtBot
 
+from bot import messages, sources
 from bot.chat.conversation import Conversation
 from bot.chat.markup import Text
-from bot.chat.replies import HelpStyle, Reply, StatusView, welcome_reply
+from bot.chat.replies import (
+    Action,
+    EditForm,
+    HelpStyle,
+    Reply,
+    StatusView,
+    edit_usage,
+    edit_usage_refusal,
+    parse_payload,
+    welcome_reply,
+)
 from bot.frontends import telegram_render as render
 from bot.frontends.telegram_outlet import reply_to
 from bot.frontends.telegram_pacing import Priority
@@ -27,11 +39,14 @@ from bot.frontends.telegram_parse import (
     option_usage,
     parse_banlist,
     parse_compose,
+    parse_edit,
     parse_limits,
     parse_settings,
     parse_song,
 )
 from bot.models import Requester
+from bot.requests import SourceAudio
+from bot.sources import SourceRefused
 
 log = logging.getLogger("acestep.telegram")
 
@@ -48,6 +63,8 @@ COMPOSE_USAGE = (
 )
 START_PRIVATELY = "Start a private chat with me to read the whole lyrics."
 GENERAL_TOPIC = "general"
+FORM_HOW = "Copy this, change what you like, and send it as a reply to the song:"
+EDIT_HOW = "Reply with this to a song I posted, or to an audio, voice or file message"
 SETTINGS_USAGE = (
     'Change with /settings duration=30 instrumental=on style="dreamy, lofi" provider=fal '
     "(reset=duration or reset=all; /settings group ... for the group's, by its admins)."
@@ -104,7 +121,7 @@ class TelegramPlace:
     status_first = False
     settings_usage = SETTINGS_USAGE
 
-    def __init__(self, bot: Bot, update: Update) -> None:
+    def __init__(self, bot: ExtBot[Any], update: Update) -> None:
         message, user, chat = update.effective_message, update.effective_user, update.effective_chat
         if message is None or user is None or chat is None:
             raise ValueError("an update without a message, user or chat")
@@ -238,6 +255,11 @@ class TelegramPlace:
     async def offer_compose(self, fields: dict[str, Any]) -> bool:
         return False  # no forms on Telegram: the song is made at once
 
+    async def offer_form(self, form: EditForm) -> bool:
+        return False  # no forms on Telegram: the command to copy is sent instead
+
+    form_how = FORM_HOW
+
     async def toast(self, text: str) -> None:
         """Answer a button press with a short notice (once; later answers are replies)."""
         if self.query is not None and not self._answered:
@@ -262,7 +284,7 @@ class TelegramPlace:
 class TelegramCommands:
     """The handlers python-telegram-bot calls; each builds a Place and a use-case."""
 
-    def __init__(self, bot: Callable[[], Bot], conversation: Conversation) -> None:
+    def __init__(self, bot: Callable[[], ExtBot[Any]], conversation: Conversation) -> None:
         self._bot = bot
         self.conversation = conversation
 
@@ -270,6 +292,9 @@ class TelegramCommands:
         return {
             "song": self.song,
             "compose": self.compose,
+            "extend": self.extend,
+            "remix": self.remix,
+            "repaint": self.repaint,
             "queue": self.queue,
             "cancel": self.cancel,
             "quota": self.quota,
@@ -320,6 +345,63 @@ class TelegramCommands:
             await self.conversation.make(place, parse_compose(args, replied_text))
 
         await self._run(update, "/compose", step)
+
+    # ---- work on a song (issue 14) ----
+
+    async def extend(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._edit(update, "extend")
+
+    async def remix(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._edit(update, "remix")
+
+    async def repaint(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._edit(update, "repaint")
+
+    async def _edit(self, update: Update, task: str) -> None:
+        async def step(place: TelegramPlace) -> None:
+            replied = place.message.reply_to_message
+            if replied is None or replied.forum_topic_created is not None:
+                await place.answer(Reply.say(edit_usage(task, EDIT_HOW)))
+                return
+            fields = parse_edit(task, _args(place.message))
+            await self.conversation.work_on(
+                place, task, fields, lambda: self._source_of(place, replied)
+            )
+
+        await self._run(update, f"/{task}", step)
+
+    async def _source_of(self, place: TelegramPlace, replied: Message) -> SourceAudio:
+        """The replied-to message as a source: a song this bot posted (its job, found
+        from the message's buttons), or the audio, voice or file a user sent, fetched
+        with getFile after its declared size is checked against SOURCE_MAX_BYTES."""
+        posted = _posted_job(replied)
+        if posted is not None and replied.from_user and replied.from_user.id == place.bot.id:
+            return await self.conversation.posted_source(place, posted)
+        media = replied.audio or replied.voice or replied.document
+        if media is None:
+            raise SourceRefused(edit_usage_refusal())
+        settings = self.conversation.engine.settings
+        cap = settings.source_max_bytes
+        if media.file_size is not None and media.file_size > cap:
+            raise SourceRefused(messages.source_too_big(media.file_size, cap))
+        try:
+            found = await place.bot.get_file(media.file_id)
+        except TelegramError as exc:
+            if "too big" in str(exc).lower():  # the Bot API serves files up to 20 MB
+                raise SourceRefused(messages.source_too_big(media.file_size or 0, cap)) from None
+            raise SourceRefused(messages.SOURCE_UNREACHABLE) from None
+        if not found.file_path:
+            raise SourceRefused(messages.SOURCE_UNREACHABLE)
+        name = getattr(media, "file_name", None) or ""
+        async with httpx.AsyncClient() as client:
+            return await sources.from_url(
+                settings.data_dir,
+                client,
+                found.file_path,
+                declared_size=found.file_size or media.file_size,
+                max_bytes=cap,
+                name=name,
+            )
 
     async def button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         payload = update.callback_query.data if update.callback_query else None
@@ -386,6 +468,19 @@ class TelegramCommands:
             await self.conversation.banlist(place, add, remove)
 
         await self._run(update, "/banlist", step)
+
+
+def _posted_job(message: Message) -> str | None:
+    """The job id a bot's song message carries in its buttons' payloads, if any."""
+    markup = message.reply_markup
+    if markup is None:
+        return None
+    for row in markup.inline_keyboard:
+        for button in row:
+            parsed = parse_payload(str(button.callback_data or ""))
+            if parsed is not None and parsed[0] is not Action.SET:
+                return parsed[1]
+    return None
 
 
 def _args(message: Message) -> str:

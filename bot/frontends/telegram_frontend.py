@@ -59,6 +59,9 @@ BUTTON_PATTERN = r"^(" + "|".join([*(a.value for a in Action), *LEGACY_ACTIONS])
 MENU = [
     BotCommand("song", "a song from a description"),
     BotCommand("compose", "a song from style tags and your lyrics"),
+    BotCommand("extend", "reply to a song or audio: more music before or after it"),
+    BotCommand("remix", "reply to a song or audio: it in another style"),
+    BotCommand("repaint", "reply to a song or audio: some seconds of it made again"),
     BotCommand("queue", "your songs in progress"),
     BotCommand("cancel", "stop a song"),
     BotCommand("quota", "what you have left today"),

@@ -20,7 +20,38 @@ _QUOTED_OPTION = re.compile(
 INSTRUMENTAL_WORD = "instrumental"
 
 
-def _split_options(text: str) -> tuple[list[str], dict[str, Any]]:
+# Work on a song (issue 14): `name=value` words of /extend, /remix, /repaint (and takes=N
+# of every song command) -> the request field and the number it must be.
+EDIT_WORDS: dict[str, tuple[str, type]] = {
+    "takes": ("takes", int),
+    "before": ("extend_before", int),
+    "after": ("extend_after", int),
+    "start": ("repaint_start", float),
+    "end": ("repaint_end", float),
+    "strength": ("strength", float),
+}
+
+
+def _edit_numbers(pairs: dict[str, str], allowed: tuple[str, ...]) -> dict[str, Any]:
+    """Take the edit words out of `pairs` as request fields (InvalidRequest on a value
+    that is not a number)."""
+    out: dict[str, Any] = {}
+    for word in allowed:
+        if word not in pairs:
+            continue
+        raw = pairs.pop(word).strip()
+        field_name, kind = EDIT_WORDS[word]
+        try:
+            out[field_name] = kind(raw)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number of seconds"
+            raise InvalidRequest(word, raw, what) from None
+    return out
+
+
+def _split_options(
+    text: str, edit_words: tuple[str, ...] = ("takes",)
+) -> tuple[list[str], dict[str, Any]]:
     """Separate plain words from `name=value` options (a value in quotes may hold
     spaces) and the bare `instrumental` flag."""
     plain: list[str] = []
@@ -36,7 +67,8 @@ def _split_options(text: str) -> tuple[list[str], dict[str, Any]]:
             flag = True
         else:
             plain.append(word)
-    fields = parse_options(pairs)
+    numbers = _edit_numbers(pairs, edit_words)
+    fields = {**parse_options(pairs), **numbers}
     if flag and "instrumental" not in fields:
         fields["instrumental"] = True
     return plain, fields
@@ -56,6 +88,23 @@ def parse_compose(args: str, replied_text: str | None) -> dict[str, Any]:
     tags = ", ".join(t.strip() for t in " ".join(words).split(",") if t.strip())
     lyrics = rest if rest.strip() else (replied_text or "")
     return {"mode": Mode.SONG, "tags": tags, "lyrics": lyrics, **fields}
+
+
+EDIT_TASK_WORDS = {
+    "extend": ("takes", "before", "after"),
+    "remix": ("takes", "strength"),
+    "repaint": ("takes", "start", "end"),
+}
+
+
+def parse_edit(task: str, args: str) -> dict[str, Any]:
+    """`/extend [tags] after=30 [before=N]`, `/remix <tags> [strength=0.5]`, `/repaint
+    [tags] start=10 end=20`, lyrics on the next lines -> request fields (the source
+    comes from the replied-to message)."""
+    first, _, rest = args.partition("\n")
+    words, fields = _split_options(first, EDIT_TASK_WORDS[task])
+    tags = ", ".join(t.strip() for t in " ".join(words).split(",") if t.strip())
+    return {"tags": tags, "lyrics": rest if rest.strip() else "", **fields}
 
 
 def option_usage(spec: OptionSpec) -> str:

@@ -26,6 +26,12 @@ What upstream does that the bot must cope with, each reproducible here:
 - A refused submit (queue full, 429) first creates a job record that stays "queued" for
   ever: `jobs.queued` in `/v1/stats` counts it, `queue_size` (the real queue) does not.
 - `batch_size` defaults to 2 songs; `audio_format` (default mp3) picks the file's format.
+- Work on a song (issue 14): `/release_task` also takes multipart/form-data, the source
+  file in `src_audio` (or `ctx_audio`) and every other field a form value read back the
+  way upstream's RequestParser does (_to_int, _to_float, _to_bool: "true"/"1"/"yes").
+  `task_type` "cover" makes a song as long as the source; "repaint" one as long as the
+  source padded to the window (handler.py prepare_padding_info: repainting_start < 0 or
+  repainting_end past the end extend it). Uploads are counted in `uploads`.
 
 A task is queued for `polls_queued` queries of it, running for `polls_running` more, then
 succeeded (or failed when `fail_with` is set). The audio is real: WAV, FLAC or MP3 of the
@@ -52,10 +58,23 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from tests.fakes.audio import make_wav, transcode
+from tests.fakes.audio import audio_seconds, make_wav, transcode
 from tests.fakes.http import json_response
 
 AUDIO_DIR = "/srv/acestep/.cache/acestep/tmp/api_audio"
+# How upstream's RequestParser reads form values back (GenerateMusicRequest's types).
+_FORM_INTS = {"seed", "batch_size", "inference_steps", "bpm"}
+_FORM_FLOATS = {
+    "audio_duration",
+    "repainting_start",
+    "repainting_end",
+    "audio_cover_strength",
+    "guidance_scale",
+    "shift",
+    "cfg_interval_start",
+    "cfg_interval_end",
+}
+_FORM_BOOLS = {"use_random_seed", "thinking", "use_cot_caption", "use_cot_language", "use_adg"}
 
 # Refusals exactly as the server (FastAPI HTTPException, or a bare 500) shapes them.
 ERRORS: dict[str, tuple[int, dict[str, Any] | None]] = {
@@ -128,6 +147,7 @@ class FakeAceStep:
         self.release_errors: list[str] = []
         self.query_errors: list[str] = []
         self.submits: list[dict[str, Any]] = []  # bodies of accepted tasks
+        self.uploads: list[str] = []  # file names of every src_audio received
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
         self.jobs: dict[str, FakeTask] = {}  # the in-memory store (lost on restart)
         self.cache: dict[str, list[dict[str, Any]]] = {}  # the on-disk cache (kept)
@@ -139,7 +159,7 @@ class FakeAceStep:
         self._rng = random.Random(7)
         self._ids = (f"{n:08d}-0000-4000-8000-{n:012d}" for n in itertools.count(1))
         self._runner: web.AppRunner | None = None
-        self.app = web.Application()
+        self.app = web.Application(client_max_size=64 * 1024**2)  # whole songs uploaded
         self.app.router.add_post("/release_task", self._release)
         self.app.router.add_post("/query_result", self._query)
         self.app.router.add_get("/v1/audio", self._audio)
@@ -288,7 +308,10 @@ class FakeAceStep:
         denied = self._auth_error(request)
         if denied:
             return denied
-        body = await request.json()
+        if request.content_type.startswith("multipart/form-data"):
+            body = await self._form_body(request)
+        else:
+            body = await request.json()
         if self.release_errors:
             name = self.release_errors.pop(0)
             if name == "queue_full":  # the record is made before the queue is checked
@@ -307,6 +330,31 @@ class FakeAceStep:
         return self._envelope(
             {"task_id": task.task_id, "status": "queued", "queue_position": self.queue_size()}
         )
+
+    async def _form_body(self, request: web.Request) -> dict[str, Any]:
+        """A multipart task as upstream reads it: the file parts saved, the values typed."""
+        form = await request.post()
+        body: dict[str, Any] = {}
+        for name, value in form.items():
+            if isinstance(value, web.FileField):
+                if name in ("src_audio", "ctx_audio"):
+                    data = value.file.read()
+                    self.uploads.append(value.filename)
+                    body["_src_seconds"] = audio_seconds(data)
+                continue
+            text = str(value).strip()
+            if name in _FORM_INTS:
+                body[name] = int(text) if text.lstrip("-").isdigit() else None
+            elif name in _FORM_FLOATS:
+                try:
+                    body[name] = float(text)
+                except ValueError:
+                    body[name] = None
+            elif name in _FORM_BOOLS:
+                body[name] = text.lower() in {"1", "true", "yes", "y", "on"}
+            else:
+                body[name] = text
+        return body
 
     async def _query(self, request: web.Request) -> web.Response:
         denied = self._auth_error(request)
@@ -432,6 +480,14 @@ class FakeAceStep:
         return first + [self._rng.randrange(2**32) for _ in range(count - len(first))]
 
     def _duration(self, task: FakeTask) -> float:
+        source = task.body.get("_src_seconds")
+        if isinstance(source, float) and task.body.get("task_type") in ("cover", "repaint"):
+            if task.body["task_type"] == "cover":
+                return source
+            start = float(task.body.get("repainting_start") or 0.0)
+            end = task.body.get("repainting_end")
+            end = source if end is None or end < 0 else float(end)
+            return source + max(0.0, -start) + max(0.0, end - source)
         if task.body.get("sample_query"):
             return self.lm_duration  # the LM's choice replaces audio_duration
         return float(task.body.get("audio_duration") or 30)

@@ -138,3 +138,17 @@ def float_wav(samples: np.ndarray, sample_rate: int = 48000, channels: int = 2) 
     body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
     body += b"data" + struct.pack("<I", len(data)) + data
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def audio_seconds(data: bytes) -> float | None:
+    """How long an audio file is (decoded with PyAV), or None when it is not audio: what a
+    provider's server finds when it reads an uploaded source."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as src:
+            stream = src.streams.audio[0]
+            samples = sum(frame.samples for frame in src.decode(stream))
+            return samples / float(stream.rate or 1) if samples else None
+    except (av.FFmpegError, IndexError, ValueError):
+        return None

@@ -185,6 +185,9 @@ class FakeDiscord:
         # One socket per shard id (0 without IDENTIFY's `shard`), like Discord's routing.
         self._sockets: dict[int, web.WebSocketResponse] = {}
         self._sequence = 0
+        # Users' attachments by id (served at /attachments/<id>/<name>) and the ids fetched.
+        self.files: dict[str, bytes] = {}
+        self.downloads: list[str] = []
 
     # ---- test controls ----
 
@@ -230,6 +233,102 @@ class FakeDiscord:
         ]
         data = {"id": snowflake(), "name": name, "type": 1, "options": opts}
         return self._interaction(2, data, **kw)
+
+    def slash_with_file(
+        self,
+        name: str,
+        options: dict[str, Any],
+        *,
+        base_url: str,
+        data: bytes,
+        filename: str = "song.mp3",
+        content_type: str = "audio/mpeg",
+        option: str = "audio",
+        declared_size: int | None = None,
+        **kw: Any,
+    ) -> dict[str, Any]:
+        """`/name audio:<file> ...`: an attachment option (type 11) whose value is the
+        attachment id, described in `data.resolved.attachments` as Discord does; the file
+        is served at its `url` (this fake's /attachments/..., standing in for the CDN)."""
+        aid = snowflake()
+        self.files[aid] = data
+        payload = self.slash(name, options, **kw)
+        payload["data"]["options"].append({"name": option, "type": 11, "value": aid})
+        payload["data"]["resolved"] = {
+            "attachments": {
+                aid: {
+                    "id": aid,
+                    "filename": filename,
+                    "size": len(data) if declared_size is None else declared_size,
+                    "url": f"{base_url}/attachments/{aid}/{filename}",
+                    "proxy_url": f"{base_url}/attachments/{aid}/{filename}",
+                    "content_type": content_type,
+                }
+            }
+        }
+        return payload
+
+    def user_message_with_file(
+        self,
+        *,
+        base_url: str,
+        data: bytes,
+        filename: str = "song.mp3",
+        content_type: str = "audio/mpeg",
+        channel_id: str = "300000000000000001",
+        author_id: str = "100000000000000009",
+    ) -> dict[str, Any]:
+        """A message a user posted with one attachment (its file served by this fake), as
+        Discord describes it in an interaction's `resolved.messages`."""
+        mid, aid = snowflake(), snowflake()
+        self.files[aid] = data
+        url = f"{base_url}/attachments/{aid}/{filename}"
+        return {
+            "id": mid,
+            "channel_id": channel_id,
+            "type": 0,
+            "content": "",
+            "embeds": [],
+            "components": [],
+            "flags": 0,
+            "author": user_payload(author_id, "someone"),
+            "attachments": [
+                {
+                    "id": aid,
+                    "filename": filename,
+                    "size": len(data),
+                    "url": url,
+                    "proxy_url": url,
+                    "content_type": content_type,
+                }
+            ],
+            "mentions": [],
+            "mention_roles": [],
+            "mention_everyone": False,
+            "pinned": False,
+            "tts": False,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "edited_timestamp": None,
+        }
+
+    def message_command(self, name: str, message: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        """A message context menu command (type 3) used on `message`."""
+        data = {
+            "id": snowflake(),
+            "name": name,
+            "type": 3,
+            "target_id": message["id"],
+            "resolved": {"messages": {message["id"]: message}},
+        }
+        return self._interaction(2, data, **kw)
+
+    async def _attachment(self, request: web.Request) -> web.Response:
+        aid = request.match_info["aid"]
+        self.downloads.append(aid)
+        data = self.files.get(aid)
+        if data is None:
+            return web.Response(status=404)
+        return web.Response(body=data, content_type="application/octet-stream")
 
     def autocomplete(self, name: str, option: str, typed: str, **kw: Any) -> dict[str, Any]:
         """The user is typing `typed` into `/name option:`."""
@@ -350,6 +449,7 @@ class FakeDiscord:
         r.add_delete("/api/v10/channels/{cid}/messages/{mid}", self._channel_delete)
         r.add_get("/gateway", self._gateway)
         r.add_get("/api/v10/gateway/bot", self._gateway_bot)
+        r.add_get("/attachments/{aid}/{name}", self._attachment)
         return app
 
     # ---- gateway (JSON text frames; a client's binary-only decompressor is not needed) ----
@@ -456,9 +556,10 @@ class FakeDiscord:
                             "X-RateLimit-Scope": "user",
                         },
                     )
-            # Interaction webhooks carry their token in the path; the gateway, in IDENTIFY.
+            # Interaction webhooks carry their token in the path; the gateway, in IDENTIFY;
+            # attachment URLs (the CDN's) are signed URLs anyone holding them may fetch.
             needs_bot_auth = not request.path.startswith(
-                ("/api/v10/webhooks/", "/api/v10/interactions/", "/gateway")
+                ("/api/v10/webhooks/", "/api/v10/interactions/", "/gateway", "/attachments/")
             )
             if needs_bot_auth and request.headers.get("Authorization") != f"Bot {self.token}":
                 return _error(401, 0, "401: Unauthorized")
@@ -494,8 +595,15 @@ class FakeDiscord:
             return _error(404, 10002, "Unknown Application")
         commands = await request.json()
         self.syncs.append((request.path, commands))
+        # Discord answers every command with a description ("" for context menus).
         out = [
-            {**c, "id": snowflake(), "application_id": self.app_id, "version": snowflake()}
+            {
+                "description": "",
+                **c,
+                "id": snowflake(),
+                "application_id": self.app_id,
+                "version": snowflake(),
+            }
             for c in commands
         ]
         return json_response(out)

@@ -14,6 +14,18 @@ The status stream (`GET .../requests/{id}/status/stream`) is served the way fal 
 lines new since the previous one, closed after COMPLETED. Each event moves the request on
 as a status GET would, `stream_interval` seconds apart; `streams = False` answers 404.
 
+Work on a song (issue 14; schemas in docs/edit-modes.md, from fal's model pages
+fal.ai/models/fal-ai/ace-step/{audio-to-audio,audio-inpaint,audio-outpaint}/llms.txt): the
+three edit endpoints take an `audio_url`, which must be a file this fake's storage holds
+(fal's client upload protocol, fal-js libs/client/src/storage.ts: POST
+`/storage/upload/initiate` with `file_name` and `content_type` -> `upload_url` and
+`file_url`; PUT the bytes to `upload_url`). A URL it cannot fetch, or a file that is not
+audio, is a 422 on `audio_url`. The result is as long as the mode makes it (the source;
+the source plus before and after for outpaint) and is billed per second of it. The edit
+endpoints list no `duration`; the fake refuses one (stricter than fal says it is, so an
+adapter that sends one is caught). `upload_host` puts upload URLs on another origin, as
+fal's signed storage URLs are, to check that the key is not sent there.
+
 Usage:
     fake = FakeFal(queue_polls=2, progress_polls=1)
     async with fake.running() as url:   # FalProvider(fake.key, url, ...)
@@ -37,12 +49,33 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.audio import make_wav
+from tests.fakes.audio import audio_seconds, make_wav
 from tests.fakes.http import json_response, serve
 
 APP_ID = "fal-ai/ace-step"
 # Submit paths this fake knows -> which input schema they take.
-ENDPOINTS = {"fal-ai/ace-step": "song", "fal-ai/ace-step/prompt-to-audio": "prompt"}
+ENDPOINTS = {
+    "fal-ai/ace-step": "song",
+    "fal-ai/ace-step/prompt-to-audio": "prompt",
+    "fal-ai/ace-step/audio-to-audio": "remix",
+    "fal-ai/ace-step/audio-inpaint": "inpaint",
+    "fal-ai/ace-step/audio-outpaint": "outpaint",
+}
+# The edit endpoints' own fields and their documented ranges / choices.
+EDIT_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "remix": {},
+    "inpaint": {"start_time": (0, 240), "end_time": (0, 240), "variance": (0, 1)},
+    "outpaint": {"extend_before_duration": (0, 240), "extend_after_duration": (0, 240)},
+}
+EDIT_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "remix": {"edit_mode": ("lyrics", "remix")},
+    "inpaint": {
+        "start_time_relative_to": ("start", "end"),
+        "end_time_relative_to": ("start", "end"),
+    },
+    "outpaint": {},
+}
+EDIT_REQUIRED = {"remix": ("tags", "original_tags"), "inpaint": ("tags",), "outpaint": ("tags",)}
 
 # fal's documented ranges for the shared knobs (PROVIDERS.md).
 RANGES: dict[str, tuple[float, float]] = {
@@ -140,6 +173,7 @@ class FakeRequest:
     # never ran.
     unbilled: bool = False
     audio: bytes | None = None
+    source_seconds: float | None = None  # an edit's source, as fal read it
     logs: list[dict[str, str]] = field(default_factory=list)
     # The stream moves a request on in time, as fal's queue does: one step per
     # `stream_interval`, however often a client reconnects.
@@ -198,6 +232,12 @@ class FakeFal:
         self.stream_paths: list[str] = []  # path of every status stream opened
         self.result_paths: list[str] = []
         self.cancels: list[str] = []  # request ids whose cancel was accepted
+        # fal storage: token -> (file name, content type, bytes once PUT).
+        self.stored: dict[str, tuple[str, str, bytes | None]] = {}
+        self.uploads: list[str] = []  # file names of every completed upload (PUT)
+        self.storage_forget = False  # storage answers 404 for every stored file
+        self.upload_host: str | None = None  # e.g. "localhost": upload URLs on another origin
+        self.upload_headers: list[dict[str, str]] = []  # request headers of every PUT
         self.downloads: list[dict[str, str]] = []  # request headers of each file GET
         self.faults: Counter[str] = Counter()  # "route:kind" -> chaos faults injected
         self.base_url: str | None = None
@@ -217,8 +257,11 @@ class FakeFal:
     # ----- routing ---------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024**2)  # uploads of whole songs
         app.router.add_get("/files/{request_id}/{name}", self._file)
+        app.router.add_post("/storage/upload/initiate", self._initiate)
+        app.router.add_put("/storage/put/{token}", self._put)
+        app.router.add_get("/storage/files/{token}/{name}", self._stored_file)
         app.router.add_post("/{owner}/{alias}", self._submit)
         app.router.add_post("/{owner}/{alias}/{subpath}", self._submit)
         app.router.add_get("/{owner}/{alias}/requests/{request_id}/status", self._status)
@@ -312,6 +355,9 @@ class FakeFal:
         if schema is None:
             return json_response({"detail": f"Application '{endpoint}' not found"}, status=404)
         errors = self._validate(schema, body)
+        source_seconds = None
+        if not errors and schema in EDIT_REQUIRED:
+            errors, source_seconds = self._validate_source(body)
         if errors:
             return json_response({"detail": errors}, status=422)
         if self.content_policy:
@@ -330,7 +376,9 @@ class FakeFal:
                 status=422,
             )
         request_id = str(uuid.uuid4())
-        self.requests[request_id] = FakeRequest(request_id, endpoint, dict(body))
+        self.requests[request_id] = FakeRequest(
+            request_id, endpoint, dict(body), source_seconds=source_seconds
+        )
         if fault == "malformed":
             return _malformed()
         urls = self._urls(request, request_id)
@@ -525,6 +573,94 @@ class FakeFal:
             await asyncio.sleep(self.file_drip)
         return drip
 
+    # ----- storage (fal's client upload protocol) ---------------------------------------
+
+    async def _initiate(self, request: web.Request) -> web.Response:
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("file_name"), str):
+            return json_response(
+                {"detail": [_err(["body", "file_name"], "field required", "value_error.missing")]},
+                status=422,
+            )
+        token = uuid.uuid4().hex
+        kind = str(body.get("content_type") or "application/octet-stream")
+        self.stored[token] = (body["file_name"], kind, None)
+        base = f"{request.scheme}://{request.host}/storage"
+        put_base = base
+        if self.upload_host is not None:  # a signed URL on another origin, as fal's CDN
+            put_base = f"{request.scheme}://{self.upload_host}:{request.host.rsplit(':', 1)[-1]}"
+            put_base += "/storage"
+        return json_response(
+            {
+                "upload_url": f"{put_base}/put/{token}?signature=fake",
+                "file_url": f"{base}/files/{token}/{body['file_name']}",
+            }
+        )
+
+    async def _put(self, request: web.Request) -> web.Response:
+        found = self.stored.get(request.match_info["token"])
+        if found is None:
+            return web.Response(status=403, text="<Error><Code>AccessDenied</Code></Error>")
+        self.upload_headers.append(dict(request.headers))
+        data = await request.read()
+        self.stored[request.match_info["token"]] = (found[0], found[1], data)
+        self.uploads.append(found[0])
+        return web.Response(status=200)
+
+    async def _stored_file(self, request: web.Request) -> web.Response:
+        data = self._stored_bytes(str(request.url))
+        if data is None:
+            return json_response({"detail": "Not Found"}, status=404)
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    def _stored_bytes(self, url: str) -> bytes | None:
+        """The bytes behind a file URL of this fake's storage (None: fal cannot fetch it)."""
+        marker = "/storage/files/"
+        if self.storage_forget or marker not in url:
+            return None
+        token = url.split(marker, 1)[1].split("/", 1)[0]
+        found = self.stored.get(token)
+        return found[2] if found else None
+
+    def _validate_source(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], float | None]:
+        """fal fetches `audio_url` and reads it before queueing: 422 when it cannot."""
+        data = self._stored_bytes(str(body["audio_url"]))
+        if data is None:
+            return [
+                _err(
+                    ["body", "audio_url"],
+                    "Failed to download the file. Please check if the URL is accessible.",
+                    "file_download_error",
+                )
+            ], None
+        seconds = audio_seconds(data)
+        if seconds is None:
+            return [
+                _err(["body", "audio_url"], "Unsupported or corrupt audio file", "invalid_file")
+            ], None
+        return [], seconds
+
+    def result_seconds(self, req: FakeRequest) -> float:
+        """How long the request's song is: what fal bills ("per second of generated
+        audio") and what the returned file lasts."""
+        body = req.body
+        schema = ENDPOINTS[req.endpoint]
+        if schema in ("remix", "inpaint"):
+            return float(req.source_seconds or 0)
+        if schema == "outpaint":
+            return (
+                float(req.source_seconds or 0)
+                + float(body.get("extend_before_duration", 0))
+                + float(body.get("extend_after_duration", 30))
+            )
+        return float(body.get("duration", 60))
+
     # ----- helpers ---------------------------------------------------------------------
 
     def billed(self) -> list[FakeRequest]:
@@ -533,7 +669,7 @@ class FakeFal:
         return [r for r in self.requests.values() if not r.unbilled]
 
     def billed_usd(self, price_per_second: float = 0.0002) -> float:
-        return sum(float(r.body.get("duration", 60)) * price_per_second for r in self.billed())
+        return sum(self.result_seconds(r) * price_per_second for r in self.billed())
 
     def _completed(self, req: FakeRequest) -> bool:
         return req.polls > self.queue_polls + self.progress_polls
@@ -550,7 +686,7 @@ class FakeFal:
     def _output(self, request: web.Request, req: FakeRequest) -> dict[str, Any]:
         body = req.body
         if req.audio is None:
-            req.audio = self.audio or make_wav(float(body.get("duration", 60)))
+            req.audio = self.audio or make_wav(self.result_seconds(req))
         host = request.host
         if self.file_host is not None:
             host = f"{self.file_host}:{host.rsplit(':', 1)[-1]}"
@@ -580,10 +716,19 @@ class FakeFal:
         if not isinstance(body, dict):
             return [_err(["body"], "value is not a valid dict", "type_error.dict")]
         errors: list[dict[str, Any]] = []
-        required = "prompt" if schema == "prompt" else "tags"
-        if not isinstance(body.get(required), str) or not body[required].strip():
-            errors.append(_err(["body", required], "field required", "value_error.missing"))
+        required: tuple[str, ...] = ("prompt",) if schema == "prompt" else ("tags",)
+        if schema in EDIT_REQUIRED:
+            required = ("audio_url", *EDIT_REQUIRED[schema])
+        for name in required:
+            if not isinstance(body.get(name), str) or not body[name].strip():
+                errors.append(_err(["body", name], "field required", "value_error.missing"))
         ranges = {"duration": (5.0, float(self.max_duration)), **RANGES}
+        if schema in EDIT_RANGES:  # the edit endpoints take no duration
+            ranges = {**RANGES, **EDIT_RANGES[schema]}
+            if "duration" in body:
+                errors.append(
+                    _err(["body", "duration"], "extra fields not permitted", "value_error.extra")
+                )
         for name, (low, high) in ranges.items():
             if name not in body:
                 continue
@@ -610,7 +755,7 @@ class FakeFal:
                         limit_value=low,
                     )
                 )
-        for name, choices in CHOICES.items():
+        for name, choices in {**CHOICES, **EDIT_CHOICES.get(schema, {})}.items():
             if name in body and body[name] not in choices:
                 permitted = ", ".join(repr(c) for c in choices)
                 errors.append(

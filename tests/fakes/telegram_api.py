@@ -121,6 +121,10 @@ class FakeTelegram:
         self.limits: BotApiLimits | None = None  # set to enforce Telegram's limits
         self.app = web.Application(client_max_size=200 * 1024 * 1024)
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        self.app.router.add_get("/file/bot{token}/{path:.+}", self._file)
+        # Files users sent (and the bot's own uploads) by file_id, as getFile serves them.
+        self.files: dict[str, bytes] = {}
+        self.downloads: list[str] = []  # file_path of every file download
 
     # --- what tests do ------------------------------------------------------------
 
@@ -223,6 +227,40 @@ class FakeTelegram:
         asyncio.get_running_loop().create_task(self._notify())
         return int(update["message"]["message_id"])
 
+    def send_file(
+        self,
+        chat_id: int,
+        user: dict[str, Any],
+        data: bytes,
+        *,
+        kind: str = "audio",
+        file_name: str = "song.mp3",
+        mime_type: str = "audio/mpeg",
+        declared_size: int | None = None,
+    ) -> int:
+        """A user posts an audio, voice or document message (Bot API `Audio`, `Voice`,
+        `Document`: file_id, file_unique_id, file_size, and file_name/mime_type where the
+        type has them). `declared_size` overrides file_size (a platform that under- or
+        over-declares). Returns the message id; reply to it with send_text."""
+        message_id = next(self._message_ids)
+        file_id = f"UF{message_id}"
+        self.files[file_id] = data
+        media: dict[str, Any] = {
+            "file_id": file_id,
+            "file_unique_id": f"UU{message_id}",
+            "file_size": len(data) if declared_size is None else declared_size,
+        }
+        if kind in ("audio", "voice"):
+            media["duration"] = 1
+        if kind in ("audio", "document"):
+            media["file_name"] = file_name
+        media["mime_type"] = mime_type
+        self.messages[(chat_id, message_id)] = FakeMessage(
+            chat_id, message_id, [], None, None, None, kind="user_file", params={kind: media}
+        )
+        self.chats.get(chat_id) or self.chat(chat_id)
+        return message_id
+
     def resend(self, update: dict[str, Any]) -> None:
         """Offer an update again with its original id, as Telegram does with a batch
         whose getUpdates was never confirmed (the bot died after fetching it)."""
@@ -324,7 +362,9 @@ class FakeTelegram:
 
     def bot_messages(self, chat_id: int) -> list[FakeMessage]:
         return [
-            m for (c, _), m in sorted(self.messages.items()) if c == chat_id and m.kind != "user"
+            m
+            for (c, _), m in sorted(self.messages.items())
+            if c == chat_id and m.kind not in ("user", "user_file")
         ]
 
     async def wait_for(self, predicate: Callable[[], Any], within: float = 10.0) -> Any:
@@ -372,16 +412,22 @@ class FakeTelegram:
         out: dict[str, Any] = {"message_id": message_id, "date": int(time.time()), "chat": chat}
         if stored is None:
             return out
-        if stored.kind == "user":
+        if stored.kind in ("user", "user_file"):
             out["from"] = {"id": 1, "is_bot": False, "first_name": "User"}
         else:
             out["from"] = self._bot_user()
-        if stored.kind == "audio":
+        if stored.kind == "user_file":
+            out.update(stored.params)
+        elif stored.kind == "audio":
             out["audio"] = {
                 "file_id": f"F{message_id}",
                 "file_unique_id": f"U{message_id}",
                 "duration": int(stored.params.get("duration") or 0),
             }
+            uploaded = stored.files.get("audio")
+            if uploaded is not None:
+                self.files[f"F{message_id}"] = uploaded.data
+                out["audio"]["file_size"] = len(uploaded.data)
             if stored.caption is not None:
                 out["caption"] = stored.caption
         else:
@@ -545,6 +591,33 @@ class FakeTelegram:
         if caption is not None:
             _check_html(params, str(caption))
         return self._store(params, "audio", caption=caption, files=files)
+
+    def _m_getFile(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
+        """Bot API getFile: a file_path to download from /file/bot<token>/<file_path>;
+        "file is too big" past the 20 MB the Bot API serves to bots."""
+        file_id = str(params.get("file_id", ""))
+        data = self.files.get(file_id)
+        if data is None:
+            raise _ApiError(400, "Bad Request: invalid file_id")
+        if len(data) > 20 * 1024 * 1024:
+            raise _ApiError(400, "Bad Request: file is too big")
+        return {
+            "file_id": file_id,
+            "file_unique_id": "U" + file_id,
+            "file_size": len(data),
+            "file_path": f"music/{file_id}.bin",
+        }
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["token"] != self.token:
+            return web.Response(status=401)
+        path = request.match_info["path"]
+        self.downloads.append(path)
+        file_id = path.removeprefix("music/").removesuffix(".bin")
+        data = self.files.get(file_id)
+        if data is None:
+            return web.Response(status=404)
+        return web.Response(body=data, content_type="application/octet-stream")
 
     def _m_editMessageText(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> Any:
         msg = self._existing(params)

@@ -10,6 +10,14 @@ Drive it with attributes and `fail_next`:
 Every answer is the `{code, message, data}` envelope. Jobs go created -> processing ->
 `outcome` over a number of polls; finished jobs point at a real WAV of the requested
 duration served by the fake itself.
+
+Work on a song (issue 14; schemas in docs/edit-modes.md, from the models' pages
+wavespeed.ai/docs/docs-api/wavespeed-ai/ace-step-audio-{to-audio,inpaint,outpaint}): the
+three edit models take `audio`, a URL this fake's media upload handed out
+(`POST /api/v3/media/upload/binary`, multipart `file`, answered with `data.download_url`;
+wavespeed.ai/docs-common-api/media-upload). A URL it does not hold, or a file that is not
+audio, is a 400 envelope naming `audio`. The song lasts (and is billed for) the source, or
+the source plus before and after for outpaint.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from tests.fakes.audio import make_wav
+from tests.fakes.audio import audio_seconds, make_wav
 from tests.fakes.http import json_response, serve
 
 Route = Literal["submit", "poll", "audio"]
@@ -35,8 +43,55 @@ MODELS: dict[str, set[str]] = {
     "wavespeed-ai/ace-step/prompt-to-audio": {"prompt", "instrumental", "duration", "seed"},
     "wavespeed-ai/ace-step": {"tags", "lyrics", "duration", "seed"},
     "wavespeed-ai/ace-step-1.5": {"tags", "lyrics", "duration", "seed"},
+    "wavespeed-ai/ace-step/audio-to-audio": {
+        "audio",
+        "original_tags",
+        "tags",
+        "edit_mode",
+        "original_lyrics",
+        "lyrics",
+        "seed",
+    },
+    "wavespeed-ai/ace-step/audio-inpaint": {
+        "audio",
+        "tags",
+        "start_time_relative_to",
+        "start_time",
+        "end_time_relative_to",
+        "end_time",
+        "lyrics",
+        "seed",
+    },
+    "wavespeed-ai/ace-step/audio-outpaint": {
+        "audio",
+        "tags",
+        "extend_before_duration",
+        "extend_after_duration",
+        "lyrics",
+        "seed",
+    },
+}
+# The edit models' further required fields, and their numbers' documented ranges.
+EDIT_REQUIRED = {
+    "wavespeed-ai/ace-step/audio-to-audio": ("audio", "original_tags"),
+    "wavespeed-ai/ace-step/audio-inpaint": ("audio",),
+    "wavespeed-ai/ace-step/audio-outpaint": ("audio",),
+}
+EDIT_RANGES = {
+    "start_time": (0, 240),
+    "end_time": (0, 240),
+    "extend_before_duration": (0, 240),
+    "extend_after_duration": (0, 240),
+}
+EDIT_CHOICES = {
+    "edit_mode": ("remix", "lyrics"),
+    "start_time_relative_to": ("start", "end"),
+    "end_time_relative_to": ("start", "end"),
 }
 REQUIRED = {
+    "wavespeed-ai/ace-step/audio-to-audio": "tags",
+    "wavespeed-ai/ace-step/audio-inpaint": "tags",
+    "wavespeed-ai/ace-step/audio-outpaint": "tags",
     "wavespeed-ai/ace-step/prompt-to-audio": "prompt",
     "wavespeed-ai/ace-step": "tags",
     "wavespeed-ai/ace-step-1.5": "tags",
@@ -65,10 +120,17 @@ class FakeJob:
     running_polls: int
     created_at: str
     polls: int = 0
+    source_seconds: float | None = None  # an edit's source, as the server read it
 
     @property
     def duration(self) -> float:
-        return float(self.body.get("duration", 60))
+        """How long its song is: the requested duration, or what the edit makes."""
+        if self.source_seconds is None:
+            return float(self.body.get("duration", 60))
+        if self.model.endswith("/audio-outpaint"):
+            before = float(self.body.get("extend_before_duration", 0))
+            return self.source_seconds + before + float(self.body.get("extend_after_duration", 30))
+        return self.source_seconds
 
 
 @dataclass
@@ -93,6 +155,9 @@ class FakeWaveSpeed:
     poll_paths: list[str] = field(default_factory=list)
     audio_requests: list[dict[str, str]] = field(default_factory=list)
     jobs: dict[str, FakeJob] = field(default_factory=dict)
+    billed_seconds: list[float] = field(default_factory=list)  # per accepted submit
+    media: dict[str, bytes] = field(default_factory=dict)  # uploaded files by id
+    uploads: list[str] = field(default_factory=list)  # file names of every upload
     base_url: str = ""
 
     def __post_init__(self) -> None:
@@ -104,7 +169,9 @@ class FakeWaveSpeed:
         self._stalls: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._audio: dict[str, bytes] = {}
-        self.app = web.Application()
+        self.app = web.Application(client_max_size=64 * 1024**2)  # whole songs uploaded
+        self.app.router.add_post("/api/v3/media/upload/binary", self._upload)
+        self.app.router.add_get("/media/{id}/{name}", self._media)
         self.app.router.add_get("/api/v3/predictions/{id}/result", self._result)
         self.app.router.add_get("/api/v3/predictions/{id}", self._prediction)
         self.app.router.add_get("/files/{id}.wav", self._file)
@@ -120,7 +187,7 @@ class FakeWaveSpeed:
         """What WaveSpeed would bill. Its API docs say nothing of failed predictions going
         unbilled, so the fake bills every accepted one: the cautious reading, which the
         bot's spend accounting takes too."""
-        return sum(float(s["body"].get("duration", 60)) * price_per_second for s in self.submits)
+        return sum(self.billed_seconds) * price_per_second
 
     @property
     def bodies(self) -> list[dict[str, Any]]:
@@ -221,6 +288,12 @@ class FakeWaveSpeed:
         seed = body.get("seed", -1)
         if not isinstance(seed, int) or not -1 <= seed <= 2_147_483_647:
             return self._error(400, "seed must be between -1 and 2147483647")
+        source_seconds = None
+        if model in EDIT_REQUIRED:
+            refused = self._check_edit(model, body)
+            if isinstance(refused, web.Response):
+                return refused
+            source_seconds = refused
         self.submits.append({"model": model, "body": body})
         job_id = f"ws{next(self._ids):03d}-{uuid.uuid4().hex[:12]}"
         job = FakeJob(
@@ -233,9 +306,63 @@ class FakeWaveSpeed:
             self.queued_polls,
             self.running_polls,
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            source_seconds=source_seconds,
         )
         self.jobs[job_id] = job
+        self.billed_seconds.append(job.duration)
         return self._envelope(self._data(job, "created"))
+
+    def _check_edit(self, model: str, body: dict[str, Any]) -> web.Response | float:
+        """An edit's own fields, then its source: the source's length, or the refusal."""
+        for name in EDIT_REQUIRED[model]:
+            if not isinstance(body.get(name), str) or not body[name].strip():
+                return self._error(400, f"{name} is required")
+        for name, (low, high) in EDIT_RANGES.items():
+            value = body.get(name, low)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return self._error(400, f"{name} must be a number")
+            if not low <= value <= high:
+                return self._error(400, f"{name} must be between {low} and {high}")
+        for name, choices in EDIT_CHOICES.items():
+            if name in body and body[name] not in choices:
+                return self._error(400, f"{name} must be one of {', '.join(choices)}")
+        marker = f"{self.base_url}/media/"
+        url = str(body["audio"])
+        data = (
+            self.media.get(url[len(marker) :].split("/", 1)[0]) if url.startswith(marker) else None
+        )
+        if data is None:
+            return self._error(400, "audio: failed to download the file from the given URL")
+        seconds = audio_seconds(data)
+        if seconds is None:
+            return self._error(400, "audio: the file is not a supported audio format")
+        return seconds
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self._error(401, "Unauthorized: invalid API key")
+        form = await request.post()
+        upload = form.get("file")
+        if not isinstance(upload, web.FileField):
+            return self._error(400, "file is required")
+        data = upload.file.read()
+        media_id = uuid.uuid4().hex
+        self.media[media_id] = data
+        self.uploads.append(upload.filename)
+        return self._envelope(
+            {
+                "type": "audio",
+                "download_url": f"{self.base_url}/media/{media_id}/{upload.filename}",
+                "filename": upload.filename,
+                "size": len(data),
+            }
+        )
+
+    async def _media(self, request: web.Request) -> web.Response:
+        data = self.media.get(request.match_info["id"])
+        if data is None:
+            return web.Response(status=404, text="not found")
+        return web.Response(body=data, content_type="application/octet-stream")
 
     async def _result(self, request: web.Request) -> web.Response:
         if not self.result_path:
