@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -129,7 +130,7 @@ async def apply_steps(store: JobStore, steps: list[tuple[int, str, int]]) -> Non
                     bypass_quotas=False,
                     now=at,
                 )
-            except (QuotaRefusal, sqlite3.IntegrityError):
+            except (QuotaRefusal, sqlite3.IntegrityError, psycopg.IntegrityError):
                 pass  # refused, or that job number was admitted already
         elif action == "submit":  # a run starts, charged at once (under a spend cap)
             with contextlib.suppress(QuotaRefusal):
