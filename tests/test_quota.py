@@ -213,3 +213,37 @@ async def test_overrides_per_user_and_community(store: JobStore) -> None:
     assert await store.get_overrides("user", "discord:u1") == {}
     with pytest.raises(ValueError, match="unknown limit community.jobs_per_day"):
         await store.set_override("community", "discord:g1", "jobs_per_day", 1)
+
+
+def takes(batch: str, n: int, user: str = "u1", duration: int = 10) -> list[Job]:
+    """The N takes one request makes: one job each, sharing a batch id."""
+    out = []
+    for k in range(1, n + 1):
+        one = job(k, user=f"{user}-{batch}", duration=duration)
+        one.requester = Requester("discord", user, "g1")
+        one.batch_id, one.take, one.takes, one.seed = batch, k, n, 100 + k
+        out.append(one)
+    return out
+
+
+async def test_takes_are_admitted_all_or_none(store: JobStore) -> None:
+    lim = limits(user_jobs_per_day=3)
+    assert await store.admit_takes(takes("b1", 2), lim, bypass_quotas=False, now=NOON) is None
+    stored = await store.batch("b1")
+    assert [(j.take, j.takes, j.seed) for j in stored] == [(1, 2, 101), (2, 2, 102)]
+    # Two more takes would make four songs today: neither is stored, no quota spent.
+    with pytest.raises(QuotaRefusal):
+        await store.admit_takes(takes("b2", 2), lim, bypass_quotas=False, now=NOON)
+    assert await store.batch("b2") == []
+    used, _ = await store.usage(Requester("discord", "u1", "g1"), lim, now=NOON)
+    assert used.user_jobs == 2
+
+
+async def test_uploaded_sources_are_remembered_until_they_expire(store: JobStore) -> None:
+    sha = "ab" * 32
+    assert await store.uploads.get("fal", sha) is None
+    await store.uploads.put("fal", sha, "https://storage.example/one", expires_at=4e9)
+    await store.uploads.put("fal", sha, "https://storage.example/two", expires_at=4e9)
+    await store.uploads.put("wavespeed", sha, "https://media.example/x", expires_at=1.0)
+    assert await store.uploads.get("fal", sha) == "https://storage.example/two"
+    assert await store.uploads.get("wavespeed", sha) is None  # expired long ago
