@@ -141,6 +141,29 @@ async def test_a_429_holds_the_chat_and_is_retried() -> None:
     await pacer.shutdown()
 
 
+async def test_each_retry_after_a_429_takes_its_turn_in_the_global_budget() -> None:
+    # A retry is one more message for Telegram's global limit: one that skipped the
+    # budget made the next 429 likelier for every chat.
+    async def sleep(delay: float) -> None:
+        pass
+
+    pacer = PacedSender(sleep=sleep, private_per_second=100)
+    permits: list[int] = []
+    take = pacer._global_permit
+
+    async def counted(priority: int) -> None:
+        permits.append(priority)
+        await take(priority)
+
+    pacer._global_permit = counted  # type: ignore[method-assign]
+    rec = Recorder()
+    rec.fail["the song"] = 2
+    await send(pacer, rec, "sendAudio", "the song", chat=42)
+    assert [label for _, label, _ in rec.sent] == ["the song"]
+    assert permits == [Priority.SONG] * 3
+    await pacer.shutdown()
+
+
 async def test_callback_answers_are_not_held_behind_a_chat() -> None:
     pacer = PacedSender(private_per_second=0.5)
     rec = Recorder()
