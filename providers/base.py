@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 
-from bot.requests import GenerationRequest, Mode, Task
+from bot.requests import GenerationRequest, Mode, SourceAudio, Task
 
 if TYPE_CHECKING:
     from providers.download import AddressPolicy
@@ -165,6 +165,32 @@ class SourceFile:
     sha256: str
     seconds: float
     uploads: UploadCache
+
+
+def hosted_edit_fields(
+    request: GenerationRequest, source: SourceAudio, tags: str
+) -> dict[str, Any]:
+    """The task's own fields of the ACE-Step edit endpoints fal and WaveSpeed both host
+    (audio-to-audio, audio-inpaint, audio-outpaint; docs/edit-modes.md)."""
+    if request.task is Task.REMIX:
+        # Neither has a strength knob; "original_tags" is required.
+        return {
+            "edit_mode": "remix",
+            "original_tags": source.tags or tags,
+            "original_lyrics": source.lyrics,
+        }
+    if request.task is Task.REPAINT:
+        return {
+            "start_time_relative_to": "start",
+            "start_time": request.repaint_start,
+            "end_time_relative_to": "start",
+            "end_time": request.repaint_end,
+        }
+    # EXTEND: both sent, as the providers' default for "after" is 30 s.
+    return {
+        "extend_before_duration": request.extend_before,
+        "extend_after_duration": request.extend_after,
+    }
 
 
 @dataclass(frozen=True)

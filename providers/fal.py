@@ -41,6 +41,7 @@ from providers.base import (
     Succeeded,
     Unavailable,
     api_client,
+    hosted_edit_fields,
     http_error_text,
     origin,
     parse_retry_after,
@@ -591,19 +592,7 @@ def _edit_input(
     tags = request.tags or source.tags or request.prompt
     lyrics = request.lyrics if request.wants_vocals else "[inst]"
     body: dict[str, Any] = {"audio_url": audio_url, "tags": tags, "lyrics": lyrics}
-    if request.task is Task.REMIX:
-        # fal's remix has no strength knob; its "original_tags" is required.
-        body["edit_mode"] = "remix"
-        body["original_tags"] = source.tags or tags
-        body["original_lyrics"] = source.lyrics
-    elif request.task is Task.REPAINT:
-        body["start_time_relative_to"] = "start"
-        body["start_time"] = request.repaint_start
-        body["end_time_relative_to"] = "start"
-        body["end_time"] = request.repaint_end
-    else:  # EXTEND: both sent, as fal's default for "after" is 30 s
-        body["extend_before_duration"] = request.extend_before
-        body["extend_after_duration"] = request.extend_after
+    body.update(hosted_edit_fields(request, source, tags))
     body["seed"] = seed
     body.update(wire_values(FAL_OPTIONS, request))
     return TASK_ENDPOINTS[request.task], body

@@ -36,6 +36,7 @@ from providers.base import (
     Unavailable,
     api_client,
     backoff_delays,
+    hosted_edit_fields,
     parse_retry_after,
     retry_reads,
     send,
@@ -412,18 +413,6 @@ def _edit_input(request: GenerationRequest, seed: int, audio: str | None) -> dic
     no_vocals = request.instrumental or is_instrumental_lyrics(request.lyrics)
     lyrics = "[inst]" if no_vocals else request.lyrics
     body: dict[str, Any] = {"audio": audio, "tags": tags, "lyrics": lyrics}
-    if request.task is Task.REMIX:
-        # No strength knob on WaveSpeed's remix; "original_tags" is required.
-        body["edit_mode"] = "remix"
-        body["original_tags"] = source.tags or tags
-        body["original_lyrics"] = source.lyrics
-    elif request.task is Task.REPAINT:
-        body["start_time_relative_to"] = "start"
-        body["start_time"] = request.repaint_start
-        body["end_time_relative_to"] = "start"
-        body["end_time"] = request.repaint_end
-    else:  # EXTEND: both sent, as the default for "after" is 30 s
-        body["extend_before_duration"] = request.extend_before
-        body["extend_after_duration"] = request.extend_after
+    body.update(hosted_edit_fields(request, source, tags))
     body["seed"] = seed
     return body
