@@ -336,20 +336,8 @@ class Database:
         returns the names applied."""
 
         def apply(conn: sqlite3.Connection) -> list[str]:
-            applied = []
             _schema_version(conn)
-            done = _applied_versions(conn)
-            for version, name, sql in migrations():
-                if version in done:  # any number missing, not only those above the last
-                    continue
-                for statement in _statements(sql):
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                    (version, name, time.time()),
-                )
-                applied.append(name)
-            return applied
+            return apply_migrations(conn, migrations(), conn.execute)
 
         applied = await self.write(apply)
         if applied:
@@ -383,6 +371,27 @@ class Database:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
 
         await worker.call(probe)
+
+
+def apply_migrations(
+    conn: Any, found: list[tuple[int, str, str]], run: Callable[[str], object]
+) -> list[str]:
+    """Apply the migrations in `found` that the database lacks (any number missing, not
+    only those above the last) and record each; `run` executes one raw statement. Both
+    backends call this inside their upgrade transaction. Returns the names applied."""
+    done = _applied_versions(conn)
+    applied = []
+    for version, name, sql in found:
+        if version in done:
+            continue
+        for statement in _statements(sql):
+            run(statement)
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            (version, name, time.time()),
+        )
+        applied.append(name)
+    return applied
 
 
 def _applied_versions(conn: Any) -> set[int]:

@@ -25,11 +25,10 @@ import contextlib
 import functools
 import logging
 import re
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from storage.database import _ConnectionThread, _statements, migrations
+from storage.database import _ConnectionThread, apply_migrations, migrations
 from storage.errors import StorageError
 
 __all__ = ["PgDatabase", "translate"]
@@ -264,20 +263,8 @@ class PgDatabase:
         under the write lock (two processes starting at once apply them once)."""
 
         def apply(conn: PgConnection) -> list[str]:
-            applied = []
             _schema_version(conn)
-            done = _applied_versions(conn)
-            for version, name, sql in migrations(MIGRATIONS_PACKAGE):
-                if version in done:  # any number missing, not only those above the last
-                    continue
-                for statement in _statements(sql):
-                    conn.raw.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                    (version, name, time.time()),
-                )
-                applied.append(name)
-            return applied
+            return apply_migrations(conn, migrations(MIGRATIONS_PACKAGE), conn.raw.execute)
 
         applied = await self.write(apply)
         if applied:
@@ -309,10 +296,6 @@ class PgDatabase:
                 raise StorageError(f"database is not writable: {_first_line(exc)}") from None
 
         await worker.call(probe)
-
-
-def _applied_versions(conn: Any) -> set[int]:
-    return {int(row[0]) for row in conn.execute("SELECT version FROM schema_migrations")}
 
 
 def _schema_version(conn: PgConnection) -> int:
