@@ -97,19 +97,27 @@ class TimedTelegram(FakeTelegram):
 
 
 class BotProcess:
-    """`python -m bot run`, started and killed again and again on the same DATA_DIR."""
+    """`python -m bot run [args]`, started and killed again and again on the same DATA_DIR;
+    each run logs to `<name>-<run>.log` in `tmp_path`."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, tmp_path: Path, env: dict[str, str], name: str = "bot", args: tuple[str, ...] = ()
+    ) -> None:
         self.tmp_path = tmp_path
         self.env = env
+        self.name = name
+        self.args = args
         self.proc: asyncio.subprocess.Process | None = None
         self.runs = 0
         self.starts: list[float] = []  # when each run started (time.time())
         self.kills: list[float] = []  # when each SIGKILL was sent
 
+    def run_log(self, run: int) -> Path:
+        return self.tmp_path / f"{self.name}-{run}.log"
+
     @property
     def log(self) -> Path:
-        return self.tmp_path / f"bot-{self.runs}.log"
+        return self.run_log(self.runs)
 
     async def start(self) -> None:
         self.runs += 1
@@ -120,6 +128,7 @@ class BotProcess:
                 "-m",
                 "bot",
                 "run",
+                *self.args,
                 env=self.env,
                 cwd=str(self.tmp_path),
                 stdout=out,
@@ -135,7 +144,7 @@ class BotProcess:
     async def sigterm(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 20)
+        return await asyncio.wait_for(self.proc.wait(), 30)
 
     def ensure_dead(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -143,8 +152,7 @@ class BotProcess:
 
     def logs(self) -> str:
         return "\n".join(
-            (self.tmp_path / f"bot-{n}.log").read_text("utf-8", "replace")
-            for n in range(1, self.runs + 1)
+            self.run_log(n).read_text("utf-8", "replace") for n in range(1, self.runs + 1)
         )
 
 

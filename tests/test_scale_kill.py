@@ -17,8 +17,6 @@ import itertools
 import json
 import os
 import re
-import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,7 +29,7 @@ from psycopg.rows import dict_row
 from tests.fakes.fal import FakeFal
 from tests.fakes.http import serve
 from tests.pgcluster import Cluster
-from tests.test_chaos_kill import HIGH_QUOTAS, LATE_READ_S, TimedTelegram
+from tests.test_chaos_kill import HIGH_QUOTAS, LATE_READ_S, BotProcess, TimedTelegram
 from tests.test_cli import cli_env
 
 pytestmark = [
@@ -48,57 +46,14 @@ PTB_CLEANUP = re.compile(
 USERS = [TimedTelegram.user(600 + n, f"U{n}", f"u{n}") for n in range(4)]
 
 
-class Proc:
-    def __init__(self, name: str, role: str, env: dict[str, str], cwd: Path) -> None:
-        self.name, self.role, self.env, self.cwd = name, role, env, cwd
-        self.proc: asyncio.subprocess.Process | None = None
-        self.runs = 0
-        self.kills: list[float] = []
-
-    def log(self, run: int) -> Path:
-        return self.cwd / f"{self.name}-{run}.log"
-
-    async def start(self) -> None:
-        self.runs += 1
-        with self.log(self.runs).open("wb") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bot",
-                "run",
-                "--role",
-                self.role,
-                env=self.env,
-                cwd=str(self.cwd),
-                stdout=out,
-                stderr=out,
-            )
-
-    async def kill9(self) -> None:
-        assert self.proc is not None
-        self.kills.append(time.time())
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-
-    async def sigterm(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 30)
-
-    def ensure_dead(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-
-    def logs(self) -> str:
-        return "\n".join(self.log(n).read_text("utf-8", "replace") for n in range(1, self.runs + 1))
-
-
 def rows(url: str, sql: str) -> list[dict[str, Any]]:
     with psycopg.connect(url, row_factory=dict_row) as conn:
         return list(conn.execute(sql).fetchall())
 
 
-async def until_one_holds_a_job(url: str, procs: list[Proc], within: float = 30) -> Proc:
+async def until_one_holds_a_job(
+    url: str, procs: list[BotProcess], within: float = 30
+) -> BotProcess:
     """The first of `procs` seen working on a song (its lease is on a job), to kill it.
     Whichever worker wakes first may take every queued job, so either may be the one."""
     deadline = time.monotonic() + within
@@ -147,8 +102,11 @@ async def test_three_processes_on_postgresql_one_killed_twice(
                 **HIGH_QUOTAS,
             )
 
-        chat = Proc("chat", "chat", env("chat"), tmp_path)
-        workers = [Proc(f"worker{n}", "worker", env(f"worker{n}"), tmp_path) for n in (1, 2)]
+        def proc(name: str, role: str) -> BotProcess:
+            return BotProcess(tmp_path, env(name), name=name, args=("--role", role))
+
+        chat = proc("chat", "chat")
+        workers = [proc(f"worker{n}", "worker") for n in (1, 2)]
         procs = [chat, *workers]
         sent: dict[int, int] = {}  # request message id -> chat
         try:
