@@ -31,6 +31,7 @@ from bot.models import (
 from bot.requests import GenerationRequest
 from storage.community import CommunityStore
 from storage.database import Database
+from storage.inbox import UpdateInbox
 from storage.pg import PgDatabase
 from storage.quota import (
     COMMUNITY_KEYS,
@@ -113,6 +114,7 @@ class JobStore:
         self.db = db
         self.community = CommunityStore(db)  # song defaults and ban lists, same database
         self.uploads = UploadStore(db)  # source files providers already hold
+        self.inbox = UpdateInbox(db)  # platform updates received, not yet handled
 
     @property
     def shared(self) -> bool:

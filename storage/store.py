@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from bot.models import FailureKind, Job, Requester, SongResult
     from bot.settings import Settings
     from providers.base import UploadCache
+    from storage.inbox import UpdateInbox
     from storage.quota import Limits, Usage
 
 
@@ -75,6 +76,8 @@ class Store(Protocol):
 
     @property
     def uploads(self) -> UploadCache: ...
+    @property
+    def inbox(self) -> UpdateInbox: ...
 
     # admission and quota
     async def admit(

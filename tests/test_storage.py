@@ -464,3 +464,24 @@ async def test_the_log_is_copied_into_the_database_file_beside_the_writes(
     # its threshold. Yet the file holds the pages.
     assert threshold > 4 * pages
     assert size > max(10 * empty, pages * 4096 // 2)
+
+
+async def test_the_update_inbox_keeps_each_update_until_it_was_handled(
+    tmp_path: Path, db_url: str | None
+) -> None:
+    store = JobStore(await open_db(db_url, tmp_path / "bot.db"))
+    try:
+        tg, other = "telegram:7", "telegram:8"
+        await store.inbox.keep(tg, [(5, '{"update_id": 5}'), (4, '{"update_id": 4}')])
+        await store.inbox.keep(other, [(5, '{"other": true}')])
+        # Kept again (Telegram repeated an unconfirmed batch): stays as first kept.
+        await store.inbox.keep(tg, [(5, '{"update_id": 5, "again": true}')])
+        assert await store.inbox.pending(tg) == [(4, '{"update_id": 4}'), (5, '{"update_id": 5}')]
+        # One transaction: the handled ones go, the new batch comes.
+        await store.inbox.keep(tg, [(6, '{"update_id": 6}')], handled=[4, 5])
+        assert await store.inbox.pending(tg) == [(6, '{"update_id": 6}')]
+        assert await store.inbox.pending(other) == [(5, '{"other": true}')]
+        await store.inbox.keep(tg, [], handled=[6])
+        assert await store.inbox.pending(tg) == []
+    finally:
+        await store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,11 +37,12 @@ from bot.frontends.telegram_render import CAPTION_LIMIT, caption, split_message
 from bot.models import FailureKind, Job, JobState, Requester
 from bot.requests import GenerationRequest, InvalidRequest
 from providers.fal import FalProvider
+from storage.store import open_store
 from tests.conftest import make_settings
 from tests.enginekit import FAST
 from tests.fakes.fal import FakeFal
 from tests.fakes.http import serve
-from tests.fakes.telegram_api import FakeMessage, FakeTelegram
+from tests.fakes.telegram_api import BOT_ID, FakeMessage, FakeTelegram
 
 PRIVATE = 42
 ANN = FakeTelegram.user(42, "Ann", "ann")
@@ -716,24 +718,86 @@ async def test_an_update_offered_again_is_not_admitted_twice(tmp_path: Path) -> 
     assert len(statuses) == 1
 
 
-async def test_updates_are_confirmed_only_after_they_were_handled(tmp_path: Path) -> None:
+def _held_admissions(h: Harness) -> asyncio.Event:
+    """Hold every /song in admission (storing it) until the event is set."""
+    held = asyncio.Event()
+    submit = h.engine.submit
+
+    async def slow_submit(*args: Any, **kwargs: Any) -> Any:
+        await held.wait()
+        return await submit(*args, **kwargs)
+
+    h.engine.submit = slow_submit  # type: ignore[method-assign]
+    return held
+
+
+async def test_a_confirmed_update_stays_kept_until_it_was_handled(tmp_path: Path) -> None:
     async with running_bot(tmp_path) as h:
-        held = asyncio.Event()  # the /song handler is still admitting the song
-        submit = h.engine.submit
-
-        async def slow_submit(*args: Any, **kwargs: Any) -> Any:
-            await held.wait()
-            return await submit(*args, **kwargs)
-
-        h.engine.submit = slow_submit  # type: ignore[method-assign]
+        held = _held_admissions(h)
         update = h.fake.message_update(PRIVATE, ANN, "/song slow start duration=5")
         h.fake.resend(update)
-        await asyncio.sleep(0.6)
-        # Asking with an offset past the update would confirm it before it was handled.
-        assert max(h.fake.offsets) <= update["update_id"]
-        held.set()
+        source = f"telegram:{h.frontend.app.bot.id}"
+        try:
+            # Polling goes on (Telegram is told the batch arrived)...
+            await h.fake.wait_for(
+                lambda: max(h.fake.offsets, default=0) > update["update_id"], within=10
+            )
+            # ...because the update is on disk until its handler has run.
+            kept = await h.engine.store.inbox.pending(source)
+            assert [uid for uid, _ in kept] == [update["update_id"]]
+        finally:
+            held.set()
         await h.song_message(PRIVATE)
-        await h.fake.wait_for(lambda: max(h.fake.offsets) > update["update_id"], within=10)
+    async with running_bot(tmp_path, fake=h.fake) as again:
+        assert await again.engine.store.inbox.pending(source) == []
+        assert len(await again.engine.store.recent()) == 1
+
+
+async def test_help_is_answered_while_songs_are_still_being_stored(tmp_path: Path) -> None:
+    async with running_bot(tmp_path) as h:
+        held = _held_admissions(h)
+        h.fake.send_text(PRIVATE, ANN, "/song stuck in admission duration=5")
+        await asyncio.sleep(0.3)  # Ann's update is fetched and its handler is running
+        asked = h.fake.send_text(BOB["id"], BOB, "/help")
+        try:
+            # Waiting for Ann's handler before fetching again held Bob's /help up to 5 s.
+            answer = await h.fake.wait_for(
+                lambda: next((m for m in h.fake.sent if m.reply_to == asked), None), within=3
+            )
+        finally:
+            held.set()
+        assert "/song" in answer.text
+        await h.song_message(PRIVATE)
+
+
+async def test_updates_a_crashed_bot_kept_are_handled_at_start_once(tmp_path: Path) -> None:
+    fake = FakeTelegram()
+    confirmed = fake.message_update(PRIVATE, ANN, "/song kept across a crash duration=5")
+    offered = fake.message_update(PRIVATE, ANN, "/song kept and offered again duration=5")
+    settings = make_settings(tmp_path, telegram_token=fake.token)
+    async with open_store(settings) as store:
+        # What a crash leaves: a batch kept (so confirmed to Telegram), not handled...
+        await store.inbox.keep(
+            f"telegram:{BOT_ID}",
+            [(u["update_id"], json.dumps(u)) for u in (confirmed, offered)],
+        )
+    fake.resend(offered)  # ...where the last one was not confirmed yet: Telegram repeats it
+    async with running_bot(tmp_path, fake=fake) as h:
+        await h.song_message(PRIVATE, count=2)
+        await asyncio.sleep(0.3)
+        jobs = await h.engine.store.recent()
+        statuses = [m for m in h.fake.sent if m.kind == "text"]
+        left = await h.engine.store.inbox.pending(f"telegram:{BOT_ID}")
+    assert sorted(j.request.prompt for j in jobs) == [
+        "kept across a crash",
+        "kept and offered again",
+    ]
+    assert {j.source_key for j in jobs} == {
+        f"telegram:{BOT_ID}:{u['update_id']}" for u in (confirmed, offered)
+    }
+    assert len(h.submitted()) == 2
+    assert len(statuses) == 2
+    assert left == []
 
 
 # --- community controls: defaults, ban list, delete, topics, titles --------------------

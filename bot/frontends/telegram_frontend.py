@@ -28,7 +28,6 @@ from telegram.ext import (
     CommandHandler,
     ContextTypes,
 )
-from telegram.request import HTTPXRequest
 
 from bot.chat.conversation import Conversation
 from bot.chat.delivery import ChatDelivery
@@ -44,9 +43,9 @@ from bot.frontends.telegram_outlet import (
     upload_limit,
 )
 from bot.frontends.telegram_pacing import PacedSender
+from bot.frontends.telegram_updates import HandleOnce, KeptUpdates, replay
 from bot.frontends.telegram_webhook import WebhookReceiver, webhook_secret
 from bot.settings import Settings
-from bot.timing import within
 
 __all__ = ["CLOUD_UPLOAD_BYTES", "LOCAL_UPLOAD_BYTES", "TelegramFrontend", "upload_limit"]
 
@@ -73,30 +72,8 @@ MENU = [
 ]
 
 TgApp = Application[Any, Any, Any, Any, Any, Any]
-
-
-class ConfirmAfterHandling(HTTPXRequest):
-    """The getUpdates connection, which confirms a batch only once it has been handled.
-
-    Asking for the next batch confirms the previous one to Telegram. PTB asks as soon as
-    it has queued a batch, so a crash before the handlers ran would lose a /song for
-    good. Waiting (up to `max_wait`) until the queued updates are handled closes that
-    gap; Telegram then re-sends an unconfirmed batch after a restart, and admission is
-    idempotent per update (`source_key`).
-    """
-
-    def __init__(self, max_wait: float = 5.0) -> None:
-        super().__init__(connection_pool_size=1)
-        self.max_wait = max_wait
-        self.update_queue: asyncio.Queue[Any] | None = None
-
-    async def do_request(
-        self, url: str, method: str, *args: Any, **kwargs: Any
-    ) -> tuple[int, bytes]:
-        if self.update_queue is not None and url.endswith("/getUpdates"):
-            with contextlib.suppress(asyncio.TimeoutError):
-                await within(self.update_queue.join(), self.max_wait)
-        return await super().do_request(url, method, *args, **kwargs)
+# Updates handled at once (PTB's default for concurrent updates).
+UPDATES_AT_ONCE = 256
 
 
 class TelegramFrontend(ChatDelivery):
@@ -126,7 +103,7 @@ class TelegramFrontend(ChatDelivery):
         self._poller_owner = instance_id(settings)
         self._poller_hold: asyncio.Task[None] | None = None
         self._webhook_url = settings.telegram_webhook_url if receive else None
-        self._updates_request = ConfirmAfterHandling()
+        self._updates_request = KeptUpdates()
         self.pacing = pacing or PacedSender(
             sleep=flood_sleep,
             global_per_second=settings.telegram_messages_per_second,
@@ -139,7 +116,7 @@ class TelegramFrontend(ChatDelivery):
             .get_updates_request(self._updates_request)
             .base_url(f"{self.api_url}/bot")
             .base_file_url(f"{self.api_url}/file/bot")
-            .concurrent_updates(True)
+            .concurrent_updates(HandleOnce(UPDATES_AT_ONCE, self._updates_request))
             .rate_limiter(self.pacing)
             .read_timeout(30.0)
             .write_timeout(30.0)
@@ -148,7 +125,6 @@ class TelegramFrontend(ChatDelivery):
         if self._webhook_url or not receive:
             builder = builder.updater(None)
         self.app: TgApp = builder.build()
-        self._updates_request.update_queue = self.app.update_queue
         self.webhook: WebhookReceiver | None = None
         if self._webhook_url:
             self.webhook = WebhookReceiver(
@@ -184,12 +160,14 @@ class TelegramFrontend(ChatDelivery):
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("httpcore").setLevel(logging.WARNING)
         await self.app.initialize()
-        if self.webhook is None and self.app.updater is not None:
+        polling = self.webhook is None and self.app.updater is not None
+        if polling:
             try:
                 await self._hold_poller()
             except BaseException:
                 await self.app.shutdown()
                 raise
+            self._updates_request.track(self.engine.store.inbox, self._inbox_source())
         if self.receive:
             try:
                 await self.app.bot.set_my_commands(MENU)
@@ -199,6 +177,9 @@ class TelegramFrontend(ChatDelivery):
         if self.webhook is not None:
             await self.webhook.start()
         elif self.app.updater is not None:
+            await replay(
+                self.engine.store.inbox, self._inbox_source(), self._updates_request, self.app
+            )
             await self.app.updater.start_polling(
                 poll_interval=0.0,
                 timeout=self.poll_timeout,
@@ -212,6 +193,9 @@ class TelegramFrontend(ChatDelivery):
         )
 
     # --- the one getUpdates poller ---------------------------------------------------
+
+    def _inbox_source(self) -> str:
+        return f"telegram:{self.app.bot.id}"
 
     def _poller_name(self) -> str:
         return f"telegram-poller:{self.app.bot.id}"
@@ -279,6 +263,7 @@ class TelegramFrontend(ChatDelivery):
         await self.close()  # status edits after uploads: short, let them land
         if self.app.running:
             await self.app.stop()
+        await self._updates_request.flush()  # what is still unhandled runs at next start
         await self.telegram.close()
         await self.app.shutdown()
         await self.app.bot.shutdown()  # if only a delivery ever opened it

@@ -4,9 +4,9 @@ Used instead of long polling when TELEGRAM_WEBHOOK_URL is set. aiohttp is alread
 dependency, so this avoids python-telegram-bot's tornado-based webhook extra. Telegram
 proves each POST with the secret token we registered in setWebhook.
 
-An update is answered only once it has been handled, as long polling confirms a batch
-only once handled (telegram_frontend.ConfirmAfterHandling): a 2xx tells Telegram to
-forget it, and Telegram repeats a POST that got no 2xx. So a crash mid-handling costs
+An update is answered only once it has been handled (long polling instead keeps each
+batch in the store's inbox before confirming it, telegram_updates.py): a 2xx tells
+Telegram to forget it, and Telegram repeats a POST that got no 2xx. So a crash mid-handling costs
 nothing: the next process is sent the update again, and admission is idempotent per
 update (`source_key`), so a /song whose first handling already admitted it is not
 admitted twice.

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -523,6 +524,7 @@ class FakeTelegram:
             )
         offset = int(params.get("offset") or 0)
         self.offsets.append(offset)
+        await self._notify()  # wait_for may watch what was confirmed
         timeout = min(float(params.get("timeout") or 0), self.max_poll_wait)
         # Confirmed updates (id < offset) are forgotten, as on the real server.
         self._updates = [u for u in self._updates if u["update_id"] >= offset]
@@ -760,6 +762,7 @@ class BotApiLimits:
         self._all: list[float] = []
         self._chats: dict[int, list[float]] = {}
         self.accepted: list[tuple[float, str, int]] = []  # (time, method, chat) let through
+        self.refused: Counter[str] = Counter()  # by the limit hit: overall, chat, group
 
     def check(self, method: str, chat_id: int | None) -> int | None:
         """None if the call may go through (and count it), else the seconds to wait."""
@@ -768,15 +771,18 @@ class BotApiLimits:
         now = time.monotonic()
         self._all = [t for t in self._all if now - t < 1.0]
         if len(self._all) >= self.per_second:
+            self.refused["overall"] += 1
             return 1
         sent = self._chats.setdefault(chat_id, [])
         if chat_id < 0:
             sent[:] = [t for t in sent if now - t < 60.0]
             if len(sent) >= self.per_group_minute:
+                self.refused["group"] += 1
                 return max(1, int(60.0 - (now - sent[0])) + 1)
         else:
             sent[:] = [t for t in sent if now - t < 1.0]
             if len(sent) >= self.per_chat_burst:
+                self.refused["chat"] += 1
                 return 1
         self._all.append(now)
         sent.append(now)
