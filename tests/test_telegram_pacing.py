@@ -174,3 +174,37 @@ async def test_callback_answers_are_not_held_behind_a_chat() -> None:
     assert [label for _, label, _ in rec.sent] == ["one", "popup"]
     slow.cancel()
     await pacer.shutdown()
+
+
+async def test_a_call_counts_in_the_global_budget_until_telegram_has_answered_it() -> None:
+    # Telegram counts a message when it takes it in: any time until it answers. Uploads
+    # still in transit must not let more calls start than one second may hold.
+    pacer = PacedSender(global_per_second=3, private_per_second=100)  # 2 at once, with headroom
+    rec = Recorder()
+    answered = asyncio.Event()
+
+    def slow(label: str) -> Any:
+        async def callback() -> bool:
+            await answered.wait()
+            rec.sent.append(("sendAudio", label, asyncio.get_running_loop().time()))
+            return True
+
+        return callback
+
+    uploads = [
+        asyncio.create_task(
+            pacer.process_request(slow(f"song {i}"), (), {}, "sendAudio", {"chat_id": i}, None)
+        )
+        for i in (1, 2)
+    ]
+    await asyncio.sleep(0.1)  # both are being sent
+    reply = asyncio.create_task(send(pacer, rec, "sendMessage", "reply to /help", chat=3))
+    await asyncio.sleep(1.5)  # the uploads are still being sent: the budget is full
+    assert rec.sent == []
+    answered.set()
+    await asyncio.wait_for(asyncio.gather(*uploads, reply), 5)
+    labels = [label for _, label, _ in rec.sent]
+    assert labels[-1] == "reply to /help"
+    # ...and it went only once the uploads' answers had left the one-second window.
+    assert rec.sent[-1][2] - rec.sent[0][2] >= 0.9
+    await pacer.shutdown()

@@ -6,7 +6,8 @@ limits, how do I avoid this?").
 Plugged into python-telegram-bot as its rate limiter, so every Bot API call passes here.
 One scheduler for the whole bot:
 - each chat has a queue; a chat's budget (aiolimiter leaky buckets) decides when its next
-  message may go, and the global budget is handed out by priority across chats;
+  message may go, and the global budget (`CallWindow`: a call counts from when it is
+  sent until Telegram answers it) is handed out by priority across chats;
 - priorities: replies to commands first, then the first status message of an admitted
   song, then songs, then final notices, then status edits; a final song or notice is
   never dropped;
@@ -24,7 +25,8 @@ import contextlib
 import heapq
 import itertools
 import logging
-from collections import defaultdict
+import math
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -142,7 +144,7 @@ class PacedSender(BaseRateLimiter[dict[str, Any]]):
         self._private_rate = private_per_second
         self._group_budget = group_budget  # (messages, per seconds): a burst, then steady
         self.status_max_wait = status_max_wait
-        self._global: AsyncLimiter | None = None
+        self._global: CallWindow | None = None
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._pump: asyncio.Task[None] | None = None
         self._pump_wake: asyncio.Event | None = None
@@ -254,7 +256,6 @@ class PacedSender(BaseRateLimiter[dict[str, Any]]):
                 self.dropped[item.endpoint] += 1
                 item.done.set_result(True)
                 continue
-            await self._global_permit(item.priority)
             try:
                 # A 429 is waited out here, holding this chat's queue meanwhile.
                 result = await self._call_with_retries(
@@ -278,10 +279,13 @@ class PacedSender(BaseRateLimiter[dict[str, Any]]):
         priority: int | None = None,
     ) -> Result:
         """Call, waiting out Telegram's `retry_after` on a 429. A paced call (`priority`
-        given) takes a new permit from the global budget for each retry: retries that
-        skipped it piled on top of the budget and drew more 429s for every chat."""
+        given) takes a permit from the global budget for each attempt, retries too:
+        retries that skipped it piled on top of the budget and drew more 429s for every
+        chat. The permit is given back when Telegram has answered."""
         attempt = 0
         while True:
+            if priority is not None:
+                await self._global_permit(priority)
             try:
                 result = await callback(*args, **kwargs)
                 self.sent[endpoint] += 1
@@ -299,15 +303,17 @@ class PacedSender(BaseRateLimiter[dict[str, Any]]):
                     self.max_retries,
                 )
                 await self._sleep(delay)
+            finally:
                 if priority is not None:
-                    await self._global_permit(priority)
+                    self._global_done()
 
     # ---- the global budget, handed out by priority ----
 
     async def _global_permit(self, priority: int) -> None:
+        """Wait for a place in the global budget (by priority); `_global_done` after."""
         loop = asyncio.get_running_loop()
         if self._global is None:
-            self._global = window_limiter(self._global_rate, 1.0)
+            self._global = CallWindow(self._global_rate * HEADROOM, 1.0)
             self._pump_wake = asyncio.Event()
         future: asyncio.Future[None] = loop.create_future()
         heapq.heappush(self._waiters, (priority, next(self._seq), future))
@@ -315,21 +321,74 @@ class PacedSender(BaseRateLimiter[dict[str, Any]]):
         self._pump_wake.set()
         if self._pump is None or self._pump.done():
             self._pump = loop.create_task(self._pump_permits(), name="tg-pace-global")
-        await future
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._global_done()  # granted as its caller gave up
+            raise
+
+    def _global_done(self) -> None:
+        assert self._global is not None and self._pump_wake is not None
+        self._global.finished(asyncio.get_running_loop().time())
+        self._pump_wake.set()
 
     async def _pump_permits(self) -> None:
         assert self._global is not None and self._pump_wake is not None
+        loop = asyncio.get_running_loop()
         while True:
+            self._pump_wake.clear()
+            while self._waiters and self._waiters[0][2].done():
+                heapq.heappop(self._waiters)  # its caller gave up
             if not self._waiters:
-                self._pump_wake.clear()
                 await self._pump_wake.wait()
                 continue
-            await self._global.acquire()
-            while self._waiters:
-                _, _, future = heapq.heappop(self._waiters)
-                if not future.done():
-                    future.set_result(None)
-                    break
+            wait = self._global.wait(loop.time())
+            if wait == math.inf:
+                await self._pump_wake.wait()  # until a call in flight is answered
+                continue
+            if wait > 0:
+                # Until a place frees: a call is answered, or one leaves the window.
+                await wait_event(self._pump_wake, wait)
+                continue
+            _, _, future = heapq.heappop(self._waiters)
+            self._global.started()
+            future.set_result(None)
+
+
+class CallWindow:
+    """At most `limit` calls in any `window` seconds, counting a call from when it is
+    sent until Telegram has answered it.
+
+    Telegram counts a message when it takes it in, which can be any time between the
+    bot starting to send it and receiving the answer: an upload still in transit, or
+    calls held up in a busy event loop, arrive together. A budget counted only when
+    calls start let uploads started over 1.5 s land in one second (bench/
+    telegram_overload.py saw 429s on /help answers that way). Counting each call over
+    its whole span keeps every window Telegram can see within the limit.
+    """
+
+    def __init__(self, limit: float, window: float) -> None:
+        self.limit = max(1, int(limit))
+        self.window = window
+        self.in_flight = 0
+        self._ends: deque[float] = deque()
+
+    def wait(self, now: float) -> float:
+        """0 when a call may start now; else the seconds until a place may free (inf
+        when only an answer can free one)."""
+        while self._ends and self._ends[0] <= now - self.window:
+            self._ends.popleft()
+        if self.in_flight + len(self._ends) < self.limit:
+            return 0.0
+        return self._ends[0] + self.window - now if self._ends else math.inf
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def finished(self, now: float) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        self._ends.append(now)
 
 
 # The share of each Telegram limit the bot plans to use. A bucket sized to exactly the
