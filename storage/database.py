@@ -20,6 +20,7 @@ an admission made ten of them under one lock (bench/engine.py, "DB round trips p
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -68,6 +69,10 @@ def migrations(package: str = "storage.migrations") -> list[tuple[int, str, str]
     return sorted(found)
 
 
+# Wakes a connection thread waiting on its queue when an urgent call arrives.
+_WAKE = object()
+
+
 class _ConnectionThread:
     """One sqlite3 connection and the one thread that uses it.
 
@@ -83,12 +88,15 @@ class _ConnectionThread:
         self.cpu_s = 0.0  # CPU time of the thread
         self.conn: Any = None  # sqlite3.Connection, or storage.pg.PgConnection
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._urgent: collections.deque[Any] = collections.deque()  # run before the queue
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._urgent.popleft() if self._urgent else self._queue.get()
+            if item is _WAKE:
+                continue  # an urgent call came in while the queue was empty
             if item is None:
                 return
             fn, future, loop = item
@@ -121,14 +129,19 @@ class _ConnectionThread:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle)
 
-    def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+    def call(self, fn: Callable[[], T], *, urgent: bool = False) -> asyncio.Future[T]:
         """Run `fn` on the thread; the future resolves on the caller's event loop. A
         call whose caller is cancelled still runs to the end (a transaction is never
-        cut in half), its result dropped."""
+        cut in half), its result dropped. An `urgent` call runs before the calls
+        already queued (after the one running)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self.calls += 1
-        self._queue.put((fn, future, loop))
+        if urgent:
+            self._urgent.append((fn, future, loop))
+            self._queue.put(_WAKE)
+        else:
+            self._queue.put((fn, future, loop))
         return future
 
     def stop(self) -> None:
@@ -233,11 +246,18 @@ class Database:
 
     # ---- running work ----------------------------------------------------------------
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T], *, exclusive: bool = True) -> T:
+    async def write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        exclusive: bool = True,
+        urgent: bool = False,
+    ) -> T:
         """Run `fn(conn)` as one write transaction (BEGIN IMMEDIATE ... COMMIT) on the
         writer thread, rolled back if it raises. StorageError when the database is
         locked by another process past the busy timeout, full or unwritable. Every
-        SQLite write is exclusive (`exclusive` is for PostgreSQL, storage/pg.py)."""
+        SQLite write is exclusive (`exclusive` is for PostgreSQL, storage/pg.py).
+        `urgent`: ahead of the writes already waiting (a short one that others wait on)."""
         worker = self._writer
 
         def transaction() -> T:
@@ -262,7 +282,7 @@ class Database:
                 raise StorageError(f"could not save to the database: {exc}") from exc
             return result
 
-        result = await worker.call(transaction)
+        result = await worker.call(transaction, urgent=urgent)
         self._writes_since_checkpoint += 1
         if self._writes_since_checkpoint >= CHECKPOINT_EVERY_WRITES:
             self._start_checkpoint()

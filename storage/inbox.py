@@ -49,7 +49,8 @@ class UpdateInbox:
                 )
 
         if rows or gone:
-            await self.db.write(write, exclusive=False)
+            # Polling waits on this: ahead of the admissions the last batch queued.
+            await self.db.write(write, exclusive=False, urgent=True)
 
     async def pending(self, source: str) -> list[tuple[int, str]]:
         """The updates kept and not handled, oldest first."""

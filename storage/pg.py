@@ -180,10 +180,13 @@ class PgDatabase:
 
     # ---- running work ----------------------------------------------------------------
 
-    async def write(self, fn: Callable[[Any], T], *, exclusive: bool = True) -> T:
+    async def write(
+        self, fn: Callable[[Any], T], *, exclusive: bool = True, urgent: bool = False
+    ) -> T:
         """Run `fn(conn)` as one write transaction on the writer thread, rolled back if it
         raises. `exclusive` (the default): alone, as on SQLite (the advisory write lock);
-        otherwise beside other writers, locking only the rows it touches."""
+        otherwise beside other writers, locking only the rows it touches. `urgent`:
+        ahead of this process's writes already waiting."""
         psycopg = _psycopg()
         worker = self._writer
 
@@ -220,7 +223,7 @@ class PgDatabase:
                 raise StorageError(f"could not save to the database: {_first_line(exc)}") from None
             return result
 
-        return await worker.call(transaction)
+        return await worker.call(transaction, urgent=urgent)
 
     async def read(self, fn: Callable[[Any], T]) -> T:
         """Run `fn(conn)` on the reader thread in one snapshot (REPEATABLE READ)."""

@@ -485,3 +485,29 @@ async def test_the_update_inbox_keeps_each_update_until_it_was_handled(
         assert await store.inbox.pending(tg) == []
     finally:
         await store.close()
+
+
+async def test_an_urgent_write_goes_ahead_of_the_writes_already_waiting(
+    tmp_path: Path, db_url: str | None
+) -> None:
+    # A Telegram batch is kept with an urgent write: polling must not wait behind the
+    # admissions the last batch queued.
+    db = await open_db(db_url, tmp_path / "bot.db")
+    try:
+        done: list[str] = []
+
+        def slow(name: str) -> Any:
+            def fn(conn: Any) -> None:
+                time.sleep(0.05)
+                done.append(name)
+
+            return fn
+
+        queued = [asyncio.ensure_future(db.write(slow(f"queued {i}"))) for i in range(10)]
+        await asyncio.sleep(0.01)  # the first is running
+        await db.write(slow("urgent"), exclusive=False, urgent=True)
+        await asyncio.gather(*queued)
+        assert done.index("urgent") <= 2  # after the one running, before the rest
+        assert len(done) == 11
+    finally:
+        await db.close()

@@ -120,8 +120,9 @@ async def test_chat_actions_are_skipped_while_the_chat_is_busy() -> None:
     pacer = PacedSender(private_per_second=1)
     rec = Recorder()
     await send(pacer, rec, "sendMessage", "first", chat=42)
+    await send(pacer, rec, "sendMessage", "second", chat=42)  # a short burst of two
     assert await send(pacer, rec, "sendChatAction", "typing", chat=42) is True
-    assert [label for _, label, _ in rec.sent] == ["first"]
+    assert [label for _, label, _ in rec.sent] == ["first", "second"]
     assert pacer.dropped["sendChatAction"] == 1
     await pacer.shutdown()
 
@@ -168,10 +169,11 @@ async def test_callback_answers_are_not_held_behind_a_chat() -> None:
     pacer = PacedSender(private_per_second=0.5)
     rec = Recorder()
     await send(pacer, rec, "sendMessage", "one", chat=42)
-    slow = asyncio.create_task(send(pacer, rec, "sendMessage", "two", chat=42))
+    await send(pacer, rec, "sendMessage", "two", chat=42)
+    slow = asyncio.create_task(send(pacer, rec, "sendMessage", "three", chat=42))
     await asyncio.sleep(0)
     await send(pacer, rec, "answerCallbackQuery", "popup", chat=42)
-    assert [label for _, label, _ in rec.sent] == ["one", "popup"]
+    assert [label for _, label, _ in rec.sent] == ["one", "two", "popup"]
     slow.cancel()
     await pacer.shutdown()
 
@@ -207,4 +209,18 @@ async def test_a_call_counts_in_the_global_budget_until_telegram_has_answered_it
     assert labels[-1] == "reply to /help"
     # ...and it went only once the uploads' answers had left the one-second window.
     assert rec.sent[-1][2] - rec.sent[0][2] >= 0.9
+    await pacer.shutdown()
+
+
+async def test_a_private_chat_takes_a_short_burst_then_about_one_a_second() -> None:
+    pacer = PacedSender()  # Telegram's own limits
+    rec = Recorder()
+    for i in range(5):
+        await send(pacer, rec, "sendMessage", f"reply {i}", chat=42)
+    times = [t for _, _, t in rec.sent]
+    assert times[1] - times[0] < 0.1  # a second /help right after the first goes at once
+    # ...and no window of one second holds more than two (Telegram's fake lets three).
+    for i, start in enumerate(times):
+        assert sum(1 for t in times[i:] if t - start < 1.0) <= 2
+    assert times[-1] - times[0] >= 3 * 0.9  # the rest at about one a second
     await pacer.shutdown()

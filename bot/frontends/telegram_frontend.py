@@ -73,7 +73,7 @@ MENU = [
 
 TgApp = Application[Any, Any, Any, Any, Any, Any]
 # Updates handled at once (PTB's default for concurrent updates).
-UPDATES_AT_ONCE = 256
+UPDATES_AT_ONCE = 1024
 
 
 class TelegramFrontend(ChatDelivery):

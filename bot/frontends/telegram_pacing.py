@@ -48,6 +48,8 @@ Callback = Callable[..., Coroutine[Any, Any, Result]]
 GLOBAL_PER_SECOND = 30
 PRIVATE_PER_SECOND = 1
 GROUP_PER_MINUTE = 20
+# Messages that may go together into one private chat, within its one a second.
+PRIVATE_BURST = 2
 # A status edit older than this is stale: a newer state will follow, or the song.
 STATUS_MAX_WAIT_S = 60.0
 
@@ -229,7 +231,10 @@ class PacedSender(BaseRateLimiter[dict[str, Any]]):
             if group:
                 limiter = window_limiter(*self._group_budget)
             else:
-                limiter = window_limiter(self._private_rate, 1.0)
+                # One a second on average; two may go together (Telegram allows short
+                # bursts), so a second /help right after the first is not held a second.
+                rate = self._private_rate * HEADROOM
+                limiter = AsyncLimiter(PRIVATE_BURST, PRIVATE_BURST / rate)
             chat = self._chats[chat_id] = _Chat(limiter)
         return chat
 
@@ -343,7 +348,7 @@ class PacedSender(BaseRateLimiter[dict[str, Any]]):
             if not self._waiters:
                 await self._pump_wake.wait()
                 continue
-            wait = self._global.wait(loop.time())
+            wait = self._global.wait(loop.time(), reserved=self._waiters[0][0] == Priority.REPLY)
             if wait == math.inf:
                 await self._pump_wake.wait()  # until a call in flight is answered
                 continue
@@ -354,6 +359,10 @@ class PacedSender(BaseRateLimiter[dict[str, Any]]):
             _, _, future = heapq.heappop(self._waiters)
             self._global.started()
             future.set_result(None)
+
+
+# The share of the global budget kept for answers to commands.
+RESERVED_SHARE = 0.2
 
 
 class CallWindow:
@@ -368,20 +377,30 @@ class CallWindow:
     its whole span keeps every window Telegram can see within the limit.
     """
 
-    def __init__(self, limit: float, window: float) -> None:
+    def __init__(self, limit: float, window: float, reserve: float = RESERVED_SHARE) -> None:
         self.limit = max(1, int(limit))
         self.window = window
+        # Places only answers to commands may take, so a /help never waits behind a
+        # window full of uploads and status edits.
+        self.reserved = int(self.limit * reserve) if self.limit > 1 else 0
         self.in_flight = 0
         self._ends: deque[float] = deque()
 
-    def wait(self, now: float) -> float:
-        """0 when a call may start now; else the seconds until a place may free (inf
-        when only an answer can free one)."""
+    def wait(self, now: float, *, reserved: bool = False) -> float:
+        """0 when a call may start now (`reserved`: an answer, which may take the
+        reserved places); else the seconds until a place may free (inf when only an
+        answer from Telegram can free one)."""
         while self._ends and self._ends[0] <= now - self.window:
             self._ends.popleft()
-        if self.in_flight + len(self._ends) < self.limit:
+        limit = self.limit if reserved else self.limit - self.reserved
+        used = self.in_flight + len(self._ends)
+        if used < limit:
             return 0.0
-        return self._ends[0] + self.window - now if self._ends else math.inf
+        # The oldest answers leave the window first; enough of them must go.
+        need = used - limit + 1
+        if need <= len(self._ends):
+            return self._ends[need - 1] + self.window - now
+        return math.inf
 
     def started(self) -> None:
         self.in_flight += 1
