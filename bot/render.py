@@ -25,6 +25,7 @@ a killed bot would leave the whole tree running.)
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import os
 import resource
@@ -87,13 +88,14 @@ def _worker_start(bot: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(bot,), daemon=True).start()
 
 
-def _within_budget(cpu_seconds: int, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run `work` with at most `cpu_seconds` more CPU time for this process."""
+def _within_budget(cpu_seconds: float, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `work` with at most `cpu_seconds` more CPU time for this process (RLIMIT_CPU
+    counts whole seconds: up to one second less when the process is mid-second)."""
     global _budget_active
     used = resource.getrusage(resource.RUSAGE_SELF)
     spent = used.ru_utime + used.ru_stime
     soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    limit = int(spent) + cpu_seconds + 1
+    limit = max(int(spent) + 1, math.ceil(spent + cpu_seconds))
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_CPU, (limit, hard))
@@ -107,16 +109,16 @@ def _within_budget(cpu_seconds: int, work: Callable[..., T], *args: Any, **kwarg
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
-def _check(cpu: int, path: Path, expected: float | None) -> audio.AudioInfo:
+def _check(cpu: float, path: Path, expected: float | None) -> audio.AudioInfo:
     return _within_budget(cpu, audio.check_audio, path, expected)
 
 
-def _cover(cpu: int, path: Path, title: str | None) -> bytes:
+def _cover(cpu: float, path: Path, title: str | None) -> bytes:
     return _within_budget(cpu, audio.render_cover, path, audio.COVER_SIZE, title)
 
 
 def _render(
-    cpu: int,
+    cpu: float,
     src: Path,
     dest: Path,
     fmt: str,
@@ -143,7 +145,7 @@ class Renderer:
     """A pool of worker processes for bot/audio.py's CPU-bound functions."""
 
     def __init__(
-        self, workers: int | None = None, *, cpu_seconds: int = CPU_SECONDS_PER_TASK
+        self, workers: int | None = None, *, cpu_seconds: float = CPU_SECONDS_PER_TASK
     ) -> None:
         self.workers = workers or default_workers()
         self.cpu_seconds = cpu_seconds

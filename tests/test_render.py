@@ -55,7 +55,8 @@ def song240(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_work_runs_in_worker_processes_and_one_task_past_its_cpu_budget_stops(
     tmp_path: Path, song240: Path
 ) -> None:
-    renderer = Renderer(workers=1, cpu_seconds=1)  # a 240 s encode needs about 5 s
+    # A 240 s encode needs 1.6 to 5 s of CPU on the machines seen; this allows 0.1 to 1.1.
+    renderer = Renderer(workers=1, cpu_seconds=0.1)
     try:
         with pytest.raises(AudioError, match="took too long to process"):
             await renderer.render(

@@ -37,6 +37,7 @@ from bot.frontends.telegram_render import CAPTION_LIMIT, caption, split_message
 from bot.models import FailureKind, Job, JobState, Requester
 from bot.requests import GenerationRequest, InvalidRequest
 from providers.fal import FalProvider
+from storage.errors import StorageError
 from storage.store import open_store
 from tests.conftest import make_settings
 from tests.enginekit import FAST
@@ -768,6 +769,30 @@ async def test_help_is_answered_while_songs_are_still_being_stored(tmp_path: Pat
             held.set()
         assert "/song" in answer.text
         await h.song_message(PRIVATE)
+
+
+async def test_a_batch_that_cannot_be_kept_is_not_confirmed_and_comes_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_bot(tmp_path) as h:
+        keep = h.engine.store.inbox.keep
+        refused: list[int] = []
+
+        async def full_disk(source: str, updates: Any, handled: Any = (), **kw: Any) -> None:
+            updates = list(updates)
+            if updates and not refused:
+                refused.append(len(updates))
+                raise StorageError("could not save to the database: database or disk is full")
+            await keep(source, updates, handled, **kw)
+
+        h.engine.store.inbox.keep = full_disk  # type: ignore[method-assign]
+        with caplog.at_level(logging.ERROR, logger="acestep.telegram"):
+            h.fake.send_text(PRIVATE, ANN, "/song survives a full disk duration=5")
+            await h.song_message(PRIVATE)
+        jobs = await h.engine.store.recent()
+    assert refused == [1]  # the first answer holding it was not handed on...
+    assert len(jobs) == 1  # ...so Telegram sent it again, and it was made once
+    assert "could not keep received updates" in caplog.text
 
 
 async def test_updates_a_crashed_bot_kept_are_handled_at_start_once(tmp_path: Path) -> None:
